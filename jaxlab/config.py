@@ -1,0 +1,70 @@
+"""Typed experiment configs: a frozen dataclass schema, a YAML file, `key=value` overrides.
+
+Every experiment declares its settings as a frozen dataclass whose `__post_init__` validates values.
+`load_config` merges, in order, the dataclass defaults, a YAML file and command-line overrides
+through OmegaConf structured configs, so an unknown key or an ill-typed value is an error naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a bad value."""
+
+
+def load_config(schema: type[T], path: str | pathlib.Path | None = None,
+                overrides: Sequence[str] = ()) -> T:
+    """Returns `schema` filled from defaults, then the YAML at `path`, then `key=value` overrides."""
+    base = OmegaConf.structured(schema)
+    layers = []
+    if path is not None:
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        layers.append((str(path), OmegaConf.load(path)))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got {bad}")
+    if overrides:
+        layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+    merged = base
+    for source, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{source}: {_first_line(e)}") from None
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_first_line(e)) from None
+    except (ValueError, TypeError) as e:  # raised by the schema's __post_init__
+        raise ConfigError(str(e)) from None
+
+
+def to_yaml(config: Any) -> str:
+    """The resolved config as YAML (written into every results folder)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def require(condition: bool, message: str) -> None:
+    """Raises ValueError(message) unless condition holds (for `__post_init__` checks)."""
+    if not condition:
+        raise ValueError(message)

@@ -1,0 +1,220 @@
+"""critical-n(d): the smallest number of documents whose top-k patterns d-dimensional free
+embeddings cannot all realize (LIMIT, Weller et al. 2025; section 1 of `papers/limit.md`).
+
+`search` finds it for one d by evaluating windows of candidate n, every seed of every candidate in
+one batched `free_embedding.solve` call; `sweep` runs it over many d, each d started from the
+previous answer; `cubic_fit` fits n(d) = a0 + a1 d + a2 d^2 + a3 d^3 as the paper does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxlab.config import require
+from jaxlab.limit import free_embedding
+
+# The paper's cubic fit over d = 4..45 (coefficients of d^0..d^3, r^2 = 0.999) and its
+# published values: three measured points and the extrapolation to real embedding sizes.
+PAPER_FIT = (-10.5322, 4.0309, 0.0520, 0.0037)
+PAPER_POINTS = {4: 10, 20: 120, 45: 626}
+PAPER_EXTRAPOLATION = {512: 500e3, 768: 1.7e6, 1024: 4e6, 3072: 107e6, 4096: 250e6}
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticalN:
+    """The answer for one d, in the record format of `results.json`."""
+
+    d: int
+    k: int
+    critical_n: int        # smallest n no seed solved (every smaller candidate tried was solved)
+    largest_solved_n: int  # largest n some seed solved (can exceed critical_n - 1 by chance)
+    seeds: int             # seeds tried per candidate n
+    steps: int             # optimizer steps summed over every run of this search
+    seconds: float         # wall-clock time of this search
+    tried: dict[int, bool] = dataclasses.field(default_factory=dict)  # n -> solved by some seed
+
+    def record(self) -> dict:
+        return {"d": self.d, "k": self.k, "critical_n": self.critical_n,
+                "largest_solved_n": self.largest_solved_n, "seeds": self.seeds,
+                "steps": self.steps, "seconds": round(self.seconds, 3),
+                "tried": {str(n): ok for n, ok in sorted(self.tried.items())}}
+
+
+def _next_window(tried: dict[int, bool], start: int, window: int, k: int) -> list[int] | None:
+    """The candidates to evaluate next, or None when critical-n is known.
+
+    critical-n is known when the smallest unsolved n tried has its predecessor solved (or is the
+    smallest meaningful n, k + 1). Otherwise look below it, or above everything tried.
+    """
+    lowest = k + 1
+    if not tried:
+        first = max(lowest, start)
+        return list(range(first, first + window))
+    unsolved = [n for n, ok in tried.items() if not ok]
+    if not unsolved:
+        first = max(tried) + 1
+        return list(range(first, first + window))
+    u = min(unsolved)
+    if u == lowest or tried.get(u - 1):
+        return None
+    below = [n for n in range(max(lowest, u - window), u) if n not in tried]
+    return below
+
+
+def search(d: int, *, start: int, seeds: int, window: int, config: free_embedding.SolverConfig,
+           mesh: Mesh | None = None, memory_bytes: int | None = None, segment_steps: int = 500,
+           on_segment: Callable[[dict[int, bool], int], None] | None = None) -> CriticalN:
+    """critical-n for one d: evaluates windows of `window` candidate n, `seeds` runs each, until the
+    smallest unsolved n is found with its predecessor solved.
+
+    A window's runs share one compiled batch (see `evaluate`), which stops runs whose answer no
+    longer matters and shrinks as they stop.
+
+    Args:
+      d: embedding dimension.
+      start: the first candidate (e.g. a prediction from smaller d).
+      seeds: independent restarts per candidate; a candidate is solved if any seed solves it.
+      window: candidates per batch.
+      segment_steps: steps between looks from the host (multiple of config.check_every).
+      on_segment: progress callback, called after each segment with (what is known, steps).
+    """
+    free_embedding.check_problem(start, config.k, d)
+    for name, value in (("seeds", seeds), ("window", window), ("segment_steps", segment_steps)):
+        require(isinstance(value, int) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+    require(segment_steps % config.check_every == 0,
+            f"segment_steps={segment_steps} must be a multiple of check_every={config.check_every}")
+    clock = time.perf_counter()
+    tried: dict[int, bool] = {}
+    steps = 0
+    while (candidates := _next_window(tried, start, window, config.k)) is not None:
+        known, used = evaluate(candidates, seeds, d, config, mesh=mesh, memory_bytes=memory_bytes,
+                               segment_steps=segment_steps, on_segment=on_segment)
+        tried.update(known)
+        steps += used
+    critical = min(n for n, ok in tried.items() if not ok)
+    largest = max((n for n, ok in tried.items() if ok), default=config.k)
+    return CriticalN(d=d, k=config.k, critical_n=critical, largest_solved_n=largest, seeds=seeds,
+                     steps=steps, seconds=time.perf_counter() - clock, tried=tried)
+
+
+def evaluate(candidates: Sequence[int], seeds: int, d: int, config: free_embedding.SolverConfig,
+             *, mesh: Mesh | None = None, memory_bytes: int | None = None,
+             segment_steps: int = 500,
+             on_segment: Callable[[dict[int, bool], int], None] | None = None,
+             ) -> tuple[dict[int, bool], int]:
+    """Which candidate n some seed solves, running only what can change the answer.
+
+    All `seeds` x `candidates` runs start in one batch. Every `segment_steps` the host looks at
+    which runs finished and stops those that no longer matter: the other seeds of a solved
+    candidate, and every candidate above one that all seeds failed (critical-n is at most that
+    one). The survivors are gathered into a smaller batch (sizes: device count x powers of 4) so
+    stopped runs cost nothing.
+
+    Returns:
+      ({n: solved by some seed} for every candidate decided, total optimizer steps taken).
+    """
+    runs = [(n, s) for n in candidates for s in range(seeds)]
+    state, relevant = free_embedding.start_runs([s for _, s in runs], [n for n, _ in runs], d,
+                                                config, mesh, memory_bytes)
+    slot_run = np.arange(state.step.shape[0])  # run index per slot; padding slots repeat the last
+    slot_run[len(runs):] = -1
+    solved = dict.fromkeys(candidates, False)
+    failed_seeds = dict.fromkeys(candidates, 0)
+    steps = 0
+    while True:
+        state = free_embedding.advance_runs(state, relevant, steps=segment_steps, config=config,
+                                            mesh=mesh)
+        done = np.asarray(free_embedding.finished(state, config))
+        run_solved, run_steps = np.asarray(state.solved), np.asarray(state.step)
+        live = slot_run >= 0
+        for slot in np.flatnonzero(live & done):
+            n = runs[slot_run[slot]][0]
+            solved[n] |= bool(run_solved[slot])
+            failed_seeds[n] += not run_solved[slot]
+        failed = [n for n in candidates if failed_seeds[n] == seeds and not solved[n]]
+        ceiling = min(failed, default=math.inf)
+        decided = {n: solved[n] for n in candidates if solved[n] or failed_seeds[n] == seeds}
+        moot = np.array([n in decided or n > ceiling for n, _ in runs])
+        keep = live & ~done & ~moot[np.maximum(slot_run, 0)]
+        steps += int(np.sum(run_steps[live & ~keep]))
+        slot_run[live & ~keep] = -1
+        if on_segment is not None:
+            on_segment(decided, steps)
+        if not keep.any():
+            return {n: ok for n, ok in decided.items() if n <= ceiling}, steps
+        size = _bucket(int(keep.sum()), 1 if mesh is None else mesh.size)
+        if size < len(slot_run):
+            index = np.flatnonzero(keep)
+            index = np.concatenate([index, np.full(size - len(index), index[0])])
+            state = jax.tree.map(lambda x, index=index: x[index], state)
+            slot_run = np.concatenate([slot_run[index[:keep.sum()]],
+                                       np.full(size - keep.sum(), -1)])
+
+
+def _bucket(count: int, devices: int) -> int:
+    """The smallest devices * 4^j >= count: few distinct batch sizes, so few compilations."""
+    size = devices
+    while size < count:
+        size *= 4
+    return size
+
+
+def predict_start(previous: Sequence[CriticalN], d: int, window: int) -> int | None:
+    """A first candidate for d from earlier answers: the mean growth over the last three answers,
+    extrapolated, placed so the prediction falls mid-window (None without earlier answers)."""
+    if not previous:
+        return None
+    recent = sorted(previous, key=lambda r: r.d)[-3:]
+    first, last = recent[0], recent[-1]
+    slope = (last.critical_n - first.critical_n) / (last.d - first.d) if len(recent) > 1 else 0.0
+    predicted = last.critical_n + max(slope, 0.0) * (d - last.d)
+    return int(round(predicted)) - window // 2
+
+
+def sweep(dims: Iterable[int], *, start: int, seeds: int, window: int,
+          config: free_embedding.SolverConfig, mesh: Mesh | None = None,
+          memory_bytes: int | None = None, segment_steps: int = 500,
+          done: Sequence[CriticalN] = (), on_result: Callable[[CriticalN], None] | None = None,
+          on_segment=None) -> list[CriticalN]:
+    """`search` over `dims` in order, each d started from the earlier answers (`done` included,
+    so a resumed sweep continues where it stopped). `on_result` sees each new answer at once."""
+    results = list(done)
+    finished = {r.d for r in results}
+    for d in dims:
+        if d in finished:
+            continue
+        first = predict_start(results, d, window) or start
+        answer = search(d, start=max(first, config.k + 1), seeds=seeds, window=window,
+                        config=config, mesh=mesh, memory_bytes=memory_bytes,
+                        segment_steps=segment_steps, on_segment=on_segment)
+        results.append(answer)
+        if on_result is not None:
+            on_result(answer)
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# The cubic fit
+
+
+def cubic(coefficients: Sequence[float], d) -> np.ndarray:
+    """n(d) = a0 + a1 d + a2 d^2 + a3 d^3 for coefficients (a0, a1, a2, a3)."""
+    return np.polynomial.polynomial.polyval(np.asarray(d, np.float64), coefficients)
+
+
+def cubic_fit(d: Sequence[float], n: Sequence[float]) -> tuple[tuple[float, ...], float]:
+    """Least-squares cubic through (d, n): returns (a0, a1, a2, a3) and r^2 = 1 - SS_res / SS_tot."""
+    d, n = np.asarray(d, np.float64), np.asarray(n, np.float64)
+    require(len(d) >= 4, f"a cubic fit needs at least 4 points, got {len(d)}")
+    coefficients = np.polynomial.polynomial.polyfit(d, n, 3)
+    residual = np.sum((n - cubic(coefficients, d)) ** 2)
+    total = np.sum((n - n.mean()) ** 2)
+    r2 = 1.0 - residual / total if total > 0 else math.nan
+    return tuple(float(c) for c in coefficients), float(r2)

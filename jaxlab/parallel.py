@@ -1,0 +1,47 @@
+"""The one place where meshes and partition specs are made.
+
+Entry points build a mesh here and pass it explicitly; nothing reads a global mesh.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+RUNS = "runs"  # axis over which independent runs (seeds, candidate n) are spread
+DATA = "data"  # axis over which a training or sampling batch is spread
+
+
+def make_mesh(axis: str = DATA, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A one-dimensional mesh named `axis` over `devices` (default: every device)."""
+    devices = list(jax.devices() if devices is None else devices)
+    return Mesh(np.asarray(devices), (axis,))
+
+
+def batch_sharding(mesh: Mesh, axis: str | None = None) -> NamedSharding:
+    """Leading dimension split over the mesh's (first) axis, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(axis or mesh.axis_names[0]))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def padded_size(size: int, mesh: Mesh) -> int:
+    """The smallest multiple of the mesh's device count that is >= size."""
+    return math.ceil(size / mesh.size) * mesh.size
+
+
+def device_memory_bytes(device: jax.Device) -> int:
+    """Memory one device may use: the allocator limit on GPU/TPU; on CPU, the host's available
+    memory shared by every CPU device of this process."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return available // max(1, len(jax.local_devices(backend=device.platform)))

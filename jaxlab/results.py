@@ -1,0 +1,65 @@
+"""The results folder every experiment leaves: resolved config, JSON metrics, a log, plots.
+
+Writes are atomic (a temporary file renamed into place), so an interrupted run never leaves a
+truncated JSON behind and a rerun resumes from what was finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import sys
+import tempfile
+from typing import Any
+
+from jaxlab.config import ConfigError, to_yaml
+
+
+def write_text(path: pathlib.Path, text: str) -> None:
+    """Replaces `path` with `text` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f.name, path)
+
+
+def write_json(path: pathlib.Path, value: Any) -> None:
+    write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def read_json(path: pathlib.Path, default: Any = None) -> Any:
+    """The JSON at `path`, `default` if there is none; a corrupt file is an error naming it."""
+    if not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def open_run(out_dir: str | pathlib.Path, config: Any) -> pathlib.Path:
+    """Creates (or reopens, to resume) `out_dir`, records the resolved config in `config.yaml`,
+    and sends log lines to the console and `log.txt`.
+
+    Resuming with a different config would mix results of two experiments, so it is an error.
+    """
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = to_yaml(config)
+    saved = out / "config.yaml"
+    if saved.exists() and saved.read_text() != resolved:
+        raise ConfigError(
+            f"{out} holds results of a different config ({saved}); choose another out_dir or "
+            f"delete it to start over")
+    write_text(saved, resolved)
+    logger = logging.getLogger("jaxlab")
+    logger.setLevel(logging.INFO)
+    logger.handlers.clear()
+    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(out / "log.txt")):
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    return out
