@@ -20,18 +20,18 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={os.cpu_count()}")
 
-import jax  # noqa: E402
-import matplotlib  # noqa: E402
+import jax
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from tqdm import tqdm
 
-from jaxlab import config as config_lib  # noqa: E402
-from jaxlab import parallel, results  # noqa: E402
-from jaxlab.limit import critical_n  # noqa: E402
-from jaxlab.limit.free_embedding import SolverConfig  # noqa: E402
+from jaxlab import config as config_lib
+from jaxlab import parallel, results
+from jaxlab.limit import critical_n
+from jaxlab.limit.free_embedding import SolverConfig
 
 log = logging.getLogger("jaxlab")
 
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> list[critical_n.CriticalN]:
                dynamic_ncols=True, file=sys.stderr)
 
     def on_segment(decided: dict[int, bool], steps: int):
-        bar.set_postfix_str(" ".join(f"{n}{'+' if ok else '-'}" for n, ok in sorted(decided.items()))
-                            + f" steps={steps}")
+        marks = " ".join(f"{n}{'+' if ok else '-'}" for n, ok in sorted(decided.items()))
+        bar.set_postfix_str(f"{marks} steps={steps}")
 
     def on_result(answer: critical_n.CriticalN):
         finished.append(answer)
@@ -96,9 +96,10 @@ def main(argv: list[str] | None = None) -> list[critical_n.CriticalN]:
         tqdm.write(f"d={answer.d:3d}  critical-n={answer.critical_n:5d}  largest solved="
                    f"{answer.largest_solved_n:5d}  candidates={len(answer.tried):3d}  "
                    f"steps={answer.steps:8d}  {answer.seconds:7.1f}s", file=sys.stderr)
-        log.info("d=%d critical_n=%d largest_solved_n=%d tried=%s steps=%d seconds=%.1f",
-                 answer.d, answer.critical_n, answer.largest_solved_n, answer.tried,
-                 answer.steps, answer.seconds)
+        log.info("d=%d critical_n=%d largest_solved_n=%d tried=%s steps=%d seconds=%.1f "
+                 "peak device memory (estimated) %.3f GiB", answer.d, answer.critical_n,
+                 answer.largest_solved_n, answer.tried, answer.steps, answer.seconds,
+                 answer.peak_bytes / 2**30)
 
     finished = list(done)
     answers = critical_n.sweep(dims, start=cfg.start_n, seeds=cfg.seeds, window=cfg.window,
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> list[critical_n.CriticalN]:
 
 def _from_record(record: dict) -> critical_n.CriticalN:
     tried = {int(n): bool(ok) for n, ok in record.pop("tried", {}).items()}
-    return critical_n.CriticalN(**record, tried=tried)
+    peak_bytes = int(record.pop("peak_gib", 0) * 2**30)
+    return critical_n.CriticalN(**record, peak_bytes=peak_bytes, tried=tried)
 
 
 def _write_fit(out, answers) -> dict:
@@ -168,7 +170,8 @@ def _plot(path, answers, fit) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     ax.plot(d, [a.critical_n for a in answers], "o", label="measured critical-n")
     if "ours" in fit:
-        ax.plot(grid, critical_n.cubic(fit["ours"]["coefficients"], grid), "-", label="our cubic fit")
+        ax.plot(grid, critical_n.cubic(fit["ours"]["coefficients"], grid), "-",
+                label="our cubic fit")
     ax.plot(grid, critical_n.cubic(critical_n.PAPER_FIT, grid), "--", label="paper's cubic fit")
     published = [(dim, n) for dim, n in critical_n.PAPER_POINTS.items() if dim <= grid.max()]
     if published:

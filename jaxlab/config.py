@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 def load_config(schema: type[T], path: str | pathlib.Path | None = None,
                 overrides: Sequence[str] = ()) -> T:
-    """Returns `schema` filled from defaults, then the YAML at `path`, then `key=value` overrides."""
+    """`schema` filled from its defaults, then the YAML at `path`, then `key=value` overrides."""
     base = OmegaConf.structured(schema)
     layers = []
     if path is not None:

@@ -6,15 +6,19 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
-from jaxlab import parallel  # noqa: E402
-
-SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+from jaxlab import parallel
 
 
 @pytest.fixture(scope="session")
 def mesh8():
     assert jax.device_count() == 8, "conftest must set the device count before JAX starts"
     return parallel.make_mesh(parallel.RUNS)
+
+
+@pytest.fixture(scope="session")
+def data_mesh8():
+    assert jax.device_count() == 8, "conftest must set the device count before JAX starts"
+    return parallel.make_mesh(parallel.DATA)

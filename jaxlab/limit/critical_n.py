@@ -38,12 +38,14 @@ class CriticalN:
     seeds: int             # seeds tried per candidate n
     steps: int             # optimizer steps summed over every run of this search
     seconds: float         # wall-clock time of this search
+    peak_bytes: int = 0    # estimated peak device memory of its largest batch, per device
     tried: dict[int, bool] = dataclasses.field(default_factory=dict)  # n -> solved by some seed
 
     def record(self) -> dict:
         return {"d": self.d, "k": self.k, "critical_n": self.critical_n,
                 "largest_solved_n": self.largest_solved_n, "seeds": self.seeds,
                 "steps": self.steps, "seconds": round(self.seconds, 3),
+                "peak_gib": round(self.peak_bytes / 2**30, 4),
                 "tried": {str(n): ok for n, ok in sorted(self.tried.items())}}
 
 
@@ -87,13 +89,22 @@ def search(d: int, *, start: int, seeds: int, window: int, config: free_embeddin
     """
     free_embedding.check_problem(start, config.k, d)
     for name, value in (("seeds", seeds), ("window", window), ("segment_steps", segment_steps)):
-        require(isinstance(value, int) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+        require(isinstance(value, int) and value >= 1,
+                f"{name} must be an integer >= 1, got {value!r}")
     require(segment_steps % config.check_every == 0,
             f"segment_steps={segment_steps} must be a multiple of check_every={config.check_every}")
     clock = time.perf_counter()
     tried: dict[int, bool] = {}
-    steps = 0
+    steps = peak = 0
+    devices = 1 if mesh is None else mesh.size
+    memory_bytes = free_embedding.available_bytes(mesh, memory_bytes)
     while (candidates := _next_window(tried, start, window, config.k)) is not None:
+        # As many candidates (all seeds each) as memory holds at once; at least one.
+        fit = free_embedding.max_runs_per_call(max(candidates), d, config.k, memory_bytes, devices)
+        candidates = candidates[:max(1, fit // seeds)]
+        runs = len(candidates) * seeds
+        per_device = -(-runs // devices) * free_embedding.run_bytes(max(candidates), d, config.k)
+        peak = max(peak, per_device)
         known, used = evaluate(candidates, seeds, d, config, mesh=mesh, memory_bytes=memory_bytes,
                                segment_steps=segment_steps, on_segment=on_segment)
         tried.update(known)
@@ -101,7 +112,8 @@ def search(d: int, *, start: int, seeds: int, window: int, config: free_embeddin
     critical = min(n for n, ok in tried.items() if not ok)
     largest = max((n for n, ok in tried.items() if ok), default=config.k)
     return CriticalN(d=d, k=config.k, critical_n=critical, largest_solved_n=largest, seeds=seeds,
-                     steps=steps, seconds=time.perf_counter() - clock, tried=tried)
+                     steps=steps, seconds=time.perf_counter() - clock, peak_bytes=peak,
+                     tried=tried)
 
 
 def evaluate(candidates: Sequence[int], seeds: int, d: int, config: free_embedding.SolverConfig,
@@ -175,7 +187,7 @@ def predict_start(previous: Sequence[CriticalN], d: int, window: int) -> int | N
     first, last = recent[0], recent[-1]
     slope = (last.critical_n - first.critical_n) / (last.d - first.d) if len(recent) > 1 else 0.0
     predicted = last.critical_n + max(slope, 0.0) * (d - last.d)
-    return int(round(predicted)) - window // 2
+    return round(predicted) - window // 2
 
 
 def sweep(dims: Iterable[int], *, start: int, seeds: int, window: int,
@@ -210,7 +222,7 @@ def cubic(coefficients: Sequence[float], d) -> np.ndarray:
 
 
 def cubic_fit(d: Sequence[float], n: Sequence[float]) -> tuple[tuple[float, ...], float]:
-    """Least-squares cubic through (d, n): returns (a0, a1, a2, a3) and r^2 = 1 - SS_res / SS_tot."""
+    """Least-squares cubic through (d, n): (a0, a1, a2, a3) and r^2 = 1 - SS_res / SS_tot."""
     d, n = np.asarray(d, np.float64), np.asarray(n, np.float64)
     require(len(d) >= 4, f"a cubic fit needs at least 4 points, got {len(d)}")
     coefficients = np.polynomial.polynomial.polyfit(d, n, 3)

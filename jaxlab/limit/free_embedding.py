@@ -52,7 +52,7 @@ def check_problem(num_docs: int, k: int, dim: int | None = None) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class SolverConfig:
-    """Static settings of one free-embedding run (hashable: a static argument of the compiled loop)."""
+    """Static settings of a free-embedding run (hashable: a static argument of compiled loops)."""
 
     k: int = 2                      # relevant documents per query
     loss: str = "per_positive"      # "per_positive" (official code) or "log_sum" (paper's formula)
@@ -68,7 +68,8 @@ class SolverConfig:
             value = getattr(self, name)
             require(_is_int(value) and value >= 1,
                     f"SolverConfig.{name} must be an integer >= 1, got {value!r}")
-        require(self.loss in LOSSES, f"SolverConfig.loss must be one of {LOSSES}, got {self.loss!r}")
+        require(self.loss in LOSSES,
+                f"SolverConfig.loss must be one of {LOSSES}, got {self.loss!r}")
         for name in ("temperature", "learning_rate"):
             value = getattr(self, name)
             require(value > 0, f"SolverConfig.{name} must be > 0, got {value!r}")
@@ -113,16 +114,13 @@ def _unit_rows(x: jax.Array) -> jax.Array:
 def init_embeddings(key: jax.Array, num_queries: int, num_docs: int, dim: int) -> Embeddings:
     """Rows drawn from N(0, I_d) and L2-normalized.
 
-    Row i comes from `fold_in(key, i)`, so a row's value does not depend on how many rows follow
-    it: a run padded to a larger batch starts from exactly the vectors it would start from alone.
+    JAX's counter-based (partitionable) threefry draws element i of a flat shape from counter i,
+    so the first r rows do not depend on how many rows follow: a run padded to a larger batch
+    starts from exactly the vectors it would start from alone.
     """
     key_q, key_d = jax.random.split(key)
-
-    def rows(key, count):
-        return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (dim,)))(
-            jnp.arange(count))
-
-    return Embeddings(_unit_rows(rows(key_q, num_queries)), _unit_rows(rows(key_d, num_docs)))
+    return Embeddings(_unit_rows(jax.random.normal(key_q, (num_queries, dim))),
+                      _unit_rows(jax.random.normal(key_d, (num_docs, dim))))
 
 
 def _valid_relevant(relevant: jax.Array, num_queries: jax.Array) -> jax.Array:
@@ -292,7 +290,7 @@ def advance(state: RunState, relevant: jax.Array, *, steps: int, config: SolverC
 
 
 def run_bytes(num_docs: int, dim: int, k: int) -> int:
-    """Device bytes one run needs: its live [m, n] score buffers plus parameters and Adam moments."""
+    """Device bytes of one run: its live [m, n] score buffers, parameters and Adam moments."""
     m = math.comb(num_docs, k)
     return 4 * (_LIVE_SCORE_BUFFERS * m * num_docs + 3 * 2 * (m + num_docs) * dim + m * k)
 
@@ -302,14 +300,19 @@ def max_runs_per_call(num_docs: int, dim: int, k: int, memory_bytes: int, num_de
     return (memory_bytes // run_bytes(num_docs, dim, k)) * num_devices
 
 
+def available_bytes(mesh: Mesh | None, memory_bytes: int | None = None) -> int:
+    """Memory one device may use: `memory_bytes` if given, else what the first device has free."""
+    if memory_bytes is not None:
+        return memory_bytes
+    return parallel.device_memory_bytes(jax.devices()[0] if mesh is None else mesh.devices.flat[0])
+
+
 def check_memory(num_runs: int, num_docs: int, dim: int, k: int, mesh: Mesh | None,
                  memory_bytes: int | None = None) -> None:
     """Raises ValueError, before anything is allocated, if `num_runs` runs of size (n, d) do not
-    fit in `memory_bytes` per device (default: what the first device has free)."""
+    fit in `available_bytes(mesh, memory_bytes)` per device."""
     devices = 1 if mesh is None else mesh.size
-    if memory_bytes is None:
-        device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
-        memory_bytes = parallel.device_memory_bytes(device)
+    memory_bytes = available_bytes(mesh, memory_bytes)
     need = math.ceil(num_runs / devices) * run_bytes(num_docs, dim, k)
     if need > memory_bytes:
         raise ValueError(
@@ -319,12 +322,13 @@ def check_memory(num_runs: int, num_docs: int, dim: int, k: int, mesh: Mesh | No
             f"{max_runs_per_call(num_docs, dim, k, memory_bytes, devices)}) or a smaller n")
 
 
-def _over_runs(fn, mesh: Mesh | None, batched_args: tuple[bool, ...]):
-    """fn vmapped over the leading axis of the arguments flagged in `batched_args` and, with a
-    mesh, split over its first axis with shard_map. Runs never communicate, so each device loops
-    over its own runs until they stop; with no collectives there is nothing for the
-    varying-axes check to verify (check_vma=False)."""
-    fn = jax.vmap(fn, in_axes=tuple(0 if b else None for b in batched_args))
+def _split_runs(fn, mesh: Mesh | None, batched_args: tuple[bool, ...]):
+    """fn over a batch of runs, split over the mesh's first axis with shard_map (the arguments
+    flagged in `batched_args` lead with the run axis; the others are replicated).
+
+    Runs never communicate, so each device loops over its own runs until they stop; with no
+    collectives there is nothing for the varying-axes check to verify (check_vma=False).
+    """
     if mesh is None:
         return fn
     runs = PartitionSpec(mesh.axis_names[0])
@@ -335,9 +339,17 @@ def _over_runs(fn, mesh: Mesh | None, batched_args: tuple[bool, ...]):
 @functools.partial(jax.jit, static_argnames=("num_doc_slots", "dim", "config", "mesh"))
 def init_runs(keys, relevant, num_docs, *, num_doc_slots: int, dim: int, config: SolverConfig,
               mesh: Mesh | None = None) -> RunState:
-    """`init_run` for keys [R] and num_docs [R]: a RunState whose leaves lead with R."""
-    fn = functools.partial(init_run, num_doc_slots=num_doc_slots, dim=dim, config=config)
-    return _over_runs(fn, mesh, (True, False, True))(keys, relevant, num_docs)
+    """`init_run` for keys [R] and num_docs [R]: a RunState whose leaves lead with R.
+
+    Runs are initialized one after another (`lax.map`): a one-off, and vmapped random draws
+    take seconds to compile.
+    """
+    def init_all(keys, relevant, num_docs):
+        return jax.lax.map(
+            lambda run: init_run(run[0], relevant, run[1], num_doc_slots=num_doc_slots,
+                                 dim=dim, config=config), (keys, num_docs))
+
+    return _split_runs(init_all, mesh, (True, False, True))(keys, relevant, num_docs)
 
 
 # The state is replaced by its continuation, so its buffers are donated.
@@ -345,8 +357,8 @@ def init_runs(keys, relevant, num_docs, *, num_doc_slots: int, dim: int, config:
 def advance_runs(state: RunState, relevant, *, steps: int, config: SolverConfig,
                  mesh: Mesh | None = None) -> RunState:
     """`advance` for a batch of runs [R]; returns once every run is finished or `steps` further."""
-    fn = functools.partial(advance, steps=steps, config=config)
-    return _over_runs(fn, mesh, (True, False))(state, relevant)
+    fn = jax.vmap(functools.partial(advance, steps=steps, config=config), in_axes=(0, None))
+    return _split_runs(fn, mesh, (True, False))(state, relevant)
 
 
 def start_runs(seeds: Sequence[int], num_docs: Sequence[int], dim: int, config: SolverConfig,

@@ -8,7 +8,6 @@ import pytest
 
 from jaxlab.limit import free_embedding as fe
 
-
 # ---------------------------------------------------------------- ground truth
 
 def test_ground_truth_k2_colex_by_hand():
