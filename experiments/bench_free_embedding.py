@@ -92,12 +92,12 @@ def bench_torch(n: int, d: int, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES),
-                        default="gpu" if jax.default_backend() == "gpu" else "cpu")
+                        default=None, help="problem size (default: gpu on a GPU, else cpu)")
     parser.add_argument("--steps", type=int, default=500, help="timed steps (multiple of 50)")
     parser.add_argument("--runs", type=int, default=0, help="batch size (default: 8 x devices)")
     parser.add_argument("--out", default="results/bench_free_embedding.json")
     args = parser.parse_args()
-    n, d = SIZES[args.size]
+    n, d = SIZES[args.size or ("gpu" if jax.default_backend() == "gpu" else "cpu")]
     mesh = parallel.make_mesh(parallel.RUNS)
     runs = args.runs or 8 * mesh.size
 

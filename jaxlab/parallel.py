@@ -23,6 +23,11 @@ def make_mesh(axis: str = DATA, devices: Sequence[jax.Device] | None = None) -> 
     return Mesh(np.asarray(devices), (axis,))
 
 
+def single_device_mesh(axis: str = DATA) -> Mesh:
+    """A mesh named `axis` over the first device only (an unsharded run of sharded code)."""
+    return make_mesh(axis, jax.devices()[:1])
+
+
 def batch_sharding(mesh: Mesh, axis: str | None = None) -> NamedSharding:
     """Leading dimension split over the mesh's (first) axis, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(axis or mesh.axis_names[0]))

@@ -189,6 +189,7 @@ class RunState(NamedTuple):
     emb: Embeddings
     opt_state: optax.OptState
     num_docs: jax.Array          # [] int32, the run's n (rows past it are padding)
+    num_queries: jax.Array       # [] int32, its m (rows past it are padding)
     step: jax.Array              # [] int32, optimizer steps taken
     loss: jax.Array              # [] float32, loss before the last step
     best_loss: jax.Array         # [] float32
@@ -216,8 +217,8 @@ def _num_subsets(n: jax.Array, k: int) -> jax.Array:
     return count
 
 
-def _problem(state: RunState, relevant: jax.Array, k: int):
-    return relevant, state.num_docs, _num_subsets(state.num_docs, k)
+def _problem(state: RunState, relevant: jax.Array):
+    return relevant, state.num_docs, state.num_queries
 
 
 def finished(state: RunState, config: SolverConfig) -> jax.Array:
@@ -230,15 +231,15 @@ def result(state: RunState) -> RunResult:
     return RunResult(state.solved, state.step, state.accuracy, state.loss)
 
 
-def _checked(state: RunState, relevant: jax.Array, k: int) -> RunState:
-    acc = accuracy(state.emb, *_problem(state, relevant, k))
+def _checked(state: RunState, relevant: jax.Array) -> RunState:
+    acc = accuracy(state.emb, *_problem(state, relevant))
     return state._replace(accuracy=acc, solved=acc >= 1.0)
 
 
 def _train_step(state: RunState, relevant: jax.Array, config: SolverConfig) -> RunState:
     """One Adam step on the full batch, then every row projected back to unit length."""
     loss, grads = jax.value_and_grad(loss_fn)(
-        state.emb, *_problem(state, relevant, config.k),
+        state.emb, *_problem(state, relevant),
         temperature=config.temperature, kind=config.loss)
     updates, opt_state = _optimizer(config).update(grads, state.opt_state, state.emb)
     emb = Embeddings(*map(_unit_rows, optax.apply_updates(state.emb, updates)))
@@ -251,35 +252,42 @@ def _train_step(state: RunState, relevant: jax.Array, config: SolverConfig) -> R
 
 
 def init_run(key: jax.Array, relevant: jax.Array, num_docs: jax.Array, *, num_doc_slots: int,
-             dim: int, config: SolverConfig) -> RunState:
+             dim: int, config: SolverConfig, num_queries: int | None = None) -> RunState:
     """A run at step 0: random unit vectors, already checked (n = k is solved at once).
 
     Args:
       key: PRNG key of the run (folded with num_docs, so each n starts from its own vectors).
-      relevant: int32 [m_max, k] = ground_truth(num_doc_slots, k).
-      num_docs: [] int32, the run's n <= num_doc_slots; its queries are the first C(n, k) rows.
+      relevant: int32 [m_max, k], each query's relevant documents: ground_truth(num_doc_slots, k)
+        or any other relevance pattern.
+      num_docs: [] int32, the run's n <= num_doc_slots.
       num_doc_slots: static, the padded number of documents.
+      num_queries: the run's m; default C(n, k), the first rows of the ground truth.
     """
     num_docs = jnp.asarray(num_docs, jnp.int32)
+    if num_queries is None:
+        num_queries = _num_subsets(num_docs, config.k)
     emb = init_embeddings(jax.random.fold_in(key, num_docs), relevant.shape[0], num_doc_slots, dim)
     inf = jnp.asarray(jnp.inf, jnp.float32)
     zero = jnp.zeros((), jnp.int32)
     state = RunState(emb=emb, opt_state=_optimizer(config).init(emb), num_docs=num_docs,
-                     step=zero, loss=inf, best_loss=inf, last_improvement=zero,
+                     num_queries=jnp.asarray(num_queries, jnp.int32), step=zero, loss=inf,
+                     best_loss=inf, last_improvement=zero,
                      accuracy=jnp.zeros((), jnp.float32), solved=jnp.zeros((), bool))
-    return _checked(state, relevant, config.k)
+    return _checked(state, relevant)
 
 
 def advance(state: RunState, relevant: jax.Array, *, steps: int, config: SolverConfig) -> RunState:
     """Continues a run until it is `finished` or has taken `steps` more steps, in one
     `lax.while_loop`: each iteration takes `check_every` Adam steps (`lax.fori_loop`), then the
     exact solved check. With steps >= max_steps this runs it to the end."""
+    require(steps % config.check_every == 0,
+            f"steps={steps} must be a multiple of check_every={config.check_every}")
     limit = state.step + steps
 
     def chunk(state):
         state = jax.lax.fori_loop(
             0, config.check_every, lambda _, s: _train_step(s, relevant, config), state)
-        return _checked(state, relevant, config.k)
+        return _checked(state, relevant)
 
     return jax.lax.while_loop(
         lambda s: ~finished(s, config) & (s.step < limit), chunk, state)
@@ -289,9 +297,10 @@ def advance(state: RunState, relevant: jax.Array, *, steps: int, config: SolverC
 # Many runs in one call
 
 
-def run_bytes(num_docs: int, dim: int, k: int) -> int:
-    """Device bytes of one run: its live [m, n] score buffers, parameters and Adam moments."""
-    m = math.comb(num_docs, k)
+def run_bytes(num_docs: int, dim: int, k: int, num_queries: int | None = None) -> int:
+    """Device bytes of one run: its live [m, n] score buffers, parameters and Adam moments
+    (m = num_queries, default C(n, k))."""
+    m = math.comb(num_docs, k) if num_queries is None else num_queries
     return 4 * (_LIVE_SCORE_BUFFERS * m * num_docs + 3 * 2 * (m + num_docs) * dim + m * k)
 
 
@@ -308,12 +317,12 @@ def available_bytes(mesh: Mesh | None, memory_bytes: int | None = None) -> int:
 
 
 def check_memory(num_runs: int, num_docs: int, dim: int, k: int, mesh: Mesh | None,
-                 memory_bytes: int | None = None) -> None:
+                 memory_bytes: int | None = None, num_queries: int | None = None) -> None:
     """Raises ValueError, before anything is allocated, if `num_runs` runs of size (n, d) do not
     fit in `available_bytes(mesh, memory_bytes)` per device."""
     devices = 1 if mesh is None else mesh.size
     memory_bytes = available_bytes(mesh, memory_bytes)
-    need = math.ceil(num_runs / devices) * run_bytes(num_docs, dim, k)
+    need = math.ceil(num_runs / devices) * run_bytes(num_docs, dim, k, num_queries)
     if need > memory_bytes:
         raise ValueError(
             f"{num_runs} free-embedding runs at n={num_docs}, d={dim}, k={k} need "
@@ -406,3 +415,42 @@ def solve(seeds: Sequence[int], num_docs: Sequence[int], dim: int, config: Solve
     state, relevant = start_runs(seeds, num_docs, dim, config, mesh, memory_bytes)
     state = advance_runs(state, relevant, steps=config.max_steps, config=config, mesh=mesh)
     return RunResult(*(np.asarray(x)[:len(seeds)] for x in result(state)))
+
+
+# --------------------------------------------------------------------------------------------
+# Any relevance pattern (e.g. a dataset's qrels)
+
+
+@functools.partial(jax.jit, static_argnames=("num_docs", "dim", "config"))
+def _fit(key, relevant, *, num_docs: int, dim: int, config: SolverConfig):
+    state = init_run(key, relevant, num_docs, num_doc_slots=num_docs, dim=dim, config=config,
+                     num_queries=relevant.shape[0])
+    state = advance(state, relevant, steps=config.max_steps, config=config)
+    return result(state), state.emb
+
+
+def fit(relevant: np.ndarray, num_docs: int, dim: int, config: SolverConfig,
+        seed: int = 0) -> tuple[RunResult, Embeddings]:
+    """Free embeddings optimized for an arbitrary relevance pattern, the best any d-dimensional
+    single-vector retriever could do on it: one run, the same loop as `solve`.
+
+    Args:
+      relevant: int [m, k] with k = config.k: query i's relevant documents, distinct, in
+        range(num_docs).
+    Returns:
+      (RunResult of scalars, the final Embeddings: queries [m, d], docs [n, d]).
+    """
+    relevant = np.asarray(relevant)
+    check_problem(num_docs, config.k, dim)
+    require(relevant.ndim == 2 and relevant.shape[1] == config.k and len(relevant) > 0,
+            f"relevant must have shape [queries, k={config.k}], got {relevant.shape}")
+    require(np.issubdtype(relevant.dtype, np.integer), f"relevant must hold integer ids, "
+            f"got {relevant.dtype}")
+    require(relevant.min() >= 0 and relevant.max() < num_docs,
+            f"relevant ids must lie in [0, {num_docs}), got [{relevant.min()}, {relevant.max()}]")
+    repeated = np.flatnonzero((np.diff(np.sort(relevant, axis=1), axis=1) == 0).any(axis=1))
+    require(len(repeated) == 0, f"queries {repeated[:5].tolist()} repeat a relevant document")
+    check_memory(1, num_docs, dim, config.k, None, num_queries=len(relevant))
+    scores, emb = _fit(jax.random.key(seed), jnp.asarray(relevant, jnp.int32),
+                       num_docs=num_docs, dim=dim, config=config)
+    return RunResult(*(np.asarray(x) for x in scores)), emb

@@ -253,3 +253,22 @@ def test_memory_estimate_bounds_xla_memory_analysis():
                 + stats.output_size_in_bytes - stats.alias_size_in_bytes)
         estimate = runs * fe.run_bytes(n, d, 2)
         assert used <= estimate <= 2 * used, (n, d, used, estimate)
+
+
+# ---------------------------------------------------------------- any relevance pattern
+
+def test_fit_solves_a_small_qrel_pattern_and_returns_its_embeddings():
+    # A cycle: query i is relevant to documents i and i + 1 (mod 6); easy in d = 6.
+    relevant = np.stack([np.arange(6), (np.arange(6) + 1) % 6], axis=1)
+    result, emb = fe.fit(relevant, 6, 6, FAST)
+    assert result.solved and emb.queries.shape == (6, 6) and emb.docs.shape == (6, 6)
+    correct = _numpy_correct(np.asarray(emb.queries), np.asarray(emb.docs), relevant)
+    assert correct.all()
+
+
+@pytest.mark.parametrize("relevant,match", [
+    (np.array([[0, 1, 2]]), "shape"), (np.array([[0, 6]]), r"\[0, 6\)"),
+    (np.array([[1, 1]]), "repeat"), (np.array([[0.0, 1.0]]), "integer")])
+def test_fit_rejects_bad_relevance(relevant, match):
+    with pytest.raises(ValueError, match=match):
+        fe.fit(relevant, 6, 4, FAST)
