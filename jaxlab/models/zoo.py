@@ -1,0 +1,63 @@
+"""Small random-init checkpoints of real architectures, for tests and demos (nothing downloaded).
+
+Each family starts from the config of a released model and keeps its architectural choices
+(RoPE theta and scaling, q/k norms, biases, tied embeddings, grouped-query attention); sizes are
+overridden: "tiny" for tests, "0.6b" keeps the released Qwen3-0.6B shape for benchmarks.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from flax import nnx
+
+from jaxlab.models.decoder import Decoder
+from jaxlab.models.hf_decoder import load_config, save_pretrained
+
+# The released configs' architecture fields (Qwen3-0.6B, Qwen2.5-0.5B, Llama-3.2-1B).
+RELEASED = {
+    "qwen3": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                  num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                  head_dim=128, rms_norm_eps=1e-6, max_position_embeddings=40960,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                  tie_word_embeddings=True, attention_bias=False),
+    "qwen2": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                  num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                  rms_norm_eps=1e-6, max_position_embeddings=32768,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                  tie_word_embeddings=True),
+    "llama": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                  num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                  head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=131072,
+                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192},
+                  tie_word_embeddings=True, attention_bias=False, mlp_bias=False),
+}
+SIZES = {
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "0.6b": {},
+}
+
+
+def hf_config(family: str, size: str = "tiny", **overrides):
+    """A transformers config of `family` at `size`, with any field overridden."""
+    from transformers import AutoConfig
+
+    if family not in RELEASED or size not in SIZES:
+        raise ValueError(f"unknown family {family!r} or size {size!r}; families: "
+                         f"{sorted(RELEASED)}, sizes: {sorted(SIZES)}")
+    fields = {**RELEASED[family], **SIZES[size], **overrides}
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def create(family: str, path: str | pathlib.Path, *, size: str = "tiny", seed: int = 0,
+           dtype: str = "float32", **overrides) -> pathlib.Path:
+    """Writes a random-init checkpoint folder (config.json + model.safetensors) and returns it."""
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    hf_config(family, size, **overrides).save_pretrained(path)
+    model = Decoder(load_config(path, dtype=dtype), nnx.Rngs(seed))
+    save_pretrained(model, path)
+    return path

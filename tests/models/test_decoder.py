@@ -1,0 +1,267 @@
+"""Our decoder against transformers' PyTorch models, on random-init small configs per family."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jaxlab import parallel  # noqa: E402
+from jaxlab.models import hf_decoder, zoo  # noqa: E402
+from jaxlab.models.decoder import Decoder  # noqa: E402
+
+# One variant per family, covering tied/untied embeddings, Qwen2's biases, Qwen3's q/k norms,
+# Llama's attention bias and llama3 RoPE scaling.
+VARIANTS = {
+    "qwen3": dict(tie_word_embeddings=True),
+    "qwen2": dict(tie_word_embeddings=False),
+    "llama": dict(tie_word_embeddings=False, attention_bias=True),
+}
+
+
+def _reference(family, path, seed=0):
+    """A transformers model with every weight random (norms and biases too), saved to `path`."""
+    torch.manual_seed(seed)
+    config = zoo.hf_config(family, **VARIANTS[family])
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def pair(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    reference = _reference(request.param, path)
+    return request.param, path, reference, hf_decoder.load_pretrained(path)
+
+
+def _ids(batch, length, seed=0, vocab=512):
+    return np.random.default_rng(seed).integers(0, vocab, (batch, length))
+
+
+def _torch_logits(model, ids, mask=None):
+    mask = np.ones_like(ids) if mask is None else mask
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                    position_ids=torch.as_tensor(positions))
+    return out.logits.float().numpy()
+
+
+def test_full_forward_matches_transformers(pair):
+    _, _, reference, model = pair
+    ids = _ids(2, 24)
+    np.testing.assert_allclose(model(jnp.asarray(ids)), _torch_logits(reference, ids), atol=1e-4)
+
+
+def test_left_padding_matches_transformers_and_the_unpadded_row(pair):
+    _, _, reference, model = pair
+    ids = _ids(3, 20, seed=1)
+    mask = np.ones_like(ids)
+    mask[1, :7] = 0
+    mask[2, :19] = 0
+    ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    theirs = _torch_logits(reference, ids, mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4)
+    alone = np.asarray(model(jnp.asarray(ids[1:2, 7:])))
+    np.testing.assert_allclose(ours[1, 7:], alone[0], atol=1e-5)
+
+
+def test_prefill_then_decode_equals_full_forward(pair):
+    _, _, _, model = pair
+    ids = _ids(2, 16, seed=2)
+    mask = np.ones_like(ids)
+    mask[0, :5] = 0
+    full = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    logits, cache = model.prefill(jnp.asarray(ids[:, :10]), jnp.asarray(mask[:, :10]),
+                                  cache_size=32)
+    real = mask[:, :10].astype(bool)  # padding positions hold no meaningful logits
+    np.testing.assert_allclose(np.asarray(logits)[real], full[:, :10][real], atol=1e-5)
+    decode = jax.jit(lambda tokens, cache: model.decode(tokens, cache))
+    for t in range(10, 16):
+        step, cache = decode(jnp.asarray(ids[:, t]), cache)
+        np.testing.assert_allclose(step, full[:, t], atol=1e-4)
+
+
+def test_greedy_continuation_matches_transformers_generate(pair):
+    _, _, reference, model = pair
+    prompt = _ids(1, 8, seed=3)
+    with torch.no_grad():
+        theirs = reference.generate(torch.as_tensor(prompt), max_new_tokens=64, do_sample=False,
+                                    min_new_tokens=64, pad_token_id=0)[0, 8:].numpy()
+    logits, cache = model.prefill(jnp.asarray(prompt), cache_size=72)
+    decode = jax.jit(lambda tokens, cache: model.decode(tokens, cache))
+    token = jnp.argmax(logits[:, -1], axis=-1)
+    ours = []
+    for _ in range(64):
+        ours.append(int(token[0]))
+        step, cache = decode(token, cache)
+        token = jnp.argmax(step, axis=-1)
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_save_then_load_is_exact_and_transformers_reads_it(pair, tmp_path):
+    _, _, reference, model = pair
+    hf_decoder.save_pretrained(model, tmp_path)
+    again = hf_decoder.load_pretrained(tmp_path)
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(jax.tree.map(
+            np.asarray, jax.tree.leaves(model))), jax.tree_util.tree_leaves_with_path(
+            jax.tree.map(np.asarray, jax.tree.leaves(again))), strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=str(path))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = _ids(1, 12, seed=4)
+    np.testing.assert_allclose(_torch_logits(reloaded, ids), _torch_logits(reference, ids),
+                               atol=1e-6)
+
+
+def test_sharded_load_equals_single_device_load(pair, data_mesh8):
+    _, path, _, model = pair
+    sharded = hf_decoder.load_pretrained(path, mesh=data_mesh8)
+    kernel = sharded.layers[0].mlp.up_proj.kernel[...]
+    assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
+    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(sharded), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ids = jnp.asarray(_ids(2, 8, seed=5))
+    np.testing.assert_allclose(sharded(ids), model(ids), atol=1e-5)
+
+
+def test_bfloat16_stays_near_float32(pair):
+    _, path, _, model = pair
+    half = hf_decoder.load_pretrained(path, dtype="bfloat16")
+    assert half.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+    ids = jnp.asarray(_ids(2, 16, seed=6))
+    error = np.max(np.abs(np.asarray(half(ids)) - np.asarray(model(ids))))
+    assert 0 < error < 0.05  # logits of these models have magnitude ~1
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.fixture(scope="module")
+def qwen3_folder(tmp_path_factory):
+    return zoo.create("qwen3", tmp_path_factory.mktemp("qwen3zoo"))
+
+
+def _edit_config(src, dst, **changes):
+    config = json.loads((src / "config.json").read_text())
+    config.update(changes)
+    dst.mkdir(exist_ok=True)
+    (dst / "config.json").write_text(json.dumps(config))
+    (dst / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(model_type="gpt2"), "model_type"),
+    (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}), "yarn"),
+])
+def test_unsupported_config_is_named(qwen3_folder, tmp_path, changes, match):
+    folder = _edit_config(qwen3_folder, tmp_path / "bad", **changes)
+    with pytest.raises(ValueError, match=match):
+        hf_decoder.load_pretrained(folder)
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_reported_together(qwen3_folder, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(qwen3_folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    tensors["model.layers.0.extra.weight"] = np.zeros(3, np.float32)
+    tensors["model.norm.weight"] = np.ones(63, np.float32)
+    folder = _edit_config(qwen3_folder, tmp_path / "bad")
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(hf_decoder.CheckpointError) as error:
+        hf_decoder.load_pretrained(folder)
+    message = str(error.value)
+    for part in ("missing tensor model.layers.1.mlp.up_proj.weight",
+                 "unexpected tensor model.layers.0.extra.weight",
+                 "model.norm.weight in model.safetensors has shape [63], expected [64]"):
+        assert part in message
+
+
+def test_integer_tensor_is_refused(qwen3_folder, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(qwen3_folder / "model.safetensors")
+    tensors["model.norm.weight"] = np.ones(64, np.int32)
+    folder = _edit_config(qwen3_folder, tmp_path / "bad")
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(hf_decoder.CheckpointError, match="dtype I32"):
+        hf_decoder.load_pretrained(folder)
+
+
+def test_missing_files_are_named(qwen3_folder, tmp_path):
+    with pytest.raises(hf_decoder.CheckpointError, match=r"no config.json"):
+        hf_decoder.load_pretrained(tmp_path)
+    folder = _edit_config(qwen3_folder, tmp_path / "noweights")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(hf_decoder.CheckpointError, match=r"no model.safetensors"):
+        hf_decoder.load_pretrained(folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(hf_decoder.CheckpointError, match=r"missing.*00002"):
+        hf_decoder.load_pretrained(folder)
+
+
+def test_sharded_checkpoint_with_index_loads(qwen3_folder, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(qwen3_folder / "model.safetensors")
+    names = sorted(tensors)
+    folder = _edit_config(qwen3_folder, tmp_path / "two")
+    (folder / "model.safetensors").unlink()
+    weight_map = {}
+    for part, chunk in enumerate((names[::2], names[1::2]), start=1):
+        file = f"model-0000{part}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in chunk}, folder / file)
+        weight_map.update(dict.fromkeys(chunk, file))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ids = jnp.asarray(_ids(1, 6))
+    np.testing.assert_array_equal(hf_decoder.load_pretrained(folder)(ids),
+                                  hf_decoder.load_pretrained(qwen3_folder)(ids))
+
+
+def test_tokens_outside_the_vocabulary_and_long_prompts_are_refused(qwen3_folder):
+    model = hf_decoder.load_pretrained(qwen3_folder)
+    with pytest.raises(ValueError, match=r"token id 512 at \(0, 2\)"):
+        model(jnp.asarray([[1, 2, 512]]))
+    with pytest.raises(ValueError, match="longer than the cache"):
+        model.prefill(jnp.asarray([[1, 2, 3]]), cache_size=2)
+    _, cache = model.prefill(jnp.asarray([[1, 2]]), cache_size=2)
+    with pytest.raises(ValueError, match="cache is full"):
+        model.decode(jnp.asarray([3]), cache)
+
+
+def test_zoo_builds_every_family(tmp_path):
+    for family in zoo.RELEASED:
+        model = hf_decoder.load_pretrained(zoo.create(family, tmp_path / family))
+        assert isinstance(model, Decoder) and model.config.family == family
+    assert parallel.DATA == "data"
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "default", "rope_theta": 1e6},
+    {"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0},
+    {"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0, "low_freq_factor": 1.0,
+     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}])
+def test_rope_frequencies_match_transformers(rope):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = zoo.hf_config("llama", head_dim=64, rope_parameters=rope)
+    if rope["rope_type"] == "default":
+        theirs = 1.0 / rope["rope_theta"] ** (np.arange(0, 64, 2) / 64)
+    else:
+        theirs, _ = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, "cpu")
+    ours = hf_decoder.DecoderConfig.from_hf(config).rope.inv_freq(64)
+    np.testing.assert_allclose(ours, np.asarray(theirs), rtol=1e-6)
