@@ -1,0 +1,258 @@
+"""The pairwise generative reward model (GenRM) of Writing-Zero, section 1 of
+`papers/writing_zero.md`.
+
+The judge reads a query and two responses, reasons (criteria with weights, per-criterion scores for
+both responses, weighted totals) and ends with `\\boxed{s1,s2}`, two scores in [0, 10]. This module
+holds the judge prompt, the parser of its verdict, and the array functions built on verdicts: the
+reward that trains the GenRM with RL, the position-consistency rule over a pair judged in both
+orders, the cold-start filter, and the per-condition wins that BRPO turns into rewards.
+
+Verdicts enter the array functions as `scores [..., 2]` (the scores of the response shown first
+and second; NaN where unparsable) with `valid [...]` (the verdict parsed); `scores_array` builds
+both from parsed texts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlab.config import require
+
+MAX_SCORE = 10.0
+
+DEFAULT_TEMPLATE = """\
+You are an expert judge of writing. Compare two responses to the query below.
+
+[Query]
+{prompt}
+
+[Response 1]
+{response_1}
+
+[Response 2]
+{response_2}
+
+{criteria}
+For every criterion, score both responses from 0 to 10 and explain why. Then compute each \
+response's weighted total (the sum of weight x score). Finish with the two totals, Response 1 \
+first, as \\boxed{{s1,s2}}, for example \\boxed{{7.5,6}}."""
+
+_ASK_FOR_CRITERIA = ("First write the criteria that matter most for this query, each with a "
+                     "weight; the weights sum to 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeTemplate:
+    """The pairwise judge prompt (section 1: criteria with weights, per-criterion scores, weighted
+    totals, final box)."""
+
+    # Format string with the fields {prompt}, {response_1}, {response_2} and {criteria};
+    # literal braces are doubled.
+    text: str = DEFAULT_TEMPLATE
+    # Fixed criteria with weights summing to 1; empty: the judge writes query-specific ones.
+    criteria: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        try:
+            self.text.format(prompt="", response_1="", response_2="", criteria="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"JudgeTemplate.text is not a valid template ({e!r}); it may use "
+                             f"only {{prompt}}, {{response_1}}, {{response_2}} and {{criteria}}, "
+                             f"with literal braces doubled") from None
+        for field in ("{prompt}", "{response_1}", "{response_2}"):
+            require(field in self.text, f"JudgeTemplate.text must contain {field}")
+        if self.criteria:
+            weights = list(self.criteria.values())
+            require(all(w > 0 for w in weights),
+                    f"JudgeTemplate.criteria weights must be > 0, got {dict(self.criteria)}")
+            require(math.isclose(sum(weights), 1.0, abs_tol=1e-6),
+                    f"JudgeTemplate.criteria weights must sum to 1, got {sum(weights)}")
+
+    def criteria_text(self) -> str:
+        if not self.criteria:
+            return _ASK_FOR_CRITERIA
+        lines = [f"- {name} (weight {weight:g})" for name, weight in self.criteria.items()]
+        return "Judge on these criteria:\n" + "\n".join(lines)
+
+
+def judge_prompt(prompt: str, response_1: str, response_2: str,
+                 template: JudgeTemplate = JudgeTemplate()) -> str:
+    """The judge's input for one ordered pair (responses are inserted verbatim)."""
+    return template.text.format(prompt=prompt, response_1=response_1, response_2=response_2,
+                                criteria=template.criteria_text())
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing verdicts
+
+_BOX = "\\boxed{"
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"  # ASCII digits only; no sign, no exponent
+_PAIR = re.compile(rf"\s*({_NUMBER})\s*,\s*({_NUMBER})\s*", re.ASCII)
+
+
+def parse_scores(text: object) -> tuple[float, float] | None:
+    """The two scores of the last `\\boxed{a,b}` in `text`, or None (section 1: format failure).
+
+    None when there is no box, the last box is unclosed or holds anything other than two plain
+    decimal numbers separated by a comma (nested braces, one or three numbers, signs, exponents,
+    NaN, inf, non-ASCII digits), or a number lies outside [0, 10]. Never raises, whatever `text`
+    is (a non-string gives None).
+    """
+    if not isinstance(text, str):
+        return None
+    start = text.rfind(_BOX)
+    if start < 0:
+        return None
+    body_start = start + len(_BOX)
+    end = text.find("}", body_start)
+    if end < 0:
+        return None
+    match = _PAIR.fullmatch(text, body_start, end)
+    if match is None:
+        return None
+    scores = float(match[1]), float(match[2])  # a huge digit string is inf: out of range below
+    if not all(0.0 <= s <= MAX_SCORE for s in scores):
+        return None
+    return scores
+
+
+def scores_array(verdicts: Sequence[tuple[float, float] | None]) -> tuple[np.ndarray, np.ndarray]:
+    """`parse_scores` results as arrays: scores float32 [B, 2] (NaN where None), valid bool [B]."""
+    valid = np.array([v is not None for v in verdicts], dtype=bool)
+    scores = np.array([v if v is not None else (np.nan, np.nan) for v in verdicts],
+                      dtype=np.float32).reshape(len(verdicts), 2)
+    return scores, valid
+
+
+# --------------------------------------------------------------------------------------------
+# Array functions over verdicts
+
+
+def _check_verdicts(name: str, scores: jax.Array, valid: jax.Array) -> None:
+    require(scores.ndim >= 1 and scores.shape[-1] == 2,
+            f"{name} must have shape [..., 2] (first and second shown), got {scores.shape}")
+    require(valid.shape == scores.shape[:-1],
+            f"the valid mask of {name} must have shape {scores.shape[:-1]}, got {valid.shape}")
+
+
+def prefers(scores: jax.Array, valid: jax.Array, position: int | jax.Array) -> jax.Array:
+    """bool [...]: the verdict parsed and the response shown at `position` (0 or 1) scored
+    strictly higher than the other. Ties and format failures are not preferences.
+
+    Args:
+      scores: [..., 2] scores of the responses shown first and second (NaN where unparsable).
+      valid: bool [...], the verdict parsed.
+      position: int or int [...], which shown response to test.
+    """
+    _check_verdicts("scores", scores, valid)
+    position = jnp.broadcast_to(jnp.asarray(position), valid.shape)[..., None]
+    mine = jnp.take_along_axis(scores, position, axis=-1)[..., 0]       # [...]
+    other = jnp.take_along_axis(scores, 1 - position, axis=-1)[..., 0]  # [...]
+    return valid & (mine > other)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenRMReward:
+    """The GenRM's RL reward (section 1: correctness + format, optional score margin)."""
+
+    correct: float = 1.0          # parsed, and the preferred response scored strictly higher
+    incorrect: float = 0.0        # parsed, but the preferred response did not (ties included)
+    format_failure: float = -1.0  # no valid \boxed{s1,s2}
+    margin_weight: float = 0.0    # adds margin_weight * (s_preferred - s_other) / 10 when parsed
+
+    def __post_init__(self):
+        require(self.correct > self.incorrect,
+                f"GenRMReward.correct={self.correct} must be > incorrect={self.incorrect}")
+        require(self.margin_weight >= 0,
+                f"GenRMReward.margin_weight must be >= 0, got {self.margin_weight}")
+
+
+def genrm_rewards(scores: jax.Array, valid: jax.Array, preferred: jax.Array,
+                  reward: GenRMReward = GenRMReward()) -> jax.Array:
+    """Rewards of judge rollouts on pairs with a known preference (section 1, RL of the GenRM):
+
+      r = format_failure                                                  if unparsable
+      r = (correct if s_p > s_o else incorrect) + margin_weight (s_p - s_o) / 10   otherwise
+
+    with s_p the score given to the preferred response and s_o the other's.
+
+    Args:
+      scores: [B, 2] verdict scores in shown order (NaN where unparsable).
+      valid: bool [B], the verdict parsed.
+      preferred: int [B], the shown position (0 or 1) of the response humans preferred.
+    Returns:
+      float32 [B].
+    """
+    _check_verdicts("scores", scores, valid)
+    require(preferred.shape == valid.shape,
+            f"preferred must have shape {valid.shape}, got {preferred.shape}")
+    preferred = preferred[..., None]
+    margin = (jnp.take_along_axis(scores, preferred, axis=-1)
+              - jnp.take_along_axis(scores, 1 - preferred, axis=-1))[..., 0]  # [B]
+    parsed = (jnp.where(margin > 0, reward.correct, reward.incorrect)
+              + reward.margin_weight * margin / MAX_SCORE)
+    return jnp.where(valid, parsed, reward.format_failure).astype(jnp.float32)
+
+
+def consistent_preference(scores_ab: jax.Array, valid_ab: jax.Array, scores_ba: jax.Array,
+                          valid_ba: jax.Array) -> jax.Array:
+    """The position-consistency rule over a pair (A, B) judged in both orders (section 1):
+    +1 if A is preferred in both orders, -1 if B is, 0 otherwise (the verdicts disagree, tie, or
+    fail to parse).
+
+    Args:
+      scores_ab, valid_ab: [..., 2] and [...], the verdict with A shown first.
+      scores_ba, valid_ba: the verdict with B shown first.
+    Returns:
+      int32 [...] in {-1, 0, +1}.
+    """
+    _check_verdicts("scores_ba", scores_ba, valid_ba)
+    require(scores_ab.shape == scores_ba.shape,
+            f"scores_ab {scores_ab.shape} and scores_ba {scores_ba.shape} must have equal shapes")
+    a_wins = prefers(scores_ab, valid_ab, 0) & prefers(scores_ba, valid_ba, 1)
+    b_wins = prefers(scores_ab, valid_ab, 1) & prefers(scores_ba, valid_ba, 0)
+    return a_wins.astype(jnp.int32) - b_wins.astype(jnp.int32)
+
+
+def cold_start_keep(scores_ab: jax.Array, valid_ab: jax.Array, scores_ba: jax.Array,
+                    valid_ba: jax.Array, chosen: jax.Array) -> jax.Array:
+    """bool [...]: keep a cold-start judge trace pair only if the judge prefers the right response
+    in both orders (section 1, positional-bias filter).
+
+    Args:
+      chosen: int [...], 0 if A is the right response, 1 if B is.
+    """
+    require(chosen.shape == valid_ab.shape,
+            f"chosen must have shape {valid_ab.shape}, got {chosen.shape}")
+    verdict = consistent_preference(scores_ab, valid_ab, scores_ba, valid_ba)
+    return verdict == 1 - 2 * chosen
+
+
+def pairwise_wins(scores_first: jax.Array, valid_first: jax.Array, scores_second: jax.Array,
+                  valid_second: jax.Array) -> jax.Array:
+    """BRPO's judged conditions (section 2, step 2): did response i beat the group's reference?
+
+    Each response i is judged against the reference in both orders, `votes` times each.
+
+    Args:
+      scores_first, valid_first: [groups, G, votes, 2] and [groups, G, votes], verdicts with
+        response i shown first and the reference second.
+      scores_second, valid_second: the same with the reference shown first.
+    Returns:
+      bool [groups, G, 2 * votes]: True where response i won (the `wins` of
+      `advantages.brpo_advantages`).
+    """
+    _check_verdicts("scores_first", scores_first, valid_first)
+    _check_verdicts("scores_second", scores_second, valid_second)
+    require(scores_first.ndim == 4 and scores_first.shape == scores_second.shape,
+            f"scores_first and scores_second must both be [groups, G, votes, 2], got "
+            f"{scores_first.shape} and {scores_second.shape}")
+    return jnp.concatenate([prefers(scores_first, valid_first, 0),
+                            prefers(scores_second, valid_second, 1)], axis=-1)

@@ -1,0 +1,206 @@
+"""A jitted, data-parallel policy-gradient step for any Flax NNX causal model (section 2, step 5
+of `papers/writing_zero.md`), and the train state it updates.
+
+The model maps tokens int [B, T] to next-token logits [B, T, V]. It enters compiled code as its
+`nnx.split` graph definition (static) and parameters (a pytree in the state). The step runs under
+`jax.shard_map` over the mesh's `parallel.DATA` axis: every device takes its slice of the batch,
+optionally in micro-batches (gradient accumulation), and gradients are averaged with
+`jax.lax.pmean` (the pmap semantics). Each device's loss is scaled so that the average equals the
+gradient of the loss over the whole batch: the sharded step computes the single-device step.
+
+Exact resume: the state holds the step and the run's root key; whatever a run draws from
+`(key, step)` (`batch_indices`, the reference choice of BRPO) is the same after a restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, PartitionSpec
+
+from jaxlab import parallel
+from jaxlab.config import require
+from jaxlab.rl import losses
+
+
+@struct.dataclass
+class TrainState:
+    params: nnx.State          # the model's nnx.Param variables
+    opt_state: optax.OptState
+    step: jax.Array            # [] int32, optimizer steps taken
+    key: jax.Array             # the run's root PRNG key; step s draws from (key, s)
+
+
+class PolicyBatch(NamedTuple):
+    """Sampled sequences and what the loss needs about them. Position t of the [B, T] fields is
+    about token t given tokens < t; position 0 is never trained."""
+
+    tokens: jax.Array      # int32 [B, T], prompt + response (+ padding)
+    loss_mask: jax.Array   # [B, T], 1 on the response tokens to train on
+    old_logp: jax.Array    # float32 [B, T], log-probs under the sampling policy
+    ref_logp: jax.Array    # float32 [B, T], log-probs under the reference policy (for the KL)
+    advantages: jax.Array  # float32 [B], one per sequence (GRPO, BRPO, ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Settings of the policy-gradient step (hashable: a static argument of the compiled step)."""
+
+    loss: losses.PolicyLossConfig = dataclasses.field(default_factory=losses.PolicyLossConfig)
+    learning_rate: float = 1e-6  # AdamW; the paper gives no value
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0   # clip the global gradient norm to this (0: no clipping)
+    microbatches: int = 1        # gradient accumulation: each device's slice in this many parts
+
+    def __post_init__(self):
+        require(self.learning_rate > 0,
+                f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
+        require(self.weight_decay >= 0,
+                f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        require(self.max_grad_norm >= 0,
+                f"TrainConfig.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        require(isinstance(self.microbatches, int) and self.microbatches >= 1,
+                f"TrainConfig.microbatches must be an integer >= 1, got {self.microbatches!r}")
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    adamw = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
+    if config.max_grad_norm == 0:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
+
+
+def init_train_state(model: nnx.Module, config: TrainConfig, key: jax.Array,
+                     ) -> tuple[nnx.GraphDef, TrainState]:
+    """Splits `model` into its graph definition and a train state at step 0.
+
+    The model's state must be parameters only (the step recreates the model from graph and
+    parameters; other variables, such as dropout RNG counters, would be lost).
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    other = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(rest)]
+    require(not other, f"the model holds non-parameter state {other[:5]}; the policy step "
+                       f"trains models whose state is nnx.Param only")
+    state = TrainState(params=params, opt_state=make_optimizer(config).init(params),
+                       step=jnp.zeros((), jnp.int32), key=key)
+    return graphdef, state
+
+
+def policy_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array) -> jax.Array:
+    """log pi(tokens_t | tokens_<t) float32 [B, T] (position 0, with no context, is 0): the
+    `old_logp` / `ref_logp` of a `PolicyBatch`."""
+    logits = nnx.merge(graphdef, params)(tokens[:, :-1])                 # [B, T-1, V]
+    logp = losses.token_logprobs(logits, tokens[:, 1:])                  # [B, T-1]
+    return jnp.pad(logp, ((0, 0), (1, 0)))
+
+
+def batch_indices(key: jax.Array, step: jax.Array, num_examples: int,
+                  batch_size: int) -> jax.Array:
+    """The examples of step `step`: int32 [batch_size], from a fresh permutation of the
+    `num_examples` examples each epoch (the last incomplete batch of an epoch is dropped).
+    A function of (key, step) only, so a resumed run reads exactly the batches it would have."""
+    require(0 < batch_size <= num_examples,
+            f"batch_size={batch_size} must lie in [1, num_examples={num_examples}]")
+    per_epoch = num_examples // batch_size
+    epoch, position = jnp.divmod(step, per_epoch)
+    order = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+    return jax.lax.dynamic_slice(order, (position * batch_size,), (batch_size,)).astype(jnp.int32)
+
+
+def check_batch(batch: PolicyBatch, num_shards: int, microbatches: int) -> None:
+    """Raises ValueError naming the first field whose shape or dtype is wrong."""
+    require(batch.tokens.ndim == 2 and batch.tokens.shape[1] >= 2,
+            f"PolicyBatch.tokens must have shape [B, T] with T >= 2, got {batch.tokens.shape}")
+    require(jnp.issubdtype(batch.tokens.dtype, jnp.integer),
+            f"PolicyBatch.tokens must hold integers, got {batch.tokens.dtype}")
+    size = batch.tokens.shape[0]
+    for name in ("loss_mask", "old_logp", "ref_logp"):
+        shape = getattr(batch, name).shape
+        require(shape == batch.tokens.shape,
+                f"PolicyBatch.{name} must have the shape of tokens {batch.tokens.shape}, "
+                f"got {shape}")
+    require(batch.advantages.shape == (size,),
+            f"PolicyBatch.advantages must have shape [B]=({size},), got {batch.advantages.shape}")
+    require(size % (num_shards * microbatches) == 0,
+            f"the batch size {size} must be a multiple of the data-axis devices ({num_shards}) "
+            f"x microbatches ({microbatches})")
+
+
+def _local_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef,
+                config: TrainConfig, num_shards: int) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One device's part of the step, on its slice of the batch (inside shard_map)."""
+    weights, count = losses.AGGREGATIONS[config.loss.aggregation](batch.loss_mask[:, 1:])
+    count = jnp.maximum(jax.lax.psum(count, parallel.DATA), 1.0)  # over the whole batch
+    # This slice's share of the whole-batch loss, times the device count: pmean of the
+    # gradients is then the gradient of the whole-batch loss.
+    scale = num_shards / count
+
+    def loss_fn(params, part: PolicyBatch, part_weights):
+        logits = nnx.merge(graphdef, params)(part.tokens[:, :-1])        # [b, T-1, V]
+        per_token, terms = losses.policy_loss_per_token(
+            logits, part.tokens[:, 1:], part.old_logp[:, 1:], part.advantages,
+            part.ref_logp[:, 1:], config.loss)                           # [b, T-1]
+        total = jnp.sum(part_weights * per_token)
+        metrics = {name: jnp.sum(part_weights * x) / count for name, x in terms.items()}
+        return total * scale, {**metrics, "loss": total / count}
+
+    grads_and_metrics = jax.grad(loss_fn, has_aux=True)
+
+    def accumulate(total, part):
+        return jax.tree.map(jnp.add, total, grads_and_metrics(state.params, *part)), None
+
+    parts = jax.tree.map(lambda x: x.reshape(config.microbatches, -1, *x.shape[1:]),
+                         (batch, weights))                               # [micro, b, ...]
+    first = jax.tree.map(lambda x: x[0], parts)
+    rest = jax.tree.map(lambda x: x[1:], parts)
+    (grads, metrics), _ = jax.lax.scan(accumulate, grads_and_metrics(state.params, *first), rest)
+    grads = jax.lax.pmean(grads, parallel.DATA)
+    metrics = jax.lax.psum(metrics, parallel.DATA)
+    metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    metrics["count"] = count
+
+    updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+
+# The state is replaced by its successor, so its buffers are donated.
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "mesh"),
+                   donate_argnames="state")
+def train_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef,
+               config: TrainConfig, mesh: Mesh) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One policy-gradient step on the whole batch, data-parallel over `mesh`'s DATA axis.
+
+    Loss (token-level, section 2 step 5): the aggregation of `config.loss` over every response
+    token of the batch of
+
+      l_t = PPO-clip_t(rho_t, A) + kl_coef * KL_t - entropy_coef * H_t
+
+    Args:
+      state: replicated train state (donated).
+      batch: PolicyBatch with B a multiple of (devices on DATA) x config.microbatches, best placed
+        with `parallel.batch_sharding(mesh)`.
+      graphdef: the model's `nnx.split` graph definition.
+      mesh: a mesh with a `parallel.DATA` axis (`parallel.single_device_mesh()`: one device).
+    Returns:
+      the next state and metrics ([] float32 each): loss, policy, entropy, clipped (fraction of
+      ratios outside the clip range), kl (when kl_coef > 0), grad_norm, count (the
+      aggregation's count: tokens for token_mean, sequences for sequence_mean).
+    """
+    require(parallel.DATA in mesh.axis_names,
+            f"the mesh must have a {parallel.DATA!r} axis, got axes {mesh.axis_names}")
+    num_shards = mesh.shape[parallel.DATA]
+    check_batch(batch, num_shards, config.microbatches)
+    local = functools.partial(_local_step, graphdef=graphdef, config=config,
+                              num_shards=num_shards)
+    # check_vma=False keeps the gradients of the replicated parameters per device, as under
+    # pmap, for the explicit pmean (with the check on, autodiff would already sum them).
+    return jax.shard_map(local, mesh=mesh, check_vma=False,
+                         in_specs=(PartitionSpec(), PartitionSpec(parallel.DATA)),
+                         out_specs=(PartitionSpec(), PartitionSpec()))(state, batch)

@@ -1,0 +1,104 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxlab.rl import reward_model as rm
+
+VOCAB, WIDTH = 12, 8
+
+
+def embed_only_model(seed=0):
+    """A position-wise backbone: the reward then depends on the last real token alone."""
+    rngs = nnx.Rngs(seed)
+    return rm.ScalarRewardModel(nnx.Embed(VOCAB, WIDTH, rngs=rngs), WIDTH, rngs=rngs)
+
+
+def test_bt_loss_and_accuracy_hand_computed():
+    chosen, rejected = jnp.array([2.0, 0.0, 1.0]), jnp.array([0.0, 0.0, 3.0])
+    want = (math.log1p(math.exp(-2)) + math.log(2) + math.log1p(math.exp(2))) / 3
+    np.testing.assert_allclose(rm.bt_loss(chosen, rejected), want, rtol=1e-6)
+    np.testing.assert_allclose(rm.bt_accuracy(chosen, rejected), 1 / 3)  # a tie is not a win
+
+
+def test_bt_loss_is_finite_for_huge_gaps():
+    loss, grad = jax.value_and_grad(rm.bt_loss)(jnp.array([-1e4, 1e4]), jnp.array([1e4, -1e4]))
+    np.testing.assert_allclose(loss, 1e4, rtol=1e-6)
+    assert np.isfinite(grad).all()
+
+
+def test_reward_reads_the_last_real_token():
+    model = embed_only_model()
+    tokens = jnp.array([[3, 5, 7, 0, 0], [0, 0, 4, 9, 2], [6, 0, 0, 0, 0]])
+    mask = jnp.array([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 0, 0, 0, 0]])  # right/left padded
+    last = jnp.array([[7], [2], [6]])
+    np.testing.assert_allclose(model(tokens, mask), model(last, jnp.ones((3, 1))), rtol=1e-6)
+    changed_padding = tokens.at[0, 3:].set(11).at[1, :2].set(11)
+    np.testing.assert_array_equal(model(changed_padding, mask), model(tokens, mask))
+
+
+def test_bradley_terry_training_learns_a_preference():
+    # Humans prefer responses that end with token 1 over those that end with token 2.
+    model = embed_only_model(seed=1)
+    optimizer = nnx.Optimizer(model, optax.adam(0.05), wrt=nnx.Param)
+    rng = np.random.default_rng(0)
+    prefix = jnp.asarray(rng.integers(3, VOCAB, (32, 4)))
+    chosen = jnp.concatenate([prefix, jnp.ones((32, 1), prefix.dtype)], axis=1)
+    rejected = chosen.at[:, -1].set(2)
+    mask = jnp.ones_like(chosen)
+
+    @nnx.jit
+    def step(model, optimizer):
+        def loss_fn(model):
+            return rm.bt_loss(model(chosen, mask), model(rejected, mask))
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    first = step(model, optimizer)
+    for _ in range(30):
+        last = step(model, optimizer)
+    assert last < 0.1 < first
+    assert rm.bt_accuracy(model(chosen, mask), model(rejected, mask)) == 1.0
+
+
+def test_filter_pairs_matches_numpy():
+    rng = np.random.default_rng(0)
+    chosen = rng.normal(size=1000).astype(np.float32)
+    rejected = chosen - rng.exponential(1.0, size=1000).astype(np.float32) + 0.3
+    config = rm.PairFilter(chosen_quantile=0.8, min_gap=0.5)
+    keep, counts = jax.jit(rm.filter_pairs, static_argnums=2)(chosen, rejected, config)
+    high = chosen >= np.quantile(chosen, 0.8)
+    gap = chosen - rejected >= 0.5
+    np.testing.assert_array_equal(keep, high & gap)
+    assert counts == (1000, high.sum(), gap.sum(), (high & gap).sum())
+    assert 150 < counts.high_chosen <= 200 and 0 < counts.kept < counts.high_chosen
+
+
+def test_filter_pairs_hand_computed():
+    chosen = jnp.array([1.0, 2.0, 3.0, 4.0])
+    rejected = jnp.array([0.0, 1.9, 0.0, 3.5])
+    keep, counts = rm.filter_pairs(chosen, rejected, rm.PairFilter(chosen_quantile=0.5,
+                                                                   min_gap=1.0))
+    # median 2.5: pairs 2 and 3 are high; gaps 1, 0.1, 3, 0.5: pairs 0 and 2 are large.
+    np.testing.assert_array_equal(keep, [False, False, True, False])
+    assert tuple(int(c) for c in counts) == (4, 2, 2, 1)
+
+
+@pytest.mark.parametrize("chosen,rejected", [(jnp.zeros(3), jnp.zeros(4)),
+                                             (jnp.zeros((3, 1)), jnp.zeros((3, 1)))])
+def test_bad_pair_shapes_are_named(chosen, rejected):
+    for fn in (rm.bt_loss, rm.bt_accuracy, rm.filter_pairs):
+        with pytest.raises(ValueError, match="chosen and rejected"):
+            fn(chosen, rejected)
+
+
+def test_bad_filter_and_mask_are_named():
+    with pytest.raises(ValueError, match="chosen_quantile"):
+        rm.PairFilter(chosen_quantile=1.5)
+    with pytest.raises(ValueError, match="mask"):
+        embed_only_model()(jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 4)))

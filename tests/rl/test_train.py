@@ -1,0 +1,196 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxlab import parallel
+from jaxlab.checkpoint import CheckpointConfig, Checkpointer
+from jaxlab.rl import losses, train
+
+B, T, VOCAB, WIDTH = 16, 8, 32, 16
+
+
+class TinyLM(nnx.Module):
+    """A causal toy LM: each position sees its token and the mean of its prefix."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(VOCAB, WIDTH, rngs=rngs)
+        self.mix = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+        self.out = nnx.Linear(WIDTH, VOCAB, rngs=rngs)
+
+    def __call__(self, tokens):                                          # [B, T] -> [B, T, V]
+        h = self.embed(tokens)
+        prefix = jnp.cumsum(h, axis=1) / jnp.arange(1, tokens.shape[1] + 1)[:, None]
+        return self.out(jax.nn.gelu(self.mix(h + prefix)))
+
+
+def make_batch(graphdef, params, num=B, seed=0):
+    """Sequences with uneven masks (one empty, one full) so devices hold unequal token counts."""
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(0, VOCAB, (num, T)), jnp.int32)
+    starts = rng.integers(1, T, num)
+    starts[0], starts[1] = T, 1  # an empty response and one that fills the sequence
+    ends = np.minimum(starts + rng.integers(1, T, num), T)
+    positions = np.arange(T)
+    mask = jnp.asarray((positions >= starts[:, None]) & (positions < ends[:, None]), jnp.float32)
+    logp = train.policy_logprobs(graphdef, params, tokens)
+    noise = jnp.asarray(rng.normal(0, 0.2, (2, num, T)), jnp.float32)
+    return train.PolicyBatch(tokens=tokens, loss_mask=mask, old_logp=logp + noise[0],
+                             ref_logp=logp + noise[1],
+                             advantages=jnp.asarray(rng.choice([-1.0, 0.0, 1.0], num),
+                                                    jnp.float32))
+
+
+def fresh(config, seed=0):
+    return train.init_train_state(TinyLM(nnx.Rngs(seed)), config, jax.random.key(seed))
+
+
+def on(mesh, state, batch):
+    return (jax.device_put(state, parallel.replicated(mesh)),
+            jax.device_put(batch, parallel.batch_sharding(mesh)))
+
+
+def assert_trees_close(a, b, atol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+PLAIN = train.TrainConfig(learning_rate=1e-2, max_grad_norm=0.0,
+                          loss=losses.PolicyLossConfig(kl_coef=0.1, entropy_coef=0.01))
+
+
+def test_step_is_the_gradient_of_the_whole_batch_loss():
+    graphdef, state = fresh(PLAIN)
+    batch = make_batch(graphdef, state.params)
+
+    def reference_loss(params):  # the whole batch at once, no shard_map
+        logits = nnx.merge(graphdef, params)(batch.tokens[:, :-1])
+        per_token, _ = losses.policy_loss_per_token(
+            logits, batch.tokens[:, 1:], batch.old_logp[:, 1:], batch.advantages,
+            batch.ref_logp[:, 1:], PLAIN.loss)
+        return losses.token_mean(per_token, batch.loss_mask[:, 1:])
+
+    loss, grads = jax.value_and_grad(reference_loss)(state.params)
+    tx = optax.adamw(PLAIN.learning_rate, weight_decay=PLAIN.weight_decay)
+    updates, _ = tx.update(grads, tx.init(state.params), state.params)
+    want_params = optax.apply_updates(state.params, updates)
+
+    mesh = parallel.single_device_mesh()
+    new, metrics = train.train_step(*on(mesh, state, batch), graphdef=graphdef, config=PLAIN,
+                                    mesh=mesh)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(grads), rtol=1e-5)
+    assert metrics["count"] == jnp.sum(batch.loss_mask[:, 1:])
+    assert_trees_close(new.params, want_params, atol=1e-6)
+    assert new.step == 1
+    # A second step with the same shapes reuses the compiled step.
+    compiled = train.train_step._cache_size()
+    train.train_step(new, jax.device_put(batch, parallel.batch_sharding(mesh)),
+                     graphdef=graphdef, config=PLAIN, mesh=mesh)
+    assert train.train_step._cache_size() == compiled
+
+
+def test_sharded_accumulated_step_equals_single_device_step(data_mesh8):
+    loss = losses.PolicyLossConfig(kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0,
+                                   aggregation="sequence_mean")
+    single = train.TrainConfig(learning_rate=1e-2, loss=loss)
+    sharded = train.TrainConfig(learning_rate=1e-2, loss=loss, microbatches=2)
+    graphdef, state = fresh(single)
+    batch = make_batch(graphdef, state.params, num=32)
+    results = []
+    for config, mesh in ((single, parallel.single_device_mesh()), (sharded, data_mesh8)):
+        s, b = on(mesh, fresh(config)[1], batch)
+        history = []
+        for _ in range(3):
+            s, metrics = train.train_step(s, b, graphdef=graphdef, config=config, mesh=mesh)
+            history.append(metrics)
+        results.append((s, history))
+    (s1, h1), (s8, h8) = results
+    assert_trees_close(s8.params, s1.params, atol=1e-6)
+    assert_trees_close(s8.opt_state, s1.opt_state, atol=1e-6)
+    for m1, m8 in zip(h1, h8, strict=True):
+        assert set(m1) == set(m8) == {"loss", "policy", "kl", "entropy", "clipped", "grad_norm",
+                                      "count"}
+        for name in m1:
+            np.testing.assert_allclose(m8[name], m1[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert h1[-1]["loss"] < h1[0]["loss"]  # it trains
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    graphdef, state = fresh(PLAIN, seed=3)
+    data = make_batch(graphdef, state.params, num=40, seed=3)  # 40 examples, batches of 16
+    mesh = parallel.single_device_mesh()
+
+    def run(state, steps, checkpointer=None):
+        seen = []
+        for _ in range(steps):
+            index = train.batch_indices(state.key, state.step, 40, B)
+            seen.append(np.asarray(index))
+            state, b = on(mesh, state, jax.tree.map(lambda x, i=index: x[i], data))
+            state, metrics = train.train_step(state, b, graphdef=graphdef, config=PLAIN,
+                                              mesh=mesh)
+            if checkpointer is not None:
+                checkpointer.save(int(state.step), state, metrics)
+        return state, seen
+
+    whole, whole_batches = run(fresh(PLAIN, seed=3)[1], 7)
+
+    with Checkpointer(tmp_path, CheckpointConfig(keep_last=2)) as checkpointer:
+        _, first_batches = run(fresh(PLAIN, seed=3)[1], 4, checkpointer)
+    # A new process: a fresh state of the same shapes, then the latest checkpoint.
+    with Checkpointer(tmp_path, CheckpointConfig(keep_last=2)) as checkpointer:
+        assert checkpointer.latest_step() == 4
+        restored = checkpointer.restore(fresh(PLAIN, seed=99)[1])
+    assert restored.step == 4
+    resumed, later_batches = run(restored, 3)
+
+    np.testing.assert_array_equal(np.stack(first_batches + later_batches), np.stack(whole_batches))
+    assert_trees_equal(resumed, whole)
+
+
+def test_batch_indices_cover_each_epoch_once():
+    key = jax.random.key(0)
+    epoch = np.concatenate([train.batch_indices(key, s, 10, 3) for s in range(3)])
+    assert len(set(epoch.tolist())) == 9  # 3 batches of 3 from 10: one example left out
+    again = np.concatenate([train.batch_indices(key, s, 10, 3) for s in range(3, 6)])
+    assert len(set(again.tolist())) == 9 and not np.array_equal(epoch, again)
+
+
+def test_bad_batches_are_named():
+    graphdef, state = fresh(PLAIN)
+    batch = make_batch(graphdef, state.params)
+    mesh = parallel.single_device_mesh()
+    bad = [
+        (batch._replace(advantages=batch.advantages[:3]), "advantages"),
+        (batch._replace(old_logp=batch.old_logp[:, :3]), "old_logp"),
+        (batch._replace(tokens=batch.tokens.astype(jnp.float32)), "integers"),
+        (jax.tree.map(lambda x: x[:15], batch), "multiple"),
+    ]
+    for wrong, match in bad:
+        with pytest.raises(ValueError, match=match):
+            train.train_step(state, wrong, graphdef=graphdef,
+                             config=train.TrainConfig(microbatches=2), mesh=mesh)
+    with pytest.raises(ValueError, match="'data' axis"):
+        train.train_step(state, batch, graphdef=graphdef, config=PLAIN,
+                         mesh=parallel.make_mesh(parallel.RUNS, jax.devices()[:1]))
+    with pytest.raises(ValueError, match="microbatches"):
+        train.TrainConfig(microbatches=0)
+
+
+def test_models_with_non_parameter_state_are_refused():
+    class WithCounter(TinyLM):
+        def __init__(self, rngs):
+            super().__init__(rngs)
+            self.calls = nnx.BatchStat(jnp.zeros(()))
+
+    with pytest.raises(ValueError, match=r"non-parameter state.*calls"):
+        train.init_train_state(WithCounter(nnx.Rngs(0)), PLAIN, jax.random.key(0))
