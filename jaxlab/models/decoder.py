@@ -171,7 +171,7 @@ class KVCache:
     values: jax.Array     # [L, B, S, K, D]
     valid: jax.Array      # [B, S] bool, slot holds a real token
     positions: jax.Array  # [B] int32, position of each row's next token (= real tokens so far)
-    index: jax.Array      # [] int32, next slot to write (the same for every row)
+    index: jax.Array      # [B] int32, each row's next slot to write
 
     @property
     def size(self) -> int:
@@ -215,9 +215,11 @@ class Attention(nnx.Module):
         self.config = c
 
     def __call__(self, x, cos, sin, keys, values, index, visible):
-        """x [B, T, E]; keys/values [B, S, K, D] (this layer's cache); visible [B, T, S] bool.
+        """x [B, T, E]; keys/values [B, S, K, D] (this layer's cache); index [B]; visible
+        [B, T, S] bool.
 
-        Writes the new keys/values at slots index..index+T-1 and attends to the visible slots:
+        Writes row b's new keys/values at slots index[b]..index[b]+T-1 and attends to the visible
+        slots:
         softmax(q k^T / sqrt(D)) v per head, query head h reading key/value head h // (H / K).
         Returns (out [B, T, E], keys, values).
         """
@@ -229,8 +231,7 @@ class Attention(nnx.Module):
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, index, 0, 0))
-        values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, index, 0, 0))
+        keys, values = _write_rows(keys, k, index), _write_rows(values, v, index)
         groups = c.num_heads // c.num_kv_heads
         q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype),
@@ -239,6 +240,12 @@ class Attention(nnx.Module):
         weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", weights, values.astype(q.dtype))
         return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), keys, values
+
+
+def _write_rows(cache, new, index):
+    """cache [B, S, K, D] with row b's new [T, K, D] written at slots index[b]..index[b]+T-1."""
+    write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (i, 0, 0)))
+    return write(cache, new.astype(cache.dtype), index)
 
 
 class MLP(nnx.Module):
@@ -321,11 +328,13 @@ class Decoder(nnx.Module):
         return self._run(input_ids, positions, cache)
 
     def decode(self, tokens, cache: KVCache):
-        """One new token per row (tokens int [B]) at slot cache.index: (logits [B, V], cache)."""
+        """One new token per row (tokens int [B]) at slots cache.index: (logits [B, V], cache)."""
         self._check_tokens(tokens)
         if not isinstance(cache.index, jax.core.Tracer):
-            require(int(cache.index) < cache.size, f"the cache is full ({cache.size} slots)")
-        cache = cache.replace(valid=cache.valid.at[:, cache.index].set(True),
+            require(int(jnp.max(cache.index)) < cache.size,
+                    f"the cache is full ({cache.size} slots)")
+        rows = jnp.arange(tokens.shape[0])
+        cache = cache.replace(valid=cache.valid.at[rows, cache.index].set(True),
                               positions=cache.positions + 1)
         logits, cache = self._run(tokens[:, None], (cache.positions - 1)[:, None], cache)
         return logits[:, 0], cache
@@ -335,17 +344,18 @@ class Decoder(nnx.Module):
         shape = (c.num_layers, batch, size, c.num_kv_heads, c.head_dim)
         return KVCache(keys=jnp.zeros(shape, c.dtype), values=jnp.zeros(shape, c.dtype),
                        valid=jnp.zeros((batch, size), bool),
-                       positions=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32))
+                       positions=jnp.zeros((batch,), jnp.int32),
+                       index=jnp.zeros((batch,), jnp.int32))
 
     # ---------------------------------------------------------------- internals
 
     def _run(self, input_ids, positions, cache: KVCache):
-        """input_ids [B, T] at positions [B, T], written at slots index..index+T-1 of a cache
-        whose `valid` already marks them; returns (logits float32 [B, T, V], cache)."""
+        """input_ids [B, T] at positions [B, T], written at slots index[b]..index[b]+T-1 of a
+        cache whose `valid` already marks them; returns (logits float32 [B, T, V], cache)."""
         t = input_ids.shape[1]
         slots = jnp.arange(cache.size)
-        new_slots = cache.index + jnp.arange(t)                                   # [T]
-        visible = cache.valid[:, None, :] & (slots[None, None, :] <= new_slots[None, :, None])
+        new_slots = cache.index[:, None] + jnp.arange(t)                          # [B, T]
+        visible = cache.valid[:, None, :] & (slots[None, None, :] <= new_slots[:, :, None])
         inv_freq = jnp.asarray(self.config.rope.inv_freq(self.config.head_dim), jnp.float32)
         angles = positions[..., None].astype(jnp.float32) * inv_freq             # [B, T, D/2]
         angles = jnp.concatenate([angles, angles], axis=-1)

@@ -1,0 +1,131 @@
+"""DeepConf's confidence measures (Fu et al. 2025, section 1 of `papers/deepconf.md`), pure.
+
+Token confidence C_i is computed from the raw logits of step i; the sliding-window group
+confidence is kept incrementally while decoding (`GroupWindow`, O(1) per token); trace statistics
+(mean, lowest group, bottom-q% groups, tail) are computed offline from stored token confidences.
+Shapes: B traces, T tokens, V vocabulary, W window.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+def token_confidence(logits: jax.Array, k: int = 20) -> jax.Array:
+    """C_i = -(1/k) sum_{j=1..k} log P_i(j) over the k most likely tokens of the full
+    distribution P_i = softmax(raw logits) (before temperature or truncation).
+
+    Larger is more confident: a peaked distribution puts very negative log-probs on ranks 2..k.
+
+    Args:
+      logits: [..., V] (any float dtype; computed in float32).
+    Returns:
+      float32 [...].
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jax.lax.top_k(logp, k)[0], axis=-1)
+
+
+@struct.dataclass
+class GroupWindow:
+    """The last W token confidences of each trace in a ring buffer, with their running sum."""
+
+    ring: jax.Array   # float32 [B, W]; slot t % W holds C_t
+    total: jax.Array  # float32 [B], sum of the ring's filled slots
+    count: jax.Array  # int32 [B], tokens pushed so far
+
+    @classmethod
+    def create(cls, batch: int, window: int) -> GroupWindow:
+        return cls(ring=jnp.zeros((batch, window), jnp.float32),
+                   total=jnp.zeros((batch,), jnp.float32), count=jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def size(self) -> int:
+        return self.ring.shape[1]
+
+    @property
+    def full(self) -> jax.Array:
+        """bool [B]: at least W tokens pushed, so the group is a whole window."""
+        return self.count >= self.size
+
+    @property
+    def mean(self) -> jax.Array:
+        """float32 [B]: the group confidence, mean of the last min(count, W) tokens (the running
+        mean while the trace is shorter than the window; 0 before any token)."""
+        return self.total / jnp.maximum(jnp.minimum(self.count, self.size), 1)
+
+    def push(self, confidence: jax.Array, active: jax.Array) -> GroupWindow:
+        """Appends C [B] to the traces where `active` [B]: total += C_t - C_{t-W}."""
+        rows = jnp.arange(self.ring.shape[0])
+        slot = self.count % self.size
+        evicted = jnp.where(self.full, self.ring[rows, slot], 0.0)
+        confidence = confidence.astype(jnp.float32)
+        return GroupWindow(
+            ring=jnp.where(active[:, None] & (jnp.arange(self.size) == slot[:, None]),
+                           confidence[:, None], self.ring),
+            total=jnp.where(active, self.total + confidence - evicted, self.total),
+            count=self.count + active.astype(jnp.int32))
+
+    def reset(self, rows: jax.Array) -> GroupWindow:
+        """Empties the windows of the traces where `rows` [B] is True."""
+        return GroupWindow(ring=jnp.where(rows[:, None], 0.0, self.ring),
+                           total=jnp.where(rows, 0.0, self.total),
+                           count=jnp.where(rows, 0, self.count))
+
+
+# --------------------------------------------------------------------------------------------
+# Offline trace statistics
+
+
+def _window_means(confidence: jax.Array, lengths: jax.Array, window: int):
+    """Means of every full window inside each trace: (means [B, T], valid [B, T]); entry t is the
+    window ending at token t. A trace shorter than the window has one group, its overall mean,
+    stored at its last token."""
+    b, t = confidence.shape
+    inside = jnp.arange(t) < lengths[:, None]
+    csum = jnp.cumsum(jnp.where(inside, confidence, 0.0), axis=1)              # [B, T]
+    before = jnp.pad(csum, ((0, 0), (window, 0)))[:, :t]                       # csum[t - W]
+    means = (csum - before) / window
+    valid = inside & (jnp.arange(t) >= window - 1)
+    short = lengths < window
+    last = jnp.maximum(lengths - 1, 0)
+    overall = csum[jnp.arange(b), last] / jnp.maximum(lengths, 1)
+    is_last = jnp.arange(t) == last[:, None]
+    means = jnp.where(short[:, None] & is_last, overall[:, None], means)
+    valid = jnp.where(short[:, None], is_last & (lengths[:, None] > 0), valid)
+    return means, valid
+
+
+def mean_confidence(confidence: jax.Array, lengths: jax.Array) -> jax.Array:
+    """float32 [B]: the average trace confidence, mean of C_i over each trace's tokens."""
+    inside = jnp.arange(confidence.shape[1]) < lengths[:, None]
+    return jnp.sum(jnp.where(inside, confidence, 0.0), axis=1) / jnp.maximum(lengths, 1)
+
+
+def lowest_group_confidence(confidence: jax.Array, lengths: jax.Array,
+                            window: int) -> jax.Array:
+    """float32 [B]: min over the sliding windows (stride 1) of the window mean."""
+    means, valid = _window_means(confidence, lengths, window)
+    return jnp.min(jnp.where(valid, means, jnp.inf), axis=1)
+
+
+def bottom_group_confidence(confidence: jax.Array, lengths: jax.Array, window: int,
+                            fraction: float = 0.1) -> jax.Array:
+    """float32 [B]: mean of the lowest ceil(fraction x #windows) window means."""
+    means, valid = _window_means(confidence, lengths, window)
+    ordered = jnp.sort(jnp.where(valid, means, jnp.inf), axis=1)               # [B, T]
+    count = jnp.sum(valid, axis=1)
+    # ceil, guarded against float32 rounding just above an integer (0.1 * 30 -> 3.0000002)
+    keep = jnp.maximum(jnp.ceil(fraction * count - 1e-4), 1).astype(jnp.int32)  # [B]
+    chosen = jnp.arange(ordered.shape[1]) < keep[:, None]
+    return jnp.sum(jnp.where(chosen, ordered, 0.0), axis=1) / keep
+
+
+def tail_confidence(confidence: jax.Array, lengths: jax.Array, tail: int = 2048) -> jax.Array:
+    """float32 [B]: mean of C_i over the last min(tail, length) tokens."""
+    position = jnp.arange(confidence.shape[1])
+    inside = (position < lengths[:, None]) & (position >= lengths[:, None] - tail)
+    count = jnp.maximum(jnp.minimum(lengths, tail), 1)
+    return jnp.sum(jnp.where(inside, confidence, 0.0), axis=1) / count

@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxlab.sampling import confidence as cf
+
+
+def _np_token_confidence(logits, k):
+    z = logits - logits.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return -np.sort(logp, axis=-1)[..., ::-1][..., :k].mean(-1)
+
+
+def test_token_confidence_matches_numpy_and_orders_peakedness():
+    logits = np.random.default_rng(0).normal(size=(3, 5, 50)).astype(np.float32)
+    np.testing.assert_allclose(cf.token_confidence(logits, 20), _np_token_confidence(logits, 20),
+                               rtol=1e-5)
+    flat, peaked = np.zeros((1, 50)), np.zeros((1, 50))
+    peaked[0, 0] = 10.0
+    assert cf.token_confidence(peaked, 5)[0] > cf.token_confidence(flat, 5)[0]
+    # A uniform distribution over V tokens: every log-prob is -log V.
+    np.testing.assert_allclose(cf.token_confidence(flat, 5), [np.log(50)], rtol=1e-6)
+
+
+def _windows(c, length, w):
+    """Reference: every stride-1 window of a trace, or its overall mean when shorter."""
+    c = c[:length]
+    if length < w:
+        return [c.mean()]
+    return [c[i - w + 1:i + 1].mean() for i in range(w - 1, length)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 30), min_size=1, max_size=4), window=st.integers(1, 8),
+       data=st.data())
+def test_offline_statistics_match_numpy(lengths, window, data):
+    t = max(lengths)
+    rng = np.random.default_rng(data.draw(st.integers(0, 1000)))
+    c = rng.uniform(5, 20, size=(len(lengths), t)).astype(np.float32)
+    lengths = np.array(lengths)
+    for b, length in enumerate(lengths):
+        groups = np.sort(_windows(c[b], length, window))
+        np.testing.assert_allclose(cf.lowest_group_confidence(c, lengths, window)[b],
+                                   groups[0], rtol=1e-5)
+        keep = max(int(np.ceil(0.25 * len(groups) - 1e-9)), 1)
+        np.testing.assert_allclose(cf.bottom_group_confidence(c, lengths, window, 0.25)[b],
+                                   groups[:keep].mean(), rtol=1e-5)
+        np.testing.assert_allclose(cf.tail_confidence(c, lengths, 5)[b],
+                                   c[b, max(0, length - 5):length].mean(), rtol=1e-5)
+        np.testing.assert_allclose(cf.mean_confidence(c, lengths)[b], c[b, :length].mean(),
+                                   rtol=1e-5)
+
+
+def test_group_window_is_the_running_then_sliding_mean():
+    rng = np.random.default_rng(1)
+    c = rng.uniform(0, 10, size=(2, 12)).astype(np.float32)
+    active = np.ones((2, 12), bool)
+    active[1, 4:7] = False  # row 1 pauses: its window must not move
+    window = cf.GroupWindow.create(2, 4)
+    seen = [[], []]
+    for t in range(12):
+        window = window.push(c[:, t], active[:, t])
+        for b in range(2):
+            if active[b, t]:
+                seen[b].append(c[b, t])
+            np.testing.assert_allclose(window.mean[b], np.mean(seen[b][-4:]), rtol=1e-5)
+            assert bool(window.full[b]) == (len(seen[b]) >= 4)
+    window = window.reset(np.array([True, False]))
+    assert window.mean[0] == 0 and window.count[0] == 0 and window.count[1] == 9
+
+
+@pytest.mark.parametrize("fraction,count,keep", [(0.1, 30, 3), (0.1, 10, 1), (0.5, 3, 2)])
+def test_bottom_fraction_counts_windows_exactly(fraction, count, keep):
+    # count windows of size 1 with values 0..count-1: the bottom mean is mean(0..keep-1).
+    c = np.arange(count, dtype=np.float32)[None]
+    got = cf.bottom_group_confidence(c, np.array([count]), 1, fraction)
+    np.testing.assert_allclose(got, [np.mean(np.arange(keep))])

@@ -1,0 +1,183 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab.models import hf_decoder, zoo
+from jaxlab.sampling import confidence as cf
+from jaxlab.sampling import sampler
+from jaxlab.sampling.sampler import SamplingConfig
+
+PROMPTS = [[5, 9, 17, 3, 44], [7, 8], [100, 200, 300]]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return hf_decoder.load_pretrained(zoo.create("qwen3", tmp_path_factory.mktemp("q3")))
+
+
+def _full_logits(model, prompt, tokens):
+    ids = jnp.asarray([list(prompt) + list(tokens)])
+    return np.asarray(model(ids))[0, len(prompt) - 1: len(prompt) + len(tokens) - 1]
+
+
+def test_in_loop_confidence_equals_full_forward_reference(model):
+    config = SamplingConfig(max_new_tokens=12, n=2, window=4, temperature=1.0)
+    s = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(0), config))
+    for i in range(len(s.lengths)):
+        length = s.lengths[i]
+        tokens = s.tokens[i, :length]
+        logits = _full_logits(model, PROMPTS[s.prompt_index[i]], tokens)
+        z = logits - logits.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        conf = -np.sort(logp, axis=-1)[:, ::-1][:, :20].mean(-1)
+        np.testing.assert_allclose(s.confidence[i, :length], conf, rtol=1e-4)
+        np.testing.assert_allclose(s.logprobs[i, :length], logp[np.arange(length), tokens],
+                                   atol=1e-4)
+        groups = [conf[max(0, t - 3):t + 1].mean() for t in range(length)]
+        np.testing.assert_allclose(s.group_confidence[i, :length], groups, rtol=1e-4)
+        np.testing.assert_allclose(s.tail_confidence[i], conf[-4:].mean(), rtol=1e-4)
+        want_lowest = cf.lowest_group_confidence(conf[None], np.array([length]), 4)[0]
+        np.testing.assert_allclose(s.lowest_group_confidence[i], want_lowest, rtol=1e-4)
+    assert (s.lengths == 12).all() and (s.finish_reason == sampler.LENGTH).all()
+    np.testing.assert_array_equal(s.prompt_index, [0, 0, 1, 1, 2, 2])
+
+
+def test_early_stop_fires_exactly_when_the_full_window_drops_below_threshold(model):
+    # The threshold splits the traces of an unstopped run (same key, so the same traces up to
+    # their stop): the median of their lowest full-window group confidences.
+    window, base = 3, dict(max_new_tokens=20, n=4, window=3, temperature=1.0)
+    free = sampler.sample(model, PROMPTS, jax.random.key(1), SamplingConfig(**base))
+    threshold = float(np.median(free.lowest_group_confidence))
+    config = SamplingConfig(stop_threshold=threshold, **base)
+    s = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(1), config))
+    reasons = set()
+    for i in range(len(s.lengths)):
+        groups = s.group_confidence[i, :s.lengths[i]]
+        below = [t for t in range(len(groups)) if t >= window - 1 and groups[t] < threshold]
+        if s.finish_reason[i] == sampler.LOW_CONFIDENCE:
+            assert below and below[0] == s.lengths[i] - 1  # stopped at the first full-window dip
+        else:
+            assert not below and s.lengths[i] == 20
+        reasons.add(int(s.finish_reason[i]))
+    assert reasons == {sampler.LENGTH, sampler.LOW_CONFIDENCE}  # the test exercises both
+
+
+def test_refill_spends_exactly_the_budget_and_returns_every_trace_once(model):
+    config = SamplingConfig(max_new_tokens=10, n=2, budget=5, window=2, stop_threshold=5.875,
+                            temperature=1.0)
+    s = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(2), config))
+    assert s.tokens.shape == (15, 10)
+    np.testing.assert_array_equal(np.bincount(s.prompt_index), [5, 5, 5])
+    assert (s.lengths >= 1).all() and (s.finish_reason != 0).all()
+    # Slots restart as traces finish: fewer steps than 5 rounds of 2 slots each run to the end,
+    # and at least as many as the longest chain of traces a slot could hold.
+    assert s.steps < 3 * 10 and s.steps >= 10
+    # Each trace is a proper sample of its prompt: tokens past its length are untouched.
+    for i in range(15):
+        assert not s.tokens[i, s.lengths[i]:].any()
+
+
+def test_refill_turns_early_stops_into_fewer_steps(model):
+    base = dict(max_new_tokens=16, window=2, stop_threshold=5.875, temperature=1.0)
+    all_at_once = sampler.sample(model, PROMPTS, jax.random.key(3),
+                                 SamplingConfig(n=8, **base))
+    refilled = sampler.sample(model, PROMPTS, jax.random.key(3),
+                              SamplingConfig(n=2, budget=8, **base))
+    assert refilled.tokens.shape == all_at_once.tokens.shape
+    # Same traces' worth of work with a quarter of the slots: the loop needs more steps than one
+    # round but far fewer than four rounds of full-length traces.
+    assert int(all_at_once.steps) <= 16 < int(refilled.steps) < 4 * 16
+
+
+def test_greedy_equals_argmax_decoding(model):
+    config = SamplingConfig(max_new_tokens=10, temperature=0.0)
+    s = jax.device_get(sampler.sample(model, PROMPTS[:1], jax.random.key(0), config))
+    prompt = list(PROMPTS[0])
+    for _ in range(10):
+        prompt.append(int(np.argmax(np.asarray(model(jnp.asarray([prompt])))[0, -1])))
+    np.testing.assert_array_equal(s.tokens[0], prompt[5:])
+
+
+def test_same_key_same_output_and_stop_ids_end_traces(model):
+    config = SamplingConfig(max_new_tokens=15, n=3, temperature=1.0)
+    a = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(4), config))
+    b = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(4), config))
+    c = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(5), config))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert (a.tokens != c.tokens).any()
+    stop = int(a.tokens[0, 4])  # a token the first trace emits at step 5
+    s = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(4),
+                                      SamplingConfig(max_new_tokens=15, n=3, temperature=1.0,
+                                                     stop_ids=(stop,))))
+    first = list(a.tokens[0]).index(stop)
+    assert s.lengths[0] == first + 1 and s.finish_reason[0] == sampler.STOP
+    for i in range(len(s.lengths)):
+        assert stop not in s.tokens[i, :s.lengths[i] - 1]
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.5), (8, 0.7)])
+def test_top_k_and_top_p_never_leave_the_allowed_set(top_k, top_p):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 64)).astype(np.float32) * 2
+    config = SamplingConfig(temperature=0.8, top_k=top_k, top_p=top_p)
+    allowed = []
+    for row in logits / 0.8:
+        order = np.argsort(-row)
+        keep = order[:top_k] if top_k else order
+        probs = np.exp(row[keep] - row[keep].max())
+        probs /= probs.sum()
+        before = np.cumsum(probs) - probs
+        allowed.append(set(keep[before < top_p].tolist()))
+    draws = jax.vmap(lambda k: sampler.next_tokens(jnp.asarray(logits), k, config))(
+        jax.random.split(jax.random.key(0), 400))
+    for b in range(4):
+        seen = set(np.asarray(draws[:, b]).tolist())
+        assert seen <= allowed[b]
+        assert len(seen) == len(allowed[b])  # 400 draws reach every allowed token here
+
+
+def test_sharded_sampling_equals_single_device(model, data_mesh8):
+    config = SamplingConfig(max_new_tokens=8, n=8, budget=10, window=2, stop_threshold=5.875,
+                            temperature=1.0)
+    one = jax.device_get(sampler.sample(model, PROMPTS[:2], jax.random.key(6), config))
+    many = jax.device_get(sampler.sample(model, PROMPTS[:2], jax.random.key(6), config,
+                                         mesh=data_mesh8))
+    np.testing.assert_array_equal(one.tokens, many.tokens)
+    np.testing.assert_array_equal(one.lengths, many.lengths)
+    np.testing.assert_allclose(one.confidence, many.confidence, rtol=1e-5)
+
+
+def test_no_recompilation_for_the_same_shapes(model):
+    config = SamplingConfig(max_new_tokens=6, n=2, temperature=1.0)
+    sampler.sample(model, PROMPTS, jax.random.key(7), config)
+    before = sampler._decode._cache_size(), sampler._prefill._cache_size()
+    other = [[1, 2, 3, 4, 5], [9], [4, 4]]  # same padded length
+    sampler.sample(model, other, jax.random.key(8), config)
+    assert (sampler._decode._cache_size(), sampler._prefill._cache_size()) == before
+
+
+def test_kv_cache_bytes_counts_keys_and_values(model):
+    c = model.config
+    config = SamplingConfig(max_new_tokens=10, n=4)
+    want = 2 * c.num_layers * 3 * 4 * (5 + 10) * c.num_kv_heads * c.head_dim * 4
+    assert sampler.kv_cache_bytes(model, 3, 5, config) == want
+
+
+@pytest.mark.parametrize("prompts,config,match", [
+    ([[1], []], SamplingConfig(), "empty"),
+    ([[1]], SamplingConfig(max_new_tokens=50000), "max_position_embeddings"),
+    ([[1]], SamplingConfig(confidence_k=1000), "confidence_k=1000"),
+    ([[1]], SamplingConfig(stop_ids=(600,)), "stop_ids"),
+    ([[1, 9999]], SamplingConfig(), "token id 9999"),
+])
+def test_bad_requests_are_refused_before_compiling(model, prompts, config, match):
+    with pytest.raises(ValueError, match=match):
+        sampler.sample(model, prompts, jax.random.key(0), config)
+
+
+@pytest.mark.parametrize("field,value", [("top_p", 0.0), ("top_p", 1.5), ("temperature", -1.0),
+                                          ("window", 0), ("n", 0), ("top_k", -1)])
+def test_bad_settings_are_named(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingConfig(**{field: value})
