@@ -32,7 +32,7 @@ SIZES = {
                 overrides=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                                num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                                vocab_size=8192)),
-    "gpu": dict(size="0.6b", dtype="bfloat16", prompt=128, overrides={}),
+    "gpu": dict(size="released", dtype="bfloat16", prompt=128, overrides={}),
 }
 
 

@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors import safe_open
 
-from jaxlab.models.decoder import Decoder, DecoderConfig
+from jaxlab.models.decoder import FAMILIES, Decoder, DecoderConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -67,7 +67,11 @@ def load_config(path: str | pathlib.Path, *, dtype: str = "float32",
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json (a local Hugging Face model folder "
                               f"is needed)")
-    hf = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        hf = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError, OSError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: transformers cannot read it ({e}); "
+                              f"supported model types: {FAMILIES}") from None
     try:
         return DecoderConfig.from_hf(hf, param_dtype=dtype, dtype=activation_dtype)
     except ValueError as e:
@@ -87,7 +91,7 @@ def _tensor_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
     single = path / "model.safetensors"
     if not single.is_file():
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    with safe_open(single, framework="flax") as f:
+    with safe_open(single, framework="numpy") as f:
         return dict.fromkeys(f.keys(), single)
 
 
@@ -133,7 +137,7 @@ def load_pretrained(path: str | pathlib.Path, *, dtype: str = "float32",
         name, transposed = targets[ours]
         if name not in files:
             continue
-        with safe_open(files[name], framework="flax") as f:
+        with safe_open(files[name], framework="numpy") as f:
             view = f.get_slice(name)
             shape = tuple(view.get_shape())
             file_dtype = view.get_dtype()
@@ -161,16 +165,15 @@ def _read(file: pathlib.Path, name: str, transposed: bool, shape, dtype, shardin
     """One tensor as a jax.Array of `dtype`; with a sharding, each device reads only its slice."""
 
     def host(index=None) -> np.ndarray:
-        with safe_open(file, framework="flax") as f:
+        with safe_open(file, framework="numpy") as f:  # bfloat16 through ml_dtypes
             if index is None:
                 array = f.get_tensor(name)
             else:  # our index is on the transposed tensor when the file stores [out, in]
                 array = f.get_slice(name)[index[::-1] if transposed else index]
-        array = np.asarray(array)
-        return (array.T if transposed else array).astype(dtype)
+        return (array.T if transposed else array).astype(dtype, copy=False)
 
     if sharding is None:
-        return jnp.asarray(host())
+        return jax.device_put(host())
     return jax.make_array_from_callback(shape, sharding, host)
 
 
@@ -209,13 +212,20 @@ def _state_tensors(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
         yield name, np.ascontiguousarray(array.T if transposed else array)
 
 
-def save_pretrained(model: Decoder, path: str | pathlib.Path) -> None:
-    """Writes config.json and model.safetensors that transformers' `from_pretrained` loads."""
+def save_pretrained(model: Decoder, path: str | pathlib.Path, **config_fields) -> None:
+    """Writes config.json and model.safetensors that transformers' `from_pretrained` loads.
+
+    `config_fields` go into config.json as well (e.g. eos_token_id=..., bos_token_id=...).
+    A sharded checkpoint's index left in the folder is removed, so the folder loads what was
+    written.
+    """
     from safetensors.flax import save_file
 
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(_hf_config_dict(model.config), indent=2) + "\n")
+    (path / "model.safetensors.index.json").unlink(missing_ok=True)
+    config = {**_hf_config_dict(model.config), **config_fields}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file({name: jnp.asarray(array) for name, array in _state_tensors(model)},
               str(path / "model.safetensors"), metadata={"format": "pt"})
 

@@ -2,7 +2,8 @@
 
 Each family starts from the config of a released model and keeps its architectural choices
 (RoPE theta and scaling, q/k norms, biases, tied embeddings, grouped-query attention); sizes are
-overridden: "tiny" for tests, "0.6b" keeps the released Qwen3-0.6B shape for benchmarks.
+overridden: "tiny" for tests; "released" keeps the released shape (Qwen3-0.6B, Qwen2.5-0.5B,
+Llama-3.2-1B) for benchmarks.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ RELEASED = {
 SIZES = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-    "0.6b": {},
+    "released": {},
 }
 
 

@@ -163,6 +163,7 @@ def _edit_config(src, dst, **changes):
 
 @pytest.mark.parametrize("changes,match", [
     (dict(model_type="gpt2"), "model_type"),
+    (dict(model_type="nonexistent-arch"), "supported model types"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}), "yarn"),
 ])
@@ -265,3 +266,14 @@ def test_rope_frequencies_match_transformers(rope):
         theirs, _ = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, "cpu")
     ours = hf_decoder.DecoderConfig.from_hf(config).rope.inv_freq(64)
     np.testing.assert_allclose(ours, np.asarray(theirs), rtol=1e-6)
+
+
+def test_save_replaces_a_sharded_checkpoint_and_keeps_extra_fields(qwen3_folder, tmp_path):
+    model = hf_decoder.load_pretrained(qwen3_folder)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "old.safetensors"}}))
+    hf_decoder.save_pretrained(model, tmp_path, eos_token_id=7)
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == 7
+    ids = jnp.asarray(_ids(1, 5))
+    np.testing.assert_array_equal(hf_decoder.load_pretrained(tmp_path)(ids), model(ids))

@@ -1,0 +1,91 @@
+"""A synthetic multi-step reasoning task a small model can learn, imperfectly, on a CPU.
+
+A problem sums a few two-digit numbers; the solution writes every partial sum and ends in a boxed
+answer, as reasoning models do:
+
+    prompt:    "Q: 37+48+19\\nA:"
+    solution:  " 37+48=85, 85+19=104. \\boxed{104}"
+
+Text is tokenized one character per token with a fixed vocabulary (`char_tokenizer` builds a
+Hugging Face fast tokenizer for it, saved with the model so that any tool can read both).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import numpy as np
+
+from jaxlab.config import require
+
+PAD, EOS = "<pad>", "<eos>"
+CHARS = list("0123456789+=,.: \nQA\\boxed{}")
+VOCAB = [PAD, EOS, *dict.fromkeys(CHARS)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    id: str
+    prompt: str
+    answer: str
+    solution: str  # a worked solution (training target)
+
+
+def make_problem(rng: np.random.Generator, terms: int, index: int) -> Problem:
+    """One problem with `terms` two-digit numbers and its step-by-step solution."""
+    numbers = rng.integers(10, 100, terms).tolist()
+    steps, total = [], numbers[0]
+    for x in numbers[1:]:
+        steps.append(f"{total}+{x}={total + x}")
+        total += x
+    return Problem(id=f"sum{terms}-{index}", prompt=f"Q: {'+'.join(map(str, numbers))}\nA:",
+                   answer=str(total), solution=f" {', '.join(steps)}. \\boxed{{{total}}}")
+
+
+def make_problems(count: int, terms: int, seed: int) -> list[Problem]:
+    require(count >= 1 and terms >= 2, f"need count >= 1 and terms >= 2, got {count}, {terms}")
+    rng = np.random.default_rng(seed)
+    return [make_problem(rng, terms, i) for i in range(count)]
+
+
+def encode(text: str) -> list[int]:
+    """Character ids of `text` (every character must be in the vocabulary)."""
+    index = {c: i for i, c in enumerate(VOCAB)}
+    unknown = sorted({c for c in text if c not in index})
+    require(not unknown, f"characters {unknown} are not in the task's vocabulary")
+    return [index[c] for c in text]
+
+
+def decode(ids) -> str:
+    """Text of token ids, without padding and EOS."""
+    return "".join(VOCAB[int(i)] for i in ids if VOCAB[int(i)] not in (PAD, EOS))
+
+
+def training_batch(problems: list[Problem], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32 [B, length], loss mask [B, length]): prompt + solution + EOS, right-padded;
+    the mask marks the solution and EOS tokens (what the model must learn to write)."""
+    tokens = np.zeros((len(problems), length), np.int32)
+    mask = np.zeros((len(problems), length), np.float32)
+    for row, p in enumerate(problems):
+        prompt, target = encode(p.prompt), [*encode(p.solution), VOCAB.index(EOS)]
+        require(len(prompt) + len(target) <= length,
+                f"problem {p.id} needs {len(prompt) + len(target)} tokens > length {length}")
+        tokens[row, :len(prompt) + len(target)] = prompt + target
+        mask[row, len(prompt):len(prompt) + len(target)] = 1
+    return tokens, mask
+
+
+def char_tokenizer():
+    """A transformers fast tokenizer for `VOCAB`, one token per character."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token=PAD))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=EOS)
+
+
+def save_tokenizer(path: str | pathlib.Path) -> None:
+    char_tokenizer().save_pretrained(path)
