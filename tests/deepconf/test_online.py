@@ -1,0 +1,78 @@
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlab.deepconf import online, voting
+from jaxlab.models import hf_decoder, zoo
+from jaxlab.sampling import sampler
+from jaxlab.sampling.sampler import SamplingConfig
+
+SAMPLING = SamplingConfig(max_new_tokens=12, n=4, window=3, temperature=1.0)
+PROMPT = [5, 9, 17, 3]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return hf_decoder.load_pretrained(zoo.create("qwen3", tmp_path_factory.mktemp("q3")))
+
+
+def by_first_token(ids) -> str:
+    """A stand-in for reading a trace: its answer is its first token mod 3."""
+    return f"so \\boxed{{{int(ids[0]) % 3}}}"
+
+
+def test_threshold_follows_the_rule_on_the_warmup(model):
+    config = online.OnlineConfig(rule="deepconf-high", warmup=8, budget=8, batch=4)
+    result = online.solve(model, PROMPT, jax.random.key(0), SAMPLING, config, by_first_token)
+    # The warmup is the first sample call with the first key: redo it and apply the rule.
+    first = jax.random.split(jax.random.key(0), 1 + config.budget)[0]
+    warm = sampler.sample(model, [PROMPT], first,
+                          dataclasses.replace(SAMPLING, budget=8, stop_threshold=None))
+    want = np.percentile(np.asarray(warm.lowest_group_confidence), 10)
+    np.testing.assert_allclose(result.threshold, want, rtol=1e-6)
+    assert result.launched == 8 and result.rounds == 0 and result.stopped == 0
+
+
+def test_rounds_stop_weak_traces_and_respect_the_budget(model):
+    config = online.OnlineConfig(rule="deepconf-low", warmup=8, budget=22, batch=6,
+                                 consensus=1.0)
+    result = online.solve(model, PROMPT, jax.random.key(1), SAMPLING, config, by_first_token)
+    # consensus 1.0 is out of reach with three answers around: every round runs, the last one
+    # shortened to the budget; deepconf-low's high threshold stops most later traces.
+    assert result.launched == 22 and result.rounds == 3
+    assert 0 < result.stopped <= 14
+    assert result.tokens < 22 * SAMPLING.max_new_tokens
+    assert result.answer in {"0", "1", "2"} and set(result.votes) <= {"0", "1", "2"}
+    assert result.solution.endswith(f"\\boxed{{{result.answer}}}")
+    assert abs(sum(result.votes.values()) * result.consensus
+               - result.votes[result.answer]) < 1e-3
+
+
+def test_consensus_ends_sampling_early(model):
+    config = online.OnlineConfig(warmup=4, budget=64, batch=4, consensus=0.01)
+    result = online.solve(model, PROMPT, jax.random.key(2), SAMPLING, config, by_first_token)
+    assert result.launched == 4 and result.rounds == 0 and result.consensus >= 0.01
+
+
+def test_no_answers_give_no_answer_without_crashing(model):
+    config = online.OnlineConfig(warmup=4, budget=8, batch=4)
+    result = online.solve(model, PROMPT, jax.random.key(3), SAMPLING, config, lambda ids: "?")
+    assert result.answer is None and result.solution is None and result.votes == {}
+    assert result.launched == 8 and result.consensus == 0.0
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(warmup=16, budget=8), "budget=8 must be >= warmup=16"),
+    (dict(rule="deepconf-mid"), "rule"), (dict(consensus=0.0), "consensus"),
+    (dict(batch=0), "batch")])
+def test_bad_online_settings_are_named(fields, match):
+    with pytest.raises(ValueError, match=match):
+        online.OnlineConfig(**fields)
+
+
+def test_rules_keep_the_documented_share():
+    scores = np.arange(100, dtype=np.float32)
+    assert voting.threshold_for("deepconf-low", scores) == pytest.approx(89.1)
+    assert voting.threshold_for("deepconf-high", scores) == pytest.approx(9.9)
