@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> list[critical_n.CriticalN]:
         cfg = config_lib.load_config(Config, args.config, args.overrides)
     except config_lib.ConfigError as e:
         parser.error(str(e))
-    out = results.open_run(cfg.out_dir, cfg)
+    out = results.open_run(cfg.out_dir, cfg, may_change=("d_min", "d_max"))
     path = out / "results.json"
     done = [_from_record(r) for r in results.read_json(path, default=[])]
     mesh = parallel.make_mesh(parallel.RUNS)

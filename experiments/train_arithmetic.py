@@ -4,7 +4,8 @@ Hugging Face folder (config.json, model.safetensors, tokenizer), ready for exper
     python experiments/train_arithmetic.py --config configs/deepconf/train_cpu.yaml [key=value ...]
 
 Supervised next-token training on fresh random problems every step (the loss covers the solution
-and EOS); progress shows the loss; at the end, greedy accuracy on held-out problems is written to
+and EOS); progress shows the loss. At the end the held-out problems are written to
+`out_dir/problems.jsonl` (the input of experiments/deepconf.py) and the greedy accuracy on them to
 `out_dir/train_metrics.json`.
 """
 
@@ -25,6 +26,7 @@ from tqdm import tqdm
 from jaxlab import config as config_lib
 from jaxlab import results
 from jaxlab.deepconf import arithmetic
+from jaxlab.deepconf.problems import Problem, save_problems
 from jaxlab.models import hf_decoder, zoo
 from jaxlab.models.decoder import Decoder, DecoderConfig
 from jaxlab.rl import losses
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
                                pad_token_id=arithmetic.VOCAB.index(arithmetic.PAD))
     arithmetic.save_tokenizer(out)
     held_out = arithmetic.make_problems(cfg.eval_problems, cfg.terms, seed=10_000 + cfg.seed)
+    save_problems([Problem(p.id, p.prompt, p.answer) for p in held_out], out / "problems.jsonl")
     metrics = {"final_loss": float(loss), "greedy_accuracy": greedy_accuracy(
         model, held_out, cfg.length)}
     results.write_json(out / "train_metrics.json", metrics)

@@ -12,7 +12,10 @@ import os
 import pathlib
 import sys
 import tempfile
+from collections.abc import Sequence
 from typing import Any
+
+from omegaconf import OmegaConf
 
 from jaxlab.config import ConfigError, to_yaml
 
@@ -41,20 +44,28 @@ def read_json(path: pathlib.Path, default: Any = None) -> Any:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
-def open_run(out_dir: str | pathlib.Path, config: Any) -> pathlib.Path:
+def open_run(out_dir: str | pathlib.Path, config: Any, may_change: Sequence[str] = ()
+             ) -> pathlib.Path:
     """Creates (or reopens, to resume) `out_dir`, records the resolved config in `config.yaml`,
     and sends log lines to the console and `log.txt`.
 
-    Resuming with a different config would mix results of two experiments, so it is an error.
+    Resuming with a different config would mix results of two experiments, so it is an error,
+    except for `out_dir` and the top-level fields named in `may_change` (such as how many items
+    to run, which only extends the results).
     """
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    resolved = to_yaml(config)
     saved = out / "config.yaml"
-    if saved.exists() and saved.read_text() != resolved:
-        raise ConfigError(
-            f"{out} holds results of a different config ({saved}); choose another out_dir or "
-            f"delete it to start over")
+    resolved = to_yaml(config)
+    if saved.exists():
+        ignored = {"out_dir", *may_change}
+        before, now = ({k: v for k, v in OmegaConf.to_container(OmegaConf.create(text)).items()
+                        if k not in ignored} for text in (saved.read_text(), resolved))
+        if before != now:
+            changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+            raise ConfigError(
+                f"{out} holds results of a different config ({saved}: {changed} differ); choose "
+                f"another out_dir or delete it to start over")
     write_text(saved, resolved)
     logger = logging.getLogger("jaxlab")
     logger.setLevel(logging.INFO)

@@ -1,0 +1,251 @@
+"""DeepConf offline and online on a local Hugging Face checkpoint and a JSONL of problems.
+
+    python experiments/deepconf.py --config configs/deepconf/cpu.yaml [key=value ...]
+
+Per problem: `offline_traces` traces decoded to the end, scored by every voting method for each K
+of `ks` (the first K traces); then DeepConf online for each rule, with the same budget. Writes to
+`out_dir`: problems.jsonl (one record per problem, appended as each finishes; a rerun resumes),
+summary.json, accuracy_vs_tokens.png, log.txt, config.yaml, and prints a summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+
+import jax
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from tqdm import tqdm
+
+from jaxlab import config as config_lib
+from jaxlab import results
+from jaxlab.deepconf import answers, online, voting
+from jaxlab.deepconf.problems import load_problems
+from jaxlab.models import hf_decoder
+from jaxlab.sampling import sampler
+from jaxlab.sampling.sampler import SamplingConfig
+
+log = logging.getLogger("jaxlab")
+
+# Offline methods: (name, trace metric used as vote weight or None, metric to filter by,
+# keep_percent). Filtered votes are confidence-weighted by the same metric.
+OFFLINE = (
+    ("majority", None, None, 100.0),
+    ("weighted-mean", "mean", None, 100.0),
+    ("lowest-group@90", "lowest_group", "lowest_group", 90.0),
+    ("lowest-group@10", "lowest_group", "lowest_group", 10.0),
+    ("bottom-10%@10", "bottom_group", "bottom_group", 10.0),
+    ("tail@90", "tail", "tail", 90.0),
+    ("tail@10", "tail", "tail", 10.0),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    out_dir: str = "results/deepconf"
+    model: str = "results/arithmetic_model"              # local Hugging Face folder
+    problems: str = "results/arithmetic_model/problems.jsonl"
+    limit: int = 0                                       # first N problems (0: all)
+    seed: int = 0
+    max_new_tokens: int = 64
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0
+    window: int = 8                                      # group confidence window (tokens)
+    confidence_k: int = 20
+    slots: int = 16                                      # traces decoded at once
+    offline_traces: int = 64
+    ks: tuple[int, ...] = (8, 16, 32, 64)
+    rules: tuple[str, ...] = ("deepconf-low", "deepconf-high")
+    warmup: int = 16
+    batch: int = 16
+    consensus: float = 0.95
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "window", "confidence_k", "slots", "offline_traces",
+                     "warmup", "batch"):
+            value = getattr(self, name)
+            config_lib.require(isinstance(value, int) and value >= 1,
+                               f"{name} must be an integer >= 1, got {value!r}")
+        config_lib.require(self.limit >= 0, f"limit must be >= 0, got {self.limit}")
+        config_lib.require(all(1 <= k <= self.offline_traces for k in self.ks),
+                           f"every K in ks={list(self.ks)} must lie in [1, offline_traces="
+                           f"{self.offline_traces}]")
+        config_lib.require(self.warmup <= self.offline_traces,
+                           f"warmup={self.warmup} must be <= offline_traces (the online budget)")
+        for rule in self.rules:
+            config_lib.require(rule in voting.RULES,
+                               f"unknown rule {rule!r}; choose from {sorted(voting.RULES)}")
+
+    def sampling(self, eos: int) -> SamplingConfig:
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                              top_p=self.top_p, top_k=self.top_k, n=self.slots,
+                              stop_ids=(eos,), window=self.window,
+                              confidence_k=self.confidence_k)
+
+    def online(self, rule: str) -> online.OnlineConfig:
+        return online.OnlineConfig(rule=rule, warmup=self.warmup, budget=self.offline_traces,
+                                   batch=self.batch, consensus=self.consensus)
+
+
+def offline_record(traces: online.Traces, reference: str, cfg: Config) -> dict:
+    """Correctness and tokens of every offline method at every K (the first K traces)."""
+    extracted = [answers.boxed_answer(t) for t in traces.texts]
+    correct = np.array([answers.is_correct(a, reference) for a in extracted])
+    metrics = {name: np.asarray(voting.trace_metric(name, traces.confidence, traces.lengths,
+                                                    cfg.window))
+               for name in {m for _, m, _, _ in OFFLINE if m}}
+    record = {}
+    for k in cfg.ks:
+        groups = answers.group_answers(extracted[:k])
+        valid = np.ones(k, bool)
+        row = {"pass@1": float(correct[:k].mean()), "tokens": int(traces.lengths[:k].sum())}
+        for name, weight, metric, keep in OFFLINE:
+            if weight is None:
+                result = voting.majority_vote(groups.ids, valid)
+            elif metric is None:
+                result = voting.weighted_vote(groups.ids, valid, metrics[weight][:k])
+            else:
+                result = voting.filtered_vote(groups.ids, valid, metrics[metric][:k], keep)
+            row[name] = answers.is_correct(groups.label(int(result.answer)), reference)
+        record[str(k)] = row
+    return record
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_lib.load_config(Config, args.config, args.overrides)
+    except config_lib.ConfigError as e:
+        parser.error(str(e))
+    problems = load_problems(cfg.problems)[:cfg.limit or None]
+    model = hf_decoder.load_pretrained(cfg.model)
+    tokenizer = hf_decoder.load_tokenizer(cfg.model)
+    config_lib.require(tokenizer.eos_token_id is not None,
+                       f"the tokenizer in {cfg.model} has no EOS token to end traces with")
+    out = results.open_run(cfg.out_dir, cfg, may_change=("limit",))
+    path = out / "problems.jsonl"
+    done = {json.loads(line)["id"] for line in path.read_text().splitlines()} if path.exists() \
+        else set()
+    sampling = cfg.sampling(tokenizer.eos_token_id)
+
+    def decode(ids) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    log.info("%d problems (%d done before), %s, offline K=%s, online rules %s", len(problems),
+             len(done), cfg.model, list(cfg.ks), list(cfg.rules))
+    key = jax.random.key(cfg.seed)
+    with path.open("a") as sink:
+        for index, problem in enumerate(tqdm(problems, unit="problem", file=sys.stderr)):
+            if problem.id in done:
+                continue
+            prompt = tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]
+            problem_key = jax.random.fold_in(key, index)
+            start = time.perf_counter()
+            traces = online.Traces.from_samples(
+                sampler.sample(model, [prompt], problem_key, dataclasses.replace(
+                    sampling, budget=cfg.offline_traces)), decode)
+            record = {"id": problem.id, "answer": problem.answer,
+                      "offline_seconds": time.perf_counter() - start,
+                      "offline": offline_record(traces, problem.answer, cfg), "online": {}}
+            for rule in cfg.rules:
+                start = time.perf_counter()
+                result = online.solve(model, prompt, jax.random.fold_in(problem_key, 1),
+                                      sampling, cfg.online(rule), decode)
+                record["online"][rule] = {
+                    "correct": answers.is_correct(result.answer, problem.answer),
+                    "answer": result.answer, "votes": result.votes, "solution": result.solution,
+                    "launched": result.launched, "stopped": result.stopped,
+                    "tokens": result.tokens, "threshold": result.threshold,
+                    "consensus": result.consensus, "seconds": time.perf_counter() - start}
+            sink.write(json.dumps(record) + "\n")
+            sink.flush()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    summary = summarize(records, cfg)
+    results.write_json(out / "summary.json", summary)
+    plot(summary, out / "accuracy_vs_tokens.png")
+    print(table(summary))
+    return summary
+
+
+def summarize(records: list[dict], cfg: Config) -> dict:
+    """Accuracy and mean tokens per method; online token and wall-time savings against decoding
+    every trace of the budget to the end (offline at K = offline_traces)."""
+    full = str(cfg.offline_traces)
+    summary = {"problems": len(records), "offline": {}, "online": {}}
+    for k in map(str, cfg.ks):
+        rows = [r["offline"][k] for r in records]
+        tokens = float(np.mean([row["tokens"] for row in rows]))
+        summary["offline"][k] = {"pass@1": float(np.mean([row["pass@1"] for row in rows])),
+                                 "tokens": tokens,
+                                 **{name: float(np.mean([row[name] for row in rows]))
+                                    for name, *_ in OFFLINE}}
+    baseline_tokens = float(np.mean([r["offline"][full]["tokens"] for r in records])) \
+        if full in records[0]["offline"] else None
+    baseline_seconds = float(np.mean([r["offline_seconds"] for r in records]))
+    for rule in cfg.rules:
+        rows = [r["online"][rule] for r in records]
+        tokens = float(np.mean([row["tokens"] for row in rows]))
+        seconds = float(np.mean([row["seconds"] for row in rows]))
+        summary["online"][rule] = {
+            "accuracy": float(np.mean([row["correct"] for row in rows])), "tokens": tokens,
+            "launched": float(np.mean([row["launched"] for row in rows])),
+            "stopped": float(np.mean([row["stopped"] for row in rows])),
+            "seconds": seconds, "tokens_saved": 1 - tokens / baseline_tokens
+            if baseline_tokens else None, "seconds_saved": 1 - seconds / baseline_seconds}
+    summary["offline_seconds"] = baseline_seconds
+    return summary
+
+
+def table(summary: dict) -> str:
+    names = ["pass@1"] + [name for name, *_ in OFFLINE]
+    lines = [f"{summary['problems']} problems; accuracy (%) by method and K, mean tokens"]
+    lines.append(f"{'method':>18} " + " ".join(f"{'K=' + k:>8}" for k in summary["offline"]))
+    for name in names:
+        lines.append(f"{name:>18} " + " ".join(f"{100 * row[name]:8.1f}"
+                                             for row in summary["offline"].values()))
+    lines.append(f"{'tokens':>18} " + " ".join(f"{row['tokens']:8.0f}"
+                                             for row in summary["offline"].values()))
+    lines.append(f"online (budget = largest K; baseline: every trace to the end, "
+                 f"{summary['offline_seconds']:.2f} s/problem)")
+    for rule, row in summary["online"].items():
+        lines.append(f"{rule:>18} accuracy {100 * row['accuracy']:5.1f}%  tokens "
+                     f"{row['tokens']:7.0f} ({100 * (row['tokens_saved'] or 0):+.1f}% saved)  "
+                     f"traces {row['launched']:.1f} ({row['stopped']:.1f} stopped)  "
+                     f"{row['seconds']:.2f} s ({100 * row['seconds_saved']:+.1f}% saved)")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    offline = summary["offline"]
+    tokens = [row["tokens"] for row in offline.values()]
+    for name in ["pass@1"] + [name for name, *_ in OFFLINE]:
+        ax.plot(tokens, [100 * row[name] for row in offline.values()], "o-", label=name,
+                alpha=0.8)
+    for rule, row in summary["online"].items():
+        ax.plot([row["tokens"]], [100 * row["accuracy"]], "*", markersize=14,
+                label=f"online {rule}")
+    ax.set_xscale("log")
+    ax.set_xlabel("mean tokens per problem")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

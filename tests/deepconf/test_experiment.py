@@ -1,0 +1,74 @@
+"""experiments/deepconf.py end to end on a tiny random model (few answers: it must not crash)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxlab.deepconf import arithmetic
+from jaxlab.deepconf.problems import Problem, load_problems, save_problems
+from jaxlab.jsonl import DataError
+from jaxlab.models import zoo
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = zoo.create("qwen3", tmp_path_factory.mktemp("model"),
+                      vocab_size=len(arithmetic.VOCAB))
+    arithmetic.save_tokenizer(path)
+    save_problems([Problem(p.id, p.prompt, p.answer)
+                   for p in arithmetic.make_problems(3, 2, seed=0)], path / "problems.jsonl")
+    return path
+
+
+def _run(folder, out, *overrides):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", "deepconf.py"), f"model={folder}",
+         f"problems={folder / 'problems.jsonl'}", f"out_dir={out}", "max_new_tokens=8",
+         "slots=4", "offline_traces=8", "ks=[4,8]", "warmup=4", "batch=4", "window=3",
+         *overrides], capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=os.path.abspath(ROOT)))
+
+
+def test_run_writes_records_summary_and_plot_then_resumes(folder, tmp_path):
+    first = _run(folder, tmp_path, "limit=2")
+    assert first.returncode == 0, first.stderr
+    records = [json.loads(line) for line in (tmp_path / "problems.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == ["sum2-0", "sum2-1"]
+    for r in records:
+        assert set(r["offline"]) == {"4", "8"}
+        assert set(r["online"]) == {"deepconf-low", "deepconf-high"}
+        assert r["offline"]["8"]["tokens"] <= 8 * 8
+        for rule in r["online"].values():
+            assert 4 <= rule["launched"] <= 8 and rule["tokens"] <= 8 * 8
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["problems"] == 2 and (tmp_path / "accuracy_vs_tokens.png").stat().st_size
+    assert "deepconf-low" in first.stdout
+    second = _run(folder, tmp_path, "limit=3")  # resumes: only the third problem is new
+    assert second.returncode == 0, second.stderr
+    again = [json.loads(line) for line in (tmp_path / "problems.jsonl").read_text().splitlines()]
+    assert again[:2] == records and len(again) == 3
+
+
+def test_bad_settings_stop_before_work(folder, tmp_path):
+    run = _run(folder, tmp_path, "warmup=16")
+    assert run.returncode != 0 and "warmup=16" in run.stderr
+    assert not (tmp_path / "problems.jsonl").exists()
+
+
+def test_problem_file_errors_name_the_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "prompt": "x", "answer": "1"}\n{"id": "b", "prompt": 3}\n')
+    with pytest.raises(DataError, match=r"p.jsonl:2: missing key 'answer'|p.jsonl:2: 'prompt'"):
+        load_problems(path)
+    path.write_text('{"id": "a", "prompt": "x", "answer": "1"}\n{"id": "a", "prompt": "y", '
+                    '"answer": 2}\n')
+    with pytest.raises(DataError, match=r"p\.jsonl:2: duplicate id 'a'"):
+        load_problems(path)
+    path.write_text("not json\n")
+    with pytest.raises(DataError, match=r"p\.jsonl:1: not valid JSON"):
+        load_problems(path)
