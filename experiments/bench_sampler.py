@@ -147,7 +147,7 @@ def main() -> None:
                    "generate_tok_s": theirs, "ratio": ours / theirs,
                    "confidence_overhead": plain / ours - 1,
                    "kv_cache_bytes": sampler.kv_cache_bytes(
-                       model, batch, size["prompt"], SamplingConfig(
+                       model.config, batch, size["prompt"], SamplingConfig(
                            max_new_tokens=args.new_tokens))}
             if bandwidth:
                 context = size["prompt"] + args.new_tokens // 2

@@ -167,8 +167,10 @@ class DecoderConfig:
 class KVCache:
     """Keys and values of every layer for S slots per row, filled left to right."""
 
-    keys: jax.Array       # [L, B, S, K, D]
+    keys: jax.Array       # [L, B, S, K, D], the model's dtype or int8
     values: jax.Array     # [L, B, S, K, D]
+    key_scale: jax.Array | None    # float32 [L, B, S, K] when int8: key = keys * key_scale
+    value_scale: jax.Array | None  # float32 [L, B, S, K] when int8
     valid: jax.Array      # [B, S] bool, slot holds a real token
     positions: jax.Array  # [B] int32, position of each row's next token (= real tokens so far)
     index: jax.Array      # [B] int32, each row's next slot to write
@@ -179,7 +181,22 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return sum(x.nbytes for x in (self.keys, self.values, self.key_scale, self.value_scale)
+                   if x is not None)
+
+    def map_rows(self, fn) -> KVCache:
+        """Applies fn(array, batch_axis) to every field: batch_axis is 1 for the per-layer
+        arrays and 0 for valid, positions and index."""
+        per_layer = ("keys", "values", "key_scale", "value_scale")
+        return self.replace(**{
+            f.name: None if getattr(self, f.name) is None
+            else fn(getattr(self, f.name), 1 if f.name in per_layer else 0)
+            for f in dataclasses.fields(self)})
+
+    def layer(self, i: int) -> tuple:
+        """Layer i's (keys, values, key_scale, value_scale), each [B, S, ...] (scales or None)."""
+        return tuple(None if x is None else x[i]
+                     for x in (self.keys, self.values, self.key_scale, self.value_scale))
 
 
 class RMSNorm(nnx.Module):
@@ -214,14 +231,14 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.param_dtype)
         self.config = c
 
-    def __call__(self, x, cos, sin, keys, values, index, visible):
-        """x [B, T, E]; keys/values [B, S, K, D] (this layer's cache); index [B]; visible
-        [B, T, S] bool.
+    def __call__(self, x, cos, sin, kv, index, visible):
+        """x [B, T, E]; kv this layer's (keys, values, key_scale, value_scale) (`KVCache.layer`);
+        index [B]; visible [B, T, S] bool.
 
-        Writes row b's new keys/values at slots index[b]..index[b]+T-1 and attends to the visible
-        slots:
+        Writes row b's new keys/values (int8 with per-token, per-head absmax scales when the
+        cache is int8) at slots index[b]..index[b]+T-1 and attends to the visible slots:
         softmax(q k^T / sqrt(D)) v per head, query head h reading key/value head h // (H / K).
-        Returns (out [B, T, E], keys, values).
+        Returns (out [B, T, E], the layer's updated kv).
         """
         c = self.config
         b, t, _ = x.shape
@@ -231,21 +248,47 @@ class Attention(nnx.Module):
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        keys, values = _write_rows(keys, k, index), _write_rows(values, v, index)
+        keys, values, key_scale, value_scale = kv
+        if key_scale is None:
+            keys, values = _write_rows(keys, k, index), _write_rows(values, v, index)
+        else:
+            (k, k_scale), (v, v_scale) = _quantize(k), _quantize(v)
+            keys, values = _write_rows(keys, k, index), _write_rows(values, v, index)
+            key_scale = _write_rows(key_scale, k_scale, index)
+            value_scale = _write_rows(value_scale, v_scale, index)
         groups = c.num_heads // c.num_kv_heads
         q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype),
                             preferred_element_type=jnp.float32) / math.sqrt(c.head_dim)
+        if key_scale is not None:
+            scores = scores * _per_slot(key_scale)
         scores = jnp.where(visible[:, None, None], scores, _MASKED)  # [B, K, G, T, S]
-        weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", weights, values.astype(q.dtype))
-        return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), keys, values
+        weights = jax.nn.softmax(scores, axis=-1)
+        if value_scale is not None:
+            weights = weights * _per_slot(value_scale)
+        out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(q.dtype), values.astype(q.dtype))
+        out = self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim))
+        return out, (keys, values, key_scale, value_scale)
 
 
 def _write_rows(cache, new, index):
-    """cache [B, S, K, D] with row b's new [T, K, D] written at slots index[b]..index[b]+T-1."""
-    write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (i, 0, 0)))
+    """cache [B, S, ...] with row b's new [T, ...] written at slots index[b]..index[b]+T-1."""
+    write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(
+        c, x, (i,) + (0,) * (c.ndim - 1)))
     return write(cache, new.astype(cache.dtype), index)
+
+
+def _quantize(x):
+    """x [B, T, K, D] -> (int8 [B, T, K, D], float32 scale [B, T, K]) with x ~ q * scale and
+    scale = max_d |x| / 127 per token and head."""
+    scale = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    return jnp.round(x / scale[..., None]).astype(jnp.int8), scale
+
+
+def _per_slot(scale):
+    """[B, S, K] scales broadcast against [B, K, G, T, S] attention scores."""
+    return jnp.transpose(scale, (0, 2, 1))[:, :, None, None, :]
 
 
 class MLP(nnx.Module):
@@ -270,11 +313,10 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.param_dtype)
         self.mlp = MLP(c, rngs)
 
-    def __call__(self, x, cos, sin, keys, values, index, visible):
-        h, keys, values = self.self_attn(self.input_layernorm(x), cos, sin, keys, values, index,
-                                         visible)
+    def __call__(self, x, cos, sin, kv, index, visible):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, kv, index, visible)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), keys, values
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 def _linear_factory(c: DecoderConfig, rngs: nnx.Rngs):
@@ -309,9 +351,9 @@ class Decoder(nnx.Module):
         logits, _ = self.prefill(input_ids, attention_mask, cache_size=input_ids.shape[1])
         return logits
 
-    def prefill(self, input_ids, attention_mask=None, *, cache_size: int):
+    def prefill(self, input_ids, attention_mask=None, *, cache_size: int, int8_cache=False):
         """Runs a left-padded prompt batch and returns (logits float32 [B, T, V], KVCache of
-        `cache_size` slots with the prompt in slots 0..T-1)."""
+        `cache_size` slots with the prompt in slots 0..T-1; int8 if `int8_cache`)."""
         b, t = input_ids.shape
         require(t <= cache_size, f"the prompt ({t} tokens) is longer than the cache "
                 f"({cache_size} slots)")
@@ -321,7 +363,7 @@ class Decoder(nnx.Module):
         self._check_tokens(input_ids)
         mask = (jnp.ones((b, t), bool) if attention_mask is None
                 else jnp.asarray(attention_mask).astype(bool))
-        cache = self.init_cache(b, cache_size)
+        cache = self.init_cache(b, cache_size, int8_cache)
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)              # [B, T]
         cache = cache.replace(valid=cache.valid.at[:, :t].set(mask),
                               positions=jnp.sum(mask, axis=1, dtype=jnp.int32))
@@ -339,11 +381,15 @@ class Decoder(nnx.Module):
         logits, cache = self._run(tokens[:, None], (cache.positions - 1)[:, None], cache)
         return logits[:, 0], cache
 
-    def init_cache(self, batch: int, size: int) -> KVCache:
+    def init_cache(self, batch: int, size: int, int8: bool = False) -> KVCache:
+        """An empty cache; `int8` stores keys and values as int8 with float32 scales per token
+        and head (D + 4 bytes instead of 2 D or 4 D per token, head and tensor)."""
         c = self.config
         shape = (c.num_layers, batch, size, c.num_kv_heads, c.head_dim)
-        return KVCache(keys=jnp.zeros(shape, c.dtype), values=jnp.zeros(shape, c.dtype),
-                       valid=jnp.zeros((batch, size), bool),
+        dtype = jnp.int8 if int8 else c.dtype
+        scale = jnp.ones(shape[:-1], jnp.float32) if int8 else None
+        return KVCache(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
+                       key_scale=scale, value_scale=scale, valid=jnp.zeros((batch, size), bool),
                        positions=jnp.zeros((batch,), jnp.int32),
                        index=jnp.zeros((batch,), jnp.int32))
 
@@ -362,18 +408,19 @@ class Decoder(nnx.Module):
         cos, sin = jnp.cos(angles).astype(self.config.dtype), jnp.sin(angles).astype(
             self.config.dtype)
         x = self.embed_tokens(input_ids)
-        keys, values = [], []
+        layers = []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, cache.keys[i], cache.values[i], cache.index, visible)
-            keys.append(k)
-            values.append(v)
+            x, kv = layer(x, cos, sin, cache.layer(i), cache.index, visible)
+            layers.append(kv)
+        keys, values, key_scale, value_scale = (
+            None if parts[0] is None else jnp.stack(parts) for parts in zip(*layers, strict=True))
         x = self.norm(x)
         if self.config.tie_word_embeddings:
             logits = self.embed_tokens.attend(x)
         else:
             logits = self.lm_head(x)
-        cache = cache.replace(keys=jnp.stack(keys), values=jnp.stack(values),
-                              index=cache.index + t)
+        cache = cache.replace(keys=keys, values=values, key_scale=key_scale,
+                              value_scale=value_scale, index=cache.index + t)
         return logits.astype(jnp.float32), cache
 
     def _check_tokens(self, ids) -> None:

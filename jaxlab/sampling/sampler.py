@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlab import parallel
 from jaxlab.config import require
-from jaxlab.models.decoder import Decoder, KVCache
+from jaxlab.models.decoder import Decoder, DecoderConfig, KVCache
 from jaxlab.sampling.confidence import GroupWindow, token_confidence
 
 FINISH_REASONS = ("unfinished", "stop", "length", "low_confidence")
@@ -51,6 +51,7 @@ class SamplingConfig:
     confidence_k: int = 20          # C_i averages the top-k log-probs
     window: int = 2048              # group confidence window (tokens)
     stop_threshold: float | None = None  # stop a trace once its full-window group conf < this
+    int8_cache: bool = False        # keys/values in int8 with per-token, per-head scales
 
     def __post_init__(self):
         for name in ("max_new_tokens", "n", "confidence_k", "window"):
@@ -145,13 +146,12 @@ class _Loop:
     step: jax.Array           # int32 []
 
 
-@functools.partial(jax.jit, static_argnames=("cache_size", "n"))
-def _prefill(graphdef, state, ids, mask, *, cache_size: int, n: int):
+@functools.partial(jax.jit, static_argnames=("cache_size", "n", "int8_cache"))
+def _prefill(graphdef, state, ids, mask, *, cache_size: int, n: int, int8_cache: bool):
     """The prompts' cache broadcast to n slots each, and their last logits [P, V]."""
     model = nnx.merge(graphdef, state)
-    logits, cache = model.prefill(ids, mask, cache_size=cache_size)
-    slots = jax.tree.map(lambda x: jnp.repeat(x, n, axis=1 if x.ndim == 5 else 0), cache)
-    return slots, logits[:, -1]
+    logits, cache = model.prefill(ids, mask, cache_size=cache_size, int8_cache=int8_cache)
+    return cache.map_rows(lambda x, axis: jnp.repeat(x, n, axis=axis)), logits[:, -1]
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -258,14 +258,14 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
     return ids, mask
 
 
-def kv_cache_bytes(model: Decoder, prompts: int, prompt_length: int,
+def kv_cache_bytes(c: DecoderConfig, prompts: int, prompt_length: int,
                    config: SamplingConfig) -> int:
-    """Bytes of the KV cache `sample` allocates for its slots (keys and values of every layer)."""
-    c = model.config
+    """Bytes of the KV cache `sample` allocates for its slots (keys and values of every layer)
+    for a model of architecture `c`."""
     slots = prompts * config.n
     size = prompt_length + config.max_new_tokens
-    return 2 * c.num_layers * slots * size * c.num_kv_heads * c.head_dim * jnp.dtype(
-        c.dtype).itemsize
+    per_head = c.head_dim + 4 if config.int8_cache else c.head_dim * jnp.dtype(c.dtype).itemsize
+    return 2 * c.num_layers * slots * size * c.num_kv_heads * per_head
 
 
 def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
@@ -295,10 +295,10 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
                 f"must divide evenly over {mesh.size} devices")
         state = jax.device_put(state, parallel.replicated(mesh))
     cache, prompt_logits = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
-                                    cache_size=cache_size, n=config.n)
+                                    cache_size=cache_size, n=config.n,
+                                    int8_cache=config.int8_cache)
     if mesh is not None:
         axis = mesh.axis_names[0]
-        cache = jax.device_put(cache, jax.tree.map(
-            lambda x: NamedSharding(mesh, PartitionSpec(*([None] * (x.ndim == 5)), axis)),
-            cache))
+        cache = cache.map_rows(lambda x, batch_axis: jax.device_put(
+            x, NamedSharding(mesh, PartitionSpec(*[None] * batch_axis, axis))))
     return _decode(graphdef, state, cache, prompt_logits, key, config=config)

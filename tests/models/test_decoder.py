@@ -277,3 +277,18 @@ def test_save_replaces_a_sharded_checkpoint_and_keeps_extra_fields(qwen3_folder,
     assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == 7
     ids = jnp.asarray(_ids(1, 5))
     np.testing.assert_array_equal(hf_decoder.load_pretrained(tmp_path)(ids), model(ids))
+
+
+def test_int8_cache_stays_near_the_float_cache(qwen3_folder):
+    model = hf_decoder.load_pretrained(qwen3_folder)
+    ids = jnp.asarray(_ids(2, 12, seed=7))
+    full = np.asarray(model(ids))
+    logits, cache = model.prefill(ids[:, :8], cache_size=16, int8_cache=True)
+    assert cache.keys.dtype == jnp.int8 and cache.key_scale.shape == cache.keys.shape[:-1]
+    errors = [np.max(np.abs(np.asarray(logits) - full[:, :8]))]
+    for t in range(8, 12):
+        step, cache = model.decode(ids[:, t], cache)
+        errors.append(np.max(np.abs(np.asarray(step) - full[:, t])))
+    assert 0 < max(errors) < 0.02  # logits of this model are ~1; int8 rounding is ~0.4%
+    float_cache = model.init_cache(2, 16)
+    assert cache.nbytes < 0.3 * float_cache.nbytes + 2 * 2 * 16 * 2 * 4 * 2

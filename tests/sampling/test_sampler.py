@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -161,7 +163,7 @@ def test_kv_cache_bytes_counts_keys_and_values(model):
     c = model.config
     config = SamplingConfig(max_new_tokens=10, n=4)
     want = 2 * c.num_layers * 3 * 4 * (5 + 10) * c.num_kv_heads * c.head_dim * 4
-    assert sampler.kv_cache_bytes(model, 3, 5, config) == want
+    assert sampler.kv_cache_bytes(model.config, 3, 5, config) == want
 
 
 @pytest.mark.parametrize("prompts,config,match", [
@@ -181,3 +183,29 @@ def test_bad_requests_are_refused_before_compiling(model, prompts, config, match
 def test_bad_settings_are_named(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingConfig(**{field: value})
+
+
+def test_int8_cache_samples_like_the_float_cache(model):
+    base = dict(max_new_tokens=10, n=2, temperature=0.0)
+    exact = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(9),
+                                          SamplingConfig(**base)))
+    small = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(9),
+                                          SamplingConfig(int8_cache=True, **base)))
+    np.testing.assert_allclose(small.confidence, exact.confidence, atol=2e-3)
+    assert (small.tokens == exact.tokens).mean() > 0.9  # greedy paths agree but for near ties
+    config = SamplingConfig(int8_cache=True, **base)
+    c = model.config
+    want = 2 * c.num_layers * 6 * 15 * c.num_kv_heads * (c.head_dim + 4)
+    assert sampler.kv_cache_bytes(model.config, 3, 5, config) == want
+
+
+def test_a_qwen3_0_6b_with_256_traces_of_2048_tokens_fits_40_gib_with_an_int8_cache():
+    from jaxlab.models.decoder import DecoderConfig
+
+    c = DecoderConfig.from_hf(zoo.hf_config("qwen3", "released"), param_dtype="bfloat16")
+    weights = 2 * 596_049_920  # bf16 parameters of Qwen3-0.6B (tied embeddings)
+    config = SamplingConfig(max_new_tokens=2048 - 128, n=256)
+    bf16 = sampler.kv_cache_bytes(c, 1, 128, config)
+    int8 = sampler.kv_cache_bytes(c, 1, 128, dataclasses.replace(config, int8_cache=True))
+    assert bf16 == 256 * 2048 * 28 * 2 * 8 * 128 * 2  # 56 GiB: does not fit
+    assert int8 + weights < 40 * 2**30 < bf16 + weights
