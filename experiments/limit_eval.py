@@ -1,0 +1,278 @@
+"""Evaluate retrievers on LIMIT-style datasets: BM25, MiniLM (also truncated), free embeddings.
+
+    python experiments/limit_eval.py --config configs/limit_eval/small.yaml out_dir=DIR [key=value]
+
+Datasets are BEIR/MTEB folders (e.g. the released LIMIT-small) or generated (`data.generate`).
+Writes to `out_dir`: config.yaml, log.txt, metrics.json ({dataset: {retriever: {"recall@k": ...}}},
+written after every retriever; a rerun skips what is there), details.json (dataset sizes, qrel-graph
+statistics, timings, free-embedding runs), embeddings/ (MiniLM vectors, reused by reruns), data/
+(generated datasets as JSON Lines) and recall.png; prints a table beside the paper's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import pathlib
+import sys
+import time
+
+# Spread the corpus over every CPU core as separate devices (before JAX is imported).
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={os.cpu_count()}")
+
+import jax
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from tqdm import tqdm
+
+from jaxlab import config as config_lib
+from jaxlab import parallel, results
+from jaxlab.limit import data, retrieval
+from jaxlab.limit.free_embedding import SolverConfig
+from jaxlab.models import hf
+
+log = logging.getLogger("jaxlab")
+
+# Reported recall x100 (section 3 of papers/limit.md), for the table.
+PAPER = {
+    "limit-small": {"BM25": {2: 97.8, 10: 100, 20: 100},
+                    "GTE-ModernColBERT": {2: 83.5, 10: 97.6, 20: 99.1},
+                    "Promptriever": {2: 54.3, 10: 90.0, 20: 97.7},
+                    "E5-Mistral": {2: 29.5, 10: 68.1, 20: 85.2},
+                    "Qwen3-Embed": {2: 19.0, 10: 52.3, 20: 73.8}},
+    "limit": {"BM25": {2: 85.7, 10: 90.4, 100: 93.6},
+              "GTE-ModernColBERT": {2: 23.1, 10: 34.6, 100: 54.8},
+              "Promptriever": {2: 3.0, 10: 6.8, 100: 18.9},
+              "E5-Mistral": {2: 1.3, 10: 2.2, 100: 8.3},
+              "Qwen3-Embed": {2: 0.8, 10: 1.8, 100: 4.8}},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    name: str = "limit-small"        # key in metrics.json
+    path: str | None = None          # a BEIR/MTEB folder (relative to the working directory) ...
+    generate: data.GeneratorConfig | None = None  # ... or a dataset to generate
+    paper: str | None = None         # show the paper's numbers for "limit-small" or "limit"
+
+    def __post_init__(self):
+        config_lib.require((self.path is None) != (self.generate is None),
+                           f"dataset {self.name!r}: give exactly one of path and generate")
+        config_lib.require(self.paper in (None, *PAPER),
+                           f"dataset {self.name!r}: paper must be one of {sorted(PAPER)} or "
+                           f"null, got {self.paper!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    out_dir: str = "results/limit_eval"
+    datasets: list[DatasetSpec] = dataclasses.field(default_factory=lambda: [
+        DatasetSpec(name="limit-small", path="../shared/data/limit-small", paper="limit-small")])
+    ks: list[int] = dataclasses.field(default_factory=lambda: [2, 10, 20, 100])  # recall@k
+    bm25: bool = True
+    minilm: bool = True
+    minilm_folder: str | None = None     # a sentence-transformers folder (default: the package's)
+    # MiniLM embedding sizes to evaluate: the largest (its full 384) is reported as "minilm", the
+    # others, truncated and renormalized, as "minilm-d<dim>"
+    minilm_dims: list[int] = dataclasses.field(default_factory=lambda: [384, 128, 64, 32])
+    minilm_batch_size: int = 64
+    free_dims: list[int] = dataclasses.field(default_factory=lambda: [8, 12])
+    free_max_docs: int = 5000            # free embeddings only on corpora up to this size
+    free_seed: int = 0
+    solver: SolverConfig = dataclasses.field(default_factory=SolverConfig)
+    search_chunk: int = 4096             # documents scored per step and device
+
+    def __post_init__(self):
+        config_lib.require(len(self.datasets) > 0, "datasets must not be empty")
+        names = [d.name for d in self.datasets]
+        config_lib.require(len(set(names)) == len(names), f"dataset names repeat: {names}")
+        for name in ("ks", "minilm_dims", "free_dims"):
+            values = getattr(self, name)
+            config_lib.require(all(v >= 1 for v in values),
+                               f"{name} must hold integers >= 1, got {values}")
+        config_lib.require(len(self.ks) > 0, "ks must not be empty")
+        for name in ("minilm_batch_size", "free_max_docs", "search_chunk"):
+            config_lib.require(getattr(self, name) >= 1, f"{name} must be >= 1")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML file (configs/limit_eval/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. minilm=false free_dims=[12]")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_lib.load_config(Config, args.config, args.overrides)
+    except config_lib.ConfigError as e:
+        parser.error(str(e))
+    out = results.open_run(cfg.out_dir, cfg)
+    metrics = results.read_json(out / "metrics.json", default={})
+    details = results.read_json(out / "details.json", default={})
+    mesh = parallel.make_mesh(parallel.DATA)
+    encoder = None
+    log.info("LIMIT evaluation: %s; %d %s device(s); writing %s", [d.name for d in cfg.datasets],
+             mesh.size, jax.devices()[0].platform, out)
+
+    def record(dataset_name: str, retriever: str, ranked: np.ndarray, dataset, seconds: float):
+        values = retrieval.recall_at_k(ranked, dataset, _ks(cfg, dataset))
+        metrics.setdefault(dataset_name, {})[retriever] = values
+        details[dataset_name].setdefault("seconds", {})[retriever] = round(seconds, 3)
+        results.write_json(out / "metrics.json", metrics)
+        results.write_json(out / "details.json", details)
+        tqdm.write(f"{dataset_name:>14} {retriever:>14} " + "  ".join(
+            f"{k}={v:.3f}" for k, v in values.items()), file=sys.stderr)
+
+    for spec in cfg.datasets:
+        dataset = _dataset(spec, out)
+        done = metrics.get(spec.name, {})
+        depth = max(_ks(cfg, dataset))
+        details.setdefault(spec.name, {}).update(_describe(dataset))
+        stats = details[spec.name]
+        log.info("%s: %d documents, %d queries, %d judgments; qrel graph density %.4f, average "
+                 "query strength %.2f", spec.name, stats["documents"], stats["queries"],
+                 stats["judgments"], stats["graph_density"], stats["average_query_strength"])
+        if cfg.bm25 and "bm25" not in done:
+            start = time.perf_counter()
+            _, ranked = retrieval.bm25_search([d.text for d in dataset.corpus],
+                                              [q.text for q in dataset.queries], depth)
+            record(spec.name, "bm25", ranked, dataset, time.perf_counter() - start)
+        minilm_names = [_minilm_name(cfg, d) for d in cfg.minilm_dims]
+        if cfg.minilm and not all(n in done for n in minilm_names):
+            encoder = encoder or hf.load_sentence_encoder(cfg.minilm_folder,
+                                                          batch_size=cfg.minilm_batch_size)
+            config_lib.require(max(cfg.minilm_dims) <= encoder.dim,
+                               f"minilm_dims {cfg.minilm_dims} exceed the model's {encoder.dim}")
+            docs, queries = _minilm_embeddings(encoder, spec.name, dataset, out, details)
+            for dim, name in zip(cfg.minilm_dims, minilm_names, strict=True):
+                start = time.perf_counter()
+                index = retrieval.build_index(_truncate(docs, dim), mesh, cfg.search_chunk)
+                _, ranked = retrieval.search(index, _truncate(queries, dim), depth)
+                record(spec.name, name, ranked, dataset, time.perf_counter() - start)
+        if len(dataset.corpus) > cfg.free_max_docs and cfg.free_dims:
+            log.info("%s: no free embeddings (%d documents > free_max_docs=%d)", spec.name,
+                     len(dataset.corpus), cfg.free_max_docs)
+            continue
+        for dim in cfg.free_dims:
+            name = f"free-d{dim}"
+            if name in done:
+                continue
+            start = time.perf_counter()
+            run, ranked = retrieval.free_embedding_search(dataset, dim, cfg.solver, depth,
+                                                          cfg.free_seed)
+            details[spec.name].setdefault("free_embedding", {})[name] = {
+                "solved": bool(run.solved), "steps": int(run.steps),
+                "accuracy": float(run.accuracy), "loss": float(run.loss)}
+            record(spec.name, name, ranked, dataset, time.perf_counter() - start)
+    _plot(out / "recall.png", metrics, [d.name for d in cfg.datasets])
+    print(_table(metrics, cfg))
+    log.info("results in %s", out)
+    return metrics
+
+
+def _ks(cfg: Config, dataset) -> list[int]:
+    """The configured k that the corpus can fill (recall@100 of 46 documents is meaningless)."""
+    return [k for k in cfg.ks if k <= len(dataset.corpus)]
+
+
+def _minilm_name(cfg: Config, dim: int) -> str:
+    return "minilm" if dim == max(cfg.minilm_dims) else f"minilm-d{dim}"
+
+
+def _truncate(vectors: np.ndarray, dim: int) -> np.ndarray:
+    """The first `dim` coordinates, renormalized to unit length: [N, H] -> [N, dim]."""
+    head = vectors[:, :dim]
+    return head / np.maximum(np.linalg.norm(head, axis=1, keepdims=True), 1e-12)
+
+
+def _dataset(spec: DatasetSpec, out: pathlib.Path) -> data.Dataset:
+    """The spec's dataset: loaded from its folder, or generated (and saved under out/data)."""
+    if spec.path is not None:
+        return data.load(spec.path)
+    folder = out / "data" / spec.name
+    if (folder / "qrels.jsonl").is_file():
+        return data.load(folder)
+    log.info("%s: generating %s", spec.name, spec.generate)
+    dataset = data.generate(spec.generate)
+    data.save(dataset, folder)
+    return dataset
+
+
+def _describe(dataset: data.Dataset) -> dict:
+    stats = retrieval.qrel_graph_stats(dataset)
+    return {"documents": len(dataset.corpus), "queries": len(dataset.queries),
+            "judgments": len(dataset.qrels), "graph_edges": stats.num_edges,
+            "graph_density": stats.density,
+            "average_query_strength": stats.average_query_strength}
+
+
+def _minilm_embeddings(encoder, name: str, dataset, out: pathlib.Path,
+                       details: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Document [n, H] and query [m, H] embeddings, from out/embeddings when a run made them."""
+    vectors = []
+    for part, texts in (("docs", [d.text for d in dataset.corpus]),
+                        ("queries", [q.text for q in dataset.queries])):
+        path = out / "embeddings" / f"{name}-{part}.npy"
+        if path.is_file():
+            vectors.append(np.load(path))
+            continue
+        start = time.perf_counter()
+        embedded = encoder.encode(texts, progress=f"{name} {part}")
+        seconds = time.perf_counter() - start
+        details[name].setdefault("encoding", {})[part] = {
+            "texts": len(texts), "seconds": round(seconds, 2),
+            "texts_per_second": round(len(texts) / seconds, 2)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp.npy")
+        np.save(temporary, embedded)
+        temporary.replace(path)
+        vectors.append(embedded)
+    return vectors[0], vectors[1]
+
+
+def _table(metrics: dict, cfg: Config) -> str:
+    ks = sorted({k for per in metrics.values() for r in per.values() for k in
+                 (int(name.split("@")[1]) for name in r)})
+    header = f"{'dataset':>14} {'retriever':>18} " + " ".join(f"{'R@' + str(k):>7}" for k in ks)
+    lines = [header]
+    for spec in cfg.datasets:
+        for retriever, values in metrics.get(spec.name, {}).items():
+            lines.append(f"{spec.name:>14} {retriever:>18} " + " ".join(
+                f"{100 * values[f'recall@{k}']:7.1f}" if f"recall@{k}" in values else f"{'-':>7}"
+                for k in ks))
+        for model, values in PAPER.get(spec.paper, {}).items():
+            lines.append(f"{'(paper) ' + spec.paper:>14} {model:>18} " + " ".join(
+                f"{values[k]:7.1f}" if k in values else f"{'-':>7}" for k in ks))
+    lines.append("recall@k x 100; (paper): Weller et al. 2025, reported on the released data")
+    return "\n".join(lines)
+
+
+def _plot(path: pathlib.Path, metrics: dict, names: list[str]) -> None:
+    names = [n for n in names if n in metrics]
+    fig, axes = plt.subplots(len(names), 1, figsize=(9, 3.2 * len(names)), dpi=110,
+                             squeeze=False)
+    for ax, name in zip(axes[:, 0], names, strict=True):
+        retrievers = list(metrics[name])
+        ks = sorted({int(k.split("@")[1]) for r in metrics[name].values() for k in r})
+        width = 0.8 / len(ks)
+        for i, k in enumerate(ks):
+            values = [metrics[name][r].get(f"recall@{k}", np.nan) for r in retrievers]
+            ax.bar(np.arange(len(retrievers)) + (i - (len(ks) - 1) / 2) * width, values, width,
+                   label=f"recall@{k}")
+        ax.set_xticks(np.arange(len(retrievers)), retrievers, rotation=20, fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(name)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, ncol=len(ks))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
