@@ -6,7 +6,7 @@ Loading. A Qwen3-0.6B-shaped checkpoint (random weights, one model.safetensors, 
 released model unless --checkpoint-dtype says otherwise) is written once by `zoo.create` to DIR and
 reused when present. Each load runs in a fresh Python process on the CPU, so that peaks are
 independent:
-  ours:          jaxlab.models.hf_decoder.load_pretrained(DIR, dtype=...)
+  ours:          jaxlab.models.hf.load_pretrained(DIR, dtype=...)
   transformers:  AutoModelForCausalLM.from_pretrained(DIR, dtype=...)
 with bfloat16 and with float32 parameters. Measured inside that process, after its imports:
   call s     the loading call;
@@ -59,14 +59,14 @@ def _ours():
     import jax
     from flax import nnx
 
-    from jaxlab.models import hf_decoder
+    from jaxlab.models import hf
 
     def ready(model) -> int:
         """Waits for every parameter (they are in memory once computed) and counts them."""
         params = jax.block_until_ready(jax.tree.leaves(nnx.state(model, nnx.Param)))
         return sum(int(p.size) for p in params)
 
-    return (lambda path, dtype: hf_decoder.load_pretrained(path, dtype=dtype)), ready
+    return (lambda path, dtype: hf.load_pretrained(path, dtype=dtype)), ready
 
 
 def _transformers():
@@ -218,14 +218,14 @@ def logit_errors(root: pathlib.Path) -> list[dict]:
     """Per family: max |logit| and max abs logit differences, bf16 vs fp32 and ours vs theirs."""
     import jax.numpy as jnp
 
-    from jaxlab.models import hf_decoder, zoo
+    from jaxlab.models import hf, zoo
 
     rows = []
     for family in zoo.RELEASED:
         path = zoo.create(family, root / family)
-        vocab = hf_decoder.load_config(path).vocab_size
+        vocab = hf.load_decoder_config(path).vocab_size
         ids = np.random.default_rng(0).integers(0, vocab, TOKENS_SHAPE)
-        ours = {d: np.asarray(hf_decoder.load_pretrained(path, dtype=d)(jnp.asarray(ids)))
+        ours = {d: np.asarray(hf.load_pretrained(path, dtype=d)(jnp.asarray(ids)))
                 for d in DTYPES}
         theirs = {d: _torch_logits(path, d, ids) for d in DTYPES}
         rows.append({"family": family, "max_abs_logit": float(np.abs(ours["float32"]).max()),

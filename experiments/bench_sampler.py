@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlab.models import hf_decoder, zoo
+from jaxlab.models import hf, zoo
 from jaxlab.sampling import sampler
 from jaxlab.sampling.sampler import SamplingConfig
 
@@ -133,7 +133,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = zoo.create("qwen3", folder, size=size["size"], dtype=size["dtype"],
                           **size["overrides"])
-        model = hf_decoder.load_pretrained(path, dtype=size["dtype"])
+        model = hf.load_pretrained(path, dtype=size["dtype"])
         rng = np.random.default_rng(0)
         bandwidth = hbm_bandwidth()
         rows = []

@@ -29,7 +29,7 @@ from jaxlab import config as config_lib
 from jaxlab import results
 from jaxlab.deepconf import answers, online, voting
 from jaxlab.deepconf.problems import load_problems
-from jaxlab.models import hf_decoder
+from jaxlab.models import hf
 from jaxlab.sampling import sampler
 from jaxlab.sampling.sampler import SamplingConfig
 
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     except config_lib.ConfigError as e:
         parser.error(str(e))
     problems = load_problems(cfg.problems)[:cfg.limit or None]
-    model = hf_decoder.load_pretrained(cfg.model)
-    tokenizer = hf_decoder.load_tokenizer(cfg.model)
+    model = hf.load_pretrained(cfg.model)
+    tokenizer = hf.load_tokenizer(cfg.model)
     config_lib.require(tokenizer.eos_token_id is not None,
                        f"the tokenizer in {cfg.model} has no EOS token to end traces with")
     out = results.open_run(cfg.out_dir, cfg, may_change=("limit",))

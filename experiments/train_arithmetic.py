@@ -27,7 +27,7 @@ from jaxlab import config as config_lib
 from jaxlab import results
 from jaxlab.deepconf import arithmetic
 from jaxlab.deepconf.problems import Problem, save_problems
-from jaxlab.models import hf_decoder, zoo
+from jaxlab.models import hf, zoo
 from jaxlab.models.decoder import Decoder, DecoderConfig
 from jaxlab.rl import losses
 from jaxlab.sampling import sampler
@@ -62,12 +62,12 @@ class Config:
 
 
 def model_config(cfg: Config) -> DecoderConfig:
-    hf = zoo.hf_config("qwen3", vocab_size=len(arithmetic.VOCAB), hidden_size=cfg.hidden_size,
+    config = zoo.hf_config("qwen3", vocab_size=len(arithmetic.VOCAB), hidden_size=cfg.hidden_size,
                        intermediate_size=3 * cfg.hidden_size, num_hidden_layers=cfg.layers,
                        num_attention_heads=cfg.heads, num_key_value_heads=max(1, cfg.heads // 2),
                        head_dim=cfg.hidden_size // cfg.heads, max_position_embeddings=512,
                        tie_word_embeddings=True)
-    return DecoderConfig.from_hf(hf)
+    return DecoderConfig.from_hf(config)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "optimizer"), donate_argnums=(0, 1))
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
                 raise FloatingPointError(f"loss is {loss} at step {step}; stopping")
             bar.set_postfix(loss=f"{loss:.4f}")
     model = nnx.merge(graphdef, params)
-    hf_decoder.save_pretrained(model, out, eos_token_id=arithmetic.VOCAB.index(arithmetic.EOS),
+    hf.save_pretrained(model, out, eos_token_id=arithmetic.VOCAB.index(arithmetic.EOS),
                                pad_token_id=arithmetic.VOCAB.index(arithmetic.PAD))
     arithmetic.save_tokenizer(out)
     held_out = arithmetic.make_problems(cfg.eval_problems, cfg.terms, seed=10_000 + cfg.seed)

@@ -19,7 +19,7 @@ class Field(NamedTuple):
     is_id: bool = False    # ids written as JSON numbers are read as strings
 
 
-def _value(record: dict, field: Field, where: str) -> Any:
+def field_value(record: dict, field: Field, where: str) -> Any:
     """The field's value, checked against its type ("" for a missing optional field)."""
     if field.key not in record:
         if field.required:
@@ -51,7 +51,7 @@ def read_jsonl(path: str | pathlib.Path, fields: Sequence[Field]) -> list[tuple]
                 raise DataError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            rows.append(tuple(_value(record, field, where) for field in fields))
+            rows.append(tuple(field_value(record, field, where) for field in fields))
     return rows
 
 

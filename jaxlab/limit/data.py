@@ -25,23 +25,19 @@ import dataclasses
 import functools
 import importlib.resources
 import itertools
-import json
 import math
 import pathlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from jaxlab.config import require
+from jaxlab.jsonl import DataError, Field, field_value, jsonl_text, read_jsonl
 from jaxlab.results import write_text
 
 PATTERNS = ("random", "cycle", "disjoint", "dense")
 FILES = ("corpus.jsonl", "queries.jsonl", "qrels.jsonl")
-
-
-class DataError(ValueError):
-    """A dataset (file, record or generator request) is malformed or cannot be built."""
 
 
 class Document(NamedTuple):
@@ -150,54 +146,11 @@ def _check_known(keys: Sequence[str], known: dict[str, int], what: str, source: 
 # BEIR / MTEB JSON Lines
 
 
-class _Field(NamedTuple):
-    key: str
-    kind: type             # str or int
-    required: bool = True
-    is_id: bool = False    # ids written as JSON numbers are read as strings
-
-
-_CORPUS = (_Field("_id", str, is_id=True), _Field("title", str, required=False),
-           _Field("text", str))
-_QUERIES = (_Field("_id", str, is_id=True), _Field("text", str))
-_QRELS = (_Field("query-id", str, is_id=True), _Field("corpus-id", str, is_id=True),
-          _Field("score", int))
-
-
-def _value(record: dict, field: _Field, where: str) -> Any:
-    """The field's value, checked against its type ("" for a missing optional field)."""
-    if field.key not in record:
-        if field.required:
-            raise DataError(f"{where}: missing key {field.key!r}")
-        return ""
-    value = record[field.key]
-    if not isinstance(value, bool):
-        if field.is_id and isinstance(value, int):
-            return str(value)
-        if isinstance(value, field.kind):
-            return value
-    raise DataError(f"{where}: {field.key!r} must be {field.kind.__name__}, got "
-                    f"{type(value).__name__} {value!r}")
-
-
-def read_jsonl(path: str | pathlib.Path, fields: Sequence[_Field]) -> list[tuple]:
-    """The records of a JSON Lines file as tuples of `fields`; DataError naming `path:line` for
-    a line that is not a JSON object or lacks a field."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} does not exist")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            rows.append(tuple(_value(record, field, where) for field in fields))
-    return rows
+_CORPUS = (Field("_id", str, is_id=True), Field("title", str, required=False),
+           Field("text", str))
+_QUERIES = (Field("_id", str, is_id=True), Field("text", str))
+_QRELS = (Field("query-id", str, is_id=True), Field("corpus-id", str, is_id=True),
+          Field("score", int))
 
 
 def load(folder: str | pathlib.Path) -> Dataset:
@@ -209,15 +162,11 @@ def load(folder: str | pathlib.Path) -> Dataset:
         raise DataError(f"{folder} lacks {', '.join(missing)} (a BEIR/MTEB dataset folder holds "
                         f"{', '.join(FILES)}); to build a LIMIT-style corpus, see "
                         f"jaxlab.limit.data.generate")
-    corpus, queries, qrels = (read_jsonl(p, f) for p, f in zip(paths, (_CORPUS, _QUERIES, _QRELS),
-                                                                strict=True))
+    corpus, queries, qrels = (read_jsonl(p, f) for p, f in
+                              zip(paths, (_CORPUS, _QUERIES, _QRELS), strict=True))
     return Dataset(tuple(itertools.starmap(Document, corpus)),
                    tuple(itertools.starmap(Query, queries)),
                    tuple(itertools.starmap(Judgment, qrels)), sources=tuple(map(str, paths)))
-
-
-def _jsonl(records: Iterable[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 def save(dataset: Dataset, folder: str | pathlib.Path) -> pathlib.Path:
@@ -227,7 +176,7 @@ def save(dataset: Dataset, folder: str | pathlib.Path) -> pathlib.Path:
     for name, columns in zip(FILES, (corpus, queries, qrels), strict=True):
         rows = (dict(zip(columns, row, strict=True)) for row in zip(*columns.values(),
                                                                      strict=True))
-        write_text(folder / name, _jsonl(rows))
+        write_text(folder / name, jsonl_text(rows))
     return folder
 
 
@@ -266,7 +215,7 @@ def from_hf(parts) -> Dataset:
         missing = [f.key for f in fields if f.required and f.key not in table.column_names]
         if missing:
             raise DataError(f"split {name!r} lacks columns {missing}; has {table.column_names}")
-        rows = (tuple(_value(row, f, f"{name}:{i + 1}") for f in fields)
+        rows = (tuple(field_value(row, f, f"{name}:{i + 1}") for f in fields)
                 for i, row in enumerate(table))
         records.append(tuple(itertools.starmap(record, rows)))
     return Dataset(*records)

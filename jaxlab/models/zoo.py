@@ -13,7 +13,7 @@ import pathlib
 from flax import nnx
 
 from jaxlab.models.decoder import Decoder
-from jaxlab.models.hf_decoder import load_config, save_pretrained
+from jaxlab.models.hf import load_decoder_config, save_pretrained
 
 # The released configs' architecture fields (Qwen3-0.6B, Qwen2.5-0.5B, Llama-3.2-1B).
 RELEASED = {
@@ -59,6 +59,6 @@ def create(family: str, path: str | pathlib.Path, *, size: str = "tiny", seed: i
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     hf_config(family, size, **overrides).save_pretrained(path)
-    model = Decoder(load_config(path, dtype=dtype), nnx.Rngs(seed))
+    model = Decoder(load_decoder_config(path, dtype=dtype), nnx.Rngs(seed))
     save_pretrained(model, path)
     return path

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxlab.deepconf import online, voting
-from jaxlab.models import hf_decoder, zoo
+from jaxlab.models import hf, zoo
 from jaxlab.sampling import sampler
 from jaxlab.sampling.sampler import SamplingConfig
 
@@ -15,7 +15,7 @@ PROMPT = [5, 9, 17, 3]
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return hf_decoder.load_pretrained(zoo.create("qwen3", tmp_path_factory.mktemp("q3")))
+    return hf.load_pretrained(zoo.create("qwen3", tmp_path_factory.mktemp("q3")))
 
 
 def by_first_token(ids) -> str:

@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jaxlab import parallel  # noqa: E402
-from jaxlab.models import hf_decoder, zoo  # noqa: E402
-from jaxlab.models.decoder import Decoder  # noqa: E402
+from jaxlab.models import hf, zoo  # noqa: E402
+from jaxlab.models.decoder import Decoder, DecoderConfig  # noqa: E402
 
 # One variant per family, covering tied/untied embeddings, Qwen2's biases, Qwen3's q/k norms,
 # Llama's attention bias and llama3 RoPE scaling.
@@ -42,7 +42,7 @@ def _reference(family, path, seed=0):
 def pair(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     reference = _reference(request.param, path)
-    return request.param, path, reference, hf_decoder.load_pretrained(path)
+    return request.param, path, reference, hf.load_pretrained(path)
 
 
 def _ids(batch, length, seed=0, vocab=512):
@@ -113,8 +113,8 @@ def test_greedy_continuation_matches_transformers_generate(pair):
 
 def test_save_then_load_is_exact_and_transformers_reads_it(pair, tmp_path):
     _, _, reference, model = pair
-    hf_decoder.save_pretrained(model, tmp_path)
-    again = hf_decoder.load_pretrained(tmp_path)
+    hf.save_pretrained(model, tmp_path)
+    again = hf.load_pretrained(tmp_path)
     for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(jax.tree.map(
             np.asarray, jax.tree.leaves(model))), jax.tree_util.tree_leaves_with_path(
             jax.tree.map(np.asarray, jax.tree.leaves(again))), strict=True):
@@ -127,7 +127,7 @@ def test_save_then_load_is_exact_and_transformers_reads_it(pair, tmp_path):
 
 def test_sharded_load_equals_single_device_load(pair, data_mesh8):
     _, path, _, model = pair
-    sharded = hf_decoder.load_pretrained(path, mesh=data_mesh8)
+    sharded = hf.load_pretrained(path, mesh=data_mesh8)
     kernel = sharded.layers[0].mlp.up_proj.kernel[...]
     assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
     for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(sharded), strict=True):
@@ -138,7 +138,7 @@ def test_sharded_load_equals_single_device_load(pair, data_mesh8):
 
 def test_bfloat16_stays_near_float32(pair):
     _, path, _, model = pair
-    half = hf_decoder.load_pretrained(path, dtype="bfloat16")
+    half = hf.load_pretrained(path, dtype="bfloat16")
     assert half.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
     ids = jnp.asarray(_ids(2, 16, seed=6))
     error = np.max(np.abs(np.asarray(half(ids)) - np.asarray(model(ids))))
@@ -163,14 +163,14 @@ def _edit_config(src, dst, **changes):
 
 @pytest.mark.parametrize("changes,match", [
     (dict(model_type="gpt2"), "model_type"),
-    (dict(model_type="nonexistent-arch"), "supported model types"),
+    (dict(model_type="nonexistent-arch"), "supported decoder model types"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}), "yarn"),
 ])
 def test_unsupported_config_is_named(qwen3_folder, tmp_path, changes, match):
     folder = _edit_config(qwen3_folder, tmp_path / "bad", **changes)
     with pytest.raises(ValueError, match=match):
-        hf_decoder.load_pretrained(folder)
+        hf.load_pretrained(folder)
 
 
 def test_missing_unexpected_and_misshaped_tensors_are_reported_together(qwen3_folder, tmp_path):
@@ -182,8 +182,8 @@ def test_missing_unexpected_and_misshaped_tensors_are_reported_together(qwen3_fo
     tensors["model.norm.weight"] = np.ones(63, np.float32)
     folder = _edit_config(qwen3_folder, tmp_path / "bad")
     save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(hf_decoder.CheckpointError) as error:
-        hf_decoder.load_pretrained(folder)
+    with pytest.raises(hf.CheckpointError) as error:
+        hf.load_pretrained(folder)
     message = str(error.value)
     for part in ("missing tensor model.layers.1.mlp.up_proj.weight",
                  "unexpected tensor model.layers.0.extra.weight",
@@ -198,21 +198,21 @@ def test_integer_tensor_is_refused(qwen3_folder, tmp_path):
     tensors["model.norm.weight"] = np.ones(64, np.int32)
     folder = _edit_config(qwen3_folder, tmp_path / "bad")
     save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(hf_decoder.CheckpointError, match="dtype I32"):
-        hf_decoder.load_pretrained(folder)
+    with pytest.raises(hf.CheckpointError, match="dtype I32"):
+        hf.load_pretrained(folder)
 
 
 def test_missing_files_are_named(qwen3_folder, tmp_path):
-    with pytest.raises(hf_decoder.CheckpointError, match=r"no config.json"):
-        hf_decoder.load_pretrained(tmp_path)
+    with pytest.raises(hf.CheckpointError, match=r"config\.json does not exist"):
+        hf.load_pretrained(tmp_path)
     folder = _edit_config(qwen3_folder, tmp_path / "noweights")
     (folder / "model.safetensors").unlink()
-    with pytest.raises(hf_decoder.CheckpointError, match=r"no model.safetensors"):
-        hf_decoder.load_pretrained(folder)
+    with pytest.raises(hf.CheckpointError, match=r"model\.safetensors does not exist"):
+        hf.load_pretrained(folder)
     (folder / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
-    with pytest.raises(hf_decoder.CheckpointError, match=r"missing.*00002"):
-        hf_decoder.load_pretrained(folder)
+    with pytest.raises(hf.CheckpointError, match=r"missing.*00002"):
+        hf.load_pretrained(folder)
 
 
 def test_sharded_checkpoint_with_index_loads(qwen3_folder, tmp_path):
@@ -229,12 +229,12 @@ def test_sharded_checkpoint_with_index_loads(qwen3_folder, tmp_path):
         weight_map.update(dict.fromkeys(chunk, file))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     ids = jnp.asarray(_ids(1, 6))
-    np.testing.assert_array_equal(hf_decoder.load_pretrained(folder)(ids),
-                                  hf_decoder.load_pretrained(qwen3_folder)(ids))
+    np.testing.assert_array_equal(hf.load_pretrained(folder)(ids),
+                                  hf.load_pretrained(qwen3_folder)(ids))
 
 
 def test_tokens_outside_the_vocabulary_and_long_prompts_are_refused(qwen3_folder):
-    model = hf_decoder.load_pretrained(qwen3_folder)
+    model = hf.load_pretrained(qwen3_folder)
     with pytest.raises(ValueError, match=r"token id 512 at \(0, 2\)"):
         model(jnp.asarray([[1, 2, 512]]))
     with pytest.raises(ValueError, match="longer than the cache"):
@@ -246,7 +246,7 @@ def test_tokens_outside_the_vocabulary_and_long_prompts_are_refused(qwen3_folder
 
 def test_zoo_builds_every_family(tmp_path):
     for family in zoo.RELEASED:
-        model = hf_decoder.load_pretrained(zoo.create(family, tmp_path / family))
+        model = hf.load_pretrained(zoo.create(family, tmp_path / family))
         assert isinstance(model, Decoder) and model.config.family == family
     assert parallel.DATA == "data"
 
@@ -264,23 +264,23 @@ def test_rope_frequencies_match_transformers(rope):
         theirs = 1.0 / rope["rope_theta"] ** (np.arange(0, 64, 2) / 64)
     else:
         theirs, _ = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, "cpu")
-    ours = hf_decoder.DecoderConfig.from_hf(config).rope.inv_freq(64)
+    ours = DecoderConfig.from_hf(config).rope.inv_freq(64)
     np.testing.assert_allclose(ours, np.asarray(theirs), rtol=1e-6)
 
 
 def test_save_replaces_a_sharded_checkpoint_and_keeps_extra_fields(qwen3_folder, tmp_path):
-    model = hf_decoder.load_pretrained(qwen3_folder)
+    model = hf.load_pretrained(qwen3_folder)
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"model.norm.weight": "old.safetensors"}}))
-    hf_decoder.save_pretrained(model, tmp_path, eos_token_id=7)
+    hf.save_pretrained(model, tmp_path, eos_token_id=7)
     assert not (tmp_path / "model.safetensors.index.json").exists()
     assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == 7
     ids = jnp.asarray(_ids(1, 5))
-    np.testing.assert_array_equal(hf_decoder.load_pretrained(tmp_path)(ids), model(ids))
+    np.testing.assert_array_equal(hf.load_pretrained(tmp_path)(ids), model(ids))
 
 
 def test_int8_cache_stays_near_the_float_cache(qwen3_folder):
-    model = hf_decoder.load_pretrained(qwen3_folder)
+    model = hf.load_pretrained(qwen3_folder)
     ids = jnp.asarray(_ids(2, 12, seed=7))
     full = np.asarray(model(ids))
     logits, cache = model.prefill(ids[:, :8], cache_size=16, int8_cache=True)

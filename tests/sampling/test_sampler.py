@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlab.models import hf_decoder, zoo
+from jaxlab.models import hf, zoo
 from jaxlab.sampling import confidence as cf
 from jaxlab.sampling import sampler
 from jaxlab.sampling.sampler import SamplingConfig
@@ -15,7 +15,7 @@ PROMPTS = [[5, 9, 17, 3, 44], [7, 8], [100, 200, 300]]
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return hf_decoder.load_pretrained(zoo.create("qwen3", tmp_path_factory.mktemp("q3")))
+    return hf.load_pretrained(zoo.create("qwen3", tmp_path_factory.mktemp("q3")))
 
 
 def _full_logits(model, prompt, tokens):
