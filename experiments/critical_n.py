@@ -9,7 +9,6 @@ d = 512..4096) and curve.png, then prints measured vs published values.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -62,14 +61,7 @@ class Config:
 
 
 def main(argv: list[str] | None = None) -> list[critical_n.CriticalN]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file (configs/critical_n/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. d_max=8 solver.loss=log_sum")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_lib.load_config(Config, args.config, args.overrides)
-    except config_lib.ConfigError as e:
-        parser.error(str(e))
+    cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     out = results.open_run(cfg.out_dir, cfg, may_change=("d_min", "d_max"))
     path = out / "results.json"
     done = [_from_record(r) for r in results.read_json(path, default=[])]

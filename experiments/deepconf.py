@@ -10,7 +10,6 @@ summary.json, accuracy_vs_tokens.png, log.txt, config.yaml, and prints a summary
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -66,7 +65,7 @@ class Config:
     ks: tuple[int, ...] = (8, 16, 32, 64)
     rules: tuple[str, ...] = ("deepconf-low", "deepconf-high")
     warmup: int = 16
-    batch: int = 16
+    batch: int = 32
     consensus: float = 0.95
 
     def __post_init__(self):
@@ -121,14 +120,7 @@ def offline_record(traces: online.Traces, reference: str, cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_lib.load_config(Config, args.config, args.overrides)
-    except config_lib.ConfigError as e:
-        parser.error(str(e))
+    cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     problems = load_problems(cfg.problems)[:cfg.limit or None]
     model = hf.load_pretrained(cfg.model)
     tokenizer = hf.load_tokenizer(cfg.model)
@@ -156,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
             traces = online.Traces.from_samples(
                 sampler.sample(model, [prompt], problem_key, dataclasses.replace(
                     sampling, budget=cfg.offline_traces)), decode)
+            online.weighted_vote(traces)  # answering costs the baseline a vote too
             record = {"id": problem.id, "answer": problem.answer,
                       "offline_seconds": time.perf_counter() - start,
                       "offline": offline_record(traces, problem.answer, cfg), "online": {}}

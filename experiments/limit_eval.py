@@ -11,7 +11,6 @@ statistics, timings, free-embedding runs), embeddings/ (MiniLM vectors, reused b
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -103,14 +102,7 @@ class Config:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file (configs/limit_eval/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. minilm=false free_dims=[12]")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_lib.load_config(Config, args.config, args.overrides)
-    except config_lib.ConfigError as e:
-        parser.error(str(e))
+    cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     out = results.open_run(cfg.out_dir, cfg)
     metrics = results.read_json(out / "metrics.json", default={})
     details = results.read_json(out / "details.json", default={})

@@ -11,7 +11,6 @@ and EOS); progress shows the loss. At the end the held-out problems are written 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import logging
@@ -100,14 +99,7 @@ def greedy_accuracy(model: Decoder, problems, max_new_tokens: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_lib.load_config(Config, args.config, args.overrides)
-    except config_lib.ConfigError as e:
-        parser.error(str(e))
+    cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     out = results.open_run(cfg.out_dir, cfg)
     model = Decoder(model_config(cfg), nnx.Rngs(cfg.seed))
     graphdef, params = nnx.split(model)

@@ -7,7 +7,7 @@ through OmegaConf structured configs, so an unknown key or an ill-typed value is
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import pathlib
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -51,13 +51,23 @@ def load_config(schema: type[T], path: str | pathlib.Path | None = None,
         raise ConfigError(str(e)) from None
 
 
+def from_command_line(schema: type[T], argv: Sequence[str] | None = None,
+                      description: str | None = None) -> T:
+    """`--config FILE key=value ...` -> a `schema` instance. A bad key or value exits with a usage
+    message naming it, before any work starts."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML file (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value; dotted keys for nested fields")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(schema, args.config, args.overrides)
+    except ConfigError as e:
+        parser.error(str(e))
+
+
 def to_yaml(config: Any) -> str:
     """The resolved config as YAML (written into every results folder)."""
     return OmegaConf.to_yaml(OmegaConf.structured(config))
-
-
-def as_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
 
 
 def _first_line(e: Exception) -> str:
