@@ -155,7 +155,10 @@ def _prefill(graphdef, state, ids, mask, *, cache_size: int, n: int, int8_cache:
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _decode(graphdef, state, cache: KVCache, prompt_logits, key, *, config: SamplingConfig):
+def _decode(graphdef, state, cache: KVCache, prompt_logits, key, threshold, *,
+            config: SamplingConfig):
+    """The decode loop; `threshold` [] float32 is the early-stop threshold, traced so that a new
+    value does not recompile (config.stop_threshold only says whether early stop is on)."""
     model = nnx.merge(graphdef, state)
     num_prompts = prompt_logits.shape[0]
     num_slots = cache.valid.shape[0]
@@ -205,7 +208,7 @@ def _decode(graphdef, state, cache: KVCache, prompt_logits, key, *, config: Samp
                           o.group_confidence, group))
         length = s.length + active
         stopped = jnp.isin(token, stop_ids)
-        low = (window.full & (group < config.stop_threshold)
+        low = (window.full & (group < threshold)
                if config.stop_threshold is not None else jnp.zeros_like(active))
         finishing = active & (stopped | low | (length >= t_max))
         reason = jnp.where(stopped, STOP, jnp.where(low, LOW_CONFIDENCE, LENGTH))
@@ -301,4 +304,7 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
         axis = mesh.axis_names[0]
         cache = cache.map_rows(lambda x, batch_axis: jax.device_put(
             x, NamedSharding(mesh, PartitionSpec(*[None] * batch_axis, axis))))
-    return _decode(graphdef, state, cache, prompt_logits, key, config=config)
+    threshold = jnp.float32(config.stop_threshold or 0.0)
+    static = config if config.stop_threshold is None else dataclasses.replace(
+        config, stop_threshold=0.0)
+    return _decode(graphdef, state, cache, prompt_logits, key, threshold, config=static)

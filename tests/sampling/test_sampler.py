@@ -151,11 +151,12 @@ def test_sharded_sampling_equals_single_device(model, data_mesh8):
 
 
 def test_no_recompilation_for_the_same_shapes(model):
-    config = SamplingConfig(max_new_tokens=6, n=2, temperature=1.0)
+    config = SamplingConfig(max_new_tokens=6, n=2, temperature=1.0, stop_threshold=5.0)
     sampler.sample(model, PROMPTS, jax.random.key(7), config)
     before = sampler._decode._cache_size(), sampler._prefill._cache_size()
-    other = [[1, 2, 3, 4, 5], [9], [4, 4]]  # same padded length
-    sampler.sample(model, other, jax.random.key(8), config)
+    other = [[1, 2, 3, 4, 5], [9], [4, 4]]  # same padded length, another threshold
+    sampler.sample(model, other, jax.random.key(8),
+                   dataclasses.replace(config, stop_threshold=6.5))
     assert (sampler._decode._cache_size(), sampler._prefill._cache_size()) == before
 
 
