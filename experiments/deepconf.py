@@ -102,7 +102,7 @@ def offline_record(traces: online.Traces, reference: str, cfg: Config) -> dict:
     metrics = {name: np.asarray(voting.trace_metric(name, traces.confidence, traces.lengths,
                                                     cfg.window))
                for name in {m for _, m, _, _ in OFFLINE if m}}
-    record = {}
+    record: dict = {}
     for k in cfg.ks:
         groups = answers.group_answers(extracted[:k])
         valid = np.ones(k, bool)
@@ -116,7 +116,19 @@ def offline_record(traces: online.Traces, reference: str, cfg: Config) -> dict:
                 result = voting.filtered_vote(groups.ids, valid, metrics[metric][:k], keep)
             row[name] = answers.is_correct(groups.label(int(result.answer)), reference)
         record[str(k)] = row
+    record["traces"] = {"correct": correct.tolist(),
+                        **{name: values.round(4).tolist() for name, values in metrics.items()}}
     return record
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """P(score of a random positive > score of a random negative), ties counting 1/2 (the area
+    under the ROC curve, by the Mann-Whitney rank sum); NaN without both classes."""
+    pos, neg = scores[positive], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -198,6 +210,17 @@ def summarize(records: list[dict], cfg: Config) -> dict:
             "seconds": seconds, "tokens_saved": 1 - tokens / baseline_tokens
             if baseline_tokens else None, "seconds_saved": 1 - seconds / baseline_seconds}
     summary["offline_seconds"] = baseline_seconds
+    # Does confidence tell right traces from wrong ones? Within a problem (what filtering uses)
+    # and pooled over problems.
+    metrics = [m for m in records[0]["offline"]["traces"] if m != "correct"]
+    summary["auroc"] = {}
+    for name in metrics:
+        within = [auroc(np.asarray(r["offline"]["traces"][name]),
+                        np.asarray(r["offline"]["traces"]["correct"])) for r in records]
+        pooled = auroc(np.concatenate([r["offline"]["traces"][name] for r in records]),
+                       np.concatenate([r["offline"]["traces"]["correct"] for r in records]))
+        summary["auroc"][name] = {"within_problem": float(np.nanmean(within)),
+                                  "pooled": pooled}
     return summary
 
 
@@ -210,6 +233,9 @@ def table(summary: dict) -> str:
                                              for row in summary["offline"].values()))
     lines.append(f"{'tokens':>18} " + " ".join(f"{row['tokens']:8.0f}"
                                              for row in summary["offline"].values()))
+    lines.append("confidence vs correctness, AUROC (0.5 = no signal): " + ", ".join(
+        f"{name} {row['within_problem']:.2f} within problems / {row['pooled']:.2f} pooled"
+        for name, row in sorted(summary["auroc"].items())))
     lines.append(f"online (budget = largest K; baseline: every trace to the end, "
                  f"{summary['offline_seconds']:.2f} s/problem)")
     for rule, row in summary["online"].items():
