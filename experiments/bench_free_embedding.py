@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=0, help="batch size (default: 8 x devices)")
     parser.add_argument("--out", default="results/bench_free_embedding.json")
     args = parser.parse_args()
+    parallel.cpu_cores_as_devices()  # before JAX starts its CPU backend
     n, d = SIZES[args.size or ("gpu" if jax.default_backend() == "gpu" else "cpu")]
     mesh = parallel.make_mesh(parallel.RUNS)
     runs = args.runs or 8 * mesh.size

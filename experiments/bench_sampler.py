@@ -154,6 +154,8 @@ def main() -> None:
                 row["roofline_fraction"] = ours / roofline_tokens_per_s(model, batch, context,
                                                                         bandwidth)
             rows.append(row)
+            print(f"batch {batch}: ours {ours:.0f} tok/s, without confidence {plain:.0f}, "
+                  f"generate {theirs:.0f}", flush=True)
         refill = bench_refill(model, prompts[0], slots=min(args.batches[-1], 64),
                               new_tokens=args.new_tokens)
     device = jax.devices()[0].device_kind

@@ -11,13 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
-
-# Spread runs over every CPU core as separate devices (before JAX is imported).
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={os.cpu_count()}")
 
 import jax
 import matplotlib
@@ -61,6 +55,7 @@ class Config:
 
 
 def main(argv: list[str] | None = None) -> list[critical_n.CriticalN]:
+    parallel.cpu_cores_as_devices()  # before JAX starts its CPU backend
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     out = results.open_run(cfg.out_dir, cfg, may_change=("d_min", "d_max"))
     path = out / "results.json"

@@ -13,15 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import pathlib
 import sys
 import time
-
-# Spread the corpus over every CPU core as separate devices (before JAX is imported).
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={os.cpu_count()}")
 
 import jax
 import matplotlib
@@ -102,6 +96,7 @@ class Config:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    parallel.cpu_cores_as_devices()  # before JAX starts its CPU backend
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     out = results.open_run(cfg.out_dir, cfg)
     metrics = results.read_json(out / "metrics.json", default={})

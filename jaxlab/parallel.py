@@ -17,6 +17,15 @@ RUNS = "runs"  # axis over which independent runs (seeds, candidate n) are sprea
 DATA = "data"  # axis over which a training or sampling batch is spread
 
 
+def cpu_cores_as_devices() -> None:
+    """On a CPU host, expose one JAX device per core, so that work split over a mesh (runs,
+    corpus shards) keeps every core busy. Call before JAX first touches a backend; no-op when the
+    flag is already set."""
+    flag = "--xla_force_host_platform_device_count"
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={os.cpu_count()}"
+
+
 def make_mesh(axis: str = DATA, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A one-dimensional mesh named `axis` over `devices` (default: every device)."""
     devices = list(jax.devices() if devices is None else devices)

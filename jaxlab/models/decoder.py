@@ -167,31 +167,28 @@ class DecoderConfig:
 class KVCache:
     """Keys and values of every layer for S slots per row, filled left to right."""
 
-    keys: jax.Array       # [L, B, S, K, D], the model's dtype or int8
-    values: jax.Array     # [L, B, S, K, D]
-    key_scale: jax.Array | None    # float32 [L, B, S, K] when int8: key = keys * key_scale
-    value_scale: jax.Array | None  # float32 [L, B, S, K] when int8
+    # One array per layer (so a step updates each in place, no stacking): L x [B, S, K, D] in
+    # the model's dtype or int8, and for int8 L x float32 [B, S, K] scales (key = keys * scale).
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    key_scale: tuple[jax.Array, ...] | None
+    value_scale: tuple[jax.Array, ...] | None
     valid: jax.Array      # [B, S] bool, slot holds a real token
     positions: jax.Array  # [B] int32, position of each row's next token (= real tokens so far)
     index: jax.Array      # [B] int32, each row's next slot to write
 
     @property
     def size(self) -> int:
-        return self.keys.shape[2]
+        return self.keys[0].shape[1]
 
     @property
     def nbytes(self) -> int:
-        return sum(x.nbytes for x in (self.keys, self.values, self.key_scale, self.value_scale)
-                   if x is not None)
+        return sum(x.nbytes for x in jax.tree.leaves(
+            (self.keys, self.values, self.key_scale, self.value_scale)))
 
     def map_rows(self, fn) -> KVCache:
-        """Applies fn(array, batch_axis) to every field: batch_axis is 1 for the per-layer
-        arrays and 0 for valid, positions and index."""
-        per_layer = ("keys", "values", "key_scale", "value_scale")
-        return self.replace(**{
-            f.name: None if getattr(self, f.name) is None
-            else fn(getattr(self, f.name), 1 if f.name in per_layer else 0)
-            for f in dataclasses.fields(self)})
+        """Applies fn to every array of the cache; each one leads with the batch axis."""
+        return jax.tree.map(fn, self)
 
     def layer(self, i: int) -> tuple:
         """Layer i's (keys, values, key_scale, value_scale), each [B, S, ...] (scales or None)."""
@@ -272,10 +269,12 @@ class Attention(nnx.Module):
 
 
 def _write_rows(cache, new, index):
-    """cache [B, S, ...] with row b's new [T, ...] written at slots index[b]..index[b]+T-1."""
-    write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(
-        c, x, (i,) + (0,) * (c.ndim - 1)))
-    return write(cache, new.astype(cache.dtype), index)
+    """cache [B, S, ...] with row b's new [T, ...] written at slots index[b]..index[b]+T-1
+    (one scatter, in place when the cache buffer can be reused)."""
+    b, t = new.shape[:2]
+    slots = index[:, None] + jnp.arange(t)                                    # [B, T]
+    return cache.at[jnp.arange(b)[:, None], slots].set(new.astype(cache.dtype),
+                                                       mode="promise_in_bounds")
 
 
 def _quantize(x):
@@ -385,10 +384,14 @@ class Decoder(nnx.Module):
         """An empty cache; `int8` stores keys and values as int8 with float32 scales per token
         and head (D + 4 bytes instead of 2 D or 4 D per token, head and tensor)."""
         c = self.config
-        shape = (c.num_layers, batch, size, c.num_kv_heads, c.head_dim)
+        shape = (batch, size, c.num_kv_heads, c.head_dim)
         dtype = jnp.int8 if int8 else c.dtype
-        scale = jnp.ones(shape[:-1], jnp.float32) if int8 else None
-        return KVCache(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
+
+        def per_layer(shape, dtype):
+            return tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))
+
+        scale = per_layer(shape[:-1], jnp.float32) if int8 else None
+        return KVCache(keys=per_layer(shape, dtype), values=per_layer(shape, dtype),
                        key_scale=scale, value_scale=scale, valid=jnp.zeros((batch, size), bool),
                        positions=jnp.zeros((batch,), jnp.int32),
                        index=jnp.zeros((batch,), jnp.int32))
@@ -413,7 +416,7 @@ class Decoder(nnx.Module):
             x, kv = layer(x, cos, sin, cache.layer(i), cache.index, visible)
             layers.append(kv)
         keys, values, key_scale, value_scale = (
-            None if parts[0] is None else jnp.stack(parts) for parts in zip(*layers, strict=True))
+            None if parts[0] is None else parts for parts in zip(*layers, strict=True))
         x = self.norm(x)
         if self.config.tie_word_embeddings:
             logits = self.embed_tokens.attend(x)

@@ -98,8 +98,8 @@ class Samples:
 
 def next_tokens(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Array:
     """Draws int32 [B] from logits [B, V]: argmax when temperature is 0, else softmax(logits / t)
-    restricted to the top-k tokens and then to the top-p nucleus (the most likely tokens whose
-    mass, excluding the last one added, is below p)."""
+    restricted to the top-k tokens and then to the top-p nucleus (the most likely tokens such
+    that the mass of the tokens more likely than each is below p; `nucleus_floor`)."""
     if config.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits.astype(jnp.float32) / config.temperature
@@ -107,12 +107,34 @@ def next_tokens(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> ja
         kth = jax.lax.top_k(scaled, config.top_k)[0][:, -1:]
         scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
     if config.top_p < 1:
-        ordered = jnp.sort(scaled, axis=-1)[:, ::-1]                          # [B, V] descending
-        probs = jax.nn.softmax(ordered, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs
-        cutoff = jnp.min(jnp.where(before < config.top_p, ordered, jnp.inf), axis=-1)
-        scaled = jnp.where(scaled < cutoff[:, None], -jnp.inf, scaled)
+        probs = jax.nn.softmax(scaled, axis=-1)                               # [B, V]
+        scaled = jnp.where(probs < nucleus_floor(probs, config.top_p)[:, None], -jnp.inf, scaled)
     return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+
+def nucleus_floor(probs: jax.Array, top_p: float) -> jax.Array:
+    """The smallest probability the top-p nucleus keeps, per row of probs [B, V] -> [B].
+
+    Token j is kept when the tokens strictly more likely than it hold less than `top_p` of the
+    mass: g(p_j) < top_p with g(t) = sum_{p_i > t} p_i. g decreases in t, so the kept tokens are
+    those with p_j >= t*, the smallest float32 t with g(t) < top_p. t* is found exactly by
+    bisection over the bit patterns of non-negative float32 (which order like the values):
+    32 masked sums over V instead of a sort of the vocabulary.
+    """
+    def mass_above(bits):                                                    # [B] -> [B]
+        t = jax.lax.bitcast_convert_type(bits, jnp.float32)
+        return jnp.sum(jnp.where(probs > t[:, None], probs, 0.0), axis=-1)
+
+    def halve(_, bounds):
+        low, high = bounds                    # g(low) >= top_p (or low = -1), g(high) < top_p
+        mid = low + (high - low) // 2
+        below = mass_above(jnp.maximum(mid, 0)) < top_p
+        return jnp.where(below, low, mid), jnp.where(below, mid, high)
+
+    high = jax.lax.bitcast_convert_type(jnp.max(probs, axis=-1), jnp.int32)  # g(max) = 0
+    low = jnp.full_like(high, -1)
+    _, high = jax.lax.fori_loop(0, 32, halve, (low, high))
+    return jax.lax.bitcast_convert_type(high, jnp.float32)
 
 
 def _first_free(finishing: jax.Array, prompt: jax.Array, launched: jax.Array,
@@ -151,7 +173,7 @@ def _prefill(graphdef, state, ids, mask, *, cache_size: int, n: int, int8_cache:
     """The prompts' cache broadcast to n slots each, and their last logits [P, V]."""
     model = nnx.merge(graphdef, state)
     logits, cache = model.prefill(ids, mask, cache_size=cache_size, int8_cache=int8_cache)
-    return cache.map_rows(lambda x, axis: jnp.repeat(x, n, axis=axis)), logits[:, -1]
+    return cache.map_rows(lambda x: jnp.repeat(x, n, axis=0)), logits[:, -1]
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -302,8 +324,8 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
                                     int8_cache=config.int8_cache)
     if mesh is not None:
         axis = mesh.axis_names[0]
-        cache = cache.map_rows(lambda x, batch_axis: jax.device_put(
-            x, NamedSharding(mesh, PartitionSpec(*[None] * batch_axis, axis))))
+        cache = cache.map_rows(lambda x: jax.device_put(x, NamedSharding(mesh,
+                                                                         PartitionSpec(axis))))
     threshold = jnp.float32(config.stop_threshold or 0.0)
     static = config if config.stop_threshold is None else dataclasses.replace(
         config, stop_threshold=0.0)
