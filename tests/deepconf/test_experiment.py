@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jaxlab.deepconf import arithmetic
@@ -40,13 +41,15 @@ def test_run_writes_records_summary_and_plot_then_resumes(folder, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "problems.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == ["sum2-0", "sum2-1"]
     for r in records:
-        assert set(r["offline"]) == {"4", "8"}
+        assert set(r["offline"]) == {"4", "8", "traces"}
+        assert len(r["offline"]["traces"]["correct"]) == 8
         assert set(r["online"]) == {"deepconf-low", "deepconf-high"}
         assert r["offline"]["8"]["tokens"] <= 8 * 8
         for rule in r["online"].values():
             assert 4 <= rule["launched"] <= 8 and rule["tokens"] <= 8 * 8
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["problems"] == 2 and (tmp_path / "accuracy_vs_tokens.png").stat().st_size
+    assert set(summary["auroc"]) == {"mean", "lowest_group", "bottom_group", "tail"}
     assert "deepconf-low" in first.stdout
     second = _run(folder, tmp_path, "limit=3")  # resumes: only the third problem is new
     assert second.returncode == 0, second.stderr
@@ -72,3 +75,18 @@ def test_problem_file_errors_name_the_line(tmp_path):
     path.write_text("not json\n")
     with pytest.raises(DataError, match=r"p\.jsonl:1: not valid JSON"):
         load_problems(path)
+
+
+def test_auroc_counts_pairs_ordered_right_and_halves_ties():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "deepconf_experiment", os.path.join(ROOT, "experiments", "deepconf.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    scores = np.array([0.9, 0.5, 0.5, 0.1])
+    right = np.array([True, True, False, False])
+    # positive-negative pairs: (0.9, 0.5) 1, (0.9, 0.1) 1, (0.5, 0.5) 1/2, (0.5, 0.1) 1 -> 3.5 / 4
+    assert module.auroc(scores, right) == 0.875
+    assert np.isnan(module.auroc(scores, np.ones(4, bool)))
