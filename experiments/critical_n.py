@@ -42,10 +42,8 @@ class Config:
     solver: SolverConfig = dataclasses.field(default_factory=SolverConfig)
 
     def __post_init__(self):
-        for name in ("d_min", "d_max", "start_n", "seeds", "window", "segment_steps"):
-            value = getattr(self, name)
-            config_lib.require(isinstance(value, int) and value >= 1,
-                               f"{name} must be an integer >= 1, got {value!r}")
+        config_lib.require_positive_ints(self, "d_min", "d_max", "start_n", "seeds", "window",
+                                         "segment_steps")
         config_lib.require(self.d_min <= self.d_max,
                            f"d_min={self.d_min} must be <= d_max={self.d_max}")
         config_lib.require(self.start_n >= self.solver.k,

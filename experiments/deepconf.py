@@ -69,11 +69,8 @@ class Config:
     consensus: float = 0.95
 
     def __post_init__(self):
-        for name in ("max_new_tokens", "window", "confidence_k", "slots", "offline_traces",
-                     "warmup", "batch"):
-            value = getattr(self, name)
-            config_lib.require(isinstance(value, int) and value >= 1,
-                               f"{name} must be an integer >= 1, got {value!r}")
+        config_lib.require_positive_ints(self, "max_new_tokens", "window", "confidence_k", "slots",
+                                         "offline_traces", "warmup", "batch")
         config_lib.require(self.limit >= 0, f"limit must be >= 0, got {self.limit}")
         config_lib.require(all(1 <= k <= self.offline_traces for k in self.ks),
                            f"every K in ks={list(self.ks)} must lie in [1, offline_traces="

@@ -50,11 +50,8 @@ class Config:
     eval_problems: int = 200
 
     def __post_init__(self):
-        for name in ("terms", "steps", "batch", "length", "hidden_size", "layers", "heads",
-                     "eval_problems"):
-            value = getattr(self, name)
-            config_lib.require(isinstance(value, int) and value >= 1,
-                               f"{name} must be an integer >= 1, got {value!r}")
+        config_lib.require_positive_ints(self, "terms", "steps", "batch", "length", "hidden_size",
+                                         "layers", "heads", "eval_problems")
         config_lib.require(self.learning_rate > 0, "learning_rate must be > 0")
         config_lib.require(self.hidden_size % self.heads == 0,
                            f"hidden_size={self.hidden_size} must be a multiple of heads")

@@ -19,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from jaxlab.config import require
+from jaxlab.config import require, require_positive_ints
 
 State = TypeVar("State")
 
@@ -35,10 +35,7 @@ class CheckpointConfig:
     async_save: bool = True          # write in a background thread while training goes on
 
     def __post_init__(self):
-        for name in ("keep_last", "save_every"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1,
-                    f"CheckpointConfig.{name} must be an integer >= 1, got {value!r}")
+        require_positive_ints(self, "keep_last", "save_every")
         require(self.best_mode in BEST_MODES,
                 f"CheckpointConfig.best_mode must be one of {BEST_MODES}, got {self.best_mode!r}")
 

@@ -12,6 +12,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+import numpy as np
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -78,3 +79,17 @@ def require(condition: bool, message: str) -> None:
     """Raises ValueError(message) unless condition holds (for `__post_init__` checks)."""
     if not condition:
         raise ValueError(message)
+
+
+def is_int(value: Any) -> bool:
+    """An integer, and not a bool."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def require_positive_ints(config: Any, *names: str) -> None:
+    """Raises ValueError naming the first of `config`'s fields `names` that is not an integer
+    >= 1 (for `__post_init__` checks)."""
+    for name in names:
+        value = getattr(config, name)
+        require(is_int(value) and value >= 1,
+                f"{type(config).__name__}.{name} must be an integer >= 1, got {value!r}")

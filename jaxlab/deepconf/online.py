@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from jaxlab.config import require
+from jaxlab.config import require, require_positive_ints
 from jaxlab.deepconf import answers as answers_lib
 from jaxlab.deepconf import voting
 from jaxlab.models.decoder import Decoder
@@ -39,10 +39,7 @@ class OnlineConfig:
     def __post_init__(self):
         require(self.rule in voting.RULES,
                 f"OnlineConfig.rule must be one of {sorted(voting.RULES)}, got {self.rule!r}")
-        for name in ("warmup", "budget", "batch"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1,
-                    f"OnlineConfig.{name} must be an integer >= 1, got {value!r}")
+        require_positive_ints(self, "warmup", "budget", "batch")
         require(self.budget >= self.warmup,
                 f"OnlineConfig.budget={self.budget} must be >= warmup={self.warmup}")
         require(0 < self.consensus <= 1,

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxlab.config import require
+from jaxlab.config import is_int, require, require_positive_ints
 from jaxlab.jsonl import DataError, Field, field_value, jsonl_text, read_jsonl
 from jaxlab.results import write_text
 
@@ -244,21 +244,15 @@ class GeneratorConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("num_docs", "num_queries", "k", "attributes_per_doc"):
-            value = getattr(self, name)
-            require(_is_int(value) and value >= 1,
-                    f"GeneratorConfig.{name} must be an integer >= 1, got {value!r}")
+        require_positive_ints(self, "num_docs", "num_queries", "k", "attributes_per_doc")
         require(self.pattern in PATTERNS,
                 f"GeneratorConfig.pattern must be one of {PATTERNS}, got {self.pattern!r}")
-        require(self.relevant_docs is None or (_is_int(self.relevant_docs)
+        require(self.relevant_docs is None or (is_int(self.relevant_docs)
                                                and self.relevant_docs >= self.k),
                 f"GeneratorConfig.relevant_docs must be None or an integer >= k={self.k}, got "
                 f"{self.relevant_docs!r}")
-        require(_is_int(self.seed), f"GeneratorConfig.seed must be an integer, got {self.seed!r}")
+        require(is_int(self.seed), f"GeneratorConfig.seed must be an integer, got {self.seed!r}")
 
-
-def _is_int(x) -> bool:
-    return isinstance(x, int | np.integer) and not isinstance(x, bool)
 
 
 def smallest_dense_pool(num_queries: int, k: int) -> int:

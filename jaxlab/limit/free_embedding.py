@@ -28,7 +28,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxlab import parallel
-from jaxlab.config import require
+from jaxlab.config import is_int, require, require_positive_ints
 
 LOSSES = ("per_positive", "log_sum")
 
@@ -37,17 +37,14 @@ LOSSES = ("per_positive", "log_sum")
 _LIVE_SCORE_BUFFERS = 4
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int | np.integer) and not isinstance(x, bool)
-
 
 def check_problem(num_docs: int, k: int, dim: int | None = None) -> None:
     """Raises ValueError naming the first bad value of a free-embedding problem."""
-    require(_is_int(k) and k >= 1, f"k must be an integer >= 1, got k={k!r}")
-    require(_is_int(num_docs) and num_docs >= k,
+    require(is_int(k) and k >= 1, f"k must be an integer >= 1, got k={k!r}")
+    require(is_int(num_docs) and num_docs >= k,
             f"the number of documents must be an integer >= k={k}, got n={num_docs!r}")
     if dim is not None:
-        require(_is_int(dim) and dim >= 1, f"the dimension must be an integer >= 1, got d={dim!r}")
+        require(is_int(dim) and dim >= 1, f"the dimension must be an integer >= 1, got d={dim!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +61,7 @@ class SolverConfig:
     max_steps: int = 100_000        # hard limit; a multiple of check_every
 
     def __post_init__(self):
-        for name in ("k", "check_every", "patience", "max_steps"):
-            value = getattr(self, name)
-            require(_is_int(value) and value >= 1,
-                    f"SolverConfig.{name} must be an integer >= 1, got {value!r}")
+        require_positive_ints(self, "k", "check_every", "patience", "max_steps")
         require(self.loss in LOSSES,
                 f"SolverConfig.loss must be one of {LOSSES}, got {self.loss!r}")
         for name in ("temperature", "learning_rate"):

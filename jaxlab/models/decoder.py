@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jaxlab.config import require
+from jaxlab.config import require, require_positive_ints
 
 FAMILIES = ("qwen3", "qwen2", "llama")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -97,11 +97,9 @@ class DecoderConfig:
     def __post_init__(self):
         require(self.family in FAMILIES,
                 f"model family {self.family!r} is not supported; supported: {FAMILIES}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1, f"{name} must be an integer >= 1, "
-                    f"got {value!r}")
+        require_positive_ints(self, "vocab_size", "hidden_size", "intermediate_size",
+                              "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                              "max_position_embeddings")
         require(self.num_heads % self.num_kv_heads == 0,
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads="
                 f"{self.num_kv_heads}")

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxlab.config import require
+from jaxlab.config import require, require_positive_ints
 
 log = logging.getLogger("jaxlab")
 
@@ -48,11 +48,8 @@ class EncoderConfig:
     layer_norm_eps: float = 1e-12
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                     "max_positions", "type_vocab_size"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1,
-                    f"EncoderConfig.{name} must be an integer >= 1, got {value!r}")
+        require_positive_ints(self, "vocab_size", "hidden_size", "num_layers", "num_heads",
+                              "intermediate_size", "max_positions", "type_vocab_size")
         require(self.hidden_size % self.num_heads == 0,
                 f"EncoderConfig.hidden_size={self.hidden_size} must be a multiple of "
                 f"num_heads={self.num_heads}")

@@ -28,7 +28,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlab import parallel
-from jaxlab.config import require
+from jaxlab.config import require, require_positive_ints
 from jaxlab.models.decoder import Decoder, DecoderConfig, KVCache
 from jaxlab.sampling.confidence import GroupWindow, token_confidence
 
@@ -54,10 +54,7 @@ class SamplingConfig:
     int8_cache: bool = False        # keys/values in int8 with per-token, per-head scales
 
     def __post_init__(self):
-        for name in ("max_new_tokens", "n", "confidence_k", "window"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1,
-                    f"SamplingConfig.{name} must be an integer >= 1, got {value!r}")
+        require_positive_ints(self, "max_new_tokens", "n", "confidence_k", "window")
         require(self.temperature >= 0,
                 f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
         require(0 < self.top_p <= 1, f"SamplingConfig.top_p must lie in (0, 1], got {self.top_p}")
