@@ -98,25 +98,27 @@ def roofline_tokens_per_s(model, batch: int, context: int, bandwidth: float) -> 
     return batch * bandwidth / (weights + kv)
 
 
-def bench_refill(model, prompt, slots: int, new_tokens: int) -> dict:
-    """Seconds per finished trace for 2 x `slots` traces of one prompt when about half stop early:
-    two static batches of `slots` (each waits for its longest trace) vs one call with refill."""
+def bench_refill(model, prompt, slots: int, new_tokens: int, rounds: int = 4) -> dict:
+    """Seconds per finished trace for `rounds` x `slots` traces of one prompt when about half stop
+    early: `rounds` static batches of `slots` (each waits for its longest trace) vs one call that
+    refills finished slots."""
     base = dict(max_new_tokens=new_tokens, temperature=1.0, window=8)
     free = sampler.sample(model, [prompt], jax.random.key(1), SamplingConfig(n=slots, **base))
     threshold = float(np.median(np.asarray(free.lowest_group_confidence)))
     static = SamplingConfig(n=slots, stop_threshold=threshold, **base)
-    refill = SamplingConfig(n=slots, budget=2 * slots, stop_threshold=threshold, **base)
+    refill = SamplingConfig(n=slots, budget=rounds * slots, stop_threshold=threshold, **base)
 
-    def two_batches():
-        return [sampler.sample(model, [prompt], jax.random.key(k), static).tokens for k in (2, 3)]
+    def static_batches():
+        return [sampler.sample(model, [prompt], jax.random.key(2 + r), static).tokens
+                for r in range(rounds)]
 
-    without = _timed(two_batches)
+    without = _timed(static_batches)
     with_refill = _timed(lambda: sampler.sample(model, [prompt], jax.random.key(2), refill).tokens)
     stopped = sampler.sample(model, [prompt], jax.random.key(2), refill)
     early = float(np.mean(np.asarray(stopped.finish_reason) == sampler.LOW_CONFIDENCE))
-    return {"slots": slots, "traces": 2 * slots, "stopped_early": early,
-            "seconds_per_trace_static": without / (2 * slots),
-            "seconds_per_trace_refill": with_refill / (2 * slots),
+    return {"slots": slots, "traces": rounds * slots, "stopped_early": early,
+            "seconds_per_trace_static": without / (rounds * slots),
+            "seconds_per_trace_refill": with_refill / (rounds * slots),
             "speedup": without / with_refill}
 
 
@@ -156,7 +158,7 @@ def main() -> None:
             rows.append(row)
             print(f"batch {batch}: ours {ours:.0f} tok/s, without confidence {plain:.0f}, "
                   f"generate {theirs:.0f}", flush=True)
-        refill = bench_refill(model, prompts[0], slots=min(args.batches[-1], 64),
+        refill = bench_refill(model, prompts[0], slots=min(args.batches[-1], 32),
                               new_tokens=args.new_tokens)
     device = jax.devices()[0].device_kind
     print(f"sampler, Qwen3 {name} size ({size['dtype']}), prompt {size['prompt']}, "
