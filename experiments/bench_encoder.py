@@ -11,12 +11,12 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import time
 
 import numpy as np
 
+from jaxlab import results
 from jaxlab.limit import data
 from jaxlab.models import hf
 
@@ -62,7 +62,7 @@ def main() -> dict:
           f"ratio (jaxlab / sentence-transformers): {report['ratio_jaxlab_over_st']:.2f}x; "
           f"max cosine distance {report['max_cosine_distance']:.1e}; {len(texts)} texts of "
           f"{report['mean_tokens']:.0f} tokens on average")
-    pathlib.Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    results.write_json(pathlib.Path(args.out), report)
     return report
 
 

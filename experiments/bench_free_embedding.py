@@ -11,7 +11,6 @@ a batch of R independent runs in one call (vmapped and spread over every device)
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pathlib
 import time
@@ -19,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from jaxlab import parallel
+from jaxlab import parallel, results
 from jaxlab.limit import free_embedding as fe
 
 SIZES = {"cpu": (120, 20), "gpu": (600, 45)}  # (n, d)
@@ -116,14 +115,12 @@ def main() -> None:
     print(f"{'':48s} {'run-steps/s':>12s} {'vs PyTorch':>11s}")
     for name, rate, ratio in rows:
         print(f"{name:48s} {rate:12.1f} {ratio:10.2f}x")
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    results.write_json(pathlib.Path(args.out), {
         "n": n, "d": d, "steps": args.steps, "runs": runs, "device": jax.devices()[0].device_kind,
         "backend": jax.default_backend(), "devices": mesh.size,
         "ours_steps_per_s": ours, "ours_batched_run_steps_per_s": batched,
         "torch_steps_per_s": torch_steps, "ratio": ours / torch_steps,
-        "batched_ratio": batched / torch_steps}, indent=2) + "\n")
+        "batched_ratio": batched / torch_steps})
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ import time
 
 import numpy as np
 
+from jaxlab import results
+
 DTYPES = ("bfloat16", "float32")
 LOADERS = ("ours", "transformers")
 DEFAULT_CHECKPOINT = pathlib.Path(tempfile.gettempdir()) / "jaxlab_bench_load"
@@ -285,8 +287,7 @@ def main() -> None:
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "loading": loading, "ratios_ours_over_transformers": ratios(loading),
               "bf16_logit_error": errors}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    results.write_json(args.out, record)
     print(f"wrote {args.out}")
 
 

@@ -12,14 +12,13 @@ values); the two rankings are compared. Times are the best of 3 after a warm-up 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import time
 
 import jax
 import numpy as np
 
-from jaxlab import parallel
+from jaxlab import parallel, results
 from jaxlab.limit import retrieval
 
 
@@ -68,7 +67,7 @@ def main() -> dict:
           f"{mesh.size} {report['platform']} device(s): jaxlab is "
           f"{report['ratio_numpy_over_jaxlab']:.2f}x NumPy; identical ids: "
           f"{100 * report['same_top_k']:.2f}%")
-    pathlib.Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    results.write_json(pathlib.Path(args.out), report)
     return report
 
 

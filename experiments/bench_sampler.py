@@ -13,7 +13,6 @@ wall time per finished trace when half of the traces stop early, with and withou
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import tempfile
 import time
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlab import results
 from jaxlab.models import hf, zoo
 from jaxlab.sampling import sampler
 from jaxlab.sampling.sampler import SamplingConfig
@@ -175,10 +175,8 @@ def main() -> None:
           f"{1000 * refill['seconds_per_trace_static']:.1f} ms/trace static, "
           f"{1000 * refill['seconds_per_trace_refill']:.1f} ms/trace with refill "
           f"({refill['speedup']:.2f}x)")
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": device, "size": name, "rows": rows,
-                               "refill": refill, "hbm_bytes_per_s": bandwidth}, indent=2) + "\n")
+    results.write_json(pathlib.Path(args.out), {"device": device, "size": name, "rows": rows,
+                                                "refill": refill, "hbm_bytes_per_s": bandwidth})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import time
 
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlab import parallel
+from jaxlab import parallel, results
 from jaxlab.rl import losses, train
 
 
@@ -258,8 +257,7 @@ def main() -> None:
         record.update(achieved_tflops=achieved, mfu=None if peak is None else achieved / peak)
         mfu = "unknown peak" if peak is None else f"MFU {achieved / peak:.1%} of {peak:g} TFLOP/s"
         print(f"our step: {achieved:.1f} TFLOP/s ({mfu}, float32 weights)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    results.write_json(out, record)
     print(f"wrote {out}")
 
 
