@@ -10,7 +10,6 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxlab import parallel  # noqa: E402
 from jaxlab.models import hf, zoo  # noqa: E402
 from jaxlab.models.decoder import Decoder, DecoderConfig  # noqa: E402
 
@@ -248,7 +247,6 @@ def test_zoo_builds_every_family(tmp_path):
     for family in zoo.RELEASED:
         model = hf.load_pretrained(zoo.create(family, tmp_path / family))
         assert isinstance(model, Decoder) and model.config.family == family
-    assert parallel.DATA == "data"
 
 
 @pytest.mark.parametrize("rope", [
