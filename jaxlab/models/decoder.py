@@ -165,8 +165,11 @@ class DecoderConfig:
 class KVCache:
     """Keys and values of every layer for S slots per row, filled left to right."""
 
-    # One array per layer (so a step updates each in place, no stacking): L x [B, S, K, D] in
-    # the model's dtype or int8, and for int8 L x float32 [B, S, K] scales (key = keys * scale).
+    # One array per layer (so a step updates each in place, no stacking), in the model's dtype
+    # or int8: keys L x [B, K, D, S], values L x [B, K, S, D], and for int8 L x float32 [B, K, S]
+    # scales (key = keys * scale). Each (row, kv head) is then a plain matrix in the layout its
+    # product with the queries wants: q [G T, D] @ keys [D, S], weights [G T, S] @ values [S, D]
+    # (a transposed operand costs a repacking of the whole cache every step on CPU).
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
     key_scale: tuple[jax.Array, ...] | None
@@ -177,7 +180,7 @@ class KVCache:
 
     @property
     def size(self) -> int:
-        return self.keys[0].shape[1]
+        return self.values[0].shape[2]
 
     @property
     def nbytes(self) -> int:
@@ -189,7 +192,7 @@ class KVCache:
         return jax.tree.map(fn, self)
 
     def layer(self, i: int) -> tuple:
-        """Layer i's (keys, values, key_scale, value_scale), each [B, S, ...] (scales or None)."""
+        """Layer i's (keys, values, key_scale, value_scale) (scales None unless int8)."""
         return tuple(None if x is None else x[i]
                      for x in (self.keys, self.values, self.key_scale, self.value_scale))
 
@@ -244,35 +247,46 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         keys, values, key_scale, value_scale = kv
-        if key_scale is None:
-            keys, values = _write_rows(keys, k, index), _write_rows(values, v, index)
-        else:
-            (k, k_scale), (v, v_scale) = _quantize(k), _quantize(v)
-            keys, values = _write_rows(keys, k, index), _write_rows(values, v, index)
-            key_scale = _write_rows(key_scale, k_scale, index)
-            value_scale = _write_rows(value_scale, v_scale, index)
-        groups = c.num_heads // c.num_kv_heads
-        q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype),
-                            preferred_element_type=jnp.float32) / math.sqrt(c.head_dim)
         if key_scale is not None:
-            scores = scores * _per_slot(key_scale)
-        scores = jnp.where(visible[:, None, None], scores, _MASKED)  # [B, K, G, T, S]
-        weights = jax.nn.softmax(scores, axis=-1)
-        if value_scale is not None:
-            weights = weights * _per_slot(value_scale)
-        out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(q.dtype), values.astype(q.dtype))
+            (k, k_scale), (v, v_scale) = _quantize(k), _quantize(v)
+            key_scale = _write_slots(key_scale, k_scale, index, axis=2)
+            value_scale = _write_slots(value_scale, v_scale, index, axis=2)
+        keys = _write_slots(keys, k, index, axis=3)
+        values = _write_slots(values, v, index, axis=2)
+        out = _attend(q, keys, values, key_scale, value_scale, visible)       # [B, T, H, D]
         out = self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim))
         return out, (keys, values, key_scale, value_scale)
 
 
-def _write_rows(cache, new, index):
-    """cache [B, S, ...] with row b's new [T, ...] written at slots index[b]..index[b]+T-1
-    (one scatter, in place when the cache buffer can be reused)."""
+def _attend(q, keys, values, key_scale, value_scale, visible):
+    """softmax(q k^T / sqrt(D)) v over the visible slots, query head h reading key/value head
+    h // G: q [B, T, H, D], keys [B, K, D, S], values [B, K, S, D] (int8 with [B, K, S] scales, or
+    scales None), visible [B, T, S] -> [B, T, H, D]. Each (row, kv head) is one matrix product
+    over its G x T queries."""
+    b, t, h, d = q.shape
+    k = keys.shape[1]
+    q = q.reshape(b, t, k, h // k, d).transpose(0, 2, 3, 1, 4).reshape(b, k, -1, d)
+    scores = jnp.einsum("bkqd,bkds->bkqs", q, keys.astype(q.dtype),
+                        preferred_element_type=jnp.float32) / math.sqrt(d)   # [B, K, G T, S]
+    if key_scale is not None:
+        scores = scores * key_scale[:, :, None, :]
+    scores = scores.reshape(b, k, h // k, t, -1)
+    scores = jnp.where(visible[:, None, None], scores, _MASKED)             # [B, K, G, T, S]
+    weights = jax.nn.softmax(scores, axis=-1).reshape(b, k, h // k * t, -1)
+    if value_scale is not None:
+        weights = weights * value_scale[:, :, None, :]
+    out = jnp.einsum("bkqs,bksd->bkqd", weights.astype(q.dtype), values.astype(q.dtype))
+    return out.reshape(b, k, h // k, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def _write_slots(cache, new, index, axis):
+    """cache [B, ...] whose slots run along `axis` with row b's new [T, ...] (the cache's other
+    axes in order) written at slots index[b]..index[b]+T-1: one scatter, in place when the cache
+    buffer can be reused."""
     b, t = new.shape[:2]
     slots = index[:, None] + jnp.arange(t)                                    # [B, T]
-    return cache.at[jnp.arange(b)[:, None], slots].set(new.astype(cache.dtype),
-                                                       mode="promise_in_bounds")
+    where = (jnp.arange(b)[:, None],) + (slice(None),) * (axis - 1) + (slots,)
+    return cache.at[where].set(new.astype(cache.dtype), mode="promise_in_bounds")
 
 
 def _quantize(x):
@@ -281,11 +295,6 @@ def _quantize(x):
     scale = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1) / 127.0
     scale = jnp.where(scale > 0, scale, 1.0)
     return jnp.round(x / scale[..., None]).astype(jnp.int8), scale
-
-
-def _per_slot(scale):
-    """[B, S, K] scales broadcast against [B, K, G, T, S] attention scores."""
-    return jnp.transpose(scale, (0, 2, 1))[:, :, None, None, :]
 
 
 class MLP(nnx.Module):
@@ -382,14 +391,15 @@ class Decoder(nnx.Module):
         """An empty cache; `int8` stores keys and values as int8 with float32 scales per token
         and head (D + 4 bytes instead of 2 D or 4 D per token, head and tensor)."""
         c = self.config
-        shape = (batch, size, c.num_kv_heads, c.head_dim)
+        values = (batch, c.num_kv_heads, size, c.head_dim)
         dtype = jnp.int8 if int8 else c.dtype
 
         def per_layer(shape, dtype):
             return tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))
 
-        scale = per_layer(shape[:-1], jnp.float32) if int8 else None
-        return KVCache(keys=per_layer(shape, dtype), values=per_layer(shape, dtype),
+        scale = per_layer(values[:-1], jnp.float32) if int8 else None
+        return KVCache(keys=per_layer((batch, c.num_kv_heads, c.head_dim, size), dtype),
+                       values=per_layer(values, dtype),
                        key_scale=scale, value_scale=scale, valid=jnp.zeros((batch, size), bool),
                        positions=jnp.zeros((batch,), jnp.int32),
                        index=jnp.zeros((batch,), jnp.int32))

@@ -15,7 +15,8 @@ from flax import struct
 
 def token_confidence(logits: jax.Array, k: int = 20) -> jax.Array:
     """C_i = -(1/k) sum_{j=1..k} log P_i(j) over the k most likely tokens of the full
-    distribution P_i = softmax(raw logits) (before temperature or truncation).
+    distribution P_i = softmax(raw logits) (before temperature or truncation); with
+    log P(j) = z_j - logsumexp(z) this is logsumexp(z) - mean of the k largest logits.
 
     Larger is more confident: a peaked distribution puts very negative log-probs on ranks 2..k.
 
@@ -24,15 +25,33 @@ def token_confidence(logits: jax.Array, k: int = 20) -> jax.Array:
     Returns:
       float32 [...].
     """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jax.lax.top_k(logp, k)[0], axis=-1)
+    z = logits.astype(jnp.float32)
+    top = top_k_values(z.reshape(-1, z.shape[-1]), k).reshape(*z.shape[:-1], k)
+    return jax.nn.logsumexp(z, axis=-1) - jnp.mean(top, axis=-1)
+
+
+def top_k_values(x: jax.Array, k: int, block: int = 64) -> jax.Array:
+    """The k largest entries of each row of x [B, V], descending, [B, k] (= lax.top_k(x, k)[0]).
+
+    They lie in the k blocks of `block` consecutive entries with the largest maxima: a block
+    whose maximum reaches the k-th largest value holds one of the k largest of its own, so at
+    most k blocks qualify (ties included). One pass of block maxima and two small top-k's replace
+    a partial sort of every row, several times faster on CPU for V in the thousands.
+    """
+    b, v = x.shape
+    if k * block >= v:
+        return jax.lax.top_k(x, k)[0]
+    blocks = jnp.pad(x, ((0, 0), (0, -v % block)), constant_values=-jnp.inf).reshape(b, -1, block)
+    _, chosen = jax.lax.top_k(jnp.max(blocks, axis=-1), k)                    # [B, k]
+    candidates = jnp.take_along_axis(blocks, chosen[:, :, None], axis=1)      # [B, k, block]
+    return jax.lax.top_k(candidates.reshape(b, k * block), k)[0]
 
 
 @struct.dataclass
 class GroupWindow:
     """The last W token confidences of each trace in a ring buffer, with their running sum."""
 
-    ring: jax.Array   # float32 [B, W]; slot t % W holds C_t
+    ring: jax.Array   # float32 [B, W]; slot t % W holds C_t (stale past count)
     total: jax.Array  # float32 [B], sum of the ring's filled slots
     count: jax.Array  # int32 [B], tokens pushed so far
 
@@ -57,22 +76,22 @@ class GroupWindow:
         return self.total / jnp.maximum(jnp.minimum(self.count, self.size), 1)
 
     def push(self, confidence: jax.Array, active: jax.Array) -> GroupWindow:
-        """Appends C [B] to the traces where `active` [B]: total += C_t - C_{t-W}."""
+        """Appends C [B] to the traces where `active` [B]: total += C_t - C_{t-W} (one slot of
+        the ring written per trace)."""
         rows = jnp.arange(self.ring.shape[0])
         slot = self.count % self.size
         evicted = jnp.where(self.full, self.ring[rows, slot], 0.0)
         confidence = confidence.astype(jnp.float32)
         return GroupWindow(
-            ring=jnp.where(active[:, None] & (jnp.arange(self.size) == slot[:, None]),
-                           confidence[:, None], self.ring),
+            ring=self.ring.at[rows, slot].set(jnp.where(active, confidence, self.ring[rows, slot])),
             total=jnp.where(active, self.total + confidence - evicted, self.total),
             count=self.count + active.astype(jnp.int32))
 
     def reset(self, rows: jax.Array) -> GroupWindow:
-        """Empties the windows of the traces where `rows` [B] is True."""
-        return GroupWindow(ring=jnp.where(rows[:, None], 0.0, self.ring),
-                           total=jnp.where(rows, 0.0, self.total),
-                           count=jnp.where(rows, 0, self.count))
+        """Empties the windows of the traces where `rows` [B] is True (their ring slots are
+        overwritten before they are read again: a slot is evicted only once the window is full)."""
+        return self.replace(total=jnp.where(rows, 0.0, self.total),
+                            count=jnp.where(rows, 0, self.count))
 
 
 # --------------------------------------------------------------------------------------------

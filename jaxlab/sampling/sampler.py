@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxlab import parallel
 from jaxlab.config import require, require_positive_ints
 from jaxlab.models.decoder import Decoder, DecoderConfig, KVCache
-from jaxlab.sampling.confidence import GroupWindow, token_confidence
+from jaxlab.sampling.confidence import GroupWindow, token_confidence, top_k_values
 
 FINISH_REASONS = ("unfinished", "stop", "length", "low_confidence")
 STOP, LENGTH, LOW_CONFIDENCE = 1, 2, 3
@@ -101,12 +101,42 @@ def next_tokens(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> ja
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits.astype(jnp.float32) / config.temperature
     if config.top_k:
-        kth = jax.lax.top_k(scaled, config.top_k)[0][:, -1:]
+        kth = top_k_values(scaled, config.top_k)[:, -1:]
         scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+    probs = jax.nn.softmax(scaled, axis=-1)                                   # [B, V]
     if config.top_p < 1:
-        probs = jax.nn.softmax(scaled, axis=-1)                               # [B, V]
-        scaled = jnp.where(probs < nucleus_floor(probs, config.top_p)[:, None], -jnp.inf, scaled)
-    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+        probs = jnp.where(probs < nucleus_floor(probs, config.top_p)[:, None], 0.0, probs)
+    return inverse_cdf(probs, jax.random.uniform(key, probs.shape[:1]))
+
+
+def inverse_cdf(weights: jax.Array, u: jax.Array, block: int = 128) -> jax.Array:
+    """Index j drawn with probability w_j / sum(w) per row of weights [B, V] >= 0 from one
+    uniform u [B] in [0, 1): the first j whose cumulative weight exceeds r = u * sum(w) (one
+    uniform per row instead of V Gumbel draws).
+
+    Two levels, so that no cumulative sum runs over the whole vocabulary: the block of `block`
+    tokens where the cumulative block sums pass r, then the token inside it where the running
+    sum passes what is left of r. Zero-weight tokens are never drawn: a cumulative sum does not
+    rise at them, and where rounding puts r at either end of the chosen block the draw is moved
+    to the block's first or last token with weight.
+    """
+    b, v = weights.shape
+    blocks = jnp.pad(weights, ((0, 0), (0, -v % block))).reshape(b, -1, block)  # [B, nb, block]
+    sums = jnp.sum(blocks, axis=-1)                                              # [B, nb]
+    through = jnp.cumsum(sums, axis=-1)             # weight up to and including each block
+    r = u * through[:, -1]
+    chosen = jnp.sum(through <= r[:, None], axis=-1)
+    chosen = jnp.minimum(chosen, _last_positive(sums))                           # [B]
+    inside = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]    # [B, block]
+    before = jnp.take_along_axis(through - sums, chosen[:, None], axis=1)[:, 0]
+    rest = jnp.maximum(r - before, 0.0)
+    drawn = jnp.sum(jnp.cumsum(inside, axis=-1) <= rest[:, None], axis=-1)
+    return (chosen * block + jnp.minimum(drawn, _last_positive(inside))).astype(jnp.int32)
+
+
+def _last_positive(x: jax.Array) -> jax.Array:
+    """Index of the last positive entry of each row of x [B, n] (0 if none), int32 [B]."""
+    return jnp.max(jnp.where(x > 0, jnp.arange(x.shape[-1]), 0), axis=-1)
 
 
 def nucleus_floor(probs: jax.Array, top_p: float) -> jax.Array:

@@ -1,3 +1,4 @@
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -13,9 +14,10 @@ def _np_token_confidence(logits, k):
 
 
 def test_token_confidence_matches_numpy_and_orders_peakedness():
-    logits = np.random.default_rng(0).normal(size=(3, 5, 50)).astype(np.float32)
-    np.testing.assert_allclose(cf.token_confidence(logits, 20), _np_token_confidence(logits, 20),
-                               rtol=1e-5)
+    for vocab in (50, 3000):  # one top-k, and the block search over a larger vocabulary
+        logits = np.random.default_rng(0).normal(size=(3, 5, vocab)).astype(np.float32) * 3
+        np.testing.assert_allclose(cf.token_confidence(logits, 20),
+                                   _np_token_confidence(logits, 20), rtol=1e-5)
     flat, peaked = np.zeros((1, 50)), np.zeros((1, 50))
     peaked[0, 0] = 10.0
     assert cf.token_confidence(peaked, 5)[0] > cf.token_confidence(flat, 5)[0]
@@ -52,6 +54,15 @@ def test_offline_statistics_match_numpy(lengths, window, data):
                                    rtol=1e-5)
 
 
+@pytest.mark.parametrize("block", [1, 4, 8])
+def test_top_k_values_equal_a_full_sort_with_ties_and_padding(block):
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 12, size=(6, 301)).astype(np.float32)  # many ties; 301 pads every block
+    x[0] = 5.0                                                   # a row of one value
+    got = np.asarray(cf.top_k_values(jnp.asarray(x), 20, block))
+    np.testing.assert_array_equal(got, -np.sort(-x, axis=1)[:, :20])
+
+
 def test_group_window_is_the_running_then_sliding_mean():
     rng = np.random.default_rng(1)
     c = rng.uniform(0, 10, size=(2, 12)).astype(np.float32)
@@ -68,6 +79,12 @@ def test_group_window_is_the_running_then_sliding_mean():
             assert bool(window.full[b]) == (len(seen[b]) >= 4)
     window = window.reset(np.array([True, False]))
     assert window.mean[0] == 0 and window.count[0] == 0 and window.count[1] == 9
+    # a reset window starts over: what the ring held before never reaches the new mean
+    fresh = rng.uniform(0, 10, size=6).astype(np.float32)
+    for t in range(6):
+        window = window.push(np.array([fresh[t], 0.0], np.float32), np.array([True, False]))
+        np.testing.assert_allclose(window.mean[0], np.mean(fresh[max(0, t - 3):t + 1]),
+                                   rtol=1e-5)
 
 
 @pytest.mark.parametrize("fraction,count,keep", [(0.1, 30, 3), (0.1, 10, 1), (0.5, 3, 2)])

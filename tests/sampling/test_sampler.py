@@ -139,6 +139,44 @@ def test_top_k_and_top_p_never_leave_the_allowed_set(top_k, top_p):
         assert len(seen) == len(allowed[b])  # 400 draws reach every allowed token here
 
 
+def test_draws_follow_the_truncated_distribution():
+    # frequencies of 20k draws against the renormalized top-k/top-p probabilities (NumPy)
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(3, 32)).astype(np.float32) * 1.5
+    config = SamplingConfig(temperature=0.7, top_k=12, top_p=0.9)
+    draws = np.asarray(jax.vmap(lambda k: sampler.next_tokens(jnp.asarray(logits), k, config))(
+        jax.random.split(jax.random.key(1), 20_000)))
+    for b, row in enumerate(logits / 0.7):
+        order = np.argsort(-row)[:12]
+        probs = np.exp(row[order] - row[order].max())
+        probs /= probs.sum()
+        keep = order[np.cumsum(probs) - probs < 0.9]
+        expected = np.zeros(32)
+        expected[keep] = np.exp(row[keep] - row[keep].max())
+        expected /= expected.sum()
+        seen = np.bincount(draws[:, b], minlength=32) / len(draws)
+        sigma = np.sqrt(expected * (1 - expected) / len(draws))
+        assert np.all(np.abs(seen - expected) <= 5 * sigma + 1e-12)
+
+
+@pytest.mark.parametrize("block", [128, 2])  # one block, and blocks with no weight at all
+def test_inverse_cdf_never_draws_a_zero_weight_token(block):
+    weights = jnp.asarray([[0.0, 0.0, 0.0, 1.0, 0.0, 2.0, 0.0],
+                           [0.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0]])
+    u = jnp.asarray([0.0, 0.3334, 0.999999, 1 - 2**-24])  # up to the largest float32 below 1
+    drawn = jax.vmap(lambda u: sampler.inverse_cdf(weights, jnp.full(2, u), block))(u)
+    np.testing.assert_array_equal(drawn, [[3, 2], [5, 2], [5, 2], [5, 2]])
+
+
+@pytest.mark.parametrize("block", [128, 3])
+def test_inverse_cdf_draws_in_proportion_to_the_weights(block):
+    weights = jnp.asarray([[0.5, 0.0, 2.0, 1.0, 0.0, 0.0, 3.5, 1.0]])
+    u = (jnp.arange(80_000) + 0.5) / 80_000  # evenly spread: frequencies are exact up to 1/80k
+    drawn = jax.vmap(lambda u: sampler.inverse_cdf(weights, u[None], block))(u)[:, 0]
+    np.testing.assert_allclose(np.bincount(drawn, minlength=8) / 80_000, weights[0] / 8.0,
+                               atol=2 / 80_000)
+
+
 def test_sharded_sampling_equals_single_device(model, data_mesh8):
     config = SamplingConfig(max_new_tokens=8, n=8, budget=10, window=2, stop_threshold=5.875,
                             temperature=1.0)
