@@ -109,14 +109,18 @@ def bench_refill(model, prompt, slots: int, new_tokens: int, rounds: int = 4) ->
     refill = SamplingConfig(n=slots, budget=rounds * slots, stop_threshold=threshold, **base)
 
     def static_batches():
-        return [sampler.sample(model, [prompt], jax.random.key(2 + r), static).tokens
+        return [sampler.sample(model, [prompt], jax.random.key(2 + r), static)
                 for r in range(rounds)]
 
-    without = _timed(static_batches)
+    without = _timed(lambda: [s.tokens for s in static_batches()])
     with_refill = _timed(lambda: sampler.sample(model, [prompt], jax.random.key(2), refill).tokens)
-    stopped = sampler.sample(model, [prompt], jax.random.key(2), refill)
-    early = float(np.mean(np.asarray(stopped.finish_reason) == sampler.LOW_CONFIDENCE))
+    batches = static_batches()
+    refilled = sampler.sample(model, [prompt], jax.random.key(2), refill)
+    early = float(np.mean(np.asarray(refilled.finish_reason) == sampler.LOW_CONFIDENCE))
     return {"slots": slots, "traces": rounds * slots, "stopped_early": early,
+            "tokens_per_trace": float(np.mean(np.asarray(refilled.lengths))),
+            "steps_static": int(sum(int(s.steps) for s in batches)),
+            "steps_refill": int(refilled.steps),
             "seconds_per_trace_static": without / (rounds * slots),
             "seconds_per_trace_refill": with_refill / (rounds * slots),
             "speedup": without / with_refill}
@@ -174,7 +178,9 @@ def main() -> None:
           f"{100 * refill['stopped_early']:.0f}% stopped early: "
           f"{1000 * refill['seconds_per_trace_static']:.1f} ms/trace static, "
           f"{1000 * refill['seconds_per_trace_refill']:.1f} ms/trace with refill "
-          f"({refill['speedup']:.2f}x)")
+          f"({refill['speedup']:.2f}x); decode steps {refill['steps_static']} static, "
+          f"{refill['steps_refill']} with refill, {refill['tokens_per_trace']:.0f} of "
+          f"{args.new_tokens} tokens per trace")
     results.write_json(pathlib.Path(args.out), {"device": device, "size": name, "rows": rows,
                                                 "refill": refill, "hbm_bytes_per_s": bandwidth})
 
