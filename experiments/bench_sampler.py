@@ -36,7 +36,10 @@ SIZES = {
 }
 
 
-def _timed(fn, repeats: int = 1) -> float:
+REPEATS = 3  # every timing is the fastest of this many calls after a warm-up call, on both sides
+
+
+def _timed(fn, repeats: int = REPEATS) -> float:
     """Seconds of the fastest of `repeats` calls after one warm-up call."""
     jax.block_until_ready(fn())
     best = float("inf")
