@@ -145,22 +145,26 @@ def nucleus_floor(probs: jax.Array, top_p: float) -> jax.Array:
     Token j is kept when the tokens strictly more likely than it hold less than `top_p` of the
     mass: g(p_j) < top_p with g(t) = sum_{p_i > t} p_i. g decreases in t, so the kept tokens are
     those with p_j >= t*, the smallest float32 t with g(t) < top_p. t* is found exactly by
-    bisection over the bit patterns of non-negative float32 (which order like the values):
-    32 masked sums over V instead of a sort of the vocabulary.
+    bisection over the bit patterns of non-negative float32 (which order like the values),
+    between the float just below the row's smallest probability (g = all the mass) and its
+    largest (g = 0), until every row's bracket is one pattern wide: masked sums over V instead
+    of a sort of the vocabulary, fewer of them the closer the probabilities are to each other.
     """
     def mass_above(bits):                                                    # [B] -> [B]
         t = jax.lax.bitcast_convert_type(bits, jnp.float32)
         return jnp.sum(jnp.where(probs > t[:, None], probs, 0.0), axis=-1)
 
-    def halve(_, bounds):
+    def halve(bounds):
         low, high = bounds                    # g(low) >= top_p (or low = -1), g(high) < top_p
         mid = low + (high - low) // 2
         below = mass_above(jnp.maximum(mid, 0)) < top_p
         return jnp.where(below, low, mid), jnp.where(below, mid, high)
 
-    high = jax.lax.bitcast_convert_type(jnp.max(probs, axis=-1), jnp.int32)  # g(max) = 0
-    low = jnp.full_like(high, -1)
-    _, high = jax.lax.fori_loop(0, 32, halve, (low, high))
+    def as_bits(x):
+        return jax.lax.bitcast_convert_type(x, jnp.int32)
+
+    bounds = (as_bits(jnp.min(probs, axis=-1)) - 1, as_bits(jnp.max(probs, axis=-1)))
+    _, high = jax.lax.while_loop(lambda b: jnp.any(b[1] - b[0] > 1), halve, bounds)
     return jax.lax.bitcast_convert_type(high, jnp.float32)
 
 

@@ -159,6 +159,22 @@ def test_draws_follow_the_truncated_distribution():
         assert np.all(np.abs(seen - expected) <= 5 * sigma + 1e-12)
 
 
+def test_nucleus_floor_equals_a_sorted_reference():
+    rng = np.random.default_rng(4)
+    probs = rng.dirichlet(np.full(300, 0.3), size=5).astype(np.float32)
+    probs[1] = rng.dirichlet(np.full(300, 50.0)).astype(np.float32)  # nearly flat
+    probs[2, 40:] = 0.0                                               # zeros, as after top-k
+    probs[2] /= probs[2].sum()
+    probs[3] = 0.0
+    probs[3, 7] = 1.0                                                 # one token
+    probs[4, :4] = probs[4, :4].max()                                 # ties at the top
+    for top_p in (0.1, 0.5, 0.9, 0.999):
+        floor = np.asarray(sampler.nucleus_floor(jnp.asarray(probs), top_p))
+        for row, t in zip(probs.astype(np.float64), floor, strict=True):
+            above = np.array([row[row > x].sum() for x in row])
+            np.testing.assert_array_equal(row >= t, (above < top_p) & (row > 0))
+
+
 @pytest.mark.parametrize("block", [128, 2])  # one block, and blocks with no weight at all
 def test_inverse_cdf_never_draws_a_zero_weight_token(block):
     weights = jnp.asarray([[0.0, 0.0, 0.0, 1.0, 0.0, 2.0, 0.0],
