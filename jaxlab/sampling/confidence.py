@@ -80,10 +80,11 @@ class GroupWindow:
         the ring written per trace)."""
         rows = jnp.arange(self.ring.shape[0])
         slot = self.count % self.size
-        evicted = jnp.where(self.full, self.ring[rows, slot], 0.0)
+        current = self.ring[rows, slot]
+        evicted = jnp.where(self.full, current, 0.0)
         confidence = confidence.astype(jnp.float32)
         return GroupWindow(
-            ring=self.ring.at[rows, slot].set(jnp.where(active, confidence, self.ring[rows, slot])),
+            ring=self.ring.at[rows, slot].set(jnp.where(active, confidence, current)),
             total=jnp.where(active, self.total + confidence - evicted, self.total),
             count=self.count + active.astype(jnp.int32))
 

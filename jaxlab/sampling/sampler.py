@@ -230,7 +230,8 @@ def _decode(graphdef, state, cache: KVCache, prompt_logits, key, threshold, *,
         tail_confidence=zeros(num_traces), finish_reason=jnp.zeros(num_traces, jnp.int32),
         prompt_index=jnp.arange(num_traces, dtype=jnp.int32) // budget,
         steps=jnp.zeros((), jnp.int32))
-    loop = _Loop(cache=cache, logits=prompt_logits[prompt],
+    first_logits = prompt_logits[prompt]  # [B, V]: where each trace of a slot starts
+    loop = _Loop(cache=cache, logits=first_logits,
                  window=GroupWindow.create(num_slots, config.window),
                  lowest=jnp.full(num_slots, jnp.inf), trace=prompt * budget
                  + jnp.arange(num_slots) % config.n, length=jnp.zeros(num_slots, jnp.int32),
@@ -244,8 +245,8 @@ def _decode(graphdef, state, cache: KVCache, prompt_logits, key, threshold, *,
         else:
             conf = jnp.zeros(num_slots, jnp.float32)
         token = next_tokens(s.logits, jax.random.fold_in(key, s.step), config)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(s.logits, axis=-1), token[:, None],
-                                   axis=-1)[:, 0]
+        logp = (jnp.take_along_axis(s.logits, token[:, None], axis=-1)[:, 0]
+                - jax.nn.logsumexp(s.logits, axis=-1))
         window = s.window.push(conf, active)
         group = window.mean
         lowest = jnp.where(active & window.full, jnp.minimum(s.lowest, group), s.lowest)
@@ -286,7 +287,7 @@ def _decode(graphdef, state, cache: KVCache, prompt_logits, key, threshold, *,
             positions=jnp.where(finishing, prompt_positions, cache.positions),
             index=jnp.where(finishing, start, cache.index))
         return _Loop(
-            cache=cache, logits=jnp.where(finishing[:, None], prompt_logits[prompt], logits),
+            cache=cache, logits=jnp.where(finishing[:, None], first_logits, logits),
             window=window.reset(finishing), lowest=jnp.where(finishing, jnp.inf, lowest),
             trace=jnp.where(refilled, prompt * budget + number,
                             jnp.where(finishing, -1, s.trace)),
