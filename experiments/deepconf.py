@@ -94,24 +94,30 @@ class Config:
 
 def offline_record(traces: online.Traces, reference: str, cfg: Config) -> dict:
     """Correctness and tokens of every offline method at every K (the first K traces)."""
-    extracted = [answers.boxed_answer(t) for t in traces.texts]
-    correct = np.array([answers.is_correct(a, reference) for a in extracted])
+    # Groups form in order of first appearance, so the first K traces' groups are the first K
+    # ids of the grouping of all traces: one grouping and one check per group serve every K.
+    groups = answers.group_answers([answers.boxed_answer(t) for t in traces.texts])
+    group_correct = [answers.is_correct(label, reference) for label in groups.labels]
+
+    def right(group: int) -> bool:
+        return group != answers.NO_ANSWER and group_correct[group]
+
+    correct = np.array([right(int(i)) for i in groups.ids])
     metrics = {name: np.asarray(voting.trace_metric(name, traces.confidence, traces.lengths,
                                                     cfg.window))
                for name in {m for _, m, _, _ in OFFLINE if m}}
     record: dict = {}
     for k in cfg.ks:
-        groups = answers.group_answers(extracted[:k])
-        valid = np.ones(k, bool)
+        ids, valid = groups.ids[:k], np.ones(k, bool)
         row = {"pass@1": float(correct[:k].mean()), "tokens": int(traces.lengths[:k].sum())}
         for name, weight, metric, keep in OFFLINE:
             if weight is None:
-                result = voting.majority_vote(groups.ids, valid)
+                result = voting.majority_vote(ids, valid)
             elif metric is None:
-                result = voting.weighted_vote(groups.ids, valid, metrics[weight][:k])
+                result = voting.weighted_vote(ids, valid, metrics[weight][:k])
             else:
-                result = voting.filtered_vote(groups.ids, valid, metrics[metric][:k], keep)
-            row[name] = answers.is_correct(groups.label(int(result.answer)), reference)
+                result = voting.filtered_vote(ids, valid, metrics[metric][:k], keep)
+            row[name] = right(int(result.answer))
         record[str(k)] = row
     record["traces"] = {"correct": correct.tolist(),
                         **{name: values.round(4).tolist() for name, values in metrics.items()}}

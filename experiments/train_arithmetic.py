@@ -28,7 +28,7 @@ from jaxlab.deepconf import arithmetic
 from jaxlab.deepconf.problems import Problem, save_problems
 from jaxlab.models import hf, zoo
 from jaxlab.models.decoder import Decoder, DecoderConfig
-from jaxlab.rl import losses
+from jaxlab.rl import losses, train
 from jaxlab.sampling import sampler
 
 log = logging.getLogger("jaxlab")
@@ -70,10 +70,8 @@ def model_config(cfg: Config) -> DecoderConfig:
 def train_step(params, opt_state, tokens, mask, *, graphdef, optimizer):
     """One Adam step on the mean next-token cross-entropy over the masked (solution) tokens."""
 
-    def loss_fn(params):
-        logits = nnx.merge(graphdef, params)(tokens[:, :-1])
-        logp = losses.token_logprobs(logits, tokens[:, 1:])                 # [B, T-1]
-        return -losses.token_mean(logp, mask[:, 1:])
+    def loss_fn(params):  # position 0 is a prompt token: masked out
+        return -losses.token_mean(train.policy_logprobs(graphdef, params, tokens), mask)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)

@@ -55,5 +55,15 @@ def read_jsonl(path: str | pathlib.Path, fields: Sequence[Field]) -> list[tuple]
     return rows
 
 
+def check_unique(keys: Sequence[Any], what: str, source: str) -> None:
+    """DataError naming `source:line` of the first repeated key (key i stands on line i + 1)."""
+    first: dict[Any, int] = {}
+    for i, key in enumerate(keys):
+        if key in first:
+            raise DataError(f"{source}:{i + 1}: duplicate {what} {key!r} (first at "
+                            f"{source}:{first[key] + 1})")
+        first[key] = i
+
+
 def jsonl_text(records: Iterable[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

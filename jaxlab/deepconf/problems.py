@@ -6,7 +6,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from jaxlab.jsonl import DataError, Field, jsonl_text, read_jsonl
+from jaxlab.jsonl import DataError, Field, check_unique, jsonl_text, read_jsonl
 from jaxlab.results import write_text
 
 _FIELDS = (Field("id", str, is_id=True), Field("prompt", str), Field("answer", str, is_id=True))
@@ -24,13 +24,10 @@ def load_problems(path: str | pathlib.Path) -> list[Problem]:
     problems = [Problem(*row) for row in read_jsonl(path, _FIELDS)]
     if not problems:
         raise DataError(f"{path} holds no problems")
-    seen: dict[str, int] = {}
-    for line, p in enumerate(problems, 1):
-        if p.id in seen:
-            raise DataError(f"{path}:{line}: duplicate id {p.id!r} (first at line {seen[p.id]})")
-        if not p.prompt:
-            raise DataError(f"{path}:{line}: empty prompt")
-        seen[p.id] = line
+    check_unique([p.id for p in problems], "id", str(path))
+    empty = next((line for line, p in enumerate(problems, 1) if not p.prompt), None)
+    if empty is not None:
+        raise DataError(f"{path}:{empty}: empty prompt")
     return problems
 
 

@@ -14,14 +14,14 @@ When no trace votes the result is NO_ANSWER.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from jaxlab.config import require
-from jaxlab.deepconf.answers import NO_ANSWER, AnswerGroups, group_answers
+from jaxlab.deepconf.answers import NO_ANSWER
 from jaxlab.sampling import confidence as cf
 
 # keep_percent of each named online rule: the share of warmup traces whose lowest group
@@ -168,20 +168,3 @@ def threshold_for(rule: str, warmup_scores: jax.Array) -> jax.Array:
     percentile), "deepconf-high" the top 90% (10th percentile)."""
     require(rule in RULES, f"unknown threshold rule {rule!r}; choose one of {sorted(RULES)}")
     return threshold(warmup_scores, RULES[rule])
-
-
-# --------------------------------------------------------------------------------------------
-# From answer strings
-
-
-def vote_on_answers(answers: Sequence[str | None], scores: jax.Array,
-                    keep_percent: float = 100.0,
-                    weighted: bool = True) -> tuple[str | None, Vote, AnswerGroups]:
-    """Groups answer strings [N] by equivalence and runs `filtered_vote` on them with every trace
-    valid. Returns the winning answer's label (None when no trace has an answer), the vote and
-    the groups."""
-    groups = group_answers(answers)
-    ids = jnp.asarray(groups.ids)
-    result = filtered_vote(ids, jnp.ones(ids.shape, bool), jnp.asarray(scores, jnp.float32),
-                           keep_percent, weighted)
-    return groups.label(int(result.answer)), result, groups

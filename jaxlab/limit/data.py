@@ -28,12 +28,12 @@ import itertools
 import math
 import pathlib
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
 from jaxlab.config import is_int, require, require_positive_ints
-from jaxlab.jsonl import DataError, Field, field_value, jsonl_text, read_jsonl
+from jaxlab.jsonl import DataError, Field, check_unique, field_value, jsonl_text, read_jsonl
 from jaxlab.results import write_text
 
 PATTERNS = ("random", "cycle", "disjoint", "dense")
@@ -85,9 +85,9 @@ class Dataset:
             if not part:
                 raise DataError(f"{source}: no records (an empty corpus, query set or qrels "
                                 f"cannot be evaluated)")
-        _check_unique([d.id for d in self.corpus], "corpus id", corpus_src)
-        _check_unique([q.id for q in self.queries], "query id", queries_src)
-        _check_unique([(j.query_id, j.doc_id) for j in self.qrels], "judgment", qrels_src)
+        check_unique([d.id for d in self.corpus], "corpus id", corpus_src)
+        check_unique([q.id for q in self.queries], "query id", queries_src)
+        check_unique([(j.query_id, j.doc_id) for j in self.qrels], "judgment", qrels_src)
         _check_known([j.query_id for j in self.qrels], self.query_index, "query id", qrels_src)
         _check_known([j.doc_id for j in self.qrels], self.doc_index, "corpus id", qrels_src)
 
@@ -125,15 +125,6 @@ class Dataset:
 
 def _location(source: str, index: int) -> str:
     return f"{source}:{index + 1}"
-
-
-def _check_unique(keys: Sequence[Any], what: str, source: str) -> None:
-    first: dict[Any, int] = {}
-    for i, key in enumerate(keys):
-        if key in first:
-            raise DataError(f"{_location(source, i)}: duplicate {what} {key!r} (first at "
-                            f"{_location(source, first[key])})")
-        first[key] = i
 
 
 def _check_known(keys: Sequence[str], known: dict[str, int], what: str, source: str) -> None:
@@ -325,7 +316,7 @@ def generate(config: GeneratorConfig, attributes: Sequence[str] | None = None) -
     attributes for the queries and the padding.
     """
     attributes = list(shipped_attributes() if attributes is None else attributes)
-    _check_unique([a.lower() for a in attributes], "attribute", "attributes")
+    check_unique([a.lower() for a in attributes], "attribute", "attributes")
     m, k, per_doc, n = (config.num_queries, config.k, config.attributes_per_doc,
                         config.num_docs)
     pool = pool_size(config)

@@ -23,6 +23,19 @@ def by_first_token(ids) -> str:
     return f"so \\boxed{{{int(ids[0]) % 3}}}"
 
 
+def test_only_surviving_traces_vote_weighted_by_lowest_group_confidence():
+    # answer "7": two survivors (2 + 3 = 5); answer "9": one survivor (4) and one stopped trace
+    # so confident (100) that it would win if it voted
+    traces = online.Traces(
+        texts=[r"\boxed{7}", r"\boxed{9}", r"\boxed{7}", r"\boxed{9}", "no answer"],
+        lengths=np.array([3, 3, 3, 3, 3]), lowest=np.array([2.0, 4.0, 3.0, 100.0, 50.0]),
+        stopped=np.array([False, False, False, True, False]), confidence=np.zeros((5, 3)))
+    answer, votes, solution, consensus = online.weighted_vote(traces)
+    assert answer == "7" and votes == {"7": 5.0, "9": 4.0}
+    assert solution == r"\boxed{7}"  # the most confident "7" voter: trace 2
+    np.testing.assert_allclose(consensus, 5 / 9)
+
+
 def test_threshold_follows_the_rule_on_the_warmup(model):
     config = online.OnlineConfig(rule="deepconf-high", warmup=8, budget=8, batch=4)
     result = online.solve(model, PROMPT, jax.random.key(0), SAMPLING, config, by_first_token)

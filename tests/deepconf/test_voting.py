@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxlab.deepconf import voting as vt
-from jaxlab.deepconf.answers import NO_ANSWER
+from jaxlab.deepconf.answers import NO_ANSWER, group_answers
 from jaxlab.sampling import confidence as cf
 
 # --------------------------------------------------------------------------------------------
@@ -229,13 +229,21 @@ def test_filtered_vote_jits_and_vmaps_over_problems():
         np.testing.assert_allclose(batched.consensus[p], single.consensus, rtol=1e-6)
 
 
+def _vote_on_strings(texts, scores, keep_percent=100.0, weighted=True):
+    groups = group_answers(texts)
+    ids = jnp.asarray(groups.ids)
+    result = vt.filtered_vote(ids, jnp.ones(ids.shape, bool), jnp.asarray(scores, jnp.float32),
+                              keep_percent, weighted)
+    return groups.label(int(result.answer)), result, groups
+
+
 def test_vote_on_answer_strings():
     texts = [r"\frac12", "2", "0.5", None, "2", "1/2", "3"]
-    label, result, groups = vt.vote_on_answers(texts, np.ones(7), weighted=False)
+    label, result, groups = _vote_on_strings(texts, np.ones(7), weighted=False)
     assert label == r"\frac12" and int(result.trace) == 0
     assert groups.ids.tolist() == [0, 1, 0, NO_ANSWER, 1, 0, 2]
     np.testing.assert_allclose(float(result.consensus), 3 / 6)
     scores = np.array([1.0, 9.0, 1.0, 9.0, 9.0, 1.0, 1.0])
-    assert vt.vote_on_answers(texts, scores)[0] == "2"             # weighted: V(2) = 18 > 3
-    assert vt.vote_on_answers(texts, scores, keep_percent=10)[0] == "2"
-    assert vt.vote_on_answers([None, None], np.ones(2))[0] is None
+    assert _vote_on_strings(texts, scores)[0] == "2"             # weighted: V(2) = 18 > 3
+    assert _vote_on_strings(texts, scores, keep_percent=10)[0] == "2"
+    assert _vote_on_strings([None, None], np.ones(2))[0] is None
