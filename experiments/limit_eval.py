@@ -72,7 +72,7 @@ class Config:
     bm25: bool = True
     minilm: bool = True
     minilm_folder: str | None = None     # a sentence-transformers folder (default: the package's)
-    # MiniLM embedding sizes to evaluate: the largest (its full 384) is reported as "minilm", the
+    # MiniLM embedding sizes to evaluate: the model's full size (384) is reported as "minilm", the
     # others, truncated and renormalized, as "minilm-d<dim>"
     minilm_dims: list[int] = dataclasses.field(default_factory=lambda: [384, 128, 64, 32])
     minilm_batch_size: int = 64
@@ -88,11 +88,11 @@ class Config:
         config_lib.require(len(set(names)) == len(names), f"dataset names repeat: {names}")
         for name in ("ks", "minilm_dims", "free_dims"):
             values = getattr(self, name)
-            config_lib.require(all(v >= 1 for v in values),
+            config_lib.require(all(config_lib.is_int(v) and v >= 1 for v in values),
                                f"{name} must hold integers >= 1, got {values}")
         config_lib.require(len(self.ks) > 0, "ks must not be empty")
-        for name in ("minilm_batch_size", "free_max_docs", "search_chunk"):
-            config_lib.require(getattr(self, name) >= 1, f"{name} must be >= 1")
+        config_lib.require_positive_ints(self, "minilm_batch_size", "free_max_docs",
+                                         "search_chunk")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -129,14 +129,16 @@ def main(argv: list[str] | None = None) -> dict:
             _, ranked = retrieval.bm25_search([d.text for d in dataset.corpus],
                                               [q.text for q in dataset.queries], depth)
             record(spec.name, "bm25", ranked, dataset, time.perf_counter() - start)
-        minilm_names = [_minilm_name(cfg, d) for d in cfg.minilm_dims]
-        if cfg.minilm and not all(n in done for n in minilm_names):
+        if cfg.minilm:
             encoder = encoder or hf.load_sentence_encoder(cfg.minilm_folder,
                                                           batch_size=cfg.minilm_batch_size)
             config_lib.require(max(cfg.minilm_dims) <= encoder.dim,
                                f"minilm_dims {cfg.minilm_dims} exceed the model's {encoder.dim}")
-            docs, queries = _minilm_embeddings(encoder, spec.name, dataset, out, details)
-            for dim, name in zip(cfg.minilm_dims, minilm_names, strict=True):
+            todo = [d for d in cfg.minilm_dims if _minilm_name(d, encoder.dim) not in done]
+            if todo:
+                docs, queries = _minilm_embeddings(encoder, spec.name, dataset, out, details)
+            for dim in todo:
+                name = _minilm_name(dim, encoder.dim)
                 start = time.perf_counter()
                 index = retrieval.build_index(_truncate(docs, dim), mesh, cfg.search_chunk)
                 _, ranked = retrieval.search(index, _truncate(queries, dim), depth)
@@ -167,8 +169,9 @@ def _ks(cfg: Config, dataset) -> list[int]:
     return [k for k in cfg.ks if k <= len(dataset.corpus)]
 
 
-def _minilm_name(cfg: Config, dim: int) -> str:
-    return "minilm" if dim == max(cfg.minilm_dims) else f"minilm-d{dim}"
+def _minilm_name(dim: int, full: int) -> str:
+    """"minilm" for the model's full embedding size, "minilm-d<dim>" for a truncation."""
+    return "minilm" if dim == full else f"minilm-d{dim}"
 
 
 def _truncate(vectors: np.ndarray, dim: int) -> np.ndarray:

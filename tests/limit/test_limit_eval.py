@@ -1,0 +1,57 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+
+CONFIG = """
+datasets:
+  - name: tiny
+    generate: {num_docs: 20, num_queries: 30, k: 2, attributes_per_doc: 10, pattern: dense, seed: 0}
+ks: [2, 10]
+bm25: true
+minilm: true
+minilm_dims: [128, 32]
+free_dims: [6]
+solver: {k: 2, max_steps: 3000}
+"""
+
+
+def _cli(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(ROOT))
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", "limit_eval.py"), "--config",
+         str(tmp_path / "config.in.yaml"), f"out_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_cli_names_every_retriever_and_redoes_only_what_is_missing(tmp_path):
+    (tmp_path / "config.in.yaml").write_text(CONFIG)
+    first = _cli(tmp_path)
+    assert first.returncode == 0, first.stderr
+    out = tmp_path / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    # truncations are "minilm-d<dim>" even when the full size (384, "minilm") is not asked for
+    assert set(metrics["tiny"]) == {"bm25", "minilm-d128", "minilm-d32", "free-d6"}
+    for values in metrics["tiny"].values():
+        assert set(values) == {"recall@2", "recall@10"}
+        assert all(0 <= v <= 1 for v in values.values())
+    details = json.loads((out / "details.json").read_text())["tiny"]
+    assert details["free_embedding"]["free-d6"]["solved"]
+    assert metrics["tiny"]["free-d6"]["recall@2"] == 1.0  # solved: every top-2 exact
+    assert np.load(out / "embeddings" / "tiny-docs.npy").shape == (20, 384)
+    assert (out / "recall.png").stat().st_size > 0
+
+    # Drop one retriever: a rerun computes it again and leaves the others as they were.
+    del metrics["tiny"]["minilm-d32"]
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    second = _cli(tmp_path)
+    assert second.returncode == 0, second.stderr
+    again = json.loads((out / "metrics.json").read_text())["tiny"]
+    assert set(again) == {"bm25", "minilm-d128", "minilm-d32", "free-d6"}
+    seconds = json.loads((out / "details.json").read_text())["tiny"]["seconds"]
+    for name in ("bm25", "minilm-d128", "free-d6"):  # not rerun: their timings are unchanged
+        assert seconds[name] == details["seconds"][name]
