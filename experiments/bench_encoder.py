@@ -12,20 +12,13 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import time
 
 import numpy as np
+from timing import best_of
 
 from jaxlab import results
 from jaxlab.limit import data
 from jaxlab.models import hf
-
-
-def timed(encode, texts) -> tuple[np.ndarray, float]:
-    encode(texts)                                   # warm-up
-    start = time.perf_counter()
-    vectors = encode(texts)
-    return np.asarray(vectors, np.float32), time.perf_counter() - start
 
 
 def main() -> dict:
@@ -41,11 +34,10 @@ def main() -> dict:
     texts = [d.text for d in corpus]
     ours = hf.load_sentence_encoder(batch_size=args.batch_size)
     theirs = SentenceTransformer(str(hf.minilm_folder()), device="cpu")
-    ours_vectors, ours_seconds = timed(ours.encode, texts)
+    ours_vectors, ours_seconds = best_of(lambda: ours.encode(texts), repeats=1)
     with torch.inference_mode():
-        st_vectors, st_seconds = timed(
-            lambda t: theirs.encode(t, batch_size=args.batch_size, normalize_embeddings=True),
-            texts)
+        st_vectors, st_seconds = best_of(lambda: theirs.encode(
+            texts, batch_size=args.batch_size, normalize_embeddings=True), repeats=1)
     cosine = np.sum(ours_vectors * st_vectors, axis=1)
     report = {
         "texts": len(texts), "batch_size": args.batch_size,

@@ -13,23 +13,13 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import time
 
 import jax
 import numpy as np
+from timing import best_of
 
 from jaxlab import parallel, results
 from jaxlab.limit import retrieval
-
-
-def best_of(fn, repeats: int = 3) -> tuple[object, float]:
-    out = fn()                                       # warm-up (compilation)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return out, min(times)
 
 
 def numpy_top_k(queries: np.ndarray, docs: np.ndarray, k: int) -> np.ndarray:

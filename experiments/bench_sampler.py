@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import pathlib
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import best_of
 
 from jaxlab import results
 from jaxlab.models import hf, zoo
@@ -36,18 +36,12 @@ SIZES = {
 }
 
 
-REPEATS = 3  # every timing is the fastest of this many calls after a warm-up call, on both sides
+REPEATS = 3  # every timing is the fastest of this many calls after a warm-up, on both sides
 
 
 def _timed(fn, repeats: int = REPEATS) -> float:
-    """Seconds of the fastest of `repeats` calls after one warm-up call."""
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
-    return best
+    """Seconds of `best_of`."""
+    return best_of(fn, repeats)[1]
 
 
 def bench_ours(model, prompts, new_tokens: int, confidence: bool) -> float:
