@@ -46,6 +46,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def param_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """A matrix is split over the mesh's first axis along its largest dimension that the axis
+    size divides; vectors and matrices with no such dimension are replicated."""
+    axis = mesh.axis_names[0]
+    dims = [int(i) for i in np.argsort(shape)[::-1] if shape[i] % mesh.shape[axis] == 0]
+    if len(shape) < 2 or not dims:
+        return NamedSharding(mesh, PartitionSpec())
+    parts = [None] * len(shape)
+    parts[dims[0]] = axis
+    return NamedSharding(mesh, PartitionSpec(*parts))
+
+
 def padded_size(size: int, mesh: Mesh) -> int:
     """The smallest multiple of the mesh's device count that is >= size."""
     return math.ceil(size / mesh.size) * mesh.size

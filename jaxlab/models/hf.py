@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from safetensors import safe_open
 
+from jaxlab import parallel
 from jaxlab.models.decoder import FAMILIES, Decoder, DecoderConfig
 from jaxlab.models.encoder import Encoder, EncoderConfig, SentenceEncoder
 from jaxlab.results import write_json
@@ -64,7 +65,7 @@ def hf_config(folder: str | pathlib.Path):
         return AutoConfig.from_pretrained(folder, local_files_only=True)
     except (ValueError, KeyError, OSError) as e:
         raise CheckpointError(f"{folder / 'config.json'}: transformers cannot read it ({e}); "
-                              f"supported decoder model types: {FAMILIES}") from None
+                              f"supported model types: {FAMILIES} and bert") from None
 
 
 def tensor_files(folder: str | pathlib.Path) -> dict[str, pathlib.Path]:
@@ -269,26 +270,14 @@ def load_decoder_config(path: str | pathlib.Path, *, dtype: str = "float32",
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
 
 
-def param_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
-    """A matrix is split over the mesh's first axis along its largest dimension that the axis
-    size divides; vectors and matrices with no such dimension are replicated."""
-    axis = mesh.axis_names[0]
-    dims = [int(i) for i in np.argsort(shape)[::-1] if shape[i] % mesh.shape[axis] == 0]
-    if len(shape) < 2 or not dims:
-        return NamedSharding(mesh, PartitionSpec())
-    parts = [None] * len(shape)
-    parts[dims[0]] = axis
-    return NamedSharding(mesh, PartitionSpec(*parts))
-
-
 def load_pretrained(path: str | pathlib.Path, *, dtype: str = "float32",
                     activation_dtype: str | None = None, mesh: Mesh | None = None) -> Decoder:
     """A `Decoder` with every weight read from the local Hugging Face folder `path`.
 
     Args:
       dtype: the parameters' dtype (tensors are cast to it); activations default to it too.
-      mesh: place parameters sharded over this mesh (`param_sharding`); each device reads only
-        its own slice from the files.
+      mesh: place parameters sharded over this mesh (`parallel.param_sharding`); each device
+        reads only its own slice from the files.
     Raises:
       CheckpointError: unsupported architecture or config values, missing files, or tensors that
         are missing, unexpected, mis-shaped or not floating point (all listed at once).
@@ -325,7 +314,7 @@ def load_pretrained(path: str | pathlib.Path, *, dtype: str = "float32",
             problems.append(f"tensor {name} in {files[name].name} has dtype {file_dtype}, "
                             f"expected a floating-point type")
             continue
-        sharding = None if mesh is None else param_sharding(want, mesh)
+        sharding = None if mesh is None else parallel.param_sharding(want, mesh)
         loaded[ours] = _read(files[name], name, transposed, want, _DTYPES[dtype], sharding)
     if problems:
         raise CheckpointError(f"{path} does not match the {config.family} architecture of its "

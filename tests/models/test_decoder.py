@@ -162,7 +162,7 @@ def _edit_config(src, dst, **changes):
 
 @pytest.mark.parametrize("changes,match", [
     (dict(model_type="gpt2"), "model_type"),
-    (dict(model_type="nonexistent-arch"), "supported decoder model types"),
+    (dict(model_type="nonexistent-arch"), "supported model types"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}), "yarn"),
 ])
