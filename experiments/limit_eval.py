@@ -5,8 +5,11 @@
 Datasets are BEIR/MTEB folders (e.g. the released LIMIT-small) or generated (`data.generate`).
 Writes to `out_dir`: config.yaml, log.txt, metrics.json ({dataset: {retriever: {"recall@k": ...}}},
 written after every retriever; a rerun skips what is there), details.json (dataset sizes, qrel-graph
-statistics, timings, free-embedding runs), embeddings/ (MiniLM vectors, reused by reruns), data/
-(generated datasets as JSON Lines) and recall.png; prints a table beside the paper's numbers.
+statistics, timings, free-embedding runs), embeddings/ (MiniLM vectors as chunked zarr arrays,
+`embeddings/<dataset>-docs/vectors` [documents, 384] and `-queries/vectors` [queries, 384], written
+`minilm_chunk` texts at a time; a rerun encodes only the chunks not marked complete, see
+jaxlab/arrays.py), data/ (generated datasets as JSON Lines) and recall.png; prints a table beside
+the paper's numbers.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tqdm import tqdm
 
+from jaxlab import arrays, parallel, results
 from jaxlab import config as config_lib
-from jaxlab import parallel, results
 from jaxlab.limit import data, retrieval
 from jaxlab.limit.free_embedding import SolverConfig
 from jaxlab.models import hf
@@ -76,6 +79,7 @@ class Config:
     # others, truncated and renormalized, as "minilm-d<dim>"
     minilm_dims: list[int] = dataclasses.field(default_factory=lambda: [384, 128, 64, 32])
     minilm_batch_size: int = 64
+    minilm_chunk: int = 4096             # texts per stored chunk and encode call (resume unit)
     free_dims: list[int] = dataclasses.field(default_factory=lambda: [8, 12])
     free_max_docs: int = 5000            # free embeddings only on corpora up to this size
     free_seed: int = 0
@@ -91,8 +95,8 @@ class Config:
             config_lib.require(all(config_lib.is_int(v) and v >= 1 for v in values),
                                f"{name} must hold integers >= 1, got {values}")
         config_lib.require(len(self.ks) > 0, "ks must not be empty")
-        config_lib.require_positive_ints(self, "minilm_batch_size", "free_max_docs",
-                                         "search_chunk")
+        config_lib.require_positive_ints(self, "minilm_batch_size", "minilm_chunk",
+                                         "free_max_docs", "search_chunk")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -136,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
                                f"minilm_dims {cfg.minilm_dims} exceed the model's {encoder.dim}")
             todo = [d for d in cfg.minilm_dims if _minilm_name(d, encoder.dim) not in done]
             if todo:
-                docs, queries = _minilm_embeddings(encoder, spec.name, dataset, out, details)
+                docs, queries = _minilm_embeddings(encoder, spec.name, dataset, out, details,
+                                                   cfg.minilm_chunk)
             for dim in todo:
                 name = _minilm_name(dim, encoder.dim)
                 start = time.perf_counter()
@@ -201,27 +206,30 @@ def _describe(dataset: data.Dataset) -> dict:
             "average_query_strength": stats.average_query_strength}
 
 
-def _minilm_embeddings(encoder, name: str, dataset, out: pathlib.Path,
-                       details: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Document [n, H] and query [m, H] embeddings, from out/embeddings when a run made them."""
+def _minilm_embeddings(encoder, name: str, dataset, out: pathlib.Path, details: dict,
+                       chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Document [n, H] and query [m, H] embeddings, kept in out/embeddings/<name>-<part>/vectors
+    (zarr, `chunk` rows per chunk): chunks an earlier run completed are read back, the others
+    encoded, one encode call per chunk."""
     vectors = []
     for part, texts in (("docs", [d.text for d in dataset.corpus]),
                         ("queries", [q.text for q in dataset.queries])):
-        path = out / "embeddings" / f"{name}-{part}.npy"
-        if path.is_file():
-            vectors.append(np.load(path))
-            continue
-        start = time.perf_counter()
-        embedded = encoder.encode(texts, progress=f"{name} {part}")
-        seconds = time.perf_counter() - start
-        details[name].setdefault("encoding", {})[part] = {
-            "texts": len(texts), "seconds": round(seconds, 2),
-            "texts_per_second": round(len(texts) / seconds, 2)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp.npy")
-        np.save(temporary, embedded)
-        temporary.replace(path)
-        vectors.append(embedded)
+        store = arrays.open_store(out / "embeddings" / f"{name}-{part}",
+                                  {"vectors": ((len(texts), encoder.dim), "float32")}, chunk)
+
+        def encode(first: int, stop: int, texts=texts) -> dict[str, np.ndarray]:
+            return {"vectors": encoder.encode(texts[first:stop])}              # [rows, H]
+
+        began = time.perf_counter()
+        encoded = arrays.fill(store, encode, progress=f"{name} {part}")
+        seconds = time.perf_counter() - began
+        if encoded:  # what this run encoded; a run that reuses every chunk keeps the record
+            count = sum(stop - first for first, stop in
+                        (arrays.chunk_bounds(c, store.rows, chunk) for c in encoded))
+            details[name].setdefault("encoding", {})[part] = {
+                "texts": count, "chunks": len(encoded), "seconds": round(seconds, 2),
+                "texts_per_second": round(count / seconds, 2)}
+        vectors.append(arrays.read(store, "vectors"))
     return vectors[0], vectors[1]
 
 

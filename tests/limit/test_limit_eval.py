@@ -5,6 +5,8 @@ import sys
 
 import numpy as np
 
+from jaxlab import arrays
+
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 CONFIG = """
@@ -17,6 +19,7 @@ minilm: true
 minilm_dims: [128, 32]
 free_dims: [6]
 solver: {k: 2, max_steps: 3000}
+minilm_chunk: 8
 """
 
 
@@ -42,12 +45,23 @@ def test_cli_names_every_retriever_and_redoes_only_what_is_missing(tmp_path):
     details = json.loads((out / "details.json").read_text())["tiny"]
     assert details["free_embedding"]["free-d6"]["solved"]
     assert metrics["tiny"]["free-d6"]["recall@2"] == 1.0  # solved: every top-2 exact
-    assert np.load(out / "embeddings" / "tiny-docs.npy").shape == (20, 384)
+    # MiniLM vectors in zarr chunks of 8 texts: docs 3 chunks, queries 4, every one complete
+    embeddings = {part: arrays.open_store(out / "embeddings" / f"tiny-{part}",
+                                          {"vectors": ((rows, 384), "float32")}, 8)
+                  for part, rows in (("docs", 20), ("queries", 30))}
+    docs = arrays.read(embeddings["docs"], "vectors")
+    np.testing.assert_allclose(np.linalg.norm(docs, axis=1), 1, atol=1e-5)  # unit, all written
+    assert [arrays.missing_chunks(s) for s in embeddings.values()] == [[], []]
+    assert details["encoding"]["docs"] == {**details["encoding"]["docs"], "texts": 20, "chunks": 3}
     assert (out / "recall.png").stat().st_size > 0
 
-    # Drop one retriever: a rerun computes it again and leaves the others as they were.
+    # Drop one retriever: a rerun computes it again and leaves the others as they were. It
+    # needs the embeddings: a docs chunk without its done flag (as a kill between the chunk's
+    # data and its flag leaves it) is encoded again, the complete chunks are read back.
     del metrics["tiny"]["minilm-d32"]
     (out / "metrics.json").write_text(json.dumps(metrics))
+    arrays.write_rows(embeddings["docs"].done, 1, np.zeros(1, np.uint8))
+    kept = (out / "embeddings" / "tiny-docs" / "vectors" / "c" / "0" / "0").stat().st_mtime_ns
     second = _cli(tmp_path)
     assert second.returncode == 0, second.stderr
     again = json.loads((out / "metrics.json").read_text())["tiny"]
@@ -55,3 +69,9 @@ def test_cli_names_every_retriever_and_redoes_only_what_is_missing(tmp_path):
     seconds = json.loads((out / "details.json").read_text())["tiny"]["seconds"]
     for name in ("bm25", "minilm-d128", "free-d6"):  # not rerun: their timings are unchanged
         assert seconds[name] == details["seconds"][name]
+    encoding = json.loads((out / "details.json").read_text())["tiny"]["encoding"]
+    assert encoding["docs"]["texts"] == 8 and encoding["docs"]["chunks"] == 1  # chunk 1 only
+    assert encoding["queries"] == details["encoding"]["queries"]  # every query chunk reused
+    assert (out / "embeddings" / "tiny-docs" / "vectors" / "c" / "0" / "0").stat().st_mtime_ns \
+        == kept
+    np.testing.assert_allclose(arrays.read(embeddings["docs"], "vectors"), docs, atol=1e-5)
