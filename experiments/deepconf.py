@@ -5,6 +5,8 @@
 Per problem: `offline_traces` traces decoded to the end, scored by every voting method for each K
 of `ks` (the first K traces); then DeepConf online for each rule, with the same budget. Writes to
 `out_dir`: problems.jsonl (one record per problem, appended as each finishes; a rerun resumes),
+traces/ (the offline traces as zarr arrays, row p for the problem on line p + 1 of `problems`, one
+chunk per problem written before its record; see `trace_specs` and jaxlab/arrays.py),
 summary.json, accuracy_vs_tokens.png, log.txt, config.yaml, and prints a summary table.
 """
 
@@ -24,8 +26,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tqdm import tqdm
 
+from jaxlab import arrays, results
 from jaxlab import config as config_lib
-from jaxlab import results
 from jaxlab.deepconf import answers, online, voting
 from jaxlab.deepconf.problems import load_problems
 from jaxlab.models import hf
@@ -45,7 +47,6 @@ OFFLINE = (
     ("tail@90", "tail", "tail", 90.0),
     ("tail@10", "tail", "tail", 10.0),
 )
-
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -124,6 +125,26 @@ def offline_record(traces: online.Traces, reference: str, cfg: Config) -> dict:
     return record
 
 
+def trace_specs(problems: int, cfg: Config) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The offline traces kept under traces/: name -> (shape, dtype), with P = `problems` (every
+    problem in the file), N = offline_traces, T = max_new_tokens; 0 past a trace's length."""
+    p, n, t = problems, cfg.offline_traces, cfg.max_new_tokens
+    return {"tokens": ((p, n, t), "int32"),          # sampled token ids
+            "confidence": ((p, n, t), "float32"),    # token confidence C_i
+            "lengths": ((p, n), "int32"),            # generated tokens (stop token included)
+            "lowest_group": ((p, n), "float32"),     # lowest group confidence
+            "tail": ((p, n), "float32"),             # mean C over the last min(length, W) tokens
+            "finish_reason": ((p, n), "int32")}      # index into sampler.FINISH_REASONS
+
+
+def trace_rows(samples: sampler.Samples) -> dict[str, np.ndarray]:
+    """One problem's host-side samples as its chunk of the trace arrays ([1, N, ...] each)."""
+    return {name: np.asarray(value)[None] for name, value in (
+        ("tokens", samples.tokens), ("confidence", samples.confidence),
+        ("lengths", samples.lengths), ("lowest_group", samples.lowest_group_confidence),
+        ("tail", samples.tail_confidence), ("finish_reason", samples.finish_reason))}
+
+
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     """P(score of a random positive > score of a random negative), ties counting 1/2 (the area
     under the ROC curve, by the Mann-Whitney rank sum); NaN without both classes."""
@@ -136,7 +157,8 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
-    problems = load_problems(cfg.problems)[:cfg.limit or None]
+    every_problem = load_problems(cfg.problems)
+    problems = every_problem[:cfg.limit or None]
     model = hf.load_pretrained(cfg.model)
     tokenizer = hf.load_tokenizer(cfg.model)
     config_lib.require(tokenizer.eos_token_id is not None,
@@ -146,6 +168,16 @@ def main(argv: list[str] | None = None) -> dict:
     done = {json.loads(line)["id"] for line in path.read_text().splitlines()} if path.exists() \
         else set()
     sampling = cfg.sampling(tokenizer.eos_token_id)
+    offline_sampling = dataclasses.replace(sampling, budget=cfg.offline_traces)
+    # Rows for every problem in the file, so that a rerun with a larger `limit` reopens them.
+    traces_store = arrays.open_store(out / "traces", trace_specs(len(every_problem), cfg),
+                                     chunk_rows=1)
+    stored = arrays.complete_chunks(traces_store)                            # bool [P]
+    unstored = [p.id for p, kept in zip(every_problem, stored, strict=True)
+                if p.id in done and not kept]
+    if unstored:
+        log.warning("%d finished problems (e.g. %s) have no traces in %s", len(unstored),
+                    unstored[0], traces_store.folder)
 
     def decode(ids) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
@@ -160,9 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
             prompt = tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]
             problem_key = jax.random.fold_in(key, index)
             start = time.perf_counter()
-            traces = online.Traces.from_samples(
-                sampler.sample(model, [prompt], problem_key, dataclasses.replace(
-                    sampling, budget=cfg.offline_traces)), decode)
+            samples = jax.device_get(sampler.sample(model, [prompt], problem_key,
+                                                    offline_sampling))
+            traces = online.Traces.from_samples(samples, decode)
             online.weighted_vote(traces)  # answering costs the baseline a vote too
             record = {"id": problem.id, "answer": problem.answer,
                       "offline_seconds": time.perf_counter() - start,
@@ -177,6 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "launched": result.launched, "stopped": result.stopped,
                     "tokens": result.tokens, "threshold": result.threshold,
                     "consensus": result.consensus, "seconds": time.perf_counter() - start}
+            # The chunk before the record: a problem with a record always has its traces.
+            arrays.write_chunk(traces_store, index, trace_rows(samples))
             sink.write(json.dumps(record) + "\n")
             sink.flush()
     records = [json.loads(line) for line in path.read_text().splitlines()]

@@ -8,10 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from jaxlab.deepconf import arithmetic
+from jaxlab import arrays
+from jaxlab.deepconf import answers, arithmetic, voting
 from jaxlab.deepconf.problems import Problem, load_problems, save_problems
 from jaxlab.jsonl import DataError
-from jaxlab.models import zoo
+from jaxlab.models import hf, zoo
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
@@ -51,10 +52,54 @@ def test_run_writes_records_summary_and_plot_then_resumes(folder, tmp_path):
     assert summary["problems"] == 2 and (tmp_path / "accuracy_vs_tokens.png").stat().st_size
     assert set(summary["auroc"]) == {"mean", "lowest_group", "bottom_group", "tail"}
     assert "deepconf-low" in first.stdout
+    traces = _traces(tmp_path)
+    assert arrays.missing_chunks(traces) == [2]  # rows for all 3 problems; 2 run so far
+    first_rows = {name: arrays.read(traces, name) for name in traces.arrays}
+    _check_traces(folder, traces, records, rows=[0, 1])
     second = _run(folder, tmp_path, "limit=3")  # resumes: only the third problem is new
     assert second.returncode == 0, second.stderr
     again = [json.loads(line) for line in (tmp_path / "problems.jsonl").read_text().splitlines()]
     assert again[:2] == records and len(again) == 3
+    assert arrays.missing_chunks(_traces(tmp_path)) == []
+    for name, values in first_rows.items():  # the first two problems' traces are kept
+        np.testing.assert_array_equal(arrays.read(traces, name, 0, 2), values[:2])
+    _check_traces(folder, traces, again, rows=[2])
+
+
+def _traces(out):
+    """The trace arrays of a run of `_run` (3 problems, 8 traces, 8 new tokens)."""
+    p, n, t = 3, 8, 8
+    return arrays.open_store(out / "traces", {
+        "tokens": ((p, n, t), "int32"), "confidence": ((p, n, t), "float32"),
+        "lengths": ((p, n), "int32"), "lowest_group": ((p, n), "float32"),
+        "tail": ((p, n), "float32"), "finish_reason": ((p, n), "int32")}, 1)
+
+
+def _check_traces(folder, traces, records, rows):
+    """The stored traces are the ones the records were computed from: same token counts, same
+    confidence metrics, and decoded they give the answers judged in the record."""
+    tokenizer = hf.load_tokenizer(folder)
+    for row in rows:
+        record = records[row]["offline"]
+        lengths = arrays.read(traces, "lengths", row, row + 1)[0]                  # [N]
+        tokens = arrays.read(traces, "tokens", row, row + 1)[0]                    # [N, T]
+        confidence = arrays.read(traces, "confidence", row, row + 1)[0]            # [N, T]
+        assert 1 <= lengths.min() and lengths.max() <= 8
+        for k in (4, 8):
+            assert lengths[:k].sum() == record[str(k)]["tokens"]
+        past = np.arange(8)[None, :] >= lengths[:, None]                            # [N, T]
+        assert not tokens[past].any() and not confidence[past].any()
+        for name in ("mean", "tail"):
+            np.testing.assert_allclose(
+                np.asarray(voting.trace_metric(name, confidence, lengths, 3)),
+                record["traces"][name], atol=1e-4)
+        np.testing.assert_allclose(arrays.read(traces, "tail", row, row + 1)[0],
+                                   record["traces"]["tail"], atol=1e-4)
+        texts = [tokenizer.decode(t[:n], skip_special_tokens=True)
+                 for t, n in zip(tokens, lengths, strict=True)]
+        correct = [answers.is_correct(answers.boxed_answer(t), records[row]["answer"])
+                   for t in texts]
+        assert correct == record["traces"]["correct"]
 
 
 def test_bad_settings_stop_before_work(folder, tmp_path):
