@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jaxlab.config import require, require_positive_ints
+from jaxlab.config import dtype_name, require, require_positive_ints
 
 FAMILIES = ("qwen3", "qwen2", "llama")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -105,8 +105,7 @@ class DecoderConfig:
                 f"{self.num_kv_heads}")
         require(self.head_dim % 2 == 0, f"head_dim must be even for RoPE, got {self.head_dim}")
         for name in ("param_dtype", "dtype"):
-            require(getattr(self, name) in ("float32", "bfloat16", "float16"),
-                    f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, dtype_name(getattr(self, name), name))
 
     @classmethod
     def from_hf(cls, hf: Any, *, param_dtype: str = "float32",
@@ -230,13 +229,14 @@ class Attention(nnx.Module):
         self.config = c
 
     def __call__(self, x, cos, sin, kv, index, visible):
-        """x [B, T, E]; kv this layer's (keys, values, key_scale, value_scale) (`KVCache.layer`);
-        index [B]; visible [B, T, S] bool.
+        """x [B, T, E]; kv this layer's (keys, values, key_scale, value_scale) (`KVCache.layer`),
+        or None for a forward pass without a cache; index [B]; visible [B, T, S] bool (S = T
+        without a cache).
 
-        Writes row b's new keys/values (int8 with per-token, per-head absmax scales when the
-        cache is int8) at slots index[b]..index[b]+T-1 and attends to the visible slots:
+        With a cache, writes row b's new keys/values (int8 with per-token, per-head absmax scales
+        when the cache is int8) at slots index[b]..index[b]+T-1. Attends to the visible slots:
         softmax(q k^T / sqrt(D)) v per head, query head h reading key/value head h // (H / K).
-        Returns (out [B, T, E], the layer's updated kv).
+        Returns (out [B, T, E], the layer's updated kv, or None without a cache).
         """
         c = self.config
         b, t, _ = x.shape
@@ -246,16 +246,20 @@ class Attention(nnx.Module):
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        keys, values, key_scale, value_scale = kv
-        if key_scale is not None:
-            (k, k_scale), (v, v_scale) = _quantize(k), _quantize(v)
-            key_scale = _write_slots(key_scale, k_scale, index, axis=2)
-            value_scale = _write_slots(value_scale, v_scale, index, axis=2)
-        keys = _write_slots(keys, k, index, axis=3)
-        values = _write_slots(values, v, index, axis=2)
-        out = _attend(q, keys, values, key_scale, value_scale, visible)       # [B, T, H, D]
-        out = self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim))
-        return out, (keys, values, key_scale, value_scale)
+        if kv is None:  # the new tokens are all there is: [B, K, D, T] and [B, K, T, D]
+            out = _attend(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), None, None,
+                          visible)
+        else:
+            keys, values, key_scale, value_scale = kv
+            if key_scale is not None:
+                (k, k_scale), (v, v_scale) = _quantize(k), _quantize(v)
+                key_scale = _write_slots(key_scale, k_scale, index, axis=2)
+                value_scale = _write_slots(value_scale, v_scale, index, axis=2)
+            keys = _write_slots(keys, k, index, axis=3)
+            values = _write_slots(values, v, index, axis=2)
+            kv = (keys, values, key_scale, value_scale)
+            out = _attend(q, keys, values, key_scale, value_scale, visible)   # [B, T, H, D]
+        return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), kv
 
 
 def _attend(q, keys, values, key_scale, value_scale, visible):
@@ -352,10 +356,33 @@ class Decoder(nnx.Module):
     def __call__(self, input_ids, attention_mask=None):
         """Full forward pass without a cache: logits float32 [B, T, V].
 
-        input_ids int [B, T]; attention_mask [B, T] (1 = real token, 0 = left padding).
+        input_ids int [B, T]; attention_mask [B, T] (1 = real token, 0 = padding).
         """
-        logits, _ = self.prefill(input_ids, attention_mask, cache_size=input_ids.shape[1])
-        return logits
+        return self.logits(self.hidden(input_ids, attention_mask))
+
+    def hidden(self, input_ids, attention_mask=None):
+        """The final (normed) hidden states [B, T, E], in the activation dtype, of a full
+        forward pass without a cache: what the output head, a reward head or a value head reads.
+
+        Padding may sit anywhere (left of a prompt, right of a response): positions count the
+        real tokens before each one, and each token attends to the real tokens up to itself.
+        """
+        t = input_ids.shape[1]
+        self._check_tokens(input_ids)
+        mask = self._mask(input_ids, attention_mask)
+        causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]                # [T, T]
+        x, _ = self._layers(input_ids, self._positions(mask), None, mask[:, None, :] & causal)
+        return x
+
+    def logits(self, hidden):
+        """Next-token logits float32 [..., V] of hidden states [..., E] (the output head)."""
+        return (hidden @ self.unembedding().astype(hidden.dtype)).astype(jnp.float32)
+
+    def unembedding(self):
+        """The output head's matrix [E, V] (the transposed input embedding when tied)."""
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
 
     def prefill(self, input_ids, attention_mask=None, *, cache_size: int, int8_cache=False):
         """Runs a left-padded prompt batch and returns (logits float32 [B, T, V], KVCache of
@@ -367,13 +394,11 @@ class Decoder(nnx.Module):
                 f"cache_size={cache_size} exceeds max_position_embeddings="
                 f"{self.config.max_position_embeddings}")
         self._check_tokens(input_ids)
-        mask = (jnp.ones((b, t), bool) if attention_mask is None
-                else jnp.asarray(attention_mask).astype(bool))
+        mask = self._mask(input_ids, attention_mask)
         cache = self.init_cache(b, cache_size, int8_cache)
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)              # [B, T]
         cache = cache.replace(valid=cache.valid.at[:, :t].set(mask),
                               positions=jnp.sum(mask, axis=1, dtype=jnp.int32))
-        return self._run(input_ids, positions, cache)
+        return self._run(input_ids, self._positions(mask), cache)
 
     def decode(self, tokens, cache: KVCache):
         """One new token per row (tokens int [B]) at slots cache.index: (logits [B, V], cache)."""
@@ -406,6 +431,18 @@ class Decoder(nnx.Module):
 
     # ---------------------------------------------------------------- internals
 
+    @staticmethod
+    def _mask(input_ids, attention_mask):
+        """bool [B, T]: the real tokens (all of them when no mask is given)."""
+        if attention_mask is None:
+            return jnp.ones(input_ids.shape, bool)
+        return jnp.asarray(attention_mask).astype(bool)
+
+    @staticmethod
+    def _positions(mask):
+        """int32 [B, T]: the number of real tokens before each token (padding gets 0)."""
+        return jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+
     def _run(self, input_ids, positions, cache: KVCache):
         """input_ids [B, T] at positions [B, T], written at slots index[b]..index[b]+T-1 of a
         cache whose `valid` already marks them; returns (logits float32 [B, T, V], cache)."""
@@ -413,26 +450,29 @@ class Decoder(nnx.Module):
         slots = jnp.arange(cache.size)
         new_slots = cache.index[:, None] + jnp.arange(t)                          # [B, T]
         visible = cache.valid[:, None, :] & (slots[None, None, :] <= new_slots[:, :, None])
+        x, cache = self._layers(input_ids, positions, cache, visible)
+        return self.logits(x), cache.replace(index=cache.index + t)
+
+    def _layers(self, input_ids, positions, cache: KVCache | None, visible):
+        """The layer stack and final norm: (hidden [B, T, E], cache with every layer's new keys
+        and values, or None without a cache); visible [B, T, S] bool."""
         inv_freq = jnp.asarray(self.config.rope.inv_freq(self.config.head_dim), jnp.float32)
         angles = positions[..., None].astype(jnp.float32) * inv_freq             # [B, T, D/2]
         angles = jnp.concatenate([angles, angles], axis=-1)
-        cos, sin = jnp.cos(angles).astype(self.config.dtype), jnp.sin(angles).astype(
-            self.config.dtype)
+        cos, sin = (jnp.cos(angles).astype(self.config.dtype),
+                    jnp.sin(angles).astype(self.config.dtype))
         x = self.embed_tokens(input_ids)
         layers = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, cos, sin, cache.layer(i), cache.index, visible)
+            x, kv = layer(x, cos, sin, None if cache is None else cache.layer(i),
+                          None if cache is None else cache.index, visible)
             layers.append(kv)
-        keys, values, key_scale, value_scale = (
-            None if parts[0] is None else parts for parts in zip(*layers, strict=True))
-        x = self.norm(x)
-        if self.config.tie_word_embeddings:
-            logits = self.embed_tokens.attend(x)
-        else:
-            logits = self.lm_head(x)
-        cache = cache.replace(keys=keys, values=values, key_scale=key_scale,
-                              value_scale=value_scale, index=cache.index + t)
-        return logits.astype(jnp.float32), cache
+        if cache is not None:
+            keys, values, key_scale, value_scale = (
+                None if parts[0] is None else parts for parts in zip(*layers, strict=True))
+            cache = cache.replace(keys=keys, values=values, key_scale=key_scale,
+                                  value_scale=value_scale)
+        return self.norm(x), cache
 
     def _check_tokens(self, ids) -> None:
         """Token ids outside the vocabulary are an error (checked when the ids are concrete)."""

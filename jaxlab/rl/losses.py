@@ -41,6 +41,53 @@ def entropy(logits: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
+def head_logprobs(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array, *,
+                  temperature: float = 1.0, chunk: int = 512, entropy_grad: bool = False,
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Token log-probs and entropies of the tempered policy pi_T = softmax(h W / T), without a
+    [B, T, V] array:
+
+      logp_t = z_t[target_t] - logsumexp(z_t),   H_t = logsumexp(z_t) - sum_v pi_T(v) z_t[v]
+      with z_t = h_t W / T in float32.
+
+    The sequence runs in chunks of `chunk` positions (`lax.map`); each chunk's logits are
+    recomputed in the backward pass (`jax.checkpoint`), so at most [B, chunk, V] float32 logits
+    and their softmax live at once, forward or backward. The entropy is differentiated only
+    with `entropy_grad` (an entropy bonus); otherwise it is a metric under stop_gradient.
+
+    Args:
+      hidden: [B, T, E], the model's final hidden states (`Decoder.hidden`).
+      unembedding: [E, V], the output head (`Decoder.unembedding`).
+      targets: int [B, T], the token that followed each position.
+      temperature: the sampling temperature T > 0 (1: the raw distribution).
+    Returns:
+      logp, entropy: float32 [B, T] each.
+    """
+    b, t, _ = hidden.shape
+    require(targets.shape == (b, t),
+            f"hidden {hidden.shape} and targets {targets.shape} must agree on [B, T]")
+    require(temperature > 0, f"temperature must be > 0, got {temperature}")
+    chunk = min(chunk, t)
+    pad = -t % chunk
+
+    @jax.checkpoint
+    def one(w, h, y):                                       # h [B, c, E], y [B, c]
+        z = jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32) / temperature
+        lse = jax.nn.logsumexp(z, axis=-1)                                    # [B, c]
+        logp = jnp.take_along_axis(z, y[..., None], axis=-1)[..., 0] - lse
+        z_h = z if entropy_grad else jax.lax.stop_gradient(z)
+        lse_h = lse if entropy_grad else jax.lax.stop_gradient(lse)
+        ent = lse_h - jnp.sum(jnp.exp(z_h - lse_h[..., None]) * z_h, axis=-1)
+        return logp, ent
+
+    def split(x):                                           # [B, T, ...] -> [n, B, c, ...]
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(b, -1, chunk, *x.shape[2:]), 1, 0)
+
+    logp, ent = jax.lax.map(lambda xs: one(unembedding, *xs), (split(hidden), split(targets)))
+    return tuple(jnp.moveaxis(x, 0, 1).reshape(b, -1)[:, :t] for x in (logp, ent))
+
+
 def ppo_clip(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, *,
              clip_low: float = 0.2, clip_high: float = 0.2,
              dual_clip: float | None = None) -> jax.Array:
@@ -168,7 +215,7 @@ class PolicyLossConfig:
                 f"{self.aggregation!r}")
 
 
-def policy_loss_per_token(logits: jax.Array, targets: jax.Array, old_logp: jax.Array,
+def policy_loss_per_token(logp: jax.Array, entropy: jax.Array, old_logp: jax.Array,
                           advantages: jax.Array, ref_logp: jax.Array | None,
                           config: PolicyLossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The per-token objective of the writer policy:
@@ -176,26 +223,32 @@ def policy_loss_per_token(logits: jax.Array, targets: jax.Array, old_logp: jax.A
       l_t = ppo_clip_t + kl_coef * kl_t - entropy_coef * H_t
 
     Args:
-      logits: [B, T, V] next-token logits of the current policy; targets: int [B, T].
+      logp: [B, T] log-probs of the sampled tokens under the current policy; entropy: [B, T] its
+        entropies (`head_logprobs` gives both; `token_logprobs` and `entropy` from logits).
       old_logp: [B, T] log-probs of the targets under the sampling policy.
       advantages: [B]. ref_logp: [B, T] under the reference policy (needed when kl_coef > 0).
     Returns:
-      l [B, T] and the per-token terms {"policy", "kl", "entropy", "clipped"} ([B, T] each) to be
-      reduced with the same aggregation.
+      l [B, T] and the per-token terms {"policy", "entropy", "clipped", and "kl" when ref_logp
+      is given} ([B, T] each) to be reduced with the same aggregation.
     """
-    logp = token_logprobs(logits, targets)                               # [B, T]
+    require(entropy.shape == logp.shape,
+            f"entropy {entropy.shape} and logp {logp.shape} must have equal shapes")
     terms = {
         "policy": ppo_clip(logp, old_logp, advantages, clip_low=config.clip_low,
                            clip_high=config.clip_high, dual_clip=config.dual_clip),
-        "entropy": entropy(logits),
-        "clipped": clipped_fraction(logp, old_logp, clip_low=config.clip_low,
-                                    clip_high=config.clip_high),
+        "entropy": entropy,
+        "clipped": clipped_fraction(jax.lax.stop_gradient(logp), old_logp,
+                                    clip_low=config.clip_low, clip_high=config.clip_high),
     }
-    loss = terms["policy"] - config.entropy_coef * terms["entropy"]
-    if config.kl_coef > 0:
-        require(ref_logp is not None and ref_logp.shape == logp.shape,
-                f"ref_logp of shape {logp.shape} is needed when kl_coef > 0, got "
-                f"{None if ref_logp is None else ref_logp.shape}")
+    loss = terms["policy"]
+    if config.entropy_coef > 0:
+        loss = loss - config.entropy_coef * entropy
+    require(ref_logp is not None or config.kl_coef == 0,
+            "ref_logp is needed when kl_coef > 0")
+    if ref_logp is not None:  # the KL is a metric even when it is not in the loss
+        require(ref_logp.shape == logp.shape,
+                f"ref_logp must have the shape of logp {logp.shape}, got {ref_logp.shape}")
         terms["kl"] = KL_ESTIMATORS[config.kl_estimator](logp, ref_logp)
+    if config.kl_coef > 0:
         loss = loss + config.kl_coef * terms["kl"]
     return loss, terms

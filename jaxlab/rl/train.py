@@ -1,12 +1,19 @@
-"""A jitted, data-parallel policy-gradient step for any Flax NNX causal model (section 2, step 5
-of `papers/writing_zero.md`), and the train state it updates.
+"""A jitted, data-parallel policy-gradient step for jaxlab's causal LMs (section 2, step 5 of
+`papers/writing_zero.md`), and the train state it updates.
 
-The model maps tokens int [B, T] to next-token logits [B, T, V]. It enters compiled code as its
-`nnx.split` graph definition (static) and parameters (a pytree in the state). The step runs under
-`jax.shard_map` over the mesh's `parallel.DATA` axis: every device takes its slice of the batch,
-optionally in micro-batches (gradient accumulation), and gradients are averaged with
-`jax.lax.pmean` (the pmap semantics). Each device's loss is scaled so that the average equals the
-gradient of the loss over the whole batch: the sharded step computes the single-device step.
+The policy is a `jaxlab.models.Decoder` (any Flax NNX module with its `hidden(ids, mask)` and
+`unembedding()`). It enters compiled code as its `nnx.split` graph definition (static) and
+parameters (a pytree in the state). Master parameters and the optimizer state are float32;
+compute runs in the model's activation dtype (load with `dtype="float32",
+activation_dtype="bfloat16"` for bf16 compute: each matmul casts the float32 weights, and the
+gradients and updates stay float32, so updates of 1e-6 are not rounded away).
+
+The step runs under `jax.shard_map` over the mesh's `parallel.DATA` axis: every device takes its
+slice of the batch, optionally in micro-batches (gradient accumulation), and gradients are
+averaged with `jax.lax.pmean` (the pmap semantics). Each device's loss is scaled so that the
+average equals the gradient of the loss over the whole batch: the sharded step computes the
+single-device step. A step whose loss or gradient is not finite leaves the state unchanged and
+says so in its metrics (`finite`).
 
 Exact resume: the state holds the step and the run's root key; whatever a run draws from
 `(key, step)` (`batch_indices`, the reference choice of BRPO) is the same after a restart.
@@ -39,13 +46,20 @@ class TrainState:
 
 class PolicyBatch(NamedTuple):
     """Sampled sequences and what the loss needs about them. Position t of the [B, T] fields is
-    about token t given tokens < t; position 0 is never trained."""
+    about token t given tokens < t; position 0 is never trained. A row is a left-padded prompt
+    followed by its response and right padding (`jaxlab.rl.rollout.policy_batch` builds one)."""
 
     tokens: jax.Array      # int32 [B, T], prompt + response (+ padding)
+    mask: jax.Array        # [B, T], 1 on real tokens (the attention mask; 0 on padding)
     loss_mask: jax.Array   # [B, T], 1 on the response tokens to train on
     old_logp: jax.Array    # float32 [B, T], log-probs under the sampling policy
     ref_logp: jax.Array    # float32 [B, T], log-probs under the reference policy (for the KL)
     advantages: jax.Array  # float32 [B], one per sequence (GRPO, BRPO, ...)
+
+    @property
+    def positions(self) -> jax.Array:
+        """int32 [B, T]: the real tokens before each token (its RoPE position)."""
+        return jnp.maximum(jnp.cumsum(self.mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +71,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0   # clip the global gradient norm to this (0: no clipping)
     microbatches: int = 1        # gradient accumulation: each device's slice in this many parts
+    temperature: float = 1.0     # the sampling temperature: the policy is softmax(logits / T)
+    logprob_chunk: int = 512     # positions per chunk of the output head (memory: [B, chunk, V])
 
     def __post_init__(self):
         require(self.learning_rate > 0,
@@ -67,6 +83,11 @@ class TrainConfig:
                 f"TrainConfig.max_grad_norm must be >= 0, got {self.max_grad_norm}")
         require(isinstance(self.microbatches, int) and self.microbatches >= 1,
                 f"TrainConfig.microbatches must be an integer >= 1, got {self.microbatches!r}")
+        require(self.temperature > 0,
+                f"TrainConfig.temperature must be > 0 (the sampling temperature; greedy "
+                f"rollouts have no policy ratio), got {self.temperature}")
+        require(isinstance(self.logprob_chunk, int) and self.logprob_chunk >= 1,
+                f"TrainConfig.logprob_chunk must be an integer >= 1, got {self.logprob_chunk!r}")
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -80,24 +101,48 @@ def init_train_state(model: nnx.Module, config: TrainConfig, key: jax.Array,
                      ) -> tuple[nnx.GraphDef, TrainState]:
     """Splits `model` into its graph definition and a train state at step 0.
 
-    The model's state must be parameters only (the step recreates the model from graph and
-    parameters; other variables, such as dropout RNG counters, would be lost).
+    The state holds a copy of the parameters, so the step (which donates the state) leaves
+    `model` usable. Parameters must be float32 (master weights) and the model's state must be
+    parameters only (the step recreates the model from graph and parameters).
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     other = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(rest)]
     require(not other, f"the model holds non-parameter state {other[:5]}; the policy step "
                        f"trains models whose state is nnx.Param only")
+    low = [f"{jax.tree_util.keystr(path)} ({x.dtype})"
+           for path, x in jax.tree_util.tree_leaves_with_path(params) if x.dtype != jnp.float32]
+    require(not low, f"master parameters must be float32, got {low[:3]}: AdamW updates of "
+                     f"1e-6 vanish in bfloat16 weights. For bfloat16 compute load the model with "
+                     f"dtype='float32', activation_dtype='bfloat16'")
+    params = jax.tree.map(jnp.copy, params)
     state = TrainState(params=params, opt_state=make_optimizer(config).init(params),
                        step=jnp.zeros((), jnp.int32), key=key)
     return graphdef, state
 
 
-def policy_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array) -> jax.Array:
-    """log pi(tokens_t | tokens_<t) float32 [B, T] (position 0, with no context, is 0): the
-    `old_logp` / `ref_logp` of a `PolicyBatch`."""
-    logits = nnx.merge(graphdef, params)(tokens[:, :-1])                 # [B, T-1, V]
-    logp = losses.token_logprobs(logits, tokens[:, 1:])                  # [B, T-1]
-    return jnp.pad(logp, ((0, 0), (1, 0)))
+def sequence_logprobs(model: nnx.Module, tokens: jax.Array, mask: jax.Array, *,
+                      temperature: float = 1.0, chunk: int = 512, entropy_grad: bool = False,
+                      ) -> tuple[jax.Array, jax.Array]:
+    """log pi_T(tokens_t | tokens_<t) and the entropy of pi_T at each position, float32 [B, T]
+    each (position 0, with no context, is 0), for tokens int [B, T] with attention mask [B, T];
+    pi_T = softmax(logits / temperature) (`losses.head_logprobs`: no [B, T, V] array)."""
+    hidden = model.hidden(tokens[:, :-1], mask[:, :-1])                      # [B, T-1, E]
+    logp, ent = losses.head_logprobs(hidden, model.unembedding(), tokens[:, 1:],
+                                     temperature=temperature, chunk=chunk,
+                                     entropy_grad=entropy_grad)
+    return tuple(jnp.pad(x, ((0, 0), (1, 0))) for x in (logp, ent))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "chunk"))
+def policy_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array,
+                    mask: jax.Array | None = None, *, temperature: float = 1.0,
+                    chunk: int = 512) -> jax.Array:
+    """log pi_T(tokens_t | tokens_<t) float32 [B, T] (position 0 is 0): the `old_logp` /
+    `ref_logp` of a `PolicyBatch`, computed exactly as the step computes its own (mask None:
+    every token is real)."""
+    mask = jnp.ones(tokens.shape, jnp.int32) if mask is None else mask
+    return sequence_logprobs(nnx.merge(graphdef, params), tokens, mask,
+                             temperature=temperature, chunk=chunk)[0]
 
 
 def batch_indices(key: jax.Array, step: jax.Array, num_examples: int,
@@ -120,7 +165,7 @@ def check_batch(batch: PolicyBatch, num_shards: int, microbatches: int) -> None:
     require(jnp.issubdtype(batch.tokens.dtype, jnp.integer),
             f"PolicyBatch.tokens must hold integers, got {batch.tokens.dtype}")
     size = batch.tokens.shape[0]
-    for name in ("loss_mask", "old_logp", "ref_logp"):
+    for name in ("mask", "loss_mask", "old_logp", "ref_logp"):
         shape = getattr(batch, name).shape
         require(shape == batch.tokens.shape,
                 f"PolicyBatch.{name} must have the shape of tokens {batch.tokens.shape}, "
@@ -142,9 +187,12 @@ def _local_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef
     scale = num_shards / count
 
     def loss_fn(params, part: PolicyBatch, part_weights):
-        logits = nnx.merge(graphdef, params)(part.tokens[:, :-1])        # [b, T-1, V]
+        logp, ent = sequence_logprobs(
+            nnx.merge(graphdef, params), part.tokens, part.mask,
+            temperature=config.temperature, chunk=config.logprob_chunk,
+            entropy_grad=config.loss.entropy_coef > 0)                   # [b, T] each
         per_token, terms = losses.policy_loss_per_token(
-            logits, part.tokens[:, 1:], part.old_logp[:, 1:], part.advantages,
+            logp[:, 1:], ent[:, 1:], part.old_logp[:, 1:], part.advantages,
             part.ref_logp[:, 1:], config.loss)                           # [b, T-1]
         total = jnp.sum(part_weights * per_token)
         metrics = {name: jnp.sum(part_weights * x) / count for name, x in terms.items()}
@@ -167,7 +215,13 @@ def _local_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef
 
     updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+    # A non-finite loss or gradient (NaN advantages, overflow) must not reach the weights.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    metrics["finite"] = finite.astype(jnp.float32)
+    keep = functools.partial(jax.tree.map, lambda a, b: jnp.where(finite, a, b))
+    return state.replace(params=keep(params, state.params),
+                         opt_state=keep(opt_state, state.opt_state),
+                         step=state.step + finite.astype(state.step.dtype)), metrics
 
 
 # The state is replaced by its successor, so its buffers are donated.
@@ -190,8 +244,9 @@ def train_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef,
       mesh: a mesh with a `parallel.DATA` axis (`parallel.single_device_mesh()`: one device).
     Returns:
       the next state and metrics ([] float32 each): loss, policy, entropy, clipped (fraction of
-      ratios outside the clip range), kl (when kl_coef > 0), grad_norm, count (the
-      aggregation's count: tokens for token_mean, sequences for sequence_mean).
+      ratios outside the clip range), kl, grad_norm, count (the aggregation's count: tokens for
+      token_mean, sequences for sequence_mean), finite (0 when the loss or the gradient was
+      not finite: the state is then returned unchanged, step included).
     """
     require(parallel.DATA in mesh.axis_names,
             f"the mesh must have a {parallel.DATA!r} axis, got axes {mesh.axis_names}")

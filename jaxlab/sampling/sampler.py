@@ -77,9 +77,10 @@ class Samples:
 
     tokens: jax.Array                   # int32 [N, T], 0 past `lengths`
     lengths: jax.Array                  # int32 [N], generated tokens (stop token included)
-    logprobs: jax.Array                 # float32 [N, T], log-prob of each sampled token under the
-    #                                     model's raw distribution (log_softmax of the logits,
-    #                                     before temperature and truncation)
+    logprobs: jax.Array                 # float32 [N, T], log-prob of each sampled token under
+    #                                     softmax(logits / temperature) (raw logits when greedy),
+    #                                     before top-k/top-p truncation: the policy an RL step
+    #                                     evaluates (`jaxlab.rl.train.TrainConfig.temperature`)
     confidence: jax.Array               # float32 [N, T], token confidence C_i
     group_confidence: jax.Array         # float32 [N, T], mean C over the last min(i + 1, W)
     lowest_group_confidence: jax.Array  # float32 [N], min over full windows (mean if shorter)
@@ -245,8 +246,9 @@ def _decode(graphdef, state, cache: KVCache, prompt_logits, key, threshold, *,
         else:
             conf = jnp.zeros(num_slots, jnp.float32)
         token = next_tokens(s.logits, jax.random.fold_in(key, s.step), config)
-        logp = (jnp.take_along_axis(s.logits, token[:, None], axis=-1)[:, 0]
-                - jax.nn.logsumexp(s.logits, axis=-1))
+        tempered = s.logits / (config.temperature or 1.0)                    # [B, V]
+        logp = (jnp.take_along_axis(tempered, token[:, None], axis=-1)[:, 0]
+                - jax.nn.logsumexp(tempered, axis=-1))
         window = s.window.push(conf, active)
         group = window.mean
         lowest = jnp.where(active & window.full, jnp.minimum(s.lowest, group), s.lowest)

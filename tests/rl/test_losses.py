@@ -131,14 +131,62 @@ def test_policy_loss_matches_numpy():
     mask = (rng.random((4, 6)) < 0.7).astype(np.float32)
     config = losses.PolicyLossConfig(clip_low=0.2, clip_high=0.28, kl_coef=0.05,
                                      entropy_coef=0.01)
+    logp, ent = losses.token_logprobs(logits, targets), losses.entropy(logits)
     per_token, terms = jax.jit(losses.policy_loss_per_token, static_argnums=5)(
-        logits, targets, old, adv, ref, config)
+        logp, ent, old, adv, ref, config)
     want = _numpy_policy_loss(logits, targets, old, ref, adv, mask, config)
     np.testing.assert_allclose(losses.token_mean(per_token, mask), want, rtol=1e-5)
     assert set(terms) == {"policy", "kl", "entropy", "clipped"}
-    _, terms = losses.policy_loss_per_token(logits, targets, old, adv, None,
-                                            losses.PolicyLossConfig())
+    _, terms = losses.policy_loss_per_token(logp, ent, old, adv, None, losses.PolicyLossConfig())
     assert "kl" not in terms
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 64])
+def test_head_logprobs_in_chunks_equal_full_logits(chunk):
+    """Chunked log-probs, entropies and their gradients equal those of the full [B, T, V]
+    logits at a temperature, for chunk sizes that do and do not divide T."""
+    rng = np.random.default_rng(5)
+    hidden = jnp.asarray(rng.normal(size=(3, 7, 6)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(6, 11)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, (3, 7)))
+    weights = jnp.asarray(rng.normal(size=(2, 3, 7)), jnp.float32)
+
+    def full(h, w):
+        logits = (h @ w) / 0.6
+        return losses.token_logprobs(logits, targets), losses.entropy(logits)
+
+    def chunked(h, w):
+        return losses.head_logprobs(h, w, targets, temperature=0.6, chunk=chunk,
+                                    entropy_grad=True)
+
+    for got, want in zip(chunked(hidden, kernel), full(hidden, kernel), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    def objective(fn):
+        return lambda h, w: sum(jnp.sum(c * x) for c, x in zip(weights, fn(h, w), strict=True))
+
+    grads = jax.grad(objective(chunked), argnums=(0, 1))(hidden, kernel)
+    want = jax.grad(objective(full), argnums=(0, 1))(hidden, kernel)
+    for got, w in zip(grads, want, strict=True):
+        np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-5)
+    # Without entropy_grad the entropy is a metric: only the log-probs carry a gradient.
+    no_entropy = jax.grad(lambda h: jnp.sum(losses.head_logprobs(
+        h, kernel, targets, temperature=0.6, chunk=chunk)[1]))(hidden)
+    assert not np.any(no_entropy)
+
+
+def test_head_logprobs_hold_no_batch_time_vocab_array():
+    """The compiled gradient of chunked log-probs keeps its temporaries near [B, chunk, V]
+    float32, far below one [B, T, V] float32 array (XLA's memory analysis)."""
+    b, t, e, v, chunk = 2, 1024, 32, 4096, 128
+
+    def loss(h, w, y):
+        return jnp.sum(losses.head_logprobs(h, w, y, chunk=chunk)[0])
+
+    args = (jax.ShapeDtypeStruct((b, t, e), jnp.float32),
+            jax.ShapeDtypeStruct((e, v), jnp.float32), jax.ShapeDtypeStruct((b, t), jnp.int32))
+    memory = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile().memory_analysis()
+    assert memory.temp_size_in_bytes < b * t * v * 4 / 2
 
 
 def test_losses_vmap_over_an_extra_axis():
@@ -169,5 +217,10 @@ def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match="targets"):
         losses.token_logprobs(jnp.zeros((2, 4, 5)), jnp.zeros((2, 3), jnp.int32))
     with pytest.raises(ValueError, match="ref_logp"):
-        losses.policy_loss_per_token(jnp.zeros((2, 4, 5)), jnp.zeros((2, 4), jnp.int32), OLD,
-                                     ADV, None, losses.PolicyLossConfig(kl_coef=0.1))
+        losses.policy_loss_per_token(LOGP, LOGP, OLD, ADV, None,
+                                     losses.PolicyLossConfig(kl_coef=0.1))
+    with pytest.raises(ValueError, match="entropy"):
+        losses.policy_loss_per_token(LOGP, LOGP[:, :2], OLD, ADV, None,
+                                     losses.PolicyLossConfig())
+    with pytest.raises(ValueError, match="targets"):
+        losses.head_logprobs(jnp.zeros((2, 4, 3)), jnp.zeros((3, 5)), jnp.zeros((2, 3), int))

@@ -24,7 +24,7 @@ def _full_logits(model, prompt, tokens):
 
 
 def test_in_loop_confidence_equals_full_forward_reference(model):
-    config = SamplingConfig(max_new_tokens=12, n=2, window=4, temperature=1.0)
+    config = SamplingConfig(max_new_tokens=12, n=2, window=4, temperature=0.7)
     s = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(0), config))
     for i in range(len(s.lengths)):
         length = s.lengths[i]
@@ -34,7 +34,10 @@ def test_in_loop_confidence_equals_full_forward_reference(model):
         logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
         conf = -np.sort(logp, axis=-1)[:, ::-1][:, :20].mean(-1)
         np.testing.assert_allclose(s.confidence[i, :length], conf, rtol=1e-4)
-        np.testing.assert_allclose(s.logprobs[i, :length], logp[np.arange(length), tokens],
+        # Confidence reads the raw distribution; log-probs the tempered one the tokens came from.
+        zt = z / 0.7
+        logp_t = zt - np.log(np.exp(zt).sum(-1, keepdims=True))
+        np.testing.assert_allclose(s.logprobs[i, :length], logp_t[np.arange(length), tokens],
                                    atol=1e-4)
         groups = [conf[max(0, t - 3):t + 1].mean() for t in range(length)]
         np.testing.assert_allclose(s.group_confidence[i, :length], groups, rtol=1e-4)
