@@ -20,7 +20,8 @@ from jaxlab.config import require
 class ScalarRewardModel(nnx.Module):
     """r(x, y): a linear head on the backbone's hidden state at the sequence's last real token.
 
-    The backbone is any Flax NNX module mapping tokens int [B, T] to hidden states [B, T, D].
+    The backbone is a `jaxlab.models.Decoder` loaded from any causal-LM checkpoint, or any Flax
+    NNX module with its method `hidden(tokens int [B, T], mask [B, T]) -> [B, T, D]`.
     """
 
     def __init__(self, backbone: nnx.Module, hidden_size: int, *, rngs: nnx.Rngs):
@@ -32,11 +33,11 @@ class ScalarRewardModel(nnx.Module):
         row with at least one)."""
         require(tokens.shape == mask.shape,
                 f"tokens {tokens.shape} and mask {mask.shape} must have equal shapes")
-        hidden = self.backbone(tokens)                                   # [B, T, D]
+        hidden = self.backbone.hidden(tokens, mask)                      # [B, T, D]
         positions = jnp.arange(tokens.shape[1])
         last = jnp.max(jnp.where(mask.astype(bool), positions, 0), axis=1)  # [B]
         final = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
-        return self.head(final)[:, 0].astype(jnp.float32)
+        return self.head(final.astype(jnp.float32))[:, 0]
 
 
 def _check_pair(chosen: jax.Array, rejected: jax.Array) -> None:

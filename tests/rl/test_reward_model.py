@@ -12,10 +12,35 @@ from jaxlab.rl import reward_model as rm
 VOCAB, WIDTH = 12, 8
 
 
-def embed_only_model(seed=0):
+class EmbedOnly(nnx.Module):
     """A position-wise backbone: the reward then depends on the last real token alone."""
+
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(VOCAB, WIDTH, rngs=rngs)
+
+    def hidden(self, tokens, mask):
+        return self.embed(tokens)
+
+
+def embed_only_model(seed=0):
     rngs = nnx.Rngs(seed)
-    return rm.ScalarRewardModel(nnx.Embed(VOCAB, WIDTH, rngs=rngs), WIDTH, rngs=rngs)
+    return rm.ScalarRewardModel(EmbedOnly(rngs), WIDTH, rngs=rngs)
+
+
+def test_reward_head_on_a_loaded_decoder_ignores_padding(tmp_path):
+    """On a checkpoint's decoder, r(x, y) reads the hidden state of the last real token, equal
+    to that of the full forward pass of the unpadded sequence, whatever the padding."""
+    from jaxlab.models import hf, zoo
+
+    decoder = hf.load_pretrained(zoo.create("qwen3", tmp_path, vocab_size=VOCAB))
+    model = rm.ScalarRewardModel(decoder, decoder.config.hidden_size, rngs=nnx.Rngs(0))
+    tokens = jnp.array([[0, 0, 4, 9, 2, 0], [3, 5, 7, 1, 8, 6]])
+    mask = jnp.array([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])      # padded on both sides
+    alone = model(jnp.array([[4, 9, 2]]), jnp.ones((1, 3)))
+    rewards = model(tokens, mask)
+    np.testing.assert_allclose(rewards[0], alone[0], rtol=1e-5, atol=1e-6)
+    hidden = decoder.hidden(tokens[1:], mask[1:])[0, -1]
+    np.testing.assert_allclose(rewards[1], model.head(hidden)[0], rtol=1e-6)
 
 
 def test_bt_loss_and_accuracy_hand_computed():
