@@ -93,3 +93,29 @@ def require_positive_ints(config: Any, *names: str) -> None:
         value = getattr(config, name)
         require(is_int(value) and value >= 1,
                 f"{type(config).__name__}.{name} must be an integer >= 1, got {value!r}")
+
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def dtype_name(value: Any, what: str) -> str:
+    """The canonical name ("float32", "bfloat16" or "float16") of a floating-point dtype written as
+    a name ("bfloat16"), a NumPy dtype or scalar type (np.float32, np.dtype("float16")) or a JAX one
+    (jnp.bfloat16, jnp.dtype("bfloat16")). Configs store the name, so they stay hashable and
+    print as YAML.
+
+    Raises ValueError naming the argument `what` and the value it got, e.g.
+    "dtype must be float32, bfloat16 or float16, got int8" (or "got 'bf16'" for an unknown name).
+    """
+    if isinstance(value, str):
+        name, shown = value, repr(value)   # names are taken as written: no aliases like "bf16"
+    elif value is None:                    # (np.dtype(None) would be float64)
+        name, shown = None, "None"
+    else:
+        try:
+            name = shown = np.dtype(value).name
+        except TypeError:                  # not a dtype at all (a number, a torch dtype, ...)
+            name, shown = None, repr(value)
+    require(name in FLOAT_DTYPES,
+            f"{what} must be {', '.join(FLOAT_DTYPES[:-1])} or {FLOAT_DTYPES[-1]}, got {shown}")
+    return name
