@@ -25,9 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
+from jax.typing import DTypeLike
 from safetensors import safe_open
 
 from jaxlab import parallel
+from jaxlab.config import dtype_name
 from jaxlab.models.decoder import FAMILIES, Decoder, DecoderConfig
 from jaxlab.models.encoder import Encoder, EncoderConfig, SentenceEncoder
 from jaxlab.results import write_json
@@ -230,9 +232,6 @@ def load_sentence_encoder(folder: str | pathlib.Path | None = None, batch_size: 
 # --------------------------------------------------------------------------------------------
 # Decoders (Qwen3, Qwen2, Llama)
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
 def decoder_tensor_names(config: DecoderConfig) -> dict[str, tuple[tuple, bool]]:
     """Hugging Face tensor name -> (path of our parameter, whether it is stored transposed).
 
@@ -259,9 +258,17 @@ def decoder_tensor_names(config: DecoderConfig) -> dict[str, tuple[tuple, bool]]
     return names
 
 
-def load_decoder_config(path: str | pathlib.Path, *, dtype: str = "float32",
-                        activation_dtype: str | None = None) -> DecoderConfig:
-    """The DecoderConfig of a local Hugging Face folder's config.json."""
+def load_decoder_config(path: str | pathlib.Path, *, dtype: DTypeLike = "float32",
+                        activation_dtype: DTypeLike | None = None) -> DecoderConfig:
+    """The DecoderConfig of a local Hugging Face folder's config.json.
+
+    dtype (of the parameters) and activation_dtype (default: dtype) are float32, bfloat16 or
+    float16, written as a name ("bfloat16") or a NumPy or JAX dtype (jnp.bfloat16); another value
+    is a ValueError naming the argument.
+    """
+    dtype = dtype_name(dtype, "dtype")
+    activation_dtype = (dtype if activation_dtype is None
+                        else dtype_name(activation_dtype, "activation_dtype"))
     path = pathlib.Path(path)
     config = hf_config(path)
     try:
@@ -270,15 +277,18 @@ def load_decoder_config(path: str | pathlib.Path, *, dtype: str = "float32",
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
 
 
-def load_pretrained(path: str | pathlib.Path, *, dtype: str = "float32",
-                    activation_dtype: str | None = None, mesh: Mesh | None = None) -> Decoder:
+def load_pretrained(path: str | pathlib.Path, *, dtype: DTypeLike = "float32",
+                    activation_dtype: DTypeLike | None = None, mesh: Mesh | None = None) -> Decoder:
     """A `Decoder` with every weight read from the local Hugging Face folder `path`.
 
     Args:
-      dtype: the parameters' dtype (tensors are cast to it); activations default to it too.
+      dtype: the parameters' dtype (tensors are cast to it): float32, bfloat16 or float16, as a
+        name ("bfloat16") or a NumPy or JAX dtype (jnp.bfloat16).
+      activation_dtype: the dtype activations are computed in (same choices); default: dtype.
       mesh: place parameters sharded over this mesh (`parallel.param_sharding`); each device
         reads only its own slice from the files.
     Raises:
+      ValueError: a dtype that is not one of the three, naming the argument and the value.
       CheckpointError: unsupported architecture or config values, missing files, or tensors that
         are missing, unexpected, mis-shaped or not floating point (all listed at once).
     """
@@ -315,7 +325,7 @@ def load_pretrained(path: str | pathlib.Path, *, dtype: str = "float32",
                             f"expected a floating-point type")
             continue
         sharding = None if mesh is None else parallel.param_sharding(want, mesh)
-        loaded[ours] = _read(files[name], name, transposed, want, _DTYPES[dtype], sharding)
+        loaded[ours] = _read(files[name], name, transposed, want, variable.dtype, sharding)
     if problems:
         raise CheckpointError(f"{path} does not match the {config.family} architecture of its "
                               f"config.json:\n  " + "\n  ".join(problems))

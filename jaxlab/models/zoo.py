@@ -11,7 +11,9 @@ from __future__ import annotations
 import pathlib
 
 from flax import nnx
+from jax.typing import DTypeLike
 
+from jaxlab.config import dtype_name
 from jaxlab.models.decoder import Decoder
 from jaxlab.models.hf import load_decoder_config, save_pretrained
 
@@ -54,8 +56,13 @@ def hf_config(family: str, size: str = "tiny", **overrides):
 
 
 def create(family: str, path: str | pathlib.Path, *, size: str = "tiny", seed: int = 0,
-           dtype: str = "float32", **overrides) -> pathlib.Path:
-    """Writes a random-init checkpoint folder (config.json + model.safetensors) and returns it."""
+           dtype: DTypeLike = "float32", **overrides) -> pathlib.Path:
+    """Writes a random-init checkpoint folder (config.json + model.safetensors) and returns it.
+
+    dtype: the stored parameters' dtype, float32, bfloat16 or float16, as a name or a NumPy or JAX
+    dtype; another value is a ValueError naming `dtype`, raised before anything is written.
+    """
+    dtype = dtype_name(dtype, "dtype")
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     hf_config(family, size, **overrides).save_pretrained(path)
