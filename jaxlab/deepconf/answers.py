@@ -11,7 +11,8 @@ text with whitespace collapsed. A trace without an answer does not vote.
     groups.labels  # [G]: each group's first-seen member
 
 math-verify bounds its parsing and comparisons with SIGALRM, so call these functions from the
-main thread.
+main thread. math-verify and SymPy come with the `deepconf` extra (`pip install 'jaxlab[deepconf]'`)
+and are imported on first use.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
-import sympy
-from math_verify import parse, verify
+
+from jaxlab.extras import require_extra
 
 NO_ANSWER = -1
 
@@ -63,15 +64,25 @@ def normalize(answer: str) -> str:
     return " ".join(answer.split())
 
 
+def _math_verify():
+    """The math_verify module (the `deepconf` extra)."""
+    return require_extra("math_verify", "deepconf", "answer equivalence")
+
+
+def _verify(gold: Sequence, answer: Sequence) -> bool:
+    return bool(_math_verify().verify(list(gold), list(answer)))
+
+
 @functools.lru_cache(maxsize=8192)
 def _parsed(answer: str) -> tuple | None:
     """math-verify's parse of a normalized answer as a boxed expression, or None if it has none."""
-    expressions = parse(f"\\boxed{{{answer}}}", fallback_mode="no_fallback")
+    expressions = _math_verify().parse(f"\\boxed{{{answer}}}", fallback_mode="no_fallback")
     return tuple(expressions) or None
 
 
 def _identity(expressions: tuple) -> str:
     """An exact structural key: equal keys are the same SymPy expression, so equal answers."""
+    sympy = require_extra("sympy", "deepconf", "answer equivalence")
     return sympy.srepr(expressions[0])
 
 
@@ -83,7 +94,7 @@ def equivalent(answer: str, other: str) -> bool:
     pa, pb = _parsed(a), _parsed(b)
     if pa is None or pb is None:
         return a == b
-    return bool(verify(list(pa), list(pb)))
+    return _verify(pa, pb)
 
 
 def is_correct(answer: str | None, reference: str) -> bool:
@@ -127,7 +138,7 @@ def group_answers(answers: Sequence[str | None]) -> AnswerGroups:
         key = _identity(expressions)
         if key not in group_of_expr:
             group_of_expr[key] = next(
-                (g for g, label in parsed_labels if verify(list(label), list(expressions))),
+                (g for g, label in parsed_labels if _verify(label, expressions)),
                 len(labels))
             if group_of_expr[key] == len(labels):
                 parsed_labels.append((len(labels), expressions))

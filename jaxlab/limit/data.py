@@ -33,6 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxlab.config import is_int, require, require_positive_ints
+from jaxlab.extras import require_extra
 from jaxlab.jsonl import DataError, Field, check_unique, field_value, jsonl_text, read_jsonl
 from jaxlab.results import write_text
 
@@ -388,8 +389,7 @@ def _sentence(name: str, attributes: Sequence[str]) -> str:
 def person_names(count: int, seed: int, locale: str = "en_US") -> list[str]:
     """`count` distinct "First Last" names, in draw order, from a Faker seeded with `seed`
     (repeats are redrawn, up to 20 draws per name)."""
-    import faker
-
+    faker = require_extra("faker", "limit", "LIMIT dataset generation (person names)")
     fake = faker.Faker(locale)
     fake.seed_instance(seed)
     names: dict[str, None] = {}

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jaxlab import parallel
 from jaxlab.config import require
+from jaxlab.extras import require_extra
 from jaxlab.limit import free_embedding
 from jaxlab.limit.data import Dataset
 
@@ -148,8 +149,7 @@ def bm25_search(docs: Sequence[str], queries: Sequence[str], k: int, k1: float =
     Tokens: lower-cased words of two or more characters, English stopwords removed (bm25s's
     defaults).
     """
-    import bm25s
-
+    bm25s = require_extra("bm25s", "limit", "BM25 search")
     require(1 <= k <= len(docs), f"k must lie in [1, n={len(docs)}], got {k}")
     retriever = bm25s.BM25(k1=k1, b=b)
     retriever.index(bm25s.tokenize(list(docs), stopwords="en", show_progress=False),

