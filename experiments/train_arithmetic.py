@@ -29,7 +29,6 @@ from jaxlab.deepconf.problems import Problem, save_problems
 from jaxlab.models import hf, zoo
 from jaxlab.models.decoder import Decoder, DecoderConfig
 from jaxlab.rl import losses, train
-from jaxlab.sampling import sampler
 
 log = logging.getLogger("jaxlab")
 
@@ -78,21 +77,6 @@ def train_step(params, opt_state, tokens, mask, *, graphdef, optimizer):
     return optax.apply_updates(params, updates), opt_state, loss
 
 
-def greedy_accuracy(model: Decoder, problems, max_new_tokens: int) -> float:
-    """Fraction of problems whose greedy solution ends in the right boxed answer."""
-    from jaxlab.deepconf import answers
-
-    config = sampler.SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0,
-                                    stop_ids=(arithmetic.VOCAB.index(arithmetic.EOS),),
-                                    confidence=False)
-    prompts = [arithmetic.encode(p.prompt) for p in problems]
-    s = jax.device_get(sampler.sample(model, prompts, jax.random.key(0), config))
-    texts = [arithmetic.decode(s.tokens[i, :s.lengths[i]]) for i in range(len(problems))]
-    right = [answers.is_correct(answers.boxed_answer(t), p.answer)
-             for t, p in zip(texts, problems, strict=True)]
-    return float(np.mean(right))
-
-
 def main(argv: list[str] | None = None) -> dict:
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     out = results.open_run(cfg.out_dir, cfg)
@@ -121,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     arithmetic.save_tokenizer(out)
     held_out = arithmetic.make_problems(cfg.eval_problems, cfg.terms, seed=10_000 + cfg.seed)
     save_problems([Problem(p.id, p.prompt, p.answer) for p in held_out], out / "problems.jsonl")
-    metrics = {"final_loss": float(loss), "greedy_accuracy": greedy_accuracy(
+    metrics = {"final_loss": float(loss), "greedy_accuracy": arithmetic.greedy_accuracy(
         model, held_out, cfg.length)}
     results.write_json(out / "train_metrics.json", metrics)
     log.info("saved %s: loss %.4f, greedy accuracy %.3f on %d held-out problems", out,

@@ -76,6 +76,30 @@ def training_batch(problems: list[Problem], length: int) -> tuple[np.ndarray, np
     return tokens, mask
 
 
+def grade(response: str, answer: str) -> tuple[bool, bool]:
+    """(correct, formatted) of a response: its last \\boxed{...} holds exactly `answer`, and it
+    has a boxed answer at all (the answers are integers: exact string comparison)."""
+    from jaxlab.deepconf.answers import boxed_answer
+
+    boxed = boxed_answer(response)
+    return boxed is not None and boxed.strip() == answer, boxed is not None
+
+
+def greedy_accuracy(model, problems, max_new_tokens: int) -> float:
+    """Fraction of `problems` (with .prompt and .answer) that `model` (a Decoder) solves
+    greedily."""
+    import jax
+
+    from jaxlab.sampling import sampler
+
+    config = sampler.SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0,
+                                    stop_ids=(VOCAB.index(EOS),), confidence=False)
+    s = jax.device_get(sampler.sample(model, [encode(p.prompt) for p in problems],
+                                      jax.random.key(0), config))
+    return float(np.mean([grade(decode(s.tokens[i, :s.lengths[i]]), p.answer)[0]
+                          for i, p in enumerate(problems)]))
+
+
 def char_tokenizer():
     """A transformers fast tokenizer for `VOCAB`, one token per character."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers

@@ -303,12 +303,18 @@ def _decode(graphdef, state, cache: KVCache, prompt_logits, key, threshold, *,
 # Entry point
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> (ids int32 [P, L], mask int32 [P, L]) with the padding on the left."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, width: int | None = None,
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (ids int32 [P, L], mask int32 [P, L]) with the padding on the left; L is
+    `width` (a prompt longer than it is an error naming it) or the longest prompt's length."""
     require(len(prompts) > 0, "no prompts given")
     empty = [i for i, p in enumerate(prompts) if len(p) == 0]
     require(not empty, f"prompts {empty[:5]} are empty")
-    width = max(len(p) for p in prompts)
+    if width is not None:
+        long = [(i, len(p)) for i, p in enumerate(prompts) if len(p) > width]
+        require(not long, f"prompts (index, tokens) {long[:5]} are longer than the prompt "
+                          f"length {width}")
+    width = width or max(len(p) for p in prompts)
     ids = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
@@ -328,19 +334,22 @@ def kv_cache_bytes(c: DecoderConfig, prompts: int, prompt_length: int,
 
 
 def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
-           config: SamplingConfig, mesh: Mesh | None = None) -> Samples:
+           config: SamplingConfig, mesh: Mesh | None = None,
+           prompt_length: int | None = None) -> Samples:
     """Samples `config.traces_per_prompt` traces for each prompt (lists of token ids).
 
-    With a mesh, the slots are split over its first axis (P x n must divide evenly) and the
-    weights replicated. Bad settings raise ValueError before anything is compiled.
+    Prompts are left-padded to `prompt_length` (default: the longest prompt; a fixed length
+    keeps one compiled loop for every batch). With a mesh, the slots are split over its first
+    axis (P x n must divide evenly) and the weights replicated. Bad settings raise ValueError
+    before anything is compiled.
     """
-    ids, mask = left_pad(prompts)
+    ids, mask = left_pad(prompts, width=prompt_length)
     c = model.config
     cache_size = ids.shape[1] + config.max_new_tokens
     require(cache_size <= c.max_position_embeddings,
             f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({config.max_new_tokens}) = "
             f"{cache_size} exceeds the model's max_position_embeddings={c.max_position_embeddings}")
-    for name in ("confidence_k", "top_k"):
+    for name in ("confidence_k",) * config.confidence + ("top_k",):
         require(getattr(config, name) <= c.vocab_size,
                 f"SamplingConfig.{name}={getattr(config, name)} exceeds the vocabulary "
                 f"({c.vocab_size})")

@@ -1,0 +1,357 @@
+"""The RL loop every policy-training experiment runs: sample, reward, advantages, train, repeat.
+
+    state = loop.run(policy, prompt_fn, reward_fn, LoopConfig(...), out_dir, key=key)
+
+Per iteration s (all randomness a function of the run's key and s, so a restarted run repeats
+exactly what the uninterrupted one did):
+
+1. `prompt_fn(key_s, count)` draws `count` prompts; the compiled sampler draws G responses for
+   each from the train state's current parameters (cast to the compute dtype on device: no
+   host round trip of weights).
+2. `reward_fn(prompts, responses, truncated)` scores them ([groups, G]). With dynamic sampling,
+   groups whose rewards are all equal carry no signal: they are dropped and new prompts drawn,
+   up to `max_refills` extra rounds (the count is logged).
+3. Advantages by `advantage` (`jaxlab.rl.advantages`: GRPO, Dr. GRPO, RLOO, or BRPO for
+   rewards already relative to a reference), one per response, broadcast to its tokens.
+4. `ppo_epochs` passes over the batch in `minibatches` shuffled parts, each one `train_step`.
+5. Metrics to `metrics.jsonl` (one line per iteration) and an Orbax checkpoint every
+   `checkpoint_every` iterations; a rerun of the same out_dir resumes from the latest one.
+
+A reward function that raises or returns NaN/inf or the wrong shape, a prompt longer than
+`max_prompt_tokens`, and a non-finite loss or gradient stop the run with an error naming the
+iteration (and the prompt and response); checkpoints already written are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from jaxlab import parallel, results
+from jaxlab.checkpoint import CheckpointConfig, Checkpointer
+from jaxlab.config import require, require_positive_ints
+from jaxlab.models.decoder import Decoder
+from jaxlab.rl import advantages as adv
+from jaxlab.rl import rollout, train
+from jaxlab.sampling import sampler
+
+log = logging.getLogger("jaxlab")
+
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "brpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    tokens: tuple[int, ...]  # the prompt's token ids
+    data: Any = None         # whatever the reward function needs (a reference answer, ...)
+
+
+# prompt_fn(key, count) -> count prompts; reward_fn(prompts, responses [groups][G] token lists,
+# truncated bool [groups, G]) -> rewards [groups, G], or a mapping with "reward" and other
+# [groups, G] arrays whose means are logged (e.g. "accuracy").
+PromptFn = Callable[[jax.Array, int], Sequence[Prompt]]
+RewardFn = Callable[[Sequence[Prompt], list[list[list[int]]], np.ndarray],
+                    "np.ndarray | Mapping[str, np.ndarray]"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """Settings of an RL run (the step's own are in `train`)."""
+
+    iterations: int = 100            # sample-reward-train rounds
+    prompts: int = 16                # groups per iteration
+    group_size: int = 8              # G responses per prompt
+    max_prompt_tokens: int = 64      # prompts are left-padded to this; longer ones are an error
+    max_new_tokens: int = 128
+    top_k: int = 0                   # sampling truncation (the temperature is train.temperature)
+    top_p: float = 1.0
+    stop_ids: tuple[int, ...] = ()   # tokens that end a response (kept in it)
+    advantage: str = "grpo"          # one of ADVANTAGES
+    outlier_threshold: float = 0.6   # BRPO: drop groups with |sum r| / G above this
+    dynamic_sampling: bool = True    # drop groups whose rewards are all equal, draw new ones
+    max_refills: int = 2             # extra sampling rounds per iteration for dynamic sampling
+    ppo_epochs: int = 1              # passes over each rollout batch
+    minibatches: int = 1             # optimizer steps per pass
+    checkpoint_every: int = 10       # iterations between checkpoints (and at the end)
+    keep_checkpoints: int = 2
+    train: train.TrainConfig = dataclasses.field(default_factory=train.TrainConfig)
+
+    def __post_init__(self):
+        require_positive_ints(self, "iterations", "prompts", "max_prompt_tokens",
+                              "max_new_tokens", "ppo_epochs", "minibatches", "checkpoint_every",
+                              "keep_checkpoints")
+        require(isinstance(self.group_size, int) and self.group_size >= 2,
+                f"LoopConfig.group_size must be an integer >= 2, got {self.group_size!r}")
+        require(isinstance(self.max_refills, int) and self.max_refills >= 0,
+                f"LoopConfig.max_refills must be an integer >= 0, got {self.max_refills!r}")
+        require(self.advantage in ADVANTAGES,
+                f"LoopConfig.advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
+        require((self.prompts * self.group_size) % self.minibatches == 0,
+                f"LoopConfig.minibatches={self.minibatches} must divide prompts x group_size = "
+                f"{self.prompts * self.group_size}")
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+
+    @property
+    def sampling(self) -> sampler.SamplingConfig:
+        return sampler.SamplingConfig(
+            max_new_tokens=self.max_new_tokens, temperature=self.train.temperature,
+            top_k=self.top_k, top_p=self.top_p, n=self.group_size, stop_ids=self.stop_ids,
+            confidence=False)
+
+
+def group_advantages(rewards: np.ndarray, config: LoopConfig) -> tuple[jax.Array, jax.Array]:
+    """(advantages float32 [groups, G], keep bool [groups]) by `config.advantage`; for "brpo"
+    the rewards are BRPO's +-1 / 0 against the group's reference and the outlier filter sets
+    keep."""
+    rewards = jnp.asarray(rewards, jnp.float32)
+    if config.advantage == "brpo":
+        imbalance = jnp.abs(jnp.sum(rewards, axis=1)) / rewards.shape[1]
+        return rewards, imbalance <= config.outlier_threshold
+    fn = {"grpo": adv.grpo_advantages, "dr_grpo": adv.dr_grpo_advantages,
+          "rloo": adv.rloo_advantages}[config.advantage]
+    return fn(rewards), jnp.ones(rewards.shape[0], bool)
+
+
+def checked_rewards(reward_fn: RewardFn, prompts: Sequence[Prompt],
+                    responses: list[list[list[int]]], truncated: np.ndarray, iteration: int,
+                    ) -> dict[str, np.ndarray]:
+    """reward_fn's output as {"reward": [groups, G], ...}; raises naming the iteration, and the
+    prompt and response of the first bad value."""
+    shape = truncated.shape
+    try:
+        out = reward_fn(prompts, responses, truncated)
+    except Exception as e:
+        raise RuntimeError(f"iteration {iteration}: the reward function raised on a batch of "
+                           f"{shape[0]} prompts x {shape[1]} responses: {e!r}") from e
+    out = dict(out) if isinstance(out, Mapping) else {"reward": out}
+    require("reward" in out, f"iteration {iteration}: the reward function returned keys "
+                             f"{sorted(out)} without 'reward'")
+    for name, value in out.items():
+        value = np.asarray(value, np.float64)
+        require(value.shape == shape, f"iteration {iteration}: the reward function's {name!r} "
+                f"has shape {value.shape}, expected [prompts, G] = {shape}")
+        bad = np.argwhere(~np.isfinite(value))
+        if len(bad):
+            i, j = (int(x) for x in bad[0])
+            raise ValueError(f"iteration {iteration}: the reward function's {name!r} is "
+                             f"{value[i, j]} for prompt {i}, response {j} (prompt tokens "
+                             f"{list(prompts[i].tokens)[:20]}, response {responses[i][j][:20]})")
+        out[name] = value
+    return out
+
+
+@dataclasses.dataclass
+class _Groups:
+    """The groups kept for one iteration (host arrays, [groups, G] unless said)."""
+
+    prompts: list[Prompt]
+    samples: list[sampler.Samples]         # one per sampling round
+    rows: list[tuple[int, int, int]]       # per kept group: (round, prompt in round, first trace)
+    values: dict[str, list[np.ndarray]]    # reward_fn's outputs, one [G] per kept group
+    dropped: int = 0                       # groups without reward variance
+    rounds: int = 0
+    tokens: int = 0                        # response tokens generated
+
+
+def _rollouts(model: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopConfig,
+              key: jax.Array, iteration: int, mesh: Mesh | None) -> _Groups:
+    """Samples and scores groups until `config.prompts` have reward variance (dynamic sampling)
+    or `max_refills` extra rounds are spent; then fills up with the groups dropped last."""
+    g = config.group_size
+    kept = _Groups(prompts=[], samples=[], rows=[], values={})
+    spare = []
+    for round_ in range(1 + (config.max_refills if config.dynamic_sampling else 0)):
+        round_key = jax.random.fold_in(key, round_)
+        prompts = list(prompt_fn(jax.random.fold_in(round_key, 0), config.prompts))
+        require(len(prompts) == config.prompts, f"iteration {iteration}: prompt_fn returned "
+                f"{len(prompts)} prompts, expected {config.prompts}")
+        samples = sampler.sample(model, [p.tokens for p in prompts],
+                                 jax.random.fold_in(round_key, 1), config.sampling, mesh=mesh,
+                                 prompt_length=config.max_prompt_tokens)
+        host = jax.device_get((samples.tokens, samples.lengths, samples.finish_reason))
+        tokens, lengths, reasons = host
+        kept.tokens += int(lengths.sum())
+        responses = [[tokens[i * g + j, :lengths[i * g + j]].tolist() for j in range(g)]
+                     for i in range(len(prompts))]
+        values = checked_rewards(reward_fn, prompts, responses,
+                                 (reasons == sampler.LENGTH).reshape(-1, g), iteration)
+        varied = np.asarray(adv.has_variance(jnp.asarray(values["reward"])))
+        kept.samples.append(samples)
+        kept.rounds += 1
+        for i, prompt in enumerate(prompts):
+            entry = (prompt, (round_, i, i * g), {k: v[i] for k, v in values.items()})
+            if config.dynamic_sampling and not varied[i]:
+                kept.dropped += 1
+                spare.append(entry)
+            elif len(kept.prompts) < config.prompts:
+                _keep(kept, entry)
+        if len(kept.prompts) == config.prompts:
+            break
+    for entry in spare[::-1][:config.prompts - len(kept.prompts)]:
+        _keep(kept, entry)  # zero advantage under GRPO: only the KL acts on them
+    return kept
+
+
+def _keep(groups: _Groups, entry) -> None:
+    prompt, row, values = entry
+    groups.prompts.append(prompt)
+    groups.rows.append(row)
+    for k, v in values.items():
+        groups.values.setdefault(k, []).append(v)
+
+
+def _batch(groups: _Groups, reference: Decoder, config: LoopConfig) -> train.PolicyBatch:
+    """The PolicyBatch of the kept groups (advantages filled in), rows in group order."""
+    g = config.group_size
+    parts = []
+    for r, samples in enumerate(groups.samples):
+        mine = [(k, row) for k, row in enumerate(groups.rows) if row[0] == r]
+        if not mine:
+            continue
+        # (the group's place in the batch, its trace in this round's samples) per row
+        rows = np.asarray([(k, first + j) for k, (_, _, first) in mine for j in range(g)])
+        parts.append((rows[:, 0], rollout.policy_batch(
+            [p.tokens for p in groups.prompts], samples, rows, config.max_prompt_tokens,
+            reference, config.train)))
+    order = np.argsort(np.concatenate([k for k, _ in parts]), kind="stable")
+    batch = jax.tree.map(lambda *xs: jnp.concatenate(xs)[order], *[b for _, b in parts])
+    advantages, keep = group_advantages(np.stack(groups.values["reward"]), config)
+    return batch._replace(advantages=advantages.reshape(-1),
+                          loss_mask=batch.loss_mask * jnp.repeat(keep, g)[:, None])
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _cast(params: nnx.State, dtype) -> nnx.State:
+    """params in `dtype`, on device (an unchanged leaf may be the same buffer)."""
+    return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopConfig,
+        out_dir: str | pathlib.Path, *, key: jax.Array, mesh: Mesh | None = None,
+        compute_dtype: Any = None) -> tuple[nnx.GraphDef, train.TrainState]:
+    """Trains `policy` (float32 parameters) by RL; returns its graph and final train state.
+
+    The reference policy (for the KL) is `policy` as given. Rollouts sample from the current
+    parameters cast to `compute_dtype` (default: the model's activation dtype). `out_dir`
+    receives `metrics.jsonl` and `checkpoints/`; a run that finds checkpoints there resumes
+    from the latest one (the caller checks that the config is the same, e.g. with
+    `results.open_run`).
+    """
+    out = pathlib.Path(out_dir)
+    mesh = mesh or parallel.single_device_mesh()
+    graphdef, state = train.init_train_state(policy, config.train, key)  # copies the weights
+    dtype = jnp.dtype(compute_dtype or policy.config.dtype)
+    reference = nnx.merge(graphdef, _cast(nnx.state(policy, nnx.Param), dtype))
+    updates = config.ppo_epochs * config.minibatches
+    with Checkpointer(out / "checkpoints", CheckpointConfig(
+            keep_last=config.keep_checkpoints, best_metric=None)) as checkpointer:
+        start = 0
+        if checkpointer.latest_step() is not None:
+            state = checkpointer.restore(state)
+            start = int(state.step) // updates
+            log.info("resuming from iteration %d (%s)", start, checkpointer.directory)
+        _truncate_metrics(out / "metrics.jsonl", start)
+        state = jax.device_put(state, parallel.replicated(mesh))
+        bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
+                   unit="it", file=sys.stderr, dynamic_ncols=True)
+        for iteration in bar:
+            key_s = jax.random.fold_in(state.key, iteration)
+            t0 = time.perf_counter()
+            model = nnx.merge(graphdef, _cast(state.params, dtype))
+            groups = _rollouts(model, prompt_fn, reward_fn, config, key_s, iteration, mesh)
+            batch = _batch(groups, reference, config)
+            jax.block_until_ready(batch)
+            t1 = time.perf_counter()
+            state, step_metrics = _update(state, batch, graphdef, config, mesh, key_s, iteration,
+                                          checkpointer)
+            t2 = time.perf_counter()
+            metrics = _iteration_metrics(iteration, groups, batch, step_metrics, t1 - t0,
+                                         t2 - t1)
+            _append(out / "metrics.jsonl", metrics)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
+                            **({"acc": f"{metrics['accuracy']:.3f}"} if "accuracy" in metrics
+                               else {}))
+            if (iteration + 1) % config.checkpoint_every == 0 or (
+                    iteration + 1 == config.iterations):
+                checkpointer.save(int(state.step), state)
+        checkpointer.wait()
+    return graphdef, state
+
+
+def _update(state, batch, graphdef, config: LoopConfig, mesh, key, iteration, checkpointer):
+    """ppo_epochs passes of `minibatches` optimizer steps over a shuffled batch; raises on a
+    non-finite step (which leaves the state unchanged)."""
+    size = batch.tokens.shape[0] // config.minibatches
+    history = []
+    for epoch in range(config.ppo_epochs):
+        order = jax.random.permutation(jax.random.fold_in(key, 1_000 + epoch),
+                                       batch.tokens.shape[0])
+        for part in range(config.minibatches):
+            rows = order[part * size:(part + 1) * size]
+            mini = jax.device_put(jax.tree.map(lambda x, r=rows: x[r], batch),
+                                  parallel.batch_sharding(mesh))
+            state, metrics = train.train_step(state, mini, graphdef=graphdef,
+                                              config=config.train, mesh=mesh)
+            metrics = jax.device_get(metrics)
+            if not metrics["finite"]:
+                raise FloatingPointError(
+                    f"iteration {iteration} (optimizer step {int(state.step) + 1}): loss "
+                    f"{metrics['loss']}, gradient norm {metrics['grad_norm']}; the step was not "
+                    f"applied and the run stops (last checkpoint: step "
+                    f"{checkpointer.latest_step()} in {checkpointer.directory})")
+            history.append(metrics)
+    return state, {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+
+
+def _iteration_metrics(iteration, groups: _Groups, batch, step_metrics, rollout_s, train_s):
+    rewards = np.stack(groups.values["reward"])                          # [groups, G]
+    metrics = {"iteration": iteration, "reward_mean": float(rewards.mean()),
+               "reward_std": float(rewards.std())}
+    for name, values in groups.values.items():
+        if name != "reward":
+            metrics[name] = float(np.mean(values))
+    real = float(jnp.sum(batch.mask))
+    metrics.update({
+        "response_length": groups.tokens / (groups.rounds * rewards.size),
+        "groups_dropped": groups.dropped, "sampling_rounds": groups.rounds,
+        **{k: v for k, v in step_metrics.items() if k not in ("finite", "count")},
+        "rollout_seconds": rollout_s, "train_seconds": train_s,
+        "rollout_tokens_per_s": groups.tokens / rollout_s, "train_tokens_per_s": real / train_s,
+    })
+    return metrics
+
+
+def _append(path: pathlib.Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def _truncate_metrics(path: pathlib.Path, iterations: int) -> None:
+    """Keeps the records of iterations < `iterations` (those the restored state has done)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut by a kill
+        if record["iteration"] >= iterations:
+            break
+        kept.append(line)
+    results.write_text(path, "".join(f"{line}\n" for line in kept))

@@ -1,0 +1,77 @@
+"""Rollouts: prompts -> the compiled sampler -> a `PolicyBatch` the policy step trains on.
+
+A row of the batch is its prompt, left-padded to a fixed length L, followed by the response and
+right padding to T = max_new_tokens (the sampler's own layout, so positions agree):
+
+    tokens     [pad pad p1 p2 p3 | r1 r2 r3 eos 0 0]
+    mask       [ 0   0  1  1  1  |  1  1  1  1  0 0]      attention
+    loss_mask  [ 0   0  0  0  0  |  1  1  1  1  0 0]      response tokens, stop token included
+    old_logp   [ 0   0  0  0  0  |  l1 l2 l3 l4 0 0]      from the sampler
+
+`old_logp` is the log-prob of each sampled token under softmax(logits / temperature), the
+distribution the step evaluates (`TrainConfig.temperature` must equal the sampling one). Top-k
+and top-p truncation are not part of it, on either side of the ratio (as in TRL and verl): the
+truncated distribution is not differentiable in a useful way, and the sampled tokens always lie
+inside it, so the on-policy ratio is exactly 1 and truncation only shifts which tokens get
+sampled.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlab.rl import train
+from jaxlab.sampling import sampler
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+def _assemble(graphdef, ref_params, prompt_ids, prompt_mask, tokens, lengths, logprobs, rows,
+              *, config: train.TrainConfig) -> train.PolicyBatch:
+    """The batch whose row i is trace rows[i, 1] of the sampler output (`tokens`, `logprobs`
+    [N, T], `lengths` [N]) after prompt rows[i, 0] of `prompt_ids`/`prompt_mask` [P, L]."""
+    prompt_of, trace = rows[:, 0], rows[:, 1]
+    response = tokens[trace]                                                  # [N, T]
+    real = jnp.arange(response.shape[1]) < lengths[trace][:, None]            # [N, T]
+    out_tokens = jnp.concatenate([prompt_ids[prompt_of], response], axis=1)   # [N, L + T]
+    mask = jnp.concatenate([prompt_mask[prompt_of], real], axis=1).astype(jnp.int32)
+    loss_mask = jnp.concatenate([jnp.zeros_like(prompt_mask[prompt_of]), real], axis=1)
+    old_logp = jnp.concatenate([jnp.zeros(prompt_ids[prompt_of].shape, jnp.float32),
+                                jnp.where(real, logprobs[trace], 0.0)], axis=1)
+    ref_logp = train.policy_logprobs(graphdef, ref_params, out_tokens, mask,
+                                     temperature=config.temperature, chunk=config.logprob_chunk)
+    return train.PolicyBatch(tokens=out_tokens, mask=mask,
+                             loss_mask=loss_mask.astype(jnp.float32), old_logp=old_logp,
+                             ref_logp=ref_logp * loss_mask,
+                             advantages=jnp.zeros(out_tokens.shape[0], jnp.float32))
+
+
+def policy_batch(prompts: Sequence[Sequence[int]], samples: sampler.Samples,
+                 rows: np.ndarray, prompt_length: int, reference: nnx.Module,
+                 config: train.TrainConfig) -> train.PolicyBatch:
+    """A `PolicyBatch` (advantages 0, to be filled) of sampled traces.
+
+    Args:
+      prompts: the P prompts the samples came from (token lists).
+      samples: the sampler's output for them (N traces).
+      rows: int [B, 2], (prompt index, trace index) of each row of the batch, in order.
+      prompt_length: L, the padded prompt length (the sampler's).
+      reference: the frozen reference policy; `ref_logp` is its log-probs (0 off the response).
+      config: the step's settings (temperature, log-prob chunk).
+    """
+    ids, mask = sampler.left_pad(prompts, width=prompt_length)
+    graphdef, params = nnx.split(reference)
+    return _assemble(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), samples.tokens,
+                     samples.lengths, samples.logprobs, jnp.asarray(rows, jnp.int32),
+                     config=config)
+
+
+def truncated(samples: sampler.Samples) -> np.ndarray:
+    """bool [N]: traces that hit max_new_tokens before a stop token (a reward may treat them
+    apart)."""
+    return np.asarray(samples.finish_reason) == sampler.LENGTH

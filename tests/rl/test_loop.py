@@ -1,0 +1,219 @@
+"""The RL loop end to end: rollouts to batches, the on-policy ratio, GRPO learning, sharding,
+kill -9 resume, and every bad input stopped with its name."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlab import parallel
+from jaxlab.models import hf, zoo
+from jaxlab.models.decoder import Decoder
+from jaxlab.rl import loop, rollout, train
+from jaxlab.sampling import sampler
+from tests.rl import loop_job
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny(seed=0):
+    return Decoder(loop_job.CONFIG, nnx.Rngs(seed))
+
+
+def test_on_policy_ratio_is_one_on_a_left_padded_sampled_batch():
+    """old_logp recorded by the sampler (temperature 0.8, top-p 0.9) equals the step's own
+    log-probs of the same left-padded rows: the PPO ratio is 1 to 1e-6, and the batch's layout
+    (mask, loss mask, positions) follows the sampler's."""
+    model = tiny()
+    prompts = [[3, 4, 5], [7, 8, 9, 10], [5]]
+    config = train.TrainConfig(temperature=0.8, logprob_chunk=3)
+    sampling = sampler.SamplingConfig(max_new_tokens=6, temperature=0.8, top_p=0.9, n=2,
+                                      stop_ids=(2,), confidence=False)
+    samples = sampler.sample(model, prompts, jax.random.key(1), sampling, prompt_length=5)
+    rows = np.asarray([(i // 2, i) for i in range(6)])
+    batch = rollout.policy_batch(prompts, samples, rows, 5, model, config)
+    graphdef, params = nnx.split(model)
+    logp = train.policy_logprobs(graphdef, params, batch.tokens, batch.mask, temperature=0.8,
+                                 chunk=3)
+    ratio = np.exp(np.asarray(logp - batch.old_logp)) * np.asarray(batch.loss_mask)
+    np.testing.assert_allclose(ratio[batch.loss_mask > 0], 1.0, atol=1e-6)
+    np.testing.assert_allclose(batch.ref_logp, batch.old_logp, atol=1e-6)  # same model
+    lengths = np.asarray(samples.lengths)
+    for i, (p, trace) in enumerate(rows):
+        real = [0] * (5 - len(prompts[p])) + [1] * (len(prompts[p]) + lengths[trace])
+        np.testing.assert_array_equal(batch.mask[i], real + [0] * (11 - len(real)))
+        np.testing.assert_array_equal(batch.loss_mask[i, 5:5 + lengths[trace]], 1)
+        assert batch.loss_mask[i].sum() == lengths[trace]
+        np.testing.assert_array_equal(batch.tokens[i, 5 - len(prompts[p]):5], prompts[p])
+        # RoPE positions count real tokens: the first response token sits at len(prompt).
+        assert batch.positions[i, 5] == len(prompts[p])
+    np.testing.assert_array_equal(rollout.truncated(samples), lengths == 6)
+
+
+def test_grpo_learns_a_one_token_bandit(tmp_path):
+    """Reward 1 for token 5 as the one response token: GRPO moves the policy onto it."""
+    target = 5
+
+    def prompt_fn(key, count):
+        return [loop.Prompt((3,))] * count
+
+    def reward_fn(prompts, responses, truncated):
+        return np.asarray([[float(r == [target]) for r in group] for group in responses])
+
+    model = tiny()
+    config = loop.LoopConfig(iterations=25, prompts=2, group_size=8, max_prompt_tokens=1,
+                             max_new_tokens=1, checkpoint_every=100, max_refills=0,
+                             train=train.TrainConfig(learning_rate=3e-2, temperature=1.0))
+    probability = lambda m: float(jax.nn.softmax(m(jnp.asarray([[3]]))[0, -1])[target])
+    before = probability(model)
+    graphdef, state = loop.run(model, prompt_fn, reward_fn, config, tmp_path,
+                               key=jax.random.key(0))
+    after = probability(nnx.merge(graphdef, state.params))
+    assert before < 0.2 and after > 0.9, (before, after)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == list(range(25))
+    assert records[-1]["reward_mean"] > records[0]["reward_mean"]
+    for name in ("reward_std", "response_length", "kl", "entropy", "clipped", "grad_norm",
+                 "rollout_tokens_per_s", "train_tokens_per_s", "groups_dropped"):
+        assert all(np.isfinite(r[name]) for r in records), name
+
+
+def test_sharded_loop_equals_single_device(tmp_path, data_mesh8):
+    config = dataclasses.replace(loop_job.config(2), prompts=4, group_size=4)
+    runs = []
+    for name, mesh in (("one", parallel.single_device_mesh()), ("eight", data_mesh8)):
+        runs.append(loop.run(tiny(), loop_job.prompt_fn, loop_job.reward_fn, config,
+                             tmp_path / name, key=jax.random.key(0), mesh=mesh)[1])
+    records = [[json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+               for n in ("one", "eight")]
+    for a, b in zip(*records, strict=True):
+        assert a["reward_mean"] == b["reward_mean"] and a["response_length"] == b[
+            "response_length"]  # the same samples
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-7)
+    diffs = np.concatenate([np.abs(np.asarray(x) - np.asarray(y)).ravel() for x, y in zip(
+        jax.tree.leaves(runs[0].params), jax.tree.leaves(runs[1].params), strict=True)])
+    # 4 Adam steps of about lr * sign(g): equal but where a near-zero gradient flips its sign.
+    assert np.mean(diffs <= 1e-6) > 0.995 and diffs.max() <= 8e-2
+
+
+def _job(out, iterations):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "tests.rl.loop_job", str(out),
+                             str(iterations)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_a_run_killed_by_sigkill_resumes_bit_exactly(tmp_path):
+    iterations = 6
+    whole = _job(tmp_path / "whole", iterations)
+    killed = _job(tmp_path / "killed", iterations)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and killed.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    assert killed.poll() is None, killed.stderr.read()
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "final.npz").exists()
+    resumed = _job(tmp_path / "killed", iterations)
+    for job in (whole, resumed):
+        assert job.wait(timeout=300) == 0, job.stderr.read()
+    assert "resuming from iteration" in resumed.stderr.read()
+    a, b = (np.load(tmp_path / d / "final.npz") for d in ("whole", "killed"))
+    for name in a.files:
+        np.testing.assert_array_equal(a[name], b[name])
+    lines = [(tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("whole",
+                                                                                 "killed")]
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if "second" not in k
+                          and "per_s" not in k}
+    assert [strip(x) for x in lines[0]] == [strip(x) for x in lines[1]]
+
+
+def _run(tmp_path, reward_fn=loop_job.reward_fn, prompt_fn=loop_job.prompt_fn, **changes):
+    config = dataclasses.replace(loop_job.config(1), **changes)
+    return loop.run(tiny(), prompt_fn, reward_fn, config, tmp_path, key=jax.random.key(0))
+
+
+def test_bad_rewards_are_named(tmp_path):
+    def raises(prompts, responses, truncated):
+        raise KeyError("no answer")
+
+    with pytest.raises(RuntimeError, match=r"iteration 0: the reward function raised.*no answer"):
+        _run(tmp_path / "a", raises)
+
+    def nan_at_1_2(prompts, responses, truncated):
+        rewards = loop_job.reward_fn(prompts, responses, truncated)
+        rewards[1, 2] = np.nan
+        return rewards
+
+    with pytest.raises(ValueError, match="'reward' is nan for prompt 1, response 2"):
+        _run(tmp_path / "b", nan_at_1_2)
+    with pytest.raises(ValueError, match=r"shape \(4, 3\), expected \[prompts, G\] = \(4, 4\)"):
+        _run(tmp_path / "c", lambda p, r, t: np.zeros((4, 3)))
+    with pytest.raises(ValueError, match=r"shape \(4, 4\), expected \[prompts, G\] = \(4, 4\)|"
+                                         r"'accuracy' has shape"):
+        _run(tmp_path / "d", lambda p, r, t: {"reward": np.zeros((4, 4)),
+                                              "accuracy": np.zeros(4)})
+    assert not (tmp_path / "a" / "checkpoints").exists() or not any(
+        (tmp_path / "a" / "checkpoints").iterdir())
+
+
+def test_long_prompts_and_low_precision_masters_are_refused(tmp_path):
+    long = lambda key, count: [loop.Prompt((3, 4, 5, 6, 7))] * count
+    with pytest.raises(ValueError, match=r"\(0, 5\).*longer than the prompt length 4"):
+        _run(tmp_path / "a", prompt_fn=long)
+    path = zoo.create("qwen3", tmp_path / "model", vocab_size=16)
+    with pytest.raises(ValueError, match=r"master parameters must be float32.*activation_dtype"):
+        train.init_train_state(hf.load_pretrained(path, dtype="bfloat16"), train.TrainConfig(),
+                               jax.random.key(0))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        train.TrainConfig(temperature=0.0)
+
+
+def test_a_bf16_compute_step_at_lr_1e6_changes_the_float32_master_weights(tmp_path):
+    path = zoo.create("qwen3", tmp_path, vocab_size=16)
+    model = hf.load_pretrained(path, dtype="float32", activation_dtype="bfloat16")
+    config = train.TrainConfig(learning_rate=1e-6)
+    graphdef, state = train.init_train_state(model, config, jax.random.key(0))
+    before = jax.tree.map(np.asarray, state.params)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 16, (4, 8)), jnp.int32)
+    batch = train.PolicyBatch(tokens=tokens, mask=jnp.ones((4, 8), jnp.int32),
+                              loss_mask=jnp.ones((4, 8)), old_logp=jnp.zeros((4, 8)) - 2.8,
+                              ref_logp=jnp.zeros((4, 8)), advantages=jnp.asarray([1., -1, 1, -1]))
+    mesh = parallel.single_device_mesh()
+    state, metrics = train.train_step(state, batch, graphdef=graphdef, config=config, mesh=mesh)
+    changed = [np.mean(np.asarray(a) != b) for a, b in zip(jax.tree.leaves(state.params),
+                                                          jax.tree.leaves(before), strict=True)]
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    assert np.mean(changed) > 0.5 and float(metrics["finite"]) == 1.0
+    # The same update applied to bfloat16 weights is lost to rounding.
+    moved = [np.asarray(a).astype(jnp.bfloat16) != b.astype(jnp.bfloat16) for a, b in zip(
+        jax.tree.leaves(state.params), jax.tree.leaves(before), strict=True)]
+    assert np.mean([m.mean() for m in moved]) < 0.05
+    assert model.embed_tokens.embedding[...].shape == (16, model.config.hidden_size)  # usable
+
+
+def test_a_non_finite_step_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    """A learning rate of 1e30 makes the weights overflow after the first iteration: the second
+    one's loss is not finite, the run stops naming it, and iteration 0's checkpoint stays."""
+    config = dataclasses.replace(loop_job.config(4), minibatches=1, train=train.TrainConfig(
+        learning_rate=1e30, max_grad_norm=0.0, temperature=0.9))
+    with pytest.raises(FloatingPointError, match=r"iteration 1 \(optimizer step 2\).*not "
+                                                 r"applied.*last checkpoint: step 1"):
+        loop.run(tiny(), loop_job.prompt_fn, loop_job.reward_fn, config, tmp_path,
+                 key=jax.random.key(0))
+    from jaxlab.checkpoint import Checkpointer
+    with Checkpointer(tmp_path / "checkpoints") as checkpointer:
+        assert checkpointer.all_steps() == [1]
