@@ -60,14 +60,13 @@ def prompt_fn(terms: int):
     return draw
 
 
-def reward_fn(format_reward: float):
+def reward_fn(format_reward: float) -> loop.RewardFn:
     """1 for the exact answer, + format_reward for a boxed answer; accuracy logged apart."""
-    def score(prompts, responses, truncated):
-        graded = np.asarray([[arithmetic.grade(arithmetic.decode(r), p.data) for r in group]
-                             for p, group in zip(prompts, responses, strict=True)], float)
-        return {"reward": graded[..., 0] + format_reward * graded[..., 1],
-                "accuracy": graded[..., 0], "truncated": truncated.astype(float)}
-    return score
+    def score(prompt: loop.Prompt, response: list[int], truncated: bool) -> dict[str, float]:
+        correct, formatted = arithmetic.grade(arithmetic.decode(response), prompt.data)
+        return {"reward": correct + format_reward * formatted, "accuracy": float(correct),
+                "truncated": float(truncated)}
+    return loop.per_response(score)
 
 
 def plot(records: list[dict], path: pathlib.Path) -> None:

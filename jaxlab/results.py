@@ -62,6 +62,7 @@ def open_run(out_dir: str | pathlib.Path, config: Any, may_change: Sequence[str]
         before, now = ({k: v for k, v in OmegaConf.to_container(OmegaConf.create(text)).items()
                         if k not in ignored} for text in (saved.read_text(), resolved))
         if before != now:
+            before, now = _flatten(before), _flatten(now)
             changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
             raise ConfigError(
                 f"{out} holds results of a different config ({saved}: {changed} differ); choose "
@@ -74,3 +75,14 @@ def open_run(out_dir: str | pathlib.Path, config: Any, may_change: Sequence[str]
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     return out
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested settings named by their dotted keys."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

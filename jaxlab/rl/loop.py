@@ -126,6 +126,28 @@ def group_advantages(rewards: np.ndarray, config: LoopConfig) -> tuple[jax.Array
     return fn(rewards), jnp.ones(rewards.shape[0], bool)
 
 
+def per_response(score: Callable[[Prompt, list[int], bool], float | Mapping[str, float]],
+                 ) -> RewardFn:
+    """A batched reward function from one that scores a single response (score(prompt,
+    response tokens, truncated) -> a reward, or a mapping with "reward" and other values to log);
+    an exception names the prompt and response it came from."""
+    def batched(prompts, responses, truncated):
+        rows = []
+        for i, (prompt, group) in enumerate(zip(prompts, responses, strict=True)):
+            for j, response in enumerate(group):
+                try:
+                    value = score(prompt, response, bool(truncated[i, j]))
+                except Exception as e:
+                    raise RuntimeError(f"the reward function raised on prompt {i}, response "
+                                       f"{j} (prompt tokens {list(prompt.tokens)[:20]}, "
+                                       f"response {response[:20]}): {e!r}") from e
+                rows.append(value if isinstance(value, Mapping) else {"reward": value})
+        shape = truncated.shape
+        return {k: np.asarray([r[k] for r in rows], np.float64).reshape(shape)
+                for k in rows[0]}
+    return batched
+
+
 def checked_rewards(reward_fn: RewardFn, prompts: Sequence[Prompt],
                     responses: list[list[list[int]]], truncated: np.ndarray, iteration: int,
                     ) -> dict[str, np.ndarray]:

@@ -158,6 +158,13 @@ def test_bad_rewards_are_named(tmp_path):
         rewards[1, 2] = np.nan
         return rewards
 
+    def fails_on_odd_first_token(prompt, response, truncated):
+        if response and response[0] % 2:
+            raise ZeroDivisionError("odd")
+        return 1.0
+
+    with pytest.raises(RuntimeError, match=r"raised on prompt \d+, response \d+ .*odd"):
+        _run(tmp_path / "a2", loop.per_response(fails_on_odd_first_token))
     with pytest.raises(ValueError, match="'reward' is nan for prompt 1, response 2"):
         _run(tmp_path / "b", nan_at_1_2)
     with pytest.raises(ValueError, match=r"shape \(4, 3\), expected \[prompts, G\] = \(4, 4\)"):
