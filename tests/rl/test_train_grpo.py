@@ -11,7 +11,7 @@ import pytest
 from jaxlab.config import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
-import train_grpo  # noqa: E402
+import train_grpo
 
 TINY_MODEL = """out_dir: unused
 terms: 2
