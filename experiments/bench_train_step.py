@@ -1,264 +1,327 @@
-"""Policy-gradient step speed: our jitted step against a plain PyTorch step of the same loss.
+"""Policy-gradient step speed: our jitted `train_step` on jaxlab's Qwen3 `Decoder` against
+transformers' `Qwen3ForCausalLM` with the same weights, loss and optimizer in PyTorch eager;
+and (`--memory`) the step's compiled memory at the Qwen3-0.6B shape, without allocating it.
 
-    python experiments/bench_train_step.py [--size cpu|gpu] [--steps N] [--out FILE]
+    python experiments/bench_train_step.py [--size cpu|gpu] [--repeats N] [--torch-threads N ..]
+    python experiments/bench_train_step.py --memory [--memory-batch 8 --memory-seq 4096]
 
-Both sides train the same small causal transformer (pre-LayerNorm blocks of causal multi-head
-attention and a GELU MLP, float32) on the same batch with the same loss: token-level PPO-clip
-(epsilon 0.2) + 0.05 x k3 KL to a reference policy, entropy reported, global-norm clipping at 1
-and AdamW. The PyTorch model starts from our weights, and the first-step losses are compared
-before anything is timed. Reported: trained tokens per second (batch x sequence length per step)
-and the ratio ours / PyTorch; on a GPU also the model FLOP utilization (MFU) of our step.
+Speed: both sides load one random-init Qwen3 folder (`zoo.create`; `hf.load_pretrained` and
+`AutoModelForCausalLM.from_pretrained`) and train it on one batch with one loss: token-mean
+PPO-clip (epsilon 0.2) over the response tokens, global-norm clipping at 1, AdamW. cpu: a small
+Qwen3 (4 layers, width 256, vocabulary 8192), 8 x 256 tokens, float32; PyTorch with one thread
+per core and with one thread, the faster being the baseline. gpu: the Qwen3-0.6B shape, 8 x 1024
+tokens, float32 master weights with bfloat16 compute (ours: activation_dtype; PyTorch:
+autocast). Before anything is timed the first-step losses, gradient norms and second-step
+losses (after one AdamW update) of the two sides must agree, or the run stops. Reported:
+trained tokens per second (batch x sequence per step, `timing.best_of`), the ratio ours /
+PyTorch, and on a GPU the MFU of each side.
+
+Memory: `train_step.lower(...)` on `jax.ShapeDtypeStruct`s (state from `nnx.eval_shape`: nothing
+is allocated) and `compile().memory_analysis()` for the Qwen3-0.6B shape with float32 master
+weights and bfloat16 compute, once with `logprob_chunk` 512 and once with one chunk covering the
+whole sequence (the unchunked head), and with 512 in B micro-batches of one sequence; next to
+the size of one [B, T, V] float32 array and of one layer's [B, H, T, T] float32 attention scores.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import os
 import pathlib
-import time
+import tempfile
+
+# JAX and PyTorch share the GPU in one process: JAX allocates on demand, not 75% up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from timing import best_of
 
 from jaxlab import parallel, results
+from jaxlab.models import hf, zoo
+from jaxlab.models.decoder import Decoder, DecoderConfig
 from jaxlab.rl import losses, train
 
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    batch: int
-    seq: int
-    vocab: int
-    width: int
-    layers: int
-    heads: int
-
-
+# cpu: a small Qwen3 in float32; gpu: the released Qwen3-0.6B shape, float32 master weights and
+# bfloat16 compute. `tolerance`: the relative gap allowed between the two sides' first steps.
 SIZES = {
-    "cpu": Shape(batch=16, seq=128, vocab=512, width=128, layers=2, heads=4),
-    "gpu": Shape(batch=64, seq=512, vocab=32_768, width=1024, layers=8, heads=16),
+    "cpu": dict(size="tiny", compute="float32", batch=8, seq=256, tolerance=1e-4,
+                overrides=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                               vocab_size=8192)),
+    "gpu": dict(size="released", compute="bfloat16", batch=8, seq=1024, tolerance=2e-2,
+                overrides={}),
 }
-CONFIG = train.TrainConfig(learning_rate=1e-4, max_grad_norm=1.0,
-                           loss=losses.PolicyLossConfig(kl_coef=0.05, kl_estimator="k3"))
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
+CONFIG = train.TrainConfig(learning_rate=1e-5, weight_decay=0.0, max_grad_norm=1.0,
+                           temperature=1.0, loss=losses.PolicyLossConfig(clip_low=0.2,
+                                                                         clip_high=0.2))
+# Dense bfloat16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' data sheets:
+# H100 SXM and H200 989.4, A100 312. The MFU of a step is 6 x parameters x tokens/s / peak
+# (attention scores and the embedding lookup are not counted).
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+REPEATS = 5  # each timing is the fastest of this many steps after a warm-up, on both sides
 
 
-class Block(nnx.Module):
-    def __init__(self, width: int, heads: int, rngs: nnx.Rngs):
-        self.heads = heads
-        self.ln1 = nnx.LayerNorm(width, rngs=rngs)
-        self.qkv = nnx.Linear(width, 3 * width, rngs=rngs)
-        self.proj = nnx.Linear(width, width, rngs=rngs)
-        self.ln2 = nnx.LayerNorm(width, rngs=rngs)
-        self.up = nnx.Linear(width, 4 * width, rngs=rngs)
-        self.down = nnx.Linear(4 * width, width, rngs=rngs)
-
-    def __call__(self, x):                                               # [B, T, D]
-        b, t, d = x.shape
-        q, k, v = jnp.split(self.qkv(self.ln1(x)), 3, axis=-1)
-        q, k, v = (y.reshape(b, t, self.heads, d // self.heads) for y in (q, k, v))
-        attended = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # [B, T, H, D/H]
-        x = x + self.proj(attended.reshape(b, t, d))
-        return x + self.down(jax.nn.gelu(self.up(self.ln2(x))))
-
-
-class TransformerLM(nnx.Module):
-    def __init__(self, shape: Shape, rngs: nnx.Rngs):
-        self.embed = nnx.Embed(shape.vocab, shape.width, rngs=rngs)
-        self.blocks = nnx.List([Block(shape.width, shape.heads, rngs) for _ in range(shape.layers)])
-        self.ln_f = nnx.LayerNorm(shape.width, rngs=rngs)
-        self.unembed = nnx.Linear(shape.width, shape.vocab, rngs=rngs)
-
-    def __call__(self, tokens):                                          # [B, T] -> [B, T, V]
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
-        return self.unembed(self.ln_f(x))
-
-
-def make_batch(graphdef, params, shape: Shape) -> train.PolicyBatch:
-    """Random sequences: a prompt quarter, then response tokens with advantages of +-1."""
+def make_batch(graphdef, params, batch: int, seq: int, vocab: int) -> train.PolicyBatch:
+    """Random sequences: a prompt quarter, then responses of random lengths (right padding is
+    attended but not trained); old_logp = the model's log-probs + noise, so that some ratios
+    fall outside the clip range; advantages ~ N(0.5, 1)."""
     rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(0, shape.vocab, (shape.batch, shape.seq)), jnp.int32)
-    mask = jnp.broadcast_to(jnp.arange(shape.seq) >= shape.seq // 4, tokens.shape)
-    logp = train.policy_logprobs(graphdef, params, tokens)
-    noise = jnp.asarray(rng.normal(0, 0.1, (2, *tokens.shape)), jnp.float32)
-    return train.PolicyBatch(tokens=tokens, loss_mask=mask.astype(jnp.float32),
-                             old_logp=logp + noise[0], ref_logp=logp + noise[1],
-                             advantages=jnp.asarray(rng.choice([-1.0, 1.0], shape.batch),
-                                                    jnp.float32))
+    tokens = jnp.asarray(rng.integers(0, vocab, (batch, seq)), jnp.int32)           # [B, T]
+    ends = rng.integers(seq // 2, seq + 1, batch)                                    # [B]
+    t = np.arange(seq)
+    loss_mask = (t >= seq // 4) & (t < ends[:, None])                               # [B, T]
+    logp = train.policy_logprobs(graphdef, params, tokens, temperature=CONFIG.temperature,
+                                 chunk=CONFIG.logprob_chunk)                         # [B, T]
+    noise = jnp.asarray(rng.normal(0, 0.1, tokens.shape), jnp.float32)
+    return train.PolicyBatch(tokens=tokens, mask=jnp.ones(tokens.shape, jnp.int32),
+                             loss_mask=jnp.asarray(loss_mask, jnp.float32),
+                             old_logp=(logp + noise) * loss_mask, ref_logp=logp * loss_mask,
+                             advantages=jnp.asarray(rng.normal(0.5, 1.0, batch), jnp.float32))
 
 
-def flops_per_step(shape: Shape, num_params: int) -> float:
-    """Training FLOPs: 6 per parameter per token (embedding lookups excluded) plus attention
-    scores and values, 12 x layers x T x D per token (forward + backward, no causal saving)."""
-    tokens = shape.batch * shape.seq
-    dense = num_params - shape.vocab * shape.width
-    return tokens * (6 * dense + 12 * shape.layers * shape.seq * shape.width)
-
-
-def bench_ours(shape: Shape, steps: int):
-    """(tokens/s, first-step loss, parameters as NumPy, batch, parameter count)."""
-    graphdef, state = train.init_train_state(TransformerLM(shape, nnx.Rngs(0)), CONFIG,
-                                             jax.random.key(0))
-    weights = jax.device_get(state.params)
-    batch = make_batch(graphdef, state.params, shape)
+def bench_ours(model: Decoder, batch: train.PolicyBatch, repeats: int) -> dict:
+    """First two steps' metrics, then seconds per step."""
+    graphdef, state = train.init_train_state(model, CONFIG, jax.random.key(0))
     mesh = parallel.single_device_mesh()
-    step = lambda s: train.train_step(s, batch, graphdef=graphdef, config=CONFIG, mesh=mesh)
-    state, metrics = step(state)  # compiles
-    first_loss = float(metrics["loss"])
-    state, _ = step(state)
-    jax.block_until_ready(state)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step(state)
-    jax.block_until_ready(state)
-    rate = steps * shape.batch * shape.seq / (time.perf_counter() - start)
-    num_params = sum(x.size for x in jax.tree.leaves(weights))
-    return rate, first_loss, weights, batch, num_params
-
-
-def torch_names(params) -> dict[str, np.ndarray]:
-    """Our parameters under PyTorch's names; a Flax kernel [in, out] is a torch weight [out, in]."""
-    named = {}
-    for path, value in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(params)):
-        *module, leaf = (str(key.key) for key in path)
-        suffix = "bias" if leaf == "bias" else "weight"
-        named[".".join([*module, suffix])] = np.array(value.T if leaf == "kernel" else value)
-    return named
-
-
-def bench_torch(shape: Shape, steps: int, weights, batch: train.PolicyBatch, threads: int):
-    """(tokens/s, first-step loss, device) of the same model, weights, batch and loss, with
-    `threads` CPU threads."""
-    import torch
-    import torch.nn.functional as F
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.set_num_threads(threads)
-
-    class TorchBlock(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            d = shape.width
-            self.ln1, self.ln2 = torch.nn.LayerNorm(d, eps=1e-6), torch.nn.LayerNorm(d, eps=1e-6)
-            self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
-            self.up, self.down = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
-
-        def forward(self, x):
-            b, t, d = x.shape
-            q, k, v = (y.reshape(b, t, shape.heads, -1).transpose(1, 2)
-                       for y in self.qkv(self.ln1(x)).chunk(3, dim=-1))
-            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + self.proj(attended.transpose(1, 2).reshape(b, t, d))
-            return x + self.down(F.gelu(self.up(self.ln2(x)), approximate="tanh"))
-
-    class TorchLM(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = torch.nn.Embedding(shape.vocab, shape.width)
-            self.blocks = torch.nn.ModuleList(TorchBlock() for _ in range(shape.layers))
-            self.ln_f = torch.nn.LayerNorm(shape.width, eps=1e-6)
-            self.unembed = torch.nn.Linear(shape.width, shape.vocab)
-
-        def forward(self, tokens):
-            x = self.embed(tokens)
-            for block in self.blocks:
-                x = block(x)
-            return self.unembed(self.ln_f(x))
-
-    model = TorchLM()
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in torch_names(weights).items()})
-    model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=CONFIG.learning_rate,
-                                  weight_decay=CONFIG.weight_decay, eps=1e-8)
-    b = {k: torch.from_numpy(np.array(v)).to(device) for k, v in batch._asdict().items()}
-    targets, mask = b["tokens"][:, 1:].long(), b["loss_mask"][:, 1:]
-    old, ref, adv = b["old_logp"][:, 1:], b["ref_logp"][:, 1:], b["advantages"][:, None]
-    clip, kl_coef = CONFIG.loss.clip_low, CONFIG.loss.kl_coef
+    box = {"state": state}
 
     def step():
-        logits = model(b["tokens"][:, :-1].long())
-        logp_all = torch.log_softmax(logits.float(), dim=-1)
+        box["state"], metrics = train.train_step(box["state"], batch, graphdef=graphdef,
+                                                 config=CONFIG, mesh=mesh)
+        return metrics
+
+    first, second = jax.device_get(step()), jax.device_get(step())
+    _, seconds = best_of(step, repeats)
+    return {"loss": float(first["loss"]), "grad_norm": float(first["grad_norm"]),
+            "loss_2": float(second["loss"]), "seconds": seconds}
+
+
+def bench_torch(path: pathlib.Path, batch: train.PolicyBatch, compute: str, repeats: int,
+                threads: int) -> dict:
+    """The same step as a user writes it in PyTorch eager: transformers' model, log_softmax of
+    the full [B, T, V] logits, the same PPO-clip token mean, clip_grad_norm_, AdamW."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=CONFIG.learning_rate,
+                                  betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=CONFIG.weight_decay)
+    b = {k: torch.from_numpy(np.array(v)).to(device) for k, v in batch._asdict().items()}
+    ids, attention = b["tokens"].long(), b["mask"].long()
+    targets, mask = ids[:, 1:], b["loss_mask"][:, 1:]                        # [B, T-1]
+    old, adv = b["old_logp"][:, 1:], b["advantages"][:, None]
+    low, high = 1 - CONFIG.loss.clip_low, 1 + CONFIG.loss.clip_high
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=compute == "bfloat16"):
+            logits = model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1]).logits
+        logp_all = torch.log_softmax(logits.float() / CONFIG.temperature, dim=-1)  # [B, T-1, V]
         logp = logp_all.gather(-1, targets[..., None])[..., 0]
         ratio = torch.exp(logp - old)
-        ppo = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv)
-        d = ref - logp
-        per_token = ppo + kl_coef * (torch.expm1(d) - d)
+        per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, low, high) * adv)
         loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
         with torch.no_grad():  # reported, as by our step
             entropy = -(logp_all.exp() * logp_all).sum(-1)
             entropy = (entropy * mask).sum() / mask.sum().clamp(min=1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CONFIG.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CONFIG.max_grad_norm)
         optimizer.step()
-        return loss.detach(), entropy
-
-    def sync():
         if device == "cuda":
             torch.cuda.synchronize()
+        return float(loss.detach()), float(norm), float(entropy)
 
-    first_loss = float(step()[0])
-    step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    return steps * shape.batch * shape.seq / (time.perf_counter() - start), first_loss, device
+    first, second = step(), step()
+    _, seconds = best_of(step, repeats)
+    return {"loss": first[0], "grad_norm": first[1], "loss_2": second[0], "seconds": seconds,
+            "device": device, "threads": threads}
+
+
+def check_agreement(ours: dict, theirs: dict, tolerance: float) -> dict:
+    """Relative gaps of the first steps; raises if a loss's exceeds `tolerance`."""
+    gaps = {k: abs(ours[k] - theirs[k]) / max(abs(theirs[k]), 1e-12)
+            for k in ("loss", "grad_norm", "loss_2")}
+    # The gradient norm sums ~1e7 squares in another order on each side: 10x the losses' bound.
+    allowed = {"loss": tolerance, "grad_norm": 10 * tolerance, "loss_2": tolerance}
+    bad = {k: (ours[k], theirs[k]) for k, gap in gaps.items() if gap > allowed[k]}
+    if bad:
+        raise RuntimeError(f"the two steps disagree beyond {tolerance:g} relative (ours, "
+                           f"PyTorch): {bad}; nothing was timed")
+    return gaps
+
+
+def peak_flops(device_kind: str) -> float | None:
+    return next((v * 1e12 for k, v in PEAK_BF16_TFLOPS.items() if k in device_kind), None)
+
+
+def speed(name: str, repeats: int, threads: list[int], out: pathlib.Path) -> None:
+    """Times both sides; PyTorch on a CPU once per thread count in `threads`, the fastest being
+    the baseline (on a busy CPU one thread can beat one per core: spinning OpenMP workers)."""
+    size = SIZES[name]
+    if name == "gpu" and jax.default_backend() != "gpu":
+        config = DecoderConfig.from_hf(zoo.hf_config("qwen3", size["size"], **size["overrides"]),
+                                       param_dtype="float32", dtype=size["compute"])
+        print(f"--size gpu needs a GPU (JAX backend: {jax.default_backend()}); built its config "
+              f"({config.num_layers} layers, width {config.hidden_size}, {config.dtype} "
+              f"compute, batch {size['batch']} x {size['seq']}); skipped")
+        return
+    import torch
+
+    threads = threads[:1] if torch.cuda.is_available() else threads
+    tokens = size["batch"] * size["seq"]
+    with tempfile.TemporaryDirectory() as folder:
+        path = zoo.create("qwen3", folder, size=size["size"], dtype="float32",
+                          **size["overrides"])
+        model = hf.load_pretrained(path, dtype="float32", activation_dtype=size["compute"])
+        params = nnx.state(model, nnx.Param)
+        num_params = sum(x.size for x in jax.tree.leaves(params))
+        batch = make_batch(*nnx.split(model), size["batch"], size["seq"],
+                           model.config.vocab_size)
+        ours = bench_ours(model, batch, repeats)
+        del model, params
+        runs, gaps = {}, {}
+        for n in threads:
+            runs[n] = bench_torch(path, batch, size["compute"], repeats, n)
+            gaps[n] = check_agreement(ours, runs[n], size["tolerance"])
+    best = min(runs, key=lambda n: runs[n]["seconds"])
+    device = jax.devices()[0].device_kind
+    rate, rate_torch = tokens / ours["seconds"], tokens / runs[best]["seconds"]
+    record = {"size": name, "device": device, "backend": jax.default_backend(),
+              "params": num_params, "batch": size["batch"], "seq": size["seq"],
+              "compute_dtype": size["compute"], "repeats": repeats, "config": repr(CONFIG),
+              "ours": ours, "torch_by_threads": runs, "torch_threads": best,
+              "relative_gaps": gaps[best], "ours_tokens_per_s": rate,
+              "torch_tokens_per_s": rate_torch, "ratio": rate / rate_torch}
+    peak = peak_flops(device) if jax.default_backend() == "gpu" else None
+    if peak:
+        record.update(peak_flops=peak, mfu_ours=6 * num_params * rate / peak,
+                      mfu_torch=6 * num_params * rate_torch / peak)
+    print(f"policy step, Qwen3 {name} size ({num_params / 1e6:.1f}M parameters, "
+          f"{size['compute']} compute, float32 master weights), batch {size['batch']} x "
+          f"{size['seq']} tokens, on {device}; PyTorch on {runs[best]['device']}")
+    print("first steps agree (relative gap): " + ", ".join(f"{k} {v:.1e}"
+                                                           for k, v in gaps[best].items()))
+    print(f"{'':34s} {'ms/step':>9s} {'tokens/s':>10s} {'ratio':>6s}" + (
+        f" {'MFU':>6s}" if peak else ""))
+    rows = [("jaxlab train_step (jit)", ours["seconds"])] + [
+        (f"PyTorch eager, {n} thread(s)" if runs[n]["device"] == "cpu" else "PyTorch eager",
+         runs[n]["seconds"]) for n in runs]
+    for label, s in rows:
+        r = tokens / s
+        print(f"{label:34s} {1000 * s:9.1f} {r:10.0f} {r / rate_torch:5.2f}x" + (
+            f" {100 * 6 * num_params * r / peak:5.1f}%" if peak else ""))
+    print("(ratio: tokens/s over the fastest PyTorch row's)")
+    results.write_json(out, record)
+    print(f"wrote {out}")
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled memory, nothing allocated
+
+
+def abstract_inputs(config: DecoderConfig, train_config: train.TrainConfig, batch: int,
+                    seq: int):
+    """(graphdef, TrainState and PolicyBatch of jax.ShapeDtypeStructs) for `config`."""
+    model = nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(0)))
+    graphdef, params, _ = nnx.split(model, nnx.Param, ...)  # as init_train_state splits
+    state = jax.eval_shape(lambda p: train.TrainState(
+        params=p, opt_state=train.make_optimizer(train_config).init(p),
+        step=jnp.zeros((), jnp.int32), key=jax.random.key(0)), params)
+    sds = jax.ShapeDtypeStruct
+    rows = (batch, seq)
+    policy_batch = train.PolicyBatch(
+        tokens=sds(rows, jnp.int32), mask=sds(rows, jnp.int32), loss_mask=sds(rows, jnp.float32),
+        old_logp=sds(rows, jnp.float32), ref_logp=sds(rows, jnp.float32),
+        advantages=sds((batch,), jnp.float32))
+    return graphdef, state, policy_batch
+
+
+def step_memory(config: DecoderConfig, train_config: train.TrainConfig, batch: int,
+                seq: int) -> dict:
+    """Bytes of the compiled step (`memory_analysis`) on the default backend."""
+    graphdef, state, policy_batch = abstract_inputs(config, train_config, batch, seq)
+    compiled = train.train_step.lower(state, policy_batch, graphdef=graphdef,
+                                      config=train_config,
+                                      mesh=parallel.single_device_mesh()).compile()
+    analysis = compiled.memory_analysis()
+    fields = ("temp", "argument", "output", "alias", "generated_code")
+    out = {f: int(getattr(analysis, f"{f}_size_in_bytes")) for f in fields}
+    peak = getattr(analysis, "peak_memory_in_bytes", None)
+    out["peak"] = int(peak) if peak else None
+    return out
+
+
+def memory(batch: int, seq: int, out: pathlib.Path) -> None:
+    config = DecoderConfig.from_hf(zoo.hf_config("qwen3", "released"), param_dtype="float32",
+                                   dtype="bfloat16")
+    num_params = sum(x.size for x in jax.tree.leaves(
+        nnx.state(nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(0))), nnx.Param)))
+    logits_bytes = batch * seq * config.vocab_size * 4
+    scores_bytes = batch * config.num_heads * seq * seq * 4
+    gib = 2 ** 30
+    rows = {}
+    for chunk, micro in ((512, 1), (seq, 1), (512, batch)):
+        train_config = train.TrainConfig(logprob_chunk=chunk, microbatches=micro)
+        rows[chunk, micro] = step_memory(config, train_config, batch, seq)
+        print(f"logprob_chunk {chunk}, microbatches {micro}: compiled", flush=True)
+    device = jax.devices()[0].device_kind
+    print(f"train_step memory (compiled, nothing allocated), Qwen3-0.6B shape "
+          f"({num_params / 1e6:.0f}M parameters), float32 master weights + AdamW, bfloat16 "
+          f"compute, batch {batch} x {seq}, on {device} ({jax.default_backend()})")
+    print(f"one [B, T, V] float32 array: {logits_bytes / gib:.2f} GiB; one layer's attention "
+          f"scores [B, H, T, T] float32: {scores_bytes / gib:.2f} GiB")
+    print(f"{'logprob_chunk':>14s} {'microbatches':>12s} {'temp':>8s} {'argument':>8s} "
+          f"{'output':>8s} {'alias':>8s} {'arg+out-alias+temp':>18s} {'peak*':>7s}  (GiB)")
+    for (chunk, micro), r in rows.items():
+        peak = "n/a" if r["peak"] is None else f"{r['peak'] / gib:.2f}"
+        total = r["argument"] + r["output"] - r["alias"] + r["temp"]
+        label = f"{chunk}" + (" (1 chunk)" if chunk >= seq else "")
+        print(f"{label:>14s} {micro:12d} {r['temp'] / gib:8.2f} {r['argument'] / gib:8.2f} "
+              f"{r['output'] / gib:8.2f} {r['alias'] / gib:8.2f} {total / gib:18.2f} "
+              f"{peak:>7s}")
+    print("* peak_memory_in_bytes as the backend reports it")
+    saved = rows[seq, 1]["temp"] - rows[512, 1]["temp"]
+    print(f"chunking the head saves {saved / gib:.2f} GiB of temporaries "
+          f"({saved / logits_bytes:.2f} x one [B, T, V] float32 array)")
+    results.write_json(out, {"device": device, "backend": jax.default_backend(),
+                             "params": num_params, "batch": batch, "seq": seq,
+                             "bytes_one_btv_float32": logits_bytes,
+                             "bytes_one_layer_scores_float32": scores_bytes,
+                             "rows": [{"logprob_chunk": c, "microbatches": m, **r}
+                                      for (c, m), r in rows.items()]})
+    print(f"wrote {out}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES),
-                        default="gpu" if jax.default_backend() == "gpu" else "cpu")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps, after two untimed")
-    parser.add_argument("--out", default=None,
-                        help="JSON file (default: results/bench_train_step/<size>.json)")
+    parser.add_argument("--size", choices=sorted(SIZES), default=None,
+                        help="model size (default: gpu on a GPU, else cpu)")
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--torch-threads", type=int, nargs="+", default=None,
+                        help="PyTorch CPU thread counts to try (default: one per core, and 1)")
+    parser.add_argument("--memory", action="store_true",
+                        help="compiled memory of the Qwen3-0.6B step instead of speed")
+    parser.add_argument("--memory-batch", type=int, default=8)
+    parser.add_argument("--memory-seq", type=int, default=4096)
+    parser.add_argument("--out", default=None, help="JSON file (default: "
+                        "results/bench_train_step/<size>.json or memory.json)")
     args = parser.parse_args()
-    shape = SIZES[args.size]
-    out = pathlib.Path(args.out or f"results/bench_train_step/{args.size}.json")
-
-    ours, our_loss, weights, batch, num_params = bench_ours(shape, args.steps)
-    import torch
-
-    # On a busy CPU PyTorch's default thread count can be several times slower than one thread
-    # (spinning OpenMP workers); the baseline is the faster of the two.
-    thread_counts = sorted({torch.get_num_threads(), 1})
-    torch_runs = {n: bench_torch(shape, args.steps, weights, batch, n) for n in thread_counts}
-    best_threads = max(torch_runs, key=lambda n: torch_runs[n][0])
-    theirs, torch_loss, torch_device = torch_runs[best_threads]
-    loss_gap = abs(our_loss - torch_loss) / max(abs(torch_loss), 1e-12)
-    if loss_gap > 1e-3:
-        raise RuntimeError(f"the two steps disagree: first-step loss {our_loss} (ours) vs "
-                           f"{torch_loss} (PyTorch)")
-
-    device = jax.devices()[0].device_kind
-    record = {"shape": dataclasses.asdict(shape), "params": num_params, "steps": args.steps,
-              "device": device, "backend": jax.default_backend(), "torch_device": torch_device,
-              "ours_tokens_per_s": ours, "torch_tokens_per_s": theirs, "ratio": ours / theirs,
-              "torch_threads": best_threads,
-              "torch_tokens_per_s_by_threads": {n: r[0] for n, r in torch_runs.items()},
-              "first_loss_ours": our_loss, "first_loss_torch": torch_loss}
-    print(f"policy-gradient step, {num_params / 1e6:.2f}M parameters, batch {shape.batch} x "
-          f"{shape.seq} tokens, {device} ({jax.default_backend()}); first-step losses agree to "
-          f"{loss_gap:.1e}")
-    print(f"{'':28s} {'tokens/s':>12s} {'vs PyTorch':>11s}")
-    print(f"{'jaxlab train_step (jit)':28s} {ours:12.0f} {ours / theirs:10.2f}x")
-    for n, (rate, _, _) in torch_runs.items():
-        name = f"PyTorch eager, {n} thread(s)" if torch_device == "cpu" else "PyTorch eager"
-        print(f"{name:28s} {rate:12.0f} {rate / theirs:10.2f}x")
-    if jax.default_backend() == "gpu":
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
-        achieved = flops_per_step(shape, num_params) / (shape.batch * shape.seq) * ours / 1e12
-        record.update(achieved_tflops=achieved, mfu=None if peak is None else achieved / peak)
-        mfu = "unknown peak" if peak is None else f"MFU {achieved / peak:.1%} of {peak:g} TFLOP/s"
-        print(f"our step: {achieved:.1f} TFLOP/s ({mfu}, float32 weights)")
-    results.write_json(out, record)
-    print(f"wrote {out}")
+    if args.memory:
+        memory(args.memory_batch, args.memory_seq,
+               pathlib.Path(args.out or "results/bench_train_step/memory.json"))
+        return
+    name = args.size or ("gpu" if jax.default_backend() == "gpu" else "cpu")
+    cores = len(os.sched_getaffinity(0))
+    threads = sorted(set(args.torch_threads or [cores, 1]), reverse=True)
+    speed(name, args.repeats, threads,
+          pathlib.Path(args.out or f"results/bench_train_step/{name}.json"))
 
 
 if __name__ == "__main__":
