@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         1e-9, 1 - summary["accuracy_before"])
     results.write_json(out / "summary.json", summary)
     plot(records, out / "curves.png")
-    log.info("greedy accuracy %.3f -> %.3f (error down %.0f%%) after %d iterations; rollout "
+    log.info("greedy accuracy %.3f -> %.3f (error reduced by %.0f%%) after %d iterations; rollout "
              "%.0f s, train %.0f s", summary["accuracy_before"], summary["accuracy_after"],
              100 * summary["error_reduction"], cfg.loop.iterations, summary["rollout_seconds"],
              summary["train_seconds"])

@@ -1,7 +1,8 @@
 """Rollouts: prompts -> the compiled sampler -> a `PolicyBatch` the policy step trains on.
 
-A row of the batch is its prompt, left-padded to a fixed length L, followed by the response and
-right padding to T = max_new_tokens (the sampler's own layout, so positions agree):
+A row of the batch is its prompt, left-padded to L, followed by the response and right padding
+to T (the sampler's own layout, so positions agree; L and T are the longest prompt and response
+of the batch rounded up to a multiple of 16, so that few shapes are compiled):
 
     tokens     [pad pad p1 p2 p3 | r1 r2 r3 eos 0 0]
     mask       [ 0   0  1  1  1  |  1  1  1  1  0 0]      attention
@@ -43,11 +44,15 @@ def _assemble(graphdef, ref_params, prompt_ids, prompt_mask, tokens, lengths, lo
     loss_mask = jnp.concatenate([jnp.zeros_like(prompt_mask[prompt_of]), real], axis=1)
     old_logp = jnp.concatenate([jnp.zeros(prompt_ids[prompt_of].shape, jnp.float32),
                                 jnp.where(real, logprobs[trace], 0.0)], axis=1)
-    ref_logp = train.policy_logprobs(graphdef, ref_params, out_tokens, mask,
-                                     temperature=config.temperature, chunk=config.logprob_chunk)
+    if config.loss.kl_coef > 0:
+        ref_logp = train.policy_logprobs(graphdef, ref_params, out_tokens, mask,
+                                         temperature=config.temperature,
+                                         chunk=config.logprob_chunk) * loss_mask
+    else:  # no KL in the loss: no reference forward pass (the step ignores ref_logp)
+        ref_logp = old_logp
     return train.PolicyBatch(tokens=out_tokens, mask=mask,
                              loss_mask=loss_mask.astype(jnp.float32), old_logp=old_logp,
-                             ref_logp=ref_logp * loss_mask,
+                             ref_logp=ref_logp,
                              advantages=jnp.zeros(out_tokens.shape[0], jnp.float32))
 
 
@@ -64,11 +69,24 @@ def policy_batch(prompts: Sequence[Sequence[int]], samples: sampler.Samples,
       reference: the frozen reference policy; `ref_logp` is its log-probs (0 off the response).
       config: the step's settings (temperature, log-prob chunk).
     """
+    # Only the columns some row uses, rounded up to a multiple of BUCKET (few compiled shapes):
+    # the prompt's last L' of L, the response's first T' of T.
+    lengths = np.asarray(samples.lengths)[rows[:, 1]]
+    width = _bucket(max(len(prompts[p]) for p in rows[:, 0]), prompt_length)
+    steps = _bucket(int(lengths.max()), samples.tokens.shape[1])
     ids, mask = sampler.left_pad(prompts, width=prompt_length)
     graphdef, params = nnx.split(reference)
-    return _assemble(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), samples.tokens,
-                     samples.lengths, samples.logprobs, jnp.asarray(rows, jnp.int32),
-                     config=config)
+    return _assemble(graphdef, params, jnp.asarray(ids[:, -width:]),
+                     jnp.asarray(mask[:, -width:]), samples.tokens[:, :steps], samples.lengths,
+                     samples.logprobs[:, :steps], jnp.asarray(rows, jnp.int32), config=config)
+
+
+BUCKET = 16
+
+
+def _bucket(size: int, limit: int) -> int:
+    """size rounded up to a multiple of BUCKET, at most limit."""
+    return min(limit, -(-size // BUCKET) * BUCKET)
 
 
 def truncated(samples: sampler.Samples) -> np.ndarray:

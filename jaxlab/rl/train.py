@@ -53,7 +53,8 @@ class PolicyBatch(NamedTuple):
     mask: jax.Array        # [B, T], 1 on real tokens (the attention mask; 0 on padding)
     loss_mask: jax.Array   # [B, T], 1 on the response tokens to train on
     old_logp: jax.Array    # float32 [B, T], log-probs under the sampling policy
-    ref_logp: jax.Array    # float32 [B, T], log-probs under the reference policy (for the KL)
+    ref_logp: jax.Array    # float32 [B, T], log-probs under the reference policy (read only
+    #                        when the loss has a KL term)
     advantages: jax.Array  # float32 [B], one per sequence (GRPO, BRPO, ...)
 
     @property
@@ -68,6 +69,9 @@ class TrainConfig:
 
     loss: losses.PolicyLossConfig = dataclasses.field(default_factory=losses.PolicyLossConfig)
     learning_rate: float = 1e-6  # AdamW; the paper gives no value
+    warmup_steps: int = 0        # linear warmup from 0 to learning_rate over these steps
+    adam_eps: float = 1e-8       # AdamW's epsilon: updates of entries whose gradient is far
+    #                              below it shrink with the gradient instead of being scaled up
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0   # clip the global gradient norm to this (0: no clipping)
     microbatches: int = 1        # gradient accumulation: each device's slice in this many parts
@@ -77,6 +81,9 @@ class TrainConfig:
     def __post_init__(self):
         require(self.learning_rate > 0,
                 f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
+        require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+                f"TrainConfig.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        require(self.adam_eps > 0, f"TrainConfig.adam_eps must be > 0, got {self.adam_eps}")
         require(self.weight_decay >= 0,
                 f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
         require(self.max_grad_norm >= 0,
@@ -91,7 +98,10 @@ class TrainConfig:
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    adamw = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
+    rate = config.learning_rate
+    if config.warmup_steps:
+        rate = optax.linear_schedule(0.0, rate, config.warmup_steps)
+    adamw = optax.adamw(rate, eps=config.adam_eps, weight_decay=config.weight_decay)
     if config.max_grad_norm == 0:
         return adamw
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
@@ -193,7 +203,7 @@ def _local_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef
             entropy_grad=config.loss.entropy_coef > 0)                   # [b, T] each
         per_token, terms = losses.policy_loss_per_token(
             logp[:, 1:], ent[:, 1:], part.old_logp[:, 1:], part.advantages,
-            part.ref_logp[:, 1:], config.loss)                           # [b, T-1]
+            part.ref_logp[:, 1:] if config.loss.kl_coef > 0 else None, config.loss)
         total = jnp.sum(part_weights * per_token)
         metrics = {name: jnp.sum(part_weights * x) / count for name, x in terms.items()}
         return total * scale, {**metrics, "loss": total / count}
@@ -244,9 +254,10 @@ def train_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef,
       mesh: a mesh with a `parallel.DATA` axis (`parallel.single_device_mesh()`: one device).
     Returns:
       the next state and metrics ([] float32 each): loss, policy, entropy, clipped (fraction of
-      ratios outside the clip range), kl, grad_norm, count (the aggregation's count: tokens for
-      token_mean, sequences for sequence_mean), finite (0 when the loss or the gradient was
-      not finite: the state is then returned unchanged, step included).
+      ratios outside the clip range), kl (when kl_coef > 0), grad_norm, count (the
+      aggregation's count: tokens for token_mean, sequences for sequence_mean), finite (0 when
+      the loss or the gradient was not finite: the state is then returned unchanged, step
+      included).
     """
     require(parallel.DATA in mesh.axis_names,
             f"the mesh must have a {parallel.DATA!r} axis, got axes {mesh.axis_names}")

@@ -45,7 +45,7 @@ def test_grpo_experiment_end_to_end_and_resume(tmp_path):
         assert (run / name).exists(), name
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [0, 1]
-    for key in ("reward_mean", "accuracy", "response_length", "kl", "entropy", "clipped",
+    for key in ("reward_mean", "accuracy", "response_length", "entropy", "clipped",
                 "grad_norm", "rollout_tokens_per_s", "train_tokens_per_s", "groups_dropped"):
         assert key in records[0], key
     assert summary["held_out"] == 6 and 0 <= summary["accuracy_before"] <= 1
