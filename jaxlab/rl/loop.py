@@ -239,6 +239,10 @@ def _keep(groups: _Groups, entry) -> None:
 def _batch(groups: _Groups, reference: Decoder, config: LoopConfig) -> train.PolicyBatch:
     """The PolicyBatch of the kept groups (advantages filled in), rows in group order."""
     g = config.group_size
+    widths = rollout.batch_widths(
+        [len(p.tokens) for p in groups.prompts],
+        [int(np.asarray(groups.samples[r].lengths)[first:first + g].max())
+         for r, _, first in groups.rows], config.max_prompt_tokens, config.max_new_tokens)
     parts = []
     for r, samples in enumerate(groups.samples):
         mine = [(k, row) for k, row in enumerate(groups.rows) if row[0] == r]
@@ -248,7 +252,7 @@ def _batch(groups: _Groups, reference: Decoder, config: LoopConfig) -> train.Pol
         rows = np.asarray([(k, first + j) for k, (_, _, first) in mine for j in range(g)])
         parts.append((rows[:, 0], rollout.policy_batch(
             [p.tokens for p in groups.prompts], samples, rows, config.max_prompt_tokens,
-            reference, config.train)))
+            reference, config.train, widths)))
     order = np.argsort(np.concatenate([k for k, _ in parts]), kind="stable")
     batch = jax.tree.map(lambda *xs: jnp.concatenate(xs)[order], *[b for _, b in parts])
     advantages, keep = group_advantages(np.stack(groups.values["reward"]), config)

@@ -58,7 +58,8 @@ def _assemble(graphdef, ref_params, prompt_ids, prompt_mask, tokens, lengths, lo
 
 def policy_batch(prompts: Sequence[Sequence[int]], samples: sampler.Samples,
                  rows: np.ndarray, prompt_length: int, reference: nnx.Module,
-                 config: train.TrainConfig) -> train.PolicyBatch:
+                 config: train.TrainConfig, widths: tuple[int, int] | None = None,
+                 ) -> train.PolicyBatch:
     """A `PolicyBatch` (advantages 0, to be filled) of sampled traces.
 
     Args:
@@ -68,12 +69,12 @@ def policy_batch(prompts: Sequence[Sequence[int]], samples: sampler.Samples,
       prompt_length: L, the padded prompt length (the sampler's).
       reference: the frozen reference policy; `ref_logp` is its log-probs (0 off the response).
       config: the step's settings (temperature, log-prob chunk).
+      widths: (L', T'), the prompt and response columns to keep (default: `batch_widths` of
+        these rows; batches that will be concatenated must share them).
     """
-    # Only the columns some row uses, rounded up to a multiple of BUCKET (few compiled shapes):
-    # the prompt's last L' of L, the response's first T' of T.
-    lengths = np.asarray(samples.lengths)[rows[:, 1]]
-    width = _bucket(max(len(prompts[p]) for p in rows[:, 0]), prompt_length)
-    steps = _bucket(int(lengths.max()), samples.tokens.shape[1])
+    width, steps = widths or batch_widths(
+        [len(prompts[p]) for p in rows[:, 0]], np.asarray(samples.lengths)[rows[:, 1]],
+        prompt_length, samples.tokens.shape[1])
     ids, mask = sampler.left_pad(prompts, width=prompt_length)
     graphdef, params = nnx.split(reference)
     return _assemble(graphdef, params, jnp.asarray(ids[:, -width:]),
@@ -84,9 +85,15 @@ def policy_batch(prompts: Sequence[Sequence[int]], samples: sampler.Samples,
 BUCKET = 16
 
 
-def _bucket(size: int, limit: int) -> int:
-    """size rounded up to a multiple of BUCKET, at most limit."""
-    return min(limit, -(-size // BUCKET) * BUCKET)
+def batch_widths(prompt_lengths: Sequence[int], response_lengths: Sequence[int],
+                 prompt_length: int, max_new_tokens: int) -> tuple[int, int]:
+    """(L', T'): the columns a batch of these rows uses, the prompt's last L' of L and the
+    response's first T' of T, each rounded up to a multiple of BUCKET (few compiled shapes)."""
+    def bucket(size: int, limit: int) -> int:
+        return min(limit, -(-int(size) // BUCKET) * BUCKET)
+
+    return (bucket(max(prompt_lengths), prompt_length),
+            bucket(max(response_lengths), max_new_tokens))
 
 
 def truncated(samples: sampler.Samples) -> np.ndarray:

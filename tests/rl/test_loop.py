@@ -225,3 +225,29 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_last_checkpoint(tmp_path)
     from jaxlab.checkpoint import Checkpointer
     with Checkpointer(tmp_path / "checkpoints") as checkpointer:
         assert checkpointer.all_steps() == [1]
+
+
+def test_dynamic_sampling_drops_groups_without_variance_and_refills(tmp_path):
+    """Round 0 draws short prompts of which only the first group has reward variance; round 1
+    draws long ones (another padded width): the batch keeps 1 + 3 groups from the two rounds,
+    the step trains on them, and the 3 dropped groups are counted."""
+    calls = []
+
+    def prompt_fn(key, count):
+        calls.append(count)
+        length = 2 if len(calls) % 2 else 20
+        return [loop.Prompt(tuple(3 + t % 13 for t in range(length)), i) for i in range(count)]
+
+    def reward_fn(prompts, responses, truncated):
+        rewards = np.zeros(truncated.shape)
+        for i, p in enumerate(prompts):
+            if len(p.tokens) == 20 or p.data == 0:
+                rewards[i, 0] = 1.0
+        return rewards
+
+    config = dataclasses.replace(loop_job.config(1), max_prompt_tokens=24, max_refills=2,
+                                 minibatches=1)
+    loop.run(tiny(), prompt_fn, reward_fn, config, tmp_path, key=jax.random.key(0))
+    (record,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert record["groups_dropped"] == 3 and record["sampling_rounds"] == 2
+    assert record["reward_mean"] == 0.25  # one rewarded response in each kept group of 4
