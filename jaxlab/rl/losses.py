@@ -52,8 +52,10 @@ def head_logprobs(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array,
 
     The sequence runs in chunks of `chunk` positions (`lax.map`); each chunk's logits are
     recomputed in the backward pass (`jax.checkpoint`), so at most [B, chunk, V] float32 logits
-    and their softmax live at once, forward or backward. The entropy is differentiated only
-    with `entropy_grad` (an entropy bonus); otherwise it is a metric under stop_gradient.
+    and their softmax live at once, forward or backward. A sequence of at most `chunk`
+    positions is one chunk, computed once and kept for the backward pass. The entropy is
+    differentiated only with `entropy_grad` (an entropy bonus); otherwise it is a metric under
+    stop_gradient.
 
     Args:
       hidden: [B, T, E], the model's final hidden states (`Decoder.hidden`).
@@ -70,7 +72,6 @@ def head_logprobs(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array,
     chunk = min(chunk, t)
     pad = -t % chunk
 
-    @jax.checkpoint
     def one(w, h, y):                                       # h [B, c, E], y [B, c]
         z = jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32) / temperature
         lse = jax.nn.logsumexp(z, axis=-1)                                    # [B, c]
@@ -84,6 +85,9 @@ def head_logprobs(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array,
         x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
         return jnp.moveaxis(x.reshape(b, -1, chunk, *x.shape[2:]), 1, 0)
 
+    if chunk == t:  # one chunk: keeping its logits for the backward pass costs no more
+        return one(unembedding, hidden, targets)
+    one = jax.checkpoint(one)
     logp, ent = jax.lax.map(lambda xs: one(unembedding, *xs), (split(hidden), split(targets)))
     return tuple(jnp.moveaxis(x, 0, 1).reshape(b, -1)[:, :t] for x in (logp, ent))
 
