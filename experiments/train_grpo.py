@@ -4,10 +4,11 @@
 
 Starts from the model of experiments/train_arithmetic.py (trained first, with
 configs/deepconf/train_cpu.yaml, when `model` does not exist), samples G solutions of fresh
-4-term sums per prompt, rewards an exact boxed answer with 1 (+ `format_reward` for any boxed
-answer), and trains with GRPO. Greedy accuracy on the model's 200 held-out problems is measured
-before and after, in the same run. Writes config.yaml, log.txt, metrics.jsonl (one line per
-iteration), summary.json, curves.png and checkpoints/; a rerun resumes.
+4-term sums per prompt (or of a fixed pool of `problem_pool` problems), rewards an exact boxed
+answer with 1 (+ `format_reward` for any boxed answer), and trains with GRPO. Greedy accuracy on
+the model's 200 held-out problems is measured before and after, in the same run. Writes
+config.yaml, log.txt, metrics.jsonl (one line per iteration), summary.json, curves.png and
+checkpoints/; a rerun resumes.
 """
 
 from __future__ import annotations
@@ -41,22 +42,33 @@ class Config:
     compute_dtype: str = "float32"  # activations (master weights are float32)
     terms: int = 4
     format_reward: float = 0.1      # added for any boxed answer, right or wrong
+    problem_pool: int = 0           # draw prompts from a fixed set of this many (0: fresh ones)
     seed: int = 0
     devices: int = 1                # data-parallel devices (CPU: one per core)
     loop: loop.LoopConfig = dataclasses.field(default_factory=loop.LoopConfig)
 
     def __post_init__(self):
         config_lib.require_positive_ints(self, "terms", "devices")
+        config_lib.require(self.problem_pool >= 0,
+                           f"problem_pool must be >= 0, got {self.problem_pool}")
         config_lib.require(self.format_reward >= 0,
                            f"format_reward must be >= 0, got {self.format_reward}")
 
 
-def prompt_fn(terms: int):
-    """Fresh problems drawn from the key: a function of (run key, iteration, round) only."""
+def prompt_fn(terms: int, pool: int = 0, seed: int = 0):
+    """Problems drawn from the key, a function of (run key, iteration, round) only: fresh ones,
+    or `count` of a fixed pool of `pool` problems (without replacement)."""
+    problems = arithmetic.make_problems(pool, terms, seed=20_000 + seed) if pool else None
+
     def draw(key: jax.Array, count: int) -> list[loop.Prompt]:
         rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
-        return [loop.Prompt(tuple(arithmetic.encode(p.prompt)), p.answer) for p in
-                (arithmetic.make_problem(rng, terms, i) for i in range(count))]
+        if problems is None:
+            chosen = [arithmetic.make_problem(rng, terms, i) for i in range(count)]
+        else:
+            config_lib.require(count <= pool, f"problem_pool={pool} is smaller than "
+                                              f"loop.prompts={count}")
+            chosen = [problems[i] for i in rng.permutation(pool)[:count]]
+        return [loop.Prompt(tuple(arithmetic.encode(p.prompt)), p.answer) for p in chosen]
     return draw
 
 
@@ -109,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
              len(held_out))
     mesh = parallel.make_mesh(parallel.DATA, jax.devices()[:cfg.devices])
     start = time.perf_counter()
-    graphdef, state = loop.run(policy, prompt_fn(cfg.terms), reward_fn(cfg.format_reward),
+    graphdef, state = loop.run(policy, prompt_fn(cfg.terms, cfg.problem_pool, cfg.seed),
+                               reward_fn(cfg.format_reward),
                                cfg.loop, out, key=jax.random.key(cfg.seed), mesh=mesh)
     seconds = time.perf_counter() - start
     trained = nnx.merge(graphdef, jax.device_get(state.params))

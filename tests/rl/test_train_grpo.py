@@ -67,3 +67,17 @@ def test_bad_settings_stop_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="stop_ids"):
         train_grpo.main(_args(tmp_path, "loop.stop_ids=[3]"))
     assert not (tmp_path / "run").exists()
+
+
+def test_prompts_are_fresh_per_key_or_drawn_from_the_pool():
+    import jax
+
+    fresh = train_grpo.prompt_fn(4)
+    a, b = fresh(jax.random.key(1), 8), fresh(jax.random.key(2), 8)
+    assert a == fresh(jax.random.key(1), 8) and a != b  # a function of the key only
+    pooled = train_grpo.prompt_fn(4, pool=10)
+    pool = {p.tokens for key in range(20) for p in pooled(jax.random.key(key), 6)}
+    draw = pooled(jax.random.key(0), 6)
+    assert len(pool) == 10 and len({p.tokens for p in draw}) == 6
+    with pytest.raises(ValueError, match="problem_pool=10"):
+        pooled(jax.random.key(0), 11)
