@@ -98,7 +98,10 @@ def plot(records: list[dict], path: pathlib.Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    parallel.cpu_cores_as_devices()  # on a CPU host, `devices` counts cores
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
+    config_lib.require(cfg.devices <= len(jax.devices()),
+                       f"devices={cfg.devices} but only {len(jax.devices())} are present")
     eos = arithmetic.VOCAB.index(arithmetic.EOS)
     config_lib.require(cfg.loop.stop_ids == (eos,), f"loop.stop_ids must be [{eos}] (EOS)")
     out = results.open_run(cfg.out_dir, cfg)

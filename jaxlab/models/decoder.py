@@ -375,8 +375,10 @@ class Decoder(nnx.Module):
         return x
 
     def logits(self, hidden):
-        """Next-token logits float32 [..., V] of hidden states [..., E] (the output head)."""
-        return (hidden @ self.unembedding().astype(hidden.dtype)).astype(jnp.float32)
+        """Next-token logits float32 [..., V] of hidden states [..., E] (the output head; the
+        products accumulate and come out in float32, also under bfloat16 compute)."""
+        return jnp.dot(hidden, self.unembedding().astype(hidden.dtype),
+                       preferred_element_type=jnp.float32)
 
     def unembedding(self):
         """The output head's matrix [E, V] (the transposed input embedding when tied)."""

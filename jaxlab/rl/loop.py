@@ -51,7 +51,8 @@ from jaxlab.sampling import sampler
 
 log = logging.getLogger("jaxlab")
 
-ADVANTAGES = ("grpo", "dr_grpo", "rloo", "brpo")
+ADVANTAGES = {"grpo": adv.grpo_advantages, "dr_grpo": adv.dr_grpo_advantages,
+              "rloo": adv.rloo_advantages, "brpo": None}  # BRPO: the rewards are the advantages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +100,9 @@ class LoopConfig:
         require(isinstance(self.max_refills, int) and self.max_refills >= 0,
                 f"LoopConfig.max_refills must be an integer >= 0, got {self.max_refills!r}")
         require(self.advantage in ADVANTAGES,
-                f"LoopConfig.advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
+                f"LoopConfig.advantage must be one of {list(ADVANTAGES)}, got {self.advantage!r}")
+        require(0 <= self.outlier_threshold <= 1,
+                f"LoopConfig.outlier_threshold must lie in [0, 1], got {self.outlier_threshold}")
         require((self.prompts * self.group_size) % self.minibatches == 0,
                 f"LoopConfig.minibatches={self.minibatches} must divide prompts x group_size = "
                 f"{self.prompts * self.group_size}")
@@ -117,13 +120,17 @@ def group_advantages(rewards: np.ndarray, config: LoopConfig) -> tuple[jax.Array
     """(advantages float32 [groups, G], keep bool [groups]) by `config.advantage`; for "brpo"
     the rewards are BRPO's +-1 / 0 against the group's reference and the outlier filter sets
     keep."""
-    rewards = jnp.asarray(rewards, jnp.float32)
     if config.advantage == "brpo":
+        bad = np.argwhere(~np.isin(rewards, (-1.0, 0.0, 1.0)))
+        if len(bad):
+            i, j = (int(x) for x in bad[0])
+            raise ValueError(f"BRPO rewards must be -1, 0 or +1 (against the group's "
+                             f"reference), got {rewards[i, j]} for prompt {i}, response {j}")
+        rewards = jnp.asarray(rewards, jnp.float32)
         imbalance = jnp.abs(jnp.sum(rewards, axis=1)) / rewards.shape[1]
         return rewards, imbalance <= config.outlier_threshold
-    fn = {"grpo": adv.grpo_advantages, "dr_grpo": adv.dr_grpo_advantages,
-          "rloo": adv.rloo_advantages}[config.advantage]
-    return fn(rewards), jnp.ones(rewards.shape[0], bool)
+    rewards = jnp.asarray(rewards, jnp.float32)
+    return ADVANTAGES[config.advantage](rewards), jnp.ones(rewards.shape[0], bool)
 
 
 def per_response(score: Callable[[Prompt, list[int], bool], float | Mapping[str, float]],
@@ -142,9 +149,11 @@ def per_response(score: Callable[[Prompt, list[int], bool], float | Mapping[str,
                                        f"{j} (prompt tokens {list(prompt.tokens)[:20]}, "
                                        f"response {response[:20]}): {e!r}") from e
                 rows.append(value if isinstance(value, Mapping) else {"reward": value})
-        shape = truncated.shape
-        return {k: np.asarray([r[k] for r in rows], np.float64).reshape(shape)
-                for k in rows[0]}
+        shape, keys = truncated.shape, sorted(rows[0])
+        for n, row in enumerate(rows):
+            require(sorted(row) == keys, f"the reward function returned {sorted(row)} for "
+                    f"prompt {n // shape[1]}, response {n % shape[1]}, and {keys} for the first")
+        return {k: np.asarray([r[k] for r in rows], np.float64).reshape(shape) for k in keys}
     return batched
 
 
@@ -184,6 +193,8 @@ class _Groups:
     samples: list[sampler.Samples]         # one per sampling round
     rows: list[tuple[int, int, int]]       # per kept group: (round, prompt in round, first trace)
     values: dict[str, list[np.ndarray]]    # reward_fn's outputs, one [G] per kept group
+    spare: list[bool] = dataclasses.field(default_factory=list)  # per kept group: taken
+    #                                        back after being dropped (no reward variance)
     dropped: int = 0                       # groups without reward variance
     rounds: int = 0
     tokens: int = 0                        # response tokens generated
@@ -201,16 +212,19 @@ def _rollouts(model: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: 
         prompts = list(prompt_fn(jax.random.fold_in(round_key, 0), config.prompts))
         require(len(prompts) == config.prompts, f"iteration {iteration}: prompt_fn returned "
                 f"{len(prompts)} prompts, expected {config.prompts}")
+        long = [(i, len(p.tokens)) for i, p in enumerate(prompts)
+                if len(p.tokens) > config.max_prompt_tokens]
+        require(not long, f"iteration {iteration}: prompts (index, tokens) {long[:5]} are "
+                          f"longer than LoopConfig.max_prompt_tokens={config.max_prompt_tokens}")
         samples = sampler.sample(model, [p.tokens for p in prompts],
                                  jax.random.fold_in(round_key, 1), config.sampling, mesh=mesh,
                                  prompt_length=config.max_prompt_tokens)
-        host = jax.device_get((samples.tokens, samples.lengths, samples.finish_reason))
-        tokens, lengths, reasons = host
+        tokens, lengths = jax.device_get((samples.tokens, samples.lengths))
         kept.tokens += int(lengths.sum())
         responses = [[tokens[i * g + j, :lengths[i * g + j]].tolist() for j in range(g)]
                      for i in range(len(prompts))]
         values = checked_rewards(reward_fn, prompts, responses,
-                                 (reasons == sampler.LENGTH).reshape(-1, g), iteration)
+                                 rollout.truncated(samples).reshape(-1, g), iteration)
         varied = np.asarray(adv.has_variance(jnp.asarray(values["reward"])))
         kept.samples.append(samples)
         kept.rounds += 1
@@ -220,16 +234,17 @@ def _rollouts(model: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: 
                 kept.dropped += 1
                 spare.append(entry)
             elif len(kept.prompts) < config.prompts:
-                _keep(kept, entry)
+                _keep(kept, entry, spare=False)
         if len(kept.prompts) == config.prompts:
             break
     for entry in spare[::-1][:config.prompts - len(kept.prompts)]:
-        _keep(kept, entry)  # zero advantage under GRPO: only the KL acts on them
+        _keep(kept, entry, spare=True)  # fills the batch; trained on only through a KL term
     return kept
 
 
-def _keep(groups: _Groups, entry) -> None:
+def _keep(groups: _Groups, entry, spare: bool) -> None:
     prompt, row, values = entry
+    groups.spare.append(spare)
     groups.prompts.append(prompt)
     groups.rows.append(row)
     for k, v in values.items():
@@ -256,6 +271,8 @@ def _batch(groups: _Groups, reference: Decoder, config: LoopConfig) -> train.Pol
     order = np.argsort(np.concatenate([k for k, _ in parts]), kind="stable")
     batch = jax.tree.map(lambda *xs: jnp.concatenate(xs)[order], *[b for _, b in parts])
     advantages, keep = group_advantages(np.stack(groups.values["reward"]), config)
+    if config.train.loss.kl_coef == 0:  # spare groups would only dilute the token mean
+        keep = keep & ~jnp.asarray(groups.spare)
     return batch._replace(advantages=advantages.reshape(-1),
                           loss_mask=batch.loss_mask * jnp.repeat(keep, g)[:, None])
 
@@ -268,19 +285,25 @@ def _cast(params: nnx.State, dtype) -> nnx.State:
 
 def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopConfig,
         out_dir: str | pathlib.Path, *, key: jax.Array, mesh: Mesh | None = None,
-        compute_dtype: Any = None) -> tuple[nnx.GraphDef, train.TrainState]:
+        ) -> tuple[nnx.GraphDef, train.TrainState]:
     """Trains `policy` (float32 parameters) by RL; returns its graph and final train state.
 
     The reference policy (for the KL) is `policy` as given. Rollouts sample from the current
-    parameters cast to `compute_dtype` (default: the model's activation dtype). `out_dir`
+    parameters cast to the model's activation dtype (`policy.config.dtype`). `out_dir`
     receives `metrics.jsonl` and `checkpoints/`; a run that finds checkpoints there resumes
     from the latest one (the caller checks that the config is the same, e.g. with
     `results.open_run`).
     """
     out = pathlib.Path(out_dir)
     mesh = mesh or parallel.single_device_mesh()
+    rows, shards = config.prompts * config.group_size, mesh.shape[parallel.DATA]
+    require(rows % shards == 0 and (rows // config.minibatches) % (
+        shards * config.train.microbatches) == 0,
+        f"LoopConfig.prompts x group_size = {rows} responses in minibatches={config.minibatches} "
+        f"must split evenly over the mesh's {shards} data devices x "
+        f"train.microbatches={config.train.microbatches}")
     graphdef, state = train.init_train_state(policy, config.train, key)  # copies the weights
-    dtype = jnp.dtype(compute_dtype or policy.config.dtype)
+    dtype = jnp.dtype(policy.config.dtype)
     reference = nnx.merge(graphdef, _cast(nnx.state(policy, nnx.Param), dtype))
     updates = config.ppo_epochs * config.minibatches
     with Checkpointer(out / "checkpoints", CheckpointConfig(
@@ -298,12 +321,13 @@ def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopC
             key_s = jax.random.fold_in(state.key, iteration)
             t0 = time.perf_counter()
             model = nnx.merge(graphdef, _cast(state.params, dtype))
-            groups = _rollouts(model, prompt_fn, reward_fn, config, key_s, iteration, mesh)
+            groups = _rollouts(model, prompt_fn, reward_fn, config, jax.random.fold_in(key_s, 0),
+                               iteration, mesh)
             batch = _batch(groups, reference, config)
             jax.block_until_ready(batch)
             t1 = time.perf_counter()
-            state, step_metrics = _update(state, batch, graphdef, config, mesh, key_s, iteration,
-                                          checkpointer)
+            state, step_metrics = _update(state, batch, graphdef, config, mesh,
+                                          jax.random.fold_in(key_s, 1), iteration, checkpointer)
             t2 = time.perf_counter()
             metrics = _iteration_metrics(iteration, groups, batch, step_metrics, t1 - t0,
                                          t2 - t1)
@@ -324,7 +348,7 @@ def _update(state, batch, graphdef, config: LoopConfig, mesh, key, iteration, ch
     size = batch.tokens.shape[0] // config.minibatches
     history = []
     for epoch in range(config.ppo_epochs):
-        order = jax.random.permutation(jax.random.fold_in(key, 1_000 + epoch),
+        order = jax.random.permutation(jax.random.fold_in(key, epoch),
                                        batch.tokens.shape[0])
         for part in range(config.minibatches):
             rows = order[part * size:(part + 1) * size]
