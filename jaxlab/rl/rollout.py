@@ -13,8 +13,9 @@ of the batch rounded up to a multiple of 16, so that few shapes are compiled):
 distribution the step evaluates (`TrainConfig.temperature` must equal the sampling one). Top-k
 and top-p truncation are not part of it, on either side of the ratio (as in TRL and verl): the
 truncated distribution is not differentiable in a useful way, and the sampled tokens always lie
-inside it, so the on-policy ratio is exactly 1 and truncation only shifts which tokens get
-sampled.
+inside it, so the on-policy ratio is 1 (up to rounding: 1e-6 in float32, about 1e-2 with
+bfloat16 compute, where decoding and the full forward pass round differently) and truncation
+only shifts which tokens get sampled.
 """
 
 from __future__ import annotations
