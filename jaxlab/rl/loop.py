@@ -330,7 +330,7 @@ def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopC
                                           jax.random.fold_in(key_s, 1), iteration, checkpointer)
             t2 = time.perf_counter()
             metrics = _iteration_metrics(iteration, groups, batch, step_metrics, t1 - t0,
-                                         t2 - t1)
+                                         t2 - t1, config.ppo_epochs)
             _append(out / "metrics.jsonl", metrics)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
                             **({"acc": f"{metrics['accuracy']:.3f}"} if "accuracy" in metrics
@@ -367,14 +367,18 @@ def _update(state, batch, graphdef, config: LoopConfig, mesh, key, iteration, ch
     return state, {k: float(np.mean([m[k] for m in history])) for k in history[0]}
 
 
-def _iteration_metrics(iteration, groups: _Groups, batch, step_metrics, rollout_s, train_s):
+def _iteration_metrics(iteration, groups: _Groups, batch, step_metrics, rollout_s, train_s,
+                       passes: int) -> dict:
+    """One metrics.jsonl record: rewards and the reward function's other values (means over the
+    kept groups), sampling counts, the optimizer steps' metrics (means), and speeds: generated
+    tokens per rollout second, real tokens trained on (x passes) per train second."""
     rewards = np.stack(groups.values["reward"])                          # [groups, G]
     metrics = {"iteration": iteration, "reward_mean": float(rewards.mean()),
                "reward_std": float(rewards.std())}
     for name, values in groups.values.items():
         if name != "reward":
             metrics[name] = float(np.mean(values))
-    real = float(jnp.sum(batch.mask))
+    real = float(jnp.sum(batch.mask)) * passes
     metrics.update({
         "response_length": groups.tokens / (groups.rounds * rewards.size),
         "groups_dropped": groups.dropped, "sampling_rounds": groups.rounds,
