@@ -196,6 +196,12 @@ class KVCache:
                      for x in (self.keys, self.values, self.key_scale, self.value_scale))
 
 
+def positions_of(mask) -> jax.Array:
+    """int32 [B, T]: the RoPE position of each token of a mask [B, T] (1 = real token), the
+    number of real tokens before it (padding gets 0), wherever the padding sits."""
+    return jnp.maximum(jnp.cumsum(jnp.asarray(mask), axis=1, dtype=jnp.int32) - 1, 0)
+
+
 class RMSNorm(nnx.Module):
     """y = w * x / sqrt(mean(x^2) + eps), computed in float32 and cast back to x's dtype."""
 
@@ -371,7 +377,7 @@ class Decoder(nnx.Module):
         self._check_tokens(input_ids)
         mask = self._mask(input_ids, attention_mask)
         causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]                # [T, T]
-        x, _ = self._layers(input_ids, self._positions(mask), None, mask[:, None, :] & causal)
+        x, _ = self._layers(input_ids, positions_of(mask), None, mask[:, None, :] & causal)
         return x
 
     def logits(self, hidden):
@@ -400,7 +406,7 @@ class Decoder(nnx.Module):
         cache = self.init_cache(b, cache_size, int8_cache)
         cache = cache.replace(valid=cache.valid.at[:, :t].set(mask),
                               positions=jnp.sum(mask, axis=1, dtype=jnp.int32))
-        return self._run(input_ids, self._positions(mask), cache)
+        return self._run(input_ids, positions_of(mask), cache)
 
     def decode(self, tokens, cache: KVCache):
         """One new token per row (tokens int [B]) at slots cache.index: (logits [B, V], cache)."""
@@ -439,11 +445,6 @@ class Decoder(nnx.Module):
         if attention_mask is None:
             return jnp.ones(input_ids.shape, bool)
         return jnp.asarray(attention_mask).astype(bool)
-
-    @staticmethod
-    def _positions(mask):
-        """int32 [B, T]: the number of real tokens before each token (padding gets 0)."""
-        return jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
 
     def _run(self, input_ids, positions, cache: KVCache):
         """input_ids [B, T] at positions [B, T], written at slots index[b]..index[b]+T-1 of a

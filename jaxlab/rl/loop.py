@@ -193,6 +193,8 @@ class _Groups:
     samples: list[sampler.Samples]         # one per sampling round
     rows: list[tuple[int, int, int]]       # per kept group: (round, prompt in round, first trace)
     values: dict[str, list[np.ndarray]]    # reward_fn's outputs, one [G] per kept group
+    longest: list[int] = dataclasses.field(default_factory=list)  # per kept group: its longest
+    #                                        response (tokens)
     spare: list[bool] = dataclasses.field(default_factory=list)  # per kept group: taken
     #                                        back after being dropped (no reward variance)
     dropped: int = 0                       # groups without reward variance
@@ -229,7 +231,8 @@ def _rollouts(model: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: 
         kept.samples.append(samples)
         kept.rounds += 1
         for i, prompt in enumerate(prompts):
-            entry = (prompt, (round_, i, i * g), {k: v[i] for k, v in values.items()})
+            entry = (prompt, (round_, i, i * g), {k: v[i] for k, v in values.items()},
+                     int(lengths[i * g:(i + 1) * g].max()))
             if config.dynamic_sampling and not varied[i]:
                 kept.dropped += 1
                 spare.append(entry)
@@ -243,7 +246,8 @@ def _rollouts(model: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: 
 
 
 def _keep(groups: _Groups, entry, spare: bool) -> None:
-    prompt, row, values = entry
+    prompt, row, values, longest = entry
+    groups.longest.append(longest)
     groups.spare.append(spare)
     groups.prompts.append(prompt)
     groups.rows.append(row)
@@ -254,10 +258,8 @@ def _keep(groups: _Groups, entry, spare: bool) -> None:
 def _batch(groups: _Groups, reference: Decoder, config: LoopConfig) -> train.PolicyBatch:
     """The PolicyBatch of the kept groups (advantages filled in), rows in group order."""
     g = config.group_size
-    widths = rollout.batch_widths(
-        [len(p.tokens) for p in groups.prompts],
-        [int(np.asarray(groups.samples[r].lengths)[first:first + g].max())
-         for r, _, first in groups.rows], config.max_prompt_tokens, config.max_new_tokens)
+    widths = rollout.batch_widths([len(p.tokens) for p in groups.prompts], groups.longest,
+                                  config.max_prompt_tokens, config.max_new_tokens)
     parts = []
     for r, samples in enumerate(groups.samples):
         mine = [(k, row) for k, row in enumerate(groups.rows) if row[0] == r]

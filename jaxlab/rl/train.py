@@ -33,6 +33,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jaxlab import parallel
 from jaxlab.config import require
+from jaxlab.models.decoder import positions_of
 from jaxlab.rl import losses
 
 
@@ -59,8 +60,8 @@ class PolicyBatch(NamedTuple):
 
     @property
     def positions(self) -> jax.Array:
-        """int32 [B, T]: the real tokens before each token (its RoPE position)."""
-        return jnp.maximum(jnp.cumsum(self.mask.astype(jnp.int32), axis=1) - 1, 0)
+        """int32 [B, T]: each token's RoPE position, as the model computes it from the mask."""
+        return positions_of(self.mask)
 
 
 @dataclasses.dataclass(frozen=True)
