@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import sys
 
 import jax
@@ -48,8 +49,9 @@ class Config:
                            f"d_min={self.d_min} must be <= d_max={self.d_max}")
         config_lib.require(self.start_n >= self.solver.k,
                            f"start_n={self.start_n} must be >= solver.k={self.solver.k}")
-        config_lib.require(self.memory_gib is None or self.memory_gib > 0,
-                           f"memory_gib must be > 0, got {self.memory_gib!r}")
+        config_lib.require(self.memory_gib is None or 0 < self.memory_gib < math.inf,
+                           f"memory_gib must be a finite number > 0 (or null: what is free), "
+                           f"got {self.memory_gib!r}")
 
 
 def main(argv: list[str] | None = None) -> list[critical_n.CriticalN]:
