@@ -1,6 +1,7 @@
 """Reproduce LIMIT's critical-n(d) curve with batched free-embedding runs.
 
     python experiments/critical_n.py --config configs/critical_n/cpu.yaml [key=value ...]
+    python experiments/critical_n.py --config configs/critical_n/paper.yaml   # the paper's protocol
 
 Writes to `out_dir`: config.yaml, log.txt, results.json (one record per d, written as each d
 finishes; a rerun resumes from it), fit.json (our cubic fit, the paper's, the extrapolation to
@@ -36,8 +37,10 @@ class Config:
     d_min: int = 4               # first dimension of the sweep
     d_max: int = 16              # last dimension (inclusive)
     start_n: int = 6             # first candidate n at d_min; later d start from earlier answers
+    protocol: str = "multi_seed"  # "multi_seed" (windows of candidates, `seeds` each) or
+    #                               "paper" (the official gallop / binary search / sweep, 1 seed)
     seeds: int = 4               # restarts per candidate n; solved if any seed solves it
-    window: int = 4              # candidate n per batch
+    window: int = 4              # candidate n per batch (multi_seed only)
     segment_steps: int = 500     # steps between looks from the host (stop moot runs, shrink)
     memory_gib: float | None = None  # device memory a call may use (default: what is free)
     solver: SolverConfig = dataclasses.field(default_factory=SolverConfig)
@@ -49,6 +52,8 @@ class Config:
                            f"d_min={self.d_min} must be <= d_max={self.d_max}")
         config_lib.require(self.start_n >= self.solver.k,
                            f"start_n={self.start_n} must be >= solver.k={self.solver.k}")
+        config_lib.require(self.protocol in critical_n.PROTOCOLS,
+                           f"protocol must be one of {critical_n.PROTOCOLS}, got {self.protocol!r}")
         config_lib.require(self.memory_gib is None or 0 < self.memory_gib < math.inf,
                            f"memory_gib must be a finite number > 0 (or null: what is free), "
                            f"got {self.memory_gib!r}")
@@ -63,9 +68,12 @@ def main(argv: list[str] | None = None) -> list[critical_n.CriticalN]:
     mesh = parallel.make_mesh(parallel.RUNS)
     memory = None if cfg.memory_gib is None else int(cfg.memory_gib * 2**30)
     dims = range(cfg.d_min, cfg.d_max + 1)
-    log.info("critical-n sweep d=%d..%d, k=%d, %d seeds, window %d, %s loss, %d %s device(s); "
-             "writing %s", cfg.d_min, cfg.d_max, cfg.solver.k, cfg.seeds, cfg.window,
-             cfg.solver.loss, mesh.size, jax.devices()[0].platform, out)
+    log.info("critical-n sweep d=%d..%d, %s protocol, k=%d, %d seeds, window %d, %s loss, "
+             "%d %s device(s); writing %s", cfg.d_min, cfg.d_max, cfg.protocol, cfg.solver.k,
+             cfg.seeds, cfg.window, cfg.solver.loss, mesh.size, jax.devices()[0].platform, out)
+    if cfg.protocol == "paper" and (changed := critical_n.paper_deviations(
+            cfg.seeds, critical_n.PAPER_SEED, cfg.solver)):
+        log.warning("not the paper's protocol: %s (recorded in results.json)", ", ".join(changed))
     if done:
         log.info("resuming: d=%s already in %s", [r.d for r in done], path)
 
@@ -92,7 +100,7 @@ def main(argv: list[str] | None = None) -> list[critical_n.CriticalN]:
     answers = critical_n.sweep(dims, start=cfg.start_n, seeds=cfg.seeds, window=cfg.window,
                                config=cfg.solver, mesh=mesh, memory_bytes=memory,
                                segment_steps=cfg.segment_steps, done=done, on_result=on_result,
-                               on_segment=on_segment)
+                               on_segment=on_segment, protocol=cfg.protocol)
     bar.close()
     answers = sorted((a for a in answers if a.d in dims), key=lambda a: a.d)
     fit = _write_fit(out, answers)

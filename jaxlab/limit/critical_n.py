@@ -1,9 +1,15 @@
 """critical-n(d): the smallest number of documents whose top-k patterns d-dimensional free
 embeddings cannot all realize (LIMIT, Weller et al. 2025; section 1 of `papers/limit.md`).
 
-`search` finds it for one d by evaluating windows of candidate n, every seed of every candidate in
-one batched `free_embedding.solve` call; `sweep` runs it over many d, each d started from the
-previous answer; `cubic_fit` fits n(d) = a0 + a1 d + a2 d^2 + a3 d^3 as the paper does.
+Two protocols:
+- `search` (the stronger measurement) evaluates windows of candidate n, every seed of every
+  candidate in one batched `free_embedding.solve` call; a candidate is solved if any seed solves it.
+- `paper_search` follows the official script (google-deepmind/limit,
+  `code/free_embedding_experiment.py`), which produced the paper's table: one seed per n, a
+  galloping search, a binary search, then a sweep of n - 4 .. n + 5 around its answer;
+  critical-n is the first n of that record that failed.
+`sweep` runs either over many d, each d started from the previous answer; `cubic_fit` fits
+n(d) = a0 + a1 d + a2 d^2 + a3 d^3 as the paper does.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -25,6 +31,15 @@ from jaxlab.limit import free_embedding
 PAPER_FIT = (-10.5322, 4.0309, 0.0520, 0.0037)
 PAPER_POINTS = {4: 10, 20: 120, 45: 626}
 PAPER_EXTRAPOLATION = {512: 500e3, 768: 1.7e6, 1024: 4e6, 3072: 107e6, 4096: 250e6}
+
+# The official script's settings (its DEFAULT_EXPERIMENT_PARAMS): what `paper_search` is run with
+# for the paper's protocol. Its early stop counts steps without a loss improvement of 1e-5; success
+# at any check (every 50 steps) counts.
+PAPER_SOLVER = free_embedding.SolverConfig(
+    k=2, loss="per_positive", temperature=0.1, learning_rate=0.01, check_every=50,
+    patience=1000, min_improvement=1e-5, max_steps=100_000)
+PAPER_SWEEP = range(-4, 6)  # the official sweep: n - 4 .. n + 5 around the binary search's n
+PAPER_SEED = 42             # the official script's default seed, the same for every n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +55,14 @@ class CriticalN:
     seconds: float         # wall-clock time of this search
     peak_bytes: int = 0    # estimated peak device memory of its largest batch, per device
     tried: dict[int, bool] = dataclasses.field(default_factory=dict)  # n -> solved by some seed
+    protocol: str = "multi_seed"  # "multi_seed" (`search`), "paper" (`paper_search`), or
+    #                               "paper (modified: ...)" naming the settings that differ
 
     def record(self) -> dict:
         return {"d": self.d, "k": self.k, "critical_n": self.critical_n,
                 "largest_solved_n": self.largest_solved_n, "seeds": self.seeds,
-                "steps": self.steps, "seconds": round(self.seconds, 3),
+                "protocol": self.protocol, "steps": self.steps,
+                "seconds": round(self.seconds, 3),
                 "peak_gib": round(self.peak_bytes / 2**30, 4),
                 "tried": {str(n): ok for n, ok in sorted(self.tried.items())}}
 
@@ -120,19 +138,20 @@ def evaluate(candidates: Sequence[int], seeds: int, d: int, config: free_embeddi
              *, mesh: Mesh | None = None, memory_bytes: int | None = None,
              segment_steps: int = 500,
              on_segment: Callable[[dict[int, bool], int], None] | None = None,
+             every_candidate: bool = False, first_seed: int = 0,
              ) -> tuple[dict[int, bool], int]:
     """Which candidate n some seed solves, running only what can change the answer.
 
-    All `seeds` x `candidates` runs start in one batch. Every `segment_steps` the host looks at
-    which runs finished and stops those that no longer matter: the other seeds of a solved
-    candidate, and every candidate above one that all seeds failed (critical-n is at most that
-    one). The survivors are gathered into a smaller batch (sizes: device count x powers of 4) so
-    stopped runs cost nothing.
+    All `seeds` x `candidates` runs (seeds first_seed, first_seed + 1, ...) start in one batch.
+    Every `segment_steps` the host looks at which runs finished and stops those that no longer
+    matter: the other seeds of a solved candidate, and (unless `every_candidate`) every candidate
+    above one that all seeds failed (critical-n is at most that one). The survivors are gathered
+    into a smaller batch (sizes: device count x powers of 4) so stopped runs cost nothing.
 
     Returns:
       ({n: solved by some seed} for every candidate decided, total optimizer steps taken).
     """
-    runs = [(n, s) for n in candidates for s in range(seeds)]
+    runs = [(n, s) for n in candidates for s in range(first_seed, first_seed + seeds)]
     state, relevant = free_embedding.start_runs([s for _, s in runs], [n for n, _ in runs], d,
                                                 config, mesh, memory_bytes)
     slot_run = np.arange(state.step.shape[0])  # run index per slot; padding slots repeat the last
@@ -151,7 +170,7 @@ def evaluate(candidates: Sequence[int], seeds: int, d: int, config: free_embeddi
             solved[n] |= bool(run_solved[slot])
             failed_seeds[n] += not run_solved[slot]
         failed = [n for n in candidates if failed_seeds[n] == seeds and not solved[n]]
-        ceiling = min(failed, default=math.inf)
+        ceiling = math.inf if every_candidate else min(failed, default=math.inf)
         decided = {n: solved[n] for n in candidates if solved[n] or failed_seeds[n] == seeds}
         moot = np.array([n in decided or n > ceiling for n, _ in runs])
         keep = live & ~done & ~moot[np.maximum(slot_run, 0)]
@@ -168,6 +187,113 @@ def evaluate(candidates: Sequence[int], seeds: int, d: int, config: free_embeddi
             state = jax.tree.map(lambda x, index=index: x[index], state)
             slot_run = np.concatenate([slot_run[index[:keep.sum()]],
                                        np.full(size - keep.sum(), -1)])
+
+
+def official_search(solved: Callable[[Sequence[int]], Mapping[int, bool]], start: int,
+                    lowest: int) -> int | None:
+    """The official script's search (`_run_critical_n_search_for_config`), given `solved`, which
+    decides a list of n at once.
+
+    1. Gallop: if `start` is solved, try n + 1, n + 2, n + 4, ... from the last solved n (the step
+       doubling after each success) until one fails; else try start - 1, - 2, - 4, ... (down to
+       `lowest`) until one is solved.
+    2. Binary search between the last solved and the first failed n of the gallop: a solved
+       midpoint raises the answer, a failed one lowers the upper bound.
+    3. Sweep: n - 4 .. n + 5 around the binary search's answer, decided in one call (the record
+       the paper's critical-n is read from; see `paper_search`).
+
+    Returns the binary search's answer, the largest n it saw solved (None if none was).
+    """
+    known: dict[int, bool] = {}
+
+    def ok(n: int) -> bool:
+        if n not in known:
+            known.update(solved([n]))
+        return known[n]
+
+    n_low = n_high = None
+    if ok(start):
+        n_low, step = start, 1
+        while ok(n_low + step):
+            n_low, step = n_low + step, 2 * step
+        n_high = n_low + step
+    else:
+        n_high, step = start, 1
+        while n_high > lowest:
+            n = max(n_high - step, lowest)
+            if ok(n):
+                n_low = n
+                break
+            n_high, step = n, 2 * step
+    answer = n_low
+    if n_low is not None:
+        low, high = n_low, n_high
+        while low <= high:
+            mid = (low + high) // 2
+            if ok(mid):
+                answer, low = mid, mid + 1
+            else:
+                high = mid - 1
+        around = sorted({max(answer + offset, lowest) for offset in PAPER_SWEEP} - known.keys())
+        if around:
+            known.update(solved(around))
+    return answer
+
+
+def paper_deviations(seeds: int, seed: int, config: free_embedding.SolverConfig) -> list[str]:
+    """The settings that differ from the paper's protocol, as "name=value (paper: value)"."""
+    ours = {"seeds": seeds, "seed": seed, **dataclasses.asdict(config)}
+    paper = {"seeds": 1, "seed": PAPER_SEED, **dataclasses.asdict(PAPER_SOLVER)}
+    return [f"{name}={ours[name]} (paper: {paper[name]})" for name in paper
+            if ours[name] != paper[name]]
+
+
+def paper_search(d: int, *, start: int, seeds: int = 1, seed: int = PAPER_SEED,
+                 config: free_embedding.SolverConfig = PAPER_SOLVER, mesh: Mesh | None = None,
+                 memory_bytes: int | None = None, segment_steps: int = 500,
+                 on_segment: Callable[[dict[int, bool], int], None] | None = None) -> CriticalN:
+    """critical-n for one d by the paper's protocol: `official_search` over runs of `seeds` seed
+    (one, `seed`, as the official script runs; more is a stronger, non-paper measurement),
+    critical-n the smallest n of the whole record that failed, every decided n kept in `tried`.
+    Each n starts from its own vectors (the key is folded with n, `free_embedding.init_run`), so
+    a single seed's answer is one draw of a random variable: see docs/limit.md for its spread.
+
+    The gallop and the binary search decide one n per call; the sweep decides its n in as few
+    batched calls as memory allows, each run to its end (`evaluate(..., every_candidate=True)`).
+    """
+    free_embedding.check_problem(start, config.k, d)
+    require(isinstance(seeds, int) and seeds >= 1, f"seeds must be an integer >= 1, got {seeds!r}")
+    clock = time.perf_counter()
+    tried: dict[int, bool] = {}
+    steps = peak = 0
+    devices = 1 if mesh is None else mesh.size
+    memory_bytes = free_embedding.available_bytes(mesh, memory_bytes)
+
+    def solved(candidates: Sequence[int]) -> dict[int, bool]:
+        nonlocal steps, peak
+        known: dict[int, bool] = {}
+        while candidates:  # as many candidates (all seeds each) per call as memory holds
+            fit = free_embedding.max_runs_per_call(max(candidates), d, config.k, memory_bytes,
+                                                   devices)
+            batch, candidates = candidates[:max(1, fit // seeds)], candidates[max(1, fit // seeds):]
+            peak = max(peak, -(-len(batch) * seeds // devices)
+                       * free_embedding.run_bytes(max(batch), d, config.k))
+            decided, used = evaluate(batch, seeds, d, config, mesh=mesh,
+                                     memory_bytes=memory_bytes, segment_steps=segment_steps,
+                                     on_segment=on_segment, every_candidate=True,
+                                     first_seed=seed)
+            known.update(decided)
+            steps += used
+        tried.update(known)
+        return known
+
+    official_search(solved, start, lowest=config.k)  # ends on a failure: tried has one
+    changed = paper_deviations(seeds, seed, config)
+    return CriticalN(d=d, k=config.k, critical_n=min(n for n, ok in tried.items() if not ok),
+                     largest_solved_n=max((n for n, ok in tried.items() if ok), default=config.k),
+                     seeds=seeds, steps=steps, seconds=time.perf_counter() - clock,
+                     peak_bytes=peak, tried=dict(sorted(tried.items())),
+                     protocol="paper" + (f" (modified: {', '.join(changed)})" if changed else ""))
 
 
 def _bucket(count: int, devices: int) -> int:
@@ -190,22 +316,34 @@ def predict_start(previous: Sequence[CriticalN], d: int, window: int) -> int | N
     return round(predicted) - window // 2
 
 
+PROTOCOLS = ("multi_seed", "paper")
+
+
 def sweep(dims: Iterable[int], *, start: int, seeds: int, window: int,
           config: free_embedding.SolverConfig, mesh: Mesh | None = None,
           memory_bytes: int | None = None, segment_steps: int = 500,
           done: Sequence[CriticalN] = (), on_result: Callable[[CriticalN], None] | None = None,
-          on_segment=None) -> list[CriticalN]:
-    """`search` over `dims` in order, each d started from the earlier answers (`done` included,
-    so a resumed sweep continues where it stopped). `on_result` sees each new answer at once."""
+          on_segment=None, protocol: str = "multi_seed") -> list[CriticalN]:
+    """`search` ("multi_seed") or `paper_search` ("paper") over `dims` in order, each d started
+    from the earlier answers (`done` included, so a resumed sweep continues where it stopped):
+    the multi-seed search's window centred on the extrapolation, the paper's gallop started at
+    it (`window` is then unused). `on_result` sees each new answer at once."""
+    require(protocol in PROTOCOLS, f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     results = list(done)
     finished = {r.d for r in results}
     for d in dims:
         if d in finished:
             continue
-        first = predict_start(results, d, window) or start
-        answer = search(d, start=max(first, config.k + 1), seeds=seeds, window=window,
-                        config=config, mesh=mesh, memory_bytes=memory_bytes,
-                        segment_steps=segment_steps, on_segment=on_segment)
+        if protocol == "paper":
+            first = predict_start(results, d, window=1) or start
+            answer = paper_search(d, start=max(first, config.k + 1), seeds=seeds, config=config,
+                                  mesh=mesh, memory_bytes=memory_bytes,
+                                  segment_steps=segment_steps, on_segment=on_segment)
+        else:
+            first = predict_start(results, d, window) or start
+            answer = search(d, start=max(first, config.k + 1), seeds=seeds, window=window,
+                            config=config, mesh=mesh, memory_bytes=memory_bytes,
+                            segment_steps=segment_steps, on_segment=on_segment)
         results.append(answer)
         if on_result is not None:
             on_result(answer)

@@ -101,6 +101,13 @@ class Embeddings(NamedTuple):
     docs: jax.Array     # [n, d] unit rows
 
 
+def exact_scores(queries: jax.Array, docs: jax.Array) -> jax.Array:
+    """s_ij = <q_i, d_j> for queries [m, d] and docs [n, d] -> float32 [m, n], computed in full
+    float32 (`precision=HIGHEST`: no TF32 pass on NVIDIA GPUs, no single bf16 pass on TPU), so
+    that a solved check or a top-k at the critical n does not depend on the backend."""
+    return jnp.matmul(queries, docs.T, precision=jax.lax.Precision.HIGHEST)
+
+
 def _unit_rows(x: jax.Array) -> jax.Array:
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
@@ -139,7 +146,7 @@ def loss_fn(emb: Embeddings, relevant: jax.Array, num_docs: jax.Array, num_queri
       [] float32, the mean of L_i over real queries.
     """
     m, n = relevant.shape[0], emb.docs.shape[0]
-    logits = emb.queries @ emb.docs.T / temperature                      # [m, n]
+    logits = exact_scores(emb.queries, emb.docs) / temperature           # [m, n]
     logits = jnp.where(jnp.arange(n) < num_docs, logits, -jnp.inf)
     logp = jax.nn.log_softmax(logits, axis=-1)                           # [m, n]
     positive = jnp.take_along_axis(logp, _valid_relevant(relevant, num_queries), axis=-1)  # [m, k]
@@ -162,7 +169,7 @@ def query_correct(emb: Embeddings, relevant: jax.Array, num_docs: jax.Array,
     """
     m, n = relevant.shape[0], emb.docs.shape[0]
     relevant = _valid_relevant(relevant, num_queries)
-    scores = emb.queries @ emb.docs.T                                    # [m, n]
+    scores = exact_scores(emb.queries, emb.docs)                         # [m, n]
     lowest_relevant = jnp.min(jnp.take_along_axis(scores, relevant, axis=-1), axis=-1)  # [m]
     others = scores.at[jnp.arange(m)[:, None], relevant].set(-jnp.inf)
     others = jnp.where(jnp.arange(n) < num_docs, others, -jnp.inf)

@@ -7,6 +7,7 @@ Dense search is exact: every query is scored against every document, in chunks o
 (`lax.scan`, a running `lax.top_k` per chunk), with the corpus split over the devices of a mesh
 (`jax.shard_map`; each device keeps the top-k of its own documents, and the D candidate lists are
 reduced to the global top-k). Ties go to the lower document index, on any number of devices.
+Scores are computed in full float32 on every backend (`free_embedding.exact_scores`).
 
 Shapes: m queries, n documents, d dimensions, k results per query, D devices.
 """
@@ -24,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxlab import parallel
-from jaxlab.config import require
+from jaxlab.config import is_int, require
 from jaxlab.extras import require_extra
 from jaxlab.limit import free_embedding
 from jaxlab.limit.data import Dataset
@@ -81,7 +82,7 @@ def _local_top_k(queries: jax.Array, docs: jax.Array, first_id: jax.Array, num_d
     def step(best, block_start):
         block, start = block_start
         ids = start + jnp.arange(chunk, dtype=jnp.int32)                  # [chunk]
-        scores = queries @ block.T                                        # [m, chunk]
+        scores = free_embedding.exact_scores(queries, block)             # [m, chunk]
         scores = jnp.where(ids < num_docs, scores, -jnp.inf)
         return _merge_top_k(best, scores, jnp.broadcast_to(ids, scores.shape), k), None
 
@@ -182,29 +183,104 @@ def free_embedding_search(dataset: Dataset, dim: int, config: free_embedding.Sol
 # Recall
 
 
+def _cutoff(k: int, depth: int, num_docs: int, metric: str) -> int:
+    """How many ranked results a metric @k reads: k, or the whole ranking when it holds every
+    document (then results past it do not exist, as in trec_eval); else ValueError."""
+    require(is_int(k) and k >= 1, f"{metric}@k needs an integer k >= 1, got {k!r}")
+    require(k <= depth or depth >= num_docs,
+            f"{metric}@{k} needs at least {k} results per query, got {depth}")
+    return min(k, depth)
+
+
+def _gains(ranked: np.ndarray, dataset: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(gain of each ranked document int [m, K] (its judgment score, 0 if unjudged or <= 0),
+    each query's judged gains sorted descending int [m, G] (0-padded), judged bool [m])."""
+    ranked = np.asarray(ranked)
+    m, n = len(dataset.queries), len(dataset.corpus)
+    require(ranked.ndim == 2 and ranked.shape[0] == m,
+            f"ranked must have one row per query ({m}), got shape {ranked.shape}")
+    judged = [(dataset.query_index[j.query_id], dataset.doc_index[j.doc_id], j.score)
+              for j in dataset.qrels if j.score > 0]
+    require(judged, f"{dataset.sources[2]}: no judgment has a score > 0")
+    query, doc, score = (np.asarray(c, np.int64) for c in zip(*judged, strict=True))
+    keys, order = np.unique(query * n + doc, return_index=True)
+    wanted = np.arange(m)[:, None] * n + ranked                                 # [m, K]
+    at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+    gains = np.where(keys[at] == wanted, score[order][at], 0)                   # [m, K]
+    counts = np.bincount(query, minlength=m)
+    ideal = np.zeros((m, max(counts.max(), 1)), np.int64)
+    by_query = np.lexsort((-score, query))
+    ideal[query[by_query], np.arange(len(query)) - np.repeat(np.cumsum(counts) - counts,
+                                                             counts)] = score[by_query]
+    return gains, ideal, counts > 0
+
+
 def recall_at_k(ranked: np.ndarray, dataset: Dataset,
                 ks: Iterable[int] = RECALL_KS) -> dict[str, float]:
-    """{"recall@k": ...} for each k (at most ranked.shape[1]):
+    """{"recall@k": ...} for each k:
 
       recall@k = mean over queries q with R_q != {} of |top_k(q) ∩ R_q| / |R_q|,
 
     with R_q the documents judged relevant (score > 0) and top_k(q) the first k of `ranked`
     (int [m, K] document indices, best first), as trec_eval's recall_k and MTEB compute it.
+    k may exceed K only when the ranking holds every document.
     """
-    ranked = np.asarray(ranked)
-    m, depth = len(dataset.queries), ranked.shape[1]
-    require(ranked.shape[0] == m, f"ranked must have one row per query ({m}), got {ranked.shape}")
-    query, doc = dataset.relevant_pairs
-    n = len(dataset.corpus)
-    hits = np.isin(np.arange(m)[:, None] * n + ranked, query * n + doc)   # [m, K]
-    num_relevant = np.bincount(query, minlength=m)                        # [m]
-    judged = num_relevant > 0
+    gains, _, judged = _gains(ranked, dataset)
+    hits = gains > 0
+    num_relevant = np.bincount(dataset.relevant_pairs[0], minlength=len(hits))
     out = {}
     for k in ks:
-        require(1 <= k <= depth, f"recall@{k} needs at least {k} results per query, got {depth}")
-        found = hits[:, :k].sum(axis=1)
+        cut = _cutoff(k, hits.shape[1], len(dataset.corpus), "recall")
+        found = hits[:, :cut].sum(axis=1)
         out[f"recall@{k}"] = float(np.mean(found[judged] / num_relevant[judged]))
     return out
+
+
+def ndcg_at_k(ranked: np.ndarray, dataset: Dataset, ks: Iterable[int] = (10,),
+              ) -> dict[str, float]:
+    """{"ndcg@k": ...} for each k, as trec_eval's ndcg_cut (MTEB's main retrieval score):
+
+      DCG@k = sum_{i=1..k} g_i / log2(i + 1),   nDCG@k = DCG@k / IDCG@k,
+
+    with g_i the judgment score of the i-th ranked document (linear gain, 0 if unjudged) and
+    IDCG@k the DCG@k of the query's judged documents sorted by score; the mean over queries with
+    a relevant document. k may exceed K only when the ranking holds every document.
+    """
+    gains, ideal, judged = _gains(ranked, dataset)
+    out = {}
+    for k in ks:
+        cut = _cutoff(k, gains.shape[1], len(dataset.corpus), "ndcg")
+        discount = 1.0 / np.log2(np.arange(2, k + 2))                          # [k]
+        dcg = gains[:, :cut] @ discount[:cut]
+        idcg = ideal[:, :k] @ discount[:min(k, ideal.shape[1])]
+        out[f"ndcg@{k}"] = float(np.mean(dcg[judged] / idcg[judged]))
+    return out
+
+
+# MTEB's LIMIT tasks (mteb/tasks/retrieval/eng/LIMITRetrieval.py): their k list and main score.
+MTEB_KS = (1, 2, 3, 5, 10, 20, 100, 1000)
+MTEB_TASKS = {"limit": "LIMITRetrieval", "limit-small": "LIMITSmallRetrieval"}
+MTEB_MAIN_SCORE = "recall_at_2"
+
+
+def mteb_scores(ranked: np.ndarray, dataset: Dataset, ks: Sequence[int] = MTEB_KS,
+                main_score: str = MTEB_MAIN_SCORE) -> dict[str, float]:
+    """nDCG@k and recall@k for MTEB's k list under MTEB's names ("ndcg_at_10", "recall_at_2",
+    ..., "main_score"): the k a ranking cannot fill (k > K < n) are left out."""
+    n, depth = len(dataset.corpus), np.asarray(ranked).shape[1]
+    ks = [k for k in ks if k <= depth or depth >= n]
+    values = {**ndcg_at_k(ranked, dataset, ks), **recall_at_k(ranked, dataset, ks)}
+    scores = {name.replace("@", "_at_"): value for name, value in values.items()}
+    require(main_score in scores, f"main_score {main_score!r} is not among {sorted(scores)}")
+    return {**scores, "main_score": scores[main_score]}
+
+
+def mteb_result(task_name: str, scores: dict[str, float], seconds: float) -> dict:
+    """An MTEB results record (the layout of `results/<model>/<revision>/<task>.json`) for one
+    retriever on one task's test split."""
+    return {"task_name": task_name, "mteb_version": None, "dataset_revision": None,
+            "evaluation_time": seconds, "kg_co2_emissions": None,
+            "scores": {"test": [{**scores, "hf_subset": "default", "languages": ["eng-Latn"]}]}}
 
 
 # --------------------------------------------------------------------------------------------

@@ -134,3 +134,82 @@ def test_search_narrows_the_window_to_fit_memory():
     assert narrow.critical_n == wide.critical_n < n_max
     with pytest.raises(ValueError, match="GiB is available"):
         cn.search(2, start=3, seeds=2, window=4, config=FAST, memory_bytes=fe.run_bytes(3, 2, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's protocol
+
+
+def _oracle(solvable):
+    """A fake solver deciding n by the rule `solvable`, recording what each call asked."""
+    calls = []
+
+    def solved(ns):
+        calls.append(list(ns))
+        return {n: solvable(n) for n in ns}
+
+    return solved, calls
+
+
+@pytest.mark.parametrize("start,calls", [
+    # Gallop up 8 -> 9 -> 11 (fails), bisect 10 (fails), 9 already known; sweep 5..14.
+    (8, [[8], [9], [11], [10], [5, 6, 7, 12, 13, 14]]),
+    # Gallop down 16 -> 15 -> 13 -> 9 (solved), bisect 11, 9 (known), 10; sweep 5..14.
+    (16, [[16], [15], [13], [9], [11], [10], [5, 6, 7, 8, 12, 14]]),
+])
+def test_official_search_monotone_by_hand(start, calls):
+    solved, asked = _oracle(lambda n: n < 10)
+    assert cn.official_search(solved, start, lowest=2) == 9
+    assert asked == calls
+
+
+def test_official_search_non_monotone_by_hand():
+    # 8 fails between solved 7 and solved 9, 10: the gallop down from 8 stops at 7, the binary
+    # search keeps 7, and the sweep 3..12 brings 9 and 10 into the record.
+    solved, asked = _oracle(lambda n: n <= 7 or n in (9, 10))
+    assert cn.official_search(solved, 8, lowest=2) == 7
+    assert asked == [[8], [7], [3, 4, 5, 6, 9, 10, 11, 12]]
+
+
+def test_official_search_stops_at_the_lowest_n():
+    solved, asked = _oracle(lambda n: n <= 2)
+    assert cn.official_search(solved, 4, lowest=2) == 2
+    assert asked[:3] == [[4], [3], [2]]
+
+
+def test_paper_search_reads_critical_n_from_the_whole_record(monkeypatch):
+    pattern = {n: n <= 7 or n in (9, 10) for n in range(3, 20)}
+
+    def fake_evaluate(candidates, seeds, d, config, **kwargs):
+        assert seeds == 1 and kwargs["every_candidate"] and kwargs["first_seed"] == 42
+        return {n: pattern[n] for n in candidates}, 50 * len(candidates)
+
+    monkeypatch.setattr(cn, "evaluate", fake_evaluate)
+    answer = cn.paper_search(4, start=8, config=cn.PAPER_SOLVER)
+    assert answer.critical_n == 8 and answer.largest_solved_n == 10
+    assert answer.tried == {n: pattern[n] for n in range(3, 13)}
+    assert answer.protocol == "paper" and answer.steps == 50 * 10
+    modified = cn.paper_search(4, start=8, config=FAST)
+    assert modified.protocol.startswith("paper (modified: ")
+    assert "check_every=10 (paper: 50)" in modified.protocol
+    assert "seeds" not in modified.protocol
+
+
+def test_paper_search_agrees_with_plain_solve():
+    # Every n of the record, rerun alone with the plain solver and the same seed, decides alike.
+    answer = cn.paper_search(2, start=4, config=FAST, segment_steps=50)
+    ns = sorted(answer.tried)
+    plain = fe.solve([cn.PAPER_SEED] * len(ns), ns, 2, FAST)
+    assert answer.tried == dict(zip(ns, plain.solved.tolist(), strict=True))
+    assert answer.critical_n == min(n for n in ns if not answer.tried[n])
+
+
+def test_paper_protocol_matches_the_official_defaults():
+    # The official script's DEFAULT_EXPERIMENT_PARAMS: lr 0.01, 100,000 iterations, temperature
+    # 0.1, seed 42, a check every 50, patience 1000 with min delta 1e-5.
+    s = cn.PAPER_SOLVER
+    assert (s.learning_rate, s.max_steps, s.temperature, s.check_every, s.patience,
+            s.min_improvement, s.loss, cn.PAPER_SEED) == (
+        0.01, 100_000, 0.1, 50, 1000, 1e-5, "per_positive", 42)
+    assert cn.paper_deviations(1, 42, s) == []
+    assert cn.paper_deviations(4, 42, s) == ["seeds=4 (paper: 1)"]

@@ -272,3 +272,20 @@ def test_fit_solves_a_small_qrel_pattern_and_returns_its_embeddings():
 def test_fit_rejects_bad_relevance(relevant, match):
     with pytest.raises(ValueError, match=match):
         fe.fit(relevant, 6, 4, FAST)
+
+
+def test_scores_run_at_highest_precision_and_match_numpy():
+    # The solved check, the loss and exact search ask for full float32 products (HIGHEST) in the
+    # program itself, so no backend may lower them to TF32 or one bf16 pass; on the CPU the
+    # values equal a float64 NumPy product rounded to float32.
+    rng = np.random.default_rng(0)
+    q, docs = rng.normal(size=(5, 7)).astype(np.float32), rng.normal(size=(4, 7)).astype(np.float32)
+    relevant = jnp.asarray(fe.ground_truth(4, 2))[:5]
+    emb = fe.Embeddings(jnp.asarray(q), jnp.asarray(docs))
+    args = (emb, relevant, jnp.int32(4), jnp.int32(5))
+    for fn in (fe.query_correct,
+               lambda *a: fe.loss_fn(*a, temperature=0.1, kind="per_positive")):
+        hlo = jax.jit(fn).lower(*args).as_text()
+        assert "HIGHEST" in hlo, hlo
+    np.testing.assert_allclose(fe.exact_scores(q, docs), q.astype(np.float64) @ docs.T.astype(
+        np.float64), rtol=1e-6, atol=1e-6)

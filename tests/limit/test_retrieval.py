@@ -185,3 +185,63 @@ def test_free_embeddings_solve_a_small_dense_pattern():
     for (a, b), top in zip(itertools.combinations(range(6), 2), ids, strict=True):
         assert {dataset.corpus[i].id for i in top[:2]} == {f"d{a}", f"d{b}"}
     assert retrieval.recall_at_k(ids, dataset, ks=(2,)) == {"recall@2": 1.0}
+
+
+def test_dense_search_asks_for_full_float32_products():
+    index = retrieval.build_index(np.eye(4, dtype=np.float32), chunk=4)
+    lowered = retrieval._search_batch.lower(
+        np.ones((2, 4), np.float32), index.docs, num_docs=4, k=2, chunk=4, mesh=None)
+    assert "HIGHEST" in lowered.as_text()
+
+
+def test_ndcg_by_hand():
+    dataset = small_dataset({"q1": ["a", "b"], "q2": ["c"], "q3": []})
+    ranked = np.array([[1, 2, 0, 3, 4],    # q1: hits at ranks 1 and 3
+                       [4, 3, 1, 0, 2],    # q2: its one hit at rank 5
+                       [0, 1, 2, 3, 4]])   # q3: no relevant document -> left out
+    q1 = (1 + 1 / 2) / (1 + 1 / np.log2(3))
+    q2_at_5 = (1 / np.log2(6)) / 1
+    got = retrieval.ndcg_at_k(ranked, dataset, ks=(1, 3, 5, 10))
+    assert got["ndcg@1"] == pytest.approx(0.5)                 # q1 1, q2 0
+    assert got["ndcg@3"] == pytest.approx(q1 / 2)
+    assert got["ndcg@5"] == pytest.approx((q1 + q2_at_5) / 2)
+    assert got["ndcg@10"] == got["ndcg@5"]   # the ranking holds all 5 documents
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_ndcg_with_graded_scores_matches_a_loop_reference(draw):
+    n = draw.draw(st.integers(3, 10))
+    names = [f"d{j}" for j in range(n)]
+    judged = {f"q{i}": draw.draw(st.dictionaries(st.sampled_from(names), st.integers(0, 3),
+                                                 max_size=4)) for i in range(4)}
+    judged["q0"][names[0]] = 2
+    dataset = data.Dataset(tuple(data.Document(d, "", d) for d in names),
+                           tuple(data.Query(q, q) for q in judged),
+                           tuple(data.Judgment(q, d, s) for q, ds in judged.items()
+                                 for d, s in ds.items()))
+    ranked = np.stack([np.random.default_rng(i).permutation(n) for i in range(4)])
+    for k in (1, 2, n):
+        got = retrieval.ndcg_at_k(ranked, dataset, ks=(k,))[f"ndcg@{k}"]
+        per_query = []
+        for i, scores in enumerate(judged.values()):
+            gains = [scores.get(names[j], 0) for j in ranked[i, :k]]
+            ideal = sorted((s for s in scores.values() if s > 0), reverse=True)[:k]
+            if ideal:
+                dcg = sum(g / np.log2(r + 2) for r, g in enumerate(gains))
+                per_query.append(dcg / sum(g / np.log2(r + 2) for r, g in enumerate(ideal)))
+        assert got == pytest.approx(np.mean(per_query))
+
+
+def test_mteb_scores_use_mteb_names_and_main_score():
+    dataset = small_dataset({"q1": ["a", "b"], "q2": ["c"]})
+    ranked = np.array([[1, 2, 0, 3, 4], [4, 3, 1, 0, 2]])
+    scores = retrieval.mteb_scores(ranked, dataset)
+    assert scores["main_score"] == scores["recall_at_2"] == 0.25
+    assert {f"ndcg_at_{k}" for k in retrieval.MTEB_KS} <= set(scores)
+    assert scores["recall_at_1000"] == 1.0           # every document ranked
+    shallow = retrieval.mteb_scores(ranked[:, :3], dataset)   # 3 of 5: k > 3 cannot be filled
+    assert "recall_at_5" not in shallow and shallow["recall_at_3"] == 0.5  # q1 2/2, q2 0/1
+    record = retrieval.mteb_result("LIMITSmallRetrieval", scores, 1.5)
+    assert record["scores"]["test"][0]["main_score"] == 0.25
+    assert record["task_name"] == "LIMITSmallRetrieval"
