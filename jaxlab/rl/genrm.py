@@ -15,15 +15,19 @@ both from parsed texts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
-from collections.abc import Mapping, Sequence
+import time
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlab.config import require
+from jaxlab.rl import advantages as adv
 
 MAX_SCORE = 10.0
 
@@ -256,3 +260,179 @@ def pairwise_wins(scores_first: jax.Array, valid_first: jax.Array, scores_second
             f"{scores_first.shape} and {scores_second.shape}")
     return jnp.concatenate([prefers(scores_first, valid_first, 0),
                             prefers(scores_second, valid_second, 1)], axis=-1)
+
+
+def verdict_metrics(scores_ab: jax.Array, valid_ab: jax.Array, scores_ba: jax.Array,
+                    valid_ba: jax.Array) -> dict[str, jax.Array]:
+    """The GenRM's evaluation on pairs (A, B) whose right answer is A, judged with A shown
+    first (`ab`) and second (`ba`); each a float32 [] share of the N pairs:
+
+      accuracy_first      A preferred when shown first
+      accuracy_second     A preferred when shown second
+      accuracy_both       A preferred in both orders (`consistent_preference` = +1)
+      first_position      verdicts (of 2N) preferring the response shown first
+      format_failure      verdicts (of 2N) that did not parse
+
+    Args:
+      scores_ab, valid_ab, scores_ba, valid_ba: [N, 2] and [N], as in `consistent_preference`.
+    """
+    first = jnp.concatenate([prefers(scores_ab, valid_ab, 0), prefers(scores_ba, valid_ba, 0)])
+    share = functools.partial(jnp.mean, dtype=jnp.float32)
+    return {
+        "accuracy_first": share(prefers(scores_ab, valid_ab, 0)),
+        "accuracy_second": share(prefers(scores_ba, valid_ba, 1)),
+        "accuracy_both": share(consistent_preference(scores_ab, valid_ab, scores_ba,
+                                                     valid_ba) == 1),
+        "first_position": share(first),
+        "format_failure": share(~jnp.concatenate([valid_ab, valid_ba])),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# BRPO against a GenRM (section 2)
+
+
+def check_reference(ref_index: np.ndarray, group_size: int) -> None:
+    """Raises ValueError naming the first group whose reference index lies outside [0, G)."""
+    ref_index = np.asarray(ref_index)
+    bad = np.flatnonzero((ref_index < 0) | (ref_index >= group_size))
+    if len(bad):
+        raise ValueError(f"ref_index must lie in [0, G={group_size}), got {ref_index[bad[0]]} "
+                         f"for group {bad[0]}")
+
+
+def brpo_pairs(ref_index: np.ndarray, group_size: int) -> np.ndarray:
+    """The judge requests of BRPO step 2: every non-reference response against its group's
+    reference, in both orders.
+
+    Returns:
+      int [groups x (G - 1) x 2, 3] rows (group, response i, order), in group, response, order
+      order; order 0 shows response i first and the reference second, order 1 the reverse.
+    """
+    check_reference(ref_index, group_size)
+    return np.asarray([(g, i, order) for g, ref in enumerate(np.asarray(ref_index).tolist())
+                       for i in range(group_size) if i != ref for order in (0, 1)],
+                      np.int64).reshape(-1, 3)
+
+
+def brpo_rewards(scores: np.ndarray, valid: np.ndarray, pairs: np.ndarray,
+                 ref_index: np.ndarray, group_size: int) -> np.ndarray:
+    """BRPO's rewards from the verdicts on `brpo_pairs` (section 2, step 2):
+
+      r_i = +1 if response i won every verdict (both orders x votes), else -1;  r_ref = 0
+
+    Args:
+      scores: [R, votes, 2] scores in shown order of the R = len(pairs) judge requests (NaN
+        where unparsable); valid: bool [R, votes], the verdict parsed.
+      pairs: int [R, 3], `brpo_pairs(ref_index, group_size)`.
+      ref_index: int [groups], each group's reference, in [0, G).
+    Returns:
+      float32 [groups, G] in {-1, 0, +1}.
+    """
+    check_reference(ref_index, group_size)
+    groups, votes = len(ref_index), scores.shape[1]
+    require(scores.shape == (len(pairs), votes, 2) and valid.shape == scores.shape[:2],
+            f"scores [R, votes, 2] and valid [R, votes] must match the {len(pairs)} pairs, got "
+            f"{scores.shape} and {valid.shape}")
+    # [groups, G, order, votes, 2]: the reference's own row stays a (never read) failure
+    full = np.full((groups, group_size, 2, votes, 2), np.nan, np.float32)
+    ok = np.zeros((groups, group_size, 2, votes), bool)
+    full[pairs[:, 0], pairs[:, 1], pairs[:, 2]] = scores
+    ok[pairs[:, 0], pairs[:, 1], pairs[:, 2]] = valid
+    wins = pairwise_wins(jnp.asarray(full[:, :, 0]), jnp.asarray(ok[:, :, 0]),
+                         jnp.asarray(full[:, :, 1]), jnp.asarray(ok[:, :, 1]))
+    return np.asarray(adv.brpo_rewards(wins, jnp.asarray(ref_index, jnp.int32)))
+
+
+def _content_key(prompts: Sequence, responses: list[list[list[int]]]) -> jax.Array:
+    """A PRNG key that is a function of the prompts' and responses' tokens only (so a resumed
+    run draws the same references and judge samples)."""
+    crc = 0
+    for prompt, group in zip(prompts, responses, strict=True):
+        crc = zlib.crc32(np.asarray(prompt.tokens, np.int64).tobytes(), crc)
+        for response in group:
+            crc = zlib.crc32(np.asarray([-1, *response], np.int64).tobytes(), crc)
+    return jax.random.key(crc)
+
+
+@dataclasses.dataclass(frozen=True)
+class Judge:
+    """A GenRM sampling verdicts: its model, its sampling settings, how to read its text."""
+
+    model: object                  # a jaxlab.models.Decoder
+    decode: Callable[[Sequence[int]], str]     # token ids -> the judge's text
+    sampling: object               # a jaxlab.sampling.sampler.SamplingConfig (n = votes)
+    max_prompt_tokens: int         # judge prompts are left-padded to this
+
+    def verdicts(self, prompts: list[list[int]], key: jax.Array
+                 ) -> tuple[np.ndarray, np.ndarray, int]:
+        """Every prompt judged `sampling.n` times in one sampler call: scores float32
+        [P, votes, 2], valid bool [P, votes], and the judge tokens generated."""
+        from jaxlab.sampling import sampler
+
+        samples = jax.device_get(sampler.sample(self.model, prompts, key, self.sampling,
+                                                prompt_length=self.max_prompt_tokens))
+        texts = [self.decode(samples.tokens[i, :samples.lengths[i]])
+                 for i in range(len(samples.lengths))]
+        scores, valid = scores_array([parse_scores(t) for t in texts])
+        votes = self.sampling.n
+        return (scores.reshape(len(prompts), votes, 2), valid.reshape(len(prompts), votes),
+                int(samples.lengths.sum()))
+
+
+def brpo_reward_fn(judge: Judge, render: Callable[[object, list[int], list[int]], list[int]]):
+    """The writer's reward function for BRPO (`loop.run` with advantage="brpo"), with
+    `render(prompt, first response tokens, second response tokens)` the judge prompt's tokens:
+    per group, a
+    reference drawn uniformly (`advantages.choose_reference`, keyed by the batch's tokens), every
+    other response judged against it in both orders and `votes` times, all judge prompts of the
+    batch in one sampler call; rewards by `brpo_rewards`. Also returns `judge_seconds` and
+    `judge_tokens_per_s` (the same value in every entry, so their logged means are the batch's)."""
+    def reward_fn(prompts, responses, truncated):
+        groups, size = truncated.shape
+        key = _content_key(prompts, responses)
+        ref_index = np.asarray(adv.choose_reference(jax.random.fold_in(key, 0), groups, size))
+        pairs = brpo_pairs(ref_index, size)
+        requests = [render(prompts[g], *((responses[g][i], responses[g][ref_index[g]])
+                                               if order == 0 else
+                                               (responses[g][ref_index[g]], responses[g][i])))
+                    for g, i, order in pairs.tolist()]
+        start = time.perf_counter()
+        scores, valid, tokens = judge.verdicts(requests, jax.random.fold_in(key, 1))
+        seconds = time.perf_counter() - start
+        return {"reward": brpo_rewards(scores, valid, pairs, ref_index, size),
+                "judge_format_failure": np.full(truncated.shape, 1 - valid.mean()),
+                "judge_seconds": np.full(truncated.shape, seconds),
+                "judge_tokens_per_s": np.full(truncated.shape, tokens / seconds)}
+    return reward_fn
+
+
+def genrm_reward_fn(decode: Callable[[Sequence[int]], str], reward: GenRMReward = GenRMReward()):
+    """The GenRM's own reward function for GRPO (`loop.run`): each prompt's `data` is the shown
+    position (0 or 1) of the preferred response; rewards by `genrm_rewards`, with the share of
+    correct verdicts (`accuracy`) and of format failures logged."""
+    def reward_fn(prompts, responses, truncated):
+        shape = truncated.shape
+        verdicts = [parse_scores(decode(r)) for group in responses for r in group]
+        scores, valid = scores_array(verdicts)
+        preferred = np.repeat([int(p.data) for p in prompts], shape[1])
+        rewards = genrm_rewards(jnp.asarray(scores), jnp.asarray(valid), jnp.asarray(preferred),
+                                reward)
+        correct = prefers(jnp.asarray(scores), jnp.asarray(valid), jnp.asarray(preferred))
+        return {"reward": np.asarray(rewards).reshape(shape),
+                "accuracy": np.asarray(correct, np.float64).reshape(shape),
+                "format_failure": (~valid).astype(np.float64).reshape(shape)}
+    return reward_fn
+
+
+def check_same_tokenizer(judge_folder, writer_folder) -> None:
+    """Raises ValueError unless the GenRM checkpoint's tokenizer has the writer's vocabulary
+    (the judge reads the writer's tokens re-rendered as text, and BRPO compares their texts)."""
+    from jaxlab.models import hf
+
+    judge, writer = (hf.load_tokenizer(f).get_vocab() for f in (judge_folder, writer_folder))
+    if judge != writer:
+        differ = sorted(set(judge.items()) ^ set(writer.items()))[:3]
+        raise ValueError(f"the GenRM at {judge_folder} has another tokenizer than the writer at "
+                         f"{writer_folder} ({len(judge)} vs {len(writer)} tokens; first "
+                         f"differences {differ})")

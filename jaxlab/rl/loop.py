@@ -193,6 +193,8 @@ class _Groups:
     samples: list[sampler.Samples]         # one per sampling round
     rows: list[tuple[int, int, int]]       # per kept group: (round, prompt in round, first trace)
     values: dict[str, list[np.ndarray]]    # reward_fn's outputs, one [G] per kept group
+    responses: list[list[list[int]]] = dataclasses.field(default_factory=list)  # per kept
+    #                                        group: its G responses (token lists)
     longest: list[int] = dataclasses.field(default_factory=list)  # per kept group: its longest
     #                                        response (tokens)
     spare: list[bool] = dataclasses.field(default_factory=list)  # per kept group: taken
@@ -232,7 +234,7 @@ def _rollouts(model: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: 
         kept.rounds += 1
         for i, prompt in enumerate(prompts):
             entry = (prompt, (round_, i, i * g), {k: v[i] for k, v in values.items()},
-                     int(lengths[i * g:(i + 1) * g].max()))
+                     int(lengths[i * g:(i + 1) * g].max()), responses[i])
             if config.dynamic_sampling and not varied[i]:
                 kept.dropped += 1
                 spare.append(entry)
@@ -246,8 +248,9 @@ def _rollouts(model: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: 
 
 
 def _keep(groups: _Groups, entry, spare: bool) -> None:
-    prompt, row, values, longest = entry
+    prompt, row, values, longest, responses = entry
     groups.longest.append(longest)
+    groups.responses.append(responses)
     groups.spare.append(spare)
     groups.prompts.append(prompt)
     groups.rows.append(row)
@@ -285,8 +288,15 @@ def _cast(params: nnx.State, dtype) -> nnx.State:
     return jax.tree.map(lambda x: x.astype(dtype), params)
 
 
+# on_iteration(iteration, prompts, responses [groups][G] token lists, values {name: [groups,
+# G]}) sees each iteration's kept groups and their rewards (to write samples, say).
+IterationHook = Callable[[int, Sequence[Prompt], list[list[list[int]]],
+                          Mapping[str, np.ndarray]], None]
+
+
 def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopConfig,
         out_dir: str | pathlib.Path, *, key: jax.Array, mesh: Mesh | None = None,
+        on_iteration: IterationHook | None = None,
         ) -> tuple[nnx.GraphDef, train.TrainState]:
     """Trains `policy` (float32 parameters) by RL; returns its graph and final train state.
 
@@ -294,7 +304,8 @@ def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopC
     parameters cast to the model's activation dtype (`policy.config.dtype`). `out_dir`
     receives `metrics.jsonl` and `checkpoints/`; a run that finds checkpoints there resumes
     from the latest one (the caller checks that the config is the same, e.g. with
-    `results.open_run`).
+    `results.open_run`). `on_iteration`, if given, is called after each iteration's metrics
+    are written.
     """
     out = pathlib.Path(out_dir)
     mesh = mesh or parallel.single_device_mesh()
@@ -315,7 +326,7 @@ def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopC
             state = checkpointer.restore(state)
             start = int(state.step) // updates
             log.info("resuming from iteration %d (%s)", start, checkpointer.directory)
-        _truncate_metrics(out / "metrics.jsonl", start)
+        truncate_records(out / "metrics.jsonl", start)
         state = jax.device_put(state, parallel.replicated(mesh))
         bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
                    unit="it", file=sys.stderr, dynamic_ncols=True)
@@ -333,7 +344,10 @@ def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopC
             t2 = time.perf_counter()
             metrics = _iteration_metrics(iteration, groups, batch, step_metrics, t1 - t0,
                                          t2 - t1, config.ppo_epochs)
-            _append(out / "metrics.jsonl", metrics)
+            append_record(out / "metrics.jsonl", metrics)
+            if on_iteration is not None:
+                on_iteration(iteration, groups.prompts, groups.responses,
+                             {k: np.stack(v) for k, v in groups.values.items()})
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
                             **({"acc": f"{metrics['accuracy']:.3f}"} if "accuracy" in metrics
                                else {}))
@@ -391,14 +405,15 @@ def _iteration_metrics(iteration, groups: _Groups, batch, step_metrics, rollout_
     return metrics
 
 
-def _append(path: pathlib.Path, record: dict) -> None:
+def append_record(path: pathlib.Path, record: dict) -> None:
+    """Appends one JSON line to `path` (a metrics file)."""
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
 
 
-def _truncate_metrics(path: pathlib.Path, iterations: int) -> None:
-    """Keeps the records of iterations < `iterations` (those the restored state has done)."""
+def truncate_records(path: pathlib.Path, count: int, key: str = "iteration") -> None:
+    """Keeps the records whose `key` is < `count` (those the restored state has done)."""
     if not path.exists():
         return
     kept = []
@@ -407,7 +422,7 @@ def _truncate_metrics(path: pathlib.Path, iterations: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:
             break  # a line cut by a kill
-        if record["iteration"] >= iterations:
+        if record[key] >= count:
             break
         kept.append(line)
     results.write_text(path, "".join(f"{line}\n" for line in kept))

@@ -8,10 +8,15 @@ reward (section 3).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import pathlib
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxlab.config import require
@@ -94,3 +99,145 @@ def filter_pairs(chosen: jax.Array, rejected: jax.Array, config: PairFilter = Pa
     counts = FilterCounts(*(jnp.sum(m, dtype=jnp.int32) for m in (jnp.ones_like(keep), high,
                                                                     gap, keep)))
     return keep, counts
+
+
+# --------------------------------------------------------------------------------------------
+# Preference data, training, saving, and the writer's reward
+
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+def read_pairs(path: str | pathlib.Path) -> list[dict[str, str]]:
+    """Preference pairs {prompt, chosen, rejected} from a JSON Lines file, a parquet file or a
+    Hugging Face `datasets` folder (`save_to_disk`). A record with a missing or non-string
+    field, an empty response, or chosen equal to rejected is a ValueError naming it
+    (`file:line` for JSON Lines, `file:row` otherwise)."""
+    path = pathlib.Path(path)
+    require(path.exists(), f"preference data {path} does not exist")
+    if path.is_dir():
+        import datasets
+        rows, where = datasets.load_from_disk(str(path)), "row"
+    elif path.suffix == ".parquet":
+        import datasets
+        rows, where = datasets.Dataset.from_parquet(str(path)), "row"
+    else:
+        rows, where = [], "line"
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    pairs = []
+    for number, record in enumerate(rows, 1):
+        at = f"{path}:{number}" if where == "line" else f"{path}: row {number}"
+        require(isinstance(record, dict), f"{at}: expected an object with {PAIR_FIELDS}")
+        for field in PAIR_FIELDS:
+            require(isinstance(record.get(field), str),
+                    f"{at}: field {field!r} is missing or not a string")
+        for field in ("chosen", "rejected"):
+            require(record[field].strip() != "", f"{at}: field {field!r} is empty")
+        require(record["chosen"] != record["rejected"],
+                f"{at}: chosen equals rejected ({record['chosen'][:60]!r})")
+        pairs.append({k: record[k] for k in PAIR_FIELDS})
+    require(len(pairs) > 0, f"{path} holds no preference pairs")
+    return pairs
+
+
+def pair_batch(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]],
+               rejected: Sequence[Sequence[int]], length: int) -> dict[str, np.ndarray]:
+    """Rows prompt + response, right-padded to `length`: {chosen,rejected}_{tokens,mask} int32
+    [N, length] each (a row longer than `length` is an error naming it)."""
+    out = {}
+    for name, responses in (("chosen", chosen), ("rejected", rejected)):
+        tokens = np.zeros((len(prompts), length), np.int32)
+        for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+            n = len(prompt) + len(response)
+            require(n <= length, f"pair {row}: prompt + {name} has {n} tokens > length {length}")
+            tokens[row, :n] = [*prompt, *response]
+        out[f"{name}_tokens"] = tokens
+        out[f"{name}_mask"] = np.asarray(
+            np.arange(length) < np.asarray([len(p) + len(r) for p, r in zip(
+                prompts, responses, strict=True)])[:, None], np.int32)
+    return out
+
+
+def pair_loss(model: ScalarRewardModel, batch) -> tuple[jax.Array, dict]:
+    """`bt_loss` of a `pair_batch` (the loss `sft.fit` trains the RM on), with its accuracy."""
+    rewards = model(jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]]),
+                    jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]]))  # [2B]
+    chosen, rejected = jnp.split(rewards, 2)
+    loss = bt_loss(chosen, rejected)
+    return loss, {"loss": loss, "accuracy": bt_accuracy(chosen, rejected)}
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _rewards(graphdef, state, tokens, mask):
+    return nnx.merge(graphdef, state)(tokens, mask)
+
+
+def rewards(model: ScalarRewardModel, tokens: np.ndarray, mask: np.ndarray,
+            batch_size: int = 256) -> np.ndarray:
+    """r(x, y) float32 [N] of rows tokens, mask int [N, T], in jitted batches (the last one
+    padded, so one shape is compiled)."""
+    graphdef, state = nnx.split(model)
+    out = []
+    for start in range(0, len(tokens), batch_size):
+        part_t, part_m = tokens[start:start + batch_size], mask[start:start + batch_size]
+        pad = batch_size - len(part_t)
+        part_t = np.pad(part_t, ((0, pad), (0, 0)))
+        part_m = np.pad(part_m, ((0, pad), (0, 0)), constant_values=1)
+        out.append(np.asarray(_rewards(graphdef, state, part_t, part_m))[:batch_size - pad])
+    return np.concatenate(out)
+
+
+HEAD_FILE = "reward_head.safetensors"
+
+
+def save(model: ScalarRewardModel, path: str | pathlib.Path, **config_fields) -> None:
+    """The RM as a folder: the backbone as a Hugging Face causal-LM checkpoint
+    (`hf.save_pretrained`: config.json, model.safetensors) and the head in `reward_head.
+    safetensors` (`weight` float32 [D, 1], `bias` float32 [1]): r = h_last @ weight + bias."""
+    from safetensors.numpy import save_file
+
+    from jaxlab.models import hf
+
+    hf.save_pretrained(model.backbone, path, **config_fields)
+    save_file({"weight": np.asarray(model.head.kernel[...]),
+               "bias": np.asarray(model.head.bias[...])}, str(pathlib.Path(path) / HEAD_FILE))
+
+
+def load(path: str | pathlib.Path, **load_options) -> ScalarRewardModel:
+    """The RM `save` wrote (`load_options` go to `hf.load_pretrained`)."""
+    from safetensors.numpy import load_file
+
+    from jaxlab.models import hf
+
+    head_file = pathlib.Path(path) / HEAD_FILE
+    require(head_file.is_file(), f"{path} has no {HEAD_FILE}: not a reward model folder")
+    backbone = hf.load_pretrained(path, **load_options)
+    model = ScalarRewardModel(backbone, backbone.config.hidden_size, rngs=nnx.Rngs(0))
+    head = load_file(str(head_file))
+    require(head["weight"].shape == model.head.kernel.shape,
+            f"{head_file}: weight has shape {head['weight'].shape}, the backbone needs "
+            f"{model.head.kernel.shape}")
+    model.head.kernel[...] = jnp.asarray(head["weight"])
+    model.head.bias[...] = jnp.asarray(head["bias"])
+    return model
+
+
+def scalar_reward_fn(model: ScalarRewardModel,
+                     render: Callable[[object, list[int]], list[int]], length: int):
+    """The writer's reward function for ScalarRM-GRPO (`loop.run`, section 3): r(x, y) of each
+    response, with `render(prompt, response tokens)` the RM's input tokens (at most `length`)."""
+    def reward_fn(prompts, responses, truncated):
+        rows = [render(p, r) for p, group in zip(prompts, responses, strict=True)
+                for r in group]
+        tokens = np.zeros((len(rows), length), np.int32)
+        for i, row in enumerate(rows):
+            require(len(row) <= length, f"the RM input of response {i} has {len(row)} tokens "
+                                        f"> length {length}")
+            tokens[i, :len(row)] = row
+        mask = (np.arange(length) < np.asarray([len(r) for r in rows])[:, None]).astype(np.int32)
+        return rewards(model, tokens, mask).reshape(truncated.shape)
+    return reward_fn

@@ -1,0 +1,249 @@
+"""The writer of Writing-Zero on the small writing world: BRPO against the pairwise GenRM and
+ScalarRM-GRPO (sections 2-3 of papers/writing_zero.md), from the same initial policy, on the same
+prompts and budget, through `jaxlab.rl.loop`.
+
+    python experiments/train_writer.py --config configs/writing_zero/writer_cpu.yaml [k=v ...]
+
+brpo: per group a reference drawn at random, every other response judged against it by the
+  GenRM in both orders and `votes` times (all judge prompts of a step in one sampler call),
+  +1 / -1 rewards (0 for the reference), the outlier filter, the rewards as advantages.
+scalar_grpo: the Bradley-Terry RM's reward r(x, y), group z-scores.
+Every iteration logs, besides the loop's metrics, the hidden true quality, the word count, the
+redundant explanation (words after the answer's "."), the distinct-bigram ratio and the scalar
+RM's reward of the rollouts; BRPO also logs judge seconds and judge tokens/s. Before and after
+training each writer is evaluated on fixed prompts: those measures, the scalar RM's reward and
+the GenRM's win rate against the initial writer (a win: preferred in both orders). Writes
+config.yaml, log.txt, summary.json (the table), curves.png, and per method metrics.jsonl,
+checkpoints/ and samples/iteration_*.json; a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxlab import config as config_lib
+from jaxlab import results
+from jaxlab.models import hf
+from jaxlab.rl import genrm, loop, reward_model, sft
+from jaxlab.sampling import sampler
+from jaxlab.writing import teacher, world
+
+log = logging.getLogger("jaxlab")
+
+METHODS = ("brpo", "scalar_grpo")
+MEASURES = ("quality", "words", "redundant", "distinct_bigrams", "scalar_rm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    out_dir: str = "results/writing_zero/writer"
+    writer: str = "results/writing_zero/world/writer"   # the initial policy
+    genrm: str = "results/writing_zero/genrm/genrm"
+    rm: str = "results/writing_zero/rm/rm"
+    methods: tuple[str, ...] = METHODS
+    votes: int = 1                    # BRPO: verdicts per order and pair
+    judge_temperature: float = 0.0    # 0: greedy verdicts
+    judge_max_prompt_tokens: int = 80
+    judge_max_new_tokens: int = 32
+    rm_length: int = 48               # the RM's rows: prompt + response
+    eval_prompts: int = 64
+    eval_samples: int = 4             # responses per eval prompt
+    samples_every: int = 10           # iterations between samples/iteration_*.json
+    seed: int = 0
+    task: world.WorldConfig = dataclasses.field(default_factory=world.WorldConfig)
+    loop: loop.LoopConfig = dataclasses.field(default_factory=loop.LoopConfig)
+
+    def __post_init__(self):
+        config_lib.require_positive_ints(self, "votes", "judge_max_prompt_tokens",
+                                         "judge_max_new_tokens", "rm_length", "eval_prompts",
+                                         "eval_samples", "samples_every")
+        bad = [m for m in self.methods if m not in METHODS]
+        config_lib.require(not bad and self.methods,
+                           f"methods must be a non-empty list of {METHODS}, got {self.methods}")
+        config_lib.require(self.judge_temperature > 0 or self.votes == 1,
+                           f"votes={self.votes} needs judge_temperature > 0 (greedy verdicts "
+                           f"repeat)")
+        longest = 2 + self.task.required + 2 * self.loop.max_new_tokens + 3
+        config_lib.require(longest <= self.judge_max_prompt_tokens,
+                           f"judge prompts of two {self.loop.max_new_tokens}-token responses "
+                           f"need judge_max_prompt_tokens >= {longest}")
+
+    def method_loop(self, method: str) -> loop.LoopConfig:
+        """BRPO takes the rewards as advantages (its outlier filter replaces dynamic
+        sampling); ScalarRM-GRPO uses group z-scores."""
+        if method == "brpo":
+            return dataclasses.replace(self.loop, advantage="brpo", dynamic_sampling=False)
+        return dataclasses.replace(self.loop, advantage="grpo")
+
+
+def prompt_fn(task: world.WorldConfig, codec: sft.TextCodec):
+    """Fresh prompts drawn from the key; a prompt's `data` is its text."""
+    def draw(key: jax.Array, count: int) -> list[loop.Prompt]:
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
+        texts = [world.prompt_text(world.draw_required(rng, task)) for _ in range(count)]
+        return [loop.Prompt(tuple(codec.prompt(t)), t) for t in texts]
+    return draw
+
+
+def measures(prompt: str, response: str) -> dict[str, float]:
+    """The world's measures of one response text (the hidden quality included)."""
+    return {"quality": world.quality(world.required_words(prompt), response),
+            "words": len(response.split()), "redundant": world.redundant_words(response),
+            "distinct_bigrams": world.distinct_bigrams(response)}
+
+
+class Rewards:
+    """The writer's reward functions, and what it takes to build them."""
+
+    def __init__(self, cfg: Config, codec: sft.TextCodec):
+        self.cfg, self.codec = cfg, codec
+        self.rm = reward_model.load(cfg.rm, dtype="float32")
+        self.judge = genrm.Judge(
+            model=hf.load_pretrained(cfg.genrm, dtype="float32"), decode=codec.decode,
+            max_prompt_tokens=cfg.judge_max_prompt_tokens,
+            sampling=sampler.SamplingConfig(
+                max_new_tokens=cfg.judge_max_new_tokens, temperature=cfg.judge_temperature,
+                n=cfg.votes, stop_ids=(codec.eos_id,), confidence=False))
+        self.scalar = reward_model.scalar_reward_fn(self.rm, self.rm_input, cfg.rm_length)
+
+    def rm_input(self, prompt: loop.Prompt, response: list[int]) -> list[int]:
+        return [*prompt.tokens, *response]
+
+    def judge_input(self, prompt: loop.Prompt, first: list[int], second: list[int]
+                    ) -> list[int]:
+        return self.codec.prompt(teacher.judge_prompt(
+            prompt.data, self.codec.decode(first), self.codec.decode(second)))
+
+    def for_method(self, method: str) -> loop.RewardFn:
+        """The method's reward plus the world's measures and the scalar RM's reward."""
+        base = (genrm.brpo_reward_fn(self.judge, self.judge_input) if method == "brpo"
+                else self.scalar)
+
+        def reward_fn(prompts, responses, truncated):
+            out = base(prompts, responses, truncated)
+            out = dict(out) if isinstance(out, dict) else {"reward": out}
+            out["scalar_rm"] = (out["reward"] if method == "scalar_grpo"
+                                else self.scalar(prompts, responses, truncated))
+            rows = [measures(p.data, self.codec.decode(r))
+                    for p, group in zip(prompts, responses, strict=True) for r in group]
+            for name in rows[0]:
+                out[name] = np.asarray([r[name] for r in rows]).reshape(truncated.shape)
+            return out
+        return reward_fn
+
+
+def write_samples(out: pathlib.Path, codec: sft.TextCodec, every: int):
+    """A `loop.run` hook writing the first two groups every `every` iterations."""
+    def hook(iteration, prompts, responses, values):
+        if iteration % every:
+            return
+        groups = [{"prompt": prompts[g].data, "responses": [
+            {"text": codec.decode(r), **{k: float(v[g, j]) for k, v in values.items()
+                                         if k in ("reward", "quality", "scalar_rm")}}
+            for j, r in enumerate(responses[g])]} for g in range(min(2, len(prompts)))]
+        results.write_json(out / f"iteration_{iteration:04d}.json", groups)
+    return hook
+
+
+def evaluate(model, rewards: Rewards, prompts: list[loop.Prompt],
+             reference: list[list[int]] | None, cfg: Config) -> tuple[dict, list[list[int]]]:
+    """Means of the world's measures and the scalar RM's reward over `eval_samples` responses
+    per prompt (fixed key), and the GenRM's win and loss rates against `reference` (the
+    initial writer's responses, slot by slot; a win: preferred in both orders)."""
+    config = sampler.SamplingConfig(
+        max_new_tokens=cfg.loop.max_new_tokens, temperature=cfg.loop.train.temperature,
+        n=cfg.eval_samples, stop_ids=cfg.loop.stop_ids, confidence=False)
+    key = jax.random.key(cfg.seed + (2 if reference is not None else 1))
+    s = jax.device_get(sampler.sample(model, [p.tokens for p in prompts], key, config,
+                                      prompt_length=cfg.loop.max_prompt_tokens))
+    responses = [s.tokens[i, :s.lengths[i]].tolist() for i in range(len(s.lengths))]
+    groups = [responses[i * cfg.eval_samples:(i + 1) * cfg.eval_samples]
+              for i in range(len(prompts))]
+    truncated = np.zeros((len(prompts), cfg.eval_samples), bool)
+    values = rewards.for_method("scalar_grpo")(prompts, groups, truncated)
+    table = {name: float(np.mean(values[name])) for name in MEASURES}
+    if reference is not None:
+        owners = [prompts[i // cfg.eval_samples] for i in range(len(responses))]
+        requests = [rewards.judge_input(p, *pair) for p, mine, ref in
+                    zip(owners, responses, reference, strict=True)
+                    for pair in ((mine, ref), (ref, mine))]
+        scores, valid, _ = rewards.judge.verdicts(requests, jax.random.key(cfg.seed))
+        scores, valid = scores[:, 0].reshape(-1, 2, 2), valid[:, 0].reshape(-1, 2)
+        verdict = genrm.consistent_preference(scores[:, 0], valid[:, 0], scores[:, 1],
+                                              valid[:, 1])
+        table["genrm_win_rate"] = float(np.mean(np.asarray(verdict) == 1))
+        table["genrm_loss_rate"] = float(np.mean(np.asarray(verdict) == -1))
+    return table, responses
+
+
+def plot(records: dict[str, list[dict]], path: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ("reward_mean", "quality", "words", "redundant", "distinct_bigrams", "scalar_rm",
+             "kl", "entropy")
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7))
+    for ax, name in zip(axes.flat, names, strict=True):
+        for method, rows in records.items():
+            if rows and name in rows[0]:
+                ax.plot([r["iteration"] for r in rows], [r[name] for r in rows], label=method)
+        ax.set_title(name)
+        ax.set_xlabel("iteration")
+    axes.flat[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
+    genrm.check_same_tokenizer(cfg.genrm, cfg.writer)
+    genrm.check_same_tokenizer(cfg.rm, cfg.writer)
+    out = results.open_run(cfg.out_dir, cfg)
+    codec = sft.TextCodec(cfg.writer)
+    config_lib.require(cfg.loop.stop_ids == (codec.eos_id,),
+                       f"loop.stop_ids must be [{codec.eos_id}] (the writer's EOS)")
+    rewards = Rewards(cfg, codec)
+    eval_prompts = prompt_fn(cfg.task, codec)(jax.random.key(10_000 + cfg.seed),
+                                              cfg.eval_prompts)
+    initial = hf.load_pretrained(cfg.writer, dtype="float32")
+    summary = results.read_json(out / "summary.json", {})
+    _, reference = evaluate(initial, rewards, eval_prompts, None, cfg)
+    summary["start"], _ = evaluate(initial, rewards, eval_prompts, reference, cfg)
+    for method in cfg.methods:
+        start = time.perf_counter()
+        graphdef, state = loop.run(
+            hf.load_pretrained(cfg.writer, dtype="float32"), prompt_fn(cfg.task, codec),
+            rewards.for_method(method), cfg.method_loop(method), out / method,
+            key=jax.random.key(cfg.seed),
+            on_iteration=write_samples(out / method / "samples", codec, cfg.samples_every))
+        trained = nnx.merge(graphdef, jax.device_get(state.params))
+        rows = [json.loads(line)
+                for line in (out / method / "metrics.jsonl").read_text().splitlines()]
+        end, _ = evaluate(trained, rewards, eval_prompts, reference, cfg)
+        step_seconds = sum(r["rollout_seconds"] + r["train_seconds"] for r in rows)
+        summary[method] = {"end": end, "seconds_this_run": time.perf_counter() - start,
+                           "step_seconds": step_seconds, "iterations": len(rows)}
+        if method == "brpo":
+            judge_seconds = sum(r["judge_seconds"] for r in rows)
+            summary[method].update({
+                "judge_tokens_per_s": float(np.mean([r["judge_tokens_per_s"] for r in rows])),
+                "judge_share_of_step": judge_seconds / step_seconds})
+        results.write_json(out / "summary.json", summary)
+        log.info("%s: %s", method, summary[method])
+    plot({m: [json.loads(line) for line in (out / m / "metrics.jsonl").read_text().splitlines()]
+          for m in cfg.methods}, out / "curves.png")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Supervised training with exact resume: next-token SFT on (prompt, target) pairs (the GenRM's
+cold start, section 1 of `papers/writing_zero.md`; a writer's initial policy) and any loss of a
+model over a dataset of arrays (the Bradley-Terry reward model).
+
+    model = sft.fit(model, sft.sft_loss, data, FitConfig(...), out_dir, key=key)
+
+Step s trains on the examples `train.batch_indices(key, s, N, batch)`, a function of the run's
+key and s only; the state (parameters, AdamW state, step, key) is checkpointed with Orbax every
+`checkpoint_every` steps, so a rerun of the same out_dir resumes and ends with the parameters
+of a run that never stopped, bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import pathlib
+import sys
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from jaxlab.checkpoint import CheckpointConfig, Checkpointer
+from jaxlab.config import require, require_positive_ints
+from jaxlab.rl import losses, train
+from jaxlab.rl.loop import append_record, truncate_records
+
+log = logging.getLogger("jaxlab")
+
+# loss_fn(model, batch) -> (scalar loss, {name: scalar} metrics); batch: the data's arrays at
+# the step's examples.
+LossFn = Callable[[nnx.Module, Mapping[str, jax.Array]], tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    steps: int = 500
+    batch_size: int = 64
+    learning_rate: float = 1e-3     # AdamW, linear warmup then constant
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    log_every: int = 25             # steps between metrics.jsonl records
+    checkpoint_every: int = 100
+
+    def __post_init__(self):
+        require_positive_ints(self, "steps", "batch_size", "log_every", "checkpoint_every")
+
+    @property
+    def optimizer(self) -> train.TrainConfig:
+        return train.TrainConfig(learning_rate=self.learning_rate,
+                                 warmup_steps=self.warmup_steps, weight_decay=self.weight_decay,
+                                 max_grad_norm=self.max_grad_norm)
+
+
+class TextCodec:
+    """Text <-> token ids in a checkpoint folder's own tokenizer (a response ends with EOS)."""
+
+    def __init__(self, folder: str | pathlib.Path):
+        from jaxlab.models import hf
+
+        self.tokenizer = hf.load_tokenizer(folder)
+        require(self.tokenizer.eos_token_id is not None,
+                f"the tokenizer of {folder} has no EOS token")
+        self.eos_id = self.tokenizer.eos_token_id
+
+    def prompt(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def response(self, text: str) -> list[int]:
+        return [*self.tokenizer.encode(text, add_special_tokens=False), self.eos_id]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ids, without special tokens (padding, EOS)."""
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def sft_batch(prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], length: int,
+              ) -> dict[str, np.ndarray]:
+    """Rows `prompt + target`, right-padded to `length`:
+
+      tokens     int32 [N, length]   [p1 p2 p3 t1 t2 t3 0 0]
+      mask       int32 [N, length]   [ 1  1  1  1  1  1 0 0]   attention
+      loss_mask  float32 [N, length] [ 0  0  0  1  1  1 0 0]   the target's tokens only
+
+    A row longer than `length` is an error naming it.
+    """
+    require(len(prompts) == len(targets) > 0,
+            f"need as many prompts as targets (> 0), got {len(prompts)} and {len(targets)}")
+    tokens = np.zeros((len(prompts), length), np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    loss_mask = np.zeros((len(prompts), length), np.float32)
+    for row, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
+        p, n = len(prompt), len(prompt) + len(target)
+        require(p > 0 and len(target) > 0, f"example {row}: empty prompt or target")
+        require(n <= length, f"example {row} has {n} tokens > length {length}")
+        tokens[row, :n] = [*prompt, *target]
+        mask[row, :n] = 1
+        loss_mask[row, p:n] = 1
+    return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
+
+
+def sft_loss(model: nnx.Module, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+    """Mean negative log-likelihood of the target tokens:
+
+      L = -sum_{n,t} loss_mask[n,t] log p(tokens[n,t] | tokens[n,<t]) / sum loss_mask
+    """
+    logp = train.sequence_logprobs(model, batch["tokens"], batch["mask"])[0]   # [B, T]
+    loss = -losses.token_mean(logp, batch["loss_mask"])
+    return loss, {"loss": loss}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn", "config", "batch_size"),
+                   donate_argnums=0)
+def _step(state: train.TrainState, data, *, graphdef, loss_fn, config: train.TrainConfig,
+          batch_size: int):
+    size = jax.tree.leaves(data)[0].shape[0]
+    rows = train.batch_indices(state.key, state.step, size, batch_size)       # [batch]
+    batch = jax.tree.map(lambda x: x[rows], data)
+
+    def objective(params):
+        return loss_fn(nnx.merge(graphdef, params), batch)
+
+    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    updates, opt_state = train.make_optimizer(config).update(grads, state.opt_state,
+                                                             state.params)
+    params = jax.tree.map(jnp.add, state.params, updates)
+    return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+
+def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray], config: FitConfig,
+        out_dir: str | pathlib.Path, *, key: jax.Array) -> nnx.Module:
+    """Trains `model` (float32 parameters) on `loss_fn` over `data` (arrays with a shared
+    leading axis N); returns the trained model. `out_dir` receives metrics.jsonl (step, loss
+    and loss_fn's metrics every `log_every` steps) and checkpoints/; a rerun resumes."""
+    out = pathlib.Path(out_dir)
+    size = {k: np.shape(v)[0] for k, v in data.items()}
+    require(len(set(size.values())) == 1, f"data arrays have different lengths: {size}")
+    require(config.batch_size <= min(size.values()),
+            f"FitConfig.batch_size={config.batch_size} exceeds the {min(size.values())} examples")
+    graphdef, state = train.init_train_state(model, config.optimizer, key)
+    device_data = {k: jnp.asarray(v) for k, v in data.items()}
+    with Checkpointer(out / "checkpoints", CheckpointConfig(keep_last=1, best_metric=None)
+                      ) as checkpointer:
+        if checkpointer.latest_step() is not None:
+            state = checkpointer.restore(state)
+            log.info("resuming from step %d (%s)", int(state.step), checkpointer.directory)
+        start = int(state.step)
+        truncate_records(out / "metrics.jsonl", start, "step")
+        bar = tqdm(range(start, config.steps), initial=start, total=config.steps, unit="step",
+                   file=sys.stderr, dynamic_ncols=True)
+        for step in bar:
+            state, metrics = _step(state, device_data, graphdef=graphdef, loss_fn=loss_fn,
+                                   config=config.optimizer, batch_size=config.batch_size)
+            if step % config.log_every == 0 or step + 1 == config.steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not all(np.isfinite(v) for v in metrics.values()):
+                    raise FloatingPointError(f"step {step}: non-finite metrics {metrics}; the "
+                                             f"last checkpoint is step "
+                                             f"{checkpointer.latest_step()}")
+                append_record(out / "metrics.jsonl", {"step": step, **metrics})
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                checkpointer.save(step + 1, state)
+        checkpointer.wait()
+    return nnx.merge(graphdef, state.params)
