@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import numpy as np
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -29,10 +30,7 @@ def load_config(schema: type[T], path: str | pathlib.Path | None = None,
     base = OmegaConf.structured(schema)
     layers = []
     if path is not None:
-        path = pathlib.Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        layers.append((str(path), OmegaConf.load(path)))
+        layers.append((str(path), read_yaml(path)))
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got {bad}")
@@ -43,13 +41,34 @@ def load_config(schema: type[T], path: str | pathlib.Path | None = None,
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
-            raise ConfigError(f"{source}: {_first_line(e)}") from None
+            raise ConfigError(f"{source}: {_merge_error(merged, layer, e)}") from None
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(_first_line(e)) from None
     except (ValueError, TypeError) as e:  # raised by the schema's __post_init__
         raise ConfigError(str(e)) from None
+
+
+def read_yaml(path: str | pathlib.Path):
+    """The YAML mapping at `path` as an OmegaConf config; ConfigError naming `path:line` for a
+    file that is missing, not valid YAML or not a mapping."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        config = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})"
+                          ) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not OmegaConf.is_dict(config):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got "
+                          f"{type(OmegaConf.to_container(config)).__name__}")
+    return config
 
 
 def from_command_line(schema: type[T], argv: Sequence[str] | None = None,
@@ -73,6 +92,33 @@ def to_yaml(config: Any) -> str:
 
 def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _merge_error(base, layer, error: OmegaConfBaseException) -> str:
+    """OmegaConf's message for a key of `layer` that does not fit `base`, led by the key and the
+    value given. OmegaConf leaves the key out for an element of a list (`ks=[a]`) and gives it
+    relative to the element inside a list of configs, so the top-level key is then found by
+    merging `layer`'s keys one at a time."""
+    message = _first_line(error).replace("'$VALUE' of type '$VALUE_TYPE' ", "")
+    key = error.full_key or None
+    value = OmegaConf.select(layer, key, default=None) if key else None
+    if value is None:
+        culprit = next((k for k in layer if not _merges(base, {k: layer[k]})), None)
+        if culprit is None:
+            return f"{key}: {message}" if key else message
+        if key:
+            message = f"{key}: {message}"
+        key, value = culprit, layer[culprit]
+    shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    return f"{key}={shown!r}: {message}"
+
+
+def _merges(base, layer: dict) -> bool:
+    try:
+        OmegaConf.merge(base, layer)
+    except OmegaConfBaseException:
+        return False
+    return True
 
 
 def require(condition: bool, message: str) -> None:

@@ -1,11 +1,17 @@
-"""JSON Lines files of typed records, with errors that name `file:line`."""
+"""JSON Lines files of typed records, with errors that name `file:line`, and files that a run
+appends to record by record (`resume_records`, `append_record`): a kill can cut the last line
+short, and the next run drops that line with a warning and goes on."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import pathlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
+
+log = logging.getLogger("jaxlab")
 
 
 class DataError(ValueError):
@@ -41,18 +47,54 @@ def read_jsonl(path: str | pathlib.Path, fields: Sequence[Field]) -> list[tuple]
     path = pathlib.Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            rows.append(tuple(field_value(record, field, where) for field in fields))
-    return rows
+    return [tuple(field_value(record, field, where) for field in fields)
+            for where, record in _records(path, path.read_bytes().splitlines())]
+
+
+def _records(path: pathlib.Path, lines: Sequence[bytes]) -> Iterator[tuple[str, dict]]:
+    """("file:line", JSON object) for each line; DataError naming `file:line` for a line that is
+    not UTF-8, not JSON or not an object."""
+    for line_no, line in enumerate(lines, 1):
+        where = f"{path}:{line_no}"
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not UTF-8 text (byte {e.object[e.start]:#04x} at column "
+                            f"{e.start + 1})") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
+
+
+def resume_records(path: str | pathlib.Path) -> list[dict]:
+    """The records of a JSON Lines file that a run appends to (none if there is no file).
+
+    A last line without its newline is what a kill in the middle of `append_record` leaves: it is
+    removed from the file with a warning naming it, so the run redoes that record. Any other bad
+    line is a DataError naming `file:line`.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    lines = data.splitlines()
+    if data and not data.endswith(b"\n"):
+        log.warning("%s:%d: dropping a partial last line (%d bytes, cut off by an interrupted "
+                    "write); its record will be redone", path, len(lines), len(lines[-1]))
+        with path.open("r+b") as f:
+            f.truncate(len(data) - len(lines[-1]))
+        lines = lines[:-1]
+    return [record for _, record in _records(path, lines)]
+
+
+def append_record(path: str | pathlib.Path, record: dict) -> None:
+    """Appends `record` as one line, flushed to disk before returning."""
+    with pathlib.Path(path).open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def check_unique(keys: Sequence[Any], what: str, source: str) -> None:

@@ -17,17 +17,26 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from jaxlab.config import ConfigError, to_yaml
+from jaxlab.config import ConfigError, read_yaml, to_yaml
 
 
 def write_text(path: pathlib.Path, text: str) -> None:
-    """Replaces `path` with `text` atomically."""
+    """Replaces `path` with `text` atomically, with the permissions of an ordinary new file
+    (0666 less the umask, as `open` gives; a temporary file alone would be 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
         f.write(text)
         f.flush()
+        os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.fsync(f.fileno())
     os.replace(f.name, path)
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: pathlib.Path, value: Any) -> None:
@@ -59,8 +68,8 @@ def open_run(out_dir: str | pathlib.Path, config: Any, may_change: Sequence[str]
     resolved = to_yaml(config)
     if saved.exists():
         ignored = {"out_dir", *may_change}
-        before, now = ({k: v for k, v in OmegaConf.to_container(OmegaConf.create(text)).items()
-                        if k not in ignored} for text in (saved.read_text(), resolved))
+        before, now = ({k: v for k, v in OmegaConf.to_container(tree).items() if k not in ignored}
+                       for tree in (read_yaml(saved), OmegaConf.create(resolved)))
         if before != now:
             before, now = _flatten(before), _flatten(now)
             changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
