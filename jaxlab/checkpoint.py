@@ -5,23 +5,36 @@ Each checkpoint is written to a temporary directory and renamed into place when 
 could be mistaken for a finished one; the leftover is ignored and removed on the next start.
 A state restored from step s and trained on is bit-for-bit the run that never stopped, provided
 the run's randomness and data order are functions of the state (see `jaxlab.rl.train`).
+
+A finished checkpoint can still be damaged later (a file cut short, emptied or edited, a disk that
+filled up). `restore` then skips it with a warning naming its folder and what is wrong, and
+restores the newest checkpoint before it that reads back whole and finite.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import operator
 import pathlib
+import shutil
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from jaxlab.config import require, require_positive_ints
 
 State = TypeVar("State")
+
+log = logging.getLogger("jaxlab")
+
+
+class RestoreError(RuntimeError):
+    """No checkpoint of a directory can be restored; the message names each one and why."""
 
 BEST_MODES = ("min", "max")
 
@@ -61,7 +74,8 @@ class Checkpointer:
             enable_async_checkpointing=config.async_save,
             cleanup_tmp_directories=True,  # remove what an interrupted write left behind
             create=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._open = lambda: ocp.CheckpointManager(self.directory, options=options)
+        self._manager = self._open()
 
     def save(self, step: int, state: Any, metrics: Mapping[str, Any] | None = None,
              force: bool = False) -> bool:
@@ -76,16 +90,58 @@ class Checkpointer:
                                   force=force)
 
     def restore(self, target: State, step: int | None = None) -> State:
-        """The state saved at `step` (default: the latest complete one), with the structure,
-        dtypes and shardings of `target` (a freshly initialized state or its `jax.eval_shape`).
-        Raises FileNotFoundError when there is no complete checkpoint."""
+        """The state saved at `step` (default: the newest complete checkpoint that restores),
+        with the structure, dtypes and shardings of `target` (a freshly initialized state or its
+        `jax.eval_shape`).
+
+        A checkpoint that cannot be read back or holds non-finite values is skipped with a
+        warning naming its folder, and the one before it is tried. Raises FileNotFoundError when
+        there is no complete checkpoint (or none at `step`) and RestoreError, naming every
+        checkpoint tried and why it failed, when none restores.
+        """
         self.wait()
-        step = self.latest_step() if step is None else step
-        if step is None or step not in self.all_steps():
+        steps = self.all_steps()
+        if step is not None:
+            steps = [step] if step in steps else []
+        if not steps:
             raise FileNotFoundError(f"no complete checkpoint {'' if step is None else step} in "
                                     f"{self.directory} (complete steps: {self.all_steps()})")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        failures = []
+        for tried in reversed(steps):
+            folder = self.directory / str(tried)
+            try:
+                state = self._manager.restore(tried, args=ocp.args.StandardRestore(abstract))
+                bad = nonfinite_leaves(state)
+                if bad:
+                    raise ValueError(f"non-finite values in {bad[:3]}")
+            except Exception as e:  # Orbax, TensorStore and JSON errors alike
+                # A failed read can leave the manager unable to read the next step: reopen it.
+                self._manager.close()
+                self._manager = self._open()
+                failures.append(f"{folder}: {type(e).__name__}: {_first_line(e)}")
+                log.warning("checkpoint %s cannot be restored (%s: %s); %s", folder,
+                            type(e).__name__, _first_line(e),
+                            "trying the one before it" if tried != steps[0] else "none is left")
+                continue
+            if failures:
+                self._set_aside(steps[steps.index(tried) + 1:])
+                log.warning("restored step %d from %s", tried, folder)
+            return state
+        raise RestoreError(f"no checkpoint in {self.directory} can be restored:\n  "
+                           + "\n  ".join(failures))
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames the folders of damaged `steps` to `<step>.damaged` (kept for inspection, in
+        place of an earlier one of that name), so that the run can save those steps again."""
+        for step in steps:
+            folder = self.directory / str(step)
+            aside = folder.with_name(f"{step}.damaged")
+            shutil.rmtree(aside, ignore_errors=True)
+            folder.rename(aside)
+            log.warning("moved the damaged checkpoint %s to %s", folder, aside)
+        self._manager.close()
+        self._manager = self._open()
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -109,3 +165,13 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def nonfinite_leaves(tree: Any) -> list[str]:
+    """The paths of `tree`'s floating-point leaves that hold a NaN or an infinity."""
+    return [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact) and not bool(jnp.isfinite(x).all())]
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0][:300] if str(e) else type(e).__name__
