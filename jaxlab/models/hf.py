@@ -3,7 +3,9 @@ weights from safetensors, tokenizers through transformers; local folders and pac
 
 Loading is strict: every parameter of our model must come from exactly one checkpoint tensor of
 the same shape, and every checkpoint tensor must be used (or be on the model's list of tensors it
-does not need). Missing, unexpected and mis-shaped tensors are reported together in one error.
+does not need). Missing, unexpected and mis-shaped tensors are reported together in one error; a
+file cut short, an index without its `weight_map` and weights holding NaN or infinity are errors
+naming the file and the tensor (`allow_nonfinite=True` turns the last into a warning).
 `load_params` holds that machinery for the encoders; decoders (`load_pretrained`) read each
 tensor lazily, and with a mesh each device reads only its slice. Nothing is initialized at random:
 models are built abstractly (`nnx.eval_shape`) and every parameter comes from the files.
@@ -16,7 +18,9 @@ models are built abstractly (`nnx.eval_shape`) and every parameter comes from th
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import pathlib
 from collections.abc import Callable, Iterator, Sequence
 
@@ -26,7 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from jax.typing import DTypeLike
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from jaxlab import parallel
 from jaxlab.config import dtype_name
@@ -35,9 +39,44 @@ from jaxlab.models.decoder import FAMILIES, Decoder, DecoderConfig
 from jaxlab.models.encoder import Encoder, EncoderConfig, SentenceEncoder
 from jaxlab.results import write_json
 
+log = logging.getLogger("jaxlab")
+
 
 class CheckpointError(ValueError):
     """A checkpoint folder is missing, incomplete or does not fit the model."""
+
+
+@contextlib.contextmanager
+def _open_tensors(file: pathlib.Path) -> Iterator:
+    """`safe_open(file)`; a file that safetensors cannot read (cut short, not safetensors) is a
+    CheckpointError naming it."""
+    try:
+        with safe_open(file, framework="numpy") as f:  # bfloat16 through ml_dtypes
+            yield f
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); the file may be "
+                              f"cut short") from None
+
+
+def _check_finite(nonfinite: dict[str, str], allow: bool) -> None:
+    """Raises CheckpointError listing the tensors of `nonfinite` ({tensor: "file (counts)"}),
+    or logs a warning when `allow`."""
+    if not nonfinite:
+        return
+    listed = "; ".join(f"{name} in {where}" for name, where in sorted(nonfinite.items()))
+    if not allow:
+        raise CheckpointError(f"{len(nonfinite)} tensor(s) hold NaN or infinite values: {listed} "
+                              f"(allow_nonfinite=True loads them with a warning)")
+    log.warning("loading %d tensor(s) that hold NaN or infinite values: %s", len(nonfinite),
+                listed)
+
+
+def _nonfinite_counts(array) -> str | None:
+    """"2 NaN, 1 inf" for a floating-point array with non-finite values, else None."""
+    if not jnp.issubdtype(array.dtype, jnp.inexact):
+        return None
+    nan, inf = int(jnp.isnan(array).sum()), int(jnp.isinf(array).sum())
+    return f"{nan} NaN, {inf} inf" if nan or inf else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,23 +109,40 @@ def tensor_files(folder: str | pathlib.Path) -> dict[str, pathlib.Path]:
     folder = pathlib.Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{index}:{e.lineno}: not valid JSON ({e.msg})") from None
+        except (KeyError, TypeError):
+            raise CheckpointError(f"{index} has no \"weight_map\" (tensor name -> shard file)"
+                                  ) from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: \"weight_map\" must map tensor names to shard "
+                                  f"files, got {type(weight_map).__name__}")
         absent = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
         if absent:
             raise CheckpointError(f"{index} names weight files that are missing: {absent}")
         return {name: folder / file for name, file in weight_map.items()}
     single = _existing(folder, "model.safetensors")
-    with safe_open(single, framework="numpy") as f:
+    with _open_tensors(single) as f:
         return dict.fromkeys(f.keys(), single)
 
 
-def read_tensors(folder: str | pathlib.Path) -> dict[str, np.ndarray]:
-    """Every tensor of `folder`'s model.safetensors (or of the shards its index lists)."""
-    from safetensors.numpy import load_file
-
+def read_tensors(folder: str | pathlib.Path, allow_nonfinite: bool = False
+                 ) -> dict[str, np.ndarray]:
+    """Every tensor of `folder`'s model.safetensors (or of the shards its index lists).
+    CheckpointError naming the tensors that hold NaN or infinity (a warning with
+    `allow_nonfinite`)."""
     tensors: dict[str, np.ndarray] = {}
+    nonfinite: dict[str, str] = {}
     for shard in sorted(set(tensor_files(folder).values())):
-        tensors.update(load_file(shard))
+        with _open_tensors(shard) as f:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+                counts = _nonfinite_counts(tensors[name])
+                if counts:
+                    nonfinite[name] = f"{shard} ({counts})"
+    _check_finite(nonfinite, allow_nonfinite)
     return tensors
 
 
@@ -272,7 +328,8 @@ def load_decoder_config(path: str | pathlib.Path, *, dtype: DTypeLike = "float32
 
 
 def load_pretrained(path: str | pathlib.Path, *, dtype: DTypeLike = "float32",
-                    activation_dtype: DTypeLike | None = None, mesh: Mesh | None = None) -> Decoder:
+                    activation_dtype: DTypeLike | None = None, mesh: Mesh | None = None,
+                    allow_nonfinite: bool = False) -> Decoder:
     """A `Decoder` with every weight read from the local Hugging Face folder `path`.
 
     Args:
@@ -281,10 +338,12 @@ def load_pretrained(path: str | pathlib.Path, *, dtype: DTypeLike = "float32",
       activation_dtype: the dtype activations are computed in (same choices); default: dtype.
       mesh: place parameters sharded over this mesh (`parallel.param_sharding`); each device
         reads only its own slice from the files.
+      allow_nonfinite: load tensors holding NaN or infinity with a warning instead of refusing.
     Raises:
       ValueError: a dtype that is not one of the three, naming the argument and the value.
-      CheckpointError: unsupported architecture or config values, missing files, or tensors that
-        are missing, unexpected, mis-shaped or not floating point (all listed at once).
+      CheckpointError: unsupported architecture or config values, missing, unreadable or cut
+        short files, tensors that are missing, unexpected, mis-shaped or not floating point (all
+        listed at once), or that hold NaN or infinity (each named with its file).
     """
     path = pathlib.Path(path)
     config = load_decoder_config(path, dtype=dtype, activation_dtype=activation_dtype)
@@ -304,7 +363,7 @@ def load_pretrained(path: str | pathlib.Path, *, dtype: DTypeLike = "float32",
         name, transposed = targets[ours]
         if name not in files:
             continue
-        with safe_open(files[name], framework="numpy") as f:
+        with _open_tensors(files[name]) as f:
             view = f.get_slice(name)
             shape = tuple(view.get_shape())
             file_dtype = view.get_dtype()
@@ -323,16 +382,26 @@ def load_pretrained(path: str | pathlib.Path, *, dtype: DTypeLike = "float32",
     if problems:
         raise CheckpointError(f"{path} does not match the {config.family} architecture of its "
                               f"config.json:\n  " + "\n  ".join(problems))
+    # Counted on the device: a copy to the host would cost as much as the load.
+    counts = jax.device_get({ours: _nonfinite_total(x) for ours, x in loaded.items()})
+    _check_finite({targets[ours][0]: f"{files[targets[ours][0]]} ({nan} NaN, {inf} inf)"
+                   for ours, (nan, inf) in counts.items() if nan or inf}, allow_nonfinite)
     for ours, variable in flat.items():
         variable.set_value(loaded[ours])
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+@jax.jit
+def _nonfinite_total(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(NaN count, inf count) of `x`, int32 [] each."""
+    return jnp.isnan(x).sum(), jnp.isinf(x).sum()
 
 
 def _read(file: pathlib.Path, name: str, transposed: bool, shape, dtype, sharding):
     """One tensor as a jax.Array of `dtype`; with a sharding, each device reads only its slice."""
 
     def host(index=None) -> np.ndarray:
-        with safe_open(file, framework="numpy") as f:  # bfloat16 through ml_dtypes
+        with _open_tensors(file) as f:
             if index is None:
                 array = f.get_tensor(name)
             else:  # our index is on the transposed tensor when the file stores [out, in]
