@@ -5,12 +5,18 @@ GRPO (the ScalarRM-GRPO baseline, section 3 of `papers/writing_zero.md`), its me
 variant (Dr. GRPO), RLOO, and BRPO (section 2), which compares every response with a reference
 drawn from its own group. Every function is pure, jittable and vmappable (an extra leading axis,
 e.g. over experiments, vmaps away); randomness comes in as an explicit key.
+
+Non-finite rewards are refused: called on concrete arrays, a function raises ValueError naming the
+first group with a NaN or an infinity; traced (under `jit` or `vmap`, where values are unknown),
+that group's advantages are NaN, so that the policy step refuses them (`jaxlab.rl.train`) instead
+of training on a made-up value.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlab.config import require
 
@@ -20,6 +26,25 @@ def _check_rewards(rewards: jax.Array) -> None:
     require(rewards.shape[1] >= 2,
             f"rewards: the group size G must be >= 2 to compare responses, got "
             f"G={rewards.shape[1]}")
+    values = _concrete(rewards)
+    if values is not None and not np.isfinite(values).all():
+        group, response = np.argwhere(~np.isfinite(values))[0]
+        raise ValueError(f"rewards of group {group} are not finite (response {response}: "
+                         f"{values[group, response]}); rewards must be finite numbers")
+
+
+def _concrete(x: jax.Array) -> np.ndarray | None:
+    """`x`'s values as a NumPy array, or None when they are not known (a tracer)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _nan_unless_finite(rewards: jax.Array, advantages: jax.Array) -> jax.Array:
+    """`advantages` [groups, G], NaN in every group whose rewards are not all finite."""
+    finite = jnp.all(jnp.isfinite(rewards), axis=1, keepdims=True)          # [groups, 1]
+    return jnp.where(finite, advantages, jnp.nan)
 
 
 def has_variance(rewards: jax.Array) -> jax.Array:
@@ -38,8 +63,8 @@ def grpo_advantages(rewards: jax.Array, eps: float = 1e-6) -> jax.Array:
 
       A_i = (r_i - mean_j r_j) / (std_j r_j + eps)
 
-    with the population std over the G responses of the group; a group of equal rewards gets
-    A = 0 (not NaN).
+    with the population std over the G responses of the group; a group of equal (finite)
+    rewards gets A = 0 (not NaN).
 
     Args:
       rewards: [groups, G].
@@ -50,7 +75,8 @@ def grpo_advantages(rewards: jax.Array, eps: float = 1e-6) -> jax.Array:
     rewards = rewards.astype(jnp.float32)
     centred = rewards - jnp.mean(rewards, axis=1, keepdims=True)        # [groups, G]
     std = jnp.sqrt(jnp.mean(jnp.square(centred), axis=1, keepdims=True))  # [groups, 1]
-    return jnp.where(has_variance(rewards)[:, None], centred / (std + eps), 0.0)
+    advantages = jnp.where(has_variance(rewards)[:, None], centred / (std + eps), 0.0)
+    return _nan_unless_finite(rewards, advantages)
 
 
 def dr_grpo_advantages(rewards: jax.Array) -> jax.Array:
@@ -60,7 +86,7 @@ def dr_grpo_advantages(rewards: jax.Array) -> jax.Array:
     """
     _check_rewards(rewards)
     rewards = rewards.astype(jnp.float32)
-    return rewards - jnp.mean(rewards, axis=1, keepdims=True)
+    return _nan_unless_finite(rewards, rewards - jnp.mean(rewards, axis=1, keepdims=True))
 
 
 def rloo_advantages(rewards: jax.Array) -> jax.Array:
@@ -102,6 +128,11 @@ def brpo_rewards(wins: jax.Array, ref_index: jax.Array) -> jax.Array:
     require(wins.shape[1] >= 2, f"wins: the group size G must be >= 2, got G={wins.shape[1]}")
     require(ref_index.shape == wins.shape[:1],
             f"ref_index must have shape [groups]={wins.shape[:1]}, got {ref_index.shape}")
+    refs = _concrete(ref_index)
+    if refs is not None and ((refs < 0) | (refs >= wins.shape[1])).any():
+        group = int(np.flatnonzero((refs < 0) | (refs >= wins.shape[1]))[0])
+        raise ValueError(f"ref_index of group {group} is {refs[group]}, outside [0, G="
+                         f"{wins.shape[1]}): the group would have no reference")
     won = jnp.where(jnp.all(wins, axis=2), 1.0, -1.0)                     # [groups, G]
     is_ref = jnp.arange(wins.shape[1]) == ref_index[:, None]             # [groups, G]
     return jnp.where(is_ref, 0.0, won).astype(jnp.float32)

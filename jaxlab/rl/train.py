@@ -112,9 +112,9 @@ def init_train_state(model: nnx.Module, config: TrainConfig, key: jax.Array,
                      ) -> tuple[nnx.GraphDef, TrainState]:
     """Splits `model` into its graph definition and a train state at step 0.
 
-    The state holds a copy of the parameters, so the step (which donates the state) leaves
-    `model` usable. Parameters must be float32 (master weights) and the model's state must be
-    parameters only (the step recreates the model from graph and parameters).
+    The state holds copies of the parameters and of `key`, so the step (which donates the state)
+    leaves `model` and `key` usable. Parameters must be float32 (master weights) and the model's
+    state must be parameters only (the step recreates the model from graph and parameters).
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     other = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(rest)]
@@ -125,7 +125,7 @@ def init_train_state(model: nnx.Module, config: TrainConfig, key: jax.Array,
     require(not low, f"master parameters must be float32, got {low[:3]}: AdamW updates of "
                      f"1e-6 vanish in bfloat16 weights. For bfloat16 compute load the model with "
                      f"dtype='float32', activation_dtype='bfloat16'")
-    params = jax.tree.map(jnp.copy, params)
+    params, key = jax.tree.map(jnp.copy, (params, key))
     state = TrainState(params=params, opt_state=make_optimizer(config).init(params),
                        step=jnp.zeros((), jnp.int32), key=key)
     return graphdef, state
