@@ -8,7 +8,11 @@ q/k/v biases, and tied or untied input/output embeddings.
 Three entry points share one layer stack:
   model(input_ids, attention_mask)             full forward, logits [B, T, V]
   model.prefill(input_ids, attention_mask, S)  logits [B, T, V] and a KV cache of S slots
-  model.decode(tokens, cache)                  one token per row: logits [B, V], updated cache
+  model.decode(tokens, cache, prefix)          one token per row: logits [B, V], updated cache;
+                                               with a prefix, rows share their prompt's KV
+
+Attention itself (the fused full-sequence path, flash-decoding over the live blocks, the Pallas
+kernel, the log-sum-exp merge) lives in `jaxlab.models.attention`.
 
 Batches are left-padded: row b's real tokens are the last sum(attention_mask[b]) ones; positions
 count real tokens only, so padding never changes a row's result. Shapes: B batch, T new tokens,
@@ -18,6 +22,7 @@ S cache slots, H query heads, K key/value heads, D head dim, E hidden size, V vo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -27,10 +32,11 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxlab.config import dtype_name, require, require_positive_ints
+from jaxlab.models import attention
 
 FAMILIES = ("qwen3", "qwen2", "llama")
 ROPE_TYPES = ("default", "linear", "llama3")
-_MASKED = -1e30  # finite, so a fully masked (padding) row stays finite
+DECODE_BLOCK = 128  # cache slots per block of decode attention (the largest dividing the cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,24 +168,30 @@ class DecoderConfig:
 
 @struct.dataclass
 class KVCache:
-    """Keys and values of every layer for S slots per row, filled left to right."""
+    """Keys and values of every layer for S slots per row; row b's live slots are
+    start[b] <= s < index[b] (a left-padded prompt, then the tokens decoded after it)."""
 
     # One array per layer (so a step updates each in place, no stacking), in the model's dtype
     # or int8: keys L x [B, K, D, S], values L x [B, K, S, D], and for int8 L x float32 [B, K, S]
     # scales (key = keys * scale). Each (row, kv head) is then a plain matrix in the layout its
-    # product with the queries wants: q [G T, D] @ keys [D, S], weights [G T, S] @ values [S, D]
+    # product with the queries wants: q [Q, D] @ keys [D, S], weights [Q, S] @ values [S, D]
     # (a transposed operand costs a repacking of the whole cache every step on CPU).
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
     key_scale: tuple[jax.Array, ...] | None
     value_scale: tuple[jax.Array, ...] | None
-    valid: jax.Array      # [B, S] bool, slot holds a real token
+    start: jax.Array      # [B] int32, each row's first live slot
     positions: jax.Array  # [B] int32, position of each row's next token (= real tokens so far)
-    index: jax.Array      # [B] int32, each row's next slot to write
+    index: jax.Array      # [B] int32, each row's next slot to write (one past its last live one)
 
     @property
     def size(self) -> int:
         return self.values[0].shape[2]
+
+    @property
+    def block(self) -> int:
+        """The block of decode attention: the largest divisor of S up to `DECODE_BLOCK`."""
+        return math.gcd(self.size, DECODE_BLOCK)
 
     @property
     def nbytes(self) -> int:
@@ -194,6 +206,12 @@ class KVCache:
         """Layer i's (keys, values, key_scale, value_scale) (scales None unless int8)."""
         return tuple(None if x is None else x[i]
                      for x in (self.keys, self.values, self.key_scale, self.value_scale))
+
+    def attend(self, i: int, q):
+        """Layer i's attention of grouped queries q [B, K, Q, D] over the live slots:
+        (out float32 [B, K, Q, D], lse float32 [B, K, Q]) (`attention.block_attention`)."""
+        return attention.block_attention(q, *self.layer(i), self.start, self.index,
+                                         block=self.block)
 
 
 def positions_of(mask) -> jax.Array:
@@ -234,15 +252,12 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.param_dtype)
         self.config = c
 
-    def __call__(self, x, cos, sin, kv, index, visible):
-        """x [B, T, E]; kv this layer's (keys, values, key_scale, value_scale) (`KVCache.layer`),
-        or None for a forward pass without a cache; index [B]; visible [B, T, S] bool (S = T
-        without a cache).
+    def __call__(self, x, cos, sin, attend):
+        """x [B, T, E] -> (out [B, T, E], what `attend` returns beside its output).
 
-        With a cache, writes row b's new keys/values (int8 with per-token, per-head absmax scales
-        when the cache is int8) at slots index[b]..index[b]+T-1. Attends to the visible slots:
-        softmax(q k^T / sqrt(D)) v per head, query head h reading key/value head h // (H / K).
-        Returns (out [B, T, E], the layer's updated kv, or None without a cache).
+        Projects x to q [B, T, H, D] and k, v [B, T, K, D] (q/k normed per head for Qwen3,
+        rotated by RoPE) and calls attend(q, k, v) -> (attended [B, T, H, D], extra): the
+        attention of the pass at hand (full sequence, prefill into a cache, or one decode step).
         """
         c = self.config
         b, t, _ = x.shape
@@ -251,42 +266,8 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        if kv is None:  # the new tokens are all there is: [B, K, D, T] and [B, K, T, D]
-            out = _attend(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), None, None,
-                          visible)
-        else:
-            keys, values, key_scale, value_scale = kv
-            if key_scale is not None:
-                (k, k_scale), (v, v_scale) = _quantize(k), _quantize(v)
-                key_scale = _write_slots(key_scale, k_scale, index, axis=2)
-                value_scale = _write_slots(value_scale, v_scale, index, axis=2)
-            keys = _write_slots(keys, k, index, axis=3)
-            values = _write_slots(values, v, index, axis=2)
-            kv = (keys, values, key_scale, value_scale)
-            out = _attend(q, keys, values, key_scale, value_scale, visible)   # [B, T, H, D]
-        return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), kv
-
-
-def _attend(q, keys, values, key_scale, value_scale, visible):
-    """softmax(q k^T / sqrt(D)) v over the visible slots, query head h reading key/value head
-    h // G: q [B, T, H, D], keys [B, K, D, S], values [B, K, S, D] (int8 with [B, K, S] scales, or
-    scales None), visible [B, T, S] -> [B, T, H, D]. Each (row, kv head) is one matrix product
-    over its G x T queries."""
-    b, t, h, d = q.shape
-    k = keys.shape[1]
-    q = q.reshape(b, t, k, h // k, d).transpose(0, 2, 3, 1, 4).reshape(b, k, -1, d)
-    scores = jnp.einsum("bkqd,bkds->bkqs", q, keys.astype(q.dtype),
-                        preferred_element_type=jnp.float32) / math.sqrt(d)   # [B, K, G T, S]
-    if key_scale is not None:
-        scores = scores * key_scale[:, :, None, :]
-    scores = scores.reshape(b, k, h // k, t, -1)
-    scores = jnp.where(visible[:, None, None], scores, _MASKED)             # [B, K, G, T, S]
-    weights = jax.nn.softmax(scores, axis=-1).reshape(b, k, h // k * t, -1)
-    if value_scale is not None:
-        weights = weights * value_scale[:, :, None, :]
-    out = jnp.einsum("bkqs,bksd->bkqd", weights.astype(q.dtype), values.astype(q.dtype))
-    return out.reshape(b, k, h // k, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+        out, extra = attend(_rotate(q, cos, sin), _rotate(k, cos, sin), v)
+        return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), extra
 
 
 def _write_slots(cache, new, index, axis):
@@ -297,6 +278,24 @@ def _write_slots(cache, new, index, axis):
     slots = index[:, None] + jnp.arange(t)                                    # [B, T]
     where = (jnp.arange(b)[:, None],) + (slice(None),) * (axis - 1) + (slots,)
     return cache.at[where].set(new.astype(cache.dtype), mode="promise_in_bounds")
+
+
+def _write_layer(layer, k, v, index):
+    """A layer's (keys, values, key_scale, value_scale) with k, v [B, T, K, D] written at slots
+    index[b].. (quantized when the cache is int8)."""
+    keys, values, key_scale, value_scale = layer
+    if key_scale is not None:
+        (k, k_scale), (v, v_scale) = _quantize(k), _quantize(v)
+        key_scale = _write_slots(key_scale, k_scale, index, axis=2)
+        value_scale = _write_slots(value_scale, v_scale, index, axis=2)
+    return (_write_slots(keys, k, index, axis=3), _write_slots(values, v, index, axis=2),
+            key_scale, value_scale)
+
+
+def _grouped(q, num_kv_heads):
+    """[B, T=1, H, D] -> [B, K, G, D]: query head h = k G + g reads key/value head k."""
+    b, _, h, d = q.shape
+    return q.reshape(b, num_kv_heads, h // num_kv_heads, d)
 
 
 def _quantize(x):
@@ -329,10 +328,10 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.param_dtype)
         self.mlp = MLP(c, rngs)
 
-    def __call__(self, x, cos, sin, kv, index, visible):
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, kv, index, visible)
+    def __call__(self, x, cos, sin, attend):
+        h, extra = self.self_attn(self.input_layernorm(x), cos, sin, attend)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        return x + self.mlp(self.post_attention_layernorm(x)), extra
 
 
 def _linear_factory(c: DecoderConfig, rngs: nnx.Rngs):
@@ -373,12 +372,14 @@ class Decoder(nnx.Module):
         Padding may sit anywhere (left of a prompt, right of a response): positions count the
         real tokens before each one, and each token attends to the real tokens up to itself.
         """
-        t = input_ids.shape[1]
         self._check_tokens(input_ids)
         mask = self._mask(input_ids, attention_mask)
-        causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]                # [T, T]
-        x, _ = self._layers(input_ids, positions_of(mask), None, mask[:, None, :] & causal)
-        return x
+        visible = _causal(mask)
+
+        def attend(i, q, k, v):
+            return attention.full_attention(q, k, v, visible), None
+
+        return self._layers(input_ids, positions_of(mask), attend)[0]
 
     def logits(self, hidden):
         """Next-token logits float32 [..., V] of hidden states [..., E] (the output head; the
@@ -394,7 +395,11 @@ class Decoder(nnx.Module):
 
     def prefill(self, input_ids, attention_mask=None, *, cache_size: int, int8_cache=False):
         """Runs a left-padded prompt batch and returns (logits float32 [B, T, V], KVCache of
-        `cache_size` slots with the prompt in slots 0..T-1; int8 if `int8_cache`)."""
+        `cache_size` slots with the prompt in slots 0..T-1; int8 if `int8_cache`).
+
+        The prompt attends to its own keys and values (`attention.full_attention`, before any
+        int8 rounding); the cache keeps them for the decode steps.
+        """
         b, t = input_ids.shape
         require(t <= cache_size, f"the prompt ({t} tokens) is longer than the cache "
                 f"({cache_size} slots)")
@@ -403,22 +408,54 @@ class Decoder(nnx.Module):
                 f"{self.config.max_position_embeddings}")
         self._check_tokens(input_ids)
         mask = self._mask(input_ids, attention_mask)
+        if not isinstance(mask, jax.core.Tracer):
+            late = np.flatnonzero(np.any(np.diff(np.asarray(mask, np.int8), axis=1) < 0, axis=1))
+            require(late.size == 0, f"attention_mask rows {late[:5].tolist()} are not "
+                    "left-padded (a padding token follows a real one)")
         cache = self.init_cache(b, cache_size, int8_cache)
-        cache = cache.replace(valid=cache.valid.at[:, :t].set(mask),
-                              positions=jnp.sum(mask, axis=1, dtype=jnp.int32))
-        return self._run(input_ids, positions_of(mask), cache)
+        lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)
+        visible = _causal(mask)
+        zero = jnp.zeros((b,), jnp.int32)
 
-    def decode(self, tokens, cache: KVCache):
-        """One new token per row (tokens int [B]) at slots cache.index: (logits [B, V], cache)."""
+        def attend(i, q, k, v):
+            return (attention.full_attention(q, k, v, visible),
+                    _write_layer(cache.layer(i), k, v, zero))
+
+        x, layers = self._layers(input_ids, positions_of(mask), attend)
+        cache = cache.replace(start=t - lengths, positions=lengths, index=zero + t)
+        return self.logits(x), _with_layers(cache, layers)
+
+    def decode(self, tokens, cache: KVCache, prefix: KVCache | None = None):
+        """One new token per row (tokens int [B]) at slots cache.index, position
+        cache.positions: (logits float32 [B, V], cache with the token's keys and values).
+
+        With a `prefix` of P rows (P divides B), rows p n .. p n + n - 1 (n = B / P) continue
+        prefix row p: they attend to its live slots and to their own, and their n x G queries
+        per key/value head read the prefix once, batched (cascade attention: the two parts are
+        merged by their log-sum-exps, `attention.merge`). The prefix is read, never written.
+        """
         self._check_tokens(tokens)
         if not isinstance(cache.index, jax.core.Tracer):
             require(int(jnp.max(cache.index)) < cache.size,
                     f"the cache is full ({cache.size} slots)")
-        rows = jnp.arange(tokens.shape[0])
-        cache = cache.replace(valid=cache.valid.at[rows, cache.index].set(True),
-                              positions=cache.positions + 1)
-        logits, cache = self._run(tokens[:, None], (cache.positions - 1)[:, None], cache)
-        return logits[:, 0], cache
+        b, k = tokens.shape[0], self.config.num_kv_heads
+        if prefix is not None:
+            require(b % prefix.start.shape[0] == 0, f"the prefix's {prefix.start.shape[0]} rows "
+                    f"must divide the batch of {b} rows")
+        written = cache.replace(index=cache.index + 1)
+
+        def attend(i, q, k_new, v_new):
+            layer = _write_layer(cache.layer(i), k_new, v_new, cache.index)
+            q = _grouped(q, k)                                                    # [B, K, G, D]
+            out, lse = attention.block_attention(q, *layer, written.start, written.index,
+                                                 block=cache.block)
+            if prefix is not None:
+                out, lse = attention.merge((out, lse), _shared(prefix, i, q))
+            return out.astype(q.dtype).reshape(b, 1, -1, q.shape[-1]), layer
+
+        x, layers = self._layers(tokens[:, None], cache.positions[:, None], attend)
+        cache = written.replace(positions=cache.positions + 1)
+        return self.logits(x)[:, 0], _with_layers(cache, layers)
 
     def init_cache(self, batch: int, size: int, int8: bool = False) -> KVCache:
         """An empty cache; `int8` stores keys and values as int8 with float32 scales per token
@@ -431,11 +468,10 @@ class Decoder(nnx.Module):
             return tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))
 
         scale = per_layer(values[:-1], jnp.float32) if int8 else None
+        zero = jnp.zeros((batch,), jnp.int32)
         return KVCache(keys=per_layer((batch, c.num_kv_heads, c.head_dim, size), dtype),
-                       values=per_layer(values, dtype),
-                       key_scale=scale, value_scale=scale, valid=jnp.zeros((batch, size), bool),
-                       positions=jnp.zeros((batch,), jnp.int32),
-                       index=jnp.zeros((batch,), jnp.int32))
+                       values=per_layer(values, dtype), key_scale=scale, value_scale=scale,
+                       start=zero, positions=zero, index=zero)
 
     # ---------------------------------------------------------------- internals
 
@@ -446,36 +482,20 @@ class Decoder(nnx.Module):
             return jnp.ones(input_ids.shape, bool)
         return jnp.asarray(attention_mask).astype(bool)
 
-    def _run(self, input_ids, positions, cache: KVCache):
-        """input_ids [B, T] at positions [B, T], written at slots index[b]..index[b]+T-1 of a
-        cache whose `valid` already marks them; returns (logits float32 [B, T, V], cache)."""
-        t = input_ids.shape[1]
-        slots = jnp.arange(cache.size)
-        new_slots = cache.index[:, None] + jnp.arange(t)                          # [B, T]
-        visible = cache.valid[:, None, :] & (slots[None, None, :] <= new_slots[:, :, None])
-        x, cache = self._layers(input_ids, positions, cache, visible)
-        return self.logits(x), cache.replace(index=cache.index + t)
-
-    def _layers(self, input_ids, positions, cache: KVCache | None, visible):
-        """The layer stack and final norm: (hidden [B, T, E], cache with every layer's new keys
-        and values, or None without a cache); visible [B, T, S] bool."""
+    def _layers(self, input_ids, positions, attend):
+        """The layer stack and final norm over input_ids [B, T] at positions [B, T]:
+        (hidden [B, T, E], [what attend(i, q, k, v) returned beside its output, per layer i])."""
         inv_freq = jnp.asarray(self.config.rope.inv_freq(self.config.head_dim), jnp.float32)
         angles = positions[..., None].astype(jnp.float32) * inv_freq             # [B, T, D/2]
         angles = jnp.concatenate([angles, angles], axis=-1)
         cos, sin = (jnp.cos(angles).astype(self.config.dtype),
                     jnp.sin(angles).astype(self.config.dtype))
         x = self.embed_tokens(input_ids)
-        layers = []
+        extras = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, cos, sin, None if cache is None else cache.layer(i),
-                          None if cache is None else cache.index, visible)
-            layers.append(kv)
-        if cache is not None:
-            keys, values, key_scale, value_scale = (
-                None if parts[0] is None else parts for parts in zip(*layers, strict=True))
-            cache = cache.replace(keys=keys, values=values, key_scale=key_scale,
-                                  value_scale=value_scale)
-        return self.norm(x), cache
+            x, extra = layer(x, cos, sin, functools.partial(attend, i))
+            extras.append(extra)
+        return self.norm(x), extras
 
     def _check_tokens(self, ids) -> None:
         """Token ids outside the vocabulary are an error (checked when the ids are concrete)."""
@@ -487,3 +507,32 @@ class Decoder(nnx.Module):
             where = tuple(int(i) for i in np.argwhere(bad)[0])
             raise ValueError(f"token id {int(ids[where])} at {where} is outside the vocabulary "
                              f"[0, {self.config.vocab_size})")
+
+
+def _causal(mask):
+    """bool [B, T, T]: query t sees key s iff s <= t and s is a real token (mask [B, T])."""
+    t = mask.shape[1]
+    return mask[:, None, :] & (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])
+
+
+def _shared(prefix: KVCache, i: int, q):
+    """Layer i's attention of grouped queries q [B, K, G, D] over a prefix of P rows shared by
+    n = B / P consecutive rows each: their n x G queries per head in one product,
+    [P, K, n G, D], against the prefix row once. Returns (out [B, K, G, D], lse [B, K, G])."""
+    b, k, g, d = q.shape
+    p = prefix.start.shape[0]
+    batched = q.reshape(p, b // p, k, g, d).transpose(0, 2, 1, 3, 4).reshape(p, k, -1, d)
+    out, lse = prefix.attend(i, batched)
+
+    def per_row(x):                                    # [P, K, n G, ...] -> [B, K, G, ...]
+        x = x.reshape(p, k, b // p, g, *x.shape[3:])
+        return jnp.moveaxis(x, 2, 1).reshape(b, k, g, *x.shape[4:])
+
+    return per_row(out), per_row(lse)
+
+
+def _with_layers(cache: KVCache, layers) -> KVCache:
+    """The cache with every layer's (keys, values, key_scale, value_scale) replaced."""
+    keys, values, key_scale, value_scale = (
+        None if parts[0] is None else parts for parts in zip(*layers, strict=True))
+    return cache.replace(keys=keys, values=values, key_scale=key_scale, value_scale=value_scale)

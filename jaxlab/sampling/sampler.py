@@ -3,16 +3,24 @@ as it goes, stops weak traces, and refills their slots (section 1 of `papers/dee
 
     samples = sample(model, prompts, key, SamplingConfig(n=16, budget=64, stop_threshold=12.0))
 
-One jitted prefill runs the prompts once; their KV cache is broadcast to `n` slots per prompt. One
-jitted `lax.while_loop` then decodes every slot until all traces are done: per step it computes
-each slot's token confidence from the raw logits, pushes it into the slot's sliding window, samples
-the next token, writes both into the output row of the slot's trace, and decides whether the trace
-is finished (stop token, length, or low group confidence). A finished slot starts a new trace of
-the same prompt while that prompt's `budget` is not spent (its prompt KV is still in place), so
-stopping early saves wall-clock time, not only tokens.
+One jitted prefill runs each prompt once and keeps its KV once ([P, ...], the prefix). One jitted
+`lax.while_loop` then decodes every slot until all traces are done; slot b = p n + i continues
+prompt p, and its attention reads the prompt's KV together with the other n - 1 slots of that
+prompt (their queries batched, cascade attention, `Decoder.decode(prefix=)`) and its own
+generated KV, only up to the longest live trace (`attention.block_attention`). Each step is a
+chain of small pure steps: token confidence and the group window (`update_confidence`), the next
+token and its log-prob (`draw`), the output row (`record`), whether the trace ends (`finish`,
+`record_final`), and the slots that start a new trace of their prompt while its budget is not
+spent (`refill`; the prompt KV stays in place, the slot's generated KV is overwritten from slot
+0), so stopping early saves wall-clock time, not only tokens.
 
-Shapes: P prompts, L padded prompt length, B = P x n slots, N = P x budget traces, T =
-max_new_tokens, S = L + T cache slots, V vocabulary, W window.
+No recompiles for what a user sweeps: prompt lengths are padded up to a multiple of
+`SamplingConfig.prompt_bucket`, and the early-stop threshold and the per-prompt budget are traced
+(the output rows are sized for the budget rounded up to a power of two). `decode_memory` asks the
+compiled loop how much device memory a request needs, without allocating it.
+
+Shapes: P prompts, L padded prompt length, n slots per prompt, B = P x n slots, N = P x budget
+traces, T = max_new_tokens (the generated KV holds T_gen >= T slots), V vocabulary, W window.
 """
 
 from __future__ import annotations
@@ -25,11 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from jaxlab import parallel
 from jaxlab.config import require, require_positive_ints
-from jaxlab.models.decoder import Decoder, DecoderConfig, KVCache
+from jaxlab.models.decoder import DECODE_BLOCK, Decoder, DecoderConfig, KVCache
 from jaxlab.sampling.confidence import GroupWindow, token_confidence, top_k_values
 
 FINISH_REASONS = ("unfinished", "stop", "length", "low_confidence")
@@ -52,9 +60,12 @@ class SamplingConfig:
     window: int = 2048              # group confidence window (tokens)
     stop_threshold: float | None = None  # stop a trace once its full-window group conf < this
     int8_cache: bool = False        # keys/values in int8 with per-token, per-head scales
+    prompt_bucket: int = 64         # prompts padded to a multiple of this many tokens (one
+    #                                 compiled prefill and loop per bucket, not per length)
 
     def __post_init__(self):
-        require_positive_ints(self, "max_new_tokens", "n", "confidence_k", "window")
+        require_positive_ints(self, "max_new_tokens", "n", "confidence_k", "window",
+                              "prompt_bucket")
         require(self.temperature >= 0,
                 f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
         require(0 < self.top_p <= 1, f"SamplingConfig.top_p must lie in (0, 1], got {self.top_p}")
@@ -169,18 +180,89 @@ def nucleus_floor(probs: jax.Array, top_p: float) -> jax.Array:
     return jax.lax.bitcast_convert_type(high, jnp.float32)
 
 
-def _first_free(finishing: jax.Array, prompt: jax.Array, launched: jax.Array,
-                budget: int) -> tuple[jax.Array, jax.Array]:
-    """Which finishing slots [B] start a new trace and its number within the prompt.
+# --------------------------------------------------------------------------------------------
+# The steps of the decode loop, each pure: [B] is one entry per slot
 
-    Finishing slots of one prompt are ranked by slot; rank r takes trace launched[p] + r if that
-    is below the budget. Returns (number within the prompt int32 [B], refilled bool [B]).
+
+def update_confidence(logits: jax.Array, window: GroupWindow, lowest: jax.Array,
+                      active: jax.Array, config: SamplingConfig):
+    """Token confidence C [B] of logits [B, V] (0 without `config.confidence`), pushed into the
+    windows of the active slots. Returns (C, window, group = window mean [B], lowest [B] =
+    min(lowest, group) where the window is full)."""
+    if config.confidence:
+        conf = token_confidence(logits, config.confidence_k)
+    else:
+        conf = jnp.zeros(logits.shape[:1], jnp.float32)
+    window = window.push(conf, active)
+    group = window.mean
+    return conf, window, group, jnp.where(active & window.full, jnp.minimum(lowest, group),
+                                          lowest)
+
+
+def draw(logits: jax.Array, key: jax.Array, config: SamplingConfig):
+    """The next tokens int32 [B] (`next_tokens`) and their log-probs float32 [B] under
+    softmax(logits / temperature) (the raw logits when greedy), before truncation."""
+    token = next_tokens(logits, key, config)
+    tempered = logits / (config.temperature or 1.0)                          # [B, V]
+    logp = (jnp.take_along_axis(tempered, token[:, None], axis=-1)[:, 0]
+            - jax.nn.logsumexp(tempered, axis=-1))
+    return token, logp
+
+
+def record(out: Samples, row: jax.Array, length: jax.Array, token, logp, conf, group) -> Samples:
+    """Writes each slot's token, log-prob, C and group confidence at [row, length] of the
+    outputs (row [B] out of range for an idle slot: dropped)."""
+    def put(buffer, value):
+        return buffer.at[row, length].set(value, mode="drop")
+
+    return out.replace(tokens=put(out.tokens, token), logprobs=put(out.logprobs, logp),
+                       confidence=put(out.confidence, conf),
+                       group_confidence=put(out.group_confidence, group))
+
+
+def finish(token: jax.Array, length: jax.Array, window: GroupWindow, active: jax.Array,
+           stop_ids: jax.Array, threshold: jax.Array | None, max_new_tokens: int):
+    """Which slots' traces end after this token (length [B] tokens so far) and why: a stop token
+    (STOP), a full window whose mean fell below `threshold` (LOW_CONFIDENCE; None: never), or
+    the length limit (LENGTH). Returns (finishing bool [B], reason int32 [B])."""
+    stopped = jnp.isin(token, stop_ids)
+    low = (jnp.zeros_like(active) if threshold is None
+           else window.full & (window.mean < threshold))
+    finishing = active & (stopped | low | (length >= max_new_tokens))
+    return finishing, jnp.where(stopped, STOP, jnp.where(low, LOW_CONFIDENCE, LENGTH))
+
+
+def record_final(out: Samples, row: jax.Array, finishing: jax.Array, length, reason,
+                 window: GroupWindow, lowest) -> Samples:
+    """Writes the finishing traces' length, finish reason, lowest group confidence (the mean
+    when the trace is shorter than the window) and tail confidence (the last window's mean)."""
+    done = jnp.where(finishing, row, out.lengths.shape[0])
+
+    def put(buffer, value):
+        return buffer.at[done].set(value, mode="drop")
+
+    group = window.mean
+    return out.replace(lengths=put(out.lengths, length),
+                       finish_reason=put(out.finish_reason, reason),
+                       lowest_group_confidence=put(out.lowest_group_confidence,
+                                                   jnp.where(window.full, lowest, group)),
+                       tail_confidence=put(out.tail_confidence, group))
+
+
+def refill(finishing: jax.Array, prompt: jax.Array, trace: jax.Array, launched: jax.Array,
+           budget: jax.Array, capacity: int):
+    """Finishing slots start the next traces of their prompt while its budget is not spent.
+
+    Finishing slots of one prompt are ranked by slot; rank r takes trace number launched[p] + r
+    if that is below `budget` (traced), as output row p x capacity + number; the others go idle
+    (trace -1). Returns (trace int32 [B], launched int32 [P], refilled bool [B]).
     """
     slots = jnp.arange(prompt.shape[0])
     earlier = (prompt[None, :] == prompt[:, None]) & (slots[None, :] < slots[:, None])
-    rank = jnp.sum(earlier & finishing[None, :], axis=1)                      # [B]
-    number = launched[prompt] + rank
-    return number, finishing & (number < budget)
+    number = launched[prompt] + jnp.sum(earlier & finishing[None, :], axis=1)  # [B]
+    refilled = finishing & (number < budget)
+    trace = jnp.where(refilled, prompt * capacity + number, jnp.where(finishing, -1, trace))
+    return trace, launched.at[prompt].add(refilled.astype(jnp.int32)), refilled
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,112 +270,93 @@ def _first_free(finishing: jax.Array, prompt: jax.Array, launched: jax.Array,
 
 
 @struct.dataclass
-class _Loop:
-    cache: KVCache
+class DecodeState:
+    cache: KVCache            # each slot's generated tokens [B, ..., T_gen]; index = length
     logits: jax.Array         # float32 [B, V], each slot's next-token logits
     window: GroupWindow       # [B]
     lowest: jax.Array         # float32 [B], min full-window group confidence so far
     trace: jax.Array          # int32 [B], the output row a slot writes; -1 when idle
-    length: jax.Array         # int32 [B], tokens its trace has so far
     launched: jax.Array       # int32 [P], traces started per prompt
-    out: Samples
+    out: Samples              # [P x capacity, ...]
     step: jax.Array           # int32 []
 
 
-@functools.partial(jax.jit, static_argnames=("cache_size", "n", "int8_cache"))
-def _prefill(graphdef, state, ids, mask, *, cache_size: int, n: int, int8_cache: bool):
-    """The prompts' cache broadcast to n slots each, and their last logits [P, V]."""
+@functools.partial(jax.jit, static_argnames=("int8_cache",))
+def _prefill(graphdef, state, ids, mask, *, int8_cache: bool):
+    """Each prompt once: its KV cache [P, ..., L] (the prefix every slot of it reads) and its
+    last logits [P, V]."""
     model = nnx.merge(graphdef, state)
-    logits, cache = model.prefill(ids, mask, cache_size=cache_size, int8_cache=int8_cache)
-    return cache.map_rows(lambda x: jnp.repeat(x, n, axis=0)), logits[:, -1]
+    logits, cache = model.prefill(ids, mask, cache_size=ids.shape[1], int8_cache=int8_cache)
+    return cache, logits[:, -1]
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _decode(graphdef, state, cache: KVCache, prompt_logits, key, threshold, *,
-            config: SamplingConfig):
-    """The decode loop; `threshold` [] float32 is the early-stop threshold, traced so that a new
-    value does not recompile (config.stop_threshold only says whether early stop is on)."""
+def generated_slots(max_new_tokens: int) -> int:
+    """T_gen: slots of each slot's generated KV, T rounded up to a whole number of attention
+    blocks (a power of two up to `DECODE_BLOCK`, then a multiple of it)."""
+    if max_new_tokens >= DECODE_BLOCK:
+        return -(-max_new_tokens // DECODE_BLOCK) * DECODE_BLOCK
+    return 1 << (max_new_tokens - 1).bit_length()
+
+
+# The loop builds its generated KV and outputs itself and updates them in place in the
+# while_loop's carry; the prefix and the weights are only read, so nothing needs donating.
+@functools.partial(jax.jit, static_argnames=("config", "slots"))
+def _decode(graphdef, state, prefix: KVCache, prompt_logits, key, threshold, budget, *,
+            config: SamplingConfig, slots=None):
+    """The decode loop. `threshold` float32 [] (early stop when config.stop_threshold is not
+    None) and `budget` int32 [] (traces per prompt, at most config.budget, the capacity of the
+    output rows) are traced: new values do not recompile. `slots`: a sharding of the slot axis."""
     model = nnx.merge(graphdef, state)
     num_prompts = prompt_logits.shape[0]
-    num_slots = cache.valid.shape[0]
-    budget, t_max = config.traces_per_prompt, config.max_new_tokens
-    num_traces = num_prompts * budget
+    num_slots = num_prompts * config.n
+    capacity, t_max = config.traces_per_prompt, config.max_new_tokens
+    rows = num_prompts * capacity
     prompt = jnp.arange(num_slots) // config.n                                # [B]
-    start = cache.index                                                      # [B] = L
-    prompt_positions = cache.positions                                       # [B]
+    prompt_positions = prefix.positions[prompt]                               # [B]
     stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
+    early = None if config.stop_threshold is None else threshold
 
+    cache = model.init_cache(num_slots, generated_slots(t_max), config.int8_cache)
+    cache = cache.replace(positions=prompt_positions)
+    if slots is not None:
+        cache = jax.lax.with_sharding_constraint(cache, slots)
     zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
     out = Samples(
-        tokens=jnp.zeros((num_traces, t_max), jnp.int32), lengths=jnp.zeros(num_traces, jnp.int32),
-        logprobs=zeros((num_traces, t_max)), confidence=zeros((num_traces, t_max)),
-        group_confidence=zeros((num_traces, t_max)), lowest_group_confidence=zeros(num_traces),
-        tail_confidence=zeros(num_traces), finish_reason=jnp.zeros(num_traces, jnp.int32),
-        prompt_index=jnp.arange(num_traces, dtype=jnp.int32) // budget,
+        tokens=jnp.zeros((rows, t_max), jnp.int32), lengths=jnp.zeros(rows, jnp.int32),
+        logprobs=zeros((rows, t_max)), confidence=zeros((rows, t_max)),
+        group_confidence=zeros((rows, t_max)), lowest_group_confidence=zeros(rows),
+        tail_confidence=zeros(rows), finish_reason=jnp.zeros(rows, jnp.int32),
+        prompt_index=jnp.arange(rows, dtype=jnp.int32) // capacity,
         steps=jnp.zeros((), jnp.int32))
-    first_logits = prompt_logits[prompt]  # [B, V]: where each trace of a slot starts
-    loop = _Loop(cache=cache, logits=first_logits,
-                 window=GroupWindow.create(num_slots, config.window),
-                 lowest=jnp.full(num_slots, jnp.inf), trace=prompt * budget
-                 + jnp.arange(num_slots) % config.n, length=jnp.zeros(num_slots, jnp.int32),
-                 launched=jnp.full(num_prompts, config.n, jnp.int32), out=out,
-                 step=jnp.zeros((), jnp.int32))
+    loop = DecodeState(
+        cache=cache, logits=prompt_logits[prompt],
+        window=GroupWindow.create(num_slots, config.window), lowest=jnp.full(num_slots, jnp.inf),
+        trace=prompt * capacity + jnp.arange(num_slots) % config.n,
+        launched=jnp.full(num_prompts, config.n, jnp.int32), out=out,
+        step=jnp.zeros((), jnp.int32))
 
-    def body(s: _Loop) -> _Loop:
+    def body(s: DecodeState) -> DecodeState:
         active = s.trace >= 0
-        if config.confidence:
-            conf = token_confidence(s.logits, config.confidence_k)            # [B]
-        else:
-            conf = jnp.zeros(num_slots, jnp.float32)
-        token = next_tokens(s.logits, jax.random.fold_in(key, s.step), config)
-        tempered = s.logits / (config.temperature or 1.0)                    # [B, V]
-        logp = (jnp.take_along_axis(tempered, token[:, None], axis=-1)[:, 0]
-                - jax.nn.logsumexp(tempered, axis=-1))
-        window = s.window.push(conf, active)
-        group = window.mean
-        lowest = jnp.where(active & window.full, jnp.minimum(s.lowest, group), s.lowest)
-
-        row = jnp.where(active, s.trace, num_traces)  # idle slots write out of bounds: dropped
-        o = s.out
-
-        def put(buffer, value):
-            return buffer.at[row, s.length].set(value, mode="drop")
-
-        o = o.replace(tokens=put(o.tokens, token), logprobs=put(o.logprobs, logp),
-                      confidence=put(o.confidence, conf), group_confidence=put(
-                          o.group_confidence, group))
-        length = s.length + active
-        stopped = jnp.isin(token, stop_ids)
-        low = (window.full & (group < threshold)
-               if config.stop_threshold is not None else jnp.zeros_like(active))
-        finishing = active & (stopped | low | (length >= t_max))
-        reason = jnp.where(stopped, STOP, jnp.where(low, LOW_CONFIDENCE, LENGTH))
-        done_row = jnp.where(finishing, s.trace, num_traces)
-
-        def put_final(buffer, value):
-            return buffer.at[done_row].set(value, mode="drop")
-
-        o = o.replace(lengths=put_final(o.lengths, length),
-                      finish_reason=put_final(o.finish_reason, reason),
-                      lowest_group_confidence=put_final(
-                          o.lowest_group_confidence, jnp.where(window.full, lowest, group)),
-                      tail_confidence=put_final(o.tail_confidence, group))
-
-        logits, cache = model.decode(token, s.cache)
-        # Finished slots restart from their prompt: a new trace if the budget allows, else idle.
-        number, refilled = _first_free(finishing, prompt, s.launched, budget)
-        launched = s.launched.at[prompt].add(refilled.astype(jnp.int32))
-        cache = cache.replace(
-            valid=jnp.where(finishing[:, None] & (jnp.arange(cache.size) >= start[:, None]),
-                            False, cache.valid),
-            positions=jnp.where(finishing, prompt_positions, cache.positions),
-            index=jnp.where(finishing, start, cache.index))
-        return _Loop(
-            cache=cache, logits=jnp.where(finishing[:, None], first_logits, logits),
+        length = s.cache.index                                                # [B]
+        conf, window, group, lowest = update_confidence(s.logits, s.window, s.lowest, active,
+                                                        config)
+        token, logp = draw(s.logits, jax.random.fold_in(key, s.step), config)
+        row = jnp.where(active, s.trace, rows)
+        out = record(s.out, row, length, token, logp, conf, group)
+        length = length + 1
+        finishing, reason = finish(token, length, window, active, stop_ids, early, t_max)
+        out = record_final(out, row, finishing, length, reason, window, lowest)
+        logits, cache = model.decode(token, s.cache, prefix)
+        trace, launched, _ = refill(finishing, prompt, s.trace, s.launched, budget, capacity)
+        # A slot that starts over (or sits idle) goes back to the end of its prompt: its
+        # generated KV is rewritten from slot 0, its logits are the prompt's last ones.
+        restart = finishing | ~active
+        cache = cache.replace(index=jnp.where(restart, 0, cache.index),
+                              positions=jnp.where(restart, prompt_positions, cache.positions))
+        return DecodeState(
+            cache=cache, logits=jnp.where(restart[:, None], prompt_logits[prompt], logits),
             window=window.reset(finishing), lowest=jnp.where(finishing, jnp.inf, lowest),
-            trace=jnp.where(refilled, prompt * budget + number,
-                            jnp.where(finishing, -1, s.trace)),
-            length=jnp.where(finishing, 0, length), launched=launched, out=o, step=s.step + 1)
+            trace=trace, launched=launched, out=out, step=s.step + 1)
 
     final = jax.lax.while_loop(lambda s: jnp.any(s.trace >= 0), body, loop)
     return final.out.replace(steps=final.step)
@@ -323,14 +386,112 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, width: int | Non
     return ids, mask
 
 
-def kv_cache_bytes(c: DecoderConfig, prompts: int, prompt_length: int,
-                   config: SamplingConfig) -> int:
-    """Bytes of the KV cache `sample` allocates for its slots (keys and values of every layer)
-    for a model of architecture `c`."""
-    slots = prompts * config.n
-    size = prompt_length + config.max_new_tokens
-    per_head = c.head_dim + 4 if config.int8_cache else c.head_dim * jnp.dtype(c.dtype).itemsize
-    return 2 * c.num_layers * slots * size * c.num_kv_heads * per_head
+def padded_length(longest: int, config: SamplingConfig) -> int:
+    """L: the prompt length rounded up to a multiple of `config.prompt_bucket`."""
+    return -(-longest // config.prompt_bucket) * config.prompt_bucket
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeMemory:
+    """Device bytes of one `sample` request, from XLA's analysis of the compiled prefill and
+    decode loop (`compiled.memory_analysis()`; per device when the slots are sharded)."""
+
+    weights: int       # the model's parameters
+    prefix: int        # the prompts' KV, once per prompt (an argument of the loop)
+    generated: int     # every slot's generated KV (T_gen slots each), built inside the loop
+    outputs: int       # the loop's outputs (`Samples` at the output capacity)
+    temporaries: int   # XLA's temporaries of the loop (generated KV and loop state included)
+    arguments: int     # the loop's arguments (weights, prefix, prompt logits, scalars)
+    prefill: int       # peak of the prefill program (arguments + outputs + temporaries)
+
+    @property
+    def loop(self) -> int:
+        """Peak of the decode loop: arguments + outputs + temporaries."""
+        return self.arguments + self.outputs + self.temporaries
+
+    @property
+    def peak(self) -> int:
+        """What the request needs at once: the larger of the two programs' peaks."""
+        return max(self.loop, self.prefill)
+
+
+def decode_memory(c: DecoderConfig, prompts: int, prompt_length: int,
+                  config: SamplingConfig) -> DecodeMemory:
+    """The memory `sample` needs for `prompts` prompts of up to `prompt_length` tokens on a model
+    of architecture `c`: both programs lowered from abstract shapes and compiled (nothing is
+    allocated; the compile takes seconds for a full-size model)."""
+    require(prompts > 0 and prompt_length > 0,
+            f"prompts={prompts} and prompt_length={prompt_length} must be positive")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(c, nnx.Rngs(0))))
+    length = padded_length(prompt_length, config)
+    ids = jax.ShapeDtypeStruct((prompts, length), jnp.int32)
+    prefill = _prefill.lower(graphdef, state, ids, ids, int8_cache=config.int8_cache).compile()
+    prefix, logits = jax.eval_shape(
+        functools.partial(_prefill, int8_cache=config.int8_cache), graphdef, state, ids, ids)
+    scalar = functools.partial(jax.ShapeDtypeStruct, ())
+    loop = _decode.lower(graphdef, state, prefix, logits, jax.eval_shape(jax.random.key, 0),
+                         scalar(jnp.float32), scalar(jnp.int32), config=_static(config)).compile()
+    a, b = loop.memory_analysis(), prefill.memory_analysis()
+
+    def nbytes(tree):
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    def kv(cache):
+        return nbytes((cache.keys, cache.values, cache.key_scale, cache.value_scale))
+
+    generated = jax.eval_shape(lambda: Decoder.init_cache(
+        nnx.merge(graphdef, state), prompts * config.n, generated_slots(config.max_new_tokens),
+        config.int8_cache))
+    return DecodeMemory(
+        weights=nbytes(state), prefix=kv(prefix), generated=kv(generated),
+        outputs=a.output_size_in_bytes, temporaries=a.temp_size_in_bytes,
+        arguments=a.argument_size_in_bytes,
+        prefill=(b.argument_size_in_bytes + b.output_size_in_bytes + b.temp_size_in_bytes))
+
+
+def require_fits(c: DecoderConfig, prompts: int, prompt_length: int, config: SamplingConfig,
+                 device_bytes: int) -> DecodeMemory:
+    """`decode_memory` of the request, or a ValueError saying how much it needs and which
+    smaller requests fit in `device_bytes`: an int8 cache, fewer slots (n halved), a shorter
+    `max_new_tokens` (halved), each checked by compiling it."""
+    need = decode_memory(c, prompts, prompt_length, config)
+    if need.peak <= device_bytes:
+        return need
+
+    def fits(**change):
+        return decode_memory(c, prompts, prompt_length,
+                             dataclasses.replace(config, **change)).peak <= device_bytes
+
+    def largest(name):
+        value = getattr(config, name) // 2
+        while value >= 1 and not fits(**{name: value}):
+            value //= 2
+        return value
+
+    options = []
+    if not config.int8_cache and fits(int8_cache=True):
+        options.append("int8_cache=True")
+    for name in ("n", "max_new_tokens"):
+        value = largest(name)
+        if value >= 1:
+            options.append(f"{name}={value}")
+    gib = 2**30
+    raise ValueError(
+        f"sampling {prompts} prompt(s) of {prompt_length} tokens with n={config.n}, "
+        f"max_new_tokens={config.max_new_tokens}, int8_cache={config.int8_cache} needs "
+        f"{need.peak / gib:.2f} GiB (weights {need.weights / gib:.2f}, prompt KV "
+        f"{need.prefix / gib:.2f}, generated KV {need.generated / gib:.2f}, outputs "
+        f"{need.outputs / gib:.2f}, loop temporaries {need.temporaries / gib:.2f}) but "
+        f"{device_bytes / gib:.2f} GiB are available; "
+        + ("would fit: " + ", or ".join(options) if options else "no smaller setting fits"))
+
+
+def _static(config: SamplingConfig) -> SamplingConfig:
+    """The loop's static settings: the traced values (threshold, budget) replaced by what fixes
+    the compiled program (early stop on or off; the output capacity, a power of two)."""
+    return dataclasses.replace(
+        config, budget=1 << (config.traces_per_prompt - 1).bit_length(),
+        stop_threshold=None if config.stop_threshold is None else 0.0)
 
 
 def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
@@ -338,17 +499,19 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
            prompt_length: int | None = None) -> Samples:
     """Samples `config.traces_per_prompt` traces for each prompt (lists of token ids).
 
-    Prompts are left-padded to `prompt_length` (default: the longest prompt; a fixed length
-    keeps one compiled loop for every batch). With a mesh, the slots are split over its first
-    axis (P x n must divide evenly) and the weights replicated. Bad settings raise ValueError
-    before anything is compiled.
+    Prompts are left-padded to `prompt_length` (default: the longest prompt; a prompt longer
+    than it is an error), rounded up to a multiple of `config.prompt_bucket`. With a mesh, the
+    slots are split over its first axis (P x n must divide evenly) and the weights replicated.
+    Bad settings raise ValueError before anything is compiled.
     """
     ids, mask = left_pad(prompts, width=prompt_length)
+    longest = max(len(p) for p in prompts)
+    ids, mask = left_pad(prompts, width=padded_length(ids.shape[1], config))
     c = model.config
-    cache_size = ids.shape[1] + config.max_new_tokens
-    require(cache_size <= c.max_position_embeddings,
-            f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({config.max_new_tokens}) = "
-            f"{cache_size} exceeds the model's max_position_embeddings={c.max_position_embeddings}")
+    require(longest + config.max_new_tokens <= c.max_position_embeddings,
+            f"prompt ({longest} tokens) + max_new_tokens ({config.max_new_tokens}) = "
+            f"{longest + config.max_new_tokens} exceeds the model's max_position_embeddings="
+            f"{c.max_position_embeddings}")
     for name in ("confidence_k",) * config.confidence + ("top_k",):
         require(getattr(config, name) <= c.vocab_size,
                 f"SamplingConfig.{name}={getattr(config, name)} exceeds the vocabulary "
@@ -357,19 +520,20 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
     require(not bad, f"stop_ids {bad} are outside the vocabulary [0, {c.vocab_size})")
     model._check_tokens(ids)
     graphdef, state = nnx.split(model)
-    slots = len(prompts) * config.n
+    slots = None
     if mesh is not None:
-        require(slots % mesh.size == 0, f"{len(prompts)} prompts x n={config.n} = {slots} slots "
-                f"must divide evenly over {mesh.size} devices")
+        count = len(prompts) * config.n
+        require(count % mesh.size == 0, f"{len(prompts)} prompts x n={config.n} = {count} "
+                f"slots must divide evenly over {mesh.size} devices")
         state = jax.device_put(state, parallel.replicated(mesh))
-    cache, prompt_logits = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
-                                    cache_size=cache_size, n=config.n,
-                                    int8_cache=config.int8_cache)
-    if mesh is not None:
-        axis = mesh.axis_names[0]
-        cache = cache.map_rows(lambda x: jax.device_put(x, NamedSharding(mesh,
-                                                                         PartitionSpec(axis))))
-    threshold = jnp.float32(config.stop_threshold or 0.0)
-    static = config if config.stop_threshold is None else dataclasses.replace(
-        config, stop_threshold=0.0)
-    return _decode(graphdef, state, cache, prompt_logits, key, threshold, config=static)
+        slots = parallel.batch_sharding(mesh)
+    prefix, prompt_logits = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
+                                     int8_cache=config.int8_cache)
+    static = _static(config)
+    out = _decode(graphdef, state, prefix, prompt_logits, key,
+                  jnp.float32(config.stop_threshold or 0.0),
+                  jnp.int32(config.traces_per_prompt), config=static, slots=slots)
+    keep = (np.arange(len(prompts))[:, None] * static.budget
+            + np.arange(config.traces_per_prompt)).ravel()                   # [N]
+    steps = out.steps
+    return jax.tree.map(lambda x: x[keep], out.replace(steps=None)).replace(steps=steps)

@@ -218,10 +218,17 @@ def test_no_recompilation_for_the_same_shapes(model):
 
 
 @pytest.mark.parametrize("int8", [False, True])
-def test_kv_cache_bytes_is_what_the_cache_allocates(model, int8):
-    config = SamplingConfig(max_new_tokens=10, n=4, int8_cache=int8)
-    allocated = model.init_cache(3 * 4, 5 + 10, int8).nbytes  # 3 prompts x n slots, 5 + 10 slots
-    assert sampler.kv_cache_bytes(model.config, 3, 5, config) == allocated
+def test_decode_memory_counts_the_prompt_once_and_the_generated_kv_the_loop_builds(model, int8):
+    config = SamplingConfig(max_new_tokens=10, n=4, int8_cache=int8, prompt_bucket=8)
+    memory = sampler.decode_memory(model.config, 3, 5, config)
+    # 3 prompts x 8 padded tokens once; 3 x n slots x 16 generated slots (10 rounded up)
+    assert memory.prefix == model.init_cache(3, 8, int8).nbytes
+    assert memory.generated == model.init_cache(3 * 4, 16, int8).nbytes
+    weights = sum(x.nbytes for x in jax.tree.leaves(model))
+    assert memory.weights == weights
+    assert memory.arguments >= weights + memory.prefix
+    assert memory.temporaries >= memory.generated  # built and updated inside the loop
+    assert memory.peak >= weights + memory.prefix + memory.generated + memory.outputs
 
 
 @pytest.mark.parametrize("prompts,config,match", [
@@ -254,12 +261,17 @@ def test_int8_cache_samples_like_the_float_cache(model):
 
 
 def test_a_qwen3_0_6b_with_256_traces_of_2048_tokens_fits_40_gib_with_an_int8_cache():
+    # The compiled programs' memory is affine in the layer count (each layer adds its weights
+    # and its KV; the step's temporaries are shared): compile 1 and 2 layers of the released
+    # shape and extend to its 28 (`bench_sampler.py --memory` compiles all 28).
     from jaxlab.models.decoder import DecoderConfig
 
     c = DecoderConfig.from_hf(zoo.hf_config("qwen3", "released"), param_dtype="bfloat16")
-    weights = 2 * 596_049_920  # bf16 parameters of Qwen3-0.6B (tied embeddings)
-    config = SamplingConfig(max_new_tokens=2048 - 128, n=256)
-    bf16 = sampler.kv_cache_bytes(c, 1, 128, config)
-    int8 = sampler.kv_cache_bytes(c, 1, 128, dataclasses.replace(config, int8_cache=True))
-    assert bf16 == 256 * 2048 * 28 * 2 * 8 * 128 * 2  # 56 GiB: does not fit
-    assert int8 + weights < 40 * 2**30 < bf16 + weights
+    assert c.num_layers == 28
+    config = SamplingConfig(max_new_tokens=2048 - 128, n=256, int8_cache=True)
+    one, two = (sampler.decode_memory(dataclasses.replace(c, num_layers=layers), 1, 128, config)
+                for layers in (1, 2))
+    assert two.generated == 2 * one.generated == 2 * 256 * 1920 * 8 * (128 + 4) * 2
+    int8 = one.peak + 27 * (two.peak - one.peak)
+    bf16_kv = 256 * 2048 * 28 * 2 * 8 * 128 * 2  # 56 GiB of bf16 KV alone: does not fit
+    assert int8 < 40 * 2**30 < bf16_kv

@@ -1,0 +1,151 @@
+"""Attention paths against independent references: dense attention in NumPy, the einsum
+attention the decoder used before the fused path, and a per-slot copy of the prompt's KV."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab.models import attention, hf, zoo
+from jaxlab.models.decoder import KVCache
+
+RNG = np.random.default_rng(0)
+
+
+def _dense(q, keys, values, start, end, key_scale=None, value_scale=None):
+    """NumPy float64 softmax attention of q [B, K, Q, D] over slots start <= s < end of
+    keys [B, K, D, S] / values [B, K, S, D] (times their scales): (out, lse)."""
+    q, keys, values = (np.asarray(x, np.float64) for x in (q, keys, values))
+    if key_scale is not None:
+        keys = keys * np.asarray(key_scale)[:, :, None, :]
+        values = values * np.asarray(value_scale)[..., None]
+    s = np.einsum("bkqd,bkds->bkqs", q, keys) / math.sqrt(q.shape[-1])
+    slot = np.arange(keys.shape[-1])
+    live = (slot >= np.asarray(start)[:, None]) & (slot < np.asarray(end)[:, None])
+    s = np.where(live[:, None, None], s, -np.inf)
+    m = np.max(s, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0)
+    p = np.exp(s - m)
+    total = p.sum(-1, keepdims=True)
+    out = np.einsum("bkqs,bksd->bkqd", p / np.where(total > 0, total, 1), values)
+    lse = np.where(total > 0, m + np.log(np.where(total > 0, total, 1)), -np.inf)[..., 0]
+    return out, lse
+
+
+def _case(b=4, k=2, q=6, d=16, s=96, int8=False):
+    keys = RNG.normal(size=(b, k, d, s)).astype(np.float32)
+    values = RNG.normal(size=(b, k, s, d)).astype(np.float32)
+    scales = None, None
+    if int8:
+        keys = RNG.integers(-127, 128, size=keys.shape).astype(np.int8)
+        values = RNG.integers(-127, 128, size=values.shape).astype(np.int8)
+        scales = tuple(RNG.uniform(0.001, 0.02, size=(b, k, s)).astype(np.float32)
+                       for _ in range(2))
+    return RNG.normal(size=(b, k, q, d)).astype(np.float32), keys, values, scales
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("block", [8, 32])
+def test_block_attention_equals_dense_attention(int8, block):
+    q, keys, values, (ks, vs) = _case(int8=int8)
+    start = np.array([0, 5, 40, 0])
+    end = np.array([1, 37, 41, 0])      # one slot; crossing blocks; one slot late; empty row
+    out, lse = jax.jit(attention.block_attention, static_argnames="block")(
+        q, keys, values, ks, vs, start, end, block=block)
+    want_out, want_lse = _dense(q, keys, values, start, end, ks, vs)
+    np.testing.assert_allclose(out, want_out, atol=2e-6)
+    np.testing.assert_allclose(lse, want_lse, atol=2e-6)
+    assert np.all(np.asarray(out)[3] == 0) and np.all(np.isneginf(lse[3]))
+
+
+def test_block_attention_reads_nothing_past_the_longest_row():
+    q, keys, values, _ = _case()
+    start, end = np.array([0, 3, 10, 20]), np.array([9, 30, 17, 33])
+    keys[..., 64:] = np.nan    # blocks past ceil(33 / 32) = 2 blocks hold NaN: never read
+    values[:, :, 64:] = np.nan
+    keys[1:, :, :, :3] = np.nan  # slots before every later row's start
+    out, _ = attention.block_attention(q, keys, values, None, None, start, end, block=32)
+    assert np.isfinite(out).all()
+    # Scores of dead slots inside a live block are replaced, not multiplied: their NaN keys do
+    # not leak either, and the result is the dense one.
+    np.testing.assert_allclose(out, _dense(q, np.nan_to_num(keys), np.nan_to_num(values),
+                                           start, end)[0], atol=2e-6)
+
+
+def test_merge_of_two_key_ranges_equals_attention_over_their_union():
+    q, keys, values, _ = _case()
+    start, split, end = np.array([0, 4, 0, 9]), np.array([0, 30, 50, 9]), np.array([20, 60, 50, 9])
+    a = attention.block_attention(q, keys, values, None, None, start, split, block=16)
+    b = attention.block_attention(q, keys, values, None, None, split, end, block=16)
+    out, lse = attention.merge(a, b)
+    want_out, want_lse = _dense(q, keys, values, start, end)
+    np.testing.assert_allclose(out, want_out, atol=2e-6)
+    np.testing.assert_allclose(lse, want_lse, atol=2e-6)
+
+
+def _einsum_attention(q, k, v, visible):
+    """The decoder's attention before the fused path: scores in float32, masked with -1e30,
+    softmax, weights cast back; q [B, T, H, D], k, v [B, T, K, D], visible [B, T, T]."""
+    b, t, h, d = q.shape
+    g = h // k.shape[2]
+    qg = q.reshape(b, t, k.shape[2], g, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(visible[:, None, None], scores / math.sqrt(d), -1e30)
+    weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
+    return out.reshape(b, t, h, d)
+
+
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
+def test_full_attention_equals_the_einsum_path_with_causal_and_left_padding(dtype, atol):
+    b, t, h, k, d = 3, 12, 4, 2, 16
+    q = jnp.asarray(RNG.normal(size=(b, t, h, d)), dtype)
+    keys = jnp.asarray(RNG.normal(size=(b, t, k, d)), dtype)
+    values = jnp.asarray(RNG.normal(size=(b, t, k, d)), dtype)
+    mask = np.ones((b, t), bool)
+    mask[1, :5] = False
+    mask[2, :11] = False
+    visible = mask[:, None, :] & np.tril(np.ones((t, t), bool))
+    ours = np.asarray(attention.full_attention(q, keys, values, jnp.asarray(visible)), np.float32)
+    theirs = np.asarray(_einsum_attention(q, keys, values, visible), np.float32)
+    np.testing.assert_allclose(ours[mask], theirs[mask], atol=atol)
+    assert np.isfinite(ours).all()  # padding queries see no key and stay finite
+
+
+def test_pallas_gpu_kernel_equals_the_portable_path_in_interpret_mode():
+    if attention._pallas_gpu is None:
+        pytest.skip("this JAX has no jax.experimental.pallas.ops.gpu.decode_attention")
+    q, keys, values, _ = _case(b=3, q=4, s=256)
+    start, end = np.array([0, 5, 100]), np.array([17, 130, 101])
+    ours = attention.pallas_gpu_attention(q, keys, values, start, end, interpret=True)
+    want = attention.block_attention(q, keys, values, None, None, start, end, block=32)
+    np.testing.assert_allclose(ours[0], want[0], atol=2e-5)
+    np.testing.assert_allclose(ours[1], want[1], atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return hf.load_pretrained(zoo.create("qwen3", tmp_path_factory.mktemp("q3")))
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_cascade_decode_equals_decoding_with_a_copy_of_the_prompt_per_slot(model, int8):
+    # 2 prompts x 3 slots: each slot continues its prompt with its own tokens; the reference
+    # copies the prompt's KV into every slot's cache (the layout before cascade attention).
+    ids = np.asarray([[0, 0, 5, 9, 17, 3], [7, 8, 2, 1, 4, 6]])
+    mask = (np.arange(6) >= np.array([[2], [0]])).astype(np.int32)
+    _, prefix = model.prefill(jnp.asarray(ids), jnp.asarray(mask), cache_size=8,
+                              int8_cache=int8)
+    n, steps = 3, 5
+    tokens = RNG.integers(0, 512, size=(steps, 2 * n))
+    own = model.init_cache(2 * n, 8, int8).replace(positions=jnp.repeat(prefix.positions, n))
+    _, copied = model.prefill(jnp.asarray(np.repeat(ids, n, 0)), jnp.asarray(np.repeat(mask, n, 0)),
+                              cache_size=16, int8_cache=int8)
+    decode = jax.jit(lambda t, c, p: model.decode(t, c, p))
+    for t in range(steps):
+        ours, own = decode(jnp.asarray(tokens[t]), own, prefix)
+        want, copied = decode(jnp.asarray(tokens[t]), copied, None)
+        np.testing.assert_allclose(ours, want, atol=2e-5)
+    assert isinstance(own, KVCache) and np.all(np.asarray(own.index) == steps)
