@@ -1,0 +1,137 @@
+"""Cost of one sampling step over a large vocabulary: `strategies.Nucleus` against one softmax over
+the same logits and against the sampler's bisection `next_tokens`.
+
+    python experiments/bench_next_tokens.py [--batch 256] [--vocab 151936] [--repeats 7]
+                                            [--out results/bench_next_tokens.json]
+
+Each side does what a decode step needs from the logits [B, V] (float32, random): the next tokens,
+their log-probs under softmax(logits / 0.6) and DeepConf's token confidence over the top 20 log-
+probs. Ours: one `Nucleus` call, confidence from its top logits. Baseline: `sampler.next_tokens`
+(top-k mask, softmax, top-p by bisection over the vocabulary, inverse-CDF draw), plus the
+log-sum-exp and `confidence.token_confidence` the decode loop adds to it. Settings: top-k 20 +
+top-p 0.95, and top-p 0.95 alone (top_k = 0); logits N(0, 1) ("flat": the nucleus holds ~75k
+tokens, so top_k = 0 takes the whole-vocabulary fallback) and 4 N(0, 1) ("peaked": nuclei of tens
+of tokens, inside the 256-token cap). Reported: the median time of `--repeats` calls after a
+warm-up, its ratio to one softmax (the target: at most 2 passes' worth), and the bytes XLA's
+cost analysis says each compiled function accesses (a gather counts its whole operand; the
+fallback branch of a conditional counts although it may not run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxlab import results
+from jaxlab.sampling import sampler
+from jaxlab.sampling.confidence import token_confidence
+from jaxlab.sampling.sampler import SamplingConfig
+from jaxlab.sampling.strategies import Nucleus, block_top_k, nucleus, token_confidence_from_top
+
+TEMPERATURE, CONFIDENCE_K = 0.6, 20
+SETTINGS = {"top-k 20, top-p 0.95": dict(top_k=20, top_p=0.95),
+            "top-p 0.95": dict(top_k=0, top_p=0.95)}
+SCALES = {"flat": 1.0, "peaked": 4.0}  # logits = scale x N(0, 1)
+
+
+def median_seconds(fn, args: tuple, repeats: int) -> float:
+    """Median wall time of `repeats` calls fn(*args) after one warm-up call (compilation)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bytes_accessed(jitted, *args) -> float:
+    return float(jitted.lower(*args).compile().cost_analysis()["bytes accessed"])
+
+
+@jax.jit
+def ours(strategy: Nucleus, logits, key):
+    draw = strategy(logits, key)
+    confidence = token_confidence_from_top(draw.top_logits, draw.log_normalizer, CONFIDENCE_K)
+    return draw.tokens, draw.logprobs, confidence
+
+
+def baseline(config: SamplingConfig):
+    """The decode loop's sampling work before `strategies`: next_tokens, the tempered
+    log-sum-exp for the log-prob, and token confidence."""
+    @jax.jit
+    def step(logits, key):
+        tokens = sampler.next_tokens(logits, key, config)
+        tempered = logits / config.temperature
+        logp = (jnp.take_along_axis(tempered, tokens[:, None], axis=-1)[:, 0]
+                - jax.nn.logsumexp(tempered, axis=-1))
+        return tokens, logp, token_confidence(logits, CONFIDENCE_K)
+    return step
+
+
+def past_the_cap(strategy: Nucleus, logits) -> float:
+    """Fraction of rows whose nucleus is wider than the strategy's cap (0 when top_k > 0)."""
+    if strategy.top_k:
+        return 0.0
+    tempered = logits / TEMPERATURE
+    top, _ = block_top_k(tempered, strategy.cap)
+    candidates = jnp.exp(top - jax.nn.logsumexp(tempered, axis=-1, keepdims=True))  # [B, cap]
+    return float(jnp.mean(nucleus(candidates, strategy.top_p)[:, -1]))
+
+
+def bench(batch: int, vocab: int, repeats: int) -> list[dict]:
+    softmax = jax.jit(lambda x: jax.nn.softmax(x, axis=-1))
+    key = jax.random.key(0)
+    rows = []
+    for kind, scale in SCALES.items():
+        logits = scale * jax.random.normal(jax.random.key(1), (batch, vocab), jnp.float32)
+        softmax_s = median_seconds(softmax, (logits,), repeats)
+        softmax_bytes = bytes_accessed(softmax, logits)
+        for name, setting in SETTINGS.items():
+            strategy = Nucleus(TEMPERATURE, **setting)
+            old = baseline(SamplingConfig(temperature=TEMPERATURE, **setting))
+            ours_s = median_seconds(ours, (strategy, logits, key), repeats)
+            old_s = median_seconds(old, (logits, key), repeats)
+            rows.append(dict(
+                logits=kind, setting=name, softmax_ms=1e3 * softmax_s, ours_ms=1e3 * ours_s,
+                baseline_ms=1e3 * old_s, ours_over_softmax=ours_s / softmax_s,
+                baseline_over_ours=old_s / ours_s,
+                ours_bytes_over_softmax=bytes_accessed(ours, strategy, logits, key)
+                / softmax_bytes,
+                baseline_bytes_over_softmax=bytes_accessed(old, logits, key) / softmax_bytes,
+                rows_past_cap=past_the_cap(strategy, logits)))
+            print(f"  {kind}, {name}: ours {1e3 * ours_s:.1f} ms, softmax "
+                  f"{1e3 * softmax_s:.1f} ms, baseline {1e3 * old_s:.1f} ms", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=151_936)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", default="results/bench_next_tokens.json")
+    args = parser.parse_args()
+    device = jax.devices()[0].device_kind
+    print(f"next-token step, batch {args.batch}, vocabulary {args.vocab}, float32, "
+          f"temperature {TEMPERATURE}, on {device}; median of {args.repeats} after a warm-up")
+    rows = bench(args.batch, args.vocab, args.repeats)
+    print(f"{'logits':>7} {'setting':>21} {'softmax ms':>10} {'ours ms':>8} {'/softmax':>8} "
+          f"{'bytes/softmax':>13} {'baseline ms':>11} {'baseline/ours':>13} {'past cap':>8}")
+    for r in rows:
+        print(f"{r['logits']:>7} {r['setting']:>21} {r['softmax_ms']:10.1f} {r['ours_ms']:8.1f} "
+              f"{r['ours_over_softmax']:7.2f}x {r['ours_bytes_over_softmax']:12.2f}x "
+              f"{r['baseline_ms']:11.1f} {r['baseline_over_ours']:12.1f}x "
+              f"{r['rows_past_cap']:8.1%}")
+    results.write_json(pathlib.Path(args.out), {
+        "device": device, "batch": args.batch, "vocab": args.vocab, "repeats": args.repeats,
+        "temperature": TEMPERATURE, "confidence_k": CONFIDENCE_K, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
