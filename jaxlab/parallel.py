@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import time
 from collections.abc import Sequence
 
 import jax
@@ -24,6 +26,108 @@ def cpu_cores_as_devices() -> None:
     flag = "--xla_force_host_platform_device_count"
     if flag not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={os.cpu_count()}"
+
+
+# An explicit multi-process launch: the coordinator's host:port, the process count and this
+# process's id (0 .. count - 1), as every process of the run sees them.
+PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+# Launchers whose environment JAX reads itself (more than one task means a multi-process run).
+_LAUNCHERS = {"SLURM_NTASKS": "SLURM", "OMPI_COMM_WORLD_SIZE": "Open MPI"}
+
+
+def initialize_processes(timeout_s: int = 300) -> int:
+    """Joins the multi-process run the environment describes, before JAX touches a backend, and
+    returns the process count (1, and nothing done, for a single process).
+
+    - `PROCESS_ENV` all set: `jax.distributed.initialize(address, count, id)` (several hosts of
+      any cluster, or several processes on one host);
+    - else SLURM or Open MPI with more than one task, or a Cloud TPU pod slice of several hosts
+      (TPU_WORKER_HOSTNAMES lists more than one): `jax.distributed.initialize()`, which reads
+      those environments itself.
+    A partial `PROCESS_ENV` is an error naming what is missing; a coordinator that does not answer
+    within `timeout_s`, or a process count other than the one asked, stops with RuntimeError.
+    """
+    given = {name: os.environ.get(name) for name in PROCESS_ENV}
+    missing = [name for name, value in given.items() if not value]
+    if len(missing) < len(PROCESS_ENV):
+        if missing:
+            raise ValueError(f"a multi-process launch needs all of {PROCESS_ENV}; "
+                             f"{missing} not set")
+        address, count, index = (given[name] for name in PROCESS_ENV)
+        try:
+            count, index = int(count), int(index)
+        except ValueError:
+            raise ValueError(f"JAX_NUM_PROCESSES={count!r} and JAX_PROCESS_ID={index!r} must be "
+                             f"integers") from None
+        if not 0 <= index < count:
+            raise ValueError(f"JAX_PROCESS_ID={index} must lie in [0, JAX_NUM_PROCESSES={count})")
+        if index > 0:  # process 0 starts the coordinator; the others first wait for it
+            _wait_for_coordinator(address, timeout_s)
+        args = {"coordinator_address": address, "num_processes": count, "process_id": index}
+        where = f"coordinator {address}"
+    else:
+        launcher = next((name for env, name in _LAUNCHERS.items()
+                         if int(os.environ.get(env, "1") or 1) > 1), None)
+        if launcher is None and os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+            launcher = "Cloud TPU"
+        if launcher is None:
+            return 1
+        count, args, where = None, {}, f"the {launcher} environment"
+    try:
+        jax.distributed.initialize(**args, initialization_timeout=timeout_s)
+    except Exception as error:  # JAX raises several kinds; all mean the same to a user
+        raise RuntimeError(f"joining a multi-process run through {where} failed within "
+                           f"{timeout_s} s: {error}") from error
+    if count is not None and jax.process_count() != count:
+        raise RuntimeError(f"JAX_NUM_PROCESSES={count} but the run has {jax.process_count()} "
+                           f"processes")
+    return jax.process_count()
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Returns once something accepts TCP connections at host:port; RuntimeError naming the
+    address after `timeout_s` (JAX's own client would abort the process instead)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"JAX_COORDINATOR_ADDRESS={address!r} must be host:port")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1.0).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the coordinator {address} did not answer within "
+                                   f"{timeout_s} s: is process 0 running, and is the address "
+                                   f"reachable from this host?") from None
+            time.sleep(0.2)
+
+
+def host_array(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-process) array as a NumPy array on every process: its
+    shards gathered from the other processes when this one does not hold them all."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def put(tree, sharding: jax.sharding.Sharding):
+    """`jax.device_put(tree, sharding)` that also works when the sharding spans the devices of
+    several processes: each process then builds its own shards of each (global) array from its
+    copy of the whole value, which every process must hold alike (same seed, same data)."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def place(leaf):
+        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype,
+                                                                 jax.dtypes.prng_key):
+            data = place(jax.random.key_data(leaf))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+        value = np.asarray(leaf)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(place, tree)
 
 
 def make_mesh(axis: str = DATA, devices: Sequence[jax.Device] | None = None) -> Mesh:

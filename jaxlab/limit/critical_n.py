@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxlab import parallel
 from jaxlab.config import require
 from jaxlab.limit import free_embedding
 
@@ -162,8 +163,8 @@ def evaluate(candidates: Sequence[int], seeds: int, d: int, config: free_embeddi
     while True:
         state = free_embedding.advance_runs(state, relevant, steps=segment_steps, config=config,
                                             mesh=mesh)
-        done = np.asarray(free_embedding.finished(state, config))
-        run_solved, run_steps = np.asarray(state.solved), np.asarray(state.step)
+        done = parallel.host_array(free_embedding.finished(state, config))
+        run_solved, run_steps = parallel.host_array(state.solved), parallel.host_array(state.step)
         live = slot_run >= 0
         for slot in np.flatnonzero(live & done):
             n = runs[slot_run[slot]][0]

@@ -311,10 +311,12 @@ def max_runs_per_call(num_docs: int, dim: int, k: int, memory_bytes: int, num_de
 
 
 def available_bytes(mesh: Mesh | None, memory_bytes: int | None = None) -> int:
-    """Memory one device may use: `memory_bytes` if given, else what the first device has free."""
+    """Memory one device may use: `memory_bytes` if given, else what the first of this process's
+    devices (in the mesh) has free."""
     if memory_bytes is not None:
         return memory_bytes
-    return parallel.device_memory_bytes(jax.devices()[0] if mesh is None else mesh.devices.flat[0])
+    devices = jax.local_devices() if mesh is None else mesh.local_devices
+    return parallel.device_memory_bytes(devices[0])
 
 
 def check_memory(num_runs: int, num_docs: int, dim: int, k: int, mesh: Mesh | None,
@@ -415,7 +417,7 @@ def solve(seeds: Sequence[int], num_docs: Sequence[int], dim: int, config: Solve
     """
     state, relevant = start_runs(seeds, num_docs, dim, config, mesh, memory_bytes)
     state = advance_runs(state, relevant, steps=config.max_steps, config=config, mesh=mesh)
-    return RunResult(*(np.asarray(x)[:len(seeds)] for x in result(state)))
+    return RunResult(*(parallel.host_array(x)[:len(seeds)] for x in result(state)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,19 @@
+"""One process of a multi-process run (launched by test_multiprocess.py with PROCESS_ENV set):
+a batch of free-embedding runs and one policy step over a mesh of every process's devices;
+process 0 writes the results to the .npz file named by argv[1]."""
+
+import os
+import sys
+
+from jaxlab import parallel
+
+parallel.initialize_processes(timeout_s=int(os.environ.get("JOB_TIMEOUT_S", "60")))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tests.parallel import workloads  # noqa: E402
+
+results = workloads.run_all()
+if jax.process_index() == 0:
+    np.savez(sys.argv[1], **results)

@@ -1,0 +1,72 @@
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlab import parallel
+from tests.parallel import workloads
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _launch(out, processes=2, devices=4, **env_overrides):
+    """Runs multiprocess_job.py as `processes` processes of `devices` CPU devices each."""
+    port = _free_port()
+    base = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes))
+    children = [subprocess.Popen(
+        [sys.executable, "-m", "tests.parallel.multiprocess_job", str(out)], cwd=ROOT,
+        env={**base, "JAX_PROCESS_ID": str(i), **env_overrides}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+    return [(child.wait(timeout=600), child.stdout.read()) for child in children]
+
+
+def test_two_processes_equal_one_process_of_as_many_devices(tmp_path):
+    # 2 processes x 4 CPU devices (gloo collectives) against this process's 8 devices: the
+    # free-embedding runs and the policy step (its gradient all-reduced across processes) agree.
+    out = tmp_path / "multi.npz"
+    for code, log in _launch(out):
+        assert code == 0, log
+    multi = dict(np.load(out))
+    assert jax.device_count() == 8
+    single = workloads.run_all()
+    assert set(multi) == set(single)
+    for name, value in single.items():
+        np.testing.assert_allclose(multi[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_a_partial_launch_environment_is_named(monkeypatch):
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1")
+    monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
+    monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES"):
+        parallel.initialize_processes()
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    with pytest.raises(ValueError, match=r"JAX_PROCESS_ID=2 must lie in \[0, "):
+        parallel.initialize_processes()
+
+
+def test_no_launch_environment_means_one_process(monkeypatch):
+    for name in (*parallel.PROCESS_ENV, "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+                 "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    assert parallel.initialize_processes() == 1
+
+
+def test_a_coordinator_that_never_answers_stops_with_a_clear_error(tmp_path):
+    # Process 1 of 2 waits for a coordinator that never starts: it must give up, not hang.
+    code, log = _launch(tmp_path / "none.npz", processes=1, JAX_NUM_PROCESSES="2",
+                        JAX_PROCESS_ID="1", JOB_TIMEOUT_S="2")[0]
+    assert code != 0 and "did not answer within 2 s" in log, log
