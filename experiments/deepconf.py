@@ -13,7 +13,6 @@ summary.json, accuracy_vs_tokens.png, log.txt, config.yaml, and prints a summary
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
 import time
@@ -26,7 +25,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tqdm import tqdm
 
-from jaxlab import arrays, results
+from jaxlab import arrays, jsonl, results
 from jaxlab import config as config_lib
 from jaxlab.deepconf import answers, online, voting
 from jaxlab.deepconf.problems import load_problems
@@ -81,6 +80,8 @@ class Config:
         for rule in self.rules:
             config_lib.require(rule in voting.RULES,
                                f"unknown rule {rule!r}; choose from {sorted(voting.RULES)}")
+            self.online(rule)        # the library's own checks, before anything is written
+        self.sampling(eos=0)
 
     def sampling(self, eos: int) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
@@ -165,8 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
                        f"the tokenizer in {cfg.model} has no EOS token to end traces with")
     out = results.open_run(cfg.out_dir, cfg, may_change=("limit",))
     path = out / "problems.jsonl"
-    done = {json.loads(line)["id"] for line in path.read_text().splitlines()} if path.exists() \
-        else set()
+    done = {record["id"] for record in jsonl.resume_records(path)}
     sampling = cfg.sampling(tokenizer.eos_token_id)
     offline_sampling = dataclasses.replace(sampling, budget=cfg.offline_traces)
     # Rows for every problem in the file, so that a rerun with a larger `limit` reopens them.
@@ -185,36 +185,35 @@ def main(argv: list[str] | None = None) -> dict:
     log.info("%d problems (%d done before), %s, offline K=%s, online rules %s", len(problems),
              len(done), cfg.model, list(cfg.ks), list(cfg.rules))
     key = jax.random.key(cfg.seed)
-    with path.open("a") as sink:
-        for index, problem in enumerate(tqdm(problems, unit="problem", file=sys.stderr)):
-            if problem.id in done:
-                continue
-            prompt = tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]
-            problem_key = jax.random.fold_in(key, index)
+    for index, problem in enumerate(tqdm(problems, unit="problem", file=sys.stderr)):
+        if problem.id in done:
+            continue
+        prompt = tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]
+        problem_key = jax.random.fold_in(key, index)
+        start = time.perf_counter()
+        samples = jax.device_get(sampler.sample(model, [prompt], problem_key,
+                                                offline_sampling))
+        traces = online.Traces.from_samples(samples, decode)
+        online.weighted_vote(traces)  # answering costs the baseline a vote too
+        record = {"id": problem.id, "answer": problem.answer,
+                  "offline_seconds": time.perf_counter() - start,
+                  "offline": offline_record(traces, problem.answer, cfg), "online": {}}
+        for rule in cfg.rules:
             start = time.perf_counter()
-            samples = jax.device_get(sampler.sample(model, [prompt], problem_key,
-                                                    offline_sampling))
-            traces = online.Traces.from_samples(samples, decode)
-            online.weighted_vote(traces)  # answering costs the baseline a vote too
-            record = {"id": problem.id, "answer": problem.answer,
-                      "offline_seconds": time.perf_counter() - start,
-                      "offline": offline_record(traces, problem.answer, cfg), "online": {}}
-            for rule in cfg.rules:
-                start = time.perf_counter()
-                result = online.solve(model, prompt, jax.random.fold_in(problem_key, 1),
-                                      sampling, cfg.online(rule), decode)
-                record["online"][rule] = {
-                    "correct": answers.is_correct(result.answer, problem.answer),
-                    "answer": result.answer, "votes": result.votes, "solution": result.solution,
-                    "launched": result.launched, "stopped": result.stopped,
-                    "tokens": result.tokens, "threshold": result.threshold,
-                    "consensus": result.consensus, "seconds": time.perf_counter() - start}
-            # The chunk before the record: a problem with a record always has its traces.
-            arrays.write_chunk(traces_store, index, trace_rows(samples))
-            sink.write(json.dumps(record) + "\n")
-            sink.flush()
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    summary = summarize(records, cfg)
+            result = online.solve(model, prompt, jax.random.fold_in(problem_key, 1),
+                                  sampling, cfg.online(rule), decode)
+            record["online"][rule] = {
+                "correct": answers.is_correct(result.answer, problem.answer),
+                "answer": result.answer, "votes": result.votes, "solution": result.solution,
+                "launched": result.launched, "stopped": result.stopped,
+                "tokens": result.tokens, "threshold": result.threshold,
+                "consensus": result.consensus, "seconds": time.perf_counter() - start}
+        # The chunk before the record: a problem with a record always has its traces.
+        arrays.write_chunk(traces_store, index, trace_rows(samples))
+        jsonl.append_record(path, record)
+    # The problems of this config only: a rerun with a smaller `limit` finds more in the file.
+    by_id = {record["id"]: record for record in jsonl.resume_records(path)}
+    summary = summarize([by_id[p.id] for p in problems], cfg)
     results.write_json(out / "summary.json", summary)
     plot(summary, out / "accuracy_vs_tokens.png")
     print(table(summary))

@@ -95,6 +95,9 @@ class Config:
             config_lib.require(all(config_lib.is_int(v) and v >= 1 for v in values),
                                f"{name} must hold integers >= 1, got {values}")
         config_lib.require(len(self.ks) > 0, "ks must not be empty")
+        config_lib.require(self.bm25 or self.minilm or len(self.free_dims) > 0,
+                           "no retriever to evaluate: bm25 and minilm are false and free_dims is "
+                           "empty")
         config_lib.require_positive_ints(self, "minilm_batch_size", "minilm_chunk",
                                          "free_max_docs", "search_chunk")
 
@@ -102,6 +105,7 @@ class Config:
 def main(argv: list[str] | None = None) -> dict:
     parallel.cpu_cores_as_devices()  # before JAX starts its CPU backend
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
+    _check_ks(cfg)
     out = results.open_run(cfg.out_dir, cfg)
     metrics = results.read_json(out / "metrics.json", default={})
     details = results.read_json(out / "details.json", default={})
@@ -172,6 +176,18 @@ def main(argv: list[str] | None = None) -> dict:
 def _ks(cfg: Config, dataset) -> list[int]:
     """The configured k that the corpus can fill (recall@100 of 46 documents is meaningless)."""
     return [k for k in cfg.ks if k <= len(dataset.corpus)]
+
+
+def _check_ks(cfg: Config) -> None:
+    """ConfigError naming a dataset whose corpus is smaller than every k of `ks`, before
+    anything is written (folders are read: a bad dataset stops the run here too)."""
+    for spec in cfg.datasets:
+        size = (spec.generate.num_docs if spec.generate is not None
+                else len(data.load(spec.path).corpus))
+        if min(cfg.ks) > size:
+            raise config_lib.ConfigError(
+                f"ks={list(cfg.ks)}: no k fits dataset {spec.name!r} of {size} documents "
+                f"(recall@k needs k <= the corpus size)")
 
 
 def _minilm_name(dim: int, full: int) -> str:

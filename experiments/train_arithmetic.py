@@ -4,9 +4,11 @@ Hugging Face folder (config.json, model.safetensors, tokenizer), ready for exper
     python experiments/train_arithmetic.py --config configs/deepconf/train_cpu.yaml [key=value ...]
 
 Supervised next-token training on fresh random problems every step (the loss covers the solution
-and EOS); progress shows the loss. At the end the held-out problems are written to
-`out_dir/problems.jsonl` (the input of experiments/deepconf.py) and the greedy accuracy on them to
-`out_dir/train_metrics.json`.
+and EOS); progress shows the loss. The train state is checkpointed to `out_dir/checkpoints/` every
+`checkpoint_every` steps, and a rerun resumes from the latest complete checkpoint, bit for bit the
+run that never stopped (the problems of step s are the s-th batch of one seeded stream). At the
+end the held-out problems are written to `out_dir/problems.jsonl` (the input of
+experiments/deepconf.py) and the greedy accuracy on them to `out_dir/train_metrics.json`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import dataclasses
 import functools
 import logging
 import sys
+from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -24,6 +28,7 @@ from tqdm import tqdm
 
 from jaxlab import config as config_lib
 from jaxlab import results
+from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.deepconf import arithmetic
 from jaxlab.deepconf.problems import Problem, save_problems
 from jaxlab.models import hf, zoo
@@ -47,11 +52,16 @@ class Config:
     heads: int = 4
     seed: int = 0
     eval_problems: int = 200
+    checkpoint_every: int = 50   # steps between checkpoints (and the loss check)
 
     def __post_init__(self):
         config_lib.require_positive_ints(self, "terms", "steps", "batch", "length", "hidden_size",
-                                         "layers", "heads", "eval_problems")
-        config_lib.require(self.learning_rate > 0, "learning_rate must be > 0")
+                                         "layers", "heads", "eval_problems", "checkpoint_every")
+        config_lib.require(self.learning_rate > 0,
+                           f"learning_rate must be > 0, got {self.learning_rate}")
+        config_lib.require(0 <= self.warmup_steps < self.steps,
+                           f"warmup_steps={self.warmup_steps} must lie in [0, steps={self.steps}) "
+                           f"(the cosine decay follows the warmup)")
         config_lib.require(self.hidden_size % self.heads == 0,
                            f"hidden_size={self.hidden_size} must be a multiple of heads")
 
@@ -77,35 +87,60 @@ def train_step(params, opt_state, tokens, mask, *, graphdef, optimizer):
     return optax.apply_updates(params, updates), opt_state, loss
 
 
+def batches(cfg: Config, start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(tokens, mask) of steps start, start + 1, ...: batch s is the s-th `cfg.batch` problems
+    of one stream seeded by `cfg.seed`, so a resumed run reads the batches it would have read
+    (the problems of the steps before `start` are drawn and dropped: a fraction of a second)."""
+    rng = np.random.default_rng(cfg.seed)
+    for step in range(cfg.steps):
+        problems = [arithmetic.make_problem(rng, cfg.terms, step * cfg.batch + i)
+                    for i in range(cfg.batch)]
+        if step >= start:
+            yield arithmetic.training_batch(problems, cfg.length)
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     out = results.open_run(cfg.out_dir, cfg)
-    model = Decoder(model_config(cfg), nnx.Rngs(cfg.seed))
-    graphdef, params = nnx.split(model)
+    finished = results.read_json(out / "train_metrics.json")  # written last
+    if finished is not None:
+        log.info("%s holds a finished run (train_metrics.json); nothing to do", out)
+        return finished
+    graphdef, params = nnx.split(Decoder(model_config(cfg), nnx.Rngs(cfg.seed)))
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
                                                   cfg.steps)
     optimizer = optax.adamw(schedule, weight_decay=0.01)
-    opt_state = optimizer.init(params)
-    rng = np.random.default_rng(cfg.seed)
-    bar = tqdm(range(cfg.steps), unit="step", file=sys.stderr, dynamic_ncols=True)
-    for step in bar:
-        batch = [arithmetic.make_problem(rng, cfg.terms, step * cfg.batch + i)
-                 for i in range(cfg.batch)]
-        tokens, mask = arithmetic.training_batch(batch, cfg.length)
-        params, opt_state, loss = train_step(params, opt_state, tokens, mask,
-                                             graphdef=graphdef, optimizer=optimizer)
-        if step % 50 == 0 or step == cfg.steps - 1:
-            loss = float(loss)
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step}; stopping")
-            bar.set_postfix(loss=f"{loss:.4f}")
-    model = nnx.merge(graphdef, params)
+    state = {"params": params, "opt_state": optimizer.init(params),
+             "step": jnp.zeros((), jnp.int32), "loss": jnp.zeros((), jnp.float32)}
+    with Checkpointer(out / "checkpoints", CheckpointConfig(keep_last=2, best_metric=None)
+                      ) as checkpointer:
+        if checkpointer.latest_step() is not None:
+            state = checkpointer.restore(state)
+            log.info("resuming from step %d (%s)", int(state["step"]), checkpointer.directory)
+        start = int(state["step"])
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, unit="step",
+                   file=sys.stderr, dynamic_ncols=True)
+        for step, (tokens, mask) in zip(bar, batches(cfg, start), strict=True):
+            params, opt_state, loss = train_step(state["params"], state["opt_state"], tokens,
+                                                 mask, graphdef=graphdef, optimizer=optimizer)
+            state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
+                     "loss": loss}
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                loss = float(loss)
+                if not np.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss is {loss} at step {step}; stopping (last checkpoint: step "
+                        f"{checkpointer.latest_step()} in {checkpointer.directory})")
+                bar.set_postfix(loss=f"{loss:.4f}")
+                checkpointer.save(step + 1, state)
+        bar.close()
+    model = nnx.merge(graphdef, state["params"])
     hf.save_pretrained(model, out, eos_token_id=arithmetic.VOCAB.index(arithmetic.EOS),
                                pad_token_id=arithmetic.VOCAB.index(arithmetic.PAD))
     arithmetic.save_tokenizer(out)
     held_out = arithmetic.make_problems(cfg.eval_problems, cfg.terms, seed=10_000 + cfg.seed)
     save_problems([Problem(p.id, p.prompt, p.answer) for p in held_out], out / "problems.jsonl")
-    metrics = {"final_loss": float(loss), "greedy_accuracy": arithmetic.greedy_accuracy(
+    metrics = {"final_loss": float(state["loss"]), "greedy_accuracy": arithmetic.greedy_accuracy(
         model, held_out, cfg.length)}
     results.write_json(out / "train_metrics.json", metrics)
     log.info("saved %s: loss %.4f, greedy accuracy %.3f on %d held-out problems", out,
