@@ -1,0 +1,87 @@
+"""Validate, then write: a bad setting stops an experiment with a message naming the key, before
+its results folder is created or touched, and the corrected rerun proceeds."""
+
+import critical_n
+import deepconf
+import limit_eval
+import pytest
+import train_arithmetic
+
+from jaxlab.config import ConfigError, load_config
+from jaxlab.results import open_run
+
+from .conftest import refused, snapshot
+
+
+@pytest.mark.parametrize("bad,names", [
+    ("steps=1", ["warmup_steps=1", "steps=1"]),           # case 1: steps below the warmup
+    ("warmup_steps=-5", ["warmup_steps=-5"]),             # case 6: a negative warmup
+    ("batch=x", ["batch='x'"]),                           # a wrong-typed override
+])
+def test_train_arithmetic_refuses_before_writing(capsys, trained, bad, names):
+    argv, out = trained
+    metrics = (out / "train_metrics.json").read_text()
+    with refused(capsys, out, *names):                    # the finished run is left whole
+        train_arithmetic.main([*argv, bad])
+    assert train_arithmetic.main(argv)["greedy_accuracy"] == 0.25  # the same config reruns
+    # (`trained` itself began with a refused steps=1 in a fresh folder, then the corrected run)
+    assert (out / "train_metrics.json").read_text() == metrics
+
+
+@pytest.mark.parametrize("bad,names", [
+    ("temperature=-1", ["temperature", "-1"]),            # case 2
+    ("top_p=0", ["top_p", "0"]),                          # case 3
+    ("top_k=-3", ["top_k", "-3"]),                        # case 4
+    ("window=x", ["window='x'"]),                         # case 7: the key, not just the value
+    ("ks=[a]", ["ks=['a']"]),                             # inside a list, too
+    ("consensus=2", ["consensus", "2"]),                  # the online rule's own check
+])
+def test_deepconf_refuses_before_writing(capsys, tmp_path, bad, names):
+    out = tmp_path / "run"
+    with refused(capsys, out, *names):
+        deepconf.main([f"out_dir={out}", bad])
+
+
+@pytest.mark.parametrize("bad", ["memory_gib=inf", "memory_gib=nan"])
+def test_critical_n_refuses_infinite_memory(capsys, tmp_path, bad):   # case 5
+    out = tmp_path / "run"
+    with refused(capsys, out, "memory_gib"):
+        critical_n.main([f"out_dir={out}", bad])
+    assert load_config(critical_n.Config, None, ["memory_gib=0.5"]).memory_gib == 0.5
+
+
+def test_limit_eval_refuses_ks_no_corpus_fills(capsys, tmp_path):     # case 14
+    out = tmp_path / "run"
+    dataset = "datasets=[{name: tiny, generate: {num_docs: 46, num_queries: 30}}]"
+    with refused(capsys, out, "ks=[100]", "'tiny'", "46 documents"):
+        limit_eval.main([f"out_dir={out}", dataset, "ks=[100]", "minilm=false", "free_dims=[]"])
+    # a k that fits: accepted by the same check
+    limit_eval._check_ks(load_config(limit_eval.Config, None, [dataset, "ks=[2,100]"]))
+
+
+def test_limit_eval_refuses_no_retriever(capsys, tmp_path):           # case 15
+    out = tmp_path / "run"
+    with refused(capsys, out, "no retriever", "free_dims"):
+        limit_eval.main([f"out_dir={out}", "bm25=false", "minilm=false", "free_dims=[]"])
+
+
+def test_damaged_saved_config_names_file_and_line(tmp_path):         # case 11
+    out = tmp_path / "run"
+    config = load_config(critical_n.Config, None, [f"out_dir={out}"])
+    open_run(out, config)
+    saved = out / "config.yaml"
+    saved.write_text(saved.read_text().replace("d_min: 4", "d_min: [4"))
+    before = snapshot(out)
+    with pytest.raises(ConfigError, match=rf"{saved}:\d+: not valid YAML"):
+        open_run(out, config)
+    assert snapshot(out) == before
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("d_min: 4\nd_max: [5\n")
+    with pytest.raises(ConfigError, match=rf"{path}:\d+: not valid YAML"):
+        load_config(critical_n.Config, path)
+    path.write_text("d_min: x\n")
+    with pytest.raises(ConfigError, match=rf"{path}: d_min='x'"):
+        load_config(critical_n.Config, path)
