@@ -220,3 +220,117 @@ def test_verdict_functions_vmap():
     got = jax.vmap(genrm.consistent_preference)(ab, valid, ba, valid)
     want = [genrm.consistent_preference(ab[i], valid[i], ba[i], valid[i]) for i in range(2)]
     np.testing.assert_array_equal(got, np.stack(want))
+
+
+# ---------------------------------------------------------------- reward functions, BRPO
+
+class Prompt:
+    def __init__(self, data, tokens=(1,)):
+        self.data, self.tokens = data, tokens
+
+
+def text_of(tokens):
+    return "".join(chr(t) for t in tokens)
+
+
+def test_genrm_reward_fn_of_a_fake_judge_reproduces_the_rule_table():
+    """A fake judge (its text a function of the two responses): the reward is correct 1,
+    incorrect or tie 0, unparsable -1, whichever position holds the preferred response."""
+    verdicts = {"a": "\\boxed{8,3}", "b": "\\boxed{3,8}", "t": "\\boxed{5,5}", "x": "no box",
+                "y": "\\boxed{8}"}
+    responses = [[[ord(c)] for c in "abtxy"], [[ord(c)] for c in "abtxy"]]
+    out = genrm.genrm_reward_fn(lambda ids: verdicts[text_of(ids)])(
+        [Prompt(0), Prompt(1)], responses, np.zeros((2, 5), bool))
+    # preferred first: a right, b wrong; preferred second: the reverse
+    np.testing.assert_array_equal(out["reward"], [[1, 0, 0, -1, -1], [0, 1, 0, -1, -1]])
+    np.testing.assert_array_equal(out["accuracy"], [[1, 0, 0, 0, 0], [0, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(out["format_failure"], [[0, 0, 0, 1, 1]] * 2)
+
+
+def test_brpo_pairs_are_every_non_reference_response_in_both_orders():
+    pairs = genrm.brpo_pairs(np.asarray([2, 0]), 3)
+    assert pairs.tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1],
+                              [1, 1, 0], [1, 1, 1], [1, 2, 0], [1, 2, 1]]
+
+
+@pytest.mark.parametrize("ref", [[-1, 0], [0, 3]])
+def test_a_reference_outside_the_group_is_an_error(ref):
+    with pytest.raises(ValueError, match="ref_index must lie in"):
+        genrm.brpo_pairs(np.asarray(ref), 3)
+    scores = np.zeros((8, 1, 2), np.float32)
+    with pytest.raises(ValueError, match="ref_index must lie in"):
+        genrm.brpo_rewards(scores, np.ones((8, 1), bool), np.zeros((8, 3), int),
+                           np.asarray(ref), 3)
+
+
+class FakeJudge:
+    """Reads the judge prompt "first|second" back and scores the shorter response higher, and
+    fails to parse when asked about a response of length 3; records what it was asked."""
+
+    def __init__(self, votes=1):
+        self.votes, self.asked = votes, []
+
+    def verdicts(self, prompts, key):
+        self.asked += [text_of(p) for p in prompts]
+        scores, valid = [], []
+        for p in prompts:
+            first, second = text_of(p).split("|")
+            ok = 3 not in (len(first), len(second))
+            scores.append([[10 - len(first), 10 - len(second)]] * self.votes)
+            valid.append([ok] * self.votes)
+        return np.asarray(scores, np.float32), np.asarray(valid), 0
+
+
+def render(prompt, first, second):
+    return [*first, ord("|"), *second]
+
+
+def test_brpo_reward_fn_judges_both_orders_and_parses_wins_back_to_their_rows():
+    """Every non-reference response is judged against its group's reference in both orders,
+    in one call; r_i = +1 exactly where response i is strictly shorter than the reference and
+    neither has length 3 (a format failure), -1 elsewhere, 0 for the reference."""
+    rng = np.random.default_rng(0)
+    groups, size = 5, 4
+    responses = [[[ord("a")] * int(n) for n in rng.integers(1, 6, size)] for _ in range(groups)]
+    prompts = [Prompt(None, (g,)) for g in range(groups)]
+    judge = FakeJudge(votes=2)
+    out = genrm.brpo_reward_fn(judge, render)(prompts, responses, np.zeros((groups, size), bool))
+    rewards = out["reward"]
+    for g, group in enumerate(responses):
+        (ref,) = np.flatnonzero(rewards[g] == 0)
+        asked = {text_of(group[i]) + "|" + text_of(group[ref]) for i in range(size) if i != ref}
+        asked |= {text_of(group[ref]) + "|" + text_of(group[i]) for i in range(size) if i != ref}
+        assert asked <= set(judge.asked)
+        for i in range(size):
+            if i != ref:
+                wins = len(group[i]) < len(group[ref]) and 3 not in (len(group[i]),
+                                                                      len(group[ref]))
+                assert rewards[g, i] == (1 if wins else -1), (g, i, ref)
+    assert len(judge.asked) == groups * (size - 1) * 2
+    again = genrm.brpo_reward_fn(FakeJudge(2), render)(prompts, responses,
+                                                        np.zeros((groups, size), bool))
+    np.testing.assert_array_equal(again["reward"], rewards)   # the same reference draws
+
+
+def test_verdict_metrics_hand_computed():
+    # pair 1: right in both orders; pair 2: always the first shown; pair 3: fails in ab, tie ba
+    ab = jnp.asarray([[8.0, 2.0], [9.0, 1.0], [np.nan, np.nan]])
+    ba = jnp.asarray([[1.0, 7.0], [6.0, 5.0], [4.0, 4.0]])
+    m = genrm.verdict_metrics(ab, jnp.asarray([True, True, False]), ba, jnp.ones(3, bool))
+    assert float(m["accuracy_first"]) == pytest.approx(2 / 3)
+    assert float(m["accuracy_second"]) == pytest.approx(1 / 3)
+    assert float(m["accuracy_both"]) == pytest.approx(1 / 3)
+    assert float(m["first_position"]) == pytest.approx(3 / 6)
+    assert float(m["format_failure"]) == pytest.approx(1 / 6)
+
+
+def test_a_genrm_with_another_tokenizer_than_the_writer_is_refused(tmp_path):
+    from jaxlab.deepconf import arithmetic
+    from jaxlab.writing import world
+
+    world.save_tokenizer(tmp_path / "writer")
+    world.save_tokenizer(tmp_path / "judge")
+    arithmetic.save_tokenizer(tmp_path / "other")
+    genrm.check_same_tokenizer(tmp_path / "judge", tmp_path / "writer")
+    with pytest.raises(ValueError, match="another tokenizer"):
+        genrm.check_same_tokenizer(tmp_path / "other", tmp_path / "writer")

@@ -127,3 +127,84 @@ def test_bad_filter_and_mask_are_named():
         rm.PairFilter(chosen_quantile=1.5)
     with pytest.raises(ValueError, match="mask"):
         embed_only_model()(jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 4)))
+
+
+# ---------------------------------------------------------------- data, loss, save / load
+
+def write_lines(path, records):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+GOOD = {"prompt": "p", "chosen": "good", "rejected": "bad"}
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"prompt": "p", "chosen": "good"}, "pairs.jsonl:2: field 'rejected' is missing"),
+    ({"prompt": "p", "chosen": " ", "rejected": "bad"}, "pairs.jsonl:2: field 'chosen' is empty"),
+    ({"prompt": "p", "chosen": "same", "rejected": "same"},
+     "pairs.jsonl:2: chosen equals rejected"),
+    ({"prompt": 3, "chosen": "a", "rejected": "b"}, "pairs.jsonl:2: field 'prompt'"),
+])
+def test_bad_preference_records_are_named_by_file_and_line(tmp_path, bad, match):
+    path = write_lines(tmp_path / "pairs.jsonl", [GOOD, bad, GOOD])
+    with pytest.raises(ValueError, match=match):
+        rm.read_pairs(path)
+
+
+def test_preference_pairs_read_from_jsonl_parquet_and_a_datasets_folder(tmp_path):
+    import datasets
+
+    records = [GOOD, {"prompt": "q", "chosen": "x", "rejected": "y", "extra": 1}]
+    want = [{k: r[k] for k in rm.PAIR_FIELDS} for r in records]
+    assert rm.read_pairs(write_lines(tmp_path / "p.jsonl", records)) == want
+    table = datasets.Dataset.from_list(want)
+    table.to_parquet(str(tmp_path / "p.parquet"))
+    table.save_to_disk(str(tmp_path / "folder"))
+    assert rm.read_pairs(tmp_path / "p.parquet") == want
+    assert rm.read_pairs(tmp_path / "folder") == want
+    bad = datasets.Dataset.from_list([GOOD, {**GOOD, "rejected": "good"}])
+    bad.to_parquet(str(tmp_path / "bad.parquet"))
+    with pytest.raises(ValueError, match=r"bad\.parquet: row 2: chosen equals rejected"):
+        rm.read_pairs(tmp_path / "bad.parquet")
+
+
+class LastToken(nnx.Module):
+    """r = the last real token's id (a fake RM with hand-computable rewards)."""
+
+    def __call__(self, tokens, mask):
+        last = jnp.max(jnp.where(mask > 0, jnp.arange(tokens.shape[1]), 0), axis=1)
+        return jnp.take_along_axis(tokens, last[:, None], axis=1)[:, 0].astype(jnp.float32)
+
+
+def test_pair_batch_and_pair_loss_hand_computed():
+    batch = rm.pair_batch([[1], [2, 3]], [[4, 5], [6]], [[2], [9, 1]], length=4)
+    np.testing.assert_array_equal(batch["chosen_tokens"], [[1, 4, 5, 0], [2, 3, 6, 0]])
+    np.testing.assert_array_equal(batch["rejected_mask"], [[1, 1, 0, 0], [1, 1, 1, 1]])
+    loss, metrics = rm.pair_loss(LastToken(), jax.tree.map(jnp.asarray, batch))
+    # rewards: chosen (5, 6), rejected (2, 1): -mean(log sigmoid(3), log sigmoid(5))
+    want = -(math.log(1 / (1 + math.exp(-3))) + math.log(1 / (1 + math.exp(-5)))) / 2
+    assert float(loss) == pytest.approx(want, rel=1e-6)
+    assert float(metrics["accuracy"]) == 1.0
+    with pytest.raises(ValueError, match="pair 1: prompt \\+ chosen has 5 tokens"):
+        rm.pair_batch([[1], [2, 3, 4, 5]], [[4], [6]], [[2], [9]], length=4)
+
+
+def test_a_saved_reward_model_loads_back_with_the_same_rewards(tmp_path):
+    from jaxlab.models import hf
+    from jaxlab.models.decoder import Decoder
+    from tests.rl.loop_job import CONFIG
+
+    decoder = Decoder(CONFIG, nnx.Rngs(0))
+    hf.save_pretrained(decoder, tmp_path / "base")
+    model = rm.ScalarRewardModel(decoder, decoder.config.hidden_size, rngs=nnx.Rngs(3))
+    rm.save(model, tmp_path / "rm")
+    back = rm.load(tmp_path / "rm")
+    tokens = np.asarray([[3, 4, 5, 0], [7, 1, 2, 9]], np.int32)
+    mask = np.asarray([[1, 1, 1, 0], [1, 1, 1, 1]], np.int32)
+    np.testing.assert_array_equal(rm.rewards(back, tokens, mask, batch_size=3),
+                                  rm.rewards(model, tokens, mask, batch_size=3))
+    with pytest.raises(ValueError, match="not a reward model folder"):
+        rm.load(tmp_path / "base")
