@@ -100,6 +100,18 @@ class Samples:
     prompt_index: jax.Array             # int32 [N]
     steps: jax.Array                    # int32 [], decode steps the loop took
 
+    @classmethod
+    def empty(cls, prompts: int, traces_per_prompt: int, max_new_tokens: int) -> Samples:
+        """Zeros for prompts x traces_per_prompt traces of max_new_tokens tokens."""
+        rows, t = prompts * traces_per_prompt, max_new_tokens
+        zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
+        return cls(tokens=jnp.zeros((rows, t), jnp.int32), lengths=jnp.zeros(rows, jnp.int32),
+                   logprobs=zeros((rows, t)), confidence=zeros((rows, t)),
+                   group_confidence=zeros((rows, t)), lowest_group_confidence=zeros(rows),
+                   tail_confidence=zeros(rows), finish_reason=jnp.zeros(rows, jnp.int32),
+                   prompt_index=jnp.arange(rows, dtype=jnp.int32) // traces_per_prompt,
+                   steps=jnp.zeros((), jnp.int32))
+
 
 # --------------------------------------------------------------------------------------------
 # Pure pieces
@@ -320,19 +332,12 @@ def _decode(graphdef, state, prefix: KVCache, prompt_logits, key, threshold, bud
     cache = cache.replace(positions=prompt_positions)
     if slots is not None:
         cache = jax.lax.with_sharding_constraint(cache, slots)
-    zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
-    out = Samples(
-        tokens=jnp.zeros((rows, t_max), jnp.int32), lengths=jnp.zeros(rows, jnp.int32),
-        logprobs=zeros((rows, t_max)), confidence=zeros((rows, t_max)),
-        group_confidence=zeros((rows, t_max)), lowest_group_confidence=zeros(rows),
-        tail_confidence=zeros(rows), finish_reason=jnp.zeros(rows, jnp.int32),
-        prompt_index=jnp.arange(rows, dtype=jnp.int32) // capacity,
-        steps=jnp.zeros((), jnp.int32))
     loop = DecodeState(
         cache=cache, logits=prompt_logits[prompt],
         window=GroupWindow.create(num_slots, config.window), lowest=jnp.full(num_slots, jnp.inf),
         trace=prompt * capacity + jnp.arange(num_slots) % config.n,
-        launched=jnp.full(num_prompts, config.n, jnp.int32), out=out,
+        launched=jnp.full(num_prompts, config.n, jnp.int32),
+        out=Samples.empty(num_prompts, capacity, t_max),
         step=jnp.zeros((), jnp.int32))
 
     def body(s: DecodeState) -> DecodeState:
@@ -415,11 +420,12 @@ class DecodeMemory:
         return max(self.loop, self.prefill)
 
 
+@functools.lru_cache(maxsize=64)
 def decode_memory(c: DecoderConfig, prompts: int, prompt_length: int,
                   config: SamplingConfig) -> DecodeMemory:
     """The memory `sample` needs for `prompts` prompts of up to `prompt_length` tokens on a model
     of architecture `c`: both programs lowered from abstract shapes and compiled (nothing is
-    allocated; the compile takes seconds for a full-size model)."""
+    allocated; the compile takes seconds for a full-size model, so answers are remembered)."""
     require(prompts > 0 and prompt_length > 0,
             f"prompts={prompts} and prompt_length={prompt_length} must be positive")
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(c, nnx.Rngs(0))))
@@ -505,8 +511,9 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
     Bad settings raise ValueError before anything is compiled.
     """
     ids, mask = left_pad(prompts, width=prompt_length)
+    more = ((0, 0), (padded_length(ids.shape[1], config) - ids.shape[1], 0))
+    ids, mask = np.pad(ids, more), np.pad(mask, more)                        # [P, L]
     longest = max(len(p) for p in prompts)
-    ids, mask = left_pad(prompts, width=padded_length(ids.shape[1], config))
     c = model.config
     require(longest + config.max_new_tokens <= c.max_position_embeddings,
             f"prompt ({longest} tokens) + max_new_tokens ({config.max_new_tokens}) = "
