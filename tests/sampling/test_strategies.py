@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlab import parallel
 from jaxlab.sampling import strategies as st
 from jaxlab.sampling.strategies import Nucleus
 
@@ -119,8 +120,8 @@ CASES = {  # name: (rows [2, V], strategy, the path it takes)
                                  "tie at p"),
     "the temperature floor samples": (_at_floor(), Nucleus(st.TEMPERATURE_FLOOR, 1.0, **TOP_5),
                                       "tie at k"),
-    "top-k in blocks of a wide vocabulary": (_normal(5, 3.0, vocab=4096),
-                                             Nucleus(0.6, 0.9, top_k=20), "top-k"),
+    "top-k in blocks of a wider vocabulary": (_normal(5, 3.0, vocab=512),
+                                              Nucleus(0.6, 0.9, top_k=20), "top-k"),
 }
 
 
@@ -261,3 +262,15 @@ def test_tree_transformations_build_placeholders_freely():
     assert jax.tree.leaves(strategy) == [0.6, 0.95]             # the static fields are not leaves
     assert jax.tree.map(lambda x: None, strategy).top_p is None
     assert jax.eval_shape(lambda s: s, strategy).top_p.shape == ()
+
+
+def test_rows_sharded_over_devices_draw_the_same_tokens(data_mesh8):
+    # One row per device whose nucleus fits the cap and one that takes the fallback.
+    rows = np.tile(CASES["rows inside and past the cap"][0], (8, 1))                # [16, 64]
+    strategy = Nucleus(1.0, 0.8, **CAP_8)
+    one = jax.device_get(_step(strategy, jnp.asarray(rows), jax.random.key(3)))
+    sharded = jax.device_put(jnp.asarray(rows), parallel.batch_sharding(data_mesh8))
+    many = jax.device_get(_step(strategy, sharded, jax.random.key(3)))
+    np.testing.assert_array_equal(one.tokens, many.tokens)
+    np.testing.assert_allclose(one.logprobs, many.logprobs, rtol=1e-6)
+    assert len(set(one.tokens[1::2].tolist())) > 1   # the fallback rows drew, not one token
