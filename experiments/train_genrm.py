@@ -54,6 +54,7 @@ class Config:
     rl_pairs: str = "results/writing_zero/rm/kept_pairs.jsonl"
     eval_pairs: str = "results/writing_zero/world/true_pairs.jsonl"
     template: str = teacher_lib.TEMPLATE.text  # the judge prompt (genrm.JudgeTemplate.text)
+    compute_dtype: str = "float32"  # activations (master weights are float32)
     max_prompt_tokens: int = 80     # judge prompts (SFT rows: + max_new_tokens)
     max_new_tokens: int = 32        # judge text
     seed: int = 0
@@ -74,8 +75,8 @@ class Config:
 
 
 def read_traces(path: str | pathlib.Path) -> list[dict]:
-    """Judge-trace records; a missing field, a `preferred` other than 1 or 2 or an empty
-    response is an error naming path:line."""
+    """Judge-trace records (with their `line`); a missing field, a `preferred` other than 1 or
+    2 or an empty response is an error naming path:line."""
     rows = [dict(zip([f.key for f in TRACE_FIELDS], r, strict=True))
             for r in read_jsonl(path, TRACE_FIELDS)]
     for line, r in enumerate(rows, 1):
@@ -83,6 +84,7 @@ def read_traces(path: str | pathlib.Path) -> list[dict]:
                            f"{path}:{line}: preferred must be 1 or 2, got {r['preferred']}")
         for field in ("response_1", "response_2"):
             config_lib.require(r[field].strip() != "", f"{path}:{line}: {field!r} is empty")
+        r["line"] = line
     return rows
 
 
@@ -156,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     out = results.open_run(cfg.out_dir, cfg)
     codec, template = sft.TextCodec(cfg.model), genrm.JudgeTemplate(cfg.template)
+    config_lib.require(codec.eos_id in cfg.loop.stop_ids, f"loop.stop_ids {cfg.loop.stop_ids} "
+                       f"must hold the checkpoint's EOS id {codec.eos_id}")
     traces_path = pathlib.Path(cfg.traces) if cfg.traces else out / "traces.jsonl"
     if not cfg.traces:
         records = teacher_lib.judge_records(reward_model.read_pairs(cfg.teacher_pairs),
@@ -167,11 +171,17 @@ def main(argv: list[str] | None = None) -> dict:
     log.info("judge traces: %s", counts)
     config_lib.require(counts["pairs_kept"] > 0, f"no pair of {traces_path} passes the "
                                                  f"both-order consistency filter")
-    data = sft.sft_batch(
-        [codec.prompt(genrm.judge_prompt(t["prompt"], t["response_1"], t["response_2"],
-                                         template)) for t in kept],
-        [codec.response(t["judge"]) for t in kept], cfg.max_prompt_tokens + cfg.max_new_tokens)
-    model = hf.load_pretrained(cfg.model, dtype="float32")
+    prompts = [codec.prompt(genrm.judge_prompt(t["prompt"], t["response_1"], t["response_2"],
+                                               template)) for t in kept]
+    targets = [codec.response(t["judge"]) for t in kept]
+    for name, rows, limit in (("judge prompt", prompts, cfg.max_prompt_tokens),
+                              ("judge text", targets, cfg.max_new_tokens)):
+        long = [i for i, r in enumerate(rows) if len(r) > limit]
+        config_lib.require(not long, f"{traces_path}:{kept[long[0]]['line'] if long else 0}: "
+                           f"the {name} has more than {limit} tokens")
+    longest = max(len(p) + len(t) for p, t in zip(prompts, targets, strict=True))
+    data = sft.sft_batch(prompts, targets, -(-longest // 16) * 16)   # few padded columns
+    model = hf.load_pretrained(cfg.model, dtype="float32", activation_dtype=cfg.compute_dtype)
     start = time.perf_counter()
     model = sft.fit(model, sft.sft_loss, data, cfg.sft, out / "sft",
                     key=jax.random.key(cfg.seed))

@@ -42,6 +42,7 @@ class Config:
     eval: dict[str, str] = dataclasses.field(default_factory=lambda: {
         "heldout": "results/writing_zero/world/preferences_heldout.jsonl",
         "true_quality": "results/writing_zero/world/true_pairs.jsonl"})
+    compute_dtype: str = "float32"  # activations (master weights are float32)
     length: int = 48                # tokens per row (prompt + response + EOS); longer is an error
     seed: int = 0
     filter: reward_model.PairFilter = dataclasses.field(
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     pairs = reward_model.read_pairs(cfg.pairs)          # every file is checked before training
     held_out = {name: reward_model.read_pairs(path) for name, path in cfg.eval.items()}
     data = pair_data(pairs, encoder, cfg.length)
-    backbone = hf.load_pretrained(cfg.backbone, dtype="float32")
+    backbone = hf.load_pretrained(cfg.backbone, dtype="float32",
+                                  activation_dtype=cfg.compute_dtype)
     model = reward_model.ScalarRewardModel(backbone, backbone.config.hidden_size,
                                            rngs=nnx.Rngs(cfg.seed))
     start = time.perf_counter()

@@ -49,6 +49,7 @@ class Config:
     genrm: str = "results/writing_zero/genrm/genrm"
     rm: str = "results/writing_zero/rm/rm"
     methods: tuple[str, ...] = METHODS
+    compute_dtype: str = "float32"  # activations (master weights are float32)
     votes: int = 1                    # BRPO: verdicts per order and pair
     judge_temperature: float = 0.0    # 0: greedy verdicts
     judge_max_prompt_tokens: int = 80
@@ -75,6 +76,10 @@ class Config:
         config_lib.require(longest <= self.judge_max_prompt_tokens,
                            f"judge prompts of two {self.loop.max_new_tokens}-token responses "
                            f"need judge_max_prompt_tokens >= {longest}")
+
+    @property
+    def load_options(self) -> dict:
+        return {"dtype": "float32", "activation_dtype": self.compute_dtype}
 
     def method_loop(self, method: str) -> loop.LoopConfig:
         """BRPO takes the rewards as advantages (its outlier filter replaces dynamic
@@ -105,9 +110,9 @@ class Rewards:
 
     def __init__(self, cfg: Config, codec: sft.TextCodec):
         self.cfg, self.codec = cfg, codec
-        self.rm = reward_model.load(cfg.rm, dtype="float32")
+        self.rm = reward_model.load(cfg.rm, **cfg.load_options)
         self.judge = genrm.Judge(
-            model=hf.load_pretrained(cfg.genrm, dtype="float32"), decode=codec.decode,
+            model=hf.load_pretrained(cfg.genrm, **cfg.load_options), decode=codec.decode,
             max_prompt_tokens=cfg.judge_max_prompt_tokens,
             sampling=sampler.SamplingConfig(
                 max_new_tokens=cfg.judge_max_new_tokens, temperature=cfg.judge_temperature,
@@ -215,14 +220,14 @@ def main(argv: list[str] | None = None) -> dict:
     rewards = Rewards(cfg, codec)
     eval_prompts = prompt_fn(cfg.task, codec)(jax.random.key(10_000 + cfg.seed),
                                               cfg.eval_prompts)
-    initial = hf.load_pretrained(cfg.writer, dtype="float32")
+    initial = hf.load_pretrained(cfg.writer, **cfg.load_options)
     summary = results.read_json(out / "summary.json", {})
     _, reference = evaluate(initial, rewards, eval_prompts, None, cfg)
     summary["start"], _ = evaluate(initial, rewards, eval_prompts, reference, cfg)
     for method in cfg.methods:
         start = time.perf_counter()
         graphdef, state = loop.run(
-            hf.load_pretrained(cfg.writer, dtype="float32"), prompt_fn(cfg.task, codec),
+            hf.load_pretrained(cfg.writer, **cfg.load_options), prompt_fn(cfg.task, codec),
             rewards.for_method(method), cfg.method_loop(method), out / method,
             key=jax.random.key(cfg.seed),
             on_iteration=write_samples(out / method / "samples", codec, cfg.samples_every))
