@@ -3,8 +3,11 @@
     python experiments/limit_eval.py --config configs/limit_eval/small.yaml out_dir=DIR [key=value]
 
 Datasets are BEIR/MTEB folders (e.g. the released LIMIT-small) or generated (`data.generate`).
-Writes to `out_dir`: config.yaml, log.txt, metrics.json ({dataset: {retriever: {"recall@k": ...}}},
-written after every retriever; a rerun skips what is there), details.json (dataset sizes, qrel-graph
+Writes to `out_dir`: config.yaml, log.txt, metrics.json ({dataset: {retriever: {"recall@k": ...,
+"ndcg@10": ...}}}, written after every retriever; a rerun skips what is there), mteb/<retriever>/
+<task>.json (MTEB results records: nDCG@k and recall@k for MTEB's k list, main score recall@2 as
+MTEB's LIMIT tasks; task LIMITRetrieval / LIMITSmallRetrieval for `paper: limit / limit-small`,
+else the dataset's name), details.json (dataset sizes, qrel-graph
 statistics, timings, free-embedding runs), embeddings/ (MiniLM vectors as chunked zarr arrays,
 `embeddings/<dataset>-docs/vectors` [documents, 384] and `-queries/vectors` [queries, 384], written
 `minilm_chunk` texts at a time; a rerun encodes only the chunks not marked complete, see
@@ -114,9 +117,14 @@ def main(argv: list[str] | None = None) -> dict:
     log.info("LIMIT evaluation: %s; %d %s device(s); writing %s", [d.name for d in cfg.datasets],
              mesh.size, jax.devices()[0].platform, out)
 
-    def record(dataset_name: str, retriever: str, ranked: np.ndarray, dataset, seconds: float):
-        values = retrieval.recall_at_k(ranked, dataset, _ks(cfg, dataset))
+    def record(spec: DatasetSpec, retriever: str, ranked: np.ndarray, dataset, seconds: float):
+        dataset_name = spec.name
+        values = {**retrieval.recall_at_k(ranked, dataset, _ks(cfg, dataset)),
+                  **retrieval.ndcg_at_k(ranked, dataset, (10,))}
         metrics.setdefault(dataset_name, {})[retriever] = values
+        task = retrieval.MTEB_TASKS.get(spec.paper, spec.name)
+        results.write_json(out / "mteb" / retriever / f"{task}.json", retrieval.mteb_result(
+            task, retrieval.mteb_scores(ranked, dataset), round(seconds, 3)))
         details[dataset_name].setdefault("seconds", {})[retriever] = round(seconds, 3)
         results.write_json(out / "metrics.json", metrics)
         results.write_json(out / "details.json", details)
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     for spec in cfg.datasets:
         dataset = _dataset(spec, out)
         done = metrics.get(spec.name, {})
-        depth = max(_ks(cfg, dataset))
+        depth = min(max(*cfg.ks, *retrieval.MTEB_KS), len(dataset.corpus))
         details.setdefault(spec.name, {}).update(_describe(dataset))
         stats = details[spec.name]
         log.info("%s: %d documents, %d queries, %d judgments; qrel graph density %.4f, average "
@@ -136,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
             start = time.perf_counter()
             _, ranked = retrieval.bm25_search([d.text for d in dataset.corpus],
                                               [q.text for q in dataset.queries], depth)
-            record(spec.name, "bm25", ranked, dataset, time.perf_counter() - start)
+            record(spec, "bm25", ranked, dataset, time.perf_counter() - start)
         if cfg.minilm:
             encoder = encoder or hf.load_sentence_encoder(cfg.minilm_folder,
                                                           batch_size=cfg.minilm_batch_size)
@@ -151,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
                 start = time.perf_counter()
                 index = retrieval.build_index(_truncate(docs, dim), mesh, cfg.search_chunk)
                 _, ranked = retrieval.search(index, _truncate(queries, dim), depth)
-                record(spec.name, name, ranked, dataset, time.perf_counter() - start)
+                record(spec, name, ranked, dataset, time.perf_counter() - start)
         if len(dataset.corpus) > cfg.free_max_docs and cfg.free_dims:
             log.info("%s: no free embeddings (%d documents > free_max_docs=%d)", spec.name,
                      len(dataset.corpus), cfg.free_max_docs)
@@ -166,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
             details[spec.name].setdefault("free_embedding", {})[name] = {
                 "solved": bool(run.solved), "steps": int(run.steps),
                 "accuracy": float(run.accuracy), "loss": float(run.loss)}
-            record(spec.name, name, ranked, dataset, time.perf_counter() - start)
+            record(spec, name, ranked, dataset, time.perf_counter() - start)
     _plot(out / "recall.png", metrics, [d.name for d in cfg.datasets])
     print(_table(metrics, cfg))
     log.info("results in %s", out)
@@ -249,20 +257,27 @@ def _minilm_embeddings(encoder, name: str, dataset, out: pathlib.Path, details: 
     return vectors[0], vectors[1]
 
 
+def _recall_ks(values: dict) -> list[int]:
+    """The k of the "recall@k" entries of one retriever's metrics."""
+    return [int(name.split("@")[1]) for name in values if name.startswith("recall@")]
+
+
 def _table(metrics: dict, cfg: Config) -> str:
-    ks = sorted({k for per in metrics.values() for r in per.values() for k in
-                 (int(name.split("@")[1]) for name in r)})
-    header = f"{'dataset':>14} {'retriever':>18} " + " ".join(f"{'R@' + str(k):>7}" for k in ks)
+    ks = sorted({k for per in metrics.values() for r in per.values() for k in _recall_ks(r)})
+    header = (f"{'dataset':>14} {'retriever':>18} " + " ".join(f"{'R@' + str(k):>7}" for k in ks)
+              + f" {'nDCG@10':>8}")
     lines = [header]
     for spec in cfg.datasets:
         for retriever, values in metrics.get(spec.name, {}).items():
             lines.append(f"{spec.name:>14} {retriever:>18} " + " ".join(
                 f"{100 * values[f'recall@{k}']:7.1f}" if f"recall@{k}" in values else f"{'-':>7}"
-                for k in ks))
+                for k in ks) + (f" {100 * values['ndcg@10']:8.1f}" if "ndcg@10" in values
+                                else f" {'-':>8}"))
         for model, values in PAPER.get(spec.paper, {}).items():
             lines.append(f"{'(paper) ' + spec.paper:>14} {model:>18} " + " ".join(
-                f"{values[k]:7.1f}" if k in values else f"{'-':>7}" for k in ks))
-    lines.append("recall@k x 100; (paper): Weller et al. 2025, reported on the released data")
+                f"{values[k]:7.1f}" if k in values else f"{'-':>7}" for k in ks) + f" {'-':>8}")
+    lines.append("recall@k and nDCG@10 x 100; (paper): Weller et al. 2025, reported on the "
+                 "released data")
     return "\n".join(lines)
 
 
@@ -272,7 +287,7 @@ def _plot(path: pathlib.Path, metrics: dict, names: list[str]) -> None:
                              squeeze=False)
     for ax, name in zip(axes[:, 0], names, strict=True):
         retrievers = list(metrics[name])
-        ks = sorted({int(k.split("@")[1]) for r in metrics[name].values() for k in r})
+        ks = sorted({k for r in metrics[name].values() for k in _recall_ks(r)})
         width = 0.8 / len(ks)
         for i, k in enumerate(ks):
             values = [metrics[name][r].get(f"recall@{k}", np.nan) for r in retrievers]

@@ -39,9 +39,15 @@ def test_cli_names_every_retriever_and_redoes_only_what_is_missing(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     # truncations are "minilm-d<dim>" even when the full size (384, "minilm") is not asked for
     assert set(metrics["tiny"]) == {"bm25", "minilm-d128", "minilm-d32", "free-d6"}
-    for values in metrics["tiny"].values():
-        assert set(values) == {"recall@2", "recall@10"}
+    for retriever, values in metrics["tiny"].items():
+        assert set(values) == {"recall@2", "recall@10", "ndcg@10"}
         assert all(0 <= v <= 1 for v in values.values())
+        # The MTEB record holds the same figures under MTEB's names, its whole k list (the
+        # rankings hold all 20 documents) and LIMIT's main score, recall@2.
+        mteb = json.loads((out / "mteb" / retriever / "tiny.json").read_text())
+        scores = mteb["scores"]["test"][0]
+        assert mteb["task_name"] == "tiny" and scores["main_score"] == values["recall@2"]
+        assert scores["ndcg_at_10"] == values["ndcg@10"] and scores["recall_at_1000"] == 1.0
     details = json.loads((out / "details.json").read_text())["tiny"]
     assert details["free_embedding"]["free-d6"]["solved"]
     assert metrics["tiny"]["free-d6"]["recall@2"] == 1.0  # solved: every top-2 exact
