@@ -277,7 +277,12 @@ def _write_slots(cache, new, index, axis):
     b, t = new.shape[:2]
     slots = index[:, None] + jnp.arange(t)                                    # [B, T]
     where = (jnp.arange(b)[:, None],) + (slice(None),) * (axis - 1) + (slots,)
-    return cache.at[where].set(new.astype(cache.dtype), mode="promise_in_bounds")
+    new = new.astype(cache.dtype)
+    if cache.dtype.itemsize == 2:  # scattered as bits: XLA's CPU backend would otherwise
+        bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint16)
+        written = bits(cache).at[where].set(bits(new), mode="promise_in_bounds")  # copy the
+        return jax.lax.bitcast_convert_type(written, cache.dtype)  # cache to float32 and back
+    return cache.at[where].set(new, mode="promise_in_bounds")
 
 
 def _write_layer(layer, k, v, index):
@@ -393,9 +398,11 @@ class Decoder(nnx.Module):
             return self.embed_tokens.embedding[...].T
         return self.lm_head.kernel[...]
 
-    def prefill(self, input_ids, attention_mask=None, *, cache_size: int, int8_cache=False):
-        """Runs a left-padded prompt batch and returns (logits float32 [B, T, V], KVCache of
-        `cache_size` slots with the prompt in slots 0..T-1; int8 if `int8_cache`).
+    def prefill(self, input_ids, attention_mask=None, *, cache_size: int, int8_cache=False,
+                last_only=False):
+        """Runs a left-padded prompt batch and returns (logits float32 [B, T, V], or [B, V] of
+        the last position only if `last_only`; KVCache of `cache_size` slots with the prompt in
+        slots 0..T-1, int8 if `int8_cache`).
 
         The prompt attends to its own keys and values (`attention.full_attention`, before any
         int8 rounding); the cache keeps them for the decode steps.
@@ -423,7 +430,7 @@ class Decoder(nnx.Module):
 
         x, layers = self._layers(input_ids, positions_of(mask), attend)
         cache = cache.replace(start=t - lengths, positions=lengths, index=zero + t)
-        return self.logits(x), _with_layers(cache, layers)
+        return self.logits(x[:, -1] if last_only else x), _with_layers(cache, layers)
 
     def decode(self, tokens, cache: KVCache, prefix: KVCache | None = None):
         """One new token per row (tokens int [B]) at slots cache.index, position

@@ -298,8 +298,9 @@ def _prefill(graphdef, state, ids, mask, *, int8_cache: bool):
     """Each prompt once: its KV cache [P, ..., L] (the prefix every slot of it reads) and its
     last logits [P, V]."""
     model = nnx.merge(graphdef, state)
-    logits, cache = model.prefill(ids, mask, cache_size=ids.shape[1], int8_cache=int8_cache)
-    return cache, logits[:, -1]
+    logits, cache = model.prefill(ids, mask, cache_size=ids.shape[1], int8_cache=int8_cache,
+                                  last_only=True)
+    return cache, logits
 
 
 def generated_slots(max_new_tokens: int) -> int:
