@@ -15,8 +15,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-RUNS = "runs"  # axis over which independent runs (seeds, candidate n) are spread
-DATA = "data"  # axis over which a training or sampling batch is spread
+RUNS = "runs"      # axis over which independent runs (seeds, candidate n) are spread
+DATA = "data"      # axis over which a training or sampling batch is spread
+FSDP = "fsdp"      # axis over which parameters and optimizer state are split (and the batch)
+TENSOR = "tensor"  # axis over which attention heads, MLP units and the vocabulary are split
 
 
 def cpu_cores_as_devices() -> None:
@@ -175,3 +177,120 @@ def device_memory_bytes(device: jax.Device) -> int:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return available // max(1, len(jax.local_devices(backend=device.platform)))
+
+
+# --------------------------------------------------------------------------------------------
+# Sharding rules: logical axis names of every parameter, mapped to mesh axes by one table
+
+
+# A parameter's logical axes, by the last two names of its path (module, array): the decoder
+# (Qwen3 / Qwen2 / Llama), the BERT encoder and the reward model's head. A path no rule names is
+# replicated (norm scales, biases of the embedding width).
+LOGICAL_AXES: dict[tuple[str, str], tuple[str | None, ...]] = {
+    ("embed_tokens", "embedding"): ("vocab", "embed"),
+    ("lm_head", "kernel"): ("embed", "vocab"),
+    ("q_proj", "kernel"): ("embed", "heads"), ("q_proj", "bias"): ("heads",),
+    ("k_proj", "kernel"): ("embed", "kv_heads"), ("k_proj", "bias"): ("kv_heads",),
+    ("v_proj", "kernel"): ("embed", "kv_heads"), ("v_proj", "bias"): ("kv_heads",),
+    ("o_proj", "kernel"): ("heads", "embed"),
+    ("gate_proj", "kernel"): ("embed", "mlp"), ("up_proj", "kernel"): ("embed", "mlp"),
+    ("down_proj", "kernel"): ("mlp", "embed"),
+    ("word", "embedding"): ("vocab", "embed"),
+    ("query", "kernel"): ("embed", "heads"), ("query", "bias"): ("heads",),
+    ("key", "kernel"): ("embed", "heads"), ("key", "bias"): ("heads",),
+    ("value", "kernel"): ("embed", "heads"), ("value", "bias"): ("heads",),
+    ("out", "kernel"): ("heads", "embed"),
+    ("intermediate", "kernel"): ("embed", "mlp"), ("intermediate", "bias"): ("mlp",),
+    ("output", "kernel"): ("mlp", "embed"),
+    ("head", "kernel"): ("embed", None),
+}
+
+# Logical axis -> mesh axis (FSDP splits the embedding width of every matrix, so parameters and
+# their Adam moments are split over FSDP x TENSOR devices; TENSOR splits heads, MLP units and the
+# vocabulary, Megatron-style).
+RULES: dict[str, str] = {"embed": FSDP, "heads": TENSOR, "kv_heads": TENSOR, "mlp": TENSOR,
+                         "vocab": TENSOR}
+
+
+def make_train_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
+                    devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (DATA, FSDP, TENSOR) mesh of data x fsdp x tensor devices (1 allowed for any axis);
+    ValueError when that is not the number of devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {DATA: data, FSDP: fsdp, TENSOR: tensor}
+    bad = {name: size for name, size in sizes.items() if not (isinstance(size, int) and size >= 1)}
+    if bad:
+        raise ValueError(f"mesh axis sizes must be integers >= 1, got {bad}")
+    if data * fsdp * tensor != len(devices):
+        raise ValueError(f"mesh {sizes} needs {data * fsdp * tensor} devices; "
+                         f"{len(devices)} are present")
+    return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), (DATA, FSDP, TENSOR))
+
+
+def _names(path) -> list[str]:
+    """The names along a pytree path (dict keys, attribute names, indices, as strings), without
+    the `.value` of an nnx Variable at its end."""
+    names = []
+    for entry in path:
+        for field in ("key", "name", "idx"):
+            if hasattr(entry, field):
+                names.append(str(getattr(entry, field)))
+                break
+    while names and names[-1] in ("value", "raw_value"):
+        names.pop()
+    return names
+
+
+def logical_axes(path, ndim: int) -> tuple[str | None, ...]:
+    """The logical axes of the array at `path` (a pytree key path, e.g. of the params or of an
+    optimizer state holding a copy of their tree): `LOGICAL_AXES` by its last two names, all
+    None (replicated) for a path no rule names or an array of another rank."""
+    names = _names(path)
+    axes = LOGICAL_AXES.get(tuple(names[-2:]), ())
+    return axes if len(axes) == ndim else (None,) * ndim
+
+
+def partition_spec(path, shape: tuple[int, ...], mesh: Mesh,
+                   rules: dict[str, str] = RULES) -> PartitionSpec:
+    """The PartitionSpec of the array at `path` under `rules` on `mesh`; mesh axes the mesh lacks
+    or of size 1 are left out. ValueError naming the parameter, its dimension and the mesh axis
+    when the axis size does not divide that dimension."""
+    parts = []
+    for dim, axis in zip(shape, logical_axes(path, len(shape)), strict=True):
+        mesh_axis = rules.get(axis) if axis is not None else None
+        if mesh_axis is None or mesh.shape.get(mesh_axis, 1) == 1:
+            parts.append(None)
+            continue
+        if dim % mesh.shape[mesh_axis]:
+            raise ValueError(f"parameter {'/'.join(_names(path))} of shape {tuple(shape)}: its "
+                             f"{axis!r} dimension {dim} does not divide over mesh axis "
+                             f"{mesh_axis!r} of size {mesh.shape[mesh_axis]}")
+        parts.append(mesh_axis)
+    return PartitionSpec(*parts)
+
+
+def tree_shardings(tree, mesh: Mesh, rules: dict[str, str] = RULES):
+    """A NamedSharding for every array of `tree` (arrays or `jax.ShapeDtypeStruct`s, e.g. from
+    `jax.eval_shape`) by its path: parameters by `rules`, optimizer moments like their parameters,
+    scalars and unnamed arrays replicated."""
+    def sharding(path, leaf):
+        return NamedSharding(mesh, partition_spec(path, tuple(leaf.shape), mesh, rules))
+
+    return jax.tree_util.tree_map_with_path(sharding, tree)
+
+
+def init_sharded(init, mesh: Mesh, rules: dict[str, str] = RULES):
+    """`init()` (a function of no arguments returning a pytree of arrays) run so that every array
+    is born with its `tree_shardings` sharding: its shapes from `jax.eval_shape`, then one jitted
+    call with those out_shardings, so no device ever holds the whole tree."""
+    shardings = tree_shardings(jax.eval_shape(init), mesh, rules)
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def bytes_per_device(tree) -> dict[jax.Device, int]:
+    """Bytes of `tree`'s arrays that each device holds (its shards)."""
+    held: dict[jax.Device, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    return held
