@@ -3,11 +3,14 @@ with an uninterrupted run's.
 
     python tests/faults/kill_loop.py JOB [--kills 20] [--seed 0] [--work DIR]
 
-JOB is one of train_arithmetic, deepconf, critical_n, limit_eval, at a tiny size. Each round
-starts the job on the same out_dir and kills it (SIGKILL) after a delay drawn uniformly from
-(0, the uninterrupted run's wall time); a round in which the job exits by itself must exit 0. A
-last run then finishes the job, and its results must equal the uninterrupted run's, timings
-aside. Not part of the test suite (minutes of wall time); prints one line of figures.
+JOB is one of train_arithmetic, deepconf, critical_n, limit_eval, train_grpo (the RL loop), at a
+tiny size. The job is
+started on one out_dir and killed (SIGKILL) after a delay drawn uniformly from (0, the
+uninterrupted run's wall time), again and again, each start resuming what the killed ones left.
+A start that is not killed must exit 0, having finished the job: its results must then equal the
+uninterrupted run's (timings aside), and the next start begins a fresh out_dir. This goes on
+until `--kills` kills have happened, and a last start finishes the job. Not part of the test
+suite (minutes of wall time); prints one line of figures.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-# Wall times, memory estimates and what one run (not the job) encoded.
-TIMINGS = ("seconds", "offline_seconds", "seconds_saved", "peak_gib", "encoding")
+# Wall times, speeds, memory estimates and what one run (not the job) encoded.
+TIMINGS = ("seconds", "offline_seconds", "seconds_saved", "peak_gib", "encoding",
+           "rollout_seconds", "train_seconds", "seconds_this_run", "rollout_tokens_per_s",
+           "train_tokens_per_s")
 
 TINY_MODEL = ["terms=2", "steps=60", "batch=8", "length=40", "warmup_steps=5", "hidden_size=32",
               "layers=1", "heads=2", "eval_problems=4", "checkpoint_every=5"]
@@ -34,11 +39,15 @@ def job_args(job: str, work: pathlib.Path) -> list[str]:
     """The experiment script and its overrides (without out_dir)."""
     if job == "train_arithmetic":
         return ["train_arithmetic.py", *TINY_MODEL]
+    model = work / "model"
+    if job in ("deepconf", "train_grpo") and not (model / "model.safetensors").exists():
+        subprocess.run([sys.executable, str(ROOT / "experiments" / "train_arithmetic.py"),
+                        f"out_dir={model}", *TINY_MODEL], check=True, capture_output=True)
+    if job == "train_grpo":
+        return ["train_grpo.py", f"model={model}", "terms=2", "loop.iterations=6",
+                "loop.prompts=2", "loop.group_size=2", "loop.max_prompt_tokens=12",
+                "loop.max_new_tokens=24", "loop.stop_ids=[1]", "loop.checkpoint_every=1"]
     if job == "deepconf":
-        model = work / "model"
-        if not (model / "model.safetensors").exists():
-            subprocess.run([sys.executable, str(ROOT / "experiments" / "train_arithmetic.py"),
-                            f"out_dir={model}", *TINY_MODEL], check=True, capture_output=True)
         return ["deepconf.py", f"model={model}", f"problems={model / 'problems.jsonl'}",
                 "max_new_tokens=24", "slots=4", "offline_traces=8", "ks=[4,8]", "warmup=4",
                 "batch=4", "window=4"]
@@ -66,8 +75,8 @@ def results(out: pathlib.Path) -> dict:
     found = {}
     for path in sorted(out.rglob("*")):
         name = str(path.relative_to(out))
-        if not path.is_file() or name.startswith("checkpoints") or path.suffix in (".png",
-                                                                                   ".txt"):
+        if (not path.is_file() or name.startswith("checkpoints") or name == "config.yaml"
+                or path.suffix in (".png", ".txt")):   # config.yaml differs in out_dir only
             continue
         if path.suffix == ".json":
             found[name] = _drop_timings(json.loads(path.read_text()))
@@ -104,29 +113,31 @@ def main() -> None:
     assert whole.returncode == 0, err
     duration = time.perf_counter() - began
     rng = random.Random(options.seed)
-    killed = finished_early = 0
-    for _ in range(options.kills):
-        run = start(args, work / "killed")
+    want = results(work / "whole")
+    killed = finished = 0
+    differ: set[str] = set()
+    while True:
+        out = work / "killed" / str(finished)
+        run = start(args, out)
         try:
-            _, err = run.communicate(timeout=rng.uniform(0.05, 1.0) * duration)
+            _, err = run.communicate(
+                timeout=None if killed == options.kills else rng.uniform(0.05, 1.0) * duration)
         except subprocess.TimeoutExpired:
             run.kill()                                     # SIGKILL
             run.communicate()
             killed += 1
             continue
         assert run.returncode == 0, f"a rerun failed after a kill:\n{err[-3000:]}"
-        finished_early += 1
-    last = start(args, work / "killed")
-    _, err = last.communicate()
-    assert last.returncode == 0, f"the last rerun failed:\n{err[-3000:]}"
-    want, got = results(work / "whole"), results(work / "killed")
-    differ = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
-    print(f"{options.job}: uninterrupted run {duration:.1f} s; {killed} kill -9, "
-          f"{finished_early} rounds finished before their kill, last rerun exit 0; "
-          f"{len(want)} result files compared: "
-          + ("all equal" if not differ else f"DIFFER: {differ}"))
+        got = results(out)
+        differ |= {k for k in want.keys() | got.keys() if want.get(k) != got.get(k)}
+        finished += 1
+        if killed == options.kills:
+            break
+    print(f"{options.job}: uninterrupted run {duration:.1f} s; {killed} kill -9 in "
+          f"{finished} interrupted jobs, each finished by a rerun (exit 0); {len(want)} result "
+          f"files compared with the uninterrupted run's: "
+          + ("all equal" if not differ else f"DIFFER: {sorted(differ)}"))
     sys.exit(1 if differ else 0)
-
 
 if __name__ == "__main__":
     main()
