@@ -9,8 +9,9 @@ judge traces, then GRPO through `jaxlab.rl.loop`.
 2. The both-order consistency filter (`genrm.cold_start_keep`): a pair's two traces are kept
    only if both prefer its preferred response; counts are reported.
 3. Cold-start SFT on the kept traces (loss on the judge's text only).
-4. GRPO with the GenRM reward (correctness + format, margin optional) on `rl_pairs`, each drawn
-   pair shown in both orders, with dynamic sampling.
+4. GRPO with the GenRM reward (correctness + format, margin optional) on `rl_pairs` (default:
+   the pairs the consistency filter kept, whose labels the teacher confirms in both orders),
+   each drawn pair shown in both orders, with dynamic sampling.
 Before and after GRPO the judge is evaluated greedily on `eval_pairs` (whose chosen response is
 the right one) in both orders: accuracy in each order and in both, the share of verdicts for
 the first position, the format-failure rate. Writes config.yaml, log.txt, traces.jsonl (when
@@ -51,7 +52,7 @@ class Config:
     model: str = "results/writing_zero/world/genrm_init"  # a local causal-LM folder
     traces: str = ""                # judge traces; empty: the rubric teacher writes them
     teacher_pairs: str = "results/writing_zero/rm/kept_pairs.jsonl"
-    rl_pairs: str = "results/writing_zero/rm/kept_pairs.jsonl"
+    rl_pairs: str = ""              # GRPO's pairs; empty: those kept by the consistency filter
     eval_pairs: str = "results/writing_zero/world/true_pairs.jsonl"
     template: str = teacher_lib.TEMPLATE.text  # the judge prompt (genrm.JudgeTemplate.text)
     compute_dtype: str = "float32"  # activations (master weights are float32)
@@ -166,7 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
                                             cfg.seed, cfg.teacher)
         results.write_text(traces_path, "".join(json.dumps(r) + "\n" for r in records))
     kept, counts = consistent_traces(read_traces(traces_path))
-    rl_pairs = reward_model.read_pairs(cfg.rl_pairs)
+    rl_pairs = reward_model.read_pairs(cfg.rl_pairs) if cfg.rl_pairs else [
+        {"prompt": t["prompt"], "chosen": t["response_1"], "rejected": t["response_2"]}
+        for t in kept if t["preferred"] == 1]
     eval_pairs = reward_model.read_pairs(cfg.eval_pairs)
     log.info("judge traces: %s", counts)
     config_lib.require(counts["pairs_kept"] > 0, f"no pair of {traces_path} passes the "

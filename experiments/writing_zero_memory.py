@@ -1,0 +1,122 @@
+"""Memory of the Writing-Zero jobs on real Qwen3 shapes, from XLA's analysis of the compiled
+steps (nothing is allocated): what configs/writing_zero/*_qwen3_gpu.yaml need per device.
+
+    python experiments/writing_zero_memory.py [--sizes 0.6B 1.7B 4B] [--out FILE]
+
+For each size, with float32 master weights and AdamW state and bfloat16 compute:
+  rm      one Bradley-Terry step (`sft.fit`'s step on `reward_model.pair_loss`), B pairs x L
+  sft     one GenRM cold-start step (`sft.sft_loss`), B rows x (prompt + judge text)
+  policy  one `train.train_step` (GenRM GRPO / writer), B rows x (prompt + response)
+  kv      the sampler's KV cache for the rollouts (`sampler.kv_cache_bytes`, bfloat16)
+Each step is lowered on `jax.ShapeDtypeStruct`s and compiled for the default backend;
+reported: arguments + outputs - aliased + temporaries (`compile().memory_analysis()`), GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlab import parallel
+from jaxlab.models import zoo
+from jaxlab.models.decoder import Decoder, DecoderConfig
+from jaxlab.rl import reward_model, sft, train
+from jaxlab.sampling import sampler
+
+# Qwen3 shapes (the released configs' fields that differ from Qwen3-0.6B's)
+SIZES = {
+    "0.6B": {},
+    "1.7B": dict(hidden_size=2048, intermediate_size=6144),
+    "4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+               num_attention_heads=32),
+}
+# (batch, length) per job, as the GPU configs set them
+RM, SFT, POLICY = (32, 1024), (16, 3072), (32, 3072)   # policy: micro-batches of 8 rows
+ROLLOUT = dict(prompts=16, n=8, prompt_length=2048, max_new_tokens=1024)
+
+
+def decoder_config(size: str) -> DecoderConfig:
+    return DecoderConfig.from_hf(zoo.hf_config("qwen3", "released", **SIZES[size]),
+                                 param_dtype="float32", dtype="bfloat16")
+
+
+def abstract_state(module_fn, config: train.TrainConfig):
+    """(graphdef, abstract TrainState) of the module `module_fn()` builds."""
+    graphdef, params, _ = nnx.split(nnx.eval_shape(module_fn), nnx.Param, ...)
+    state = jax.eval_shape(lambda p: train.TrainState(
+        params=p, opt_state=train.make_optimizer(config).init(p),
+        step=jnp.zeros((), jnp.int32), key=jax.random.key(0)), params)
+    return graphdef, state
+
+
+def gib(compiled) -> float:
+    m = compiled.memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.temp_size_in_bytes) / 2 ** 30
+
+
+def fit_step_gib(module_fn, loss_fn, data: dict) -> float:
+    config = sft.FitConfig().optimizer
+    graphdef, state = abstract_state(module_fn, config)
+    batch = next(iter(data.values())).shape[0]
+    return gib(sft._step.lower(state, data, graphdef=graphdef, loss_fn=loss_fn, config=config,
+                               batch_size=batch).compile())
+
+
+def job_memory(size: str) -> dict[str, float]:
+    c = decoder_config(size)
+    sds = jax.ShapeDtypeStruct
+
+    def rows(shape, dtype=jnp.int32):
+        return sds(shape, dtype)
+
+    rm_data = {f"{side}_{kind}": rows(RM) for side in ("chosen", "rejected")
+               for kind in ("tokens", "mask")}
+    sft_data = {"tokens": rows(SFT), "mask": rows(SFT), "loss_mask": rows(SFT, jnp.float32)}
+    policy_config = train.TrainConfig(microbatches=4, logprob_chunk=512)
+    graphdef, state = abstract_state(lambda: Decoder(c, nnx.Rngs(0)), policy_config)
+    batch = train.PolicyBatch(tokens=rows(POLICY), mask=rows(POLICY),
+                              loss_mask=rows(POLICY, jnp.float32),
+                              old_logp=rows(POLICY, jnp.float32),
+                              ref_logp=rows(POLICY, jnp.float32),
+                              advantages=rows(POLICY[:1], jnp.float32))
+    sampling = sampler.SamplingConfig(max_new_tokens=ROLLOUT["max_new_tokens"], n=ROLLOUT["n"])
+    return {
+        "rm": fit_step_gib(lambda: reward_model.ScalarRewardModel(
+            Decoder(c, nnx.Rngs(0)), c.hidden_size, rngs=nnx.Rngs(0)),
+            reward_model.pair_loss, rm_data),
+        "sft": fit_step_gib(lambda: Decoder(c, nnx.Rngs(0)), sft.sft_loss, sft_data),
+        "policy": gib(train.train_step.lower(state, batch, graphdef=graphdef,
+                                             config=policy_config,
+                                             mesh=parallel.single_device_mesh()).compile()),
+        "kv": sampler.kv_cache_bytes(c, ROLLOUT["prompts"], ROLLOUT["prompt_length"],
+                                     sampling) / 2 ** 30,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--out", default="results/writing_zero_memory.json")
+    args = parser.parse_args()
+    table = {}
+    print(f"GiB per device on {jax.devices()[0].device_kind} ({jax.default_backend()}): rm "
+          f"{RM[0]} pairs x {RM[1]}, sft {SFT[0]} x {SFT[1]}, policy {POLICY[0]} x {POLICY[1]} "
+          f"(4 micro-batches), kv {ROLLOUT['prompts']} x {ROLLOUT['n']} slots x "
+          f"{ROLLOUT['prompt_length'] + ROLLOUT['max_new_tokens']}")
+    for size in args.sizes:
+        table[size] = job_memory(size)
+        print(f"Qwen3-{size}: " + "  ".join(f"{k} {v:.1f}" for k, v in table[size].items()),
+              flush=True)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(table, indent=1))
+
+
+if __name__ == "__main__":
+    main()
