@@ -1,7 +1,6 @@
 """Supervised training: the SFT rows and loss against hand-made references, exact resume."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -24,8 +23,11 @@ def test_sft_loss_is_the_nll_of_the_target_tokens_only():
     """Against log_softmax of the model's full logits, gathered at the target positions."""
     model = Decoder(CONFIG, nnx.Rngs(0))
     batch = sft.sft_batch([[5, 6], [7]], [[8, 9, 1], [3, 1]], length=6)
-    loss, _ = sft.sft_loss(model, jax.tree.map(jnp.asarray, batch))
-    logp = jax.nn.log_softmax(model(jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"])))
+    graphdef, state = nnx.split(model)
+    loss = jax.jit(lambda s, b: sft.sft_loss(nnx.merge(graphdef, s), b)[0])(state, batch)
+    logits = jax.jit(lambda s, t, m: nnx.merge(graphdef, s)(t, m))(state, batch["tokens"],
+                                                                  batch["mask"])
+    logp = jax.nn.log_softmax(logits)
     picked = [float(logp[row, t - 1, batch["tokens"][row, t]])
               for row in range(2) for t in range(6) if batch["loss_mask"][row, t]]
     assert float(loss) == pytest.approx(-np.mean(picked), rel=1e-5)
