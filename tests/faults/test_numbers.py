@@ -9,30 +9,22 @@ import pytest
 from flax import nnx
 
 from jaxlab import parallel
-from jaxlab.models.decoder import Decoder, DecoderConfig
 from jaxlab.rl import advantages as adv
 from jaxlab.rl import train
+from tests.rl.test_train import PLAIN, VOCAB, make_batch, on, tiny
 
-B, T, VOCAB = 8, 6, 32
-TINY = DecoderConfig(family="qwen3", vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
-                     num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, qk_norm=True)
-CONFIG = train.TrainConfig(learning_rate=1e-2)
+# The batch, config and mesh of tests/rl/test_train.py: in one session the step compiles once.
+CONFIG = PLAIN
 MESH = parallel.single_device_mesh()
 
 
 @pytest.fixture(scope="module")
 def setup():
-    """A model, its train state and a clean batch with old_logp from the model itself."""
-    model = Decoder(TINY, nnx.Rngs(0))
+    """A model, its train state and a batch with old_logp near the model's own, placed as the
+    step wants them."""
+    model = tiny()
     graphdef, state = train.init_train_state(model, CONFIG, jax.random.key(7))
-    rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(0, VOCAB, (B, T)), jnp.int32)
-    mask = jnp.ones((B, T), jnp.int32)
-    logp = train.policy_logprobs(graphdef, state.params, tokens, mask)
-    batch = train.PolicyBatch(tokens=tokens, mask=mask,
-                              loss_mask=jnp.ones((B, T), jnp.float32).at[:, :2].set(0),
-                              old_logp=logp, ref_logp=logp,
-                              advantages=jnp.asarray(rng.choice([-1.0, 1.0], B), jnp.float32))
+    state, batch = on(MESH, state, make_batch(graphdef, state.params))
     return model, graphdef, state, batch
 
 
@@ -67,11 +59,19 @@ def test_one_bad_value_leaves_the_state_unchanged(setup, fault):
 def test_callers_model_and_key_survive_the_step(setup):                          # case 22
     model, _, _, batch = setup
     key = jax.random.key(7)
-    want = np.asarray(model(batch.tokens, batch.mask))
+
+    def logprobs():  # the caller's model, read through its own (not the state's) parameters
+        return np.asarray(train.policy_logprobs(graphdef, nnx.state(model, nnx.Param),
+                                                batch.tokens, batch.mask))
+
     graphdef, state = train.init_train_state(model, CONFIG, key)
+    state, _ = on(MESH, state, batch)
+    want = logprobs()
     for _ in range(2):                                    # each step donates the state
-        state, _ = train.train_step(state, batch, graphdef=graphdef, config=CONFIG, mesh=MESH)
-    np.testing.assert_array_equal(np.asarray(model(batch.tokens, batch.mask)), want)
+        state, metrics = train.train_step(state, batch, graphdef=graphdef, config=CONFIG,
+                                          mesh=MESH)
+        assert metrics["finite"] == 1
+    np.testing.assert_array_equal(logprobs(), want)
     np.testing.assert_array_equal(jax.random.key_data(key),
                                   jax.random.key_data(jax.random.key(7)))
     np.asarray(batch.tokens)                              # the batch is not donated either
