@@ -1,7 +1,20 @@
-"""Sampler speed: our compiled decode loop (with and without DeepConf confidence) against
-transformers' `generate` in PyTorch on the same weights, prompts and settings.
+"""Sampler speed and memory: our compiled decode loop (with and without DeepConf confidence)
+against transformers' `generate` in PyTorch on the same weights, prompts and settings, and the
+engine's own targets (live-length attention, one copy of each prompt, compiled memory).
 
     python experiments/bench_sampler.py [--size cpu|gpu] [--batches 1 64 256] [--out FILE]
+        [--parts generate refill allocation prompt memory]
+
+Parts beside `generate` and `refill`:
+  allocation  one prompt, 256 traces on 64 refilled slots, stop tokens ending every trace well
+              before 256 tokens: tokens/s with max_new_tokens 4096 against the same traces
+              with 256 (a loop that reads only live KV runs both at the same speed)
+  prompt      one 1,024-token prompt, n = 1..64 traces: KV bytes of the compiled loop against
+              the prompt once + the generated tokens (and against a copy of the prompt per
+              trace), and the decode step's time per trace
+  memory      XLA's memory analysis of the compiled prefill and loop at the Qwen3-0.6B shape
+              (bfloat16, 256 prompts of 128 tokens, 256 new tokens; abstract inputs, nothing
+              allocated): peak against weights + KV + outputs
 
 Both sides decode exactly `--new-tokens` tokens per row at temperature 0.6 / top-p 0.95; the
 PyTorch side returns the logits and computes the same token confidence from them. Reported:
@@ -13,6 +26,7 @@ wall time per finished trace when half of the traces stop early, with and withou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import tempfile
 
@@ -36,6 +50,7 @@ SIZES = {
 }
 
 
+PARTS = ("generate", "refill", "allocation", "prompt", "memory")
 REPEATS = 3  # every timing is the fastest of this many calls after a warm-up, on both sides
 
 
@@ -123,6 +138,127 @@ def bench_refill(model, prompt, slots: int, new_tokens: int, rounds: int = 4) ->
             "speedup": without / with_refill}
 
 
+def bench_allocation(model, prompt, slots: int = 64, budget: int = 256,
+                     allocations=(256, 4096)) -> dict:
+    """Tokens/s of one prompt's `budget` traces on `slots` refilled slots for each
+    max_new_tokens in `allocations`. A set of stop tokens holding ~3% of a random model's mass
+    ends traces after ~30 tokens (all well before the smallest allocation), so that every run
+    decodes the same traces (checked) and only the allocation differs."""
+    v = model.config.vocab_size
+    stop_ids = tuple(range(1, 1 + v // 32))
+    rows = []
+    for allocation in allocations:
+        config = SamplingConfig(max_new_tokens=allocation, temperature=1.0, n=slots,
+                                budget=budget, stop_ids=stop_ids, confidence=True)
+        out, seconds = best_of(lambda c=config: sampler.sample(model, [prompt],
+                                                               jax.random.key(3), c), REPEATS)
+        tokens = int(np.sum(np.asarray(out.lengths)))
+        rows.append({"max_new_tokens": allocation, "tok_s": tokens / seconds, "tokens": tokens,
+                     "mean_length": tokens / budget, "longest": int(np.max(out.lengths)),
+                     "steps": int(out.steps), "seconds": seconds,
+                     "traces": np.asarray(out.tokens)[:, :allocations[0]]})
+    same = all(np.array_equal(r["traces"], rows[0]["traces"]) for r in rows)
+    for r in rows:
+        del r["traces"]
+    return {"slots": slots, "traces": budget, "rows": rows, "same_traces": same,
+            "ratio": rows[-1]["tok_s"] / rows[0]["tok_s"]}
+
+
+def bench_prompt(model, prompt_length: int = 1024, ns=(1, 4, 16, 64),
+                 steps=(16, 64)) -> list[dict]:
+    """One `prompt_length`-token prompt and n traces of exactly steps[1] tokens: KV bytes of
+    the compiled loop (`decode_memory`) against the prompt once + generated tokens and against a
+    copy of the prompt per trace, and seconds per decode step per trace, (t(steps[1]) -
+    t(steps[0])) / (steps[1] - steps[0]) / n (prefill cancels out)."""
+    c = model.config
+    per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * jnp.dtype(c.dtype).itemsize
+    prompt = np.random.default_rng(1).integers(1, c.vocab_size, prompt_length).tolist()
+    rows = []
+    for n in ns:
+        def timed(t, n=n):
+            config = SamplingConfig(max_new_tokens=t, temperature=1.0, n=n, confidence=True)
+            return _timed(lambda: sampler.sample(model, [prompt], jax.random.key(4),
+                                                 config).tokens)
+
+        short, long = (timed(t) for t in steps)
+        memory = sampler.decode_memory(c, 1, prompt_length, SamplingConfig(
+            max_new_tokens=steps[1], n=n))
+        ideal = per_token * (prompt_length + n * steps[1])
+        rows.append({"n": n, "kv_bytes": memory.prefix + memory.generated,
+                     "ideal_kv_bytes": ideal,
+                     "copied_kv_bytes": per_token * n * (prompt_length + steps[1]),
+                     "loop_peak_bytes": memory.loop,
+                     "ms_per_step_per_trace": 1000 * (long - short) / (steps[1] - steps[0]) / n})
+    return rows
+
+
+def bench_memory(dtype: str = "bfloat16", prompts: int = 256, prompt_length: int = 128,
+                 new_tokens: int = 256) -> dict:
+    """`decode_memory` of the Qwen3-0.6B shape: the compiled programs' peak against weights + KV
+    (prompt + generated) + outputs. (XLA's CPU backend computes bfloat16 products in float32
+    and converts whole caches to do so; the float32 program shows the layout without that.)"""
+    from jaxlab.models.decoder import DecoderConfig
+
+    c = DecoderConfig.from_hf(zoo.hf_config("qwen3", "released"), param_dtype=dtype)
+    m = sampler.decode_memory(c, prompts, prompt_length, SamplingConfig(
+        max_new_tokens=new_tokens, n=1))
+    floor = m.weights + m.prefix + m.generated + m.samples
+    return {"dtype": dtype, "prompts": prompts, "prompt_length": prompt_length,
+            "new_tokens": new_tokens,
+            **dataclasses.asdict(m), "loop_peak": m.loop, "peak": m.peak,
+            "weights_kv_outputs": floor, "ratio": m.peak / floor}
+
+
+def print_generate(rows, name, size, new_tokens, bandwidth, device) -> None:
+    print(f"sampler, Qwen3 {name} size ({size['dtype']}), prompt {size['prompt']}, "
+          f"{new_tokens} new tokens, temperature 0.6, top-p 0.95, on {device}")
+    print(f"{'batch':>5} {'ours tok/s':>11} {'no conf':>9} {'generate':>9} {'ratio':>6} "
+          f"{'conf cost':>9} {'KV MiB':>8}" + (f" {'roofline':>8}" if bandwidth else ""))
+    for r in rows:
+        print(f"{r['batch']:5d} {r['ours_tok_s']:11.0f} {r['ours_no_confidence_tok_s']:9.0f} "
+              f"{r['generate_tok_s']:9.0f} {r['ratio']:5.1f}x "
+              f"{100 * r['confidence_overhead']:8.1f}% {r['kv_bytes'] / 2**20:8.1f}"
+              + (f" {100 * r['roofline_fraction']:7.1f}%" if bandwidth else ""))
+
+
+def print_engine(report: dict) -> None:
+    if "refill" in report:
+        r = report["refill"]
+        print(f"refill: {r['traces']} traces on {r['slots']} slots, "
+              f"{100 * r['stopped_early']:.0f}% stopped early: "
+              f"{1000 * r['seconds_per_trace_static']:.1f} ms/trace static, "
+              f"{1000 * r['seconds_per_trace_refill']:.1f} ms/trace with refill "
+              f"({r['speedup']:.2f}x); decode steps {r['steps_static']} static, "
+              f"{r['steps_refill']} with refill, {r['tokens_per_trace']:.0f} tokens per trace")
+    if "allocation" in report:
+        a = report["allocation"]
+        print(f"allocation: one prompt, {a['traces']} traces on {a['slots']} refilled slots")
+        for r in a["rows"]:
+            print(f"  max_new_tokens {r['max_new_tokens']:5d}: {r['tok_s']:8.0f} tok/s, "
+                  f"{r['mean_length']:.0f} tokens per trace (longest {r['longest']}), "
+                  f"{r['steps']} steps, same traces: {a['same_traces']}")
+        print(f"  ratio {a['rows'][-1]['max_new_tokens']} / {a['rows'][0]['max_new_tokens']}: "
+              f"{a['ratio']:.2f}x (target >= 0.8x)")
+    if "prompt" in report:
+        print("one 1,024-token prompt, n traces: KV of the compiled loop vs prompt once + "
+              "generated (vs a prompt copy per trace); decode step per trace")
+        for r in report["prompt"]:
+            ratio = r["kv_bytes"] / r["ideal_kv_bytes"]
+            print(f"  n {r['n']:3d}: KV {r['kv_bytes'] / 2**20:7.2f} MiB, ideal "
+                  f"{r['ideal_kv_bytes'] / 2**20:7.2f} MiB ({ratio:.2f}x),"
+                  f" copied {r['copied_kv_bytes'] / 2**20:8.2f} MiB; loop peak "
+                  f"{r['loop_peak_bytes'] / 2**20:7.2f} MiB; "
+                  f"{r['ms_per_step_per_trace']:.3f} ms per step per trace")
+    for m in report.get("memory", ()):
+        gib = 2**30
+        print(f"memory (compiled, Qwen3-0.6B shape, {m['dtype']}, {m['prompts']} prompts x "
+              f"{m['prompt_length']} + {m['new_tokens']} new tokens): peak {m['peak'] / gib:.2f} "
+              f"GiB (loop {m['loop_peak'] / gib:.2f}, prefill {m['prefill'] / gib:.2f}) vs "
+              f"weights {m['weights'] / gib:.2f} + KV {(m['prefix'] + m['generated']) / gib:.2f}"
+              f" + outputs {m['samples'] / gib:.2f} = {m['weights_kv_outputs'] / gib:.2f} GiB: "
+              f"{m['ratio']:.2f}x (target <= 1.25x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default=None,
@@ -130,28 +266,33 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--out", default="results/bench_sampler.json")
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     args = parser.parse_args()
     name = args.size or ("gpu" if jax.default_backend() == "gpu" else "cpu")
     size = SIZES[name]
+    device = jax.devices()[0].device_kind
+    report = {"device": device, "size": name}
     with tempfile.TemporaryDirectory() as folder:
         path = zoo.create("qwen3", folder, size=size["size"], dtype=size["dtype"],
                           **size["overrides"])
         model = hf.load_pretrained(path, dtype=size["dtype"])
         rng = np.random.default_rng(0)
+        prompt = rng.integers(1, model.config.vocab_size, size["prompt"]).tolist()
         bandwidth = hbm_bandwidth()
+        report["hbm_bytes_per_s"] = bandwidth
         rows = []
-        for batch in args.batches:
+        for batch in args.batches if "generate" in args.parts else ():
             prompts = rng.integers(1, model.config.vocab_size, (batch, size["prompt"])).tolist()
             tokens = batch * args.new_tokens
             ours = tokens / bench_ours(model, prompts, args.new_tokens, confidence=True)
             plain = tokens / bench_ours(model, prompts, args.new_tokens, confidence=False)
             theirs = tokens / bench_generate(path, prompts, args.new_tokens, size["dtype"])
+            memory = sampler.decode_memory(model.config, batch, size["prompt"],
+                                           SamplingConfig(max_new_tokens=args.new_tokens))
             row = {"batch": batch, "ours_tok_s": ours, "ours_no_confidence_tok_s": plain,
                    "generate_tok_s": theirs, "ratio": ours / theirs,
                    "confidence_overhead": plain / ours - 1,
-                   "kv_cache_bytes": sampler.kv_cache_bytes(
-                       model.config, batch, size["prompt"], SamplingConfig(
-                           max_new_tokens=args.new_tokens))}
+                   "kv_bytes": memory.prefix + memory.generated}
             if bandwidth:
                 context = size["prompt"] + args.new_tokens // 2
                 row["roofline_fraction"] = ours / roofline_tokens_per_s(model, batch, context,
@@ -159,27 +300,22 @@ def main() -> None:
             rows.append(row)
             print(f"batch {batch}: ours {ours:.0f} tok/s, without confidence {plain:.0f}, "
                   f"generate {theirs:.0f}", flush=True)
-        refill = bench_refill(model, prompts[0], slots=min(args.batches[-1], 32),
-                              new_tokens=args.new_tokens)
-    device = jax.devices()[0].device_kind
-    print(f"sampler, Qwen3 {name} size ({size['dtype']}), prompt {size['prompt']}, "
-          f"{args.new_tokens} new tokens, temperature 0.6, top-p 0.95, on {device}")
-    print(f"{'batch':>5} {'ours tok/s':>11} {'no conf':>9} {'generate':>9} {'ratio':>6} "
-          f"{'conf cost':>9} {'KV MiB':>8}" + (f" {'roofline':>8}" if bandwidth else ""))
-    for r in rows:
-        print(f"{r['batch']:5d} {r['ours_tok_s']:11.0f} {r['ours_no_confidence_tok_s']:9.0f} "
-              f"{r['generate_tok_s']:9.0f} {r['ratio']:5.1f}x "
-              f"{100 * r['confidence_overhead']:8.1f}% {r['kv_cache_bytes'] / 2**20:8.1f}"
-              + (f" {100 * r['roofline_fraction']:7.1f}%" if bandwidth else ""))
-    print(f"refill: {refill['traces']} traces on {refill['slots']} slots, "
-          f"{100 * refill['stopped_early']:.0f}% stopped early: "
-          f"{1000 * refill['seconds_per_trace_static']:.1f} ms/trace static, "
-          f"{1000 * refill['seconds_per_trace_refill']:.1f} ms/trace with refill "
-          f"({refill['speedup']:.2f}x); decode steps {refill['steps_static']} static, "
-          f"{refill['steps_refill']} with refill, {refill['tokens_per_trace']:.0f} of "
-          f"{args.new_tokens} tokens per trace")
-    results.write_json(pathlib.Path(args.out), {"device": device, "size": name, "rows": rows,
-                                                "refill": refill, "hbm_bytes_per_s": bandwidth})
+        if rows:
+            report["rows"] = rows
+        if "refill" in args.parts:
+            report["refill"] = bench_refill(model, prompt, slots=min(args.batches[-1], 32),
+                                            new_tokens=args.new_tokens)
+        if "allocation" in args.parts:
+            report["allocation"] = bench_allocation(model, prompt)
+        if "prompt" in args.parts:
+            report["prompt"] = bench_prompt(model)
+    if "memory" in args.parts:
+        dtypes = ("bfloat16",) if jax.default_backend() == "gpu" else ("bfloat16", "float32")
+        report["memory"] = [bench_memory(dtype) for dtype in dtypes]
+    if rows:
+        print_generate(rows, name, size, args.new_tokens, bandwidth, device)
+    print_engine(report)
+    results.write_json(pathlib.Path(args.out), report)
 
 
 if __name__ == "__main__":

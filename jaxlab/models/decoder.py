@@ -474,11 +474,15 @@ class Decoder(nnx.Module):
         def per_layer(shape, dtype):
             return tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))
 
-        scale = per_layer(values[:-1], jnp.float32) if int8 else None
-        zero = jnp.zeros((batch,), jnp.int32)
+        def scale():
+            return per_layer(values[:-1], jnp.float32) if int8 else None
+
+        def zero():  # one buffer per field, so that a jitted loop may donate each of them
+            return jnp.zeros((batch,), jnp.int32)
+
         return KVCache(keys=per_layer((batch, c.num_kv_heads, c.head_dim, size), dtype),
-                       values=per_layer(values, dtype), key_scale=scale, value_scale=scale,
-                       start=zero, positions=zero, index=zero)
+                       values=per_layer(values, dtype), key_scale=scale(), value_scale=scale(),
+                       start=zero(), positions=zero(), index=zero())
 
     # ---------------------------------------------------------------- internals
 

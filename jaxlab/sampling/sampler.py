@@ -311,14 +311,15 @@ def generated_slots(max_new_tokens: int) -> int:
     return 1 << (max_new_tokens - 1).bit_length()
 
 
-# The loop builds its generated KV and outputs itself and updates them in place in the
-# while_loop's carry; the prefix and the weights are only read, so nothing needs donating.
-@functools.partial(jax.jit, static_argnames=("config", "slots"))
-def _decode(graphdef, state, prefix: KVCache, prompt_logits, key, threshold, budget, *,
-            config: SamplingConfig, slots=None):
-    """The decode loop. `threshold` float32 [] (early stop when config.stop_threshold is not
-    None) and `budget` int32 [] (traces per prompt, at most config.budget, the capacity of the
-    output rows) are traced: new values do not recompile. `slots`: a sharding of the slot axis."""
+# The generated KV and the outputs are donated: the loop updates them in place and returns them.
+# (Built inside the program instead, XLA's CPU backend copies them at every step.)
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache", "out"))
+def _decode(graphdef, state, prefix: KVCache, prompt_logits, cache: KVCache, out: Samples, key,
+            threshold, budget, *, config: SamplingConfig):
+    """The decode loop over an empty generated cache [B, ..., T_gen] (`init_generated`) and
+    empty outputs (`Samples.empty`): (outputs, cache). `threshold` float32 [] (early stop when
+    config.stop_threshold is not None) and `budget` int32 [] (traces per prompt, at most
+    config.budget, the capacity of the output rows) are traced: new values do not recompile."""
     model = nnx.merge(graphdef, state)
     num_prompts = prompt_logits.shape[0]
     num_slots = num_prompts * config.n
@@ -328,18 +329,13 @@ def _decode(graphdef, state, prefix: KVCache, prompt_logits, key, threshold, bud
     prompt_positions = prefix.positions[prompt]                               # [B]
     stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
     early = None if config.stop_threshold is None else threshold
-
-    cache = model.init_cache(num_slots, generated_slots(t_max), config.int8_cache)
     cache = cache.replace(positions=prompt_positions)
-    if slots is not None:
-        cache = jax.lax.with_sharding_constraint(cache, slots)
     loop = DecodeState(
         cache=cache, logits=prompt_logits[prompt],
         window=GroupWindow.create(num_slots, config.window), lowest=jnp.full(num_slots, jnp.inf),
         trace=prompt * capacity + jnp.arange(num_slots) % config.n,
         launched=jnp.full(num_prompts, config.n, jnp.int32),
-        out=Samples.empty(num_prompts, capacity, t_max),
-        step=jnp.zeros((), jnp.int32))
+        out=out, step=jnp.zeros((), jnp.int32))
 
     def body(s: DecodeState) -> DecodeState:
         active = s.trace >= 0
@@ -365,7 +361,13 @@ def _decode(graphdef, state, prefix: KVCache, prompt_logits, key, threshold, bud
             trace=trace, launched=launched, out=out, step=s.step + 1)
 
     final = jax.lax.while_loop(lambda s: jnp.any(s.trace >= 0), body, loop)
-    return final.out.replace(steps=final.step)
+    return final.out.replace(steps=final.step), final.cache
+
+
+def init_generated(model: Decoder, prompts: int, config: SamplingConfig) -> KVCache:
+    """The empty generated KV of P x n slots of T_gen tokens each (`generated_slots`)."""
+    return model.init_cache(prompts * config.n, generated_slots(config.max_new_tokens),
+                            config.int8_cache)
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,15 +407,17 @@ class DecodeMemory:
     weights: int       # the model's parameters
     prefix: int        # the prompts' KV, once per prompt (an argument of the loop)
     generated: int     # every slot's generated KV (T_gen slots each), built inside the loop
-    outputs: int       # the loop's outputs (`Samples` at the output capacity)
-    temporaries: int   # XLA's temporaries of the loop (generated KV and loop state included)
-    arguments: int     # the loop's arguments (weights, prefix, prompt logits, scalars)
+    samples: int       # the `Samples` buffers (at the output capacity)
+    outputs: int       # the loop's outputs (the samples and the generated KV)
+    temporaries: int   # XLA's temporaries of the loop
+    arguments: int     # the loop's arguments (weights, prefix, generated KV, outputs, ...)
+    aliased: int       # outputs written into donated arguments (generated KV, outputs)
     prefill: int       # peak of the prefill program (arguments + outputs + temporaries)
 
     @property
     def loop(self) -> int:
-        """Peak of the decode loop: arguments + outputs + temporaries."""
-        return self.arguments + self.outputs + self.temporaries
+        """Peak of the decode loop: arguments + outputs + temporaries - aliased."""
+        return self.arguments + self.outputs + self.temporaries - self.aliased
 
     @property
     def peak(self) -> int:
@@ -436,8 +440,13 @@ def decode_memory(c: DecoderConfig, prompts: int, prompt_length: int,
     prefix, logits = jax.eval_shape(
         functools.partial(_prefill, int8_cache=config.int8_cache), graphdef, state, ids, ids)
     scalar = functools.partial(jax.ShapeDtypeStruct, ())
-    loop = _decode.lower(graphdef, state, prefix, logits, jax.eval_shape(jax.random.key, 0),
-                         scalar(jnp.float32), scalar(jnp.int32), config=_static(config)).compile()
+    static = _static(config)
+    generated = jax.eval_shape(lambda: init_generated(nnx.merge(graphdef, state), prompts,
+                                                      config))
+    out = jax.eval_shape(lambda: Samples.empty(prompts, static.budget, config.max_new_tokens))
+    loop = _decode.lower(graphdef, state, prefix, logits, generated, out,
+                         jax.eval_shape(jax.random.key, 0), scalar(jnp.float32),
+                         scalar(jnp.int32), config=static).compile()
     a, b = loop.memory_analysis(), prefill.memory_analysis()
 
     def nbytes(tree):
@@ -446,13 +455,10 @@ def decode_memory(c: DecoderConfig, prompts: int, prompt_length: int,
     def kv(cache):
         return nbytes((cache.keys, cache.values, cache.key_scale, cache.value_scale))
 
-    generated = jax.eval_shape(lambda: Decoder.init_cache(
-        nnx.merge(graphdef, state), prompts * config.n, generated_slots(config.max_new_tokens),
-        config.int8_cache))
     return DecodeMemory(
         weights=nbytes(state), prefix=kv(prefix), generated=kv(generated),
-        outputs=a.output_size_in_bytes, temporaries=a.temp_size_in_bytes,
-        arguments=a.argument_size_in_bytes,
+        samples=nbytes(out), outputs=a.output_size_in_bytes, temporaries=a.temp_size_in_bytes,
+        arguments=a.argument_size_in_bytes, aliased=a.alias_size_in_bytes,
         prefill=(b.argument_size_in_bytes + b.output_size_in_bytes + b.temp_size_in_bytes))
 
 
@@ -488,7 +494,7 @@ def require_fits(c: DecoderConfig, prompts: int, prompt_length: int, config: Sam
         f"max_new_tokens={config.max_new_tokens}, int8_cache={config.int8_cache} needs "
         f"{need.peak / gib:.2f} GiB (weights {need.weights / gib:.2f}, prompt KV "
         f"{need.prefix / gib:.2f}, generated KV {need.generated / gib:.2f}, outputs "
-        f"{need.outputs / gib:.2f}, loop temporaries {need.temporaries / gib:.2f}) but "
+        f"{need.samples / gib:.2f}, loop temporaries {need.temporaries / gib:.2f}) but "
         f"{device_bytes / gib:.2f} GiB are available; "
         + ("would fit: " + ", or ".join(options) if options else "no smaller setting fits"))
 
@@ -528,19 +534,21 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
     require(not bad, f"stop_ids {bad} are outside the vocabulary [0, {c.vocab_size})")
     model._check_tokens(ids)
     graphdef, state = nnx.split(model)
-    slots = None
+    static = _static(config)
+    cache, out = init_generated(model, len(prompts), config), Samples.empty(
+        len(prompts), static.budget, config.max_new_tokens)
     if mesh is not None:
         count = len(prompts) * config.n
         require(count % mesh.size == 0, f"{len(prompts)} prompts x n={config.n} = {count} "
                 f"slots must divide evenly over {mesh.size} devices")
         state = jax.device_put(state, parallel.replicated(mesh))
-        slots = parallel.batch_sharding(mesh)
+        cache = jax.device_put(cache, parallel.batch_sharding(mesh))
+        out = jax.device_put(out, parallel.replicated(mesh))
     prefix, prompt_logits = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
                                      int8_cache=config.int8_cache)
-    static = _static(config)
-    out = _decode(graphdef, state, prefix, prompt_logits, key,
-                  jnp.float32(config.stop_threshold or 0.0),
-                  jnp.int32(config.traces_per_prompt), config=static, slots=slots)
+    out, _ = _decode(graphdef, state, prefix, prompt_logits, cache, out, key,
+                     jnp.float32(config.stop_threshold or 0.0),
+                     jnp.int32(config.traces_per_prompt), config=static)
     keep = (np.arange(len(prompts))[:, None] * static.budget
             + np.arange(config.traces_per_prompt)).ravel()                   # [N]
     steps = out.steps

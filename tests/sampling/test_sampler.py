@@ -226,9 +226,10 @@ def test_decode_memory_counts_the_prompt_once_and_the_generated_kv_the_loop_buil
     assert memory.generated == model.init_cache(3 * 4, 16, int8).nbytes
     weights = sum(x.nbytes for x in jax.tree.leaves(model))
     assert memory.weights == weights
-    assert memory.arguments >= weights + memory.prefix
-    assert memory.temporaries >= memory.generated  # built and updated inside the loop
-    assert memory.peak >= weights + memory.prefix + memory.generated + memory.outputs
+    assert memory.samples == 3 * 4 * (10 * 4 * 4 + 5 * 4) + 4  # capacity 4 = n traces; steps
+    assert memory.arguments >= weights + memory.prefix + memory.generated + memory.samples
+    assert memory.aliased >= memory.generated + memory.samples  # donated, updated in place
+    assert memory.peak >= weights + memory.prefix + memory.generated + memory.samples
 
 
 @pytest.mark.parametrize("prompts,config,match", [
