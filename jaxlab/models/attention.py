@@ -35,6 +35,8 @@ try:  # Pallas' Triton ops are deprecated after JAX 0.11 (their successor lives 
 except ImportError:  # pragma: no cover - depends on the JAX build
     _pallas_gpu = None
 
+HAS_PALLAS_GPU = _pallas_gpu is not None  # the Pallas GPU decode kernel can be called
+
 
 def full_attention(q, k, v, mask):
     """Attention of T queries over T keys under mask [B, T, T] bool (query t sees key s):
@@ -89,8 +91,11 @@ def block_attention(q, keys, values, key_scale, value_scale, start, end, *, bloc
         return m_new, total, o
 
     init = (jnp.full((b, k, nq), -jnp.inf), jnp.zeros((b, k, nq)), jnp.zeros((b, k, nq, d)))
-    m, total, o = jax.lax.fori_loop(jnp.min(start) // block, -(-jnp.max(end) // block), visit,
-                                   init)
+    if size == block:  # one block: no loop to run
+        m, total, o = visit(0, init)
+    else:
+        m, total, o = jax.lax.fori_loop(jnp.min(start) // block, -(-jnp.max(end) // block),
+                                       visit, init)
     return o / jnp.where(total > 0, total, 1.0)[..., None], _lse(m, total)
 
 
@@ -101,7 +106,7 @@ def pallas_gpu_attention(q, keys, values, start, end, *, block: int = 128, k_spl
     skipped. The kernel takes q [B, Nq, D] and k, v [B, S, Nkv, D], so the cache is transposed
     into its layout here. Needs S divisible by `k_splits` with S / k_splits >= 16.
     `interpret=True` runs it on any backend (slowly), for tests."""
-    require(_pallas_gpu is not None, "this JAX has no Pallas GPU decode-attention kernel")
+    require(HAS_PALLAS_GPU, "this JAX has no Pallas GPU decode-attention kernel")
     b, k, nq, d = q.shape
     size = keys.shape[-1]
     require(size % k_splits == 0 and size // k_splits >= 16,

@@ -115,7 +115,7 @@ def test_full_attention_equals_the_einsum_path_with_causal_and_left_padding(dtyp
 
 
 def test_pallas_gpu_kernel_equals_the_portable_path_in_interpret_mode():
-    if attention._pallas_gpu is None:
+    if not attention.HAS_PALLAS_GPU:
         pytest.skip("this JAX has no jax.experimental.pallas.ops.gpu.decode_attention")
     q, keys, values, _ = _case(b=3, q=4, s=256)
     start, end = np.array([0, 5, 100]), np.array([17, 130, 101])
