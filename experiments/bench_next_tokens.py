@@ -1,5 +1,5 @@
 """Cost of one sampling step over a large vocabulary: `strategies.Nucleus` against one softmax over
-the same logits and against the sampler's bisection `next_tokens`.
+the same logits and against the bisection draw the decode loop used before it.
 
     python experiments/bench_next_tokens.py [--batch 256] [--vocab 151936] [--repeats 7]
                                             [--out results/bench_next_tokens.json]
@@ -7,7 +7,7 @@ the same logits and against the sampler's bisection `next_tokens`.
 Each side does what a decode step needs from the logits [B, V] (float32, random): the next
 tokens, their log-probs under softmax(logits / 0.6) and DeepConf's token confidence over the top
 20 log-probs. Ours: one `Nucleus` call, confidence from its top logits. Baseline:
-`sampler.next_tokens` (top-k mask, softmax, top-p by bisection over the vocabulary, inverse-CDF
+`bisection_tokens` (top-k mask, softmax, top-p by bisection over the vocabulary, inverse-CDF
 draw), plus the log-sum-exp and `confidence.token_confidence` the decode loop adds to it.
 Settings: top-k 20 + top-p 0.95, and top-p 0.95 alone (top_k = 0); logits N(0, 1) ("flat": the
 nucleus holds ~75k tokens, so top_k = 0 takes the whole-vocabulary fallback) and 4 N(0, 1)
@@ -28,10 +28,16 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab import results
-from jaxlab.sampling import sampler
-from jaxlab.sampling.confidence import token_confidence
+from jaxlab.sampling.confidence import token_confidence, top_k_values
 from jaxlab.sampling.sampler import SamplingConfig
-from jaxlab.sampling.strategies import Nucleus, block_top_k, nucleus, token_confidence_from_top
+from jaxlab.sampling.strategies import (
+    Nucleus,
+    block_top_k,
+    inverse_cdf,
+    nucleus,
+    nucleus_floor,
+    token_confidence_from_top,
+)
 
 TEMPERATURE, CONFIDENCE_K = 0.6, 20
 SETTINGS = {"top-k 20, top-p 0.95": dict(top_k=20, top_p=0.95),
@@ -64,12 +70,25 @@ def ours(strategy: Nucleus, logits, key):
     return draw.tokens, draw.logprobs, confidence
 
 
+def bisection_tokens(logits, key, config: SamplingConfig):
+    """Draws over the whole vocabulary, as the decode loop did before `strategies`: the top-k
+    mask, a softmax, the top-p floor by bisection over the vocabulary, an inverse-CDF draw."""
+    scaled = logits.astype(jnp.float32) / config.temperature
+    if config.top_k:
+        kth = top_k_values(scaled, config.top_k)[:, -1:]
+        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+    probs = jax.nn.softmax(scaled, axis=-1)                                   # [B, V]
+    if config.top_p < 1:
+        probs = jnp.where(probs < nucleus_floor(probs, config.top_p)[:, None], 0.0, probs)
+    return inverse_cdf(probs, jax.random.uniform(key, probs.shape[:1]))
+
+
 def baseline(config: SamplingConfig):
-    """The decode loop's sampling work before `strategies`: next_tokens, the tempered
+    """The decode loop's sampling work before `strategies`: the bisection draw, the tempered
     log-sum-exp for the log-prob, and token confidence."""
     @jax.jit
     def step(logits, key):
-        tokens = sampler.next_tokens(logits, key, config)
+        tokens = bisection_tokens(logits, key, config)
         tempered = logits / config.temperature
         logp = (jnp.take_along_axis(tempered, tokens[:, None], axis=-1)[:, 0]
                 - jax.nn.logsumexp(tempered, axis=-1))

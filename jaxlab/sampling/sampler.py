@@ -8,15 +8,17 @@ One jitted prefill runs each prompt once and keeps its KV once ([P, ...], the pr
 prompt p, and its attention reads the prompt's KV together with the other n - 1 slots of that
 prompt (their queries batched, cascade attention, `Decoder.decode(prefix=)`) and its own
 generated KV, only up to the longest live trace (`attention.block_attention`). Each step is a
-chain of small pure steps: token confidence and the group window (`update_confidence`), the next
-token and its log-prob (`draw`), the output row (`record`), whether the trace ends (`finish`,
+chain of small pure steps: the next token, its log-prob and its token confidence from one top-k
+search (`draw`, through `strategies.Nucleus`), the group window (`update_confidence`), the output
+row (`record`), whether the trace ends (`finish`,
 `record_final`), and the slots that start a new trace of their prompt while its budget is not
 spent (`refill`; the prompt KV stays in place, the slot's generated KV is overwritten from slot
 0), so stopping early saves wall-clock time, not only tokens.
 
 No recompiles for what a user sweeps: prompt lengths are padded up to a multiple of
 `SamplingConfig.prompt_bucket`, and the early-stop threshold and the per-prompt budget are traced
-(the output rows are sized for the budget rounded up to a power of two). `decode_memory` asks the
+(the output rows are sized for the budget rounded up to a power of two), and so are the
+temperature and top-p. `decode_memory` asks the
 compiled loop how much device memory a request needs, without allocating it.
 
 Shapes: P prompts, L padded prompt length, n slots per prompt, B = P x n slots, N = P x budget
@@ -38,7 +40,8 @@ from jax.sharding import Mesh
 from jaxlab import parallel
 from jaxlab.config import require, require_positive_ints
 from jaxlab.models.decoder import DECODE_BLOCK, Decoder, DecoderConfig, KVCache
-from jaxlab.sampling.confidence import GroupWindow, token_confidence, top_k_values
+from jaxlab.sampling import strategies
+from jaxlab.sampling.confidence import GroupWindow
 
 FINISH_REASONS = ("unfinished", "stop", "length", "low_confidence")
 STOP, LENGTH, LOW_CONFIDENCE = 1, 2, 3
@@ -49,7 +52,7 @@ class SamplingConfig:
     """How to sample (hashable: a static argument of the compiled loop)."""
 
     max_new_tokens: int = 256
-    temperature: float = 0.6        # 0: greedy (argmax)
+    temperature: float = 0.6        # below strategies.TEMPERATURE_FLOOR (1e-5): greedy
     top_k: int = 0                  # keep the k most likely tokens (0: all)
     top_p: float = 1.0              # keep the smallest set of tokens with this much mass
     n: int = 1                      # traces decoded at once per prompt (slots)
@@ -117,108 +120,41 @@ class Samples:
 # Pure pieces
 
 
-def next_tokens(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Array:
-    """Draws int32 [B] from logits [B, V]: argmax when temperature is 0, else softmax(logits / t)
-    restricted to the top-k tokens and then to the top-p nucleus (the most likely tokens such
-    that the mass of the tokens more likely than each is below p; `nucleus_floor`)."""
-    if config.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits.astype(jnp.float32) / config.temperature
-    if config.top_k:
-        kth = top_k_values(scaled, config.top_k)[:, -1:]
-        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-    probs = jax.nn.softmax(scaled, axis=-1)                                   # [B, V]
-    if config.top_p < 1:
-        probs = jnp.where(probs < nucleus_floor(probs, config.top_p)[:, None], 0.0, probs)
-    return inverse_cdf(probs, jax.random.uniform(key, probs.shape[:1]))
-
-
-def inverse_cdf(weights: jax.Array, u: jax.Array, block: int = 128) -> jax.Array:
-    """Index j drawn with probability w_j / sum(w) per row of weights [B, V] >= 0 from one
-    uniform u [B] in [0, 1): the first j whose cumulative weight exceeds r = u * sum(w) (one
-    uniform per row instead of V Gumbel draws).
-
-    Two levels, so that no cumulative sum runs over the whole vocabulary: the block of `block`
-    tokens where the cumulative block sums pass r, then the token inside it where the running
-    sum passes what is left of r. Zero-weight tokens are never drawn: a cumulative sum does not
-    rise at them, and where rounding puts r at either end of the chosen block the draw is moved
-    to the block's first or last token with weight.
-    """
-    b, v = weights.shape
-    blocks = jnp.pad(weights, ((0, 0), (0, -v % block))).reshape(b, -1, block)  # [B, nb, block]
-    sums = jnp.sum(blocks, axis=-1)                                              # [B, nb]
-    through = jnp.cumsum(sums, axis=-1)             # weight up to and including each block
-    r = u * through[:, -1]
-    chosen = jnp.sum(through <= r[:, None], axis=-1)
-    chosen = jnp.minimum(chosen, _last_positive(sums))                           # [B]
-    inside = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]    # [B, block]
-    before = jnp.take_along_axis(through - sums, chosen[:, None], axis=1)[:, 0]
-    rest = jnp.maximum(r - before, 0.0)
-    drawn = jnp.sum(jnp.cumsum(inside, axis=-1) <= rest[:, None], axis=-1)
-    return (chosen * block + jnp.minimum(drawn, _last_positive(inside))).astype(jnp.int32)
-
-
-def _last_positive(x: jax.Array) -> jax.Array:
-    """Index of the last positive entry of each row of x [B, n] (0 if none), int32 [B]."""
-    return jnp.max(jnp.where(x > 0, jnp.arange(x.shape[-1]), 0), axis=-1)
-
-
-def nucleus_floor(probs: jax.Array, top_p: float) -> jax.Array:
-    """The smallest probability the top-p nucleus keeps, per row of probs [B, V] -> [B].
-
-    Token j is kept when the tokens strictly more likely than it hold less than `top_p` of the
-    mass: g(p_j) < top_p with g(t) = sum_{p_i > t} p_i. g decreases in t, so the kept tokens are
-    those with p_j >= t*, the smallest float32 t with g(t) < top_p. t* is found exactly by
-    bisection over the bit patterns of non-negative float32 (which order like the values),
-    between the float just below the row's smallest probability (g = all the mass) and its
-    largest (g = 0), until every row's bracket is one pattern wide: masked sums over V instead
-    of a sort of the vocabulary, fewer of them the closer the probabilities are to each other.
-    """
-    def mass_above(bits):                                                    # [B] -> [B]
-        t = jax.lax.bitcast_convert_type(bits, jnp.float32)
-        return jnp.sum(jnp.where(probs > t[:, None], probs, 0.0), axis=-1)
-
-    def halve(bounds):
-        low, high = bounds                    # g(low) >= top_p (or low = -1), g(high) < top_p
-        mid = low + (high - low) // 2
-        below = mass_above(jnp.maximum(mid, 0)) < top_p
-        return jnp.where(below, low, mid), jnp.where(below, mid, high)
-
-    def as_bits(x):
-        return jax.lax.bitcast_convert_type(x, jnp.int32)
-
-    bounds = (as_bits(jnp.min(probs, axis=-1)) - 1, as_bits(jnp.max(probs, axis=-1)))
-    _, high = jax.lax.while_loop(lambda b: jnp.any(b[1] - b[0] > 1), halve, bounds)
-    return jax.lax.bitcast_convert_type(high, jnp.float32)
+def sampling_strategy(config: SamplingConfig) -> strategies.Nucleus:
+    """How the loop draws tokens (`strategies.Nucleus`): temperature and top-p traced (a new value
+    does not recompile), top-k static, and the largest logits it finds long enough for the token
+    confidence, so that one top-k search serves both."""
+    return strategies.Nucleus(
+        temperature=jnp.float32(config.temperature), top_p=jnp.float32(config.top_p),
+        top_k=config.top_k, num_top_logits=config.confidence_k if config.confidence else 0)
 
 
 # --------------------------------------------------------------------------------------------
 # The steps of the decode loop, each pure: [B] is one entry per slot
 
 
-def update_confidence(logits: jax.Array, window: GroupWindow, lowest: jax.Array,
-                      active: jax.Array, config: SamplingConfig):
-    """Token confidence C [B] of logits [B, V] (0 without `config.confidence`), pushed into the
-    windows of the active slots. Returns (C, window, group = window mean [B], lowest [B] =
-    min(lowest, group) where the window is full)."""
+def draw(logits: jax.Array, key: jax.Array, strategy: strategies.Nucleus,
+         config: SamplingConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The next tokens int32 [B] drawn by `strategy` from logits [B, V], their log-probs float32
+    [B] under softmax(logits / temperature) (the raw logits when greedy) before truncation, and
+    their token confidence C float32 [B] from the same top-k search (0 without
+    `config.confidence`)."""
+    d = strategy(logits, key)
     if config.confidence:
-        conf = token_confidence(logits, config.confidence_k)
+        conf = strategies.token_confidence_from_top(d.top_logits, d.log_normalizer,
+                                                    config.confidence_k)
     else:
         conf = jnp.zeros(logits.shape[:1], jnp.float32)
+    return d.tokens, d.logprobs, conf
+
+
+def update_confidence(conf: jax.Array, window: GroupWindow, lowest: jax.Array,
+                      active: jax.Array):
+    """C [B] pushed into the windows of the active slots. Returns (window, group = window mean
+    [B], lowest [B] = min(lowest, group) where the window is full)."""
     window = window.push(conf, active)
     group = window.mean
-    return conf, window, group, jnp.where(active & window.full, jnp.minimum(lowest, group),
-                                          lowest)
-
-
-def draw(logits: jax.Array, key: jax.Array, config: SamplingConfig):
-    """The next tokens int32 [B] (`next_tokens`) and their log-probs float32 [B] under
-    softmax(logits / temperature) (the raw logits when greedy), before truncation."""
-    token = next_tokens(logits, key, config)
-    tempered = logits / (config.temperature or 1.0)                          # [B, V]
-    logp = (jnp.take_along_axis(tempered, token[:, None], axis=-1)[:, 0]
-            - jax.nn.logsumexp(tempered, axis=-1))
-    return token, logp
+    return window, group, jnp.where(active & window.full, jnp.minimum(lowest, group), lowest)
 
 
 def record(out: Samples, row: jax.Array, length: jax.Array, token, logp, conf, group) -> Samples:
@@ -315,11 +251,12 @@ def generated_slots(max_new_tokens: int) -> int:
 # (Built inside the program instead, XLA's CPU backend copies them at every step.)
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache", "out"))
 def _decode(graphdef, state, prefix: KVCache, prompt_logits, cache: KVCache, out: Samples, key,
-            threshold, budget, *, config: SamplingConfig):
+            strategy: strategies.Nucleus, threshold, budget, *, config: SamplingConfig):
     """The decode loop over an empty generated cache [B, ..., T_gen] (`init_generated`) and
-    empty outputs (`Samples.empty`): (outputs, cache). `threshold` float32 [] (early stop when
-    config.stop_threshold is not None) and `budget` int32 [] (traces per prompt, at most
-    config.budget, the capacity of the output rows) are traced: new values do not recompile."""
+    empty outputs (`Samples.empty`): (outputs, cache). The strategy's temperature and top-p,
+    `threshold` float32 [] (early stop when config.stop_threshold is not None) and `budget` int32
+    [] (traces per prompt, at most config.budget, the capacity of the output rows) are traced:
+    new values do not recompile."""
     model = nnx.merge(graphdef, state)
     num_prompts = prompt_logits.shape[0]
     num_slots = num_prompts * config.n
@@ -340,9 +277,8 @@ def _decode(graphdef, state, prefix: KVCache, prompt_logits, cache: KVCache, out
     def body(s: DecodeState) -> DecodeState:
         active = s.trace >= 0
         length = s.cache.index                                                # [B]
-        conf, window, group, lowest = update_confidence(s.logits, s.window, s.lowest, active,
-                                                        config)
-        token, logp = draw(s.logits, jax.random.fold_in(key, s.step), config)
+        token, logp, conf = draw(s.logits, jax.random.fold_in(key, s.step), strategy, config)
+        window, group, lowest = update_confidence(conf, s.window, s.lowest, active)
         row = jnp.where(active, s.trace, rows)
         out = record(s.out, row, length, token, logp, conf, group)
         length = length + 1
@@ -399,6 +335,19 @@ def padded_length(longest: int, config: SamplingConfig) -> int:
     return -(-longest // config.prompt_bucket) * config.prompt_bucket
 
 
+def kv_cache_bytes(c: DecoderConfig, prompts: int, prompt_length: int,
+                   config: SamplingConfig) -> int:
+    """Bytes of the KV `sample` holds for `prompts` prompts of up to `prompt_length` tokens on a
+    model of architecture `c`, from shapes: each prompt's KV once (L = `padded_length` slots)
+    and every slot's generated KV (T_gen = `generated_slots`), keys and values of every layer:
+    2 layers K (P L + P n T_gen) x (D x itemsize, or D + 4 for int8). Equal to `decode_memory`'s
+    prefix + generated (tested), which also gives the compiled programs' peak."""
+    per_head = c.head_dim + 4 if config.int8_cache else c.head_dim * jnp.dtype(c.dtype).itemsize
+    tokens = prompts * (padded_length(prompt_length, config)
+                        + config.n * generated_slots(config.max_new_tokens))
+    return 2 * c.num_layers * c.num_kv_heads * per_head * tokens
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeMemory:
     """Device bytes of one `sample` request, from XLA's analysis of the compiled prefill and
@@ -445,8 +394,8 @@ def decode_memory(c: DecoderConfig, prompts: int, prompt_length: int,
                                                       config))
     out = jax.eval_shape(lambda: Samples.empty(prompts, static.budget, config.max_new_tokens))
     loop = _decode.lower(graphdef, state, prefix, logits, generated, out,
-                         jax.eval_shape(jax.random.key, 0), scalar(jnp.float32),
-                         scalar(jnp.int32), config=static).compile()
+                         jax.eval_shape(jax.random.key, 0), sampling_strategy(config),
+                         scalar(jnp.float32), scalar(jnp.int32), config=static).compile()
     a, b = loop.memory_analysis(), prefill.memory_analysis()
 
     def nbytes(tree):
@@ -500,11 +449,13 @@ def require_fits(c: DecoderConfig, prompts: int, prompt_length: int, config: Sam
 
 
 def _static(config: SamplingConfig) -> SamplingConfig:
-    """The loop's static settings: the traced values (threshold, budget) replaced by what fixes
-    the compiled program (early stop on or off; the output capacity, a power of two)."""
+    """The loop's static settings: the traced values (threshold, budget, temperature, top-p)
+    replaced by what fixes the compiled program (early stop on or off; the output capacity, a
+    power of two; placeholders for the sampling settings, which `sampling_strategy` carries)."""
     return dataclasses.replace(
         config, budget=1 << (config.traces_per_prompt - 1).bit_length(),
-        stop_threshold=None if config.stop_threshold is None else 0.0)
+        stop_threshold=None if config.stop_threshold is None else 0.0,
+        temperature=1.0, top_p=1.0)  # read from the traced strategy instead
 
 
 def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
@@ -547,7 +498,7 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
     prefix, prompt_logits = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
                                      int8_cache=config.int8_cache)
     out, _ = _decode(graphdef, state, prefix, prompt_logits, cache, out, key,
-                     jnp.float32(config.stop_threshold or 0.0),
+                     sampling_strategy(config), jnp.float32(config.stop_threshold or 0.0),
                      jnp.int32(config.traces_per_prompt), config=static)
     keep = (np.arange(len(prompts))[:, None] * static.budget
             + np.arange(config.traces_per_prompt)).ravel()                   # [N]

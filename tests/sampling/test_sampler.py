@@ -134,7 +134,8 @@ def test_top_k_and_top_p_never_leave_the_allowed_set(top_k, top_p):
         probs /= probs.sum()
         before = np.cumsum(probs) - probs
         allowed.append(set(keep[before < top_p].tolist()))
-    draws = jax.vmap(lambda k: sampler.next_tokens(jnp.asarray(logits), k, config))(
+    strategy = sampler.sampling_strategy(config)
+    draws = jax.vmap(lambda k: strategy(jnp.asarray(logits), k).tokens)(
         jax.random.split(jax.random.key(0), 400))
     for b in range(4):
         seen = set(np.asarray(draws[:, b]).tolist())
@@ -147,7 +148,8 @@ def test_draws_follow_the_truncated_distribution():
     rng = np.random.default_rng(3)
     logits = rng.normal(size=(3, 32)).astype(np.float32) * 1.5
     config = SamplingConfig(temperature=0.7, top_k=12, top_p=0.9)
-    draws = np.asarray(jax.vmap(lambda k: sampler.next_tokens(jnp.asarray(logits), k, config))(
+    strategy = sampler.sampling_strategy(config)
+    draws = np.asarray(jax.vmap(lambda k: strategy(jnp.asarray(logits), k).tokens)(
         jax.random.split(jax.random.key(1), 20_000)))
     for b, row in enumerate(logits / 0.7):
         order = np.argsort(-row)[:12]
@@ -160,40 +162,6 @@ def test_draws_follow_the_truncated_distribution():
         seen = np.bincount(draws[:, b], minlength=32) / len(draws)
         sigma = np.sqrt(expected * (1 - expected) / len(draws))
         assert np.all(np.abs(seen - expected) <= 5 * sigma + 1e-12)
-
-
-def test_nucleus_floor_equals_a_sorted_reference():
-    rng = np.random.default_rng(4)
-    probs = rng.dirichlet(np.full(300, 0.3), size=5).astype(np.float32)
-    probs[1] = rng.dirichlet(np.full(300, 50.0)).astype(np.float32)  # nearly flat
-    probs[2, 40:] = 0.0                                               # zeros, as after top-k
-    probs[2] /= probs[2].sum()
-    probs[3] = 0.0
-    probs[3, 7] = 1.0                                                 # one token
-    probs[4, :4] = probs[4, :4].max()                                 # ties at the top
-    for top_p in (0.1, 0.5, 0.9, 0.999):
-        floor = np.asarray(sampler.nucleus_floor(jnp.asarray(probs), top_p))
-        for row, t in zip(probs.astype(np.float64), floor, strict=True):
-            above = np.array([row[row > x].sum() for x in row])
-            np.testing.assert_array_equal(row >= t, (above < top_p) & (row > 0))
-
-
-@pytest.mark.parametrize("block", [128, 2])  # one block, and blocks with no weight at all
-def test_inverse_cdf_never_draws_a_zero_weight_token(block):
-    weights = jnp.asarray([[0.0, 0.0, 0.0, 1.0, 0.0, 2.0, 0.0],
-                           [0.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0]])
-    u = jnp.asarray([0.0, 0.3334, 0.999999, 1 - 2**-24])  # up to the largest float32 below 1
-    drawn = jax.vmap(lambda u: sampler.inverse_cdf(weights, jnp.full(2, u), block))(u)
-    np.testing.assert_array_equal(drawn, [[3, 2], [5, 2], [5, 2], [5, 2]])
-
-
-@pytest.mark.parametrize("block", [128, 3])
-def test_inverse_cdf_draws_in_proportion_to_the_weights(block):
-    weights = jnp.asarray([[0.5, 0.0, 2.0, 1.0, 0.0, 0.0, 3.5, 1.0]])
-    u = (jnp.arange(80_000) + 0.5) / 80_000  # evenly spread: frequencies are exact up to 1/80k
-    drawn = jax.vmap(lambda u: sampler.inverse_cdf(weights, u[None], block))(u)[:, 0]
-    np.testing.assert_allclose(np.bincount(drawn, minlength=8) / 80_000, weights[0] / 8.0,
-                               atol=2 / 80_000)
 
 
 def test_sharded_sampling_equals_single_device(model, data_mesh8):
@@ -224,6 +192,7 @@ def test_decode_memory_counts_the_prompt_once_and_the_generated_kv_the_loop_buil
     # 3 prompts x 8 padded tokens once; 3 x n slots x 16 generated slots (10 rounded up)
     assert memory.prefix == model.init_cache(3, 8, int8).nbytes
     assert memory.generated == model.init_cache(3 * 4, 16, int8).nbytes
+    assert sampler.kv_cache_bytes(model.config, 3, 5, config) == memory.prefix + memory.generated
     weights = sum(x.nbytes for x in jax.tree.leaves(model))
     assert memory.weights == weights
     assert memory.samples == 3 * 4 * (10 * 4 * 4 + 5 * 4) + 4  # capacity 4 = n traces; steps

@@ -274,3 +274,37 @@ def test_rows_sharded_over_devices_draw_the_same_tokens(data_mesh8):
     np.testing.assert_array_equal(one.tokens, many.tokens)
     np.testing.assert_allclose(one.logprobs, many.logprobs, rtol=1e-6)
     assert len(set(one.tokens[1::2].tolist())) > 1   # the fallback rows drew, not one token
+
+
+def test_nucleus_floor_equals_a_sorted_reference():
+    rng = np.random.default_rng(4)
+    probs = rng.dirichlet(np.full(300, 0.3), size=5).astype(np.float32)
+    probs[1] = rng.dirichlet(np.full(300, 50.0)).astype(np.float32)  # nearly flat
+    probs[2, 40:] = 0.0                                               # zeros, as after top-k
+    probs[2] /= probs[2].sum()
+    probs[3] = 0.0
+    probs[3, 7] = 1.0                                                 # one token
+    probs[4, :4] = probs[4, :4].max()                                 # ties at the top
+    for top_p in (0.1, 0.5, 0.9, 0.999):
+        floor = np.asarray(st.nucleus_floor(jnp.asarray(probs), top_p))
+        for row, t in zip(probs.astype(np.float64), floor, strict=True):
+            above = np.array([row[row > x].sum() for x in row])
+            np.testing.assert_array_equal(row >= t, (above < top_p) & (row > 0))
+
+
+@pytest.mark.parametrize("block", [128, 2])  # one block, and blocks with no weight at all
+def test_inverse_cdf_never_draws_a_zero_weight_token(block):
+    weights = jnp.asarray([[0.0, 0.0, 0.0, 1.0, 0.0, 2.0, 0.0],
+                           [0.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0]])
+    u = jnp.asarray([0.0, 0.3334, 0.999999, 1 - 2**-24])  # up to the largest float32 below 1
+    drawn = jax.vmap(lambda u: st.inverse_cdf(weights, jnp.full(2, u), block))(u)
+    np.testing.assert_array_equal(drawn, [[3, 2], [5, 2], [5, 2], [5, 2]])
+
+
+@pytest.mark.parametrize("block", [128, 3])
+def test_inverse_cdf_draws_in_proportion_to_the_weights(block):
+    weights = jnp.asarray([[0.5, 0.0, 2.0, 1.0, 0.0, 0.0, 3.5, 1.0]])
+    u = (jnp.arange(80_000) + 0.5) / 80_000  # evenly spread: frequencies are exact up to 1/80k
+    drawn = jax.vmap(lambda u: st.inverse_cdf(weights, u[None], block))(u)[:, 0]
+    np.testing.assert_allclose(np.bincount(drawn, minlength=8) / 80_000, weights[0] / 8.0,
+                               atol=2 / 80_000)
