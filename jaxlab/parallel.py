@@ -144,8 +144,21 @@ def single_device_mesh(axis: str = DATA) -> Mesh:
 
 
 def batch_sharding(mesh: Mesh, axis: str | None = None) -> NamedSharding:
-    """Leading dimension split over the mesh's (first) axis, the rest replicated."""
+    """Leading dimension split over `axis` (default: the mesh's first axis; on a
+    `make_train_mesh` mesh, DATA and FSDP together), the rest replicated."""
+    if axis is None and FSDP in mesh.axis_names:
+        return NamedSharding(mesh, PartitionSpec((DATA, FSDP)))
     return NamedSharding(mesh, PartitionSpec(axis or mesh.axis_names[0]))
+
+
+def is_split_model(mesh: Mesh) -> bool:
+    """Whether the mesh splits parameters (an FSDP or TENSOR axis of more than one device)."""
+    return any(mesh.shape.get(axis, 1) > 1 for axis in (FSDP, TENSOR))
+
+
+def batch_devices(mesh: Mesh) -> int:
+    """The number of slices a batch is split into on `mesh` (`batch_sharding`)."""
+    return mesh.shape.get(DATA, 1) * mesh.shape.get(FSDP, 1)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -8,12 +8,16 @@ compute runs in the model's activation dtype (load with `dtype="float32",
 activation_dtype="bfloat16"` for bf16 compute: each matmul casts the float32 weights, and the
 gradients and updates stay float32, so updates of 1e-6 are not rounded away).
 
-The step runs under `jax.shard_map` over the mesh's `parallel.DATA` axis: every device takes its
-slice of the batch, optionally in micro-batches (gradient accumulation), and gradients are
-averaged with `jax.lax.pmean` (the pmap semantics). Each device's loss is scaled so that the
+On a mesh with only a `parallel.DATA` axis the step runs under `jax.shard_map`: every device
+takes its slice of the batch, optionally in micro-batches (gradient accumulation), and gradients
+are averaged with `jax.lax.pmean` (the pmap semantics). Each device's loss is scaled so that the
 average equals the gradient of the loss over the whole batch: the sharded step computes the
-single-device step. A step whose loss or gradient is not finite leaves the state unchanged and
-says so in its metrics (`finite`).
+single-device step. On a `parallel.make_train_mesh` mesh with `fsdp` or `tensor` axes larger than
+1 the same step is left to XLA's partitioner: the state stays in its `parallel.tree_shardings`
+(parameters and Adam moments split over fsdp x tensor, born so with `parallel.init_sharded`),
+the batch is split over (data, fsdp), and XLA gathers weights and reduce-scatters gradients.
+A step whose loss or gradient is not finite leaves the state unchanged and says so in its
+metrics (`finite`).
 
 Exact resume: the state holds the step and the run's root key; whatever a run draws from
 `(key, step)` (`batch_indices`, the reference choice of BRPO) is the same after a restart.
@@ -189,10 +193,18 @@ def check_batch(batch: PolicyBatch, num_shards: int, microbatches: int) -> None:
 
 
 def _local_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef,
-                config: TrainConfig, num_shards: int) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One device's part of the step, on its slice of the batch (inside shard_map)."""
+                config: TrainConfig, num_shards: int,
+                axis: str | None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One device's part of the step, on its slice of the batch (inside shard_map over `axis`),
+    or the whole step (axis None, num_shards 1: under XLA's partitioner)."""
+    def psum(x):
+        return x if axis is None else jax.lax.psum(x, axis)
+
+    def pmean(x):
+        return x if axis is None else jax.lax.pmean(x, axis)
+
     weights, count = losses.AGGREGATIONS[config.loss.aggregation](batch.loss_mask[:, 1:])
-    count = jnp.maximum(jax.lax.psum(count, parallel.DATA), 1.0)  # over the whole batch
+    count = jnp.maximum(psum(count), 1.0)  # over the whole batch
     # This slice's share of the whole-batch loss, times the device count: pmean of the
     # gradients is then the gradient of the whole-batch loss.
     scale = num_shards / count
@@ -219,8 +231,8 @@ def _local_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef
     first = jax.tree.map(lambda x: x[0], parts)
     rest = jax.tree.map(lambda x: x[1:], parts)
     (grads, metrics), _ = jax.lax.scan(accumulate, grads_and_metrics(state.params, *first), rest)
-    grads = jax.lax.pmean(grads, parallel.DATA)
-    metrics = jax.lax.psum(metrics, parallel.DATA)
+    grads = pmean(grads)
+    metrics = psum(metrics)
     metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
     metrics["count"] = count
 
@@ -240,7 +252,9 @@ def _local_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef
                    donate_argnames="state")
 def train_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef,
                config: TrainConfig, mesh: Mesh) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One policy-gradient step on the whole batch, data-parallel over `mesh`'s DATA axis.
+    """One policy-gradient step on the whole batch: data-parallel over `mesh`'s DATA axis, or,
+    on a mesh that splits the model (`parallel.is_split_model`), partitioned by XLA over
+    (data, fsdp, tensor) with the state kept in its `parallel.tree_shardings`.
 
     Loss (token-level, section 2 step 5): the aggregation of `config.loss` over every response
     token of the batch of
@@ -248,9 +262,10 @@ def train_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef,
       l_t = PPO-clip_t(rho_t, A) + kl_coef * KL_t - entropy_coef * H_t
 
     Args:
-      state: replicated train state (donated).
-      batch: PolicyBatch with B a multiple of (devices on DATA) x config.microbatches, best placed
-        with `parallel.batch_sharding(mesh)`.
+      state: train state (donated): replicated, or on a split-model mesh in its
+        `parallel.tree_shardings` (`parallel.init_sharded`).
+      batch: PolicyBatch with B a multiple of (devices on DATA, and FSDP if any) x
+        config.microbatches, best placed with `parallel.batch_sharding(mesh)`.
       graphdef: the model's `nnx.split` graph definition.
       mesh: a mesh with a `parallel.DATA` axis (`parallel.single_device_mesh()`: one device).
     Returns:
@@ -262,10 +277,16 @@ def train_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef,
     """
     require(parallel.DATA in mesh.axis_names,
             f"the mesh must have a {parallel.DATA!r} axis, got axes {mesh.axis_names}")
+    if parallel.is_split_model(mesh):
+        check_batch(batch, parallel.batch_devices(mesh), config.microbatches)
+        state, metrics = _local_step(state, batch, graphdef=graphdef, config=config,
+                                     num_shards=1, axis=None)
+        return jax.lax.with_sharding_constraint(state, parallel.tree_shardings(state, mesh)), \
+            metrics
     num_shards = mesh.shape[parallel.DATA]
     check_batch(batch, num_shards, config.microbatches)
     local = functools.partial(_local_step, graphdef=graphdef, config=config,
-                              num_shards=num_shards)
+                              num_shards=num_shards, axis=parallel.DATA)
     # check_vma=False keeps the gradients of the replicated parameters per device, as under
     # pmap, for the explicit pmean (with the check on, autodiff would already sum them).
     return jax.shard_map(local, mesh=mesh, check_vma=False,

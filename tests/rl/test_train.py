@@ -129,8 +129,11 @@ def test_sharded_accumulated_step_equals_single_device_step(data_mesh8):
             history.append(metrics)
         results.append((s, history))
     (s1, h1), (s8, h8) = results
-    assert_trees_close(s8.params, s1.params, atol=1e-6)
-    assert_trees_close(s8.opt_state, s1.opt_state, atol=1e-6)
+    # After three Adam steps at lr 1e-2: within 1e-5 (1e-3 of a step). The fused attention's
+    # float32 reductions round differently for 2 rows per device than for 16, and Adam's update
+    # g / sqrt(v) magnifies that rounding in entries whose gradient is near zero.
+    assert_trees_close(s8.params, s1.params, atol=1e-5)
+    assert_trees_close(s8.opt_state, s1.opt_state, atol=1e-5)
     for m1, m8 in zip(h1, h8, strict=True):
         assert set(m1) == set(m8) == {"loss", "policy", "kl", "entropy", "clipped", "grad_norm",
                                       "count", "finite"}
