@@ -95,8 +95,9 @@ def test_refill_turns_early_stops_into_fewer_steps(model):
     assert int(all_at_once.steps) <= 16 < int(refilled.steps) < 4 * 16
 
 
-def test_greedy_equals_argmax_decoding(model):
-    config = SamplingConfig(max_new_tokens=10, temperature=0.0)
+@pytest.mark.parametrize("temperature", [0.0, 1e-30])  # below the floor (1e-5): greedy too
+def test_greedy_equals_argmax_decoding(model, temperature):
+    config = SamplingConfig(max_new_tokens=10, temperature=temperature)
     s = jax.device_get(sampler.sample(model, PROMPTS[:1], jax.random.key(0), config))
     prompt = list(PROMPTS[0])
     for _ in range(10):
