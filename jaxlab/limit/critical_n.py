@@ -118,11 +118,7 @@ def search(d: int, *, start: int, seeds: int, window: int, config: free_embeddin
     devices = 1 if mesh is None else mesh.size
     memory_bytes = free_embedding.available_bytes(mesh, memory_bytes)
     while (candidates := _next_window(tried, start, window, config.k)) is not None:
-        # As many candidates (all seeds each) as memory holds at once; at least one.
-        fit = free_embedding.max_runs_per_call(max(candidates), d, config.k, memory_bytes, devices)
-        candidates = candidates[:max(1, fit // seeds)]
-        runs = len(candidates) * seeds
-        per_device = -(-runs // devices) * free_embedding.run_bytes(max(candidates), d, config.k)
+        candidates, per_device = _fitting(candidates, seeds, d, config.k, memory_bytes, devices)
         peak = max(peak, per_device)
         known, used = evaluate(candidates, seeds, d, config, mesh=mesh, memory_bytes=memory_bytes,
                                segment_steps=segment_steps, on_segment=on_segment)
@@ -133,6 +129,15 @@ def search(d: int, *, start: int, seeds: int, window: int, config: free_embeddin
     return CriticalN(d=d, k=config.k, critical_n=critical, largest_solved_n=largest, seeds=seeds,
                      steps=steps, seconds=time.perf_counter() - clock, peak_bytes=peak,
                      tried=tried)
+
+
+def _fitting(candidates: Sequence[int], seeds: int, d: int, k: int, memory_bytes: int,
+             devices: int) -> tuple[Sequence[int], int]:
+    """The first candidates whose runs (all seeds each) memory holds in one call (at least one),
+    and the estimated bytes per device of that call."""
+    fit = free_embedding.max_runs_per_call(max(candidates), d, k, memory_bytes, devices)
+    batch = candidates[:max(1, fit // seeds)]
+    return batch, -(-len(batch) * seeds // devices) * free_embedding.run_bytes(max(batch), d, k)
 
 
 def evaluate(candidates: Sequence[int], seeds: int, d: int, config: free_embedding.SolverConfig,
@@ -274,11 +279,9 @@ def paper_search(d: int, *, start: int, seeds: int = 1, seed: int = PAPER_SEED,
         nonlocal steps, peak
         known: dict[int, bool] = {}
         while candidates:  # as many candidates (all seeds each) per call as memory holds
-            fit = free_embedding.max_runs_per_call(max(candidates), d, config.k, memory_bytes,
-                                                   devices)
-            batch, candidates = candidates[:max(1, fit // seeds)], candidates[max(1, fit // seeds):]
-            peak = max(peak, -(-len(batch) * seeds // devices)
-                       * free_embedding.run_bytes(max(batch), d, config.k))
+            batch, per_device = _fitting(candidates, seeds, d, config.k, memory_bytes, devices)
+            candidates = candidates[len(batch):]
+            peak = max(peak, per_device)
             decided, used = evaluate(batch, seeds, d, config, mesh=mesh,
                                      memory_bytes=memory_bytes, segment_steps=segment_steps,
                                      on_segment=on_segment, every_candidate=True,
