@@ -2,6 +2,10 @@
 
 Writes are atomic (a temporary file renamed into place), so an interrupted run never leaves a
 truncated JSON behind and a rerun resumes from what was finished.
+
+An experiment runs unchanged as several processes (`join_processes`, its first call): every
+process computes the same results, process 0 alone writes them and the log, and every process
+waits for each write, so that any of them may read back what was written.
 """
 
 from __future__ import annotations
@@ -12,20 +16,65 @@ import os
 import pathlib
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 from omegaconf import OmegaConf
 
+from jaxlab import parallel
 from jaxlab.config import ConfigError, read_yaml, to_yaml
+
+
+def join_processes() -> int:
+    """The first call of every experiment's `main()`, before JAX touches a backend: joins the
+    multi-process run the environment describes (`parallel.initialize_processes`: PROCESS_ENV,
+    SLURM, Open MPI or a TPU pod slice) and returns the process count (1 when there is none)."""
+    return parallel.initialize_processes()
+
+
+def _several_processes() -> bool:
+    # Asks JAX's distributed client first, so that a single process never starts a backend here.
+    return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def is_writer() -> bool:
+    """Whether this process writes results: process 0 of a multi-process run, or the only one."""
+    return not _several_processes() or jax.process_index() == 0
+
+
+def write_once(write: Callable[[], None], what: str | pathlib.Path) -> None:
+    """Runs `write` (which writes `what`) on process 0 only; with several processes, every one
+    then waits until it is done, so that each may read back what was written. Every process
+    must call it alike (as they do running the same program)."""
+    if is_writer():
+        write()
+    if _several_processes():
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"jaxlab.results: wrote {what}")
 
 
 def write_text(path: pathlib.Path, text: str) -> None:
     """Replaces `path` with `text` atomically, with the permissions of an ordinary new file
-    (0666 less the umask, as `open` gives; a temporary file alone would be 0600)."""
+    (0666 less the umask, as `open` gives; a temporary file alone would be 0600). On process 0
+    only (`write_once`)."""
+    write_once(lambda: _replace(path, lambda f: f.write(text.encode())), path)
+
+
+def save_figure(figure, path: pathlib.Path, **savefig_args) -> None:
+    """`figure.savefig(path, **savefig_args)` as an atomic write on process 0 only (its format
+    from the suffix of `path`)."""
+    format_ = pathlib.Path(path).suffix.lstrip(".") or None
+    write_once(lambda: _replace(path, lambda f: figure.savefig(f, format=format_,
+                                                               **savefig_args)), path)
+
+
+def _replace(path: pathlib.Path, write: Callable) -> None:
+    """Writes a temporary file beside `path` with `write(binary file)` and renames it to `path`."""
+    path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
+    with tempfile.NamedTemporaryFile("wb", dir=path.parent, delete=False, suffix=".tmp") as f:
+        write(f)
         f.flush()
         os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.fsync(f.fileno())
@@ -61,9 +110,11 @@ def open_run(out_dir: str | pathlib.Path, config: Any, may_change: Sequence[str]
     Resuming with a different config would mix results of two experiments, so it is an error,
     except for `out_dir` and the top-level fields named in `may_change` (such as how many items
     to run, which only extends the results).
+
+    With several processes, every one checks the config, process 0 alone creates the folder and
+    logs to it, and the others send only warnings and errors to the console.
     """
     out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.yaml"
     resolved = to_yaml(config)
     if saved.exists():
@@ -76,12 +127,20 @@ def open_run(out_dir: str | pathlib.Path, config: Any, may_change: Sequence[str]
             raise ConfigError(
                 f"{out} holds results of a different config ({saved}: {changed} differ); choose "
                 f"another out_dir or delete it to start over")
+    write_once(lambda: out.mkdir(parents=True, exist_ok=True), out)
     write_text(saved, resolved)
     logger = logging.getLogger("jaxlab")
     logger.setLevel(logging.INFO)
     logger.handlers.clear()
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(out / "log.txt")):
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    if is_writer():
+        handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(out / "log.txt")]
+        form = "%(asctime)s %(message)s"
+    else:
+        handlers = [logging.StreamHandler(sys.stderr)]
+        handlers[0].setLevel(logging.WARNING)
+        form = f"%(asctime)s process {jax.process_index()}: %(message)s"
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter(form, "%H:%M:%S"))
         logger.addHandler(handler)
     return out
 
