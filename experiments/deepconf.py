@@ -157,6 +157,7 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    results.join_processes()  # before JAX touches a backend
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     every_problem = load_problems(cfg.problems)
     problems = every_problem[:cfg.limit or None]
