@@ -61,6 +61,7 @@ class Config:
 
 def main(argv: list[str] | None = None) -> list[critical_n.CriticalN]:
     parallel.cpu_cores_as_devices()  # before JAX starts its CPU backend
+    results.join_processes()  # before JAX touches a backend
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     out = results.open_run(cfg.out_dir, cfg, may_change=("d_min", "d_max"))
     path = out / "results.json"
@@ -176,7 +177,7 @@ def _plot(path, answers, fit) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    results.save_figure(fig, path)
     plt.close(fig)
 
 

@@ -107,6 +107,7 @@ class Config:
 
 def main(argv: list[str] | None = None) -> dict:
     parallel.cpu_cores_as_devices()  # before JAX starts its CPU backend
+    results.join_processes()  # before JAX touches a backend
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     _check_ks(cfg)
     out = results.open_run(cfg.out_dir, cfg)
@@ -299,7 +300,7 @@ def _plot(path: pathlib.Path, metrics: dict, names: list[str]) -> None:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, ncol=len(ks))
     fig.tight_layout()
-    fig.savefig(path)
+    results.save_figure(fig, path)
     plt.close(fig)
 
 

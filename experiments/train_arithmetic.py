@@ -100,6 +100,7 @@ def batches(cfg: Config, start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    results.join_processes()  # before JAX touches a backend
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     out = results.open_run(cfg.out_dir, cfg)
     finished = results.read_json(out / "train_metrics.json")  # written last

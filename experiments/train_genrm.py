@@ -151,11 +151,12 @@ def plot(sft_records: list[dict], rl_records: list[dict], path: pathlib.Path) ->
         ax.set_title(f"GRPO {name}")
         ax.set_xlabel("iteration")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    results.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:
+    results.join_processes()  # before JAX touches a backend
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     out = results.open_run(cfg.out_dir, cfg)
     codec, template = sft.TextCodec(cfg.model), genrm.JudgeTemplate(cfg.template)

@@ -93,12 +93,13 @@ def plot(records: list[dict], path: pathlib.Path) -> None:
         ax.set_xlabel("iteration")
         ax.set_title(name)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    results.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parallel.cpu_cores_as_devices()  # on a CPU host, `devices` counts cores
+    results.join_processes()  # before JAX touches a backend
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     config_lib.require(cfg.devices <= len(jax.devices()),
                        f"devices={cfg.devices} but only {len(jax.devices())} are present")

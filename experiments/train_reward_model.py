@@ -66,6 +66,7 @@ def pair_rewards(model, data: dict[str, np.ndarray]) -> tuple[np.ndarray, np.nda
 
 
 def main(argv: list[str] | None = None) -> dict:
+    results.join_processes()  # before JAX touches a backend
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     out = results.open_run(cfg.out_dir, cfg)
     encoder = sft.TextCodec(cfg.backbone)

@@ -205,11 +205,12 @@ def plot(records: dict[str, list[dict]], path: pathlib.Path) -> None:
         ax.set_xlabel("iteration")
     axes.flat[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    results.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:
+    results.join_processes()  # before JAX touches a backend
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     genrm.check_same_tokenizer(cfg.genrm, cfg.writer)
     genrm.check_same_tokenizer(cfg.rm, cfg.writer)

@@ -1,3 +1,4 @@
+import json
 import os
 import socket
 import subprocess
@@ -10,6 +11,9 @@ import pytest
 from jaxlab import parallel
 from tests.parallel import workloads
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "experiments"))
+import critical_n  # experiments/critical_n.py
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
@@ -21,12 +25,19 @@ def _free_port() -> int:
 
 def _launch(out, processes=2, devices=4, **env_overrides):
     """Runs multiprocess_job.py as `processes` processes of `devices` CPU devices each."""
+    return _launch_command([sys.executable, "-m", "tests.parallel.multiprocess_job", str(out)],
+                           processes, devices, **env_overrides)
+
+
+def _launch_command(command, processes=2, devices=4, cwds=None, **env_overrides):
+    """Runs `command` as `processes` processes of `devices` CPU devices each (process i in
+    `cwds[i]`, default the repository); returns each one's (exit code, output)."""
     port = _free_port()
     base = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
                 XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                 JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes))
     children = [subprocess.Popen(
-        [sys.executable, "-m", "tests.parallel.multiprocess_job", str(out)], cwd=ROOT,
+        command, cwd=ROOT if cwds is None else cwds[i],
         env={**base, "JAX_PROCESS_ID": str(i), **env_overrides}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True) for i in range(processes)]
     return [(child.wait(timeout=600), child.stdout.read()) for child in children]
@@ -70,3 +81,37 @@ def test_a_coordinator_that_never_answers_stops_with_a_clear_error(tmp_path):
     code, log = _launch(tmp_path / "none.npz", processes=1, JAX_NUM_PROCESSES="2",
                         JAX_PROCESS_ID="1", JOB_TIMEOUT_S="2")[0]
     assert code != 0 and "did not answer within 2 s" in log, log
+
+
+# A small critical-n sweep (experiments/critical_n.py); a fixed memory budget, so that the calls
+# are sized alike whatever memory the host has free.
+SWEEP = ["d_min=2", "d_max=2", "start_n=3", "seeds=2", "window=2", "segment_steps=100",
+         "solver.max_steps=1000", "solver.patience=300", "memory_gib=1", "out_dir=run"]
+
+
+def test_an_experiment_of_two_processes_writes_once_what_one_process_writes(tmp_path):
+    # Each process runs in its own folder with the same relative out_dir: process 0's folder
+    # holds the results, process 1's nothing; they equal those of one process of 8 devices.
+    folders = [tmp_path / "process0", tmp_path / "process1"]
+    for folder in folders:
+        folder.mkdir()
+    script = os.path.join(ROOT, "experiments", "critical_n.py")
+    for code, log in _launch_command([sys.executable, script, *SWEEP], cwds=folders):
+        assert code == 0, log
+    assert list(folders[1].iterdir()) == []
+    multi = folders[0] / "run"
+    assert sorted(p.name for p in multi.iterdir()) == [
+        "config.yaml", "curve.png", "fit.json", "log.txt", "results.json"]
+    assert "critical-n sweep d=2..2" in (multi / "log.txt").read_text()
+
+    single = tmp_path / "single"
+    critical_n.main([*SWEEP[:-1], f"out_dir={single}"])
+    untimed = [{k: v for k, v in record.items() if k != "seconds"}
+               for record in json.loads((single / "results.json").read_text())]
+    assert [r["d"] for r in untimed] == [2] and untimed[0]["tried"] == {"3": True, "4": False}
+    assert [{k: v for k, v in record.items() if k != "seconds"}
+            for record in json.loads((multi / "results.json").read_text())] == untimed
+    assert json.loads((multi / "fit.json").read_text()) == json.loads(
+        (single / "fit.json").read_text())
+    assert (multi / "config.yaml").read_text() == (single / "config.yaml").read_text().replace(
+        f"out_dir: {single}", "out_dir: run")
