@@ -60,12 +60,12 @@ def gib(compiled) -> float:
             + m.temp_size_in_bytes) / 2 ** 30
 
 
-def fit_step_gib(module_fn, loss_fn, data: dict) -> float:
+def fit_step_gib(module_fn, loss_fn, data: dict, microbatches: int = 1) -> float:
     config = sft.FitConfig().optimizer
     graphdef, state = abstract_state(module_fn, config)
     batch = next(iter(data.values())).shape[0]
     return gib(sft._step.lower(state, data, graphdef=graphdef, loss_fn=loss_fn, config=config,
-                               batch_size=batch).compile())
+                               batch_size=batch, microbatches=microbatches).compile())
 
 
 def job_memory(size: str) -> dict[str, float]:

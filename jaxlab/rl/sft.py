@@ -33,7 +33,10 @@ from jaxlab.rl.loop import append_record, truncate_records
 log = logging.getLogger("jaxlab")
 
 # loss_fn(model, batch) -> (scalar loss, {name: scalar} metrics); batch: the data's arrays at
-# the step's examples.
+# the step's examples. A loss that is a mean over something other than examples (target tokens)
+# reports how many terms it averages as the metric WEIGHT, so that micro-batches combine into the
+# whole batch's loss.
+WEIGHT = "weight"
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array]], tuple[jax.Array, dict]]
 
 
@@ -47,9 +50,14 @@ class FitConfig:
     max_grad_norm: float = 1.0
     log_every: int = 25             # steps between metrics.jsonl records
     checkpoint_every: int = 100
+    microbatches: int = 1           # gradient accumulation: each batch in this many parts
 
     def __post_init__(self):
-        require_positive_ints(self, "steps", "batch_size", "log_every", "checkpoint_every")
+        require_positive_ints(self, "steps", "batch_size", "log_every", "checkpoint_every",
+                              "microbatches")
+        require(self.batch_size % self.microbatches == 0,
+                f"FitConfig.microbatches={self.microbatches} must divide batch_size="
+                f"{self.batch_size}")
 
     @property
     def optimizer(self) -> train.TrainConfig:
@@ -112,25 +120,47 @@ def sft_loss(model: nnx.Module, batch: Mapping[str, jax.Array]) -> tuple[jax.Arr
     """
     logp = train.sequence_logprobs(model, batch["tokens"], batch["mask"])[0]   # [B, T]
     loss = -losses.token_mean(logp, batch["loss_mask"])
-    return loss, {"loss": loss}
+    return loss, {"loss": loss, WEIGHT: jnp.sum(batch["loss_mask"])}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn", "config", "batch_size"),
-                   donate_argnums=0)
+@functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn", "config", "batch_size",
+                                             "microbatches"), donate_argnums=0)
 def _step(state: train.TrainState, data, *, graphdef, loss_fn, config: train.TrainConfig,
-          batch_size: int):
+          batch_size: int, microbatches: int):
+    """One AdamW step on the examples of step `state.step`, in `microbatches` parts:
+
+      grad = sum_m w_m grad L_m / sum_m w_m,   w_m = the part's WEIGHT metric (1 if absent)
+
+    which is the gradient of the whole batch's loss (a token mean over all parts' tokens, or a
+    mean over examples). A non-finite loss or gradient leaves the state unchanged (metric
+    `finite` = 0)."""
     size = jax.tree.leaves(data)[0].shape[0]
     rows = train.batch_indices(state.key, state.step, size, batch_size)       # [batch]
-    batch = jax.tree.map(lambda x: x[rows], data)
+    parts = jax.tree.map(lambda x: x[rows].reshape(microbatches, -1, *x.shape[1:]), data)
 
-    def objective(params):
-        return loss_fn(nnx.merge(graphdef, params), batch)
+    def weighted(params, part):
+        (_, metrics), grads = jax.value_and_grad(
+            lambda p: loss_fn(nnx.merge(graphdef, p), part), has_aux=True)(params)
+        weight = jnp.asarray(metrics.pop(WEIGHT, 1.0), jnp.float32)
+        return jax.tree.map(lambda x: weight * x, (grads, metrics)), weight
 
-    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    def accumulate(total, part):
+        return jax.tree.map(jnp.add, total, weighted(state.params, part)), None
+
+    first = jax.tree.map(lambda x: x[0], parts)
+    ((grads, metrics), weight), _ = jax.lax.scan(
+        accumulate, weighted(state.params, first), jax.tree.map(lambda x: x[1:], parts))
+    grads, metrics = jax.tree.map(lambda x: x / weight, (grads, metrics))
     updates, opt_state = train.make_optimizer(config).update(grads, state.opt_state,
                                                              state.params)
     params = jax.tree.map(jnp.add, state.params, updates)
-    return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x))
+                                  for x in jax.tree.leaves((grads, metrics))]))
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    state = state.replace(params=keep(params, state.params),
+                          opt_state=keep(opt_state, state.opt_state),
+                          step=state.step + finite.astype(state.step.dtype))
+    return state, metrics, finite
 
 
 def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray], config: FitConfig,
@@ -155,14 +185,17 @@ def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray], conf
         bar = tqdm(range(start, config.steps), initial=start, total=config.steps, unit="step",
                    file=sys.stderr, dynamic_ncols=True)
         for step in bar:
-            state, metrics = _step(state, device_data, graphdef=graphdef, loss_fn=loss_fn,
-                                   config=config.optimizer, batch_size=config.batch_size)
+            state, metrics, finite = _step(
+                state, device_data, graphdef=graphdef, loss_fn=loss_fn, config=config.optimizer,
+                batch_size=config.batch_size, microbatches=config.microbatches)
+            if not bool(finite):  # the step left the state unchanged
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                raise FloatingPointError(f"step {step}: non-finite loss or gradient (metrics "
+                                         f"{metrics}); the step was not applied and the run "
+                                         f"stops (last checkpoint: step "
+                                         f"{checkpointer.latest_step()})")
             if step % config.log_every == 0 or step + 1 == config.steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not all(np.isfinite(v) for v in metrics.values()):
-                    raise FloatingPointError(f"step {step}: non-finite metrics {metrics}; the "
-                                             f"last checkpoint is step "
-                                             f"{checkpointer.latest_step()}")
                 append_record(out / "metrics.jsonl", {"step": step, **metrics})
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:

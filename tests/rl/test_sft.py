@@ -1,12 +1,16 @@
 """Supervised training: the SFT rows and loss against hand-made references, exact resume."""
 
+import dataclasses
+import json
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from jaxlab.models.decoder import Decoder
-from jaxlab.rl import sft
+from jaxlab.rl import sft, train
 from tests.rl.loop_job import CONFIG
 
 
@@ -46,7 +50,6 @@ def test_fit_resumes_exactly(tmp_path):
 
     whole = sft.fit(Decoder(CONFIG, nnx.Rngs(0)), sft.sft_loss, data, config, tmp_path / "a",
                     key=jax.random.key(1))
-    import dataclasses
     sft.fit(Decoder(CONFIG, nnx.Rngs(0)), sft.sft_loss, data,
             dataclasses.replace(config, steps=3), tmp_path / "b", key=jax.random.key(1))
     resumed = sft.fit(Decoder(CONFIG, nnx.Rngs(0)), sft.sft_loss, data, config, tmp_path / "b",
@@ -55,3 +58,49 @@ def test_fit_resumes_exactly(tmp_path):
         np.testing.assert_array_equal(a, b)
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert lines == (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+
+
+def _ragged_data(rows=8):
+    """SFT rows whose targets differ in length, so micro-batches hold different token counts."""
+    rng = np.random.default_rng(3)
+    return sft.sft_batch([rng.integers(3, 16, 2).tolist() for _ in range(rows)],
+                         [rng.integers(3, 16, 1 + 5 * (i % 2)).tolist() for i in range(rows)],
+                         length=8)
+
+
+def test_micro_batches_take_the_step_of_the_whole_batch(tmp_path):
+    """Accumulating 4 parts of unequal token counts == one step on the batch's token mean."""
+    data = _ragged_data()
+    config = sft.FitConfig(steps=2, batch_size=8, learning_rate=1e-2, warmup_steps=0,
+                           log_every=1, checkpoint_every=2)
+
+    def params(micro):
+        model = sft.fit(Decoder(CONFIG, nnx.Rngs(0)), sft.sft_loss, data,
+                        dataclasses.replace(config, microbatches=micro), tmp_path / str(micro),
+                        key=jax.random.key(1))
+        return jax.tree.leaves(nnx.state(model, nnx.Param))
+
+    for a, b in zip(params(1), params(4), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / m / "metrics.jsonl").open()]
+              for m in ("1", "4")]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+
+
+def test_a_non_finite_step_stops_the_run_before_it_is_applied(tmp_path):
+    """A loss that is NaN on batches holding row 0 stops fit at the first step that draws row
+    0, with the step number; the checkpoints before it hold finite parameters."""
+    def nan_on_row_0(model, batch):
+        loss, metrics = sft.sft_loss(model, batch)
+        return loss / jnp.all(batch["tokens"][:, 0] != 2), metrics     # x / False = inf
+
+    data = _ragged_data(16)
+    data["tokens"][0, 0] = 2  # no other prompt holds token 2
+    key = jax.random.key(1)
+    bad = next(s for s in range(2) if 0 in np.asarray(train.batch_indices(key, s, 16, 8)))
+    config = sft.FitConfig(steps=4, batch_size=8, learning_rate=1e-2, warmup_steps=0,
+                           log_every=1, checkpoint_every=1)
+    with pytest.raises(FloatingPointError, match=f"step {bad}: non-finite loss"):
+        sft.fit(Decoder(CONFIG, nnx.Rngs(0)), nan_on_row_0, data, config, tmp_path, key=key)
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [str(s) for s in range(1, bad + 1)]
