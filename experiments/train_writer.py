@@ -1,18 +1,26 @@
-"""The writer of Writing-Zero on the small writing world: BRPO against the pairwise GenRM and
-ScalarRM-GRPO (sections 2-3 of papers/writing_zero.md), from the same initial policy, on the same
-prompts and budget, through `jaxlab.rl.loop`.
+"""The writer of Writing-Zero: BRPO against the pairwise GenRM and ScalarRM-GRPO (sections 2-3
+of papers/writing_zero.md), from the same initial policy, on the same prompts and budget,
+through `jaxlab.rl.loop`; on the small writing world, or on a file of writing prompts.
 
     python experiments/train_writer.py --config configs/writing_zero/writer_cpu.yaml [k=v ...]
+    python experiments/train_writer.py --config configs/writing_zero/writer_qwen3_gpu.yaml
+
+Prompts: `prompts` empty draws the small world's prompts (whose hidden true quality and
+redundant explanation are measured, and whose judge prompt is the world teacher's); a file
+(JSON Lines, parquet or a `datasets` folder with a string field "prompt") draws from its
+prompts, judged through `template` (the GenRM's judge prompt, `genrm.JudgeTemplate`), with the
+measures that need no task: words, distinct bigrams and the scalar RM's reward.
 
 brpo: per group a reference drawn at random, every other response judged against it by the
   GenRM in both orders and `votes` times (all judge prompts of a step in one sampler call),
   +1 / -1 rewards (0 for the reference), the outlier filter, the rewards as advantages.
 scalar_grpo: the Bradley-Terry RM's reward r(x, y), group z-scores.
-Every iteration logs, besides the loop's metrics, the hidden true quality, the word count, the
-redundant explanation (words after the answer's "."), the distinct-bigram ratio and the scalar
-RM's reward of the rollouts; BRPO also logs judge seconds and judge tokens/s. Before and after
-training each writer is evaluated on fixed prompts: those measures, the scalar RM's reward and
-the GenRM's win rate against the initial writer (a win: preferred in both orders). Writes
+Every iteration logs, besides the loop's metrics, the word count, the distinct-bigram ratio and
+the scalar RM's reward of the rollouts (in the world also the hidden true quality and the
+redundant explanation, the words after the answer's "."); BRPO also logs judge seconds and
+judge tokens/s. Before and after training each writer is evaluated on fixed prompts: those
+measures, the scalar RM's reward and the GenRM's win rate against the initial writer (a win:
+preferred in both orders). Writes
 config.yaml, log.txt, summary.json (the table), curves.png, and per method metrics.jsonl,
 checkpoints/ and samples/iteration_*.json; a rerun resumes.
 """
@@ -39,7 +47,9 @@ from jaxlab.writing import teacher, world
 log = logging.getLogger("jaxlab")
 
 METHODS = ("brpo", "scalar_grpo")
+WORLD_MEASURES = ("quality", "redundant")  # measures only the small world defines
 MEASURES = ("quality", "words", "redundant", "distinct_bigrams", "scalar_rm")
+JUDGE_TEMPLATE = genrm.DEFAULT_TEMPLATE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +59,8 @@ class Config:
     genrm: str = "results/writing_zero/genrm/genrm"
     rm: str = "results/writing_zero/rm/rm"
     methods: tuple[str, ...] = METHODS
+    prompts: str = ""                 # writing prompts ("prompt" field); "": the small world's
+    template: str = JUDGE_TEMPLATE    # the judge prompt for `prompts` (the GenRM's)
     compute_dtype: str = "float32"  # activations (master weights are float32)
     votes: int = 1                    # BRPO: verdicts per order and pair
     judge_temperature: float = 0.0    # 0: greedy verdicts
@@ -72,10 +84,17 @@ class Config:
         config_lib.require(self.judge_temperature > 0 or self.votes == 1,
                            f"votes={self.votes} needs judge_temperature > 0 (greedy verdicts "
                            f"repeat)")
-        longest = 2 + self.task.required + 2 * self.loop.max_new_tokens + 3
-        config_lib.require(longest <= self.judge_max_prompt_tokens,
-                           f"judge prompts of two {self.loop.max_new_tokens}-token responses "
-                           f"need judge_max_prompt_tokens >= {longest}")
+        genrm.JudgeTemplate(self.template)
+        if not self.prompts:  # the world's judge prompts have a known length
+            longest = 2 + self.task.required + 2 * self.loop.max_new_tokens + 3
+            config_lib.require(longest <= self.judge_max_prompt_tokens,
+                               f"judge prompts of two {self.loop.max_new_tokens}-token "
+                               f"responses need judge_max_prompt_tokens >= {longest}")
+
+    @property
+    def measures(self) -> tuple[str, ...]:
+        """The measures of this run's prompts (the world's need its hidden rubric)."""
+        return tuple(m for m in MEASURES if self.prompts == "" or m not in WORLD_MEASURES)
 
     @property
     def load_options(self) -> dict:
@@ -89,20 +108,41 @@ class Config:
         return dataclasses.replace(self.loop, advantage="grpo")
 
 
-def prompt_fn(task: world.WorldConfig, codec: sft.TextCodec):
-    """Fresh prompts drawn from the key; a prompt's `data` is its text."""
+def prompt_fn(cfg: Config, codec: sft.TextCodec):
+    """Prompts drawn from the key (a prompt's `data` is its text): fresh world prompts, or
+    `count` of the prompt file's (without replacement when the file has that many)."""
+    texts = ([r["prompt"] for r in reward_model.read_records(cfg.prompts, ("prompt",),
+                                                             "writing prompts")]
+             if cfg.prompts else None)
+
     def draw(key: jax.Array, count: int) -> list[loop.Prompt]:
         rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
-        texts = [world.prompt_text(world.draw_required(rng, task)) for _ in range(count)]
-        return [loop.Prompt(tuple(codec.prompt(t)), t) for t in texts]
+        if texts is None:
+            chosen = [world.prompt_text(world.draw_required(rng, cfg.task))
+                      for _ in range(count)]
+        else:
+            chosen = [texts[i] for i in rng.choice(len(texts), count,
+                                                   replace=count > len(texts))]
+        return [loop.Prompt(tuple(codec.prompt(t)), t) for t in chosen]
     return draw
 
 
-def measures(prompt: str, response: str) -> dict[str, float]:
-    """The world's measures of one response text (the hidden quality included)."""
-    return {"quality": world.quality(world.required_words(prompt), response),
-            "words": len(response.split()), "redundant": world.redundant_words(response),
-            "distinct_bigrams": world.distinct_bigrams(response)}
+def measures(prompt: str, response: str, in_world: bool) -> dict[str, float]:
+    """The measures of one response text: words and distinct bigrams, and in the world also
+    the hidden quality and the redundant explanation."""
+    out = {"words": len(response.split()), "distinct_bigrams": world.distinct_bigrams(response)}
+    if in_world:
+        out.update(quality=world.quality(world.required_words(prompt), response),
+                   redundant=world.redundant_words(response))
+    return out
+
+
+def judge_text(cfg: Config, prompt: str, first: str, second: str) -> str:
+    """The GenRM's input for an ordered pair: the world teacher's judge prompt, or the
+    configured template for a prompt file."""
+    if not cfg.prompts:
+        return teacher.judge_prompt(prompt, first, second)
+    return genrm.judge_prompt(prompt, first, second, genrm.JudgeTemplate(cfg.template))
 
 
 class Rewards:
@@ -124,8 +164,8 @@ class Rewards:
 
     def judge_input(self, prompt: loop.Prompt, first: list[int], second: list[int]
                     ) -> list[int]:
-        return self.codec.prompt(teacher.judge_prompt(
-            prompt.data, self.codec.decode(first), self.codec.decode(second)))
+        return self.codec.prompt(judge_text(self.cfg, prompt.data, self.codec.decode(first),
+                                            self.codec.decode(second)))
 
     def for_method(self, method: str) -> loop.RewardFn:
         """The method's reward plus the world's measures and the scalar RM's reward."""
@@ -137,7 +177,7 @@ class Rewards:
             out = dict(out) if isinstance(out, dict) else {"reward": out}
             out["scalar_rm"] = (out["reward"] if method == "scalar_grpo"
                                 else self.scalar(prompts, responses, truncated))
-            rows = [measures(p.data, self.codec.decode(r))
+            rows = [measures(p.data, self.codec.decode(r), not self.cfg.prompts)
                     for p, group in zip(prompts, responses, strict=True) for r in group]
             for name in rows[0]:
                 out[name] = np.asarray([r[name] for r in rows]).reshape(truncated.shape)
@@ -174,7 +214,7 @@ def evaluate(model, rewards: Rewards, prompts: list[loop.Prompt],
               for i in range(len(prompts))]
     truncated = np.zeros((len(prompts), cfg.eval_samples), bool)
     values = rewards.for_method("scalar_grpo")(prompts, groups, truncated)
-    table = {name: float(np.mean(values[name])) for name in MEASURES}
+    table = {name: float(np.mean(values[name])) for name in cfg.measures}
     if reference is not None:
         owners = [prompts[i // cfg.eval_samples] for i in range(len(responses))]
         requests = [rewards.judge_input(p, *pair) for p, mine, ref in
@@ -219,8 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     config_lib.require(cfg.loop.stop_ids == (codec.eos_id,),
                        f"loop.stop_ids must be [{codec.eos_id}] (the writer's EOS)")
     rewards = Rewards(cfg, codec)
-    eval_prompts = prompt_fn(cfg.task, codec)(jax.random.key(10_000 + cfg.seed),
-                                              cfg.eval_prompts)
+    eval_prompts = prompt_fn(cfg, codec)(jax.random.key(10_000 + cfg.seed), cfg.eval_prompts)
     initial = hf.load_pretrained(cfg.writer, **cfg.load_options)
     summary = results.read_json(out / "summary.json", {})
     _, reference = evaluate(initial, rewards, eval_prompts, None, cfg)
@@ -228,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     for method in cfg.methods:
         start = time.perf_counter()
         graphdef, state = loop.run(
-            hf.load_pretrained(cfg.writer, **cfg.load_options), prompt_fn(cfg.task, codec),
+            hf.load_pretrained(cfg.writer, **cfg.load_options), prompt_fn(cfg, codec),
             rewards.for_method(method), cfg.method_loop(method), out / method,
             key=jax.random.key(cfg.seed),
             on_iteration=write_samples(out / method / "samples", codec, cfg.samples_every))

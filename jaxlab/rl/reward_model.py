@@ -108,13 +108,14 @@ def filter_pairs(chosen: jax.Array, rejected: jax.Array, config: PairFilter = Pa
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
-def read_pairs(path: str | pathlib.Path) -> list[dict[str, str]]:
-    """Preference pairs {prompt, chosen, rejected} from a JSON Lines file, a parquet file or a
-    Hugging Face `datasets` folder (`save_to_disk`). A record with a missing or non-string
-    field, an empty response, or chosen equal to rejected is a ValueError naming it
-    (`file:line` for JSON Lines, `file:row` otherwise)."""
+def read_records(path: str | pathlib.Path, fields: Sequence[str], what: str,
+                 ) -> list[dict[str, str]]:
+    """Records with the string `fields` from a JSON Lines file, a parquet file or a Hugging
+    Face `datasets` folder (`save_to_disk`), each with its place (`file:line` for JSON Lines,
+    `file: row n` otherwise) under "at". A record that is not an object, or whose field is
+    missing or not a string, is a ValueError naming it; an empty source names `what`."""
     path = pathlib.Path(path)
-    require(path.exists(), f"preference data {path} does not exist")
+    require(path.exists(), f"{what} {path} does not exist")
     if path.is_dir():
         import datasets
         rows, where = datasets.load_from_disk(str(path)), "row"
@@ -128,19 +129,30 @@ def read_pairs(path: str | pathlib.Path) -> list[dict[str, str]]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-    pairs = []
+    records = []
     for number, record in enumerate(rows, 1):
         at = f"{path}:{number}" if where == "line" else f"{path}: row {number}"
-        require(isinstance(record, dict), f"{at}: expected an object with {PAIR_FIELDS}")
-        for field in PAIR_FIELDS:
+        require(isinstance(record, dict), f"{at}: expected an object with {tuple(fields)}")
+        for field in fields:
             require(isinstance(record.get(field), str),
                     f"{at}: field {field!r} is missing or not a string")
+        records.append({**{k: record[k] for k in fields}, "at": at})
+    require(len(records) > 0, f"{path} holds no {what}")
+    return records
+
+
+def read_pairs(path: str | pathlib.Path) -> list[dict[str, str]]:
+    """Preference pairs {prompt, chosen, rejected} (`read_records`). A record with a missing or
+    non-string field, an empty response, or chosen equal to rejected is a ValueError naming it
+    (`file:line` for JSON Lines, `file: row n` otherwise)."""
+    pairs = []
+    for record in read_records(path, PAIR_FIELDS, "preference pairs"):
+        at = record.pop("at")
         for field in ("chosen", "rejected"):
             require(record[field].strip() != "", f"{at}: field {field!r} is empty")
         require(record["chosen"] != record["rejected"],
                 f"{at}: chosen equals rejected ({record['chosen'][:60]!r})")
-        pairs.append({k: record[k] for k in PAIR_FIELDS})
-    require(len(pairs) > 0, f"{path} holds no preference pairs")
+        pairs.append(record)
     return pairs
 
 
