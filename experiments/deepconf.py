@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from jaxlab import arrays, jsonl, results
 from jaxlab import config as config_lib
-from jaxlab.deepconf import answers, online, voting
+from jaxlab.deepconf import answers, online, prompts, voting
 from jaxlab.deepconf.problems import load_problems
 from jaxlab.models import hf
 from jaxlab.sampling import sampler
@@ -59,6 +59,10 @@ class Config:
     top_p: float = 0.95
     top_k: int = 0
     window: int = 8                                      # group confidence window (tokens)
+    tail: int = 2048                                     # tail confidence: last `tail` tokens
+    chat_template: bool = True                           # prompts through the tokenizer's chat
+    #                                                      template with the paper's instruction
+    #                                                      (plain text if it has none: a warning)
     confidence_k: int = 20
     slots: int = 16                                      # traces decoded at once
     offline_traces: int = 64
@@ -69,8 +73,9 @@ class Config:
     consensus: float = 0.95
 
     def __post_init__(self):
-        config_lib.require_positive_ints(self, "max_new_tokens", "window", "confidence_k", "slots",
-                                         "offline_traces", "warmup", "batch")
+        config_lib.require_positive_ints(self, "max_new_tokens", "window", "tail",
+                                         "confidence_k", "slots", "offline_traces", "warmup",
+                                         "batch")
         config_lib.require(self.limit >= 0, f"limit must be >= 0, got {self.limit}")
         config_lib.require(all(1 <= k <= self.offline_traces for k in self.ks),
                            f"every K in ks={list(self.ks)} must lie in [1, offline_traces="
@@ -86,7 +91,7 @@ class Config:
     def sampling(self, eos: int) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                               top_p=self.top_p, top_k=self.top_k, n=self.slots,
-                              stop_ids=(eos,), window=self.window,
+                              stop_ids=(eos,), window=self.window, tail=self.tail,
                               confidence_k=self.confidence_k)
 
     def online(self, rule: str) -> online.OnlineConfig:
@@ -106,7 +111,7 @@ def offline_record(traces: online.Traces, reference: str, cfg: Config) -> dict:
 
     correct = np.array([right(int(i)) for i in groups.ids])
     metrics = {name: np.asarray(voting.trace_metric(name, traces.confidence, traces.lengths,
-                                                    cfg.window))
+                                                    cfg.window, cfg.tail))
                for name in {m for _, m, _, _ in OFFLINE if m}}
     record: dict = {}
     for k in cfg.ks:
@@ -134,7 +139,7 @@ def trace_specs(problems: int, cfg: Config) -> dict[str, tuple[tuple[int, ...], 
             "confidence": ((p, n, t), "float32"),    # token confidence C_i
             "lengths": ((p, n), "int32"),            # generated tokens (stop token included)
             "lowest_group": ((p, n), "float32"),     # lowest group confidence
-            "tail": ((p, n), "float32"),             # mean C over the last min(length, W) tokens
+            "tail": ((p, n), "float32"),             # mean C over the last min(length, tail)
             "finish_reason": ((p, n), "int32")}      # index into sampler.FINISH_REASONS
 
 
@@ -186,10 +191,13 @@ def main(argv: list[str] | None = None) -> dict:
     log.info("%d problems (%d done before), %s, offline K=%s, online rules %s", len(problems),
              len(done), cfg.model, list(cfg.ks), list(cfg.rules))
     key = jax.random.key(cfg.seed)
+    todo = [p for p in problems if p.id not in done]
+    token_ids = dict(zip([p.id for p in todo], prompts.build_prompts(
+        tokenizer, [p.prompt for p in todo], cfg.chat_template), strict=True))
     for index, problem in enumerate(tqdm(problems, unit="problem", file=sys.stderr)):
         if problem.id in done:
             continue
-        prompt = tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]
+        prompt = token_ids[problem.id]
         problem_key = jax.random.fold_in(key, index)
         start = time.perf_counter()
         samples = jax.device_get(sampler.sample(model, [prompt], problem_key,

@@ -28,20 +28,28 @@ from jaxlab.sampling import confidence as cf
 # confidence clears the threshold.
 RULES = {"deepconf-low": 10.0, "deepconf-high": 90.0}
 
-# Trace metrics for filtering and weighting, each (confidence [N, T], lengths [N], window) -> [N];
-# tail confidence averages the last `window` tokens, bottom group confidence the lowest 10%.
-METRICS: dict[str, Callable[[jax.Array, jax.Array, int], jax.Array]] = {
-    "mean": lambda c, lengths, window: cf.mean_confidence(c, lengths),
-    "lowest_group": cf.lowest_group_confidence,
-    "bottom_group": lambda c, lengths, window: cf.bottom_group_confidence(c, lengths, window, 0.1),
-    "tail": lambda c, lengths, window: cf.tail_confidence(c, lengths, window),
+# Trace metrics for filtering and weighting, each
+# (confidence [N, T], lengths [N], window, tail) -> [N]: group metrics use windows of `window`
+# tokens (bottom group: the lowest 10% of them), tail confidence averages the last `tail` tokens.
+METRICS: dict[str, Callable[[jax.Array, jax.Array, int, int], jax.Array]] = {
+    "mean": lambda c, lengths, window, tail: cf.mean_confidence(c, lengths),
+    "lowest_group": lambda c, lengths, window, tail: cf.lowest_group_confidence(c, lengths,
+                                                                                window),
+    "bottom_group": lambda c, lengths, window, tail: cf.bottom_group_confidence(c, lengths,
+                                                                                window, 0.1),
+    "tail": lambda c, lengths, window, tail: cf.tail_confidence(c, lengths, tail),
 }
 
 
-def trace_metric(name: str, confidence: jax.Array, lengths: jax.Array, window: int) -> jax.Array:
-    """float32 [N]: the named metric of `METRICS` from token confidences [N, T] and lengths [N]."""
+def trace_metric(name: str, confidence: jax.Array, lengths: jax.Array, window: int = 2048,
+                 tail: int = 2048) -> jax.Array:
+    """float32 [N]: the named metric of `METRICS` from token confidences [N, T] and lengths [N],
+    with group windows of `window` tokens and a tail of `tail` tokens (the paper: 2048 each;
+    either longer than a trace covers the whole trace)."""
     require(name in METRICS, f"unknown trace metric {name!r}; choose one of {sorted(METRICS)}")
-    return METRICS[name](confidence, lengths, window)
+    cf.require_length("window", window)
+    cf.require_length("tail", tail)
+    return METRICS[name](confidence, lengths, window, tail)
 
 
 @struct.dataclass

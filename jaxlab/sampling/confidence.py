@@ -1,9 +1,13 @@
 """DeepConf's confidence measures (Fu et al. 2025, section 1 of `papers/deepconf.md`), pure.
 
 Token confidence C_i is computed from the raw logits of step i; the sliding-window group
-confidence is kept incrementally while decoding (`GroupWindow`, O(1) per token); trace statistics
-(mean, lowest group, bottom-q% groups, tail) are computed offline from stored token confidences.
-Shapes: B traces, T tokens, V vocabulary, W window.
+confidence and the tail are kept incrementally while decoding (`GroupWindow`, a ring buffer, O(1)
+per token); trace statistics (mean, lowest group, bottom-q% groups, tail) are computed offline
+from stored token confidences. Where the paper is silent, the official implementation's
+conventions are followed (facebookresearch/deepconf, `deepconf/utils.py`): the bottom-q% groups
+are the lowest max(1, floor(q x #windows)) window means, a trace shorter than the window has one
+group (its mean), and the tail of a trace shorter than `tail` is the whole trace.
+Shapes: B traces, T tokens, V vocabulary, W window, S tail.
 """
 
 from __future__ import annotations
@@ -11,6 +15,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from jaxlab.config import is_int, require
+
+
+def require_length(name: str, value) -> None:
+    """ValueError naming `name` unless `value` is an integer >= 1 (a window or tail length)."""
+    require(is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
 
 
 def token_confidence(logits: jax.Array, k: int = 20) -> jax.Array:
@@ -49,7 +60,9 @@ def top_k_values(x: jax.Array, k: int, block: int = 64) -> jax.Array:
 
 @struct.dataclass
 class GroupWindow:
-    """The last W token confidences of each trace in a ring buffer, with their running sum."""
+    """The last W token confidences of each trace in a ring buffer, with their running sum
+    (4 W bytes per trace). The sampler keeps two: the group window (W = `window`) and the tail
+    (W = `tail`)."""
 
     ring: jax.Array   # float32 [B, W]; slot t % W holds C_t (stale past count)
     total: jax.Array  # float32 [B], sum of the ring's filled slots
@@ -103,6 +116,7 @@ def _window_means(confidence: jax.Array, lengths: jax.Array, window: int):
     """Means of every full window inside each trace: (means [B, T], valid [B, T]); entry t is the
     window ending at token t. A trace shorter than the window has one group, its overall mean,
     stored at its last token."""
+    require_length("window", window)
     b, t = confidence.shape
     inside = jnp.arange(t) < lengths[:, None]
     csum = jnp.cumsum(jnp.where(inside, confidence, 0.0), axis=1)              # [B, T]
@@ -126,25 +140,32 @@ def mean_confidence(confidence: jax.Array, lengths: jax.Array) -> jax.Array:
 
 def lowest_group_confidence(confidence: jax.Array, lengths: jax.Array,
                             window: int) -> jax.Array:
-    """float32 [B]: min over the sliding windows (stride 1) of the window mean."""
+    """float32 [B]: min over the sliding windows (stride 1) of the window mean (the trace's mean
+    when it is shorter than the window)."""
     means, valid = _window_means(confidence, lengths, window)
     return jnp.min(jnp.where(valid, means, jnp.inf), axis=1)
 
 
 def bottom_group_confidence(confidence: jax.Array, lengths: jax.Array, window: int,
                             fraction: float = 0.1) -> jax.Array:
-    """float32 [B]: mean of the lowest ceil(fraction x #windows) window means."""
+    """float32 [B]: mean of the lowest max(1, floor(fraction x #windows)) window means.
+
+    The count is the official implementation's (`calculate_bottom_window_confidence`:
+    `max(1, int(len(window_means) * bottom_percent))`): 10% of 25 windows is 2, of 9 windows 1.
+    """
     means, valid = _window_means(confidence, lengths, window)
     ordered = jnp.sort(jnp.where(valid, means, jnp.inf), axis=1)               # [B, T]
-    count = jnp.sum(valid, axis=1)
-    # ceil, guarded against float32 rounding just above an integer (0.1 * 30 -> 3.0000002)
-    keep = jnp.maximum(jnp.ceil(fraction * count - 1e-4), 1).astype(jnp.int32)  # [B]
+    count = jnp.sum(valid, axis=1).astype(jnp.float32)
+    # floor, guarded against float32 rounding just below an integer (0.1 x 70 -> 6.9999995)
+    keep = jnp.maximum(jnp.floor(fraction * count * (1 + 1e-6)), 1).astype(jnp.int32)  # [B]
     chosen = jnp.arange(ordered.shape[1]) < keep[:, None]
     return jnp.sum(jnp.where(chosen, ordered, 0.0), axis=1) / keep
 
 
 def tail_confidence(confidence: jax.Array, lengths: jax.Array, tail: int = 2048) -> jax.Array:
-    """float32 [B]: mean of C_i over the last min(tail, length) tokens."""
+    """float32 [B]: mean of C_i over the last min(tail, length) tokens (the whole trace when it
+    is shorter than `tail`; tail = 2048 in the paper, a setting apart from the window)."""
+    require_length("tail", tail)
     position = jnp.arange(confidence.shape[1])
     inside = (position < lengths[:, None]) & (position >= lengths[:, None] - tail)
     count = jnp.maximum(jnp.minimum(lengths, tail), 1)

@@ -9,8 +9,8 @@ prompt p, and its attention reads the prompt's KV together with the other n - 1 
 prompt (their queries batched, cascade attention, `Decoder.decode(prefix=)`) and its own
 generated KV, only up to the longest live trace (`attention.block_attention`). Each step is a
 chain of small pure steps: the next token, its log-prob and its token confidence from one top-k
-search (`draw`, through `strategies.Nucleus`), the group window (`update_confidence`), the output
-row (`record`), whether the trace ends (`finish`,
+search (`draw`, through `strategies.Nucleus`), the group window and the tail
+(`update_confidence`), the output row (`record`), whether the trace ends (`finish`,
 `record_final`), and the slots that start a new trace of their prompt while its budget is not
 spent (`refill`; the prompt KV stays in place, the slot's generated KV is overwritten from slot
 0), so stopping early saves wall-clock time, not only tokens.
@@ -22,7 +22,9 @@ temperature and top-p. `decode_memory` asks the
 compiled loop how much device memory a request needs, without allocating it.
 
 Shapes: P prompts, L padded prompt length, n slots per prompt, B = P x n slots, N = P x budget
-traces, T = max_new_tokens (the generated KV holds T_gen >= T slots), V vocabulary, W window.
+traces, T = max_new_tokens (the generated KV holds T_gen >= T slots), V vocabulary, W window,
+S = min(tail, T) tail. The confidence state is two ring buffers of float32, B x (W + S) x 4 bytes
+(256 slots with W = S = 2048: 4 MiB), updated in O(1) per token.
 """
 
 from __future__ import annotations
@@ -60,14 +62,17 @@ class SamplingConfig:
     stop_ids: tuple[int, ...] = ()  # EOS and any other token that ends a trace (kept in it)
     confidence: bool = True         # measure token and group confidence while decoding
     confidence_k: int = 20          # C_i averages the top-k log-probs
-    window: int = 2048              # group confidence window (tokens)
+    window: int = 2048              # group confidence window (tokens); longer than the trace:
+    #                                 the whole trace is one group (never full: no early stop)
+    tail: int = 2048                # tail confidence: mean C over the last `tail` tokens (longer
+    #                                 than the trace: the whole trace)
     stop_threshold: float | None = None  # stop a trace once its full-window group conf < this
     int8_cache: bool = False        # keys/values in int8 with per-token, per-head scales
     prompt_bucket: int = 64         # prompts padded to a multiple of this many tokens (one
     #                                 compiled prefill and loop per bucket, not per length)
 
     def __post_init__(self):
-        require_positive_ints(self, "max_new_tokens", "n", "confidence_k", "window",
+        require_positive_ints(self, "max_new_tokens", "n", "confidence_k", "window", "tail",
                               "prompt_bucket")
         require(self.temperature >= 0,
                 f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
@@ -98,7 +103,7 @@ class Samples:
     confidence: jax.Array               # float32 [N, T], token confidence C_i
     group_confidence: jax.Array         # float32 [N, T], mean C over the last min(i + 1, W)
     lowest_group_confidence: jax.Array  # float32 [N], min over full windows (mean if shorter)
-    tail_confidence: jax.Array          # float32 [N], mean C over the last min(length, W) tokens
+    tail_confidence: jax.Array          # float32 [N], mean C over the last min(length, tail)
     finish_reason: jax.Array            # int32 [N], index into FINISH_REASONS
     prompt_index: jax.Array             # int32 [N]
     steps: jax.Array                    # int32 [], decode steps the loop took
@@ -148,13 +153,14 @@ def draw(logits: jax.Array, key: jax.Array, strategy: strategies.Nucleus,
     return d.tokens, d.logprobs, conf
 
 
-def update_confidence(conf: jax.Array, window: GroupWindow, lowest: jax.Array,
-                      active: jax.Array):
-    """C [B] pushed into the windows of the active slots. Returns (window, group = window mean
-    [B], lowest [B] = min(lowest, group) where the window is full)."""
-    window = window.push(conf, active)
+def update_confidence(conf: jax.Array, window: GroupWindow, tail: GroupWindow,
+                      lowest: jax.Array, active: jax.Array):
+    """C [B] pushed into the group windows and the tails of the active slots. Returns (window,
+    tail, group = window mean [B], lowest [B] = min(lowest, group) where the window is full)."""
+    window, tail = window.push(conf, active), tail.push(conf, active)
     group = window.mean
-    return window, group, jnp.where(active & window.full, jnp.minimum(lowest, group), lowest)
+    return (window, tail, group,
+            jnp.where(active & window.full, jnp.minimum(lowest, group), lowest))
 
 
 def record(out: Samples, row: jax.Array, length: jax.Array, token, logp, conf, group) -> Samples:
@@ -181,9 +187,10 @@ def finish(token: jax.Array, length: jax.Array, window: GroupWindow, active: jax
 
 
 def record_final(out: Samples, row: jax.Array, finishing: jax.Array, length, reason,
-                 window: GroupWindow, lowest) -> Samples:
+                 window: GroupWindow, tail: GroupWindow, lowest) -> Samples:
     """Writes the finishing traces' length, finish reason, lowest group confidence (the mean
-    when the trace is shorter than the window) and tail confidence (the last window's mean)."""
+    when the trace is shorter than the window) and tail confidence (the tail ring's mean: the
+    last min(length, tail) tokens)."""
     done = jnp.where(finishing, row, out.lengths.shape[0])
 
     def put(buffer, value):
@@ -194,7 +201,7 @@ def record_final(out: Samples, row: jax.Array, finishing: jax.Array, length, rea
                        finish_reason=put(out.finish_reason, reason),
                        lowest_group_confidence=put(out.lowest_group_confidence,
                                                    jnp.where(window.full, lowest, group)),
-                       tail_confidence=put(out.tail_confidence, group))
+                       tail_confidence=put(out.tail_confidence, tail.mean))
 
 
 def refill(finishing: jax.Array, prompt: jax.Array, trace: jax.Array, launched: jax.Array,
@@ -221,7 +228,8 @@ def refill(finishing: jax.Array, prompt: jax.Array, trace: jax.Array, launched: 
 class DecodeState:
     cache: KVCache            # each slot's generated tokens [B, ..., T_gen]; index = length
     logits: jax.Array         # float32 [B, V], each slot's next-token logits
-    window: GroupWindow       # [B]
+    window: GroupWindow       # [B, W], the group window
+    tail: GroupWindow         # [B, S], the tail
     lowest: jax.Array         # float32 [B], min full-window group confidence so far
     trace: jax.Array          # int32 [B], the output row a slot writes; -1 when idle
     launched: jax.Array       # int32 [P], traces started per prompt
@@ -269,7 +277,9 @@ def _decode(graphdef, state, prefix: KVCache, prompt_logits, cache: KVCache, out
     cache = cache.replace(positions=prompt_positions)
     loop = DecodeState(
         cache=cache, logits=prompt_logits[prompt],
-        window=GroupWindow.create(num_slots, config.window), lowest=jnp.full(num_slots, jnp.inf),
+        window=GroupWindow.create(num_slots, config.window),
+        tail=GroupWindow.create(num_slots, tail_slots(config)),
+        lowest=jnp.full(num_slots, jnp.inf),
         trace=prompt * capacity + jnp.arange(num_slots) % config.n,
         launched=jnp.full(num_prompts, config.n, jnp.int32),
         out=out, step=jnp.zeros((), jnp.int32))
@@ -278,12 +288,13 @@ def _decode(graphdef, state, prefix: KVCache, prompt_logits, cache: KVCache, out
         active = s.trace >= 0
         length = s.cache.index                                                # [B]
         token, logp, conf = draw(s.logits, jax.random.fold_in(key, s.step), strategy, config)
-        window, group, lowest = update_confidence(conf, s.window, s.lowest, active)
+        window, tail, group, lowest = update_confidence(conf, s.window, s.tail, s.lowest,
+                                                        active)
         row = jnp.where(active, s.trace, rows)
         out = record(s.out, row, length, token, logp, conf, group)
         length = length + 1
         finishing, reason = finish(token, length, window, active, stop_ids, early, t_max)
-        out = record_final(out, row, finishing, length, reason, window, lowest)
+        out = record_final(out, row, finishing, length, reason, window, tail, lowest)
         logits, cache = model.decode(token, s.cache, prefix)
         trace, launched, _ = refill(finishing, prompt, s.trace, s.launched, budget, capacity)
         # A slot that starts over (or sits idle) goes back to the end of its prompt: its
@@ -293,11 +304,18 @@ def _decode(graphdef, state, prefix: KVCache, prompt_logits, cache: KVCache, out
                               positions=jnp.where(restart, prompt_positions, cache.positions))
         return DecodeState(
             cache=cache, logits=jnp.where(restart[:, None], prompt_logits[prompt], logits),
-            window=window.reset(finishing), lowest=jnp.where(finishing, jnp.inf, lowest),
+            window=window.reset(finishing), tail=tail.reset(finishing),
+            lowest=jnp.where(finishing, jnp.inf, lowest),
             trace=trace, launched=launched, out=out, step=s.step + 1)
 
     final = jax.lax.while_loop(lambda s: jnp.any(s.trace >= 0), body, loop)
     return final.out.replace(steps=final.step), final.cache
+
+
+def tail_slots(config: SamplingConfig) -> int:
+    """S: the tail ring's size, min(tail, max_new_tokens) (no trace is longer than T, so a
+    longer ring would hold the same tokens)."""
+    return min(config.tail, config.max_new_tokens)
 
 
 def init_generated(model: Decoder, prompts: int, config: SamplingConfig) -> KVCache:

@@ -31,7 +31,7 @@ def _run(folder, out, *overrides):
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "experiments", "deepconf.py"), f"model={folder}",
          f"problems={folder / 'problems.jsonl'}", f"out_dir={out}", "max_new_tokens=8",
-         "slots=4", "offline_traces=8", "ks=[4,8]", "warmup=4", "batch=4", "window=3",
+         "slots=4", "offline_traces=8", "ks=[4,8]", "warmup=4", "batch=4", "window=3", "tail=5",
          *overrides], capture_output=True, text=True, timeout=600,
         env=dict(os.environ, PYTHONPATH=os.path.abspath(ROOT)))
 
@@ -52,6 +52,8 @@ def test_run_writes_records_summary_and_plot_then_resumes(folder, tmp_path):
     assert summary["problems"] == 2 and (tmp_path / "accuracy_vs_tokens.png").stat().st_size
     assert set(summary["auroc"]) == {"mean", "lowest_group", "bottom_group", "tail"}
     assert "deepconf-low" in first.stdout
+    # the character tokenizer has no chat template: plain prompts, and the log says so
+    assert "no chat template" in (tmp_path / "log.txt").read_text()
     traces = _traces(tmp_path)
     assert arrays.missing_chunks(traces) == [2]  # rows for all 3 problems; 2 run so far
     first_rows = {name: arrays.read(traces, name) for name in traces.arrays}
@@ -91,7 +93,7 @@ def _check_traces(folder, traces, records, rows):
         assert not tokens[past].any() and not confidence[past].any()
         for name in ("mean", "tail"):
             np.testing.assert_allclose(
-                np.asarray(voting.trace_metric(name, confidence, lengths, 3)),
+                np.asarray(voting.trace_metric(name, confidence, lengths, 3, 5)),
                 record["traces"][name], atol=1e-4)
         np.testing.assert_allclose(arrays.read(traces, "tail", row, row + 1)[0],
                                    record["traces"]["tail"], atol=1e-4)

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from jaxlab.deepconf import voting as vt
 from jaxlab.deepconf.answers import NO_ANSWER, group_answers
-from jaxlab.sampling import confidence as cf
 
 # --------------------------------------------------------------------------------------------
 # A pure-Python reference of the documented rules
@@ -199,19 +198,26 @@ def test_threshold_rejects_bad_input():
 # Metrics, compilation and the string layer
 
 
-def test_trace_metrics_dispatch_to_the_confidence_functions():
-    c = jnp.asarray(np.random.default_rng(2).uniform(5, 20, size=(3, 12)), jnp.float32)
-    lengths = jnp.array([12, 5, 1])
-    np.testing.assert_array_equal(vt.trace_metric("tail", c, lengths, 4),
-                                  cf.tail_confidence(c, lengths, 4))
-    np.testing.assert_array_equal(vt.trace_metric("bottom_group", c, lengths, 4),
-                                  cf.bottom_group_confidence(c, lengths, 4, 0.1))
-    np.testing.assert_array_equal(vt.trace_metric("lowest_group", c, lengths, 4),
-                                  cf.lowest_group_confidence(c, lengths, 4))
-    np.testing.assert_array_equal(vt.trace_metric("mean", c, lengths, 4),
-                                  cf.mean_confidence(c, lengths))
+def test_trace_metrics_use_the_window_and_the_tail_apart():
+    # window 4 and tail 7 against NumPy: a trace of 12 tokens, one of 5 (shorter than the tail:
+    # its mean), one of 1 (shorter than the window: one group)
+    c = np.random.default_rng(2).uniform(5, 20, size=(3, 12)).astype(np.float32)
+    lengths = np.array([12, 5, 1])
+    got = {name: np.asarray(vt.trace_metric(name, jnp.asarray(c), jnp.asarray(lengths),
+                                            window=4, tail=7)) for name in vt.METRICS}
+    for b, n in enumerate(lengths):
+        x = c[b, :n].astype(np.float64)
+        groups = np.sort([x[i:i + 4].mean() for i in range(n - 3)] if n >= 4 else [x.mean()])
+        np.testing.assert_allclose(got["tail"][b], x[-7:].mean(), rtol=1e-5)
+        np.testing.assert_allclose(got["mean"][b], x.mean(), rtol=1e-5)
+        np.testing.assert_allclose(got["lowest_group"][b], groups[0], rtol=1e-5)
+        np.testing.assert_allclose(got["bottom_group"][b],
+                                   groups[:max(1, int(0.1 * len(groups)))].mean(), rtol=1e-5)
     with pytest.raises(ValueError, match="median"):
         vt.trace_metric("median", c, lengths, 4)
+    for name in ("window", "tail"):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+            vt.trace_metric("tail", c, lengths, **{name: 0})
 
 
 def test_filtered_vote_jits_and_vmaps_over_problems():

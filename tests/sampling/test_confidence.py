@@ -34,24 +34,58 @@ def _windows(c, length, w):
 
 
 @settings(max_examples=60, deadline=None)
-@given(lengths=st.lists(st.integers(1, 30), min_size=1, max_size=4), window=st.integers(1, 8),
-       data=st.data())
-def test_offline_statistics_match_numpy(lengths, window, data):
-    t = max(lengths)
+@given(lengths=st.lists(st.integers(1, 30), min_size=4, max_size=4), window=st.integers(1, 8),
+       tail=st.integers(1, 40), data=st.data())
+def test_offline_statistics_match_numpy(lengths, window, tail, data):
+    # one shape [4, 30] for every example (the eager ops compile once per window and tail)
     rng = np.random.default_rng(data.draw(st.integers(0, 1000)))
-    c = rng.uniform(5, 20, size=(len(lengths), t)).astype(np.float32)
+    c = rng.uniform(5, 20, size=(4, 30)).astype(np.float32)
     lengths = np.array(lengths)
+    lowest = np.asarray(cf.lowest_group_confidence(c, lengths, window))
+    bottom = np.asarray(cf.bottom_group_confidence(c, lengths, window, 0.25))
+    tails = np.asarray(cf.tail_confidence(c, lengths, tail))
+    means = np.asarray(cf.mean_confidence(c, lengths))
     for b, length in enumerate(lengths):
         groups = np.sort(_windows(c[b], length, window))
-        np.testing.assert_allclose(cf.lowest_group_confidence(c, lengths, window)[b],
-                                   groups[0], rtol=1e-5)
-        keep = max(int(np.ceil(0.25 * len(groups) - 1e-9)), 1)
-        np.testing.assert_allclose(cf.bottom_group_confidence(c, lengths, window, 0.25)[b],
-                                   groups[:keep].mean(), rtol=1e-5)
-        np.testing.assert_allclose(cf.tail_confidence(c, lengths, 5)[b],
-                                   c[b, max(0, length - 5):length].mean(), rtol=1e-5)
-        np.testing.assert_allclose(cf.mean_confidence(c, lengths)[b], c[b, :length].mean(),
+        np.testing.assert_allclose(lowest[b], groups[0], rtol=1e-5)
+        keep = max(int(len(groups) * 0.25), 1)  # the official count: floor, at least one
+        np.testing.assert_allclose(bottom[b], groups[:keep].mean(), rtol=1e-5)
+        np.testing.assert_allclose(tails[b], c[b, max(0, length - tail):length].mean(),
                                    rtol=1e-5)
+        np.testing.assert_allclose(means[b], c[b, :length].mean(), rtol=1e-5)
+
+
+def _official_bottom(confs, window_size, bottom_percent):
+    """facebookresearch/deepconf `calculate_bottom_window_confidence`, transcribed."""
+    if len(confs) < window_size:
+        return np.mean(confs)
+    window_means = [np.mean(confs[i:i + window_size])
+                    for i in range(len(confs) - window_size + 1)]
+    num_bottom = max(1, int(len(window_means) * bottom_percent))
+    return np.mean(np.partition(window_means, num_bottom - 1)[:num_bottom])
+
+
+def test_bottom_ten_percent_and_tail_follow_the_official_implementation():
+    rng = np.random.default_rng(4)
+    lengths = np.array([9, 34, 40, 72, 3])
+    c = rng.uniform(5, 20, size=(5, 72)).astype(np.float32)
+    got = np.asarray(cf.bottom_group_confidence(c, lengths, 3, 0.1))
+    tails = np.asarray(cf.tail_confidence(c, lengths, 20))
+    for b, n in enumerate(lengths):
+        confs = c[b, :n].astype(np.float64)
+        np.testing.assert_allclose(got[b], _official_bottom(confs, 3, 0.1), rtol=1e-5)
+        # the official calculate_tail_confidence: confs[-tail:] if longer, else all
+        np.testing.assert_allclose(tails[b], np.mean(confs[-20:] if n > 20 else confs),
+                                   rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["window", "tail"])
+@pytest.mark.parametrize("value", [0, -2])
+def test_window_and_tail_below_one_are_errors_naming_them(name, value):
+    c, lengths = np.ones((1, 4), np.float32), np.array([4])
+    call = (cf.tail_confidence if name == "tail" else cf.lowest_group_confidence)
+    with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+        call(c, lengths, value)
 
 
 @pytest.mark.parametrize("block", [1, 4, 8])
@@ -87,7 +121,8 @@ def test_group_window_is_the_running_then_sliding_mean():
                                    rtol=1e-5)
 
 
-@pytest.mark.parametrize("fraction,count,keep", [(0.1, 30, 3), (0.1, 10, 1), (0.5, 3, 2)])
+@pytest.mark.parametrize("fraction,count,keep", [(0.1, 30, 3), (0.1, 10, 1), (0.1, 9, 1),
+                                                 (0.1, 25, 2), (0.1, 70, 7), (0.5, 3, 1)])
 def test_bottom_fraction_counts_windows_exactly(fraction, count, keep):
     # count windows of size 1 with values 0..count-1: the bottom mean is mean(0..keep-1).
     c = np.arange(count, dtype=np.float32)[None]

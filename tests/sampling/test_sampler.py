@@ -24,7 +24,7 @@ def _full_logits(model, prompt, tokens):
 
 
 def test_in_loop_confidence_equals_full_forward_reference(model):
-    config = SamplingConfig(max_new_tokens=12, n=2, window=4, temperature=0.7)
+    config = SamplingConfig(max_new_tokens=12, n=2, window=4, tail=7, temperature=0.7)
     s = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(0), config))
     for i in range(len(s.lengths)):
         length = s.lengths[i]
@@ -41,7 +41,7 @@ def test_in_loop_confidence_equals_full_forward_reference(model):
                                    atol=1e-4)
         groups = [conf[max(0, t - 3):t + 1].mean() for t in range(length)]
         np.testing.assert_allclose(s.group_confidence[i, :length], groups, rtol=1e-4)
-        np.testing.assert_allclose(s.tail_confidence[i], conf[-4:].mean(), rtol=1e-4)
+        np.testing.assert_allclose(s.tail_confidence[i], conf[-7:].mean(), rtol=1e-4)
         want_lowest = cf.lowest_group_confidence(conf[None], np.array([length]), 4)[0]
         np.testing.assert_allclose(s.lowest_group_confidence[i], want_lowest, rtol=1e-4)
     assert (s.lengths == 12).all() and (s.finish_reason == sampler.LENGTH).all()
@@ -51,7 +51,9 @@ def test_in_loop_confidence_equals_full_forward_reference(model):
 def test_early_stop_fires_exactly_when_the_full_window_drops_below_threshold(model):
     # The threshold splits the traces of an unstopped run (same key, so the same traces up to
     # their stop): the median of their lowest full-window group confidences.
-    window, base = 3, dict(max_new_tokens=20, n=4, window=3, temperature=1.0)
+    # A tail of 5 apart from the window of 3: traces stopped at lengths 3 and 4 have a tail
+    # shorter than 5 (their mean), longer ones their last 5 tokens.
+    window, base = 3, dict(max_new_tokens=20, n=4, window=3, tail=5, temperature=1.0)
     free = sampler.sample(model, PROMPTS, jax.random.key(1), SamplingConfig(**base))
     threshold = float(np.median(free.lowest_group_confidence))
     config = SamplingConfig(stop_threshold=threshold, **base)
@@ -59,6 +61,10 @@ def test_early_stop_fires_exactly_when_the_full_window_drops_below_threshold(mod
     reasons = set()
     for i in range(len(s.lengths)):
         groups = s.group_confidence[i, :s.lengths[i]]
+        conf = s.confidence[i, :s.lengths[i]]
+        np.testing.assert_allclose(s.tail_confidence[i], conf[-5:].mean(), rtol=1e-5)
+        np.testing.assert_allclose(s.tail_confidence[i], cf.tail_confidence(
+            s.confidence[i:i + 1], s.lengths[i:i + 1], 5)[0], rtol=1e-5)
         below = [t for t in range(len(groups)) if t >= window - 1 and groups[t] < threshold]
         if s.finish_reason[i] == sampler.LOW_CONFIDENCE:
             assert below and below[0] == s.lengths[i] - 1  # stopped at the first full-window dip
@@ -214,8 +220,21 @@ def test_bad_requests_are_refused_before_compiling(model, prompts, config, match
         sampler.sample(model, prompts, jax.random.key(0), config)
 
 
+def test_a_tail_and_window_longer_than_the_trace_cover_the_whole_trace(model):
+    # window and tail beyond max_new_tokens are allowed: one group (no window is ever full, so
+    # no early stop), and the tail is the whole trace
+    config = SamplingConfig(max_new_tokens=6, n=2, window=50, tail=4096, temperature=1.0,
+                            stop_threshold=1e9)
+    s = jax.device_get(sampler.sample(model, PROMPTS[:2], jax.random.key(11), config))
+    assert (s.lengths == 6).all() and (s.finish_reason == sampler.LENGTH).all()
+    means = s.confidence.mean(axis=1)
+    np.testing.assert_allclose(s.tail_confidence, means, rtol=1e-5)
+    np.testing.assert_allclose(s.lowest_group_confidence, means, rtol=1e-5)
+
+
 @pytest.mark.parametrize("field,value", [("top_p", 0.0), ("top_p", 1.5), ("temperature", -1.0),
-                                          ("window", 0), ("n", 0), ("top_k", -1)])
+                                          ("window", 0), ("tail", 0), ("tail", -3),
+                                          ("n", 0), ("top_k", -1)])
 def test_bad_settings_are_named(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingConfig(**{field: value})

@@ -1,0 +1,73 @@
+"""Prompts through the tokenizer's chat template, as transformers applies it."""
+
+import logging
+import string
+
+import pytest
+
+from jaxlab.deepconf import arithmetic, prompts
+from jaxlab.models import hf
+
+# The shape of Qwen's ChatML template (no system turn unless one is given).
+QWEN_STYLE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content"
+    " + '<|im_end|>' + '\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tmp_path_factory):
+    """A character tokenizer with ChatML special tokens and a Qwen-style chat template, saved
+    to and loaded from a local folder as a checkpoint's tokenizer is."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL + sorted(set(string.printable)))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL[0]))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>",
+                                        pad_token=SPECIAL[0])
+    tokenizer.chat_template = QWEN_STYLE
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(folder)
+    return hf.load_tokenizer(folder)
+
+
+def test_the_instruction_is_the_papers():
+    assert prompts.INSTRUCTION == ("Please reason step by step, and put your final answer "
+                                   "within \\boxed{}.")
+
+
+def test_chat_template_is_applied_as_transformers_applies_it(chat_tokenizer):
+    problems = ["What is 2 + 3?", "Find x: 2x = 10."]
+    got = prompts.build_prompts(chat_tokenizer, problems)
+    for ids, problem in zip(got, problems, strict=True):
+        message = [{"role": "user", "content": f"{problem}\n{prompts.INSTRUCTION}"}]
+        want = chat_tokenizer.apply_chat_template(message, add_generation_prompt=True,
+                                                  tokenize=True)
+        assert ids == (want if isinstance(want, list) else list(want["input_ids"]))
+        # and the text the template writes, by hand: ChatML with the assistant turn opened
+        assert chat_tokenizer.decode(ids) == (
+            f"<|im_start|>user\n{problem}\n{prompts.INSTRUCTION}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+def test_the_flag_turns_the_template_off(chat_tokenizer, caplog):
+    with caplog.at_level(logging.WARNING, logger="jaxlab"):
+        got = prompts.build_prompts(chat_tokenizer, ["1+1"], chat_template=False)
+    assert got == [chat_tokenizer("1+1", add_special_tokens=False)["input_ids"]]
+    assert not caplog.records
+
+
+def test_a_tokenizer_without_template_falls_back_to_the_plain_prompt_with_a_warning(caplog):
+    tokenizer = arithmetic.char_tokenizer()
+    assert not prompts.has_chat_template(tokenizer)
+    problems = ["Q: 12+34\nA:", "Q: 5+6\nA:"]
+    with caplog.at_level(logging.WARNING, logger="jaxlab"):
+        got = prompts.build_prompts(tokenizer, problems)
+    assert got == [arithmetic.encode(p) for p in problems]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no chat template" in warnings[0].getMessage()
