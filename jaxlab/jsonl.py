@@ -11,6 +11,8 @@ import pathlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
+from jaxlab import results
+
 log = logging.getLogger("jaxlab")
 
 
@@ -76,25 +78,35 @@ def resume_records(path: str | pathlib.Path) -> list[dict]:
     line is a DataError naming `file:line`.
     """
     path = pathlib.Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
+    data = path.read_bytes() if path.exists() else b""
     lines = data.splitlines()
-    if data and not data.endswith(b"\n"):
+    partial = bool(data) and not data.endswith(b"\n")
+    if partial:
         log.warning("%s:%d: dropping a partial last line (%d bytes, cut off by an interrupted "
                     "write); its record will be redone", path, len(lines), len(lines[-1]))
-        with path.open("r+b") as f:
-            f.truncate(len(data) - len(lines[-1]))
         lines = lines[:-1]
+
+    def cut():
+        if partial:
+            with path.open("r+b") as f:
+                f.truncate(len(data) - len(data.splitlines()[-1]))
+
+    # Called whether or not a line is cut (or the file exists): in a multi-process run, another
+    # process may read the file after process 0 has cut it.
+    results.write_once(cut, path)
     return [record for _, record in _records(path, lines)]
 
 
 def append_record(path: str | pathlib.Path, record: dict) -> None:
-    """Appends `record` as one line, flushed to disk before returning."""
-    with pathlib.Path(path).open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Appends `record` as one line, flushed to disk before returning; on process 0 only
+    (`results.write_once`)."""
+    def append():
+        with pathlib.Path(path).open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    results.write_once(append, path)
 
 
 def check_unique(keys: Sequence[Any], what: str, source: str) -> None:

@@ -406,14 +406,19 @@ def _iteration_metrics(iteration, groups: _Groups, batch, step_metrics, rollout_
 
 
 def append_record(path: pathlib.Path, record: dict) -> None:
-    """Appends one JSON line to `path` (a metrics file)."""
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+    """Appends one JSON line to `path` (a metrics file), on process 0 only
+    (`results.write_once`)."""
+    def append():
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    results.write_once(append, path)
 
 
 def truncate_records(path: pathlib.Path, count: int, key: str = "iteration") -> None:
-    """Keeps the records whose `key` is < `count` (those the restored state has done)."""
+    """Keeps the records whose `key` is < `count` (those the restored state has done); on
+    process 0 only (`results.write_text`)."""
     if not path.exists():
         return
     kept = []
