@@ -6,6 +6,11 @@ could be mistaken for a finished one; the leftover is ignored and removed on the
 A state restored from step s and trained on is bit-for-bit the run that never stopped, provided
 the run's randomness and data order are functions of the state (see `jaxlab.rl.train`).
 
+A state saved under one mesh restores under another (or on one device): `restore` places every
+array by the shardings it is given, whatever split it was saved with. In a multi-process run every
+process calls `save` and `restore` alike (Orbax writes each process's shards and process 0 the
+metadata), on a filesystem every process sees.
+
 A finished checkpoint can still be damaged later (a file cut short, emptied or edited, a disk that
 filled up). `restore` then skips it with a warning naming its folder and what is wrong, and
 restores the newest checkpoint before it that reads back whole and finite.
@@ -23,9 +28,11 @@ from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from jaxlab import results
 from jaxlab.config import require, require_positive_ints
 
 State = TypeVar("State")
@@ -89,15 +96,17 @@ class Checkpointer:
         return self._manager.save(int(step), args=ocp.args.StandardSave(state), metrics=metrics,
                                   force=force)
 
-    def restore(self, target: State, step: int | None = None) -> State:
+    def restore(self, target: State, step: int | None = None, shardings: Any = None) -> State:
         """The state saved at `step` (default: the newest complete checkpoint that restores),
-        with the structure, dtypes and shardings of `target` (a freshly initialized state or its
-        `jax.eval_shape`).
+        with the structure and dtypes of `target` (a freshly initialized state or its
+        `jax.eval_shape`), its arrays placed by `shardings` (a tree of `jax.sharding.Sharding`s
+        like `target`'s, e.g. `parallel.tree_shardings(target, mesh)`; default: those of
+        `target`'s arrays). The mesh the state was saved under does not matter.
 
-        A checkpoint that cannot be read back or holds non-finite values is skipped with a
-        warning naming its folder, and the one before it is tried. Raises FileNotFoundError when
-        there is no complete checkpoint (or none at `step`) and RestoreError, naming every
-        checkpoint tried and why it failed, when none restores.
+        A checkpoint that cannot be read back or holds non-finite values (on any process) is
+        skipped with a warning naming its folder, and the one before it is tried. Raises
+        FileNotFoundError when there is no complete checkpoint (or none at `step`) and
+        RestoreError, naming every checkpoint tried and why it failed, when none restores.
         """
         self.wait()
         steps = self.all_steps()
@@ -107,6 +116,11 @@ class Checkpointer:
             raise FileNotFoundError(f"no complete checkpoint {'' if step is None else step} in "
                                     f"{self.directory} (complete steps: {self.all_steps()})")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        if shardings is not None:
+            abstract = jax.tree.map(
+                lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                            sharding=sharding),
+                abstract, shardings)
         failures = []
         for tried in reversed(steps):
             folder = self.directory / str(tried)
@@ -116,6 +130,12 @@ class Checkpointer:
                 if bad:
                     raise ValueError(f"non-finite values in {bad[:3]}")
             except Exception as e:  # Orbax, TensorStore and JSON errors alike
+                error = e
+            else:
+                error = None
+            # Each process reads its own shards: a step is restored only if every one read it.
+            if _on_any_process(error is not None):
+                e = error or RuntimeError("another process could not restore it")
                 # A failed read can leave the manager unable to read the next step: reopen it.
                 self._manager.close()
                 self._manager = self._open()
@@ -137,8 +157,12 @@ class Checkpointer:
         for step in steps:
             folder = self.directory / str(step)
             aside = folder.with_name(f"{step}.damaged")
-            shutil.rmtree(aside, ignore_errors=True)
-            folder.rename(aside)
+
+            def move(folder=folder, aside=aside):
+                shutil.rmtree(aside, ignore_errors=True)
+                folder.rename(aside)
+
+            results.write_once(move, aside)
             log.warning("moved the damaged checkpoint %s to %s", folder, aside)
         self._manager.close()
         self._manager = self._open()
@@ -171,6 +195,14 @@ def nonfinite_leaves(tree: Any) -> list[str]:
     """The paths of `tree`'s floating-point leaves that hold a NaN or an infinity."""
     return [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(tree)
             if jnp.issubdtype(jnp.result_type(x), jnp.inexact) and not bool(jnp.isfinite(x).all())]
+
+
+def _on_any_process(flag: bool) -> bool:
+    """Whether `flag` holds on this process or, in a multi-process run, on any other."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
 
 
 def _first_line(e: Exception) -> str:

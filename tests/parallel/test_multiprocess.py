@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxlab import parallel
+from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from tests.parallel import workloads
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "experiments"))
@@ -24,9 +25,10 @@ def _free_port() -> int:
 
 
 def _launch(out, processes=2, devices=4, **env_overrides):
-    """Runs multiprocess_job.py as `processes` processes of `devices` CPU devices each."""
-    return _launch_command([sys.executable, "-m", "tests.parallel.multiprocess_job", str(out)],
-                           processes, devices, **env_overrides)
+    """Runs multiprocess_job.py as `processes` processes of `devices` CPU devices each, with
+    its checkpoints in the folder `out`.checkpoints."""
+    return _launch_command([sys.executable, "-m", "tests.parallel.multiprocess_job", str(out),
+                            f"{out}.checkpoints"], processes, devices, **env_overrides)
 
 
 def _launch_command(command, processes=2, devices=4, cwds=None, **env_overrides):
@@ -45,13 +47,27 @@ def _launch_command(command, processes=2, devices=4, cwds=None, **env_overrides)
 
 def test_two_processes_equal_one_process_of_as_many_devices(tmp_path):
     # 2 processes x 4 CPU devices (gloo collectives) against this process's 8 devices: the
-    # free-embedding runs and the policy step (its gradient all-reduced across processes) agree.
+    # free-embedding runs and the policy step (its gradient all-reduced across processes) agree,
+    # and a checkpoint written by both processes (Orbax) restores there and here.
     out = tmp_path / "multi.npz"
     for code, log in _launch(out):
         assert code == 0, log
     multi = dict(np.load(out))
     assert jax.device_count() == 8
     single = workloads.run_all()
+    # The state after the step, saved by both processes: restored under (fsdp=2, tensor=4)
+    # across them and here on one device, it is the state that was saved.
+    one_device = jax.tree.map(lambda _: parallel.replicated(parallel.single_device_mesh()),
+                              workloads.abstract_state())
+    with Checkpointer(f"{out}.checkpoints", CheckpointConfig(best_metric=None)) as ckpt:
+        assert ckpt.all_steps() == [1]
+        here = workloads.host_leaves(ckpt.restore(workloads.abstract_state(),
+                                                  shardings=one_device))
+    saved = {k.removeprefix("state:"): multi.pop(k) for k in list(multi) if k.startswith("state:")}
+    assert set(here) == set(saved) and len(saved) > 20
+    for name, value in saved.items():
+        np.testing.assert_array_equal(multi.pop(f"restored:{name}"), value, err_msg=name)
+        np.testing.assert_array_equal(here[name], value, err_msg=name)
     assert set(multi) == set(single)
     for name, value in single.items():
         np.testing.assert_allclose(multi[name], value, rtol=1e-6, atol=1e-7, err_msg=name)

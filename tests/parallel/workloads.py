@@ -2,10 +2,12 @@
 (tests/parallel/test_multiprocess.py)."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxlab import parallel
+from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.limit import free_embedding as fe
 from jaxlab.models.decoder import Decoder, DecoderConfig
 from jaxlab.rl import train
@@ -13,6 +15,7 @@ from jaxlab.rl import train
 SOLVER = fe.SolverConfig(check_every=10, patience=200, max_steps=500)
 TINY = DecoderConfig(family="qwen3", vocab_size=32, hidden_size=16, intermediate_size=32,
                      num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, qk_norm=True)
+CONFIG = train.TrainConfig(learning_rate=1e-2)
 
 
 def free_embedding_batch() -> dict[str, np.ndarray]:
@@ -22,11 +25,12 @@ def free_embedding_batch() -> dict[str, np.ndarray]:
     return {"solved": runs.solved, "steps": runs.steps, "loss": runs.loss}
 
 
-def policy_step() -> dict[str, np.ndarray]:
-    """One data-parallel policy step of a tiny decoder on 16 rows over a DATA mesh."""
+def policy_step(checkpoints: str | None = None) -> dict[str, np.ndarray]:
+    """One data-parallel policy step of a tiny decoder on 16 rows over a DATA mesh; with
+    `checkpoints` (a folder), also the state after it ("state:") and that state saved and
+    restored under other meshes ("restored:", `checkpoint_round_trip`)."""
     mesh = parallel.make_mesh(parallel.DATA)
-    config = train.TrainConfig(learning_rate=1e-2)
-    graphdef, state = train.init_train_state(Decoder(TINY, nnx.Rngs(0)), config,
+    graphdef, state = train.init_train_state(Decoder(TINY, nnx.Rngs(0)), CONFIG,
                                              jax.random.key(0))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, TINY.vocab_size, (16, 8)).astype(np.int32)
@@ -38,13 +42,64 @@ def policy_step() -> dict[str, np.ndarray]:
         advantages=rng.choice([-1.0, 1.0], 16).astype(np.float32))
     state = parallel.put(state, parallel.replicated(mesh))
     batch = parallel.put(batch, parallel.batch_sharding(mesh))
-    state, metrics = train.train_step(state, batch, graphdef=graphdef, config=config, mesh=mesh)
+    state, metrics = train.train_step(state, batch, graphdef=graphdef, config=CONFIG, mesh=mesh)
     params = {"/".join(map(str, path)): parallel.host_array(leaf)
               for path, leaf in jax.tree_util.tree_leaves_with_path(
                   nnx.to_pure_dict(state.params))}
-    return {**{f"param:{k}": v for k, v in params.items()},
-            **{f"metric:{k}": parallel.host_array(v) for k, v in metrics.items()}}
+    found = {**{f"param:{k}": v for k, v in params.items()},
+             **{f"metric:{k}": parallel.host_array(v) for k, v in metrics.items()}}
+    if checkpoints is not None:
+        found.update({f"state:{k}": v for k, v in host_leaves(state).items()})
+        found.update({f"restored:{k}": v
+                      for k, v in checkpoint_round_trip(state, checkpoints).items()})
+    return found
 
 
-def run_all() -> dict[str, np.ndarray]:
-    return {**{f"runs:{k}": v for k, v in free_embedding_batch().items()}, **policy_step()}
+def abstract_state() -> train.TrainState:
+    """Shapes and dtypes of the tiny decoder's train state."""
+    return jax.eval_shape(lambda: train.init_train_state(Decoder(TINY, nnx.Rngs(0)), CONFIG,
+                                                         jax.random.key(0))[1])
+
+
+def host_leaves(tree) -> dict[str, np.ndarray]:
+    """Every array of `tree` (of any process's devices) as NumPy, PRNG keys as their key data,
+    by its path."""
+    def host(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return parallel.host_array(x)
+
+    return {jax.tree_util.keystr(path): host(x)
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def checkpoint_round_trip(state: train.TrainState, directory: str) -> dict[str, np.ndarray]:
+    """`state` split over an FSDP mesh of every device, saved into `directory` (by every
+    process) at its step, and restored split over a (fsdp=2, tensor=rest) mesh."""
+    config = CheckpointConfig(best_metric=None, async_save=False)
+    split = parallel.tree_shardings(state, parallel.make_train_mesh(fsdp=jax.device_count()))
+    state = jax.jit(lambda tree: tree, out_shardings=split)(state)
+    with Checkpointer(directory, config) as checkpointer:
+        checkpointer.save(int(parallel.host_array(state.step)), state)
+    abstract = abstract_state()
+    mesh = parallel.make_train_mesh(fsdp=2, tensor=jax.device_count() // 2)
+    with Checkpointer(directory, config) as checkpointer:
+        restored = checkpointer.restore(abstract, shardings=parallel.tree_shardings(abstract,
+                                                                                    mesh))
+    return host_leaves(restored)
+
+
+def distinct_state() -> train.TrainState:
+    """The tiny decoder's train state with every float array (parameters, Adam moments) drawn
+    anew and the step at 7, so that a restore that mixed up or dropped arrays would show."""
+    _, state = train.init_train_state(Decoder(TINY, nnx.Rngs(0)), CONFIG, jax.random.key(0))
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    leaves = [jax.random.normal(k, x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+              else x for k, x in zip(keys, leaves, strict=True)]
+    return jax.tree.unflatten(tree, leaves).replace(step=jnp.int32(7))
+
+
+def run_all(checkpoints: str | None = None) -> dict[str, np.ndarray]:
+    return {**{f"runs:{k}": v for k, v in free_embedding_batch().items()},
+            **policy_step(checkpoints)}
