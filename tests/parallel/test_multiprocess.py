@@ -24,16 +24,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(out, processes=2, devices=4, **env_overrides):
+def _launch(out, processes=2, devices=4, wait_s=600, **env_overrides):
     """Runs multiprocess_job.py as `processes` processes of `devices` CPU devices each, with
     its checkpoints in the folder `out`.checkpoints."""
     return _launch_command([sys.executable, "-m", "tests.parallel.multiprocess_job", str(out),
-                            f"{out}.checkpoints"], processes, devices, **env_overrides)
+                            f"{out}.checkpoints"], processes, devices, wait_s=wait_s,
+                           **env_overrides)
 
 
-def _launch_command(command, processes=2, devices=4, cwds=None, **env_overrides):
+def _launch_command(command, processes=2, devices=4, cwds=None, wait_s=600, **env_overrides):
     """Runs `command` as `processes` processes of `devices` CPU devices each (process i in
-    `cwds[i]`, default the repository); returns each one's (exit code, output)."""
+    `cwds[i]`, default the repository); returns each one's (exit code, output), failing if one
+    is still running after `wait_s` seconds."""
     port = _free_port()
     base = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
                 XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
@@ -42,7 +44,13 @@ def _launch_command(command, processes=2, devices=4, cwds=None, **env_overrides)
         command, cwd=ROOT if cwds is None else cwds[i],
         env={**base, "JAX_PROCESS_ID": str(i), **env_overrides}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True) for i in range(processes)]
-    return [(child.wait(timeout=600), child.stdout.read()) for child in children]
+    try:
+        return [(child.wait(timeout=wait_s), child.stdout.read()) for child in children]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
 
 
 def test_two_processes_equal_one_process_of_as_many_devices(tmp_path):
@@ -97,6 +105,15 @@ def test_a_coordinator_that_never_answers_stops_with_a_clear_error(tmp_path):
     code, log = _launch(tmp_path / "none.npz", processes=1, JAX_NUM_PROCESSES="2",
                         JAX_PROCESS_ID="1", JOB_TIMEOUT_S="2")[0]
     assert code != 0 and "did not answer within 2 s" in log, log
+
+
+
+def test_a_run_missing_a_process_stops_at_the_deadline(tmp_path):
+    # 2 processes of a launch that announces 3: both (the coordinator's and the other) stop when
+    # the third has not joined within the timeout, JAX naming the deadline, instead of waiting.
+    for code, log in _launch(tmp_path / "none.npz", JAX_NUM_PROCESSES="3", JOB_TIMEOUT_S="3",
+                             wait_s=120):
+        assert code != 0 and "deadline" in log.lower(), log
 
 
 # A small critical-n sweep (experiments/critical_n.py); a fixed memory budget, so that the calls
