@@ -34,13 +34,13 @@ def join_processes() -> int:
 
 
 def _several_processes() -> bool:
-    # Asks JAX's distributed client first, so that a single process never starts a backend here.
-    return jax.distributed.is_initialized() and jax.process_count() > 1
+    return jax.process_count() > 1
 
 
 def is_writer() -> bool:
-    """Whether this process writes results: process 0 of a multi-process run, or the only one."""
-    return not _several_processes() or jax.process_index() == 0
+    """Whether this process writes results: process 0 of a multi-process run, or the only one.
+    (Asking starts JAX's backend: in an experiment, `join_processes` has run by then.)"""
+    return jax.process_index() == 0
 
 
 def write_once(write: Callable[[], None], what: str | pathlib.Path) -> None:
