@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orbax.checkpoint import checkpoint_managers
 
 from jaxlab import results
@@ -93,8 +94,8 @@ class Checkpointer:
                     f"metrics must contain {self.config.best_metric!r} to rank checkpoints, "
                     f"got {None if metrics is None else sorted(metrics)}")
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-        return self._manager.save(int(step), args=ocp.args.StandardSave(state), metrics=metrics,
-                                  force=force)
+        return self._manager.save(int(step), args=ocp.args.StandardSave(_spread(state)),
+                                  metrics=metrics, force=force)
 
     def restore(self, target: State, step: int | None = None, shardings: Any = None) -> State:
         """The state saved at `step` (default: the newest complete checkpoint that restores),
@@ -121,11 +122,13 @@ class Checkpointer:
                 lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
                                                             sharding=sharding),
                 abstract, shardings)
+        abstract, placed = _spread_targets(abstract)
         failures = []
         for tried in reversed(steps):
             folder = self.directory / str(tried)
             try:
-                state = self._manager.restore(tried, args=ocp.args.StandardRestore(abstract))
+                state = placed(self._manager.restore(tried,
+                                                     args=ocp.args.StandardRestore(abstract)))
                 bad = nonfinite_leaves(state)
                 if bad:
                     raise ValueError(f"non-finite values in {bad[:3]}")
@@ -195,6 +198,66 @@ def nonfinite_leaves(tree: Any) -> list[str]:
     """The paths of `tree`'s floating-point leaves that hold a NaN or an infinity."""
     return [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(tree)
             if jnp.issubdtype(jnp.result_type(x), jnp.inexact) and not bool(jnp.isfinite(x).all())]
+
+
+def _process_sharding() -> NamedSharding:
+    """Replicated over one device per process (each one's first)."""
+    first: dict[int, jax.Device] = {}
+    for device in jax.devices():
+        first.setdefault(device.process_index, device)
+    return NamedSharding(Mesh(np.asarray([first[p] for p in sorted(first)]), ("processes",)),
+                         PartitionSpec())
+
+
+def _spread(state: Any) -> Any:
+    """`state` as Orbax saves it in a multi-process run: each array that a process holds whole
+    on its own devices (a copy every process holds alike, as when each trains the same model)
+    made one array replicated over `_process_sharding`; arrays that span processes as they are.
+    A single process: `state` itself."""
+    if jax.process_count() == 1:
+        return state
+    sharding = _process_sharding()
+    mine = next(d for d in sharding.mesh.devices.flat if d.process_index == jax.process_index())
+
+    def spread(path, leaf):
+        if not isinstance(leaf, jax.Array) or not leaf.is_fully_addressable:
+            return leaf
+        if not leaf.is_fully_replicated:
+            raise ValueError(
+                f"state{jax.tree_util.keystr(path)} is split over the devices of one process: in "
+                f"a multi-process run, a state's arrays span every process (a mesh of "
+                f"jax.devices()) or each process holds them whole")
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(spread(path, jax.random.key_data(leaf)),
+                                            impl=jax.random.key_impl(leaf))
+        local = jax.device_put(leaf.addressable_data(0), mine)
+        return jax.make_array_from_single_device_arrays(leaf.shape, sharding, [local])
+
+    return jax.tree_util.tree_map_with_path(spread, state)
+
+
+def _spread_targets(abstract: Any) -> tuple[Any, Any]:
+    """Restore targets that Orbax accepts in a multi-process run (arrays of one process's
+    devices read as `_spread` saved them), and the function that places what was read by the
+    targets' own shardings."""
+    if jax.process_count() == 1:
+        return abstract, lambda state: state
+    sharding = _process_sharding()
+
+    def local(leaf) -> bool:
+        return (isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is not None
+                and leaf.sharding.is_fully_addressable)
+
+    targets = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                             sharding=sharding)
+                           if local(leaf) else leaf, abstract)
+
+    def placed(state):
+        return jax.tree.map(lambda leaf, target: jax.device_put(leaf.addressable_data(0),
+                                                                target.sharding)
+                            if local(target) else leaf, state, abstract)
+
+    return targets, placed
 
 
 def _on_any_process(flag: bool) -> bool:

@@ -130,14 +130,13 @@ def open_run(out_dir: str | pathlib.Path, config: Any, may_change: Sequence[str]
     write_once(lambda: out.mkdir(parents=True, exist_ok=True), out)
     write_text(saved, resolved)
     logger = logging.getLogger("jaxlab")
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO if is_writer() else logging.WARNING)
     logger.handlers.clear()
     if is_writer():
         handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(out / "log.txt")]
         form = "%(asctime)s %(message)s"
     else:
         handlers = [logging.StreamHandler(sys.stderr)]
-        handlers[0].setLevel(logging.WARNING)
         form = f"%(asctime)s process {jax.process_index()}: %(message)s"
     for handler in handlers:
         handler.setFormatter(logging.Formatter(form, "%H:%M:%S"))

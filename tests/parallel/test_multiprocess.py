@@ -64,7 +64,8 @@ def test_two_processes_equal_one_process_of_as_many_devices(tmp_path):
     assert jax.device_count() == 8
     single = workloads.run_all()
     # The state after the step, saved by both processes: restored under (fsdp=2, tensor=4)
-    # across them and here on one device, it is the state that was saved.
+    # across them and here on one device, it is the state that was saved; so is a copy that
+    # each process holds whole, saved and restored so.
     one_device = jax.tree.map(lambda _: parallel.replicated(parallel.single_device_mesh()),
                               workloads.abstract_state())
     with Checkpointer(f"{out}.checkpoints", CheckpointConfig(best_metric=None)) as ckpt:
@@ -75,6 +76,7 @@ def test_two_processes_equal_one_process_of_as_many_devices(tmp_path):
     assert set(here) == set(saved) and len(saved) > 20
     for name, value in saved.items():
         np.testing.assert_array_equal(multi.pop(f"restored:{name}"), value, err_msg=name)
+        np.testing.assert_array_equal(multi.pop(f"whole:{name}"), value, err_msg=name)
         np.testing.assert_array_equal(here[name], value, err_msg=name)
     assert set(multi) == set(single)
     for name, value in single.items():

@@ -28,7 +28,8 @@ def free_embedding_batch() -> dict[str, np.ndarray]:
 def policy_step(checkpoints: str | None = None) -> dict[str, np.ndarray]:
     """One data-parallel policy step of a tiny decoder on 16 rows over a DATA mesh; with
     `checkpoints` (a folder), also the state after it ("state:") and that state saved and
-    restored under other meshes ("restored:", `checkpoint_round_trip`)."""
+    restored under other meshes ("restored:", `checkpoint_round_trip`) and whole on each
+    process ("whole:", `whole_state_round_trip`)."""
     mesh = parallel.make_mesh(parallel.DATA)
     graphdef, state = train.init_train_state(Decoder(TINY, nnx.Rngs(0)), CONFIG,
                                              jax.random.key(0))
@@ -52,6 +53,8 @@ def policy_step(checkpoints: str | None = None) -> dict[str, np.ndarray]:
         found.update({f"state:{k}": v for k, v in host_leaves(state).items()})
         found.update({f"restored:{k}": v
                       for k, v in checkpoint_round_trip(state, checkpoints).items()})
+        found.update({f"whole:{k}": v for k, v in whole_state_round_trip(
+            state, f"{checkpoints}.whole").items()})
     return found
 
 
@@ -86,6 +89,20 @@ def checkpoint_round_trip(state: train.TrainState, directory: str) -> dict[str, 
     with Checkpointer(directory, config) as checkpointer:
         restored = checkpointer.restore(abstract, shardings=parallel.tree_shardings(abstract,
                                                                                     mesh))
+    return host_leaves(restored)
+
+
+def whole_state_round_trip(state: train.TrainState, directory: str) -> dict[str, np.ndarray]:
+    """`state` held whole by each process on its first device (as when each process trains the
+    same model alone), saved into `directory` by every process and restored so again."""
+    config = CheckpointConfig(best_metric=None, async_save=False)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    state = jax.tree.map(lambda x: jax.device_put(x.addressable_data(0), device), state)
+    with Checkpointer(directory, config) as checkpointer:
+        checkpointer.save(1, state)
+    with Checkpointer(directory, config) as checkpointer:
+        restored = checkpointer.restore(state)
+    assert all(x.sharding == device for x in jax.tree.leaves(restored))
     return host_leaves(restored)
 
 
