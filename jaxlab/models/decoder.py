@@ -36,6 +36,12 @@ from jaxlab.models import attention
 
 FAMILIES = ("qwen3", "qwen2", "llama")
 ROPE_TYPES = ("default", "linear", "llama3")
+# What the backward pass of a training forward (`Decoder.hidden`) keeps of each layer: "none"
+# keeps every activation; "full" keeps only the layer's input and recomputes the rest
+# (`jax.checkpoint`); "dots" keeps also the results of the projections (matrix products
+# without batch dimensions: q/k/v/o and the MLP's) and recomputes norms, RoPE and attention.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 DECODE_BLOCK = 128  # cache slots per block of decode attention (the largest dividing the cache)
 
 
@@ -370,13 +376,22 @@ class Decoder(nnx.Module):
         """
         return self.logits(self.hidden(input_ids, attention_mask))
 
-    def hidden(self, input_ids, attention_mask=None):
+    def hidden(self, input_ids, attention_mask=None, *, remat: str = "none",
+               sharding: jax.sharding.Sharding | None = None):
         """The final (normed) hidden states [B, T, E], in the activation dtype, of a full
         forward pass without a cache: what the output head, a reward head or a value head reads.
 
         Padding may sit anywhere (left of a prompt, right of a response): positions count the
         real tokens before each one, and each token attends to the real tokens up to itself.
+        `remat` (a key of `REMAT_POLICIES`) sets what a gradient of this pass keeps of each
+        layer: the values and gradients are the same for every setting, the memory and the
+        backward pass's compute are not. `sharding`, if given, is held by the activations
+        [B, T, E] at every layer boundary (e.g. rows split over the data axes of a mesh whose
+        weights are split over the same devices: XLA's partitioner then gathers each layer's
+        weights instead of splitting activations along another dimension).
         """
+        require(remat in REMAT_POLICIES,
+                f"remat={remat!r} is not a remat policy; choose one of {list(REMAT_POLICIES)}")
         self._check_tokens(input_ids)
         mask = self._mask(input_ids, attention_mask)
         visible = _causal(mask)
@@ -384,7 +399,8 @@ class Decoder(nnx.Module):
         def attend(i, q, k, v):
             return attention.full_attention(q, k, v, visible), None
 
-        return self._layers(input_ids, positions_of(mask), attend)[0]
+        return self._layers(input_ids, positions_of(mask), attend, remat=remat,
+                            sharding=sharding)[0]
 
     def logits(self, hidden):
         """Next-token logits float32 [..., V] of hidden states [..., E] (the output head; the
@@ -493,18 +509,29 @@ class Decoder(nnx.Module):
             return jnp.ones(input_ids.shape, bool)
         return jnp.asarray(attention_mask).astype(bool)
 
-    def _layers(self, input_ids, positions, attend):
+    def _layers(self, input_ids, positions, attend, remat: str = "none",
+                sharding: jax.sharding.Sharding | None = None):
         """The layer stack and final norm over input_ids [B, T] at positions [B, T]:
-        (hidden [B, T, E], [what attend(i, q, k, v) returned beside its output, per layer i])."""
+        (hidden [B, T, E], [what attend(i, q, k, v) returned beside its output, per layer i]).
+        Unless remat is "none", the layers run in one scan (`_scanned`), each under the
+        `REMAT_POLICIES[remat]` checkpoint policy, and attend must return no extra. The
+        activations between layers are constrained to `sharding` when given."""
         inv_freq = jnp.asarray(self.config.rope.inv_freq(self.config.head_dim), jnp.float32)
         angles = positions[..., None].astype(jnp.float32) * inv_freq             # [B, T, D/2]
         angles = jnp.concatenate([angles, angles], axis=-1)
         cos, sin = (jnp.cos(angles).astype(self.config.dtype),
                     jnp.sin(angles).astype(self.config.dtype))
-        x = self.embed_tokens(input_ids)
+        def constrain(x):
+            return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+        x = constrain(self.embed_tokens(input_ids))
+        if remat != "none":
+            x = _scanned(self.layers, x, cos, sin, attend, REMAT_POLICIES[remat], constrain)
+            return self.norm(x), [None] * len(self.layers)
         extras = []
         for i, layer in enumerate(self.layers):
             x, extra = layer(x, cos, sin, functools.partial(attend, i))
+            x = constrain(x)
             extras.append(extra)
         return self.norm(x), extras
 
@@ -518,6 +545,28 @@ class Decoder(nnx.Module):
             where = tuple(int(i) for i in np.argwhere(bad)[0])
             raise ValueError(f"token id {int(ids[where])} at {where} is outside the vocabulary "
                              f"[0, {self.config.vocab_size})")
+
+
+def _scanned(layers, x, cos, sin, attend, policy, constrain):
+    """The layers over x [B, T, E] in one `lax.scan` over their parameters stacked along a new
+    leading axis (a copy made here: the model keeps one module per layer), each step under
+    `jax.checkpoint(policy=...)` and its output passed through `constrain`; attend(i, q, k, v)
+    gets a traced layer index i and returns no extra. -> x [B, T, E].
+
+    The loop is what bounds memory: the backward scan recomputes one layer at a time. With the
+    layers unrolled, XLA may schedule every layer's recomputation before the backward pass
+    needs it (measured on the CPU backend: no memory saved at all), so checkpointing alone
+    does not bound the peak."""
+    graphdef = nnx.graphdef(layers[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(layer) for layer in layers))
+
+    @functools.partial(jax.checkpoint, policy=policy)
+    def step(x, layer_params):
+        params, i = layer_params
+        x, _ = nnx.merge(graphdef, params)(constrain(x), cos, sin, functools.partial(attend, i))
+        return constrain(x), None
+
+    return jax.lax.scan(step, x, (stacked, jnp.arange(len(layers))))[0]
 
 
 def _causal(mask):

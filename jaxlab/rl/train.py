@@ -37,7 +37,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jaxlab import parallel
 from jaxlab.config import require
-from jaxlab.models.decoder import positions_of
+from jaxlab.models.decoder import REMAT_POLICIES, positions_of
 from jaxlab.rl import losses
 
 
@@ -82,6 +82,9 @@ class TrainConfig:
     microbatches: int = 1        # gradient accumulation: each device's slice in this many parts
     temperature: float = 1.0     # the sampling temperature: the policy is softmax(logits / T)
     logprob_chunk: int = 512     # positions per chunk of the output head (memory: [B, chunk, V])
+    remat: str = "none"          # what the backward pass keeps of each decoder layer
+    #                              (`decoder.REMAT_POLICIES`): "none" every activation, "full"
+    #                              its input only, "dots" also its projections' outputs
 
     def __post_init__(self):
         require(self.learning_rate > 0,
@@ -100,6 +103,8 @@ class TrainConfig:
                 f"rollouts have no policy ratio), got {self.temperature}")
         require(isinstance(self.logprob_chunk, int) and self.logprob_chunk >= 1,
                 f"TrainConfig.logprob_chunk must be an integer >= 1, got {self.logprob_chunk!r}")
+        require(self.remat in REMAT_POLICIES,
+                f"TrainConfig.remat must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -137,11 +142,14 @@ def init_train_state(model: nnx.Module, config: TrainConfig, key: jax.Array,
 
 def sequence_logprobs(model: nnx.Module, tokens: jax.Array, mask: jax.Array, *,
                       temperature: float = 1.0, chunk: int = 512, entropy_grad: bool = False,
+                      remat: str = "none", sharding: jax.sharding.Sharding | None = None,
                       ) -> tuple[jax.Array, jax.Array]:
     """log pi_T(tokens_t | tokens_<t) and the entropy of pi_T at each position, float32 [B, T]
     each (position 0, with no context, is 0), for tokens int [B, T] with attention mask [B, T];
-    pi_T = softmax(logits / temperature) (`losses.head_logprobs`: no [B, T, V] array)."""
-    hidden = model.hidden(tokens[:, :-1], mask[:, :-1])                      # [B, T-1, E]
+    pi_T = softmax(logits / temperature) (`losses.head_logprobs`: no [B, T, V] array). `remat`:
+    the decoder layers' checkpoint policy, `sharding`: the activations' (`Decoder.hidden`)."""
+    hidden = model.hidden(tokens[:, :-1], mask[:, :-1], remat=remat,
+                          sharding=sharding)                                 # [B, T-1, E]
     logp, ent = losses.head_logprobs(hidden, model.unembedding(), tokens[:, 1:],
                                      temperature=temperature, chunk=chunk,
                                      entropy_grad=entropy_grad)
@@ -193,10 +201,12 @@ def check_batch(batch: PolicyBatch, num_shards: int, microbatches: int) -> None:
 
 
 def _local_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef,
-                config: TrainConfig, num_shards: int,
-                axis: str | None) -> tuple[TrainState, dict[str, jax.Array]]:
+                config: TrainConfig, num_shards: int, axis: str | None,
+                rows: jax.sharding.Sharding | None = None,
+                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One device's part of the step, on its slice of the batch (inside shard_map over `axis`),
-    or the whole step (axis None, num_shards 1: under XLA's partitioner)."""
+    or the whole step (axis None, num_shards 1: under XLA's partitioner, the activations held
+    in the `rows` sharding)."""
     def psum(x):
         return x if axis is None else jax.lax.psum(x, axis)
 
@@ -213,7 +223,8 @@ def _local_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef
         logp, ent = sequence_logprobs(
             nnx.merge(graphdef, params), part.tokens, part.mask,
             temperature=config.temperature, chunk=config.logprob_chunk,
-            entropy_grad=config.loss.entropy_coef > 0)                   # [b, T] each
+            entropy_grad=config.loss.entropy_coef > 0, remat=config.remat,
+            sharding=rows)                                               # [b, T] each
         per_token, terms = losses.policy_loss_per_token(
             logp[:, 1:], ent[:, 1:], part.old_logp[:, 1:], part.advantages,
             part.ref_logp[:, 1:] if config.loss.kl_coef > 0 else None, config.loss)
@@ -280,7 +291,8 @@ def train_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef,
     if parallel.is_split_model(mesh):
         check_batch(batch, parallel.batch_devices(mesh), config.microbatches)
         state, metrics = _local_step(state, batch, graphdef=graphdef, config=config,
-                                     num_shards=1, axis=None)
+                                     num_shards=1, axis=None,
+                                     rows=parallel.batch_sharding(mesh))
         return jax.lax.with_sharding_constraint(state, parallel.tree_shardings(state, mesh)), \
             metrics
     num_shards = mesh.shape[parallel.DATA]

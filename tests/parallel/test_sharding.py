@@ -88,10 +88,11 @@ def test_unnamed_and_scalar_arrays_are_replicated():
                                                                                        None)}}
 
 
-@pytest.mark.parametrize("data,fsdp,tensor", [(1, 8, 1), (2, 2, 2)])
-def test_split_model_step_equals_the_single_device_step(data, fsdp, tensor):
+@pytest.mark.parametrize("data,fsdp,tensor,remat", [(1, 8, 1, "none"), (2, 2, 2, "full")])
+def test_split_model_step_equals_the_single_device_step(data, fsdp, tensor, remat):
     # The policy step on a mesh that splits the model (left to XLA's partitioner), with gradient
-    # clipping, KL and entropy terms and 2 micro-batches, against the one-device step: same
+    # clipping, KL and entropy terms, 2 micro-batches and (on one mesh) every decoder layer
+    # rematerialized, against the one-device step without remat: same
     # loss, same Adam moments, parameters within the sign flips of near-zero gradients; the
     # state stays split as it was born. (Moments agree to float32 summation order: 1e-8 of
     # moments ~1e-3.)
@@ -106,6 +107,7 @@ def test_split_model_step_equals_the_single_device_step(data, fsdp, tensor):
     single = parallel.single_device_mesh()
     want, want_metrics = train.train_step(jax.device_put(state, parallel.replicated(single)),
                                           batch, graphdef=graphdef, config=config, mesh=single)
+    config = dataclasses.replace(config, remat=remat)
     mesh = parallel.make_train_mesh(data, fsdp, tensor)
     split = parallel.init_sharded(
         lambda: train.init_train_state(Decoder(CONFIG, nnx.Rngs(0)), config,
