@@ -80,10 +80,19 @@ def _parsed(answer: str) -> tuple | None:
     return tuple(expressions) or None
 
 
-def _identity(expressions: tuple) -> str:
-    """An exact structural key: equal keys are the same SymPy expression, so equal answers."""
+@functools.lru_cache(maxsize=65536)
+def _verified(label: str, answer: str) -> bool:
+    """`_verify` of two normalized answers that both parse, remembered: online voting regroups
+    the same answers after every round."""
+    return _verify(_parsed(label), _parsed(answer))
+
+
+@functools.lru_cache(maxsize=8192)
+def _identity(answer: str) -> str:
+    """An exact structural key of a normalized answer that parses: equal keys are the same
+    SymPy expression, so equal answers."""
     sympy = require_extra("sympy", "deepconf", "answer equivalence")
-    return sympy.srepr(expressions[0])
+    return sympy.srepr(_parsed(answer)[0])
 
 
 def equivalent(answer: str, other: str) -> bool:
@@ -128,20 +137,20 @@ def group_answers(answers: Sequence[str | None]) -> AnswerGroups:
     group_of: dict[str, int] = {}        # normalized answer -> group
     group_of_expr: dict[str, int] = {}   # parsed expression identity -> group
     labels: list[str] = []
-    parsed_labels: list[tuple[int, tuple]] = []  # (group, parse) of labels math-verify can read
+    parsed_labels: list[tuple[int, str]] = []  # (group, label) of labels math-verify can read
     for answer in dict.fromkeys(a for a in normalized if a):
         expressions = _parsed(answer)
         if expressions is None:
             group_of[answer] = len(labels)
             labels.append(answer)
             continue
-        key = _identity(expressions)
+        key = _identity(answer)
         if key not in group_of_expr:
             group_of_expr[key] = next(
-                (g for g, label in parsed_labels if _verify(label, expressions)),
+                (g for g, label in parsed_labels if _verified(label, answer)),
                 len(labels))
             if group_of_expr[key] == len(labels):
-                parsed_labels.append((len(labels), expressions))
+                parsed_labels.append((len(labels), answer))
                 labels.append(answer)
         group_of[answer] = group_of_expr[key]
     ids = np.array([group_of[a] if a else NO_ANSWER for a in normalized], np.int32)

@@ -10,6 +10,13 @@ For one problem:
   3. After each round the survivors (warmup included) vote weighted by their lowest group
      confidence; sampling stops once the winner holds `consensus` of the vote (tau) or the budget
      of traces is spent. Traces stopped early do not vote.
+
+Many problems at once (`solve_many`): the warmups of all problems are one sampler call; then
+each round is one call holding every unfinished problem's traces, each problem with its own
+threshold (`sampler.sample(stop_thresholds=)`), its own number of traces (`budgets=`) and its
+own consensus stop. Each problem's traces come from its own key streams (a key per prompt), so
+the answers, traces and tokens equal those of `solve` on each problem alone (tested); the
+device decodes one batch instead of one small call after another.
 """
 
 from __future__ import annotations
@@ -64,6 +71,15 @@ class Traces:
                    stopped=np.asarray(s.finish_reason) == sampler.LOW_CONFIDENCE,
                    confidence=np.asarray(s.confidence))
 
+    def select(self, rows: np.ndarray) -> Traces:
+        """The traces at `rows` (int [M])."""
+        return Traces([self.texts[i] for i in rows], self.lengths[rows], self.lowest[rows],
+                      self.stopped[rows], self.confidence[rows])
+
+    def by_prompt(self, prompt_index: np.ndarray, prompts: int) -> list[Traces]:
+        """The traces of each of `prompts` prompts, in order (prompt_index int [N])."""
+        return [self.select(np.flatnonzero(prompt_index == p)) for p in range(prompts)]
+
     def __add__(self, other: Traces) -> Traces:
         width = max(self.confidence.shape[1], other.confidence.shape[1])
 
@@ -87,13 +103,19 @@ class OnlineResult:
     tokens: int                  # tokens generated in all
     consensus: float             # V(a*) / sum_a V(a) at the end
     rounds: int                  # rounds after the warmup
+    traces: Traces | None = None  # every trace launched, warmup first
+
+
+# One compiled vote per trace count (a handful in a run: the warmup, then each round's total),
+# instead of dozens of small dispatches per vote.
+_weighted_vote = jax.jit(voting.weighted_vote)
 
 
 def weighted_vote(traces: Traces) -> tuple[str | None, dict[str, float], str | None, float]:
     """Survivors vote weighted by lowest group confidence: (answer, votes, solution, consensus)."""
     extracted = [answers_lib.boxed_answer(t) for t in traces.texts]
     groups = answers_lib.group_answers(extracted)
-    result = voting.weighted_vote(groups.ids, ~traces.stopped, traces.lowest)
+    result = _weighted_vote(groups.ids, ~traces.stopped, traces.lowest)
     votes = np.asarray(result.votes)
     tally = {groups.labels[g]: float(votes[g]) for g in range(len(groups.labels)) if votes[g]}
     answer = groups.label(int(result.answer))
@@ -103,27 +125,72 @@ def weighted_vote(traces: Traces) -> tuple[str | None, dict[str, float], str | N
 
 def solve(model: Decoder, prompt: Sequence[int], key: jax.Array, sampling: SamplingConfig,
           online: OnlineConfig, decode: Callable[[np.ndarray], str]) -> OnlineResult:
-    """DeepConf online for one tokenized prompt (see the module docstring).
+    """DeepConf online for one tokenized prompt (see the module docstring): `solve_many` of one
+    problem.
 
     `sampling` sets how tokens are drawn (its `n` is the number of slots); `decode` turns a
     trace's token ids into text.
     """
-    require(len(prompt) > 0, "the prompt is empty")
-    keys = iter(jax.random.split(key, 1 + online.budget))
+    return solve_many(model, [prompt], sampler.prompt_keys(key, 1)[None], sampling, online,
+                      decode)[0]
+
+
+def solve_many(model: Decoder, prompts: Sequence[Sequence[int]], keys: jax.Array,
+               sampling: SamplingConfig, online: OnlineConfig,
+               decode: Callable[[np.ndarray], str],
+               prompt_length: int | None = None) -> list[OnlineResult]:
+    """DeepConf online for many tokenized prompts at once, a key each (`keys` [P]); equal,
+    problem by problem, to `solve(model, prompts[p], keys[p], ...)`.
+
+    One sampler call decodes every warmup; then each round is one call over the problems still
+    sampling (fewer traces than the budget and a consensus below tau), each with its threshold
+    and its count of traces (the batch, or what is left of the budget). Problem p's warmup uses
+    its key split(keys[p], 1 + budget)[0], its round r the key [r + 1], as `solve` does alone.
+    `sampling.n` slots per problem; prompts are padded to `prompt_length` (default: the longest)
+    in every call, so the rounds reuse one compiled prefill.
+    """
+    count = len(prompts)
+    empty = [p for p, prompt in enumerate(prompts) if len(prompt) == 0]
+    require(count > 0 and not empty, f"no prompts given or prompts {empty[:5]} are empty")
+    keys = sampler.prompt_keys(keys, count)
+    require(keys.shape == (count,), f"keys has shape {keys.shape}: want one per prompt "
+                                    f"({count},)")
+    round_keys = jax.vmap(lambda k: jax.random.split(k, 1 + online.budget))(keys)  # [P, R]
+    length = prompt_length or max(len(p) for p in prompts)
     warm = dataclasses.replace(sampling, n=min(sampling.n, online.warmup), budget=online.warmup,
                                stop_threshold=None)
-    traces = Traces.from_samples(sampler.sample(model, [prompt], next(keys), warm), decode)
-    threshold = float(voting.threshold_for(online.rule, traces.lowest))
-    answer, tally, solution, consensus = weighted_vote(traces)
-    rounds = 0
-    while len(traces.texts) < online.budget and consensus < online.consensus:
-        count = min(online.batch, online.budget - len(traces.texts))
-        config = dataclasses.replace(sampling, n=min(sampling.n, count), budget=count,
-                                     stop_threshold=threshold)
-        traces = traces + Traces.from_samples(
-            sampler.sample(model, [prompt], next(keys), config), decode)
-        answer, tally, solution, consensus = weighted_vote(traces)
-        rounds += 1
-    return OnlineResult(answer=answer, votes=tally, solution=solution, threshold=threshold,
-                        launched=len(traces.texts), stopped=int(traces.stopped.sum()),
-                        tokens=int(traces.lengths.sum()), consensus=consensus, rounds=rounds)
+    samples = sampler.sample(model, prompts, round_keys[:, 0], warm, prompt_length=length)
+    traces = Traces.from_samples(samples, decode).by_prompt(
+        np.asarray(samples.prompt_index), count)
+    thresholds = [float(voting.threshold_for(online.rule, t.lowest)) for t in traces]
+    votes = [weighted_vote(t) for t in traces]
+    rounds = [0] * count
+    while True:
+        active = [p for p in range(count) if len(traces[p].texts) < online.budget
+                  and votes[p][3] < online.consensus]
+        if not active:
+            break
+        counts = [min(online.batch, online.budget - len(traces[p].texts)) for p in active]
+        most = max(counts)
+        config = dataclasses.replace(sampling, n=min(sampling.n, most), budget=most,
+                                     stop_threshold=None)
+        samples = sampler.sample(
+            model, [prompts[p] for p in active],
+            round_keys[np.asarray(active), np.asarray([rounds[p] + 1 for p in active])], config,
+            prompt_length=length, stop_thresholds=[thresholds[p] for p in active],
+            budgets=counts)
+        new = Traces.from_samples(samples, decode).by_prompt(
+            np.asarray(samples.prompt_index), len(active))
+        for p, more in zip(active, new, strict=True):
+            traces[p] = traces[p] + more
+            votes[p] = weighted_vote(traces[p])
+            rounds[p] += 1
+    results = []
+    for p in range(count):
+        answer, tally, solution, consensus = votes[p]
+        t = traces[p]
+        results.append(OnlineResult(
+            answer=answer, votes=tally, solution=solution, threshold=thresholds[p],
+            launched=len(t.texts), stopped=int(t.stopped.sum()), tokens=int(t.lengths.sum()),
+            consensus=consensus, rounds=rounds[p], traces=t))
+    return results

@@ -16,10 +16,18 @@ spent (`refill`; the prompt KV stays in place, the slot's generated KV is overwr
 0), so stopping early saves wall-clock time, not only tokens.
 
 No recompiles for what a user sweeps: prompt lengths are padded up to a multiple of
-`SamplingConfig.prompt_bucket`, and the early-stop threshold and the per-prompt budget are traced
-(the output rows are sized for the budget rounded up to a power of two), and so are the
-temperature and top-p. `decode_memory` asks the
-compiled loop how much device memory a request needs, without allocating it.
+`SamplingConfig.prompt_bucket`, and the early-stop threshold and the budget, one of each per
+prompt, are traced (the output rows are sized for the budget rounded up to a power of two), and
+so are the temperature and top-p.
+
+Randomness: one key draws every slot's tokens of a step from `fold_in(key, step)`; a key per
+prompt ([P]) gives each trace its own stream instead (`draw_keys`: token t of trace j of prompt
+p comes from `fold_in(fold_in(keys[p], j), t)`), so a prompt's traces do not depend on the other
+prompts of the call, on the slot count or on when a slot was refilled: DeepConf online runs many
+problems in one call and gets what it gets one problem at a time (`deepconf.online.solve_many`).
+
+`decode_memory` asks the compiled loop how much device memory a request needs, without
+allocating it.
 
 Shapes: P prompts, L padded prompt length, n slots per prompt, B = P x n slots, N = P x budget
 traces, T = max_new_tokens (the generated KV holds T_gen >= T slots), V vocabulary, W window,
@@ -177,8 +185,9 @@ def record(out: Samples, row: jax.Array, length: jax.Array, token, logp, conf, g
 def finish(token: jax.Array, length: jax.Array, window: GroupWindow, active: jax.Array,
            stop_ids: jax.Array, threshold: jax.Array | None, max_new_tokens: int):
     """Which slots' traces end after this token (length [B] tokens so far) and why: a stop token
-    (STOP), a full window whose mean fell below `threshold` (LOW_CONFIDENCE; None: never), or
-    the length limit (LENGTH). Returns (finishing bool [B], reason int32 [B])."""
+    (STOP), a full window whose mean fell below `threshold` ([] or one per slot [B];
+    LOW_CONFIDENCE; None: never), or the length limit (LENGTH). Returns (finishing bool [B],
+    reason int32 [B])."""
     stopped = jnp.isin(token, stop_ids)
     low = (jnp.zeros_like(active) if threshold is None
            else window.full & (window.mean < threshold))
@@ -209,15 +218,28 @@ def refill(finishing: jax.Array, prompt: jax.Array, trace: jax.Array, launched: 
     """Finishing slots start the next traces of their prompt while its budget is not spent.
 
     Finishing slots of one prompt are ranked by slot; rank r takes trace number launched[p] + r
-    if that is below `budget` (traced), as output row p x capacity + number; the others go idle
-    (trace -1). Returns (trace int32 [B], launched int32 [P], refilled bool [B]).
+    if that is below `budget` (traced, [] or one per prompt [P]), as output row
+    p x capacity + number; the others go idle (trace -1). Returns (trace int32 [B], launched
+    int32 [P], refilled bool [B]).
     """
     slots = jnp.arange(prompt.shape[0])
     earlier = (prompt[None, :] == prompt[:, None]) & (slots[None, :] < slots[:, None])
     number = launched[prompt] + jnp.sum(earlier & finishing[None, :], axis=1)  # [B]
-    refilled = finishing & (number < budget)
+    refilled = finishing & (number < jnp.broadcast_to(budget, launched.shape)[prompt])
     trace = jnp.where(refilled, prompt * capacity + number, jnp.where(finishing, -1, trace))
     return trace, launched.at[prompt].add(refilled.astype(jnp.int32)), refilled
+
+
+def draw_keys(key: jax.Array, step: jax.Array, prompt: jax.Array, trace: jax.Array,
+              length: jax.Array, capacity: int) -> jax.Array:
+    """The keys of one step: `fold_in(key, step)` for one key []; for a key per prompt [P], one
+    key per slot [B], fold_in(fold_in(key[p], j), t) for the slot's trace number j (its output
+    row `trace` mod `capacity`) and token position t = `length`."""
+    if key.ndim == 0:
+        return jax.random.fold_in(key, step)
+    number = jnp.maximum(trace, 0) % capacity
+    return jax.vmap(lambda k, j, t: jax.random.fold_in(jax.random.fold_in(k, j), t))(
+        key[prompt], number, length)
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,9 +284,10 @@ def _decode(graphdef, state, prefix: KVCache, prompt_logits, cache: KVCache, out
             strategy: strategies.Nucleus, threshold, budget, *, config: SamplingConfig):
     """The decode loop over an empty generated cache [B, ..., T_gen] (`init_generated`) and
     empty outputs (`Samples.empty`): (outputs, cache). The strategy's temperature and top-p,
-    `threshold` float32 [] (early stop when config.stop_threshold is not None) and `budget` int32
-    [] (traces per prompt, at most config.budget, the capacity of the output rows) are traced:
-    new values do not recompile."""
+    `threshold` float32 [P] (early stop when config.stop_threshold is not None) and `budget`
+    int32 [P] (traces per prompt, 0 to config.budget, the capacity of the output rows) are
+    traced: new values do not recompile. `key` is one key [] or one per prompt [P]
+    (`draw_keys`)."""
     model = nnx.merge(graphdef, state)
     num_prompts = prompt_logits.shape[0]
     num_slots = num_prompts * config.n
@@ -273,21 +296,23 @@ def _decode(graphdef, state, prefix: KVCache, prompt_logits, cache: KVCache, out
     prompt = jnp.arange(num_slots) // config.n                                # [B]
     prompt_positions = prefix.positions[prompt]                               # [B]
     stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
-    early = None if config.stop_threshold is None else threshold
+    early = None if config.stop_threshold is None else threshold[prompt]     # [B]
     cache = cache.replace(positions=prompt_positions)
+    slot = jnp.arange(num_slots) % config.n                                   # [B]
     loop = DecodeState(
         cache=cache, logits=prompt_logits[prompt],
         window=GroupWindow.create(num_slots, config.window),
         tail=GroupWindow.create(num_slots, tail_slots(config)),
         lowest=jnp.full(num_slots, jnp.inf),
-        trace=prompt * capacity + jnp.arange(num_slots) % config.n,
-        launched=jnp.full(num_prompts, config.n, jnp.int32),
+        trace=jnp.where(slot < budget[prompt], prompt * capacity + slot, -1),
+        launched=jnp.minimum(budget, config.n).astype(jnp.int32),
         out=out, step=jnp.zeros((), jnp.int32))
 
     def body(s: DecodeState) -> DecodeState:
         active = s.trace >= 0
         length = s.cache.index                                                # [B]
-        token, logp, conf = draw(s.logits, jax.random.fold_in(key, s.step), strategy, config)
+        keys = draw_keys(key, s.step, prompt, s.trace, length, capacity)
+        token, logp, conf = draw(s.logits, keys, strategy, config)
         window, tail, group, lowest = update_confidence(conf, s.window, s.tail, s.lowest,
                                                         active)
         row = jnp.where(active, s.trace, rows)
@@ -406,14 +431,14 @@ def decode_memory(c: DecoderConfig, prompts: int, prompt_length: int,
     prefill = _prefill.lower(graphdef, state, ids, ids, int8_cache=config.int8_cache).compile()
     prefix, logits = jax.eval_shape(
         functools.partial(_prefill, int8_cache=config.int8_cache), graphdef, state, ids, ids)
-    scalar = functools.partial(jax.ShapeDtypeStruct, ())
     static = _static(config)
     generated = jax.eval_shape(lambda: init_generated(nnx.merge(graphdef, state), prompts,
                                                       config))
     out = jax.eval_shape(lambda: Samples.empty(prompts, static.budget, config.max_new_tokens))
+    per_prompt = functools.partial(jax.ShapeDtypeStruct, (prompts,))
     loop = _decode.lower(graphdef, state, prefix, logits, generated, out,
                          jax.eval_shape(jax.random.key, 0), sampling_strategy(config),
-                         scalar(jnp.float32), scalar(jnp.int32), config=static).compile()
+                         per_prompt(jnp.float32), per_prompt(jnp.int32), config=static).compile()
     a, b = loop.memory_analysis(), prefill.memory_analysis()
 
     def nbytes(tree):
@@ -466,26 +491,35 @@ def require_fits(c: DecoderConfig, prompts: int, prompt_length: int, config: Sam
         + ("would fit: " + ", or ".join(options) if options else "no smaller setting fits"))
 
 
-def _static(config: SamplingConfig) -> SamplingConfig:
+def _static(config: SamplingConfig, early: bool = False) -> SamplingConfig:
     """The loop's static settings: the traced values (threshold, budget, temperature, top-p)
     replaced by what fixes the compiled program (early stop on or off; the output capacity, a
     power of two; placeholders for the sampling settings, which `sampling_strategy` carries)."""
     return dataclasses.replace(
         config, budget=1 << (config.traces_per_prompt - 1).bit_length(),
-        stop_threshold=None if config.stop_threshold is None else 0.0,
+        stop_threshold=None if config.stop_threshold is None and not early else 0.0,
         temperature=1.0, top_p=1.0)  # read from the traced strategy instead
 
 
 def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
            config: SamplingConfig, mesh: Mesh | None = None,
-           prompt_length: int | None = None) -> Samples:
+           prompt_length: int | None = None, *,
+           stop_thresholds: Sequence[float] | None = None,
+           budgets: Sequence[int] | None = None) -> Samples:
     """Samples `config.traces_per_prompt` traces for each prompt (lists of token ids).
 
     Prompts are left-padded to `prompt_length` (default: the longest prompt; a prompt longer
     than it is an error), rounded up to a multiple of `config.prompt_bucket`. With a mesh, the
     slots are split over its first axis (P x n must divide evenly) and the weights replicated.
     Bad settings raise ValueError before anything is compiled.
+
+    Per prompt, optionally: `key` of shape [P] (a key per prompt, each trace its own stream:
+    `draw_keys`; one key [] draws all slots from one stream per step), `stop_thresholds` [P]
+    (early stop with each prompt's own threshold, in place of `config.stop_threshold`) and
+    `budgets` [P] (traces of each prompt, 0 to `config.traces_per_prompt`). The result holds
+    the traces of prompt 0, then of prompt 1, ..., budgets[p] of them for prompt p.
     """
+    count = len(prompts)
     ids, mask = left_pad(prompts, width=prompt_length)
     more = ((0, 0), (padded_length(ids.shape[1], config) - ids.shape[1], 0))
     ids, mask = np.pad(ids, more), np.pad(mask, more)                        # [P, L]
@@ -502,13 +536,27 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
     bad = [t for t in config.stop_ids if not 0 <= t < c.vocab_size]
     require(not bad, f"stop_ids {bad} are outside the vocabulary [0, {c.vocab_size})")
     model._check_tokens(ids)
+    key = prompt_keys(key, count)
+    if stop_thresholds is None:
+        threshold = np.full(count, config.stop_threshold or 0.0, np.float32)
+    else:
+        threshold = np.asarray(stop_thresholds, np.float32)
+        require(threshold.shape == (count,), f"stop_thresholds has shape {threshold.shape}, "
+                f"want one per prompt ({count},)")
+        require(config.confidence, "stop_thresholds needs SamplingConfig.confidence=True")
+    capacity = config.traces_per_prompt
+    budget = np.full(count, capacity, np.int32) if budgets is None else np.asarray(budgets)
+    require(budget.shape == (count,) and np.issubdtype(budget.dtype, np.integer)
+            and ((budget >= 0) & (budget <= capacity)).all(),
+            f"budgets must be {count} integers in [0, traces_per_prompt={capacity}], got "
+            f"{budgets!r}")
     graphdef, state = nnx.split(model)
-    static = _static(config)
-    cache, out = init_generated(model, len(prompts), config), Samples.empty(
-        len(prompts), static.budget, config.max_new_tokens)
+    static = _static(config, early=stop_thresholds is not None)
+    cache, out = init_generated(model, count, config), Samples.empty(
+        count, static.budget, config.max_new_tokens)
     if mesh is not None:
-        count = len(prompts) * config.n
-        require(count % mesh.size == 0, f"{len(prompts)} prompts x n={config.n} = {count} "
+        slots = count * config.n
+        require(slots % mesh.size == 0, f"{count} prompts x n={config.n} = {slots} "
                 f"slots must divide evenly over {mesh.size} devices")
         state = jax.device_put(state, parallel.replicated(mesh))
         cache = jax.device_put(cache, parallel.batch_sharding(mesh))
@@ -516,9 +564,20 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
     prefix, prompt_logits = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
                                      int8_cache=config.int8_cache)
     out, _ = _decode(graphdef, state, prefix, prompt_logits, cache, out, key,
-                     sampling_strategy(config), jnp.float32(config.stop_threshold or 0.0),
-                     jnp.int32(config.traces_per_prompt), config=static)
-    keep = (np.arange(len(prompts))[:, None] * static.budget
-            + np.arange(config.traces_per_prompt)).ravel()                   # [N]
+                     sampling_strategy(config), jnp.asarray(threshold),
+                     jnp.asarray(budget, jnp.int32), config=static)
+    keep = np.concatenate([p * static.budget + np.arange(b)
+                           for p, b in enumerate(budget)]).astype(np.int64)  # [N]
     steps = out.steps
     return jax.tree.map(lambda x: x[keep], out.replace(steps=None)).replace(steps=steps)
+
+
+def prompt_keys(key: jax.Array, prompts: int) -> jax.Array:
+    """`key` as a typed key: one key [] (also a raw uint32 [2]) or one per prompt [P] (also raw
+    uint32 [P, 2]); any other shape is an error naming it."""
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    require(key.shape in ((), (prompts,)),
+            f"key has shape {key.shape}: want one key () or one per prompt ({prompts},)")
+    return key

@@ -80,7 +80,9 @@ class Nucleus:
         require(p is None or 0 < p <= 1, f"Nucleus.top_p must lie in (0, 1], got {p}")
 
     def __call__(self, logits: jax.Array, key: jax.Array) -> Draw:
-        """Draws one token per row of logits [B, V] (any float dtype; computed in float32)."""
+        """Draws one token per row of logits [B, V] (any float dtype; computed in float32) with
+        one key [] for the whole batch, or a key per row [B] (a row's draw then depends on its
+        own key and logits alone: the sampler's per-trace streams)."""
         z = logits.astype(jnp.float32)                                           # [B, V]
         v = z.shape[1]
         n = min(max(self.top_k or self.cap, self.num_top_logits), v)
@@ -94,14 +96,14 @@ class Nucleus:
         # be stored and read twice on CPU); XLA may fuse the two into one pass.
         log_sum = jnp.log(jnp.sum(jnp.exp(z - high), axis=-1))                   # [B]
         log_sum_t = jnp.log(jnp.sum(jnp.exp(z / t - high / t), axis=-1))         # [B]
-        sample_key, fallback_key = jax.random.split(key)
+        sample_key, fallback_key = _split(key)
         if self.top_k:
             survivors = (top[:, :self.top_k] - high) / t     # renormalised over the k survivors
             kept = nucleus(jax.nn.softmax(survivors, axis=-1), top_p)
         else:
             survivors = (top - high) / t - log_sum_t[:, None]  # log-probs of the full softmax
             kept = nucleus(jnp.exp(survivors), top_p)
-        rank = jax.random.categorical(sample_key, jnp.where(kept, survivors, -jnp.inf))
+        rank = _categorical(sample_key, jnp.where(kept, survivors, -jnp.inf))
         rank = jnp.where(greedy, 0, rank)[:, None]                               # [B, 1]
         picked = jnp.take_along_axis(top, rank, axis=1)[:, 0]                    # [B] its logit
         first = jnp.min(jnp.where(top == high, index, v), axis=-1)   # argmax: first of ties
@@ -120,6 +122,28 @@ class Nucleus:
         logprobs = jnp.where(greedy, picked - log_sum, picked / t - log_sum_t)
         return Draw(tokens=tokens, logprobs=logprobs, top_logits=top,
                     log_normalizer=high[:, 0] + log_sum)
+
+
+def _split(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Two keys from one key [] or from each of a key per row [B]."""
+    if key.ndim == 0:
+        return tuple(jax.random.split(key))
+    pairs = jax.vmap(jax.random.split)(key)                                    # [B, 2]
+    return pairs[:, 0], pairs[:, 1]
+
+
+def _categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """int32 [B]: one draw per row of logits [B, n], from one key [] or a key per row [B]."""
+    if key.ndim == 0:
+        return jax.random.categorical(key, logits)
+    return jax.vmap(jax.random.categorical)(key, logits)
+
+
+def _uniform(key: jax.Array, rows: int) -> jax.Array:
+    """float32 [rows] uniforms on [0, 1), from one key [] or a key per row [rows]."""
+    if key.ndim == 0:
+        return jax.random.uniform(key, (rows,))
+    return jax.vmap(jax.random.uniform)(key)
 
 
 def _concrete(x) -> float | None:
@@ -199,7 +223,7 @@ def _full_vocabulary_draw(z: jax.Array, high: jax.Array, t: jax.Array, log_sum_t
     floor = jax.lax.cond(top_p < 1, lambda: nucleus_floor(probs, top_p),
                          lambda: jnp.zeros(z.shape[:1], jnp.float32))
     weights = jnp.where(probs >= floor[:, None], probs, 0.0)
-    return inverse_cdf(weights, jax.random.uniform(key, z.shape[:1]))
+    return inverse_cdf(weights, _uniform(key, z.shape[0]))
 
 
 def inverse_cdf(weights: jax.Array, u: jax.Array, block: int = 128) -> jax.Array:

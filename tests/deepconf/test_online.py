@@ -41,7 +41,7 @@ def test_threshold_follows_the_rule_on_the_warmup(model):
     result = online.solve(model, PROMPT, jax.random.key(0), SAMPLING, config, by_first_token)
     # The warmup is the first sample call with the first key: redo it and apply the rule.
     first = jax.random.split(jax.random.key(0), 1 + config.budget)[0]
-    warm = sampler.sample(model, [PROMPT], first,
+    warm = sampler.sample(model, [PROMPT], first[None],
                           dataclasses.replace(SAMPLING, budget=8, stop_threshold=None))
     want = np.percentile(np.asarray(warm.lowest_group_confidence), 10)
     np.testing.assert_allclose(result.threshold, want, rtol=1e-6)
@@ -74,6 +74,30 @@ def test_no_answers_give_no_answer_without_crashing(model):
     result = online.solve(model, PROMPT, jax.random.key(3), SAMPLING, config, lambda ids: "?")
     assert result.answer is None and result.solution is None and result.votes == {}
     assert result.launched == 8 and result.consensus == 0.0
+
+
+def test_many_problems_at_once_equal_one_at_a_time(model):
+    # prompts of different lengths; consensus 0.6 stops some problems after the warmup or a
+    # round and lets others run to the budget: each keeps its own threshold and stop
+    prompts = [PROMPT, [7, 8], [100, 200, 300, 11, 12, 13, 14], [42]]
+    keys = jax.random.split(jax.random.key(7), len(prompts))
+    config = online.OnlineConfig(rule="deepconf-low", warmup=4, budget=14, batch=4,
+                                 consensus=0.6)
+    many = online.solve_many(model, prompts, keys, SAMPLING, config, by_first_token)
+    for prompt, key, got in zip(prompts, keys, many, strict=True):
+        alone = online.solve(model, prompt, key, SAMPLING, config, by_first_token)
+        assert (got.answer, got.votes.keys(), got.launched, got.stopped, got.tokens,
+                got.rounds, got.solution) == (alone.answer, alone.votes.keys(), alone.launched,
+                                              alone.stopped, alone.tokens, alone.rounds,
+                                              alone.solution)
+        np.testing.assert_allclose(got.threshold, alone.threshold, rtol=1e-6)
+        np.testing.assert_allclose(list(got.votes.values()), list(alone.votes.values()),
+                                   rtol=1e-5)
+        assert got.traces.texts == alone.traces.texts
+        np.testing.assert_array_equal(got.traces.lengths, alone.traces.lengths)
+        np.testing.assert_array_equal(got.traces.stopped, alone.traces.stopped)
+        np.testing.assert_allclose(got.traces.confidence, alone.traces.confidence, rtol=1e-5)
+    assert len({r.rounds for r in many}) > 1  # problems stopped at different rounds
 
 
 @pytest.mark.parametrize("fields,match", [

@@ -128,6 +128,36 @@ def test_same_key_same_output_and_stop_ids_end_traces(model):
         assert stop not in s.tokens[i, :s.lengths[i] - 1]
 
 
+def test_a_key_per_prompt_makes_each_prompts_traces_its_own(model):
+    # With a key per prompt, a prompt's traces depend on its key, threshold and budget alone:
+    # not on the other prompts of the call, the slot count, or the other prompts' settings.
+    keys = jax.random.split(jax.random.key(12), 3)
+    base = dict(max_new_tokens=10, window=2, temperature=1.0, stop_threshold=0.0)
+    together = jax.device_get(sampler.sample(
+        model, PROMPTS, keys, SamplingConfig(n=2, budget=5, **base),
+        stop_thresholds=[5.875, 0.0, 5.9], budgets=[5, 3, 0]))
+    np.testing.assert_array_equal(together.prompt_index, [0] * 5 + [1] * 3)
+    assert (together.finish_reason != 0).all()
+    for p, threshold, budget in ((0, 5.875, 5), (1, 0.0, 3)):
+        alone = jax.device_get(sampler.sample(
+            model, PROMPTS[p:p + 1], keys[p:p + 1],
+            SamplingConfig(n=3, budget=budget, **{**base, "stop_threshold": threshold})))
+        rows = together.prompt_index == p
+        np.testing.assert_array_equal(together.tokens[rows], alone.tokens)
+        np.testing.assert_array_equal(together.lengths[rows], alone.lengths)
+        np.testing.assert_array_equal(together.finish_reason[rows], alone.finish_reason)
+        np.testing.assert_allclose(together.tail_confidence[rows], alone.tail_confidence,
+                                   rtol=1e-5)
+    assert (together.finish_reason[:5] == sampler.LOW_CONFIDENCE).any()  # the threshold acted
+    with pytest.raises(ValueError, match="budgets"):
+        sampler.sample(model, PROMPTS, keys, SamplingConfig(n=2, budget=5, **base),
+                       budgets=[6, 1, 1])
+    with pytest.raises(ValueError, match="stop_thresholds"):
+        sampler.sample(model, PROMPTS, keys, SamplingConfig(**base), stop_thresholds=[1.0])
+    with pytest.raises(ValueError, match="one per prompt"):
+        sampler.sample(model, PROMPTS, keys[:2], SamplingConfig(**base))
+
+
 @pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.5), (8, 0.7)])
 def test_top_k_and_top_p_never_leave_the_allowed_set(top_k, top_p):
     rng = np.random.default_rng(0)
