@@ -80,10 +80,14 @@ def open_array(path: str | pathlib.Path, shape: Sequence[int], dtype: str | np.d
                          f"shape {shape}, chunk_rows {chunk_rows}")
     chunks = (chunk_rows, *shape[1:])
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
-    if not (path / "zarr.json").is_file():
-        return ts.open({**spec, "metadata": {"codecs": _CODECS}}, create=True,
-                       dtype=ts.dtype(dtype), shape=shape,
-                       chunk_layout=ts.ChunkLayout(chunk_shape=chunks)).result()
+
+    def create():
+        if not (path / "zarr.json").is_file():
+            ts.open({**spec, "metadata": {"codecs": _CODECS}}, create=True,
+                    dtype=ts.dtype(dtype), shape=shape,
+                    chunk_layout=ts.ChunkLayout(chunk_shape=chunks)).result()
+
+    results.write_once(create, path)  # by process 0 of a multi-process run
     array = ts.open(spec, open=True).result()
     found = {"shape": tuple(array.shape), "dtype": array.dtype.numpy_dtype,
              "chunks": tuple(array.chunk_layout.write_chunk.shape)}
@@ -116,9 +120,8 @@ def open_store(folder: str | pathlib.Path, specs: Mapping[str, tuple[Sequence[in
         raise ValueError(f"{folder}: arrays must share their first axis and not be named "
                          f"'done', got { {k: tuple(s) for k, (s, _) in specs.items()} }")
     (rows,) = rows
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "zarr.json").is_file():
-        results.write_text(folder / "zarr.json", _GROUP)
+
+    results.write_text(folder / "zarr.json", _GROUP)  # the same every time: written anew
     arrays = {name: open_array(folder / name, shape, dtype, chunk_rows)
               for name, (shape, dtype) in specs.items()}
     done = open_array(folder / "done", (num_chunks(rows, chunk_rows),), "uint8", 1)
@@ -148,10 +151,15 @@ def write_chunk(store: RowStore, chunk: int, values: Mapping[str, np.ndarray]) -
         if value.shape != expected:
             raise ValueError(f"{store.folder / name}: chunk {chunk} (rows {start}:{stop}) must "
                              f"have shape {expected}, got {value.shape}")
-    pending = [store.arrays[name][start:stop].write(value) for name, value in values.items()]
-    for future in pending:
-        future.result()
-    write_rows(store.done, chunk, np.ones(1, np.uint8))
+
+    def write():
+        pending = [store.arrays[name][start:stop].write(value)
+                   for name, value in values.items()]
+        for future in pending:
+            future.result()
+        write_rows(store.done, chunk, np.ones(1, np.uint8))
+
+    results.write_once(write, f"{store.folder} chunk {chunk}")
 
 
 def fill(store: RowStore, compute: Callable[[int, int], Mapping[str, np.ndarray]],
@@ -160,6 +168,7 @@ def fill(store: RowStore, compute: Callable[[int, int], Mapping[str, np.ndarray]
     {name: [stop - start, ...]}; complete chunks are not computed again. Returns the chunks
     computed (progress: a bar label, counting rows)."""
     missing = missing_chunks(store)
+    results.wait_for_all(f"read {store.folder}")  # before process 0 writes a chunk
     bounds = [chunk_bounds(c, store.rows, store.chunk_rows) for c in missing]
     with tqdm(total=sum(stop - start for start, stop in bounds), desc=progress, unit="row",
               disable=progress is None or not missing, dynamic_ncols=True) as bar:

@@ -49,9 +49,15 @@ def write_once(write: Callable[[], None], what: str | pathlib.Path) -> None:
     must call it alike (as they do running the same program)."""
     if is_writer():
         write()
+    wait_for_all(f"wrote {what}")
+
+
+def wait_for_all(what: str) -> None:
+    """With several processes, returns once every one has called it (with the same `what`):
+    e.g. once all have read a file that process 0 is about to change."""
     if _several_processes():
         from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(f"jaxlab.results: wrote {what}")
+        multihost_utils.sync_global_devices(f"jaxlab.results: {what}")
 
 
 def write_text(path: pathlib.Path, text: str) -> None:
