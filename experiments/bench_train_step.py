@@ -4,6 +4,8 @@ and (`--memory`) the step's compiled memory at the Qwen3-0.6B shape, without all
 
     python experiments/bench_train_step.py [--size cpu|gpu] [--repeats N] [--torch-threads N ..]
     python experiments/bench_train_step.py --memory [--memory-batch 8 --memory-seq 4096]
+        [--memory-model 0.6B|1.7B|4B] [--memory-layers L] [--memory-fsdp N]
+        [--remat none full dots]
 
 Speed: both sides load one random-init Qwen3 folder (`zoo.create`; `hf.load_pretrained` and
 `AutoModelForCausalLM.from_pretrained`) and train it on one batch with one loss: token-mean
@@ -21,6 +23,11 @@ is allocated) and `compile().memory_analysis()` for the Qwen3-0.6B shape with fl
 weights and bfloat16 compute, once with `logprob_chunk` 512 and once with one chunk covering the
 whole sequence (the unchunked head), and with 512 in B micro-batches of one sequence; next to
 the size of one [B, T, V] float32 array and of one layer's [B, H, T, T] float32 attention scores.
+With `--remat`, one row per decoder-layer remat policy (`TrainConfig.remat`) instead; with
+`--memory-fsdp N`, per device of an fsdp mesh of N devices (the state in its
+`parallel.tree_shardings`, the batch split by rows; on a CPU, XLA_FLAGS=
+--xla_force_host_platform_device_count=N); `--memory-model` another released Qwen3 shape,
+`--memory-layers` fewer layers (per-layer scaling). docs/parallel.md has the figures.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import argparse
 import os
 import pathlib
 import tempfile
+import time
 
 # JAX and PyTorch share the GPU in one process: JAX allocates on demand, not 75% up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -38,10 +46,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from timing import best_of
+from writing_zero_memory import SIZES as QWEN3_SIZES
 
 from jaxlab import parallel, results
 from jaxlab.models import hf, zoo
-from jaxlab.models.decoder import Decoder, DecoderConfig
+from jaxlab.models.decoder import REMAT_POLICIES, Decoder, DecoderConfig
 from jaxlab.rl import losses, train
 
 # cpu: a small Qwen3 in float32; gpu: the released Qwen3-0.6B shape, float32 master weights and
@@ -227,8 +236,10 @@ def speed(name: str, repeats: int, threads: list[int], out: pathlib.Path) -> Non
 
 
 def abstract_inputs(config: DecoderConfig, train_config: train.TrainConfig, batch: int,
-                    seq: int):
-    """(graphdef, TrainState and PolicyBatch of jax.ShapeDtypeStructs) for `config`."""
+                    seq: int, mesh: jax.sharding.Mesh | None = None):
+    """(graphdef, TrainState and PolicyBatch of jax.ShapeDtypeStructs) for `config`; on a
+    split-model `mesh`, carrying the shardings the step runs with (the state's
+    `parallel.tree_shardings`, the batch's `parallel.batch_sharding`)."""
     model = nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(0)))
     graphdef, params, _ = nnx.split(model, nnx.Param, ...)  # as init_train_state splits
     state = jax.eval_shape(lambda p: train.TrainState(
@@ -240,62 +251,102 @@ def abstract_inputs(config: DecoderConfig, train_config: train.TrainConfig, batc
         tokens=sds(rows, jnp.int32), mask=sds(rows, jnp.int32), loss_mask=sds(rows, jnp.float32),
         old_logp=sds(rows, jnp.float32), ref_logp=sds(rows, jnp.float32),
         advantages=sds((batch,), jnp.float32))
+    if mesh is not None and parallel.is_split_model(mesh):
+        def placed(x, sharding):
+            return sds(x.shape, x.dtype, sharding=sharding)
+
+        state = jax.tree.map(placed, state, parallel.tree_shardings(state, mesh))
+        rows_sharding = parallel.batch_sharding(mesh)
+        policy_batch = jax.tree.map(lambda x: placed(x, rows_sharding), policy_batch)
     return graphdef, state, policy_batch
 
 
 def step_memory(config: DecoderConfig, train_config: train.TrainConfig, batch: int,
-                seq: int) -> dict:
-    """Bytes of the compiled step (`memory_analysis`) on the default backend."""
-    graphdef, state, policy_batch = abstract_inputs(config, train_config, batch, seq)
+                seq: int, mesh: jax.sharding.Mesh | None = None) -> dict:
+    """Bytes per device of the compiled step (`memory_analysis`) on the default backend, on
+    `mesh` (default: one device), and the seconds lowering and compiling took."""
+    mesh = mesh or parallel.single_device_mesh()
+    graphdef, state, policy_batch = abstract_inputs(config, train_config, batch, seq, mesh)
+    start = time.perf_counter()
     compiled = train.train_step.lower(state, policy_batch, graphdef=graphdef,
-                                      config=train_config,
-                                      mesh=parallel.single_device_mesh()).compile()
+                                      config=train_config, mesh=mesh).compile()
+    seconds = time.perf_counter() - start
     analysis = compiled.memory_analysis()
     fields = ("temp", "argument", "output", "alias", "generated_code")
     out = {f: int(getattr(analysis, f"{f}_size_in_bytes")) for f in fields}
     peak = getattr(analysis, "peak_memory_in_bytes", None)
     out["peak"] = int(peak) if peak else None
+    out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    out["compile_seconds"] = seconds
     return out
 
 
-def memory(batch: int, seq: int, out: pathlib.Path) -> None:
-    config = DecoderConfig.from_hf(zoo.hf_config("qwen3", "released"), param_dtype="float32",
-                                   dtype="bfloat16")
+def qwen3_config(model: str, layers: int | None = None) -> DecoderConfig:
+    """The released Qwen3 shape `model` (a key of writing_zero_memory.SIZES: 0.6B, 1.7B, 4B),
+    optionally with `layers` layers, float32 master weights and bfloat16 compute."""
+    overrides = dict(QWEN3_SIZES[model])
+    if layers is not None:
+        overrides["num_hidden_layers"] = layers
+    return DecoderConfig.from_hf(zoo.hf_config("qwen3", "released", **overrides),
+                                 param_dtype="float32", dtype="bfloat16")
+
+
+def memory(batch: int, seq: int, out: pathlib.Path, *, model: str = "0.6B",
+           remats: list[str] | None = None, fsdp: int = 1, layers: int | None = None) -> None:
+    """Compiled memory of the step. Without `remats`: the head-chunking rows (logprob_chunk
+    512, one chunk, 512 in B micro-batches), no remat; with `remats`: logprob_chunk 512, one
+    row per remat policy. On one device, or split over an fsdp mesh of `fsdp` devices."""
+    config = qwen3_config(model, layers)
     num_params = sum(x.size for x in jax.tree.leaves(
         nnx.state(nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(0))), nnx.Param)))
-    logits_bytes = batch * seq * config.vocab_size * 4
-    scores_bytes = batch * config.num_heads * seq * seq * 4
+    if fsdp > 1:
+        if jax.device_count() < fsdp:
+            raise SystemExit(f"--memory-fsdp {fsdp} needs {fsdp} devices, {jax.device_count()} "
+                             f"present (on a CPU: XLA_FLAGS=--xla_force_host_platform_device_"
+                             f"count={fsdp})")
+        mesh = parallel.make_train_mesh(fsdp=fsdp, devices=jax.devices()[:fsdp])
+    else:
+        mesh = parallel.single_device_mesh()
+    per_device = batch // fsdp
+    logits_bytes = per_device * seq * config.vocab_size * 4
+    scores_bytes = per_device * config.num_heads * seq * seq * 4
     gib = 2 ** 30
+    combos = ([(512, 1, "none"), (seq, 1, "none"), (512, batch, "none")] if not remats
+              else [(512, 1, r) for r in remats])
     rows = {}
-    for chunk, micro in ((512, 1), (seq, 1), (512, batch)):
-        train_config = train.TrainConfig(logprob_chunk=chunk, microbatches=micro)
-        rows[chunk, micro] = step_memory(config, train_config, batch, seq)
-        print(f"logprob_chunk {chunk}, microbatches {micro}: compiled", flush=True)
+    for chunk, micro, remat in combos:
+        train_config = train.TrainConfig(logprob_chunk=chunk, microbatches=micro, remat=remat)
+        rows[chunk, micro, remat] = step_memory(config, train_config, batch, seq, mesh)
+        print(f"logprob_chunk {chunk}, microbatches {micro}, remat {remat}: compiled in "
+              f"{rows[chunk, micro, remat]['compile_seconds']:.0f} s", flush=True)
     device = jax.devices()[0].device_kind
-    print(f"train_step memory (compiled, nothing allocated), Qwen3-0.6B shape "
-          f"({num_params / 1e6:.0f}M parameters), float32 master weights + AdamW, bfloat16 "
-          f"compute, batch {batch} x {seq}, on {device} ({jax.default_backend()})")
-    print(f"one [B, T, V] float32 array: {logits_bytes / gib:.2f} GiB; one layer's attention "
-          f"scores [B, H, T, T] float32: {scores_bytes / gib:.2f} GiB")
-    print(f"{'logprob_chunk':>14s} {'microbatches':>12s} {'temp':>8s} {'argument':>8s} "
-          f"{'output':>8s} {'alias':>8s} {'arg+out-alias+temp':>18s} {'peak*':>7s}  (GiB)")
-    for (chunk, micro), r in rows.items():
+    print(f"train_step memory per device (compiled, nothing allocated), Qwen3-{model} shape "
+          f"({config.num_layers} layers, {num_params / 1e6:.0f}M parameters), float32 master "
+          f"weights + AdamW, bfloat16 compute, batch {batch} x {seq}, on {mesh.size} "
+          f"{device} device(s) ({jax.default_backend()}, mesh {dict(mesh.shape)})")
+    print(f"per device: one [B, T, V] float32 array: {logits_bytes / gib:.2f} GiB; one layer's "
+          f"attention scores [B, H, T, T] float32: {scores_bytes / gib:.2f} GiB")
+    print(f"{'logprob_chunk':>14s} {'microbatches':>12s} {'remat':>6s} {'temp':>8s} "
+          f"{'argument':>8s} {'output':>8s} {'alias':>8s} {'arg+out-alias+temp':>18s} "
+          f"{'peak*':>7s}  (GiB)")
+    for (chunk, micro, remat), r in rows.items():
         peak = "n/a" if r["peak"] is None else f"{r['peak'] / gib:.2f}"
-        total = r["argument"] + r["output"] - r["alias"] + r["temp"]
         label = f"{chunk}" + (" (1 chunk)" if chunk >= seq else "")
-        print(f"{label:>14s} {micro:12d} {r['temp'] / gib:8.2f} {r['argument'] / gib:8.2f} "
-              f"{r['output'] / gib:8.2f} {r['alias'] / gib:8.2f} {total / gib:18.2f} "
-              f"{peak:>7s}")
+        print(f"{label:>14s} {micro:12d} {remat:>6s} {r['temp'] / gib:8.2f} "
+              f"{r['argument'] / gib:8.2f} {r['output'] / gib:8.2f} {r['alias'] / gib:8.2f} "
+              f"{r['total'] / gib:18.2f} {peak:>7s}")
     print("* peak_memory_in_bytes as the backend reports it")
-    saved = rows[seq, 1]["temp"] - rows[512, 1]["temp"]
-    print(f"chunking the head saves {saved / gib:.2f} GiB of temporaries "
-          f"({saved / logits_bytes:.2f} x one [B, T, V] float32 array)")
+    if not remats:
+        saved = rows[seq, 1, "none"]["temp"] - rows[512, 1, "none"]["temp"]
+        print(f"chunking the head saves {saved / gib:.2f} GiB of temporaries "
+              f"({saved / logits_bytes:.2f} x one [B, T, V] float32 array)")
     results.write_json(out, {"device": device, "backend": jax.default_backend(),
-                             "params": num_params, "batch": batch, "seq": seq,
-                             "bytes_one_btv_float32": logits_bytes,
-                             "bytes_one_layer_scores_float32": scores_bytes,
-                             "rows": [{"logprob_chunk": c, "microbatches": m, **r}
-                                      for (c, m), r in rows.items()]})
+                             "model": f"Qwen3-{model}", "layers": config.num_layers,
+                             "mesh": dict(mesh.shape), "params": num_params, "batch": batch,
+                             "seq": seq, "bytes_one_btv_float32_per_device": logits_bytes,
+                             "bytes_one_layer_scores_float32_per_device": scores_bytes,
+                             "rows": [{"logprob_chunk": c, "microbatches": m, "remat": r, **v}
+                                      for (c, m, r), v in rows.items()]})
     print(f"wrote {out}")
 
 
@@ -310,12 +361,22 @@ def main() -> None:
                         help="compiled memory of the Qwen3-0.6B step instead of speed")
     parser.add_argument("--memory-batch", type=int, default=8)
     parser.add_argument("--memory-seq", type=int, default=4096)
+    parser.add_argument("--memory-model", default="0.6B", choices=list(QWEN3_SIZES),
+                        help="the Qwen3 shape of --memory")
+    parser.add_argument("--memory-layers", type=int, default=None,
+                        help="--memory with this many layers instead of the model's")
+    parser.add_argument("--memory-fsdp", type=int, default=1,
+                        help="--memory per device of an fsdp mesh of this many devices")
+    parser.add_argument("--remat", nargs="+", default=None, choices=list(REMAT_POLICIES),
+                        help="--memory: one row per decoder-layer remat policy")
     parser.add_argument("--out", default=None, help="JSON file (default: "
                         "results/bench_train_step/<size>.json or memory.json)")
     args = parser.parse_args()
     if args.memory:
         memory(args.memory_batch, args.memory_seq,
-               pathlib.Path(args.out or "results/bench_train_step/memory.json"))
+               pathlib.Path(args.out or "results/bench_train_step/memory.json"),
+               model=args.memory_model, remats=args.remat, fsdp=args.memory_fsdp,
+               layers=args.memory_layers)
         return
     name = args.size or ("gpu" if jax.default_backend() == "gpu" else "cpu")
     cores = len(os.sched_getaffinity(0))
