@@ -71,6 +71,10 @@ class Config:
     warmup: int = 16
     batch: int = 32
     consensus: float = 0.95
+    online_at_once: bool = False                         # online DeepConf on every problem still
+    #                                                      to do in one `online.solve_many` per
+    #                                                      rule (same results; seconds per problem
+    #                                                      = the batch's time / problems)
 
     def __post_init__(self):
         config_lib.require_positive_ints(self, "max_new_tokens", "window", "tail",
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = hf.load_tokenizer(cfg.model)
     config_lib.require(tokenizer.eos_token_id is not None,
                        f"the tokenizer in {cfg.model} has no EOS token to end traces with")
-    out = results.open_run(cfg.out_dir, cfg, may_change=("limit",))
+    out = results.open_run(cfg.out_dir, cfg, may_change=("limit", "online_at_once"))
     path = out / "problems.jsonl"
     done = {record["id"] for record in jsonl.resume_records(path)}
     sampling = cfg.sampling(tokenizer.eos_token_id)
@@ -194,11 +198,23 @@ def main(argv: list[str] | None = None) -> dict:
     todo = [p for p in problems if p.id not in done]
     token_ids = dict(zip([p.id for p in todo], prompts.build_prompts(
         tokenizer, [p.prompt for p in todo], cfg.chat_template), strict=True))
+    problem_keys = {p.id: jax.random.fold_in(key, index) for index, p in enumerate(problems)}
+    at_once = {}  # rule -> problem id -> (result, seconds)
+    if cfg.online_at_once and todo:
+        longest = max(len(ids) for ids in token_ids.values())
+        for rule in cfg.rules:
+            start = time.perf_counter()
+            solved = online.solve_many(
+                model, [token_ids[p.id] for p in todo],
+                jax.numpy.stack([jax.random.fold_in(problem_keys[p.id], 1) for p in todo]),
+                sampling, cfg.online(rule), decode, prompt_length=longest)
+            seconds = (time.perf_counter() - start) / len(todo)
+            at_once[rule] = {p.id: (r, seconds) for p, r in zip(todo, solved, strict=True)}
     for index, problem in enumerate(tqdm(problems, unit="problem", file=sys.stderr)):
         if problem.id in done:
             continue
         prompt = token_ids[problem.id]
-        problem_key = jax.random.fold_in(key, index)
+        problem_key = problem_keys[problem.id]
         start = time.perf_counter()
         samples = jax.device_get(sampler.sample(model, [prompt], problem_key,
                                                 offline_sampling))
@@ -209,14 +225,18 @@ def main(argv: list[str] | None = None) -> dict:
                   "offline": offline_record(traces, problem.answer, cfg), "online": {}}
         for rule in cfg.rules:
             start = time.perf_counter()
-            result = online.solve(model, prompt, jax.random.fold_in(problem_key, 1),
-                                  sampling, cfg.online(rule), decode)
+            if rule in at_once:
+                result, seconds = at_once[rule][problem.id]
+            else:
+                result = online.solve(model, prompt, jax.random.fold_in(problem_key, 1),
+                                      sampling, cfg.online(rule), decode)
+                seconds = time.perf_counter() - start
             record["online"][rule] = {
                 "correct": answers.is_correct(result.answer, problem.answer),
                 "answer": result.answer, "votes": result.votes, "solution": result.solution,
                 "launched": result.launched, "stopped": result.stopped,
                 "tokens": result.tokens, "threshold": result.threshold,
-                "consensus": result.consensus, "seconds": time.perf_counter() - start}
+                "consensus": result.consensus, "seconds": seconds}
         # The chunk before the record: a problem with a record always has its traces.
         arrays.write_chunk(traces_store, index, trace_rows(samples))
         jsonl.append_record(path, record)
