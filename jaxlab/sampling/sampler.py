@@ -30,9 +30,10 @@ problems in one call and gets what it gets one problem at a time (`deepconf.onli
 allocating it.
 
 Shapes: P prompts, L padded prompt length, n slots per prompt, B = P x n slots, N = P x budget
-traces, T = max_new_tokens (the generated KV holds T_gen >= T slots), V vocabulary, W window,
-S = min(tail, T) tail. The confidence state is two ring buffers of float32, B x (W + S) x 4 bytes
-(256 slots with W = S = 2048: 4 MiB), updated in O(1) per token.
+traces (the sum of the per-prompt budgets when given), T = max_new_tokens (the generated KV holds
+T_gen >= T slots), V vocabulary, W window, S = min(tail, T) tail. The confidence state is two
+ring buffers of float32, B x (W + S) x 4 bytes (256 slots with W = S = 2048: 4 MiB), updated in
+O(1) per token.
 """
 
 from __future__ import annotations
