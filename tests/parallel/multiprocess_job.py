@@ -1,7 +1,8 @@
 """One process of a multi-process run (launched by test_multiprocess.py with PROCESS_ENV set):
 a batch of free-embedding runs and one policy step over a mesh of every process's devices, the
 state after it saved by every process into the checkpoint folder argv[2] and restored under
-another mesh; process 0 writes the results to the .npz file named by argv[1]."""
+another mesh, and every kind of results write into the folder argv[3]; process 0 writes the
+results to the .npz file named by argv[1]."""
 
 import os
 import sys
@@ -16,5 +17,6 @@ import numpy as np  # noqa: E402
 from tests.parallel import workloads  # noqa: E402
 
 results = workloads.run_all(checkpoints=sys.argv[2])
+workloads.results_files(sys.argv[3])
 if jax.process_index() == 0:
     np.savez(sys.argv[1], **results)

@@ -26,10 +26,10 @@ def _free_port() -> int:
 
 def _launch(out, processes=2, devices=4, wait_s=600, **env_overrides):
     """Runs multiprocess_job.py as `processes` processes of `devices` CPU devices each, with
-    its checkpoints in the folder `out`.checkpoints."""
+    its checkpoints in the folder `out`.checkpoints and its results files in `out`.files."""
     return _launch_command([sys.executable, "-m", "tests.parallel.multiprocess_job", str(out),
-                            f"{out}.checkpoints"], processes, devices, wait_s=wait_s,
-                           **env_overrides)
+                            f"{out}.checkpoints", f"{out}.files"], processes, devices,
+                           wait_s=wait_s, **env_overrides)
 
 
 def _launch_command(command, processes=2, devices=4, cwds=None, wait_s=600, **env_overrides):
@@ -56,7 +56,8 @@ def _launch_command(command, processes=2, devices=4, cwds=None, wait_s=600, **en
 def test_two_processes_equal_one_process_of_as_many_devices(tmp_path):
     # 2 processes x 4 CPU devices (gloo collectives) against this process's 8 devices: the
     # free-embedding runs and the policy step (its gradient all-reduced across processes) agree,
-    # and a checkpoint written by both processes (Orbax) restores there and here.
+    # a checkpoint written by both processes (Orbax) restores there and here, and results files
+    # are written once.
     out = tmp_path / "multi.npz"
     for code, log in _launch(out):
         assert code == 0, log
@@ -81,6 +82,13 @@ def test_two_processes_equal_one_process_of_as_many_devices(tmp_path):
     assert set(multi) == set(single)
     for name, value in single.items():
         np.testing.assert_allclose(multi[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
+    # Each process wrote and read back every kind of results file; process 0 alone wrote them:
+    # each appended record is there once, not once per process.
+    files = tmp_path / "multi.npz.files"
+    assert (files / "records.jsonl").read_text() == "".join(f'{{"i": {i}}}\n' for i in range(3))
+    assert (files / "metrics.jsonl").read_text() == '{"iteration": 0}\n'
+    assert json.loads((files / "summary.json").read_text()) == {"processes": 2}
+    assert (files / "figure.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_a_partial_launch_environment_is_named(monkeypatch):

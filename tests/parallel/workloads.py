@@ -1,16 +1,18 @@
 """The workloads a multi-process run and a single-process run of as many devices must agree on
 (tests/parallel/test_multiprocess.py)."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlab import parallel
+from jaxlab import arrays, jsonl, parallel, results
 from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.limit import free_embedding as fe
 from jaxlab.models.decoder import Decoder, DecoderConfig
-from jaxlab.rl import train
+from jaxlab.rl import loop, train
 
 SOLVER = fe.SolverConfig(check_every=10, patience=200, max_steps=500)
 TINY = DecoderConfig(family="qwen3", vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -115,6 +117,31 @@ def distinct_state() -> train.TrainState:
     leaves = [jax.random.normal(k, x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating)
               else x for k, x in zip(keys, leaves, strict=True)]
     return jax.tree.unflatten(tree, leaves).replace(step=jnp.int32(7))
+
+
+def results_files(folder: str) -> None:
+    """Every kind of results write (JSON, JSON Lines and metrics appends, a row store, a
+    figure) into `folder`, as every process of a run makes them; each process then reads back
+    what was written (AssertionError if it differs)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = pathlib.Path(folder)
+    results.write_json(folder / "summary.json", {"processes": jax.process_count()})
+    for i in range(3):
+        jsonl.append_record(folder / "records.jsonl", {"i": i})
+    loop.append_record(folder / "metrics.jsonl", {"iteration": 0})
+    loop.truncate_records(folder / "metrics.jsonl", 1)
+    store = arrays.open_store(folder / "store", {"x": ((5, 2), "float32")}, chunk_rows=2)
+    rows = np.arange(10, dtype=np.float32).reshape(5, 2)
+    assert arrays.fill(store, lambda start, stop: {"x": rows[start:stop]}) == [0, 1, 2]
+    figure = plt.figure()
+    results.save_figure(figure, folder / "figure.png")
+    plt.close(figure)
+    assert jsonl.resume_records(folder / "records.jsonl") == [{"i": i} for i in range(3)]
+    assert results.read_json(folder / "summary.json") == {"processes": jax.process_count()}
+    np.testing.assert_array_equal(arrays.read(store, "x"), rows)
 
 
 def run_all(checkpoints: str | None = None) -> dict[str, np.ndarray]:
