@@ -3,9 +3,9 @@
 Writes are atomic (a temporary file renamed into place), so an interrupted run never leaves a
 truncated JSON behind and a rerun resumes from what was finished.
 
-An experiment runs unchanged as several processes (`join_processes`, its first call): every
-process computes the same results, process 0 alone writes them and the log, and every process
-waits for each write, so that any of them may read back what was written.
+An experiment may run as several processes (`join_processes`, its first call): every process
+computes the same results, process 0 alone writes them and the log, and every process waits for
+each write, so that any of them may read back what was written.
 """
 
 from __future__ import annotations
