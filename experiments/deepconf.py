@@ -73,8 +73,9 @@ class Config:
     consensus: float = 0.95
     online_at_once: bool = False                         # online DeepConf on every problem still
     #                                                      to do in one `online.solve_many` per
-    #                                                      rule (same results; seconds per problem
-    #                                                      = the batch's time / problems)
+    #                                                      rule (same records, floats to
+    #                                                      rounding; seconds per problem = the
+    #                                                      batch's time / problems)
 
     def __post_init__(self):
         config_lib.require_positive_ints(self, "max_new_tokens", "window", "tail",

@@ -15,8 +15,9 @@ Many problems at once (`solve_many`): the warmups of all problems are one sample
 each round is one call holding every unfinished problem's traces, each problem with its own
 threshold (`sampler.sample(stop_thresholds=)`), its own number of traces (`budgets=`) and its
 own consensus stop. Each problem's traces come from its own key streams (a key per prompt), so
-the answers, traces and tokens equal those of `solve` on each problem alone (tested); the
-device decodes one batch instead of one small call after another.
+the answers, traces and tokens equal those of `solve` on each problem alone (tested;
+confidences and thresholds to float rounding, as batched matrix products may round otherwise);
+the device decodes one batch instead of one small call after another.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def solve_many(model: Decoder, prompts: Sequence[Sequence[int]], keys: jax.Array
                decode: Callable[[np.ndarray], str],
                prompt_length: int | None = None) -> list[OnlineResult]:
     """DeepConf online for many tokenized prompts at once, a key each (`keys` [P]); equal,
-    problem by problem, to `solve(model, prompts[p], keys[p], ...)`.
+    problem by problem, to `solve(model, prompts[p], keys[p], ...)` (floats to rounding).
 
     One sampler call decodes every warmup; then each round is one call over the problems still
     sampling (fewer traces than the budget and a consensus below tau), each with its threshold
