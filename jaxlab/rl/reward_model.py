@@ -33,12 +33,15 @@ class ScalarRewardModel(nnx.Module):
         self.backbone = backbone
         self.head = nnx.Linear(hidden_size, 1, rngs=rngs)
 
-    def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, mask: jax.Array, *, remat: str = "none",
+                 ) -> jax.Array:
         """Rewards float32 [B] of tokens int [B, T] whose real positions are mask [B, T] (each
-        row with at least one)."""
+        row with at least one); `remat`: the backbone layers' checkpoint policy for a gradient
+        (`Decoder.hidden`; "none" calls `hidden` without it, as any backbone takes)."""
         require(tokens.shape == mask.shape,
                 f"tokens {tokens.shape} and mask {mask.shape} must have equal shapes")
-        hidden = self.backbone.hidden(tokens, mask)                      # [B, T, D]
+        hidden = (self.backbone.hidden(tokens, mask) if remat == "none"
+                  else self.backbone.hidden(tokens, mask, remat=remat))  # [B, T, D]
         positions = jnp.arange(tokens.shape[1])
         last = jnp.max(jnp.where(mask.astype(bool), positions, 0), axis=1)  # [B]
         final = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
@@ -174,10 +177,12 @@ def pair_batch(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]]
     return out
 
 
-def pair_loss(model: ScalarRewardModel, batch) -> tuple[jax.Array, dict]:
+def pair_loss(model: ScalarRewardModel, batch, *, remat: str = "none",
+              ) -> tuple[jax.Array, dict]:
     """`bt_loss` of a `pair_batch` (the loss `sft.fit` trains the RM on), with its accuracy."""
-    rewards = model(jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]]),
-                    jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]]))  # [2B]
+    rows = (jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]]),
+            jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]]))
+    rewards = model(*rows) if remat == "none" else model(*rows, remat=remat)        # [2B]
     chosen, rejected = jnp.split(rewards, 2)
     loss = bt_loss(chosen, rejected)
     return loss, {"loss": loss, "accuracy": bt_accuracy(chosen, rejected)}

@@ -27,15 +27,17 @@ from tqdm import tqdm
 
 from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.config import require, require_positive_ints
+from jaxlab.models.decoder import REMAT_POLICIES
 from jaxlab.rl import losses, train
 from jaxlab.rl.loop import append_record, truncate_records
 
 log = logging.getLogger("jaxlab")
 
-# loss_fn(model, batch) -> (scalar loss, {name: scalar} metrics); batch: the data's arrays at
-# the step's examples. A loss that is a mean over something other than examples (target tokens)
-# reports how many terms it averages as the metric WEIGHT, so that micro-batches combine into the
-# whole batch's loss.
+# loss_fn(model, batch, *, remat) -> (scalar loss, {name: scalar} metrics); batch: the data's
+# arrays at the step's examples; remat (passed when FitConfig.remat is not "none"): the decoder
+# layers' checkpoint policy (`decoder.REMAT_POLICIES`). A loss that is a mean over something
+# other than examples (target tokens) reports how many terms it averages as the metric WEIGHT,
+# so that micro-batches combine into the whole batch's loss.
 WEIGHT = "weight"
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array]], tuple[jax.Array, dict]]
 
@@ -51,10 +53,14 @@ class FitConfig:
     log_every: int = 25             # steps between metrics.jsonl records
     checkpoint_every: int = 100
     microbatches: int = 1           # gradient accumulation: each batch in this many parts
+    remat: str = "none"             # what the backward pass keeps of each decoder layer
+    #                                 (`decoder.REMAT_POLICIES`; memory, not values)
 
     def __post_init__(self):
         require_positive_ints(self, "steps", "batch_size", "log_every", "checkpoint_every",
                               "microbatches")
+        require(self.remat in REMAT_POLICIES,
+                f"FitConfig.remat must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")
         require(self.batch_size % self.microbatches == 0,
                 f"FitConfig.microbatches={self.microbatches} must divide batch_size="
                 f"{self.batch_size}")
@@ -113,12 +119,14 @@ def sft_batch(prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
     return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
 
 
-def sft_loss(model: nnx.Module, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+def sft_loss(model: nnx.Module, batch: Mapping[str, jax.Array], *, remat: str = "none",
+             ) -> tuple[jax.Array, dict]:
     """Mean negative log-likelihood of the target tokens:
 
       L = -sum_{n,t} loss_mask[n,t] log p(tokens[n,t] | tokens[n,<t]) / sum loss_mask
     """
-    logp = train.sequence_logprobs(model, batch["tokens"], batch["mask"])[0]   # [B, T]
+    logp = train.sequence_logprobs(model, batch["tokens"], batch["mask"],
+                                   remat=remat)[0]                            # [B, T]
     loss = -losses.token_mean(logp, batch["loss_mask"])
     return loss, {"loss": loss, WEIGHT: jnp.sum(batch["loss_mask"])}
 
@@ -173,6 +181,8 @@ def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray], conf
     require(len(set(size.values())) == 1, f"data arrays have different lengths: {size}")
     require(config.batch_size <= min(size.values()),
             f"FitConfig.batch_size={config.batch_size} exceeds the {min(size.values())} examples")
+    if config.remat != "none":
+        loss_fn = functools.partial(loss_fn, remat=config.remat)
     graphdef, state = train.init_train_state(model, config.optimizer, key)
     device_data = {k: jnp.asarray(v) for k, v in data.items()}
     with Checkpointer(out / "checkpoints", CheckpointConfig(keep_last=1, best_metric=None)

@@ -104,3 +104,46 @@ def test_a_non_finite_step_stops_the_run_before_it_is_applied(tmp_path):
         sft.fit(Decoder(CONFIG, nnx.Rngs(0)), nan_on_row_0, data, config, tmp_path, key=key)
     saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [str(s) for s in range(1, bad + 1)]
+
+
+def _grads(loss_fn, model, batch, **kwargs):
+    graphdef, params = nnx.split(model)
+    return jax.jit(jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p), batch, **kwargs)[0]))(
+        params)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_the_sft_and_reward_model_gradients_of_no_remat(remat):
+    """The gradient under each checkpoint policy equals the plain one (to 1e-6 of its largest
+    entry: the recomputed forward rounds differently), for sft_loss and the RM's pair_loss."""
+    from jaxlab.rl import reward_model
+
+    rng = np.random.default_rng(0)
+    data = sft.sft_batch([rng.integers(3, 16, 3).tolist() for _ in range(4)],
+                         [rng.integers(3, 16, 2 + i).tolist() for i in range(4)], length=8)
+    model = Decoder(CONFIG, nnx.Rngs(0))
+    rm = reward_model.ScalarRewardModel(Decoder(CONFIG, nnx.Rngs(1)), CONFIG.hidden_size,
+                                        rngs=nnx.Rngs(2))
+    pairs = reward_model.pair_batch([[5, 6]] * 2, [[7, 8, 9], [3]], [[4], [9, 9, 9, 3]], 8)
+    for loss_fn, module, batch in ((sft.sft_loss, model, data),
+                                   (reward_model.pair_loss, rm, pairs)):
+        plain, kept = (jax.tree.leaves(_grads(loss_fn, module, batch, remat=r))
+                       for r in ("none", remat))
+        scale = max(float(jnp.max(jnp.abs(g))) for g in plain)
+        for a, b in zip(plain, kept, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6 * scale, rtol=0)
+
+
+def test_fit_passes_its_remat_policy_to_the_loss(tmp_path):
+    seen = []
+
+    def loss_fn(model, batch, *, remat="none"):
+        seen.append(remat)
+        return sft.sft_loss(model, batch, remat=remat)
+
+    config = sft.FitConfig(steps=1, batch_size=4, warmup_steps=0, remat="full")
+    sft.fit(Decoder(CONFIG, nnx.Rngs(0)), loss_fn, _ragged_data(), config, tmp_path,
+            key=jax.random.key(0))
+    assert seen and set(seen) == {"full"}
+    with pytest.raises(ValueError, match=r"FitConfig\.remat must be one of"):
+        sft.FitConfig(remat="some")
