@@ -218,14 +218,17 @@ def refill(finishing: jax.Array, prompt: jax.Array, trace: jax.Array, launched: 
            budget: jax.Array, capacity: int):
     """Finishing slots start the next traces of their prompt while its budget is not spent.
 
-    Finishing slots of one prompt are ranked by slot; rank r takes trace number launched[p] + r
-    if that is below `budget` (traced, [] or one per prompt [P]), as output row
-    p x capacity + number; the others go idle (trace -1). Returns (trace int32 [B], launched
-    int32 [P], refilled bool [B]).
+    A prompt's slots are consecutive (slot b = p n + i). Finishing slots of one prompt are
+    ranked by slot; rank r takes trace number launched[p] + r if that is below `budget` (traced,
+    [] or one per prompt [P]), as output row p x capacity + number; the others go idle (trace
+    -1). O(B): the rank is a running count of finishing slots minus its value at the prompt's
+    first slot. Returns (trace int32 [B], launched int32 [P], refilled bool [B]).
     """
     slots = jnp.arange(prompt.shape[0])
-    earlier = (prompt[None, :] == prompt[:, None]) & (slots[None, :] < slots[:, None])
-    number = launched[prompt] + jnp.sum(earlier & finishing[None, :], axis=1)  # [B]
+    done = finishing.astype(jnp.int32)
+    before = jnp.cumsum(done) - done                          # [B] finishing slots before b
+    first = jnp.full(launched.shape, prompt.shape[0]).at[prompt].min(slots)   # [P]
+    number = launched[prompt] + before - before[first[prompt]]               # [B]
     refilled = finishing & (number < jnp.broadcast_to(budget, launched.shape)[prompt])
     trace = jnp.where(refilled, prompt * capacity + number, jnp.where(finishing, -1, trace))
     return trace, launched.at[prompt].add(refilled.astype(jnp.int32)), refilled

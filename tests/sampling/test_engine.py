@@ -32,6 +32,30 @@ def test_refill_gives_finished_slots_the_next_traces_of_their_prompt_within_the_
     np.testing.assert_array_equal(refilled, [True, False, True, False])
 
 
+def test_refill_matches_a_slot_by_slot_reference_with_per_prompt_budgets():
+    # the rank of a finishing slot among its prompt's finishing slots, counted one by one
+    rng = np.random.default_rng(0)
+    step = jax.jit(sampler.refill, static_argnames="capacity")
+    for _ in range(40):
+        p, n = 3, 4
+        prompt = np.arange(p * n) // n
+        finishing = rng.random(p * n) < 0.5
+        launched, budget = rng.integers(0, 6, p), rng.integers(0, 9, p)
+        trace = rng.integers(-1, 24, p * n)
+        got, got_launched, got_refilled = step(finishing, prompt, trace, launched, budget,
+                                               capacity=8)
+        want, want_launched = trace.copy(), launched.copy()
+        for b in range(p * n):
+            if finishing[b]:
+                number = launched[prompt[b]] + finishing[:b][prompt[:b] == prompt[b]].sum()
+                refilled = number < budget[prompt[b]]
+                want[b] = prompt[b] * 8 + number if refilled else -1
+                want_launched[prompt[b]] += refilled
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got_launched, want_launched)
+        np.testing.assert_array_equal(got_refilled, finishing & (want >= 0))
+
+
 def test_finish_names_the_reason_a_trace_ends():
     window = GroupWindow(ring=jnp.zeros((4, 2)), total=jnp.asarray([2.0, 2.0, 20.0, 20.0]),
                          count=jnp.asarray([2, 1, 5, 5]))          # means 1, 2, 10, 10
