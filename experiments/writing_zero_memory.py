@@ -1,9 +1,10 @@
 """Memory of the Writing-Zero jobs on real Qwen3 shapes, from XLA's analysis of the compiled
 steps (nothing is allocated): what configs/writing_zero/*_qwen3_gpu.yaml need per device.
 
-    python experiments/writing_zero_memory.py [--sizes 0.6B 1.7B 4B] [--out FILE]
+    python experiments/writing_zero_memory.py [--sizes 0.6B 1.7B 4B] [--remat full] [--out FILE]
 
-For each size, with float32 master weights and AdamW state and bfloat16 compute:
+For each size, with float32 master weights and AdamW state, bfloat16 compute, each step in
+MICROBATCHES parts and the decoder layers under the `--remat` policy (as the GPU configs set):
   rm      one Bradley-Terry step (`sft.fit`'s step on `reward_model.pair_loss`), B pairs x L
   sft     one GenRM cold-start step (`sft.sft_loss`), B rows x (prompt + judge text)
   policy  one `train.train_step` (GenRM GRPO / writer), B rows x (prompt + response)
@@ -15,6 +16,7 @@ reported: arguments + outputs - aliased + temporaries (`compile().memory_analysi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 
@@ -24,7 +26,7 @@ from flax import nnx
 
 from jaxlab import parallel
 from jaxlab.models import zoo
-from jaxlab.models.decoder import Decoder, DecoderConfig
+from jaxlab.models.decoder import REMAT_POLICIES, Decoder, DecoderConfig
 from jaxlab.rl import reward_model, sft, train
 from jaxlab.sampling import sampler
 
@@ -36,7 +38,8 @@ SIZES = {
                num_attention_heads=32),
 }
 # (batch, length) per job, as the GPU configs set them
-RM, SFT, POLICY = (32, 1024), (16, 3072), (32, 3072)   # policy: micro-batches of 8 rows
+RM, SFT, POLICY = (32, 1024), (16, 3072), (32, 3072)
+MICROBATCHES = 4
 ROLLOUT = dict(prompts=16, n=8, prompt_length=2048, max_new_tokens=1024)
 
 
@@ -60,15 +63,16 @@ def gib(compiled) -> float:
             + m.temp_size_in_bytes) / 2 ** 30
 
 
-def fit_step_gib(module_fn, loss_fn, data: dict, microbatches: int = 1) -> float:
+def fit_step_gib(module_fn, loss_fn, data: dict, remat: str) -> float:
     config = sft.FitConfig().optimizer
     graphdef, state = abstract_state(module_fn, config)
     batch = next(iter(data.values())).shape[0]
-    return gib(sft._step.lower(state, data, graphdef=graphdef, loss_fn=loss_fn, config=config,
-                               batch_size=batch, microbatches=microbatches).compile())
+    return gib(sft._step.lower(state, data, graphdef=graphdef,
+                               loss_fn=functools.partial(loss_fn, remat=remat), config=config,
+                               batch_size=batch, microbatches=MICROBATCHES).compile())
 
 
-def job_memory(size: str) -> dict[str, float]:
+def job_memory(size: str, remat: str) -> dict[str, float]:
     c = decoder_config(size)
     sds = jax.ShapeDtypeStruct
 
@@ -78,7 +82,7 @@ def job_memory(size: str) -> dict[str, float]:
     rm_data = {f"{side}_{kind}": rows(RM) for side in ("chosen", "rejected")
                for kind in ("tokens", "mask")}
     sft_data = {"tokens": rows(SFT), "mask": rows(SFT), "loss_mask": rows(SFT, jnp.float32)}
-    policy_config = train.TrainConfig(microbatches=4, logprob_chunk=512)
+    policy_config = train.TrainConfig(microbatches=MICROBATCHES, logprob_chunk=512, remat=remat)
     graphdef, state = abstract_state(lambda: Decoder(c, nnx.Rngs(0)), policy_config)
     batch = train.PolicyBatch(tokens=rows(POLICY), mask=rows(POLICY),
                               loss_mask=rows(POLICY, jnp.float32),
@@ -89,8 +93,8 @@ def job_memory(size: str) -> dict[str, float]:
     return {
         "rm": fit_step_gib(lambda: reward_model.ScalarRewardModel(
             Decoder(c, nnx.Rngs(0)), c.hidden_size, rngs=nnx.Rngs(0)),
-            reward_model.pair_loss, rm_data),
-        "sft": fit_step_gib(lambda: Decoder(c, nnx.Rngs(0)), sft.sft_loss, sft_data),
+            reward_model.pair_loss, rm_data, remat),
+        "sft": fit_step_gib(lambda: Decoder(c, nnx.Rngs(0)), sft.sft_loss, sft_data, remat),
         "policy": gib(train.train_step.lower(state, batch, graphdef=graphdef,
                                              config=policy_config,
                                              mesh=parallel.single_device_mesh()).compile()),
@@ -102,15 +106,16 @@ def job_memory(size: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--remat", default="full", choices=list(REMAT_POLICIES))
     parser.add_argument("--out", default="results/writing_zero_memory.json")
     args = parser.parse_args()
     table = {}
     print(f"GiB per device on {jax.devices()[0].device_kind} ({jax.default_backend()}): rm "
           f"{RM[0]} pairs x {RM[1]}, sft {SFT[0]} x {SFT[1]}, policy {POLICY[0]} x {POLICY[1]} "
-          f"(4 micro-batches), kv {ROLLOUT['prompts']} x {ROLLOUT['n']} slots x "
-          f"{ROLLOUT['prompt_length'] + ROLLOUT['max_new_tokens']}")
+          f"({MICROBATCHES} micro-batches each, remat {args.remat}), kv {ROLLOUT['prompts']} x "
+          f"{ROLLOUT['n']} slots x {ROLLOUT['prompt_length'] + ROLLOUT['max_new_tokens']}")
     for size in args.sizes:
-        table[size] = job_memory(size)
+        table[size] = job_memory(size, args.remat)
         print(f"Qwen3-{size}: " + "  ".join(f"{k} {v:.1f}" for k, v in table[size].items()),
               flush=True)
     out = pathlib.Path(args.out)
