@@ -125,7 +125,7 @@ def test_problem_file_errors_name_the_line(tmp_path):
         load_problems(path)
 
 
-def test_auroc_counts_pairs_ordered_right_and_halves_ties():
+def _experiment_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -133,6 +133,20 @@ def test_auroc_counts_pairs_ordered_right_and_halves_ties():
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while it loads
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["tail", "window"])
+def test_a_tail_or_window_below_one_is_an_error_naming_it(name):
+    module = _experiment_module()
+    with pytest.raises(ValueError, match=f"Config.{name} must be an integer >= 1"):
+        module.Config(**{name: 0})
+    # longer than max_new_tokens is allowed (the whole trace)
+    assert module.Config(**{name: 4096}).sampling(eos=0).max_new_tokens == 64
+
+
+def test_auroc_counts_pairs_ordered_right_and_halves_ties():
+    module = _experiment_module()
     scores = np.array([0.9, 0.5, 0.5, 0.1])
     right = np.array([True, True, False, False])
     # positive-negative pairs: (0.9, 0.5) 1, (0.9, 0.1) 1, (0.5, 0.5) 1/2, (0.5, 0.1) 1 -> 3.5 / 4
