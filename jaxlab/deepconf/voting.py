@@ -119,27 +119,34 @@ def weighted_vote(answers: jax.Array, valid: jax.Array, confidence: jax.Array) -
     return vote(answers, valid, confidence, confidence)
 
 
-def keep_count(voters: jax.Array, keep_percent: float) -> jax.Array:
-    """int32 []: ceil(eta x n / 100) for eta = keep_percent and n voting traces (>= 1 if n >= 1).
-
-    Computed as ceil((eta * n) / 100) so that whole percentages round exactly (10% of 30 is 3).
-    """
-    n = jnp.sum(voters).astype(jnp.float32)
-    return jnp.ceil(keep_percent * n / 100.0).astype(jnp.int32)
+def percentile_of(scores: jax.Array, members: jax.Array, percent: float) -> jax.Array:
+    """float32 []: the `percent`-th percentile of scores [N] over the `members` (bool [N]) by
+    linear interpolation between order statistics, as `np.percentile(scores[members], percent)`:
+    position pos = percent x (n - 1) / 100 in the sorted members, value x[lo] + (x[lo + 1] -
+    x[lo]) (pos - lo) for lo = floor(pos) (numpy's form: x[lo + 1] - (...)(1 - (pos - lo)) past
+    the midpoint). +inf without members. pos is computed as (percent x (n - 1)) / 100, exact for
+    whole percentages, so a whole position picks its order statistic itself."""
+    n = jnp.sum(members).astype(jnp.int32)
+    ordered = jnp.sort(jnp.where(members, scores.astype(jnp.float32), jnp.inf))      # [N]
+    pos = jnp.float32(percent) * jnp.maximum(n - 1, 0).astype(jnp.float32) / 100.0
+    lo = jnp.floor(pos).astype(jnp.int32)
+    hi = jnp.minimum(lo + 1, jnp.maximum(n - 1, 0))
+    a, b, t = ordered[lo], ordered[hi], pos - lo
+    diff = jnp.where(hi > lo, b - a, 0.0)
+    value = jnp.where(t >= 0.5, b - diff * (1 - t), a + diff * t)
+    return jnp.where(n > 0, jnp.where(hi > lo, value, a), jnp.inf)
 
 
 def top_percent(scores: jax.Array, voters: jax.Array, keep_percent: float) -> jax.Array:
-    """bool [N]: the keep_count most confident of the voters by `scores` [N].
-
-    Traces are ranked by score, higher first, and equal scores by index, earlier first:
-    rank_t = #{s voter : score_s > score_t or (score_s = score_t and s < t)}; kept: rank_t < k.
+    """bool [N]: the voters whose score [N] reaches the (100 - eta)-th percentile of the voters'
+    scores (`percentile_of`, linear), eta = keep_percent: the official implementation's filter
+    (facebookresearch/deepconf `filter_top_confidence`: `conf >= np.percentile(confs,
+    (1 - top) * 100)`). About eta% of the voters, at least one; ties with the cut are all kept
+    (top 10% of 11 traces: 2; top 90% of 8: 7).
     """
     require(0 < keep_percent <= 100, f"keep_percent must lie in (0, 100], got {keep_percent}")
-    index = jnp.arange(scores.shape[0])
-    ahead = (scores[None, :] > scores[:, None]) | (
-        (scores[None, :] == scores[:, None]) & (index[None, :] < index[:, None]))  # [N, N]
-    rank = jnp.sum(ahead & voters[None, :], axis=1)
-    return voters & (rank < keep_count(voters, keep_percent))
+    cut = percentile_of(scores, voters, 100.0 - keep_percent)
+    return voters & (scores.astype(jnp.float32) >= cut)
 
 
 def filtered_vote(answers: jax.Array, valid: jax.Array, scores: jax.Array,

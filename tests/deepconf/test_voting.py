@@ -1,4 +1,5 @@
 import math
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +29,19 @@ def _ref_vote(answers, voters, weights, confidence):
     return winner, trace, votes
 
 
+def _ref_percentile(values, percent):
+    """The linear-interpolation percentile, exactly (fractions): np.percentile's definition."""
+    x = sorted(Fraction(v) for v in values)
+    pos = Fraction(percent) * (len(x) - 1) / 100
+    lo = math.floor(pos)
+    return x[lo] + (x[min(lo + 1, len(x) - 1)] - x[lo]) * (pos - lo)
+
+
 def _ref_filtered(answers, valid, scores, keep_percent, weighted):
+    """The official filter: the voters whose score reaches the (100 - eta)-th percentile."""
     voters = [t for t in range(len(answers)) if valid[t] and answers[t] >= 0]
-    k = math.ceil(keep_percent * len(voters) / 100)
-    kept = sorted(voters, key=lambda t: (-scores[t], t))[:k]
+    cut = _ref_percentile([scores[t] for t in voters], 100 - keep_percent) if voters else 0
+    kept = [t for t in voters if scores[t] >= cut]
     weights = scores if weighted else [1.0] * len(scores)
     return _ref_vote(answers, sorted(kept), weights, scores), kept
 
@@ -115,7 +125,8 @@ def test_hand_computed_votes():
     assert int(weighted.answer) == 0 and int(weighted.trace) == 0
     np.testing.assert_allclose(np.asarray(weighted.votes)[:2], [1.7, 0.3], rtol=1e-6)
     np.testing.assert_allclose(float(weighted.consensus), 1.7 / 2.0, rtol=1e-6)
-    top = vt.filtered_vote(a, v, s, 40.0, weighted=False)  # ceil(0.4 x 5) = 2 traces: 0 and 1
+    # the 60th percentile of [.1, .1, .1, .8, .9] is .1 + .7 x .4 = .38: traces 0 and 1 reach it
+    top = vt.filtered_vote(a, v, s, 40.0, weighted=False)
     assert np.asarray(top.voters).tolist() == [True, True, False, False, False]
     assert int(top.answer) == 0 and float(top.consensus) == 1.0
 
@@ -130,9 +141,9 @@ def test_ties_go_to_the_most_confident_voter_then_the_first_answer():
     # Weighted: V(0) = 1 + 2 = V(1) = 3; answer 1 holds the single most confident trace.
     tie = vt.weighted_vote(jnp.array([0, 0, 1]), jnp.ones(3, bool), jnp.array([1.0, 2.0, 3.0]))
     assert int(tie.answer) == 1 and int(tie.trace) == 2
-    # Filtering ties at the cut keep the earlier trace.
+    # Filtering keeps every trace tied with the cut (the median of [5, 5, 5, 7] is 5).
     kept = vt.top_percent(jnp.array([5.0, 7.0, 5.0, 5.0]), jnp.ones(4, bool), 50.0)
-    assert np.asarray(kept).tolist() == [True, True, False, False]
+    assert np.asarray(kept).tolist() == [True, True, True, True]
 
 
 def test_no_voter_gives_no_answer():
@@ -152,11 +163,25 @@ def test_unanimous_traces_have_full_consensus():
         assert float(result.consensus) == 1.0
 
 
-@pytest.mark.parametrize("n, keep_percent, count", [
-    (30, 10, 3), (7, 90, 7), (10, 90, 9), (1, 10, 1), (0, 10, 0), (3, 100, 3), (8, 12.5, 1),
-    (9, 12.5, 2), (100, 1, 1), (101, 1, 2)])
-def test_keep_count_rounds_up(n, keep_percent, count):
-    assert int(vt.keep_count(jnp.ones(n, bool), keep_percent)) == count
+def _official_filter(confidences, top_percent):
+    """facebookresearch/deepconf `filter_top_confidence`, transcribed: which traces it keeps."""
+    threshold = np.percentile(confidences, (1 - top_percent) * 100)
+    return [conf >= threshold for conf in confidences]
+
+
+@pytest.mark.parametrize("n", [1, 2, 6, 7, 8, 10, 11, 30, 64, 101])
+@pytest.mark.parametrize("keep_percent", [10, 90, 12.5, 100])
+def test_top_percent_keeps_what_the_official_filter_keeps(n, keep_percent):
+    scores = np.random.default_rng(n).uniform(5, 20, size=n).astype(np.float32)
+    kept = vt.top_percent(jnp.asarray(scores), jnp.ones(n, bool), keep_percent)
+    want = _official_filter(scores.astype(np.float64), keep_percent / 100)
+    assert np.asarray(kept).tolist() == want
+    # e.g. top 10% of 11 traces: 2, top 90% of 8: 7, always at least one
+    assert 1 <= sum(want) <= n
+
+
+def test_top_percent_without_voters_keeps_none():
+    assert not np.asarray(vt.top_percent(jnp.ones(4), jnp.zeros(4, bool), 10.0)).any()
 
 
 @pytest.mark.parametrize("keep_percent", [0, -1, 100.5, 200])
