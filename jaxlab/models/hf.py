@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import pathlib
 from collections.abc import Callable, Iterator, Sequence
 
@@ -37,7 +38,7 @@ from jaxlab.config import dtype_name
 from jaxlab.extras import require_extra
 from jaxlab.models.decoder import FAMILIES, Decoder, DecoderConfig
 from jaxlab.models.encoder import Encoder, EncoderConfig, SentenceEncoder
-from jaxlab.results import write_json
+from jaxlab.results import write_json, write_once
 
 log = logging.getLogger("jaxlab")
 
@@ -444,7 +445,7 @@ def _hf_config_dict(config: DecoderConfig) -> dict:
 def _state_tensors(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     for name, (ours, transposed) in decoder_tensor_names(model.config).items():
-        array = np.asarray(jax.device_get(flat[ours][...]))
+        array = parallel.host_array(flat[ours][...])
         yield name, np.ascontiguousarray(array.T if transposed else array)
 
 
@@ -453,16 +454,29 @@ def save_pretrained(model: Decoder, path: str | pathlib.Path, **config_fields) -
 
     `config_fields` go into config.json as well (e.g. eos_token_id=..., bos_token_id=...).
     A sharded checkpoint's index left in the folder is removed, so the folder loads what was
-    written.
+    written. In a multi-process run every process calls it alike (the parameters may span
+    their devices); process 0 alone writes, and the others return once it has written.
     """
     from safetensors.numpy import save_file
 
     path = pathlib.Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "model.safetensors.index.json").unlink(missing_ok=True)
+    tensors = dict(_state_tensors(model))  # on every process: shards held elsewhere gathered
+
+    def write():
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "model.safetensors.index.json").unlink(missing_ok=True)
+        partial = path / "model.safetensors.partial"  # renamed into place once complete
+        save_file(tensors, str(partial), metadata={"format": "pt"})
+        os.replace(partial, path / "model.safetensors")
+
+    write_once(write, path / "model.safetensors")
     write_json(path / "config.json", {**_hf_config_dict(model.config), **config_fields})
-    save_file(dict(_state_tensors(model)), str(path / "model.safetensors"),
-              metadata={"format": "pt"})
+
+
+def save_tokenizer(tokenizer, path: str | pathlib.Path) -> None:
+    """`tokenizer.save_pretrained(path)` (a transformers tokenizer) on process 0 only; with
+    several processes the others return once it is written (`results.write_once`)."""
+    write_once(lambda: tokenizer.save_pretrained(pathlib.Path(path)), path)
 
 
 def load_tokenizer(path: str | pathlib.Path):

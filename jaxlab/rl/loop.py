@@ -32,7 +32,7 @@ import pathlib
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,7 @@ from jaxlab.rl import rollout, train
 from jaxlab.sampling import sampler
 
 log = logging.getLogger("jaxlab")
+T = TypeVar("T")
 
 ADVANTAGES = {"grpo": adv.grpo_advantages, "dr_grpo": adv.dr_grpo_advantages,
               "rloo": adv.rloo_advantages, "brpo": None}  # BRPO: the rewards are the advantages
@@ -213,7 +214,9 @@ def _rollouts(model: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: 
     spare = []
     for round_ in range(1 + (config.max_refills if config.dynamic_sampling else 0)):
         round_key = jax.random.fold_in(key, round_)
-        prompts = list(prompt_fn(jax.random.fold_in(round_key, 0), config.prompts))
+        prompts = list(together(functools.partial(
+            prompt_fn, jax.random.fold_in(round_key, 0), config.prompts),
+            f"iteration {iteration}: prompt_fn"))
         require(len(prompts) == config.prompts, f"iteration {iteration}: prompt_fn returned "
                 f"{len(prompts)} prompts, expected {config.prompts}")
         long = [(i, len(p.tokens)) for i, p in enumerate(prompts)
@@ -223,12 +226,14 @@ def _rollouts(model: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: 
         samples = sampler.sample(model, [p.tokens for p in prompts],
                                  jax.random.fold_in(round_key, 1), config.sampling, mesh=mesh,
                                  prompt_length=config.max_prompt_tokens)
-        tokens, lengths = jax.device_get((samples.tokens, samples.lengths))
+        tokens, lengths = (parallel.host_array(x) for x in (samples.tokens, samples.lengths))
         kept.tokens += int(lengths.sum())
         responses = [[tokens[i * g + j, :lengths[i * g + j]].tolist() for j in range(g)]
                      for i in range(len(prompts))]
-        values = checked_rewards(reward_fn, prompts, responses,
-                                 rollout.truncated(samples).reshape(-1, g), iteration)
+        truncated = rollout.truncated(samples).reshape(-1, g)
+        values = together(functools.partial(checked_rewards, reward_fn, prompts, responses,
+                                            truncated, iteration),
+                          f"iteration {iteration}: the reward function")
         varied = np.asarray(adv.has_variance(jnp.asarray(values["reward"])))
         kept.samples.append(samples)
         kept.rounds += 1
@@ -306,9 +311,16 @@ def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopC
     from the latest one (the caller checks that the config is the same, e.g. with
     `results.open_run`). `on_iteration`, if given, is called after each iteration's metrics
     are written.
+
+    `mesh` (default: this process's first device) may span the devices of several processes
+    (a run of several processes, `results.join_processes`): every process then calls `run`
+    alike, with the same policy, prompt and reward functions, and computes the same iterations;
+    the reward function scores the whole batch on every process, process 0 alone writes the
+    metrics and every process its shards of the checkpoints (Orbax).
     """
     out = pathlib.Path(out_dir)
-    mesh = mesh or parallel.single_device_mesh()
+    mesh = mesh or parallel.make_mesh(parallel.DATA, jax.local_devices()[:1])
+    replicated = parallel.replicated(mesh)
     rows, shards = config.prompts * config.group_size, mesh.shape[parallel.DATA]
     require(rows % shards == 0 and (rows // config.minibatches) % (
         shards * config.train.microbatches) == 0,
@@ -317,17 +329,18 @@ def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopC
         f"train.microbatches={config.train.microbatches}")
     graphdef, state = train.init_train_state(policy, config.train, key)  # copies the weights
     dtype = jnp.dtype(policy.config.dtype)
-    reference = nnx.merge(graphdef, _cast(nnx.state(policy, nnx.Param), dtype))
+    reference = nnx.merge(graphdef, parallel.put(
+        _cast(nnx.state(policy, nnx.Param), dtype), replicated))
+    state = parallel.put(state, replicated)
     updates = config.ppo_epochs * config.minibatches
     with Checkpointer(out / "checkpoints", CheckpointConfig(
             keep_last=config.keep_checkpoints, best_metric=None)) as checkpointer:
         start = 0
         if checkpointer.latest_step() is not None:
-            state = checkpointer.restore(state)
+            state = checkpointer.restore(state)  # placed as `state` is: replicated on the mesh
             start = int(state.step) // updates
             log.info("resuming from iteration %d (%s)", start, checkpointer.directory)
         truncate_records(out / "metrics.jsonl", start)
-        state = jax.device_put(state, parallel.replicated(mesh))
         bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
                    unit="it", file=sys.stderr, dynamic_ncols=True)
         for iteration in bar:
@@ -346,8 +359,10 @@ def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopC
                                          t2 - t1, config.ppo_epochs)
             append_record(out / "metrics.jsonl", metrics)
             if on_iteration is not None:
-                on_iteration(iteration, groups.prompts, groups.responses,
-                             {k: np.stack(v) for k, v in groups.values.items()})
+                together(functools.partial(
+                    on_iteration, iteration, groups.prompts, groups.responses,
+                    {k: np.stack(v) for k, v in groups.values.items()}),
+                    f"iteration {iteration}: on_iteration")
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
                             **({"acc": f"{metrics['accuracy']:.3f}"} if "accuracy" in metrics
                                else {}))
@@ -372,7 +387,7 @@ def _update(state, batch, graphdef, config: LoopConfig, mesh, key, iteration, ch
                                   parallel.batch_sharding(mesh))
             state, metrics = train.train_step(state, mini, graphdef=graphdef,
                                               config=config.train, mesh=mesh)
-            metrics = jax.device_get(metrics)
+            metrics = jax.tree.map(parallel.host_array, metrics)
             if not metrics["finite"]:
                 raise FloatingPointError(
                     f"iteration {iteration} (optimizer step {int(state.step) + 1}): loss "
@@ -405,15 +420,39 @@ def _iteration_metrics(iteration, groups: _Groups, batch, step_metrics, rollout_
     return metrics
 
 
-def append_record(path: pathlib.Path, record: dict) -> None:
-    """Appends one JSON line to `path` (a metrics file), on process 0 only
-    (`results.write_once`)."""
-    def append():
-        with path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+def together(fn: Callable[[], T], what: str) -> T:
+    """`fn()` (host code that every process runs alike: a prompt or reward function, a write on
+    process 0); with several processes, an exception that `fn` raises on any one of them is
+    raised on every one (the others raise RuntimeError naming the process), so that none waits
+    in a collective for a process that has stopped. The processes synchronize once per call."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
 
-    results.write_once(append, path)
+    value, error = None, None
+    try:
+        value = fn()
+    except Exception as e:  # raised below, once every process knows
+        error = e
+    failed = np.asarray(multihost_utils.process_allgather(np.asarray(error is not None)))
+    if error is not None:
+        raise error
+    if failed.any():
+        raise RuntimeError(f"{what} failed on process {np.flatnonzero(failed).tolist()} (see "
+                           f"its log); process {jax.process_index()} stops with it")
+    return value
+
+
+def append_record(path: pathlib.Path, record: dict) -> None:
+    """Appends one JSON line to `path` (a metrics file), on process 0 only; every process
+    returns once it is written, or raises if writing it failed (`together`)."""
+    def append():
+        if results.is_writer():
+            with path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+
+    together(append, f"writing {path}")
 
 
 def truncate_records(path: pathlib.Path, count: int, key: str = "iteration") -> None:

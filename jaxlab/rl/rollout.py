@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlab import parallel
 from jaxlab.rl import train
 from jaxlab.sampling import sampler
 
@@ -74,7 +75,7 @@ def policy_batch(prompts: Sequence[Sequence[int]], samples: sampler.Samples,
         these rows; batches that will be concatenated must share them).
     """
     width, steps = widths or batch_widths(
-        [len(prompts[p]) for p in rows[:, 0]], np.asarray(samples.lengths)[rows[:, 1]],
+        [len(prompts[p]) for p in rows[:, 0]], parallel.host_array(samples.lengths)[rows[:, 1]],
         prompt_length, samples.tokens.shape[1])
     ids, mask = sampler.left_pad(prompts, width=prompt_length)
     graphdef, params = nnx.split(reference)
@@ -100,4 +101,4 @@ def batch_widths(prompt_lengths: Sequence[int], response_lengths: Sequence[int],
 def truncated(samples: sampler.Samples) -> np.ndarray:
     """bool [N]: traces that hit max_new_tokens before a stop token (a reward may treat them
     apart)."""
-    return np.asarray(samples.finish_reason) == sampler.LENGTH
+    return parallel.host_array(samples.finish_reason) == sampler.LENGTH

@@ -7,9 +7,11 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxlab import parallel
 from jaxlab.checkpoint import CheckpointConfig, Checkpointer
+from jaxlab.models import hf
 from tests.parallel import workloads
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "experiments"))
@@ -79,9 +81,25 @@ def test_two_processes_equal_one_process_of_as_many_devices(tmp_path):
         np.testing.assert_array_equal(multi.pop(f"restored:{name}"), value, err_msg=name)
         np.testing.assert_array_equal(multi.pop(f"whole:{name}"), value, err_msg=name)
         np.testing.assert_array_equal(here[name], value, err_msg=name)
+    # The RL run (2 iterations of sampling, rewards and 2 optimizer steps): the same metrics and
+    # final parameters as one process of as many devices, checkpoints after each iteration, and
+    # the trained policy saved as the parameters it ended with. Process 0 alone wrote its files
+    # (metrics, config, weights; the checkpoints are Orbax's, written by both).
+    single.update(workloads.rl_run(str(tmp_path / "single.rl")))
+    assert len([k for k in single if k.startswith("rl:param:")]) > 5
     assert set(multi) == set(single)
     for name, value in single.items():
         np.testing.assert_allclose(multi[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
+    rl = tmp_path / "multi.npz.rl"
+    with Checkpointer(rl / "checkpoints", CheckpointConfig(best_metric=None)) as ckpt:
+        assert ckpt.all_steps() == [2, 4]
+    saved = hf.load_pretrained(rl / "policy")
+    for path, value in workloads.host_leaves(nnx.state(saved, nnx.Param)).items():
+        np.testing.assert_array_equal(value, multi[f"rl:param:{path}"], err_msg=path)
+    writes = [json.loads((tmp_path / f"multi.npz.writes{i}.json").read_text()) for i in (0, 1)]
+    assert writes[1] == [], writes[1]
+    assert {"open metrics.jsonl", "os.mkdir policy",
+            "os.rename policy/model.safetensors.partial"} <= set(writes[0]), writes[0]
     # Each process wrote and read back every kind of results file; process 0 alone wrote them:
     # each appended record is there once, not once per process.
     files = tmp_path / "multi.npz.files"

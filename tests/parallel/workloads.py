@@ -1,7 +1,10 @@
 """The workloads a multi-process run and a single-process run of as many devices must agree on
 (tests/parallel/test_multiprocess.py)."""
 
+import dataclasses
+import os
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +14,10 @@ from flax import nnx
 from jaxlab import arrays, jsonl, parallel, results
 from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.limit import free_embedding as fe
+from jaxlab.models import hf
 from jaxlab.models.decoder import Decoder, DecoderConfig
 from jaxlab.rl import loop, train
+from tests.rl import loop_job
 
 SOLVER = fe.SolverConfig(check_every=10, patience=200, max_steps=500)
 TINY = DecoderConfig(family="qwen3", vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -147,3 +152,51 @@ def results_files(folder: str) -> None:
 def run_all(checkpoints: str | None = None) -> dict[str, np.ndarray]:
     return {**{f"runs:{k}": v for k, v in free_embedding_batch().items()},
             **policy_step(checkpoints)}
+
+
+# Two iterations of the RL loop (sampling, an exact reward on the host, 2 optimizer steps each)
+# and a checkpoint after each, on 16 rows.
+RL_CONFIG = dataclasses.replace(loop_job.config(2), checkpoint_every=1)
+
+
+def rl_run(out_dir: str) -> dict[str, np.ndarray]:
+    """`loop.run` of loop_job's tiny decoder over a DATA mesh of every device into `out_dir`,
+    and the trained policy saved by `hf.save_pretrained` into `out_dir`/policy: the metrics
+    ("rl:<name>", one value per iteration; not the timings) and final parameters
+    ("rl:param:<path>")."""
+    graphdef, state = loop.run(Decoder(loop_job.CONFIG, nnx.Rngs(0)), loop_job.prompt_fn,
+                               loop_job.reward_fn, RL_CONFIG, out_dir, key=jax.random.key(0),
+                               mesh=parallel.make_mesh(parallel.DATA))
+    hf.save_pretrained(nnx.merge(graphdef, state.params), pathlib.Path(out_dir) / "policy")
+    records = jsonl.resume_records(pathlib.Path(out_dir) / "metrics.jsonl")
+    assert [r["iteration"] for r in records] == [0, 1], records
+    found = {f"rl:{name}": np.asarray([r[name] for r in records]) for name in records[0]
+             if "seconds" not in name and not name.endswith("_per_s")}
+    found.update({f"rl:param:{k}": v for k, v in host_leaves(state.params).items()})
+    return found
+
+
+def audit_writes(folder: str, exclude: str) -> list[str]:
+    """From now on, records each file or folder this process opens for writing, creates, renames
+    or removes under `folder` but outside its subfolder `exclude` (Python's audit events); returns
+    the list that it fills."""
+    root, skip = pathlib.Path(folder).resolve(), pathlib.Path(folder).resolve() / exclude
+    seen: list[str] = []
+
+    def writes(event: str, args: tuple) -> bool:
+        if event == "open":
+            mode, flags = args[1], args[2]
+            return (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                mode is None and isinstance(flags, int) and bool(flags & (os.O_WRONLY | os.O_RDWR
+                                                                          | os.O_CREAT)))
+        return event in ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree")
+
+    def hook(event: str, args: tuple) -> None:
+        if not writes(event, args) or not isinstance(args[0], (str, os.PathLike)):
+            return
+        path = pathlib.Path(os.fsdecode(args[0])).resolve()
+        if path.is_relative_to(root) and not path.is_relative_to(skip):
+            seen.append(f"{event} {path.relative_to(root)}")
+
+    sys.addaudithook(hook)
+    return seen
