@@ -23,8 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from jaxlab import parallel
 from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.config import require, require_positive_ints
 from jaxlab.models.decoder import REMAT_POLICIES
@@ -132,19 +134,22 @@ def sft_loss(model: nnx.Module, batch: Mapping[str, jax.Array], *, remat: str = 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn", "config", "batch_size",
-                                             "microbatches"), donate_argnums=0)
+                                             "microbatches", "split"), donate_argnums=0)
 def _step(state: train.TrainState, data, *, graphdef, loss_fn, config: train.TrainConfig,
-          batch_size: int, microbatches: int):
+          batch_size: int, microbatches: int, split: NamedSharding | None = None):
     """One AdamW step on the examples of step `state.step`, in `microbatches` parts:
 
       grad = sum_m w_m grad L_m / sum_m w_m,   w_m = the part's WEIGHT metric (1 if absent)
 
     which is the gradient of the whole batch's loss (a token mean over all parts' tokens, or a
     mean over examples). A non-finite loss or gradient leaves the state unchanged (metric
-    `finite` = 0)."""
+    `finite` = 0). `split`: each part's rows spread over the mesh's data devices (data
+    parallelism; XLA sums the gradient over them)."""
     size = jax.tree.leaves(data)[0].shape[0]
     rows = train.batch_indices(state.key, state.step, size, batch_size)       # [batch]
     parts = jax.tree.map(lambda x: x[rows].reshape(microbatches, -1, *x.shape[1:]), data)
+    if split is not None:                                 # [microbatches, batch / m, ...]
+        parts = jax.lax.with_sharding_constraint(parts, split)
 
     def weighted(params, part):
         (_, metrics), grads = jax.value_and_grad(
@@ -172,23 +177,38 @@ def _step(state: train.TrainState, data, *, graphdef, loss_fn, config: train.Tra
 
 
 def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray], config: FitConfig,
-        out_dir: str | pathlib.Path, *, key: jax.Array) -> nnx.Module:
+        out_dir: str | pathlib.Path, *, key: jax.Array, mesh: Mesh | None = None,
+        ) -> nnx.Module:
     """Trains `model` (float32 parameters) on `loss_fn` over `data` (arrays with a shared
     leading axis N); returns the trained model. `out_dir` receives metrics.jsonl (step, loss
-    and loss_fn's metrics every `log_every` steps) and checkpoints/; a rerun resumes."""
+    and loss_fn's metrics every `log_every` steps) and checkpoints/; a rerun resumes.
+
+    `mesh` (default: this process's first device): the state and data are replicated on it and
+    each batch split over its `parallel.DATA` axis (batch_size / microbatches must divide over
+    it). It may span the devices of several processes (`results.join_processes`): every
+    process then calls `fit` alike, with the same model and data; process 0 alone writes the
+    metrics, every process its shards of the checkpoints (Orbax)."""
     out = pathlib.Path(out_dir)
     size = {k: np.shape(v)[0] for k, v in data.items()}
     require(len(set(size.values())) == 1, f"data arrays have different lengths: {size}")
     require(config.batch_size <= min(size.values()),
             f"FitConfig.batch_size={config.batch_size} exceeds the {min(size.values())} examples")
+    mesh = mesh or parallel.make_mesh(parallel.DATA, jax.local_devices()[:1])
+    shards = mesh.shape.get(parallel.DATA, 1)
+    require((config.batch_size // config.microbatches) % shards == 0,
+            f"FitConfig.batch_size={config.batch_size} / microbatches={config.microbatches} "
+            f"must split evenly over the mesh's {shards} {parallel.DATA!r} devices")
+    split = NamedSharding(mesh, PartitionSpec(None, parallel.DATA)) if shards > 1 else None
     if config.remat != "none":
         loss_fn = functools.partial(loss_fn, remat=config.remat)
     graphdef, state = train.init_train_state(model, config.optimizer, key)
-    device_data = {k: jnp.asarray(v) for k, v in data.items()}
+    replicated = parallel.replicated(mesh)
+    state = parallel.put(state, replicated)
+    device_data = parallel.put({k: np.asarray(v) for k, v in data.items()}, replicated)
     with Checkpointer(out / "checkpoints", CheckpointConfig(keep_last=1, best_metric=None)
                       ) as checkpointer:
         if checkpointer.latest_step() is not None:
-            state = checkpointer.restore(state)
+            state = checkpointer.restore(state)  # placed as `state` is: replicated on the mesh
             log.info("resuming from step %d (%s)", int(state.step), checkpointer.directory)
         start = int(state.step)
         truncate_records(out / "metrics.jsonl", start, "step")
@@ -197,15 +217,15 @@ def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray], conf
         for step in bar:
             state, metrics, finite = _step(
                 state, device_data, graphdef=graphdef, loss_fn=loss_fn, config=config.optimizer,
-                batch_size=config.batch_size, microbatches=config.microbatches)
+                batch_size=config.batch_size, microbatches=config.microbatches, split=split)
             if not bool(finite):  # the step left the state unchanged
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                metrics = {k: float(parallel.host_array(v)) for k, v in metrics.items()}
                 raise FloatingPointError(f"step {step}: non-finite loss or gradient (metrics "
                                          f"{metrics}); the step was not applied and the run "
                                          f"stops (last checkpoint: step "
                                          f"{checkpointer.latest_step()})")
             if step % config.log_every == 0 or step + 1 == config.steps:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                metrics = {k: float(parallel.host_array(v)) for k, v in metrics.items()}
                 append_record(out / "metrics.jsonl", {"step": step, **metrics})
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:

@@ -1,10 +1,11 @@
 """One process of a multi-process run (launched by test_multiprocess.py with PROCESS_ENV set):
 a batch of free-embedding runs and one policy step over a mesh of every process's devices, the
 state after it saved by every process into the checkpoint folder argv[2] and restored under
-another mesh, every kind of results write into the folder argv[3], and an RL run
-(`workloads.rl_run`) into the folder argv[1].rl; process 0 writes the results to the .npz file
-named by argv[1], and each process i the files it wrote into the RL folder (outside its
-checkpoints) to argv[1].writes<i>.json."""
+another mesh, every kind of results write into the folder argv[3], an RL run
+(`workloads.rl_run`) into the folder argv[1].rl, an SFT run into argv[1].sft, and a step that
+fails on process 1 only (`workloads.failure_on_the_last_process`); process 0 writes the results
+to the .npz file named by argv[1], and each process i to argv[1].process<i>.json the files it
+wrote into the RL folder (outside its checkpoints) and what the failing step raised there."""
 
 import json
 import os
@@ -23,7 +24,9 @@ results = workloads.run_all(checkpoints=sys.argv[2])
 workloads.results_files(sys.argv[3])
 writes = workloads.audit_writes(f"{sys.argv[1]}.rl", exclude="checkpoints")
 results.update(workloads.rl_run(f"{sys.argv[1]}.rl"))
-with open(f"{sys.argv[1]}.writes{jax.process_index()}.json", "w") as f:
-    json.dump(writes, f)
+results.update(workloads.sft_run(f"{sys.argv[1]}.sft", parallel.make_mesh(parallel.DATA)))
+failure = workloads.failure_on_the_last_process()
+with open(f"{sys.argv[1]}.process{jax.process_index()}.json", "w") as f:
+    json.dump({"writes": writes, "failure": failure}, f)
 if jax.process_index() == 0:
     np.savez(sys.argv[1], **results)

@@ -16,7 +16,7 @@ from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.limit import free_embedding as fe
 from jaxlab.models import hf
 from jaxlab.models.decoder import Decoder, DecoderConfig
-from jaxlab.rl import loop, train
+from jaxlab.rl import loop, sft, train
 from tests.rl import loop_job
 
 SOLVER = fe.SolverConfig(check_every=10, patience=200, max_steps=500)
@@ -200,3 +200,36 @@ def audit_writes(folder: str, exclude: str) -> list[str]:
 
     sys.addaudithook(hook)
     return seen
+
+
+SFT_CONFIG = sft.FitConfig(steps=4, batch_size=16, microbatches=2, learning_rate=1e-2,
+                           warmup_steps=0, log_every=1, checkpoint_every=2)
+
+
+def sft_run(out_dir: str, mesh: jax.sharding.Mesh | None) -> dict[str, np.ndarray]:
+    """4 steps of `sft.fit` (2 micro-batches of 8 rows each) of the tiny decoder on 32 random
+    (prompt, target) pairs, on `mesh`: the logged losses ("sft:loss") and final parameters
+    ("sft:param:<path>")."""
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, TINY.vocab_size, rng.integers(1, 5)).tolist() for _ in range(32)]
+    targets = [rng.integers(3, TINY.vocab_size, rng.integers(1, 4)).tolist() for _ in range(32)]
+    model = sft.fit(Decoder(TINY, nnx.Rngs(2)), sft.sft_loss, sft.sft_batch(prompts, targets, 8),
+                    SFT_CONFIG, out_dir, key=jax.random.key(3), mesh=mesh)
+    records = jsonl.resume_records(pathlib.Path(out_dir) / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 3], records
+    return {"sft:loss": np.asarray([r["loss"] for r in records]),
+            **{f"sft:param:{k}": v for k, v in host_leaves(nnx.state(model, nnx.Param)).items()}}
+
+
+def failure_on_the_last_process() -> str:
+    """What `loop.together` raises on this process when its step raises OSError on the last
+    process only ("<type>: <message>")."""
+    def step():
+        if jax.process_index() == jax.process_count() - 1:
+            raise OSError("no space left on device")
+
+    try:
+        loop.together(step, "a test step")
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return "nothing"
