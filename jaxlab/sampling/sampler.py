@@ -514,7 +514,9 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
 
     Prompts are left-padded to `prompt_length` (default: the longest prompt; a prompt longer
     than it is an error), rounded up to a multiple of `config.prompt_bucket`. With a mesh, the
-    slots are split over its first axis (P x n must divide evenly) and the weights replicated.
+    slots are split over its first axis (P x n must divide evenly) and the weights held in their
+    `parallel.tree_shardings` (split over fsdp x tensor on a `make_train_mesh` mesh, as the train
+    step holds them: tensor-parallel decode; replicated on a mesh without those axes).
     Bad settings raise ValueError before anything is compiled.
 
     Per prompt, optionally: `key` of shape [P] (a key per prompt, each trace its own stream:
@@ -562,7 +564,7 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
         slots = count * config.n
         require(slots % mesh.size == 0, f"{count} prompts x n={config.n} = {slots} "
                 f"slots must divide evenly over {mesh.size} devices")
-        state = jax.device_put(state, parallel.replicated(mesh))
+        state = jax.device_put(state, parallel.tree_shardings(state, mesh))
         cache = jax.device_put(cache, parallel.batch_sharding(mesh))
         out = jax.device_put(out, parallel.replicated(mesh))
     prefix, prompt_logits = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),

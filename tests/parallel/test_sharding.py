@@ -125,3 +125,30 @@ def test_split_model_step_equals_the_single_device_step(data, fsdp, tensor, rema
     assert_params_close(got.params, want.params, config.learning_rate)
     for got_leaf, born in zip(jax.tree.leaves(got), jax.tree.leaves(split), strict=False):
         assert got_leaf.sharding.is_equivalent_to(born.sharding, got_leaf.ndim)
+
+
+@pytest.mark.parametrize("data,fsdp,tensor", [(1, 1, 8), (2, 2, 2)])
+def test_sampling_with_split_parameters_equals_replicated(data, fsdp, tensor, monkeypatch):
+    # The sampler on a mesh that splits the weights over tensor (and fsdp) devices, as the
+    # train step holds them: the same tokens as on one device, the weights never replicated.
+    from jaxlab.sampling import sampler
+
+    model = Decoder(CONFIG, nnx.Rngs(0))
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    config = sampler.SamplingConfig(max_new_tokens=8, n=4, temperature=1.0, confidence=True)
+    one = jax.device_get(sampler.sample(model, prompts, jax.random.key(3), config))
+    seen = {}
+    decode = sampler._decode
+
+    def spy(graphdef, state, *args, **kwargs):
+        seen["q_proj"] = state["layers"][0]["self_attn"]["q_proj"]["kernel"][...].sharding
+        return decode(graphdef, state, *args, **kwargs)
+
+    monkeypatch.setattr(sampler, "_decode", spy)
+    mesh = parallel.make_train_mesh(data, fsdp, tensor)
+    many = jax.device_get(sampler.sample(model, prompts, jax.random.key(3), config, mesh=mesh))
+    np.testing.assert_array_equal(one.tokens, many.tokens)
+    np.testing.assert_array_equal(one.lengths, many.lengths)
+    np.testing.assert_allclose(one.confidence, many.confidence, rtol=1e-5)
+    split = jax.sharding.PartitionSpec(parallel.FSDP if fsdp > 1 else None, parallel.TENSOR)
+    assert seen["q_proj"].spec == split  # [E, H D]: embed over fsdp, heads over tensor
