@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlab import config as config_lib
-from jaxlab import results
+from jaxlab import parallel, results
 from jaxlab.jsonl import Field, read_jsonl
 from jaxlab.models import hf
 from jaxlab.rl import genrm, loop, reward_model, sft
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
                     key=jax.random.key(cfg.seed))
     sft_seconds = time.perf_counter() - start
     hf.save_pretrained(model, out / "cold_start", eos_token_id=codec.eos_id)
-    codec.tokenizer.save_pretrained(out / "cold_start")
+    hf.save_tokenizer(codec.tokenizer, out / "cold_start")
     summary = {"traces": counts, "sft_seconds": sft_seconds,
                "cold_start": evaluate(model, codec, template, eval_pairs, cfg)}
     log.info("cold start on %d held-out pairs: %s", len(eval_pairs), summary["cold_start"])
@@ -199,10 +199,10 @@ def main(argv: list[str] | None = None) -> dict:
     graphdef, state = loop.run(model, prompt_fn(rl_pairs, codec, template),
                                genrm.genrm_reward_fn(codec.decode, cfg.reward), cfg.loop,
                                out / "grpo", key=jax.random.key(cfg.seed))
-    trained = nnx.merge(graphdef, jax.device_get(state.params))
+    trained = nnx.merge(graphdef, jax.tree.map(parallel.host_array, state.params))
     summary["grpo_seconds"] = time.perf_counter() - start
     hf.save_pretrained(trained, out / "genrm", eos_token_id=codec.eos_id)
-    codec.tokenizer.save_pretrained(out / "genrm")
+    hf.save_tokenizer(codec.tokenizer, out / "genrm")
     summary["after_grpo"] = evaluate(trained, codec, template, eval_pairs, cfg)
     summary["eval_pairs"] = len(eval_pairs)
     log.info("after GRPO: %s", summary["after_grpo"])

@@ -23,6 +23,7 @@ import time
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxlab import config as config_lib
 from jaxlab import parallel, results
@@ -44,7 +45,8 @@ class Config:
     format_reward: float = 0.1      # added for any boxed answer, right or wrong
     problem_pool: int = 0           # draw prompts from a fixed set of this many (0: fresh ones)
     seed: int = 0
-    devices: int = 1                # data-parallel devices (CPU: one per core)
+    devices: int = 1                # data-parallel devices (CPU: one per core); with several
+    #                                 processes, all of theirs, as many from each
     loop: loop.LoopConfig = dataclasses.field(default_factory=loop.LoopConfig)
 
     def __post_init__(self):
@@ -79,6 +81,22 @@ def reward_fn(format_reward: float) -> loop.RewardFn:
         return {"reward": correct + format_reward * formatted, "accuracy": float(correct),
                 "truncated": float(truncated)}
     return loop.per_response(score)
+
+
+def data_mesh(devices: int) -> Mesh | None:
+    """The DATA mesh of `devices` devices, the first devices / P of each of the run's P
+    processes; None for one device (each process samples and trains alone on its first device,
+    `loop.run`'s default)."""
+    if devices == 1:
+        return None
+    processes = jax.process_count()
+    local = len(jax.local_devices())
+    config_lib.require(devices % processes == 0 and devices // processes <= local,
+                       f"devices={devices} must split evenly over the {processes} processes, "
+                       f"at most {local} each")
+    mine = {p: [d for d in jax.devices() if d.process_index == p] for p in range(processes)}
+    return parallel.make_mesh(parallel.DATA, [d for p in range(processes)
+                                              for d in mine[p][:devices // processes]])
 
 
 def plot(records: list[dict], path: pathlib.Path) -> None:
@@ -123,13 +141,13 @@ def main(argv: list[str] | None = None) -> dict:
         results.write_json(out / "summary.json", summary)
     log.info("greedy accuracy before: %.3f on %d held-out problems", summary["accuracy_before"],
              len(held_out))
-    mesh = parallel.make_mesh(parallel.DATA, jax.devices()[:cfg.devices])
+    mesh = data_mesh(cfg.devices)
     start = time.perf_counter()
     graphdef, state = loop.run(policy, prompt_fn(cfg.terms, cfg.problem_pool, cfg.seed),
                                reward_fn(cfg.format_reward),
                                cfg.loop, out, key=jax.random.key(cfg.seed), mesh=mesh)
     seconds = time.perf_counter() - start
-    trained = nnx.merge(graphdef, jax.device_get(state.params))
+    trained = nnx.merge(graphdef, jax.tree.map(parallel.host_array, state.params))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary.update({
         "accuracy_after": arithmetic.greedy_accuracy(trained, held_out, budget),

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         json.dumps(p) + "\n" for p, k in zip(pairs, np.asarray(keep), strict=True) if k))
     reward_model.save(model, out / "rm", eos_token_id=encoder.eos_id,
                       pad_token_id=encoder.tokenizer.pad_token_id)
-    encoder.tokenizer.save_pretrained(out / "rm")
+    hf.save_tokenizer(encoder.tokenizer, out / "rm")
     results.write_json(out / "summary.json", summary)
     log.info("RM accuracy %s; filter kept %d of %d pairs (high chosen %d, large gap %d)",
              {k: round(v, 3) for k, v in summary.items() if k.startswith("accuracy")},

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlab import config as config_lib
-from jaxlab import results
+from jaxlab import parallel, results
 from jaxlab.models import hf
 from jaxlab.rl import genrm, loop, reward_model, sft
 from jaxlab.sampling import sampler
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
             rewards.for_method(method), cfg.method_loop(method), out / method,
             key=jax.random.key(cfg.seed),
             on_iteration=write_samples(out / method / "samples", codec, cfg.samples_every))
-        trained = nnx.merge(graphdef, jax.device_get(state.params))
+        trained = nnx.merge(graphdef, jax.tree.map(parallel.host_array, state.params))
         rows = [json.loads(line)
                 for line in (out / method / "metrics.jsonl").read_text().splitlines()]
         end, _ = evaluate(trained, rewards, eval_prompts, reference, cfg)
