@@ -112,4 +112,7 @@ def char_tokenizer():
 
 
 def save_tokenizer(path: str | pathlib.Path) -> None:
-    char_tokenizer().save_pretrained(path)
+    """`char_tokenizer()` saved in `path` (on process 0 only: `hf.save_tokenizer`)."""
+    from jaxlab.models import hf
+
+    hf.save_tokenizer(char_tokenizer(), path)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlab import parallel, results
 from jaxlab.config import require
 
 
@@ -214,14 +215,17 @@ HEAD_FILE = "reward_head.safetensors"
 def save(model: ScalarRewardModel, path: str | pathlib.Path, **config_fields) -> None:
     """The RM as a folder: the backbone as a Hugging Face causal-LM checkpoint
     (`hf.save_pretrained`: config.json, model.safetensors) and the head in `reward_head.
-    safetensors` (`weight` float32 [D, 1], `bias` float32 [1]): r = h_last @ weight + bias."""
+    safetensors` (`weight` float32 [D, 1], `bias` float32 [1]): r = h_last @ weight + bias.
+    With several processes, process 0 writes and the others wait."""
     from safetensors.numpy import save_file
 
     from jaxlab.models import hf
 
     hf.save_pretrained(model.backbone, path, **config_fields)
-    save_file({"weight": np.asarray(model.head.kernel[...]),
-               "bias": np.asarray(model.head.bias[...])}, str(pathlib.Path(path) / HEAD_FILE))
+    head = {"weight": parallel.host_array(model.head.kernel[...]),   # on every process
+            "bias": parallel.host_array(model.head.bias[...])}
+    target = pathlib.Path(path) / HEAD_FILE
+    results.write_once(lambda: save_file(head, str(target)), target)   # process 0 writes
 
 
 def load(path: str | pathlib.Path, **load_options) -> ScalarRewardModel:
