@@ -5,6 +5,7 @@ Entry points build a mesh here and pass it explicitly; nothing reads a global me
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -114,22 +115,28 @@ def host_array(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def put(tree, sharding: jax.sharding.Sharding):
+def put(tree, sharding):
     """`jax.device_put(tree, sharding)` that also works when the sharding spans the devices of
     several processes: each process then builds its own shards of each (global) array from its
-    copy of the whole value, which every process must hold alike (same seed, same data)."""
-    if sharding.is_fully_addressable:
+    copy of the whole value, which every process must hold alike (same seed, same data).
+    `sharding`: one `jax.sharding.Sharding` for every array, or a tree of them like `tree`
+    (e.g. `tree_shardings(tree, mesh)`)."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        if sharding.is_fully_addressable:
+            return jax.device_put(tree, sharding)
+        return jax.tree.map(lambda leaf: _place(leaf, sharding), tree)
+    if all(s.is_fully_addressable for s in jax.tree.leaves(sharding)):
         return jax.device_put(tree, sharding)
+    return jax.tree.map(_place, tree, sharding)
 
-    def place(leaf):
-        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype,
-                                                                 jax.dtypes.prng_key):
-            data = place(jax.random.key_data(leaf))
-            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
-        value = np.asarray(leaf)
-        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
-    return jax.tree.map(place, tree)
+def _place(leaf, sharding: jax.sharding.Sharding) -> jax.Array:
+    """`leaf` (held whole by this process) as a global array of `sharding`."""
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        data = _place(jax.random.key_data(leaf), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+    value = np.asarray(leaf)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def make_mesh(axis: str = DATA, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -238,6 +245,42 @@ def make_train_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
         raise ValueError(f"mesh {sizes} needs {data * fsdp * tensor} devices; "
                          f"{len(devices)} are present")
     return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), (DATA, FSDP, TENSOR))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The devices a training experiment runs on: a `make_train_mesh` of data x fsdp x tensor
+    devices (with several processes, as many from each). The default, one device, is each
+    process's first device. A Qwen3-4B train step needs `fsdp=8` (docs/parallel.md)."""
+
+    data: int = 1    # batch rows split over this many devices (data parallelism)
+    fsdp: int = 1    # parameters, optimizer state and batch rows split over this many
+    tensor: int = 1  # attention heads, MLP units and the vocabulary split over this many
+
+    def __post_init__(self):
+        for name in ("data", "fsdp", "tensor"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"MeshConfig.{name} must be an integer >= 1, got {value!r}")
+
+    @property
+    def size(self) -> int:
+        return self.data * self.fsdp * self.tensor
+
+    def build(self) -> Mesh | None:
+        """None for one device (the entry points' default mesh); else the train mesh over the
+        first size / P devices of each of the run's P processes, process by process.
+        ValueError when they are not there."""
+        if self.size == 1:
+            return None
+        processes, local = jax.process_count(), len(jax.local_devices())
+        if self.size % processes or self.size // processes > local:
+            raise ValueError(f"mesh data x fsdp x tensor = {self.size} devices must split "
+                             f"evenly over the {processes} processes, at most {local} each")
+        each = self.size // processes
+        devices = [d for p in range(processes)
+                   for d in [d for d in jax.devices() if d.process_index == p][:each]]
+        return make_train_mesh(self.data, self.fsdp, self.tensor, devices)
 
 
 def _names(path) -> list[str]:

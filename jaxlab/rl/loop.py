@@ -312,7 +312,12 @@ def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopC
     `results.open_run`). `on_iteration`, if given, is called after each iteration's metrics
     are written.
 
-    `mesh` (default: this process's first device) may span the devices of several processes
+    `mesh` (default: this process's first device): a `parallel.make_mesh(parallel.DATA)` mesh
+    or a `parallel.make_train_mesh`, each minibatch's rows split over its (data, fsdp) devices.
+    The train state and the reference policy are replicated on it, or, on a mesh that splits the
+    model (fsdp or tensor > 1), held in their `parallel.tree_shardings`: 1/fsdp of the parameter
+    and optimizer bytes per device (x 1/tensor for the matrices split over tensor), restored so
+    from a checkpoint. It may span the devices of several processes
     (a run of several processes, `results.join_processes`): every process then calls `run`
     alike, with the same policy, prompt and reward functions, and computes the same iterations;
     the reward function scores the whole batch on every process, process 0 alone writes the
@@ -320,24 +325,22 @@ def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopC
     """
     out = pathlib.Path(out_dir)
     mesh = mesh or parallel.make_mesh(parallel.DATA, jax.local_devices()[:1])
-    replicated = parallel.replicated(mesh)
-    rows, shards = config.prompts * config.group_size, mesh.shape[parallel.DATA]
+    rows, shards = config.prompts * config.group_size, parallel.batch_devices(mesh)
     require(rows % shards == 0 and (rows // config.minibatches) % (
         shards * config.train.microbatches) == 0,
         f"LoopConfig.prompts x group_size = {rows} responses in minibatches={config.minibatches} "
-        f"must split evenly over the mesh's {shards} data devices x "
+        f"must split evenly over the mesh's {shards} data devices (data x fsdp) x "
         f"train.microbatches={config.train.microbatches}")
-    graphdef, state = train.init_train_state(policy, config.train, key)  # copies the weights
+    graphdef, state = init_state(policy, config.train, key, mesh)  # copies the weights
     dtype = jnp.dtype(policy.config.dtype)
-    reference = nnx.merge(graphdef, parallel.put(
-        _cast(nnx.state(policy, nnx.Param), dtype), replicated))
-    state = parallel.put(state, replicated)
+    reference = _cast(nnx.state(policy, nnx.Param), dtype)
+    reference = nnx.merge(graphdef, parallel.put(reference, _placement(reference, mesh)))
     updates = config.ppo_epochs * config.minibatches
     with Checkpointer(out / "checkpoints", CheckpointConfig(
             keep_last=config.keep_checkpoints, best_metric=None)) as checkpointer:
         start = 0
         if checkpointer.latest_step() is not None:
-            state = checkpointer.restore(state)  # placed as `state` is: replicated on the mesh
+            state = checkpointer.restore(state)  # placed as `state` is (`init_state`)
             start = int(state.step) // updates
             log.info("resuming from iteration %d (%s)", start, checkpointer.directory)
         truncate_records(out / "metrics.jsonl", start)
@@ -371,6 +374,34 @@ def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopC
                 checkpointer.save(int(state.step), state)
         checkpointer.wait()
     return graphdef, state
+
+
+def _placement(tree, mesh: Mesh):
+    """Where parameters (or a train state) live on `mesh`: in their `parallel.tree_shardings`
+    on a mesh that splits the model (`parallel.is_split_model`), else replicated."""
+    if parallel.is_split_model(mesh):
+        return parallel.tree_shardings(tree, mesh)
+    return parallel.replicated(mesh)
+
+
+def init_state(model: nnx.Module, config: train.TrainConfig, key: jax.Array, mesh: Mesh,
+               ) -> tuple[nnx.GraphDef, train.TrainState]:
+    """`train.init_train_state` placed on `mesh`: replicated, or on a mesh that splits the model
+    in its `parallel.tree_shardings` (parameters and Adam moments split over fsdp x tensor).
+    There the parameters are split before they are copied and the moments are born split, so
+    no device ever holds the whole state."""
+    if not parallel.is_split_model(mesh):
+        graphdef, state = train.init_train_state(model, config, key)
+        return graphdef, parallel.put(state, parallel.replicated(mesh))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = parallel.put(params, parallel.tree_shardings(params, mesh))
+    key = parallel.put(key, parallel.replicated(mesh))
+
+    def init(params, key):
+        return train.init_train_state(nnx.merge(graphdef, params, rest), config, key)[1]
+
+    shardings = parallel.tree_shardings(jax.eval_shape(init, params, key), mesh)
+    return graphdef, jax.jit(init, out_shardings=shardings)(params, key)
 
 
 def _update(state, batch, graphdef, config: LoopConfig, mesh, key, iteration, checkpointer):

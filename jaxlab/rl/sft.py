@@ -31,7 +31,7 @@ from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.config import require, require_positive_ints
 from jaxlab.models.decoder import REMAT_POLICIES
 from jaxlab.rl import losses, train
-from jaxlab.rl.loop import append_record, truncate_records
+from jaxlab.rl.loop import append_record, init_state, truncate_records
 
 log = logging.getLogger("jaxlab")
 
@@ -134,17 +134,19 @@ def sft_loss(model: nnx.Module, batch: Mapping[str, jax.Array], *, remat: str = 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn", "config", "batch_size",
-                                             "microbatches", "split"), donate_argnums=0)
+                                             "microbatches", "split", "mesh"), donate_argnums=0)
 def _step(state: train.TrainState, data, *, graphdef, loss_fn, config: train.TrainConfig,
-          batch_size: int, microbatches: int, split: NamedSharding | None = None):
+          batch_size: int, microbatches: int, split: NamedSharding | None = None,
+          mesh: Mesh | None = None):
     """One AdamW step on the examples of step `state.step`, in `microbatches` parts:
 
       grad = sum_m w_m grad L_m / sum_m w_m,   w_m = the part's WEIGHT metric (1 if absent)
 
     which is the gradient of the whole batch's loss (a token mean over all parts' tokens, or a
     mean over examples). A non-finite loss or gradient leaves the state unchanged (metric
-    `finite` = 0). `split`: each part's rows spread over the mesh's data devices (data
-    parallelism; XLA sums the gradient over them)."""
+    `finite` = 0). `split`: each part's rows spread over the mesh's (data, fsdp) devices
+    (XLA sums the gradient over them). `mesh`: on a mesh that splits the model, the state
+    (donated) is returned in its `parallel.tree_shardings`, as it came in."""
     size = jax.tree.leaves(data)[0].shape[0]
     rows = train.batch_indices(state.key, state.step, size, batch_size)       # [batch]
     parts = jax.tree.map(lambda x: x[rows].reshape(microbatches, -1, *x.shape[1:]), data)
@@ -173,6 +175,8 @@ def _step(state: train.TrainState, data, *, graphdef, loss_fn, config: train.Tra
     state = state.replace(params=keep(params, state.params),
                           opt_state=keep(opt_state, state.opt_state),
                           step=state.step + finite.astype(state.step.dtype))
+    if mesh is not None and parallel.is_split_model(mesh):
+        state = jax.lax.with_sharding_constraint(state, parallel.tree_shardings(state, mesh))
     return state, metrics, finite
 
 
@@ -183,9 +187,12 @@ def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray], conf
     leading axis N); returns the trained model. `out_dir` receives metrics.jsonl (step, loss
     and loss_fn's metrics every `log_every` steps) and checkpoints/; a rerun resumes.
 
-    `mesh` (default: this process's first device): the state and data are replicated on it and
-    each batch split over its `parallel.DATA` axis (batch_size / microbatches must divide over
-    it). It may span the devices of several processes (`results.join_processes`): every
+    `mesh` (default: this process's first device): the data are replicated on it and each
+    batch's rows split over its (data, fsdp) devices (`parallel.batch_sharding`; batch_size /
+    microbatches must divide over them). The state is replicated, or, on a mesh that splits the
+    model (fsdp or tensor > 1), held in its `parallel.tree_shardings` (restored so from a
+    checkpoint); the returned model's parameters are then split too. It may span the devices
+    of several processes (`results.join_processes`): every
     process then calls `fit` alike, with the same model and data; process 0 alone writes the
     metrics, every process its shards of the checkpoints (Orbax)."""
     out = pathlib.Path(out_dir)
@@ -194,21 +201,21 @@ def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray], conf
     require(config.batch_size <= min(size.values()),
             f"FitConfig.batch_size={config.batch_size} exceeds the {min(size.values())} examples")
     mesh = mesh or parallel.make_mesh(parallel.DATA, jax.local_devices()[:1])
-    shards = mesh.shape.get(parallel.DATA, 1)
+    shards = parallel.batch_devices(mesh) if parallel.DATA in mesh.axis_names else 1
     require((config.batch_size // config.microbatches) % shards == 0,
             f"FitConfig.batch_size={config.batch_size} / microbatches={config.microbatches} "
-            f"must split evenly over the mesh's {shards} {parallel.DATA!r} devices")
-    split = NamedSharding(mesh, PartitionSpec(None, parallel.DATA)) if shards > 1 else None
+            f"must split evenly over the mesh's {shards} data devices (data x fsdp)")
+    split = NamedSharding(mesh, PartitionSpec(None, *parallel.batch_sharding(mesh).spec)
+                          ) if shards > 1 else None                # [microbatches, rows, ...]
     if config.remat != "none":
         loss_fn = functools.partial(loss_fn, remat=config.remat)
-    graphdef, state = train.init_train_state(model, config.optimizer, key)
-    replicated = parallel.replicated(mesh)
-    state = parallel.put(state, replicated)
-    device_data = parallel.put({k: np.asarray(v) for k, v in data.items()}, replicated)
+    graphdef, state = init_state(model, config.optimizer, key, mesh)
+    device_data = parallel.put({k: np.asarray(v) for k, v in data.items()},
+                               parallel.replicated(mesh))
     with Checkpointer(out / "checkpoints", CheckpointConfig(keep_last=1, best_metric=None)
                       ) as checkpointer:
         if checkpointer.latest_step() is not None:
-            state = checkpointer.restore(state)  # placed as `state` is: replicated on the mesh
+            state = checkpointer.restore(state)  # placed as `state` is (`init_state`)
             log.info("resuming from step %d (%s)", int(state.step), checkpointer.directory)
         start = int(state.step)
         truncate_records(out / "metrics.jsonl", start, "step")
@@ -217,7 +224,8 @@ def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray], conf
         for step in bar:
             state, metrics, finite = _step(
                 state, device_data, graphdef=graphdef, loss_fn=loss_fn, config=config.optimizer,
-                batch_size=config.batch_size, microbatches=config.microbatches, split=split)
+                batch_size=config.batch_size, microbatches=config.microbatches, split=split,
+                mesh=mesh if parallel.is_split_model(mesh) else None)
             if not bool(finite):  # the step left the state unchanged
                 metrics = {k: float(parallel.host_array(v)) for k, v in metrics.items()}
                 raise FloatingPointError(f"step {step}: non-finite loss or gradient (metrics "
