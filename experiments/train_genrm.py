@@ -63,6 +63,10 @@ class Config:
     sft: sft.FitConfig = dataclasses.field(default_factory=sft.FitConfig)
     reward: genrm.GenRMReward = dataclasses.field(default_factory=genrm.GenRMReward)
     loop: loop.LoopConfig = dataclasses.field(default_factory=loop.LoopConfig)
+    # the devices SFT and GRPO train on: data x fsdp x tensor (with several processes, as many
+    # from each); mesh.fsdp=8 splits the parameters and optimizer state (a 4B model,
+    # docs/parallel.md)
+    mesh: parallel.MeshConfig = dataclasses.field(default_factory=parallel.MeshConfig)
 
     def __post_init__(self):
         config_lib.require_positive_ints(self, "max_prompt_tokens", "max_new_tokens")
@@ -158,6 +162,7 @@ def plot(sft_records: list[dict], rl_records: list[dict], path: pathlib.Path) ->
 def main(argv: list[str] | None = None) -> dict:
     results.join_processes()  # before JAX touches a backend
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
+    mesh = cfg.mesh.build()  # before any work: an error if the devices are not there
     out = results.open_run(cfg.out_dir, cfg)
     codec, template = sft.TextCodec(cfg.model), genrm.JudgeTemplate(cfg.template)
     config_lib.require(codec.eos_id in cfg.loop.stop_ids, f"loop.stop_ids {cfg.loop.stop_ids} "
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = hf.load_pretrained(cfg.model, dtype="float32", activation_dtype=cfg.compute_dtype)
     start = time.perf_counter()
     model = sft.fit(model, sft.sft_loss, data, cfg.sft, out / "sft",
-                    key=jax.random.key(cfg.seed))
+                    key=jax.random.key(cfg.seed), mesh=mesh)
     sft_seconds = time.perf_counter() - start
     hf.save_pretrained(model, out / "cold_start", eos_token_id=codec.eos_id)
     hf.save_tokenizer(codec.tokenizer, out / "cold_start")
@@ -198,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     graphdef, state = loop.run(model, prompt_fn(rl_pairs, codec, template),
                                genrm.genrm_reward_fn(codec.decode, cfg.reward), cfg.loop,
-                               out / "grpo", key=jax.random.key(cfg.seed))
+                               out / "grpo", key=jax.random.key(cfg.seed), mesh=mesh)
     trained = nnx.merge(graphdef, jax.tree.map(parallel.host_array, state.params))
     summary["grpo_seconds"] = time.perf_counter() - start
     hf.save_pretrained(trained, out / "genrm", eos_token_id=codec.eos_id)

@@ -23,7 +23,6 @@ import time
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 
 from jaxlab import config as config_lib
 from jaxlab import parallel, results
@@ -45,12 +44,13 @@ class Config:
     format_reward: float = 0.1      # added for any boxed answer, right or wrong
     problem_pool: int = 0           # draw prompts from a fixed set of this many (0: fresh ones)
     seed: int = 0
-    devices: int = 1                # data-parallel devices (CPU: one per core); with several
-    #                                 processes, all of theirs, as many from each
+    # devices (CPU: one per core), with several processes as many from each: mesh.data=8 for
+    # data parallelism; mesh.fsdp=8 splits the parameters and optimizer state (large models)
+    mesh: parallel.MeshConfig = dataclasses.field(default_factory=parallel.MeshConfig)
     loop: loop.LoopConfig = dataclasses.field(default_factory=loop.LoopConfig)
 
     def __post_init__(self):
-        config_lib.require_positive_ints(self, "terms", "devices")
+        config_lib.require_positive_ints(self, "terms")
         config_lib.require(self.problem_pool >= 0,
                            f"problem_pool must be >= 0, got {self.problem_pool}")
         config_lib.require(self.format_reward >= 0,
@@ -83,22 +83,6 @@ def reward_fn(format_reward: float) -> loop.RewardFn:
     return loop.per_response(score)
 
 
-def data_mesh(devices: int) -> Mesh | None:
-    """The DATA mesh of `devices` devices, the first devices / P of each of the run's P
-    processes; None for one device (each process samples and trains alone on its first device,
-    `loop.run`'s default)."""
-    if devices == 1:
-        return None
-    processes = jax.process_count()
-    local = len(jax.local_devices())
-    config_lib.require(devices % processes == 0 and devices // processes <= local,
-                       f"devices={devices} must split evenly over the {processes} processes, "
-                       f"at most {local} each")
-    mine = {p: [d for d in jax.devices() if d.process_index == p] for p in range(processes)}
-    return parallel.make_mesh(parallel.DATA, [d for p in range(processes)
-                                              for d in mine[p][:devices // processes]])
-
-
 def plot(records: list[dict], path: pathlib.Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -116,11 +100,10 @@ def plot(records: list[dict], path: pathlib.Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parallel.cpu_cores_as_devices()  # on a CPU host, `devices` counts cores
+    parallel.cpu_cores_as_devices()  # on a CPU host, the mesh's devices are cores
     results.join_processes()  # before JAX touches a backend
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
-    config_lib.require(cfg.devices <= len(jax.devices()),
-                       f"devices={cfg.devices} but only {len(jax.devices())} are present")
+    mesh = cfg.mesh.build()  # before any work: an error if the devices are not there
     eos = arithmetic.VOCAB.index(arithmetic.EOS)
     config_lib.require(cfg.loop.stop_ids == (eos,), f"loop.stop_ids must be [{eos}] (EOS)")
     out = results.open_run(cfg.out_dir, cfg)
@@ -141,7 +124,6 @@ def main(argv: list[str] | None = None) -> dict:
         results.write_json(out / "summary.json", summary)
     log.info("greedy accuracy before: %.3f on %d held-out problems", summary["accuracy_before"],
              len(held_out))
-    mesh = data_mesh(cfg.devices)
     start = time.perf_counter()
     graphdef, state = loop.run(policy, prompt_fn(cfg.terms, cfg.problem_pool, cfg.seed),
                                reward_fn(cfg.format_reward),

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlab import config as config_lib
-from jaxlab import results
+from jaxlab import parallel, results
 from jaxlab.models import hf
 from jaxlab.rl import reward_model, sft
 
@@ -48,6 +48,9 @@ class Config:
     filter: reward_model.PairFilter = dataclasses.field(
         default_factory=reward_model.PairFilter)
     fit: sft.FitConfig = dataclasses.field(default_factory=sft.FitConfig)
+    # the devices it trains on: data x fsdp x tensor (with several processes, as many from each);
+    # mesh.fsdp=8 splits the parameters and optimizer state (a 4B model, docs/parallel.md)
+    mesh: parallel.MeshConfig = dataclasses.field(default_factory=parallel.MeshConfig)
 
     def __post_init__(self):
         config_lib.require_positive_ints(self, "length")
@@ -68,6 +71,7 @@ def pair_rewards(model, data: dict[str, np.ndarray]) -> tuple[np.ndarray, np.nda
 def main(argv: list[str] | None = None) -> dict:
     results.join_processes()  # before JAX touches a backend
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
+    mesh = cfg.mesh.build()  # before any work: an error if the devices are not there
     out = results.open_run(cfg.out_dir, cfg)
     encoder = sft.TextCodec(cfg.backbone)
     pairs = reward_model.read_pairs(cfg.pairs)          # every file is checked before training
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
                                            rngs=nnx.Rngs(cfg.seed))
     start = time.perf_counter()
     model = sft.fit(model, reward_model.pair_loss, data, cfg.fit, out,
-                    key=jax.random.key(cfg.seed))
+                    key=jax.random.key(cfg.seed), mesh=mesh)
     summary = {"pairs": len(pairs), "train_seconds": time.perf_counter() - start}
     for name, rows in held_out.items():
         chosen, rejected = pair_rewards(model, pair_data(rows, encoder, cfg.length))

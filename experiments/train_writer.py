@@ -73,6 +73,10 @@ class Config:
     seed: int = 0
     task: world.WorldConfig = dataclasses.field(default_factory=world.WorldConfig)
     loop: loop.LoopConfig = dataclasses.field(default_factory=loop.LoopConfig)
+    # the devices the writer trains on: data x fsdp x tensor (with several processes, as many
+    # from each); mesh.fsdp=8 splits the parameters and optimizer state (a 4B model,
+    # docs/parallel.md)
+    mesh: parallel.MeshConfig = dataclasses.field(default_factory=parallel.MeshConfig)
 
     def __post_init__(self):
         config_lib.require_positive_ints(self, "votes", "judge_max_prompt_tokens",
@@ -252,6 +256,7 @@ def plot(records: dict[str, list[dict]], path: pathlib.Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     results.join_processes()  # before JAX touches a backend
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
+    mesh = cfg.mesh.build()  # before any work: an error if the devices are not there
     genrm.check_same_tokenizer(cfg.genrm, cfg.writer)
     genrm.check_same_tokenizer(cfg.rm, cfg.writer)
     out = results.open_run(cfg.out_dir, cfg)
@@ -269,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
         graphdef, state = loop.run(
             hf.load_pretrained(cfg.writer, **cfg.load_options), prompt_fn(cfg, codec),
             rewards.for_method(method), cfg.method_loop(method), out / method,
-            key=jax.random.key(cfg.seed),
+            key=jax.random.key(cfg.seed), mesh=mesh,
             on_iteration=write_samples(out / method / "samples", codec, cfg.samples_every))
         trained = nnx.merge(graphdef, jax.tree.map(parallel.host_array, state.params))
         rows = [json.loads(line)
