@@ -96,6 +96,23 @@ def test_two_processes_equal_one_process_of_as_many_devices(tmp_path):
                   {name: multi.pop(name) for name in sft_single}):
         for name, value in sft_single.items():
             np.testing.assert_allclose(other[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    # RL and SFT with the state split over fsdp = the 8 devices of both processes: the metrics
+    # of one process of 8 devices on the same mesh to float rounding, and its parameters but
+    # where rounding flips the sign of a near-zero gradient (an Adam step of about lr * sign(g):
+    # all entries within 2 lr per step, all but a few within 1e-6).
+    split = parallel.make_train_mesh(1, 8, 1)
+    for run, steps, rate in (
+            (workloads.rl_run(str(tmp_path / "single.rl_fsdp"), split, "rl_fsdp"), 4,
+             workloads.RL_CONFIG.train.learning_rate),
+            (workloads.sft_run(str(tmp_path / "single.sft_fsdp"), split, "sft_fsdp"), 4,
+             workloads.SFT_CONFIG.learning_rate)):
+        params = [name for name in run if ":param:" in name]
+        assert len(params) > 5
+        for name in set(run) - set(params):
+            np.testing.assert_allclose(multi.pop(name), run[name], rtol=1e-5, atol=1e-6,
+                                       err_msg=name)
+        diffs = np.concatenate([np.abs(multi.pop(name) - run[name]).ravel() for name in params])
+        assert diffs.max() <= 2 * rate * steps and np.mean(diffs <= 1e-6) > 0.995, diffs.max()
     assert len([k for k in single if k.startswith("rl:param:")]) > 5
     assert set(multi) == set(single)
     for name, value in single.items():

@@ -159,20 +159,21 @@ def run_all(checkpoints: str | None = None) -> dict[str, np.ndarray]:
 RL_CONFIG = dataclasses.replace(loop_job.config(2), checkpoint_every=1)
 
 
-def rl_run(out_dir: str) -> dict[str, np.ndarray]:
-    """`loop.run` of loop_job's tiny decoder over a DATA mesh of every device into `out_dir`,
-    and the trained policy saved by `hf.save_pretrained` into `out_dir`/policy: the metrics
-    ("rl:<name>", one value per iteration; not the timings) and final parameters
-    ("rl:param:<path>")."""
+def rl_run(out_dir: str, mesh: jax.sharding.Mesh | None = None, name: str = "rl",
+           ) -> dict[str, np.ndarray]:
+    """`loop.run` of loop_job's tiny decoder over `mesh` (default: a DATA mesh of every device)
+    into `out_dir`, and the trained policy saved by `hf.save_pretrained` into `out_dir`/policy:
+    the metrics ("<name>:<metric>", one value per iteration; not the timings) and final
+    parameters ("<name>:param:<path>")."""
     graphdef, state = loop.run(Decoder(loop_job.CONFIG, nnx.Rngs(0)), loop_job.prompt_fn,
                                loop_job.reward_fn, RL_CONFIG, out_dir, key=jax.random.key(0),
-                               mesh=parallel.make_mesh(parallel.DATA))
+                               mesh=mesh or parallel.make_mesh(parallel.DATA))
     hf.save_pretrained(nnx.merge(graphdef, state.params), pathlib.Path(out_dir) / "policy")
     records = jsonl.resume_records(pathlib.Path(out_dir) / "metrics.jsonl")
     assert [r["iteration"] for r in records] == [0, 1], records
-    found = {f"rl:{name}": np.asarray([r[name] for r in records]) for name in records[0]
-             if "seconds" not in name and not name.endswith("_per_s")}
-    found.update({f"rl:param:{k}": v for k, v in host_leaves(state.params).items()})
+    found = {f"{name}:{metric}": np.asarray([r[metric] for r in records])
+             for metric in records[0] if "seconds" not in metric and not metric.endswith("_per_s")}
+    found.update({f"{name}:param:{k}": v for k, v in host_leaves(state.params).items()})
     return found
 
 
@@ -206,10 +207,11 @@ SFT_CONFIG = sft.FitConfig(steps=4, batch_size=16, microbatches=2, learning_rate
                            warmup_steps=0, log_every=1, checkpoint_every=2)
 
 
-def sft_run(out_dir: str, mesh: jax.sharding.Mesh | None) -> dict[str, np.ndarray]:
+def sft_run(out_dir: str, mesh: jax.sharding.Mesh | None, name: str = "sft",
+            ) -> dict[str, np.ndarray]:
     """4 steps of `sft.fit` (2 micro-batches of 8 rows each) of the tiny decoder on 32 random
-    (prompt, target) pairs, on `mesh`: the logged losses ("sft:loss") and final parameters
-    ("sft:param:<path>")."""
+    (prompt, target) pairs, on `mesh`: the logged losses ("<name>:loss") and final parameters
+    ("<name>:param:<path>")."""
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, TINY.vocab_size, rng.integers(1, 5)).tolist() for _ in range(32)]
     targets = [rng.integers(3, TINY.vocab_size, rng.integers(1, 4)).tolist() for _ in range(32)]
@@ -217,8 +219,9 @@ def sft_run(out_dir: str, mesh: jax.sharding.Mesh | None) -> dict[str, np.ndarra
                     SFT_CONFIG, out_dir, key=jax.random.key(3), mesh=mesh)
     records = jsonl.resume_records(pathlib.Path(out_dir) / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2, 3], records
-    return {"sft:loss": np.asarray([r["loss"] for r in records]),
-            **{f"sft:param:{k}": v for k, v in host_leaves(nnx.state(model, nnx.Param)).items()}}
+    return {f"{name}:loss": np.asarray([r["loss"] for r in records]),
+            **{f"{name}:param:{k}": v
+               for k, v in host_leaves(nnx.state(model, nnx.Param)).items()}}
 
 
 def failure_on_the_last_process() -> str:
