@@ -6,6 +6,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import gc
+
 import jax
 import pytest
 
@@ -22,3 +24,14 @@ def mesh8():
 def data_mesh8():
     assert jax.device_count() == 8, "conftest must set the device count before JAX starts"
     return parallel.make_mesh(parallel.DATA)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _compiled_programs_freed_after_each_module(request):
+    """Each test module leaves no compiled programs behind: XLA's CPU backend maps a few memory
+    regions per compiled program, and the whole suite in one process would otherwise reach the
+    kernel's limit on a process's mappings (vm.max_map_count, 65,530 by default), where the
+    compiler crashes with a segmentation fault."""
+    yield
+    jax.clear_caches()
+    gc.collect()
