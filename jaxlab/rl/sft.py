@@ -145,7 +145,7 @@ def _step(state: train.TrainState, data, *, graphdef, loss_fn, config: train.Tra
     which is the gradient of the whole batch's loss (a token mean over all parts' tokens, or a
     mean over examples). A non-finite loss or gradient leaves the state unchanged (metric
     `finite` = 0). `split`: each part's rows spread over the mesh's (data, fsdp) devices
-    (XLA sums the gradient over them). `mesh`: on a mesh that splits the model, the state
+    (XLA sums the gradient over them). `mesh`, given only when it splits the model: the state
     (donated) is returned in its `parallel.tree_shardings`, as it came in."""
     size = jax.tree.leaves(data)[0].shape[0]
     rows = train.batch_indices(state.key, state.step, size, batch_size)       # [batch]
@@ -166,16 +166,10 @@ def _step(state: train.TrainState, data, *, graphdef, loss_fn, config: train.Tra
     ((grads, metrics), weight), _ = jax.lax.scan(
         accumulate, weighted(state.params, first), jax.tree.map(lambda x: x[1:], parts))
     grads, metrics = jax.tree.map(lambda x: x / weight, (grads, metrics))
-    updates, opt_state = train.make_optimizer(config).update(grads, state.opt_state,
-                                                             state.params)
-    params = jax.tree.map(jnp.add, state.params, updates)
     finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x))
                                   for x in jax.tree.leaves((grads, metrics))]))
-    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-    state = state.replace(params=keep(params, state.params),
-                          opt_state=keep(opt_state, state.opt_state),
-                          step=state.step + finite.astype(state.step.dtype))
-    if mesh is not None and parallel.is_split_model(mesh):
+    state = train.apply_if_finite(state, grads, config, finite)
+    if mesh is not None:  # a mesh that splits the model
         state = jax.lax.with_sharding_constraint(state, parallel.tree_shardings(state, mesh))
     return state, metrics, finite
 

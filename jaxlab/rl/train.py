@@ -247,15 +247,22 @@ def _local_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef
     metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
     metrics["count"] = count
 
-    updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     # A non-finite loss or gradient (NaN advantages, overflow) must not reach the weights.
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     metrics["finite"] = finite.astype(jnp.float32)
-    keep = functools.partial(jax.tree.map, lambda a, b: jnp.where(finite, a, b))
+    return apply_if_finite(state, grads, config, finite), metrics
+
+
+def apply_if_finite(state: TrainState, grads, config: TrainConfig, finite: jax.Array,
+                    ) -> TrainState:
+    """One `make_optimizer(config)` update of `state` by `grads`, taken only where `finite`
+    ([] bool) holds: otherwise the state comes back unchanged, its step count included."""
+    updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
     return state.replace(params=keep(params, state.params),
                          opt_state=keep(opt_state, state.opt_state),
-                         step=state.step + finite.astype(state.step.dtype)), metrics
+                         step=state.step + finite.astype(state.step.dtype))
 
 
 # The state is replaced by its successor, so its buffers are donated.
