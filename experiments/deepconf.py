@@ -51,6 +51,8 @@ OFFLINE = (
 class Config:
     out_dir: str = "results/deepconf"
     model: str = "results/arithmetic_model"              # local Hugging Face folder
+    dtype: str = "float32"                               # weights and activations (bfloat16:
+    #                                                      a checkpoint's usual dtype on GPU)
     problems: str = "results/arithmetic_model/problems.jsonl"
     limit: int = 0                                       # first N problems (0: all)
     seed: int = 0
@@ -81,6 +83,7 @@ class Config:
         config_lib.require_positive_ints(self, "max_new_tokens", "window", "tail",
                                          "confidence_k", "slots", "offline_traces", "warmup",
                                          "batch")
+        config_lib.dtype_name(self.dtype, "dtype")
         config_lib.require(self.limit >= 0, f"limit must be >= 0, got {self.limit}")
         config_lib.require(all(1 <= k <= self.offline_traces for k in self.ks),
                            f"every K in ks={list(self.ks)} must lie in [1, offline_traces="
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     every_problem = load_problems(cfg.problems)
     problems = every_problem[:cfg.limit or None]
-    model = hf.load_pretrained(cfg.model)
+    model = hf.load_pretrained(cfg.model, dtype=cfg.dtype)
     tokenizer = hf.load_tokenizer(cfg.model)
     config_lib.require(tokenizer.eos_token_id is not None,
                        f"the tokenizer in {cfg.model} has no EOS token to end traces with")

@@ -1,0 +1,101 @@
+"""experiments/deepconf_seeds.py: the spread over seeds, and the runs it asks for."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def seeds():
+    spec = importlib.util.spec_from_file_location(
+        "deepconf_seeds", os.path.join(ROOT, "experiments", "deepconf_seeds.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+def _summary(accuracy: float, saved) -> dict:
+    """The shape of experiments/deepconf.py's summary.json, cut down."""
+    return {"problems": 4, "offline": {"8": {"pass@1": accuracy, "majority": accuracy + 0.1,
+                                             "tokens": 100 * accuracy}},
+            "online": {"deepconf-high": {"accuracy": accuracy, "tokens": 50.0, "launched": 8.0,
+                                         "stopped": 1.0, "seconds": 0.1, "tokens_saved": saved,
+                                         "seconds_saved": 0.2}},
+            "offline_seconds": 0.5,
+            "auroc": {"tail": {"within_problem": accuracy, "pooled": 0.5}}}
+
+
+def test_spread_by_hand(seeds):
+    # 0.25, 0.5, 0.75: mean 0.5; squared deviations 1/16 + 0 + 1/16 over n - 1 = 2 -> std 0.25
+    row = seeds.spread([0.25, 0.5, 0.75])
+    assert row == {"mean": 0.5, "std": 0.25, "min": 0.25, "max": 0.75,
+                   "values": [0.25, 0.5, 0.75]}
+
+
+def test_aggregate_spreads_every_number_and_keeps_none(seeds):
+    summaries = [_summary(0.2, None), _summary(0.4, None), _summary(0.9, None)]
+    out = seeds.aggregate(summaries)
+    values = np.array([0.2, 0.4, 0.9])
+    assert out["offline"]["8"]["pass@1"]["mean"] == pytest.approx(values.mean())
+    assert out["offline"]["8"]["majority"]["std"] == pytest.approx((values + 0.1).std(ddof=1))
+    assert out["offline"]["8"]["tokens"]["values"] == pytest.approx(list(100 * values))
+    assert out["auroc"]["tail"]["within_problem"]["max"] == 0.9
+    assert out["online"]["deepconf-high"]["tokens_saved"] is None
+    assert out["problems"]["mean"] == 4
+    text = seeds.table({"seeds": [0, 1, 2], "greedy_accuracy": seeds.spread(values), **out})
+    assert f"| pass@1 | {100 * values.mean():.1f} ± {100 * values.std(ddof=1):.1f} |" in text
+    # accuracy, tokens, launched, stopped, tokens saved (None: "-"), wall time saved
+    assert (f"| deepconf-high | 50.0 ± {100 * values.std(ddof=1):.1f} | 50 ± 0 | 8.0 ± 0.0 | "
+            f"1.0 ± 0.0 | - | 20.0 ± 0.0 |") in text
+
+
+def test_config_refuses_one_seed_and_bad_overrides(seeds):
+    with pytest.raises(ValueError, match="at least 2 distinct seeds"):
+        seeds.Config(seeds=(3,))
+    with pytest.raises(ValueError, match="at least 2 distinct seeds"):
+        seeds.Config(seeds=(1, 1))
+    with pytest.raises(ValueError, match=r"key=value, got \['steps'\]"):
+        seeds.Config(train=("steps",))
+    with pytest.raises(ValueError, match=r"missing\.yaml does not exist"):
+        seeds.Config(train_config="missing.yaml")
+
+
+def test_main_runs_both_experiments_per_seed_and_aggregates(seeds, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(script, config, overrides):  # writes what the real experiment would
+        calls.append((script, config, overrides))
+        values = dict(o.split("=", 1) for o in overrides)
+        out = tmp_path / values["out_dir"]
+        out.mkdir(parents=True, exist_ok=True)
+        seed = int(values["seed"])
+        if script == "train_arithmetic.py":
+            (out / "train_metrics.json").write_text(json.dumps({"greedy_accuracy": seed / 10}))
+        else:
+            (out / "summary.json").write_text(json.dumps(_summary(seed / 4, 0.1 * seed)))
+
+    monkeypatch.setattr(seeds, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    train, deepconf = (os.path.join(ROOT, "configs", "deepconf", name)
+                       for name in ("train_cpu.yaml", "cpu.yaml"))
+    summary = seeds.main(["seeds=[1,3]", "train=[steps=5]", "deepconf=[limit=2]",
+                          "out_dir=runs", f"train_config={train}", f"deepconf_config={deepconf}"])
+    model = os.path.join("runs", "seed3", "model")
+    assert calls[2:] == [
+        ("train_arithmetic.py", train,
+         ["steps=5", f"out_dir={model}", "seed=3"]),
+        ("deepconf.py", deepconf,
+         ["limit=2", f"out_dir={os.path.join('runs', 'seed3', 'deepconf')}",
+          f"model={model}", f"problems={os.path.join(model, 'problems.jsonl')}", "seed=3"])]
+    assert summary["greedy_accuracy"]["values"] == [0.1, 0.3]
+    assert summary["offline"]["8"]["pass@1"]["mean"] == pytest.approx(0.5)  # (0.25 + 0.75) / 2
+    assert summary["online"]["deepconf-high"]["tokens_saved"]["max"] == pytest.approx(0.3)
+    assert json.loads((tmp_path / "runs" / "summary.json").read_text()) == summary
+    assert (tmp_path / "runs" / "accuracy_vs_tokens.png").stat().st_size > 0
