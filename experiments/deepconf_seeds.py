@@ -22,7 +22,6 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import matplotlib
 
 matplotlib.use("Agg")
@@ -65,10 +64,14 @@ def spread(values) -> dict:
             "max": float(x.max()), "values": x.tolist()}
 
 
-def aggregate(summaries: list[dict]) -> dict:
+def aggregate(summaries: list):
     """The per-seed summaries (same structure: one config) with each number replaced by its
-    `spread` over seeds; a None (a figure a run could not define) stays None."""
-    return jax.tree.map(lambda *xs: spread(xs), *summaries)
+    `spread` over seeds, keys in the first summary's order; a None (a figure a run could not
+    define) stays None."""
+    first = summaries[0]
+    if isinstance(first, dict):
+        return {key: aggregate([s[key] for s in summaries]) for key in first}
+    return None if first is None else spread(summaries)
 
 
 def run(script: str, config: str, overrides: list[str]) -> None:

@@ -49,6 +49,7 @@ def test_aggregate_spreads_every_number_and_keeps_none(seeds):
     assert out["auroc"]["tail"]["within_problem"]["max"] == 0.9
     assert out["online"]["deepconf-high"]["tokens_saved"] is None
     assert out["problems"]["mean"] == 4
+    assert list(out["offline"]["8"]) == ["pass@1", "majority", "tokens"]  # the runs' order
     text = seeds.table({"seeds": [0, 1, 2], "greedy_accuracy": seeds.spread(values), **out})
     assert f"| pass@1 | {100 * values.mean():.1f} ± {100 * values.std(ddof=1):.1f} |" in text
     # accuracy, tokens, launched, stopped, tokens saved (None: "-"), wall time saved
