@@ -62,6 +62,11 @@ def decode(ids) -> str:
     return "".join(VOCAB[int(i)] for i in ids if VOCAB[int(i)] not in (PAD, EOS))
 
 
+def token_count(problem: Problem) -> int:
+    """Tokens of a training row: prompt, solution and EOS."""
+    return len(problem.prompt) + len(problem.solution) + 1  # one token per character
+
+
 def training_batch(problems: list[Problem], length: int) -> tuple[np.ndarray, np.ndarray]:
     """(tokens int32 [B, length], loss mask [B, length]): prompt + solution + EOS, right-padded;
     the mask marks the solution and EOS tokens (what the model must learn to write)."""
@@ -69,8 +74,8 @@ def training_batch(problems: list[Problem], length: int) -> tuple[np.ndarray, np
     mask = np.zeros((len(problems), length), np.float32)
     for row, p in enumerate(problems):
         prompt, target = encode(p.prompt), [*encode(p.solution), VOCAB.index(EOS)]
-        require(len(prompt) + len(target) <= length,
-                f"problem {p.id} needs {len(prompt) + len(target)} tokens > length {length}")
+        require(token_count(p) <= length,
+                f"problem {p.id} needs {token_count(p)} tokens > length {length}")
         tokens[row, :len(prompt) + len(target)] = prompt + target
         mask[row, len(prompt):len(prompt) + len(target)] = 1
     return tokens, mask

@@ -1,5 +1,6 @@
 """experiments/deepconf_seeds.py: the spread over seeds, and the runs it asks for."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -100,3 +101,58 @@ def test_main_runs_both_experiments_per_seed_and_aggregates(seeds, tmp_path, mon
     assert summary["online"]["deepconf-high"]["tokens_saved"]["max"] == pytest.approx(0.3)
     assert json.loads((tmp_path / "runs" / "summary.json").read_text()) == summary
     assert (tmp_path / "runs" / "accuracy_vs_tokens.png").stat().st_size > 0
+
+
+def _experiment(name):
+    spec = importlib.util.spec_from_file_location(
+        f"{name}_for_configs", os.path.join(ROOT, "experiments", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("experiment", "config"), [
+    ("deepconf", "cpu"), ("deepconf", "long_cpu"), ("deepconf", "paper_gpu"),
+    ("train_arithmetic", "train_cpu"), ("train_arithmetic", "train_long_cpu"),
+    ("deepconf_seeds", "seeds_cpu"), ("deepconf_seeds", "seeds_long_cpu")])
+def test_every_deepconf_config_loads(experiment, config, monkeypatch):
+    from jaxlab import config as config_lib
+
+    monkeypatch.chdir(ROOT)  # the seeds configs name the others relative to the repository
+    module = _experiment(experiment)
+    cfg = config_lib.load_config(module.Config, f"configs/deepconf/{config}.yaml")
+    if config == "paper_gpu":  # the paper's settings (papers/deepconf.md)
+        assert (cfg.window, cfg.tail, cfg.confidence_k, cfg.temperature, cfg.top_p, cfg.top_k,
+                cfg.warmup, cfg.offline_traces, cfg.consensus, cfg.chat_template) == (
+                    2048, 2048, 20, 0.6, 0.95, 20, 16, 512, 0.95, True)
+        assert cfg.sampling(eos=0).stop_ids == (0,) and cfg.online("deepconf-low").budget == 512
+
+
+def test_problems_longer_than_the_training_length_are_replaced(caplog):
+    from jaxlab.deepconf import arithmetic
+
+    class Nines:  # every number 99: the longest sums, so the longest solution
+        def integers(self, low, high, size):
+            return np.full(size, high - 1)
+
+    # 53 prompt + 203 solution + EOS: the longest 16-term problem does not fit length 256
+    longest = arithmetic.make_problem(Nines(), 16, 0)
+    assert longest.answer == "1584" and arithmetic.token_count(longest) == 257
+    with pytest.raises(ValueError, match="needs 257 tokens > length 256"):
+        arithmetic.training_batch([longest], 256)
+    # 4-term problems need 59 to 65 tokens: at length 64 the longer ones are replaced by the
+    # next problems of the stream, which are the same as at a length that fits them all
+    module = _experiment("train_arithmetic")
+    config = functools.partial(module.Config, terms=4, steps=3, batch=8, warmup_steps=0, seed=5)
+    stream = np.random.default_rng(5)
+    every = [arithmetic.make_problem(stream, 4, i) for i in range(200)]
+    fitting = [p for p in every if arithmetic.token_count(p) <= 64]
+    assert 0 < len(every) - len(fitting[:24]) and len(fitting) >= 24
+    with caplog.at_level("WARNING", logger="jaxlab"):
+        rows = [tokens for tokens, _ in module.batches(config(length=64), start=0)]
+    expected = arithmetic.training_batch(fitting[:24], 64)[0]
+    np.testing.assert_array_equal(np.concatenate(rows), expected)
+    assert "longer than length=64 tokens replaced" in caplog.text
+    with pytest.raises(ValueError, match="length=30 is too short for terms=4"):
+        next(module.batches(config(length=30), start=0))
