@@ -9,9 +9,10 @@ in the code under it), so one run's table says little. Per seed s this runs, as 
 and `experiments/deepconf.py --config <deepconf_config> out_dir=<out_dir>/seed<s>/deepconf
 model=... problems=... seed=s` (each seed has its own held-out problems and sampling key), with
 the `train` and `deepconf` overrides appended. Both resume, so a rerun finishes what a killed run
-left. Writes `summary.json` (every number of deepconf's summary as mean, std, min, max and the
-per-seed values, plus the models' greedy accuracy), `accuracy_vs_tokens.png` (mean with one std
-as error bars) and prints the table.
+left. The driver is one process; each child joins whatever multi-process run its environment
+describes, as every experiment does. Writes `summary.json` (every number of deepconf's summary
+as mean, std, min, max and the per-seed values, plus the models' greedy accuracy),
+`accuracy_vs_tokens.png` (mean with one std as error bars) and prints the table.
 """
 
 from __future__ import annotations
