@@ -1,7 +1,6 @@
 """experiments/deepconf_seeds.py: the spread over seeds, and the runs it asks for."""
 
 import functools
-import importlib.util
 import json
 import os
 import sys
@@ -10,16 +9,10 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module")
-def seeds():
-    spec = importlib.util.spec_from_file_location(
-        "deepconf_seeds", os.path.join(ROOT, "experiments", "deepconf_seeds.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import deepconf  # experiments/deepconf.py  # noqa: E402
+import deepconf_seeds as seeds  # noqa: E402
+import train_arithmetic  # noqa: E402
 
 
 def _summary(accuracy: float, saved) -> dict:
@@ -33,14 +26,14 @@ def _summary(accuracy: float, saved) -> dict:
             "auroc": {"tail": {"within_problem": accuracy, "pooled": 0.5}}}
 
 
-def test_spread_by_hand(seeds):
+def test_spread_by_hand():
     # 0.25, 0.5, 0.75: mean 0.5; squared deviations 1/16 + 0 + 1/16 over n - 1 = 2 -> std 0.25
     row = seeds.spread([0.25, 0.5, 0.75])
     assert row == {"mean": 0.5, "std": 0.25, "min": 0.25, "max": 0.75,
                    "values": [0.25, 0.5, 0.75]}
 
 
-def test_aggregate_spreads_every_number_and_keeps_none(seeds):
+def test_aggregate_spreads_every_number_and_keeps_none():
     summaries = [_summary(0.2, None), _summary(0.4, None), _summary(0.9, None)]
     out = seeds.aggregate(summaries)
     values = np.array([0.2, 0.4, 0.9])
@@ -58,7 +51,7 @@ def test_aggregate_spreads_every_number_and_keeps_none(seeds):
             f"1.0 ± 0.0 | - | 20.0 ± 0.0 |") in text
 
 
-def test_config_refuses_one_seed_and_bad_overrides(seeds):
+def test_config_refuses_one_seed_and_bad_overrides():
     with pytest.raises(ValueError, match="at least 2 distinct seeds"):
         seeds.Config(seeds=(3,))
     with pytest.raises(ValueError, match="at least 2 distinct seeds"):
@@ -69,7 +62,7 @@ def test_config_refuses_one_seed_and_bad_overrides(seeds):
         seeds.Config(train_config="missing.yaml")
 
 
-def test_main_runs_both_experiments_per_seed_and_aggregates(seeds, tmp_path, monkeypatch):
+def test_main_runs_both_experiments_per_seed_and_aggregates(tmp_path, monkeypatch):
     calls = []
 
     def fake_run(script, config, overrides):  # writes what the real experiment would
@@ -103,15 +96,6 @@ def test_main_runs_both_experiments_per_seed_and_aggregates(seeds, tmp_path, mon
     assert (tmp_path / "runs" / "accuracy_vs_tokens.png").stat().st_size > 0
 
 
-def _experiment(name):
-    spec = importlib.util.spec_from_file_location(
-        f"{name}_for_configs", os.path.join(ROOT, "experiments", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(("experiment", "config"), [
     ("deepconf", "cpu"), ("deepconf", "long_cpu"), ("deepconf", "paper_gpu"),
     ("train_arithmetic", "train_cpu"), ("train_arithmetic", "train_long_cpu"),
@@ -120,7 +104,8 @@ def test_every_deepconf_config_loads(experiment, config, monkeypatch):
     from jaxlab import config as config_lib
 
     monkeypatch.chdir(ROOT)  # the seeds configs name the others relative to the repository
-    module = _experiment(experiment)
+    module = {"deepconf": deepconf, "train_arithmetic": train_arithmetic,
+              "deepconf_seeds": seeds}[experiment]
     cfg = config_lib.load_config(module.Config, f"configs/deepconf/{config}.yaml")
     if config == "paper_gpu":  # the paper's settings (papers/deepconf.md)
         assert (cfg.window, cfg.tail, cfg.confidence_k, cfg.temperature, cfg.top_p, cfg.top_k,
@@ -143,16 +128,16 @@ def test_problems_longer_than_the_training_length_are_replaced(caplog):
         arithmetic.training_batch([longest], 256)
     # 4-term problems need 59 to 65 tokens: at length 64 the longer ones are replaced by the
     # next problems of the stream, which are the same as at a length that fits them all
-    module = _experiment("train_arithmetic")
-    config = functools.partial(module.Config, terms=4, steps=3, batch=8, warmup_steps=0, seed=5)
+    config = functools.partial(train_arithmetic.Config, terms=4, steps=3, batch=8,
+                               warmup_steps=0, seed=5)
     stream = np.random.default_rng(5)
     every = [arithmetic.make_problem(stream, 4, i) for i in range(200)]
     fitting = [p for p in every if arithmetic.token_count(p) <= 64]
     assert 0 < len(every) - len(fitting[:24]) and len(fitting) >= 24
     with caplog.at_level("WARNING", logger="jaxlab"):
-        rows = [tokens for tokens, _ in module.batches(config(length=64), start=0)]
+        rows = [tokens for tokens, _ in train_arithmetic.batches(config(length=64), start=0)]
     expected = arithmetic.training_batch(fitting[:24], 64)[0]
     np.testing.assert_array_equal(np.concatenate(rows), expected)
     assert "longer than length=64 tokens replaced" in caplog.text
     with pytest.raises(ValueError, match="length=30 is too short for terms=4"):
-        next(module.batches(config(length=30), start=0))
+        next(train_arithmetic.batches(config(length=30), start=0))
