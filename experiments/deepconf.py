@@ -315,23 +315,33 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict, path) -> None:
+def plot(summary: dict, path, ylabel: str = "accuracy (%)") -> None:
+    """Accuracy against mean tokens per problem: every offline method over the K values, each
+    online rule as a star. A figure is a number, or a {"mean", "std"} spread over runs
+    (experiments/deepconf_seeds.py), drawn with one std as error bars."""
+    def mean_std(x):
+        return (x["mean"], x["std"]) if isinstance(x, dict) else (x, 0.0)
+
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    offline = summary["offline"]
-    tokens = [row["tokens"] for row in offline.values()]
-    for name in ["pass@1"] + [name for name, *_ in OFFLINE]:
-        ax.plot(tokens, [100 * row[name] for row in offline.values()], "o-", label=name,
-                alpha=0.8)
+    offline = list(summary["offline"].values())
+    tokens = [mean_std(row["tokens"])[0] for row in offline]
+    for name in (n for n in offline[0] if n != "tokens"):
+        mean, std = zip(*(mean_std(row[name]) for row in offline), strict=True)
+        ax.errorbar(tokens, 100 * np.asarray(mean), yerr=100 * np.asarray(std), fmt="o-",
+                    capsize=3, label=name, alpha=0.8)
     for rule, row in summary["online"].items():
-        ax.plot([row["tokens"]], [100 * row["accuracy"]], "*", markersize=14,
-                label=f"online {rule}")
+        (tokens_mean, tokens_std), (accuracy, accuracy_std) = map(
+            mean_std, (row["tokens"], row["accuracy"]))
+        ax.errorbar([tokens_mean], [100 * accuracy], xerr=[tokens_std],
+                    yerr=[100 * accuracy_std], fmt="*", markersize=14, capsize=3,
+                    label=f"online {rule}")
     ax.set_xscale("log")
     ax.set_xlabel("mean tokens per problem")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
+    results.save_figure(fig, path)
     plt.close(fig)
 
 

@@ -23,10 +23,7 @@ import pathlib
 import subprocess
 import sys
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+import deepconf  # experiments/deepconf.py, beside this script
 import numpy as np
 
 from jaxlab import config as config_lib
@@ -53,8 +50,7 @@ class Config:
         for path in (self.train_config, self.deepconf_config):
             config_lib.read_yaml(path)  # a missing or broken file is an error before any run
         for overrides in (self.train, self.deepconf):
-            bad = [o for o in overrides if "=" not in o]
-            config_lib.require(not bad, f"overrides must look like key=value, got {bad}")
+            config_lib.check_overrides(overrides)
 
 
 def spread(values) -> dict:
@@ -99,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"seeds": list(cfg.seeds), "greedy_accuracy": spread(greedy),
                **aggregate(summaries)}
     results.write_json(out / "summary.json", summary)
-    plot(summary, out / "accuracy_vs_tokens.png")
+    deepconf.plot(summary, out / "accuracy_vs_tokens.png",
+                  ylabel=f"accuracy (%), mean ± std over {len(cfg.seeds)} seeds")
     print(table(summary))
     return summary
 
@@ -136,28 +133,6 @@ def table(summary: dict) -> str:
         lines.append(f"| {name} | {_cell(row['within_problem'], 1.0, 2)} | "
                      f"{_cell(row['pooled'], 1.0, 2)} |")
     return "\n".join(lines)
-
-
-def plot(summary: dict, path: pathlib.Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    offline = list(summary["offline"].values())
-    tokens = [row["tokens"]["mean"] for row in offline]
-    for name in (n for n in offline[0] if n != "tokens"):
-        ax.errorbar(tokens, [100 * row[name]["mean"] for row in offline],
-                    yerr=[100 * row[name]["std"] for row in offline], fmt="o-", capsize=3,
-                    label=name, alpha=0.8)
-    for rule, row in summary["online"].items():
-        ax.errorbar([row["tokens"]["mean"]], [100 * row["accuracy"]["mean"]],
-                    xerr=[row["tokens"]["std"]], yerr=[100 * row["accuracy"]["std"]], fmt="*",
-                    markersize=14, capsize=3, label=f"online {rule}")
-    ax.set_xscale("log")
-    ax.set_xlabel("mean tokens per problem")
-    ax.set_ylabel(f"accuracy (%), mean ± std over {len(summary['seeds'])} seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    results.save_figure(fig, path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

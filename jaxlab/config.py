@@ -31,9 +31,7 @@ def load_config(schema: type[T], path: str | pathlib.Path | None = None,
     layers = []
     if path is not None:
         layers.append((str(path), read_yaml(path)))
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"overrides must look like key=value, got {bad}")
+    check_overrides(overrides)
     if overrides:
         layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
     merged = base
@@ -48,6 +46,13 @@ def load_config(schema: type[T], path: str | pathlib.Path | None = None,
         raise ConfigError(_first_line(e)) from None
     except (ValueError, TypeError) as e:  # raised by the schema's __post_init__
         raise ConfigError(str(e)) from None
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """ConfigError listing the overrides that are not `key=value`."""
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got {bad}")
 
 
 def read_yaml(path: str | pathlib.Path):
