@@ -6,14 +6,18 @@ code and backend kernels side by side.
 Layouts. A full-sequence call takes q [B, T, H, D] and k, v [B, T, K, D]. Decode works per key/
 value head on grouped queries q [B, K, Q, D]: the Q queries of (row b, kv head k) are its G query
 heads, or in cascade attention the n x G query heads of the n traces sharing one prompt. The
-cache holds keys [B, K, D, S] and values [B, K, S, D] (each (row, head) a plain matrix in the
-layout its product wants), in the compute dtype or int8 with float32 scales [B, K, S]
-(key = int8 * scale). The live slots of row b are start[b] <= s < end[b].
+cache holds values [B, K, S, D] and keys in one of two layouts (`KEY_LAYOUTS`): "slots"
+[B, K, S, D], the layout of the kernels, or "dims" [B, K, D, S], the plain q [Q, D] @ [D, S]
+product that XLA's CPU backend runs fastest (a transposed operand costs it a repacking of every
+block: 12% of the whole decode step on a small Qwen3). Caches are in the compute dtype or int8
+with float32 scales [B, K, S] (key = int8 * scale). The live slots of row b are
+start[b] <= s < end[b].
 
   full_attention      causal + padding mask through `jax.nn.dot_product_attention` (fused
                       kernels where the backend has them; no [B, H, T, S] float32 tensor then)
   block_attention     portable flash-decoding over the live blocks only: returns (out, lse)
   pallas_gpu_attention  the Pallas GPU decode kernel shipped with JAX, same contract
+  decode_attention    one of the two, by backend (`DECODE_KERNELS`)
   merge               two attentions over disjoint key sets combined by their log-sum-exps
 """
 
@@ -36,6 +40,13 @@ except ImportError:  # pragma: no cover - depends on the JAX build
     _pallas_gpu = None
 
 HAS_PALLAS_GPU = _pallas_gpu is not None  # the Pallas GPU decode kernel can be called
+KEY_LAYOUTS = ("slots", "dims")  # keys [B, K, S, D] or [B, K, D, S]
+DECODE_KERNELS = ("auto", "portable", "pallas")
+
+
+def default_key_layout() -> str:
+    """"dims" on the CPU (its fastest product), else "slots" (the kernels' layout)."""
+    return "dims" if jax.default_backend() == "cpu" else "slots"
 
 
 def full_attention(q, k, v, mask):
@@ -45,10 +56,11 @@ def full_attention(q, k, v, mask):
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=q.shape[-1] ** -0.5)
 
 
-def block_attention(q, keys, values, key_scale, value_scale, start, end, *, block: int):
+def block_attention(q, keys, values, key_scale, value_scale, start, end, *, block: int,
+                    key_layout: str = "slots"):
     """Flash-decoding over the live blocks of a cache, reading nothing past the longest row.
 
-    q [B, K, Q, D]; keys [B, K, D, S]; values [B, K, S, D] (int8 with float32 scales [B, K, S],
+    q [B, K, Q, D]; keys in `key_layout`; values [B, K, S, D] (int8 with float32 scales [B, K, S],
     else scales None); start, end int32 [B]: slot s of row b is attended iff start[b] <= s <
     end[b]. Blocks j = min(start) // block .. ceil(max(end) / block) - 1 are visited in a
     `fori_loop` with a traced trip count; per (row, head, query), with s the block's scaled
@@ -61,17 +73,19 @@ def block_attention(q, keys, values, key_scale, value_scale, start, end, *, bloc
     live slot gets out 0 and lse -inf, so `merge` ignores it. S must be a multiple of `block`
     (a clamped slice would re-read keys).
     """
+    require(key_layout in KEY_LAYOUTS, f"key_layout {key_layout!r} is not one of {KEY_LAYOUTS}")
     b, k, nq, d = q.shape
-    size = keys.shape[-1]
+    size = values.shape[2]
+    key_axis, scores = (2, "bkqd,bksd->bkqs") if key_layout == "slots" else (3, "bkqd,bkds->bkqs")
     require(size % block == 0, f"cache size {size} must be a multiple of the block {block}")
     q = q * jnp.asarray(1 / math.sqrt(d), q.dtype)
 
     def visit(j, carry):
         m, total, o = carry
         first = j * block
-        kb = jax.lax.dynamic_slice_in_dim(keys, first, block, axis=3)          # [B, K, D, blk]
+        kb = jax.lax.dynamic_slice_in_dim(keys, first, block, axis=key_axis)
         vb = jax.lax.dynamic_slice_in_dim(values, first, block, axis=2)        # [B, K, blk, D]
-        s = jnp.einsum("bkqd,bkds->bkqs", q, kb.astype(q.dtype),
+        s = jnp.einsum(scores, q, kb.astype(q.dtype),
                        preferred_element_type=jnp.float32)                     # [B, K, Q, blk]
         if key_scale is not None:
             s = s * jax.lax.dynamic_slice_in_dim(key_scale, first, block, axis=2)[:, :, None]
@@ -99,25 +113,61 @@ def block_attention(q, keys, values, key_scale, value_scale, start, end, *, bloc
     return o / jnp.where(total > 0, total, 1.0)[..., None], _lse(m, total)
 
 
-def pallas_gpu_attention(q, keys, values, start, end, *, block: int = 128, k_splits: int = 16,
+def pallas_gpu_attention(q, keys, values, start, end, *, block: int = 128,
                          interpret: bool = False):
-    """`block_attention`'s contract (float caches) through JAX's Pallas GPU decode kernel
-    (`jax.experimental.pallas.ops.gpu.decode_attention.gqa`), whose splits past `end` are
-    skipped. The kernel takes q [B, Nq, D] and k, v [B, S, Nkv, D], so the cache is transposed
-    into its layout here. Needs S divisible by `k_splits` with S / k_splits >= 16.
-    `interpret=True` runs it on any backend (slowly), for tests."""
+    """`block_attention`'s contract (float caches, keys in the "slots" layout) through JAX's
+    Pallas GPU decode kernel (`jax.experimental.pallas.ops.gpu.decode_attention.gqa`): the cache
+    is cut into `k_splits` (`pallas_splits`) splits run in parallel, a split past `end` is
+    skipped, and the splits are merged by their log-sum-exps. The kernel takes q [B, Nq, D] and
+    k, v [B, S, Nkv, D] and swaps the axes back, so no copy is made. `interpret=True` runs it
+    on any backend (slowly), for tests."""
     require(HAS_PALLAS_GPU, "this JAX has no Pallas GPU decode-attention kernel")
     b, k, nq, d = q.shape
-    size = keys.shape[-1]
-    require(size % k_splits == 0 and size // k_splits >= 16,
-            f"cache size {size} must be a multiple of k_splits={k_splits} with at least 16 "
-            "slots per split")
+    size = values.shape[2]
+    splits, block_k = pallas_splits(size, block)
+    require(splits > 0, f"cache size {size} cannot be split for the Pallas kernel (splits of "
+            "a multiple of 16 slots)")
     out, (total, m) = _pallas_gpu.gqa(
-        q.reshape(b, k * nq, d), keys.transpose(0, 3, 1, 2), values.transpose(0, 2, 1, 3),
-        start_idx=start, kv_seq_len=end, sm_scale=1 / math.sqrt(d), block_k=min(block, size //
-        k_splits), k_splits=k_splits, interpret=interpret, return_residuals=True)
+        q.reshape(b, k * nq, d), keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3),
+        start_idx=start, kv_seq_len=end, sm_scale=1 / math.sqrt(d),
+        block_h=max(16, min(64, 1 << (nq - 1).bit_length())),
+        block_k=block_k, k_splits=splits, interpret=interpret,
+        return_residuals=True)
     lse = _lse(m.astype(jnp.float32), total.astype(jnp.float32))
     return out.reshape(b, k, nq, d).astype(jnp.float32), lse.reshape(b, k, nq)
+
+
+def pallas_splits(size: int, block: int = 128) -> tuple[int, int]:
+    """(k_splits, block_k) of the Pallas kernel for a cache of `size` slots: the most splits of
+    16, 8, 4, 2, 1 dividing it into equal splits, each a whole number of blocks of block_k
+    slots, the largest power of two dividing the split, at most `block`, at least 16 (Triton's
+    tiles are powers of two); (0, 0) if there are none."""
+    for splits in (16, 8, 4, 2, 1):
+        per = size // splits
+        block_k = min(block, per & -per)
+        if size % splits == 0 and block_k >= 16:
+            return splits, block_k
+    return 0, 0
+
+
+def decode_attention(q, keys, values, key_scale, value_scale, start, end, *, block: int,
+                     key_layout: str, kernel: str = "auto"):
+    """`block_attention`'s contract through the kernel `kernel` names (`DECODE_KERNELS`):
+    "portable" (`block_attention`), "pallas" (`pallas_gpu_attention`), or "auto": the Pallas
+    kernel on a GPU for a float cache in the "slots" layout that it can split, else the
+    portable path."""
+    require(kernel in DECODE_KERNELS, f"decode kernel {kernel!r} is not one of "
+            f"{DECODE_KERNELS}")
+    fits = (key_scale is None and key_layout == "slots" and HAS_PALLAS_GPU
+            and pallas_splits(values.shape[2], block)[0] > 0)
+    if kernel == "pallas":
+        require(fits, "the Pallas decode kernel needs this JAX's Pallas GPU ops, a float cache "
+                f"in the 'slots' key layout and at least 16 slots (got int8="
+                f"{key_scale is not None}, key_layout={key_layout!r}, {values.shape[2]} slots)")
+    if kernel == "pallas" or (kernel == "auto" and fits and jax.default_backend() == "gpu"):
+        return pallas_gpu_attention(q, keys, values, start, end, block=block)
+    return block_attention(q, keys, values, key_scale, value_scale, start, end, block=block,
+                           key_layout=key_layout)
 
 
 def _lse(m, total):

@@ -178,10 +178,8 @@ class KVCache:
     start[b] <= s < index[b] (a left-padded prompt, then the tokens decoded after it)."""
 
     # One array per layer (so a step updates each in place, no stacking), in the model's dtype
-    # or int8: keys L x [B, K, D, S], values L x [B, K, S, D], and for int8 L x float32 [B, K, S]
-    # scales (key = keys * scale). Each (row, kv head) is then a plain matrix in the layout its
-    # product with the queries wants: q [Q, D] @ keys [D, S], weights [Q, S] @ values [S, D]
-    # (a transposed operand costs a repacking of the whole cache every step on CPU).
+    # or int8: keys L x [B, K, S, D] or [B, K, D, S] (`key_layout`, `attention.KEY_LAYOUTS`),
+    # values L x [B, K, S, D], and for int8 L x float32 [B, K, S] scales (key = keys * scale).
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
     key_scale: tuple[jax.Array, ...] | None
@@ -189,6 +187,7 @@ class KVCache:
     start: jax.Array      # [B] int32, each row's first live slot
     positions: jax.Array  # [B] int32, position of each row's next token (= real tokens so far)
     index: jax.Array      # [B] int32, each row's next slot to write (one past its last live one)
+    key_layout: str = struct.field(pytree_node=False, default="slots")
 
     @property
     def size(self) -> int:
@@ -213,11 +212,12 @@ class KVCache:
         return tuple(None if x is None else x[i]
                      for x in (self.keys, self.values, self.key_scale, self.value_scale))
 
-    def attend(self, i: int, q):
+    def attend(self, i: int, q, kernel: str = "auto"):
         """Layer i's attention of grouped queries q [B, K, Q, D] over the live slots:
-        (out float32 [B, K, Q, D], lse float32 [B, K, Q]) (`attention.block_attention`)."""
-        return attention.block_attention(q, *self.layer(i), self.start, self.index,
-                                         block=self.block)
+        (out float32 [B, K, Q, D], lse float32 [B, K, Q]) (`attention.decode_attention`)."""
+        return attention.decode_attention(q, *self.layer(i), self.start, self.index,
+                                          block=self.block, key_layout=self.key_layout,
+                                          kernel=kernel)
 
 
 def positions_of(mask) -> jax.Array:
@@ -291,15 +291,16 @@ def _write_slots(cache, new, index, axis):
     return cache.at[where].set(new, mode="promise_in_bounds")
 
 
-def _write_layer(layer, k, v, index):
+def _write_layer(layer, k, v, index, key_layout):
     """A layer's (keys, values, key_scale, value_scale) with k, v [B, T, K, D] written at slots
-    index[b].. (quantized when the cache is int8)."""
+    index[b].. (quantized when the cache is int8), keys in `key_layout`."""
     keys, values, key_scale, value_scale = layer
     if key_scale is not None:
         (k, k_scale), (v, v_scale) = _quantize(k), _quantize(v)
         key_scale = _write_slots(key_scale, k_scale, index, axis=2)
         value_scale = _write_slots(value_scale, v_scale, index, axis=2)
-    return (_write_slots(keys, k, index, axis=3), _write_slots(values, v, index, axis=2),
+    key_axis = 2 if key_layout == "slots" else 3
+    return (_write_slots(keys, k, index, axis=key_axis), _write_slots(values, v, index, axis=2),
             key_scale, value_scale)
 
 
@@ -415,10 +416,10 @@ class Decoder(nnx.Module):
         return self.lm_head.kernel[...]
 
     def prefill(self, input_ids, attention_mask=None, *, cache_size: int, int8_cache=False,
-                last_only=False):
+                last_only=False, key_layout: str | None = None):
         """Runs a left-padded prompt batch and returns (logits float32 [B, T, V], or [B, V] of
         the last position only if `last_only`; KVCache of `cache_size` slots with the prompt in
-        slots 0..T-1, int8 if `int8_cache`).
+        slots 0..T-1, int8 if `int8_cache`, keys in `key_layout` (`init_cache`)).
 
         The prompt attends to its own keys and values (`attention.full_attention`, before any
         int8 rounding); the cache keeps them for the decode steps.
@@ -435,22 +436,24 @@ class Decoder(nnx.Module):
             late = np.flatnonzero(np.any(np.diff(np.asarray(mask, np.int8), axis=1) < 0, axis=1))
             require(late.size == 0, f"attention_mask rows {late[:5].tolist()} are not "
                     "left-padded (a padding token follows a real one)")
-        cache = self.init_cache(b, cache_size, int8_cache)
+        cache = self.init_cache(b, cache_size, int8_cache, key_layout)
         lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)
         visible = _causal(mask)
         zero = jnp.zeros((b,), jnp.int32)
 
         def attend(i, q, k, v):
             return (attention.full_attention(q, k, v, visible),
-                    _write_layer(cache.layer(i), k, v, zero))
+                    _write_layer(cache.layer(i), k, v, zero, cache.key_layout))
 
         x, layers = self._layers(input_ids, positions_of(mask), attend)
         cache = cache.replace(start=t - lengths, positions=lengths, index=zero + t)
         return self.logits(x[:, -1] if last_only else x), _with_layers(cache, layers)
 
-    def decode(self, tokens, cache: KVCache, prefix: KVCache | None = None):
+    def decode(self, tokens, cache: KVCache, prefix: KVCache | None = None,
+               kernel: str = "auto"):
         """One new token per row (tokens int [B]) at slots cache.index, position
         cache.positions: (logits float32 [B, V], cache with the token's keys and values).
+        `kernel` picks the attention kernel (`attention.decode_attention`).
 
         With a `prefix` of P rows (P divides B), rows p n .. p n + n - 1 (n = B / P) continue
         prefix row p: they attend to its live slots and to their own, and their n x G queries
@@ -468,21 +471,27 @@ class Decoder(nnx.Module):
         written = cache.replace(index=cache.index + 1)
 
         def attend(i, q, k_new, v_new):
-            layer = _write_layer(cache.layer(i), k_new, v_new, cache.index)
+            layer = _write_layer(cache.layer(i), k_new, v_new, cache.index, cache.key_layout)
             q = _grouped(q, k)                                                    # [B, K, G, D]
-            out, lse = attention.block_attention(q, *layer, written.start, written.index,
-                                                 block=cache.block)
+            out, lse = attention.decode_attention(
+                q, *layer, written.start, written.index, block=cache.block,
+                key_layout=cache.key_layout, kernel=kernel)
             if prefix is not None:
-                out, lse = attention.merge((out, lse), _shared(prefix, i, q))
+                out, lse = attention.merge((out, lse), _shared(prefix, i, q, kernel))
             return out.astype(q.dtype).reshape(b, 1, -1, q.shape[-1]), layer
 
         x, layers = self._layers(tokens[:, None], cache.positions[:, None], attend)
         cache = written.replace(positions=cache.positions + 1)
         return self.logits(x)[:, 0], _with_layers(cache, layers)
 
-    def init_cache(self, batch: int, size: int, int8: bool = False) -> KVCache:
+    def init_cache(self, batch: int, size: int, int8: bool = False,
+                   key_layout: str | None = None) -> KVCache:
         """An empty cache; `int8` stores keys and values as int8 with float32 scales per token
-        and head (D + 4 bytes instead of 2 D or 4 D per token, head and tensor)."""
+        and head (D + 4 bytes instead of 2 D or 4 D per token, head and tensor); keys in
+        `key_layout` (default: `attention.default_key_layout()`, by backend)."""
+        key_layout = key_layout or attention.default_key_layout()
+        require(key_layout in attention.KEY_LAYOUTS,
+                f"key_layout {key_layout!r} is not one of {attention.KEY_LAYOUTS}")
         c = self.config
         values = (batch, c.num_kv_heads, size, c.head_dim)
         dtype = jnp.int8 if int8 else c.dtype
@@ -496,9 +505,10 @@ class Decoder(nnx.Module):
         def zero():  # one buffer per field, so that a jitted loop may donate each of them
             return jnp.zeros((batch,), jnp.int32)
 
-        return KVCache(keys=per_layer((batch, c.num_kv_heads, c.head_dim, size), dtype),
-                       values=per_layer(values, dtype), key_scale=scale(), value_scale=scale(),
-                       start=zero(), positions=zero(), index=zero())
+        keys = values if key_layout == "slots" else (batch, c.num_kv_heads, c.head_dim, size)
+        return KVCache(keys=per_layer(keys, dtype), values=per_layer(values, dtype),
+                       key_scale=scale(), value_scale=scale(), start=zero(), positions=zero(),
+                       index=zero(), key_layout=key_layout)
 
     # ---------------------------------------------------------------- internals
 
@@ -575,14 +585,14 @@ def _causal(mask):
     return mask[:, None, :] & (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])
 
 
-def _shared(prefix: KVCache, i: int, q):
+def _shared(prefix: KVCache, i: int, q, kernel: str):
     """Layer i's attention of grouped queries q [B, K, G, D] over a prefix of P rows shared by
     n = B / P consecutive rows each: their n x G queries per head in one product,
     [P, K, n G, D], against the prefix row once. Returns (out [B, K, G, D], lse [B, K, G])."""
     b, k, g, d = q.shape
     p = prefix.start.shape[0]
     batched = q.reshape(p, b // p, k, g, d).transpose(0, 2, 1, 3, 4).reshape(p, k, -1, d)
-    out, lse = prefix.attend(i, batched)
+    out, lse = prefix.attend(i, batched, kernel)
 
     def per_row(x):                                    # [P, K, n G, ...] -> [B, K, G, ...]
         x = x.reshape(p, k, b // p, g, *x.shape[3:])

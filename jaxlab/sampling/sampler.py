@@ -50,6 +50,7 @@ from jax.sharding import Mesh
 
 from jaxlab import parallel
 from jaxlab.config import require, require_positive_ints
+from jaxlab.models import attention
 from jaxlab.models.decoder import DECODE_BLOCK, Decoder, DecoderConfig, KVCache
 from jaxlab.sampling import strategies
 from jaxlab.sampling.confidence import GroupWindow
@@ -79,6 +80,8 @@ class SamplingConfig:
     int8_cache: bool = False        # keys/values in int8 with per-token, per-head scales
     prompt_bucket: int = 64         # prompts padded to a multiple of this many tokens (one
     #                                 compiled prefill and loop per bucket, not per length)
+    decode_kernel: str = "auto"     # decode attention (`attention.DECODE_KERNELS`): "auto" is
+    #                                 the Pallas kernel on a GPU, the portable path elsewhere
 
     def __post_init__(self):
         require_positive_ints(self, "max_new_tokens", "n", "confidence_k", "window", "tail",
@@ -92,6 +95,9 @@ class SamplingConfig:
                 f"SamplingConfig.budget={self.budget} must be >= n={self.n}")
         require(self.stop_threshold is None or self.confidence,
                 "SamplingConfig.stop_threshold needs confidence=True")
+        require(self.decode_kernel in attention.DECODE_KERNELS,
+                f"SamplingConfig.decode_kernel must be one of {attention.DECODE_KERNELS}, got "
+                f"{self.decode_kernel!r}")
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
 
     @property
@@ -324,7 +330,7 @@ def _decode(graphdef, state, prefix: KVCache, prompt_logits, cache: KVCache, out
         length = length + 1
         finishing, reason = finish(token, length, window, active, stop_ids, early, t_max)
         out = record_final(out, row, finishing, length, reason, window, tail, lowest)
-        logits, cache = model.decode(token, s.cache, prefix)
+        logits, cache = model.decode(token, s.cache, prefix, config.decode_kernel)
         trace, launched, _ = refill(finishing, prompt, s.trace, s.launched, budget, capacity)
         # A slot that starts over (or sits idle) goes back to the end of its prompt: its
         # generated KV is rewritten from slot 0, its logits are the prompt's last ones.

@@ -16,13 +16,13 @@ RNG = np.random.default_rng(0)
 
 def _dense(q, keys, values, start, end, key_scale=None, value_scale=None):
     """NumPy float64 softmax attention of q [B, K, Q, D] over slots start <= s < end of
-    keys [B, K, D, S] / values [B, K, S, D] (times their scales): (out, lse)."""
+    keys, values [B, K, S, D] (times their scales): (out, lse)."""
     q, keys, values = (np.asarray(x, np.float64) for x in (q, keys, values))
     if key_scale is not None:
-        keys = keys * np.asarray(key_scale)[:, :, None, :]
+        keys = keys * np.asarray(key_scale)[..., None]
         values = values * np.asarray(value_scale)[..., None]
-    s = np.einsum("bkqd,bkds->bkqs", q, keys) / math.sqrt(q.shape[-1])
-    slot = np.arange(keys.shape[-1])
+    s = np.einsum("bkqd,bksd->bkqs", q, keys) / math.sqrt(q.shape[-1])
+    slot = np.arange(keys.shape[2])
     live = (slot >= np.asarray(start)[:, None]) & (slot < np.asarray(end)[:, None])
     s = np.where(live[:, None, None], s, -np.inf)
     m = np.max(s, axis=-1, keepdims=True)
@@ -35,7 +35,7 @@ def _dense(q, keys, values, start, end, key_scale=None, value_scale=None):
 
 
 def _case(b=4, k=2, q=6, d=16, s=96, int8=False):
-    keys = RNG.normal(size=(b, k, d, s)).astype(np.float32)
+    keys = RNG.normal(size=(b, k, s, d)).astype(np.float32)
     values = RNG.normal(size=(b, k, s, d)).astype(np.float32)
     scales = None, None
     if int8:
@@ -46,14 +46,16 @@ def _case(b=4, k=2, q=6, d=16, s=96, int8=False):
     return RNG.normal(size=(b, k, q, d)).astype(np.float32), keys, values, scales
 
 
+@pytest.mark.parametrize("layout", attention.KEY_LAYOUTS)
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("block", [8, 32])
-def test_block_attention_equals_dense_attention(int8, block):
+def test_block_attention_equals_dense_attention(int8, block, layout):
     q, keys, values, (ks, vs) = _case(int8=int8)
     start = np.array([0, 5, 40, 0])
     end = np.array([1, 37, 41, 0])      # one slot; crossing blocks; one slot late; empty row
-    out, lse = jax.jit(attention.block_attention, static_argnames="block")(
-        q, keys, values, ks, vs, start, end, block=block)
+    laid_out = keys if layout == "slots" else keys.swapaxes(2, 3)   # [B, K, D, S]
+    out, lse = jax.jit(attention.block_attention, static_argnames=("block", "key_layout"))(
+        q, laid_out, values, ks, vs, start, end, block=block, key_layout=layout)
     want_out, want_lse = _dense(q, keys, values, start, end, ks, vs)
     np.testing.assert_allclose(out, want_out, atol=2e-6)
     np.testing.assert_allclose(lse, want_lse, atol=2e-6)
@@ -63,9 +65,9 @@ def test_block_attention_equals_dense_attention(int8, block):
 def test_block_attention_reads_nothing_past_the_longest_row():
     q, keys, values, _ = _case()
     start, end = np.array([0, 3, 10, 20]), np.array([9, 30, 17, 33])
-    keys[..., 64:] = np.nan    # blocks past ceil(33 / 32) = 2 blocks hold NaN: never read
+    keys[:, :, 64:] = np.nan    # blocks past ceil(33 / 32) = 2 blocks hold NaN: never read
     values[:, :, 64:] = np.nan
-    keys[1:, :, :, :3] = np.nan  # slots before every later row's start
+    keys[1:, :, :3] = np.nan  # slots before every later row's start
     out, _ = attention.block_attention(q, keys, values, None, None, start, end, block=32)
     assert np.isfinite(out).all()
     # Scores of dead slots inside a live block are replaced, not multiplied: their NaN keys do
@@ -117,12 +119,34 @@ def test_full_attention_equals_the_einsum_path_with_causal_and_left_padding(dtyp
 def test_pallas_gpu_kernel_equals_the_portable_path_in_interpret_mode():
     if not attention.HAS_PALLAS_GPU:
         pytest.skip("this JAX has no jax.experimental.pallas.ops.gpu.decode_attention")
-    q, keys, values, _ = _case(b=3, q=4, s=256)
-    start, end = np.array([0, 5, 100]), np.array([17, 130, 101])
+    q, keys, values, _ = _case(b=3, q=4, s=384)   # 8 splits of 48 slots, blocks of 16
+    start, end = np.array([0, 5, 100]), np.array([17, 330, 101])
     ours = attention.pallas_gpu_attention(q, keys, values, start, end, interpret=True)
     want = attention.block_attention(q, keys, values, None, None, start, end, block=32)
     np.testing.assert_allclose(ours[0], want[0], atol=2e-5)
     np.testing.assert_allclose(ours[1], want[1], atol=2e-5)
+
+
+@pytest.mark.parametrize("size,want", [(384, (8, 16)), (4096, (16, 128)), (128, (8, 16)),
+                                       (48, (1, 16)), (96, (2, 16)), (40, (0, 0))])
+def test_pallas_splits_are_equal_whole_numbers_of_power_of_two_blocks(size, want):
+    splits, block_k = attention.pallas_splits(size)
+    assert (splits, block_k) == want
+    if splits:
+        per = size // splits
+        assert per * splits == size and per % block_k == 0 and block_k & (block_k - 1) == 0
+
+
+def test_auto_decode_kernel_is_the_portable_path_off_gpu_and_pallas_is_refused_for_int8():
+    q, keys, values, (ks, vs) = _case(int8=True)
+    start, end = np.array([0, 5, 40, 0]), np.array([1, 37, 41, 0])
+    auto = attention.decode_attention(q, keys, values, ks, vs, start, end, block=32,
+                                      key_layout="slots")
+    np.testing.assert_array_equal(auto[0], attention.block_attention(
+        q, keys, values, ks, vs, start, end, block=32)[0])
+    with pytest.raises(ValueError, match="Pallas decode kernel needs"):
+        attention.decode_attention(q, keys, values, ks, vs, start, end, block=32,
+                                   key_layout="slots", kernel="pallas")
 
 
 @pytest.fixture(scope="module")

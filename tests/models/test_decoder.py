@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxlab.models import hf, zoo  # noqa: E402
+from jaxlab.models import attention, hf, zoo  # noqa: E402
 from jaxlab.models.decoder import Decoder, DecoderConfig  # noqa: E402
 
 # One variant per family, covering tied/untied embeddings, Qwen2's biases, Qwen3's q/k norms,
@@ -77,14 +77,15 @@ def test_left_padding_matches_transformers_and_the_unpadded_row(pair):
     np.testing.assert_allclose(ours[1, 7:], alone[0], atol=1e-5)
 
 
-def test_prefill_then_decode_equals_full_forward(pair):
+@pytest.mark.parametrize("key_layout", attention.KEY_LAYOUTS)
+def test_prefill_then_decode_equals_full_forward(pair, key_layout):
     _, _, _, model = pair
     ids = _ids(2, 16, seed=2)
     mask = np.ones_like(ids)
     mask[0, :5] = 0
     full = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
     logits, cache = model.prefill(jnp.asarray(ids[:, :10]), jnp.asarray(mask[:, :10]),
-                                  cache_size=32)
+                                  cache_size=32, key_layout=key_layout)
     real = mask[:, :10].astype(bool)  # padding positions hold no meaningful logits
     np.testing.assert_allclose(np.asarray(logits)[real], full[:, :10][real], atol=1e-5)
     decode = jax.jit(lambda tokens, cache: model.decode(tokens, cache))
