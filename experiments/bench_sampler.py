@@ -3,7 +3,8 @@ against transformers' `generate` in PyTorch on the same weights, prompts and set
 engine's own targets (live-length attention, one copy of each prompt, compiled memory).
 
     python experiments/bench_sampler.py [--size cpu|gpu] [--batches 1 64 256] [--out FILE]
-        [--parts generate refill allocation prompt memory]
+        [--parts generate refill allocation prompt memory kernels deepconf]
+        [--kernels auto portable] [--baseline dynamic|static]
 
 Parts beside `generate` and `refill`:
   allocation  one prompt, 256 traces on 64 refilled slots, stop tokens ending every trace well
@@ -15,9 +16,20 @@ Parts beside `generate` and `refill`:
   memory      XLA's memory analysis of the compiled prefill and loop at the Qwen3-0.6B shape
               (bfloat16, 256 prompts of 128 tokens, 256 new tokens; abstract inputs, nothing
               allocated): peak against weights + KV + outputs
+  kernels     decode attention alone at the model's head shape, 256 rows, a 4,096-slot cache
+              with 512 live slots per row: each kernel of `attention.DECODE_KERNELS` that runs
+              here against the portable path (largest difference) and its time
+  deepconf    DeepConf's workload: one prompt, 512 traces of up to 8,192 tokens on 64 refilled
+              slots, stop tokens ending traces after ~256 tokens; 16 warm-up traces set the
+              threshold (their lowest group confidence's 90th percentile, DeepConf-low), then
+              the other 496 decode with early stop, against the same 496 decoded to the end
+              (one compiled loop: budget and threshold are traced)
 
 Both sides decode exactly `--new-tokens` tokens per row at temperature 0.6 / top-p 0.95; the
-PyTorch side returns the logits and computes the same token confidence from them. Reported:
+PyTorch side returns the logits and computes the same token confidence from them. Our side runs
+once per decode kernel in `--kernels`; transformers runs with its dynamic cache or (`--baseline
+static`, the default on a GPU) a static cache, whose forward `generate` compiles with
+`torch.compile`. Reported:
 tokens/s and ratios, the KV-cache bytes, on GPU the fraction of the memory-bandwidth roofline
 (weights + KV bytes read per decode step at the measured HBM bandwidth), and the refill workload:
 wall time per finished trace when half of the traces stop early, with and without slot refill.
@@ -27,8 +39,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
+import os
 import pathlib
 import tempfile
+import time
+
+# JAX and PyTorch share a GPU in one process: JAX allocates on demand, not 75% up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +55,7 @@ from timing import best_of
 
 from jaxlab import results
 from jaxlab.models import hf, zoo
+from jaxlab.models.attention import DECODE_KERNELS
 from jaxlab.sampling import sampler
 from jaxlab.sampling.sampler import SamplingConfig
 
@@ -50,7 +69,7 @@ SIZES = {
 }
 
 
-PARTS = ("generate", "refill", "allocation", "prompt", "memory")
+PARTS = ("generate", "refill", "allocation", "prompt", "memory", "kernels", "deepconf")
 REPEATS = 3  # every timing is the fastest of this many calls after a warm-up, on both sides
 
 
@@ -59,14 +78,15 @@ def _timed(fn, repeats: int = REPEATS) -> float:
     return best_of(fn, repeats)[1]
 
 
-def bench_ours(model, prompts, new_tokens: int, confidence: bool) -> float:
+def bench_ours(model, prompts, new_tokens: int, confidence: bool, kernel: str = "auto") -> float:
     config = SamplingConfig(max_new_tokens=new_tokens, temperature=0.6, top_p=0.95,
-                            confidence=confidence)
+                            confidence=confidence, decode_kernel=kernel)
     return _timed(lambda: sampler.sample(model, prompts, jax.random.key(0), config).tokens)
 
 
-def bench_generate(path, prompts, new_tokens: int, dtype: str) -> float:
-    """transformers generate + the same token confidence from its returned logits."""
+def bench_generate(path, prompts, new_tokens: int, dtype: str, static: bool) -> float:
+    """transformers generate + the same token confidence from its returned logits; with a
+    static cache (`static`) generate compiles the model's forward (`torch.compile`) on a GPU."""
     import torch
     import transformers
 
@@ -81,14 +101,20 @@ def bench_generate(path, prompts, new_tokens: int, dtype: str) -> float:
                                  temperature=0.6, top_p=0.95, top_k=0,
                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                  output_logits=True, return_dict_in_generate=True,
-                                 pad_token_id=0, eos_token_id=None)
+                                 pad_token_id=0, eos_token_id=None,
+                                 cache_implementation="static" if static else None)
             logits = torch.stack(out.logits, dim=1).float()
             confidence = -torch.log_softmax(logits, -1).topk(20, dim=-1).values.mean(-1)
             if device == "cuda":
                 torch.cuda.synchronize()
             return confidence.cpu().numpy()
 
-    return _timed(run)
+    seconds = _timed(run)
+    model = None  # frees the model and its static cache on the device for the parts after
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return seconds
 
 
 def hbm_bandwidth() -> float | None:
@@ -209,6 +235,83 @@ def bench_memory(dtype: str = "bfloat16", prompts: int = 256, prompt_length: int
             "weights_kv_outputs": floor, "ratio": m.peak / floor}
 
 
+def bench_kernels(c, rows: int = 256, size: int = 4096, live: int = 512) -> list[dict]:
+    """Decode attention alone: grouped queries [rows, K, G, D] over a cache of `size` slots
+    whose rows hold `live` live slots each (random starts), in the model's compute dtype. Each
+    kernel that runs here against the portable path: largest |difference| of the outputs and
+    the time of one call, next to the portable path over a cache of exactly `live` slots (what
+    reading only the live slots costs)."""
+    from jaxlab.models import attention
+
+    rng = np.random.default_rng(5)
+    k, g, d = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
+
+    def case(slots):
+        q, keys, values = (jnp.asarray(rng.normal(size=shape), c.dtype) for shape in (
+            (rows, k, g, d), (rows, k, slots, d), (rows, k, slots, d)))
+        start = jnp.asarray(rng.integers(0, slots - live + 1, rows), jnp.int32)
+        return q, keys, values, start, start + live
+
+    def run(kernel, inputs):
+        q, keys, values, start, end = inputs
+        fn = jax.jit(lambda *a: attention.decode_attention(
+            *a[:3], None, None, *a[3:], block=128, key_layout="slots", kernel=kernel))
+        out, seconds = best_of(lambda: fn(q, keys, values, start, end), 10)
+        return np.asarray(out[0], np.float32), seconds
+
+    full, dense = case(size), case(live)
+    want, portable = run("portable", full)
+    report = [{"kernel": "portable", "cache": size, "seconds": portable, "max_diff": 0.0},
+              {"kernel": "portable", "cache": live, "seconds": run("portable", dense)[1],
+               "max_diff": None}]
+    if jax.default_backend() == "gpu":
+        got, seconds = run("pallas", full)
+        report.append({"kernel": "pallas", "cache": size, "seconds": seconds,
+                       "max_diff": float(np.max(np.abs(got - want)))})
+    return report
+
+
+def bench_deepconf(model, prompt, slots: int = 64, traces: int = 512, warmup: int = 16,
+                   max_new_tokens: int = 8192, mean_length: int = 256, window: int = 256,
+                   kernel: str = "auto") -> dict:
+    """DeepConf-low online on one prompt (`papers/deepconf.md`): `warmup` traces decoded to
+    the end set the threshold s = 90th percentile of their lowest group confidence; the other
+    traces stop once a full window's group confidence falls below s. A set of stop tokens
+    holding ~1/`mean_length` of a random model's mass ends traces after ~`mean_length` tokens.
+    All three calls run one compiled loop (per-prompt budget and threshold are traced)."""
+    v = model.config.vocab_size
+    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.6, top_p=0.95,
+                            top_k=20, n=slots, budget=traces - warmup, window=window,
+                            stop_ids=tuple(range(1, 1 + v // mean_length)),
+                            decode_kernel=kernel)
+    never = [-1e30]
+
+    def run(budget, threshold, seed):
+        start = time.perf_counter()
+        out = sampler.sample(model, [prompt], jax.random.key(seed), config,
+                             stop_thresholds=threshold, budgets=[budget])
+        tokens = int(np.sum(np.asarray(out.lengths)))
+        return out, tokens, time.perf_counter() - start
+
+    run(warmup, never, 0)                                          # compiles
+    warm, warm_tokens, warm_seconds = run(warmup, never, 6)
+    threshold = float(np.percentile(np.asarray(warm.lowest_group_confidence), 90))
+    rows = {}
+    for name, s in (("early_stop", [threshold]), ("to_the_end", never)):
+        out, tokens, seconds = run(traces - warmup, s, 7)
+        rows[name] = {"traces": traces - warmup, "tokens": tokens, "seconds": seconds,
+                      "tok_s": tokens / seconds, "steps": int(out.steps),
+                      "stopped_early": float(np.mean(np.asarray(out.finish_reason)
+                                                     == sampler.LOW_CONFIDENCE)),
+                      "mean_length": tokens / (traces - warmup),
+                      "longest": int(np.max(np.asarray(out.lengths)))}
+    return {"slots": slots, "traces": traces, "warmup": warmup, "window": window,
+            "max_new_tokens": max_new_tokens, "threshold": threshold,
+            "warmup_tokens": warm_tokens, "warmup_seconds": warm_seconds, **rows,
+            "token_saving": 1 - rows["early_stop"]["tokens"] / rows["to_the_end"]["tokens"],
+            "time_saving": 1 - rows["early_stop"]["seconds"] / rows["to_the_end"]["seconds"]}
+
+
 def print_generate(rows, name, size, new_tokens, bandwidth, device) -> None:
     print(f"sampler, Qwen3 {name} size ({size['dtype']}), prompt {size['prompt']}, "
           f"{new_tokens} new tokens, temperature 0.6, top-p 0.95, on {device}")
@@ -222,6 +325,23 @@ def print_generate(rows, name, size, new_tokens, bandwidth, device) -> None:
 
 
 def print_engine(report: dict) -> None:
+    for r in report.get("kernels", ()):
+        diff = "" if r["max_diff"] is None else f", max |diff| vs portable {r['max_diff']:.2e}"
+        print(f"decode attention {r['kernel']:>8} over a {r['cache']:5d}-slot cache (512 live):"
+              f" {1e6 * r['seconds']:9.1f} us{diff}")
+    if "deepconf" in report:
+        r = report["deepconf"]
+        print(f"deepconf: one prompt, {r['traces']} traces of up to {r['max_new_tokens']} tokens"
+              f" on {r['slots']} slots, window {r['window']}, threshold {r['threshold']:.3f} "
+              f"from {r['warmup']} warm-up traces ({r['warmup_seconds']:.1f} s)")
+        for name in ("early_stop", "to_the_end"):
+            x = r[name]
+            print(f"  {name:10s}: {x['tokens']:8d} tokens in {x['seconds']:7.1f} s = "
+                  f"{x['tok_s']:8.0f} tok/s, {x['steps']} steps, "
+                  f"{100 * x['stopped_early']:.0f}% stopped early, mean length "
+                  f"{x['mean_length']:.0f} (longest {x['longest']})")
+        print(f"  early stop saves {100 * r['token_saving']:.0f}% of the tokens and "
+              f"{100 * r['time_saving']:.0f}% of the wall time")
     if "refill" in report:
         r = report["refill"]
         print(f"refill: {r['traces']} traces on {r['slots']} slots, "
@@ -267,11 +387,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--out", default="results/bench_sampler.json")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    parser.add_argument("--kernels", nargs="+", default=["auto"], choices=DECODE_KERNELS,
+                        help="decode attention kernels of our side (generate part)")
+    parser.add_argument("--baseline", choices=("dynamic", "static"), default=None,
+                        help="transformers' KV cache (default: static on a GPU, else dynamic)")
     args = parser.parse_args()
+    static = (args.baseline or ("static" if jax.default_backend() == "gpu" else "dynamic")
+              ) == "static"
     name = args.size or ("gpu" if jax.default_backend() == "gpu" else "cpu")
     size = SIZES[name]
     device = jax.devices()[0].device_kind
-    report = {"device": device, "size": name}
+    report = {"device": device, "size": name, "baseline": "static" if static else "dynamic"}
     with tempfile.TemporaryDirectory() as folder:
         path = zoo.create("qwen3", folder, size=size["size"], dtype=size["dtype"],
                           **size["overrides"])
@@ -284,12 +410,16 @@ def main() -> None:
         for batch in args.batches if "generate" in args.parts else ():
             prompts = rng.integers(1, model.config.vocab_size, (batch, size["prompt"])).tolist()
             tokens = batch * args.new_tokens
-            ours = tokens / bench_ours(model, prompts, args.new_tokens, confidence=True)
-            plain = tokens / bench_ours(model, prompts, args.new_tokens, confidence=False)
-            theirs = tokens / bench_generate(path, prompts, args.new_tokens, size["dtype"])
+            per_kernel = {k: tokens / bench_ours(model, prompts, args.new_tokens, True, k)
+                          for k in args.kernels}
+            ours = per_kernel[args.kernels[0]]
+            plain = tokens / bench_ours(model, prompts, args.new_tokens, False, args.kernels[0])
+            theirs = tokens / bench_generate(path, prompts, args.new_tokens, size["dtype"],
+                                             static)
             memory = sampler.decode_memory(model.config, batch, size["prompt"],
                                            SamplingConfig(max_new_tokens=args.new_tokens))
             row = {"batch": batch, "ours_tok_s": ours, "ours_no_confidence_tok_s": plain,
+                   "ours_tok_s_per_kernel": per_kernel,
                    "generate_tok_s": theirs, "ratio": ours / theirs,
                    "confidence_overhead": plain / ours - 1,
                    "kv_bytes": memory.prefix + memory.generated}
@@ -298,8 +428,8 @@ def main() -> None:
                 row["roofline_fraction"] = ours / roofline_tokens_per_s(model, batch, context,
                                                                         bandwidth)
             rows.append(row)
-            print(f"batch {batch}: ours {ours:.0f} tok/s, without confidence {plain:.0f}, "
-                  f"generate {theirs:.0f}", flush=True)
+            print(f"batch {batch}: ours {ours:.0f} tok/s ({per_kernel}), without confidence "
+                  f"{plain:.0f}, generate ({report['baseline']} cache) {theirs:.0f}", flush=True)
         if rows:
             report["rows"] = rows
         if "refill" in args.parts:
@@ -309,6 +439,10 @@ def main() -> None:
             report["allocation"] = bench_allocation(model, prompt)
         if "prompt" in args.parts:
             report["prompt"] = bench_prompt(model)
+        if "kernels" in args.parts:
+            report["kernels"] = bench_kernels(model.config)
+        if "deepconf" in args.parts:
+            report["deepconf"] = bench_deepconf(model, prompt, kernel=args.kernels[0])
     if "memory" in args.parts:
         dtypes = ("bfloat16",) if jax.default_backend() == "gpu" else ("bfloat16", "float32")
         report["memory"] = [bench_memory(dtype) for dtype in dtypes]
