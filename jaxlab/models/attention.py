@@ -57,12 +57,14 @@ def full_attention(q, k, v, mask):
 
 
 def block_attention(q, keys, values, key_scale, value_scale, start, end, *, block: int,
-                    key_layout: str = "slots"):
+                    key_layout: str = "slots", pages=None):
     """Flash-decoding over the live blocks of a cache, reading nothing past the longest row.
 
     q [B, K, Q, D]; keys in `key_layout`; values [B, K, S, D] (int8 with float32 scales [B, K, S],
     else scales None); start, end int32 [B]: slot s of row b is attended iff start[b] <= s <
-    end[b]. Blocks j = min(start) // block .. ceil(max(end) / block) - 1 are visited in a
+    end[b]. A paged cache passes `pages` int32 [B, S / block] and pools in place of the rows:
+    values [N, K, block, D] (keys and scales alike), block j of row b being page pages[b, j].
+    Blocks j = min(start) // block .. ceil(max(end) / block) - 1 are visited in a
     `fori_loop` with a traced trip count; per (row, head, query), with s the block's scaled
     scores (-inf outside the live range):
 
@@ -75,20 +77,28 @@ def block_attention(q, keys, values, key_scale, value_scale, start, end, *, bloc
     """
     require(key_layout in KEY_LAYOUTS, f"key_layout {key_layout!r} is not one of {KEY_LAYOUTS}")
     b, k, nq, d = q.shape
-    size = values.shape[2]
+    pages = None if pages is None else jnp.asarray(pages)
+    size = values.shape[2] if pages is None else pages.shape[1] * block
     key_axis, scores = (2, "bkqd,bksd->bkqs") if key_layout == "slots" else (3, "bkqd,bkds->bkqs")
+    require(pages is None or values.shape[2] == block,
+            f"a paged cache's pages hold {values.shape[2]} slots, not the block {block}")
     require(size % block == 0, f"cache size {size} must be a multiple of the block {block}")
     q = q * jnp.asarray(1 / math.sqrt(d), q.dtype)
+
+    def take(x, j, axis):  # block j of every row: [B, K, blk, D] (or [B, K, D, blk], [B, K, blk])
+        if pages is None:
+            return jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=axis)
+        return jnp.take(x, pages[:, j], axis=0, mode="clip")
 
     def visit(j, carry):
         m, total, o = carry
         first = j * block
-        kb = jax.lax.dynamic_slice_in_dim(keys, first, block, axis=key_axis)
-        vb = jax.lax.dynamic_slice_in_dim(values, first, block, axis=2)        # [B, K, blk, D]
+        kb = take(keys, j, key_axis)
+        vb = take(values, j, 2)                                                # [B, K, blk, D]
         s = jnp.einsum(scores, q, kb.astype(q.dtype),
                        preferred_element_type=jnp.float32)                     # [B, K, Q, blk]
         if key_scale is not None:
-            s = s * jax.lax.dynamic_slice_in_dim(key_scale, first, block, axis=2)[:, :, None]
+            s = s * take(key_scale, j, 2)[:, :, None]
         slot = first + jnp.arange(block)
         live = (slot >= start[:, None]) & (slot < end[:, None])                # [B, blk]
         s = jnp.where(live[:, None, None], s, -jnp.inf)
@@ -98,7 +108,7 @@ def block_attention(q, keys, values, key_scale, value_scale, start, end, *, bloc
         p = jnp.exp(s - shift[..., None])
         total = alpha * total + jnp.sum(p, axis=-1)
         if value_scale is not None:
-            p = p * jax.lax.dynamic_slice_in_dim(value_scale, first, block, axis=2)[:, :, None]
+            p = p * take(value_scale, j, 2)[:, :, None]
         o = alpha[..., None] * o + jnp.einsum("bkqs,bksd->bkqd", p.astype(q.dtype),
                                               vb.astype(q.dtype),
                                               preferred_element_type=jnp.float32)
@@ -151,23 +161,24 @@ def pallas_splits(size: int, block: int = 128) -> tuple[int, int]:
 
 
 def decode_attention(q, keys, values, key_scale, value_scale, start, end, *, block: int,
-                     key_layout: str, kernel: str = "auto"):
+                     key_layout: str, kernel: str = "auto", pages=None):
     """`block_attention`'s contract through the kernel `kernel` names (`DECODE_KERNELS`):
     "portable" (`block_attention`), "pallas" (`pallas_gpu_attention`), or "auto": the Pallas
-    kernel on a GPU for a float cache in the "slots" layout that it can split, else the
-    portable path."""
+    kernel on a GPU for a float, unpaged cache in the "slots" layout that it can split, else
+    the portable path."""
     require(kernel in DECODE_KERNELS, f"decode kernel {kernel!r} is not one of "
             f"{DECODE_KERNELS}")
-    fits = (key_scale is None and key_layout == "slots" and HAS_PALLAS_GPU
+    fits = (key_scale is None and pages is None and key_layout == "slots" and HAS_PALLAS_GPU
             and pallas_splits(values.shape[2], block)[0] > 0)
     if kernel == "pallas":
-        require(fits, "the Pallas decode kernel needs this JAX's Pallas GPU ops, a float cache "
-                f"in the 'slots' key layout and at least 16 slots (got int8="
-                f"{key_scale is not None}, key_layout={key_layout!r}, {values.shape[2]} slots)")
+        require(fits, "the Pallas decode kernel needs this JAX's Pallas GPU ops, a float, "
+                "unpaged cache in the 'slots' key layout and at least 16 slots (got int8="
+                f"{key_scale is not None}, paged={pages is not None}, key_layout="
+                f"{key_layout!r}, {values.shape[2]} slots)")
     if kernel == "pallas" or (kernel == "auto" and fits and jax.default_backend() == "gpu"):
         return pallas_gpu_attention(q, keys, values, start, end, block=block)
     return block_attention(q, keys, values, key_scale, value_scale, start, end, block=block,
-                           key_layout=key_layout)
+                           key_layout=key_layout, pages=pages)
 
 
 def _lse(m, total):

@@ -187,15 +187,25 @@ class KVCache:
     start: jax.Array      # [B] int32, each row's first live slot
     positions: jax.Array  # [B] int32, position of each row's next token (= real tokens so far)
     index: jax.Array      # [B] int32, each row's next slot to write (one past its last live one)
+    # A paged cache (`Decoder.init_paged_cache`): the arrays above are pools of pages [N, ...]
+    # of `block` slots in place of [B, ...] rows, and slots j x block .. of row b live in page
+    # pages[b, j] (int32 [B, S / block]).
+    pages: jax.Array | None = None
     key_layout: str = struct.field(pytree_node=False, default="slots")
 
     @property
     def size(self) -> int:
+        """S: slots per row."""
+        if self.pages is not None:
+            return self.pages.shape[1] * self.values[0].shape[2]
         return self.values[0].shape[2]
 
     @property
     def block(self) -> int:
-        """The block of decode attention: the largest divisor of S up to `DECODE_BLOCK`."""
+        """The block of decode attention: a page, or the largest divisor of S up to
+        `DECODE_BLOCK`."""
+        if self.pages is not None:
+            return self.values[0].shape[2]
         return math.gcd(self.size, DECODE_BLOCK)
 
     @property
@@ -217,7 +227,7 @@ class KVCache:
         (out float32 [B, K, Q, D], lse float32 [B, K, Q]) (`attention.decode_attention`)."""
         return attention.decode_attention(q, *self.layer(i), self.start, self.index,
                                           block=self.block, key_layout=self.key_layout,
-                                          kernel=kernel)
+                                          kernel=kernel, pages=self.pages)
 
 
 def positions_of(mask) -> jax.Array:
@@ -276,13 +286,15 @@ class Attention(nnx.Module):
         return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), extra
 
 
-def _write_slots(cache, new, index, axis):
+def _write_slots(cache, new, index, axis, rows=None):
     """cache [B, ...] whose slots run along `axis` with row b's new [T, ...] (the cache's other
-    axes in order) written at slots index[b]..index[b]+T-1: one scatter, in place when the cache
-    buffer can be reused."""
+    axes in order) written at slots index[b]..index[b]+T-1 of cache row rows[b] (default b: a
+    paged cache passes each row's page): one scatter, in place when the cache buffer can be
+    reused."""
     b, t = new.shape[:2]
     slots = index[:, None] + jnp.arange(t)                                    # [B, T]
-    where = (jnp.arange(b)[:, None],) + (slice(None),) * (axis - 1) + (slots,)
+    rows = jnp.arange(b) if rows is None else rows
+    where = (rows[:, None],) + (slice(None),) * (axis - 1) + (slots,)
     new = new.astype(cache.dtype)
     if cache.dtype.itemsize == 2:  # scattered as bits: XLA's CPU backend would otherwise
         bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint16)
@@ -291,16 +303,23 @@ def _write_slots(cache, new, index, axis):
     return cache.at[where].set(new, mode="promise_in_bounds")
 
 
-def _write_layer(layer, k, v, index, key_layout):
+def _write_layer(layer, k, v, index, key_layout, pages=None):
     """A layer's (keys, values, key_scale, value_scale) with k, v [B, T, K, D] written at slots
-    index[b].. (quantized when the cache is int8), keys in `key_layout`."""
+    index[b].. (quantized when the cache is int8), keys in `key_layout`. With `pages` [B, S /
+    page] (a paged cache, T = 1), the token goes to slot index % page of page
+    pages[b, index // page]."""
     keys, values, key_scale, value_scale = layer
+    rows = None
+    if pages is not None:
+        page = values.shape[2]
+        rows = jnp.take_along_axis(pages, (index // page)[:, None], axis=1)[:, 0]
+        index = index % page
     if key_scale is not None:
         (k, k_scale), (v, v_scale) = _quantize(k), _quantize(v)
-        key_scale = _write_slots(key_scale, k_scale, index, axis=2)
-        value_scale = _write_slots(value_scale, v_scale, index, axis=2)
+        key_scale = _write_slots(key_scale, k_scale, index, 2, rows)
+        value_scale = _write_slots(value_scale, v_scale, index, 2, rows)
     key_axis = 2 if key_layout == "slots" else 3
-    return (_write_slots(keys, k, index, axis=key_axis), _write_slots(values, v, index, axis=2),
+    return (_write_slots(keys, k, index, key_axis, rows), _write_slots(values, v, index, 2, rows),
             key_scale, value_scale)
 
 
@@ -471,11 +490,12 @@ class Decoder(nnx.Module):
         written = cache.replace(index=cache.index + 1)
 
         def attend(i, q, k_new, v_new):
-            layer = _write_layer(cache.layer(i), k_new, v_new, cache.index, cache.key_layout)
+            layer = _write_layer(cache.layer(i), k_new, v_new, cache.index, cache.key_layout,
+                                 cache.pages)
             q = _grouped(q, k)                                                    # [B, K, G, D]
             out, lse = attention.decode_attention(
                 q, *layer, written.start, written.index, block=cache.block,
-                key_layout=cache.key_layout, kernel=kernel)
+                key_layout=cache.key_layout, kernel=kernel, pages=cache.pages)
             if prefix is not None:
                 out, lse = attention.merge((out, lse), _shared(prefix, i, q, kernel))
             return out.astype(q.dtype).reshape(b, 1, -1, q.shape[-1]), layer
@@ -509,6 +529,18 @@ class Decoder(nnx.Module):
         return KVCache(keys=per_layer(keys, dtype), values=per_layer(values, dtype),
                        key_scale=scale(), value_scale=scale(), start=zero(), positions=zero(),
                        index=zero(), key_layout=key_layout)
+
+    def init_paged_cache(self, batch: int, size: int, pages: int, page: int,
+                         int8: bool = False, key_layout: str | None = None) -> KVCache:
+        """An empty paged cache of `batch` rows of `size` slots over a pool of `pages` pages of
+        `page` slots ([pages, K, page, D] per layer and tensor, as `init_cache` lays out a row);
+        every entry of the page table is page 0, which whoever fills the table keeps as
+        scratch (`jaxlab.sampling.paging`)."""
+        require(size % page == 0, f"the cache size {size} must be a multiple of the page {page}")
+        pool = self.init_cache(pages, page, int8, key_layout)
+        zero = functools.partial(jnp.zeros, (batch,), jnp.int32)
+        return pool.replace(start=zero(), positions=zero(), index=zero(),
+                            pages=jnp.zeros((batch, size // page), jnp.int32))
 
     # ---------------------------------------------------------------- internals
 

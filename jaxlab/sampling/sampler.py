@@ -52,7 +52,7 @@ from jaxlab import parallel
 from jaxlab.config import require, require_positive_ints
 from jaxlab.models import attention
 from jaxlab.models.decoder import DECODE_BLOCK, Decoder, DecoderConfig, KVCache
-from jaxlab.sampling import strategies
+from jaxlab.sampling import paging, strategies
 from jaxlab.sampling.confidence import GroupWindow
 
 FINISH_REASONS = ("unfinished", "stop", "length", "low_confidence")
@@ -78,6 +78,9 @@ class SamplingConfig:
     #                                 than the trace: the whole trace)
     stop_threshold: float | None = None  # stop a trace once its full-window group conf < this
     int8_cache: bool = False        # keys/values in int8 with per-token, per-head scales
+    kv_pages: int | None = None     # the generated KV in a pool of this many pages of
+    #                                 `kv_page_slots` tokens, handed to traces as they grow
+    #                                 (`paging`; None: each slot holds max_new_tokens)
     prompt_bucket: int = 64         # prompts padded to a multiple of this many tokens (one
     #                                 compiled prefill and loop per bucket, not per length)
     decode_kernel: str = "auto"     # decode attention (`attention.DECODE_KERNELS`): "auto" is
@@ -95,6 +98,12 @@ class SamplingConfig:
                 f"SamplingConfig.budget={self.budget} must be >= n={self.n}")
         require(self.stop_threshold is None or self.confidence,
                 "SamplingConfig.stop_threshold needs confidence=True")
+        if self.kv_pages is not None:
+            least = 1 + generated_slots(self.max_new_tokens) // self.kv_page_slots
+            require(isinstance(self.kv_pages, int) and self.kv_pages >= least,
+                    f"SamplingConfig.kv_pages={self.kv_pages!r} cannot hold one trace of "
+                    f"max_new_tokens={self.max_new_tokens}: it needs at least {least} pages "
+                    f"of {self.kv_page_slots} tokens (one is scratch)")
         require(self.decode_kernel in attention.DECODE_KERNELS,
                 f"SamplingConfig.decode_kernel must be one of {attention.DECODE_KERNELS}, got "
                 f"{self.decode_kernel!r}")
@@ -103,6 +112,11 @@ class SamplingConfig:
     @property
     def traces_per_prompt(self) -> int:
         return self.n if self.budget is None else self.budget
+
+    @property
+    def kv_page_slots(self) -> int:
+        """Tokens per page of a paged cache: a block of decode attention."""
+        return min(DECODE_BLOCK, generated_slots(self.max_new_tokens))
 
 
 @struct.dataclass
@@ -189,6 +203,17 @@ def record(out: Samples, row: jax.Array, length: jax.Array, token, logp, conf, g
                        group_confidence=put(out.group_confidence, group))
 
 
+def clear_rows(out: Samples, trace: jax.Array, evicted: jax.Array) -> Samples:
+    """The output rows of the evicted slots' traces (bool [B]) back to zeros: the trace is
+    decoded again from its first token. Runs only in a step that evicts (`lax.cond`)."""
+    def clear(out):
+        row = jnp.where(evicted, trace, out.lengths.shape[0])[:, None]       # [B, 1]
+        return out.replace(**{name: getattr(out, name).at[row].set(0, mode="drop") for name in
+                              ("tokens", "logprobs", "confidence", "group_confidence")})
+
+    return jax.lax.cond(jnp.any(evicted), clear, lambda out: out, out)
+
+
 def finish(token: jax.Array, length: jax.Array, window: GroupWindow, active: jax.Array,
            stop_ids: jax.Array, threshold: jax.Array | None, max_new_tokens: int):
     """Which slots' traces end after this token (length [B] tokens so far) and why: a stop token
@@ -267,6 +292,7 @@ class DecodeState:
     launched: jax.Array       # int32 [P], traces started per prompt
     out: Samples              # [P x capacity, ...]
     step: jax.Array           # int32 []
+    free: paging.FreeList | None  # the free pages of a paged cache (else None)
 
 
 @functools.partial(jax.jit, static_argnames=("int8_cache",))
@@ -316,32 +342,54 @@ def _decode(graphdef, state, prefix: KVCache, prompt_logits, cache: KVCache, out
         lowest=jnp.full(num_slots, jnp.inf),
         trace=jnp.where(slot < budget[prompt], prompt * capacity + slot, -1),
         launched=jnp.minimum(budget, config.n).astype(jnp.int32),
-        out=out, step=jnp.zeros((), jnp.int32))
+        out=out, step=jnp.zeros((), jnp.int32),
+        free=None if cache.pages is None else paging.FreeList.full(cache.values[0].shape[0]))
 
     def body(s: DecodeState) -> DecodeState:
-        active = s.trace >= 0
-        length = s.cache.index                                                # [B]
+        live = s.trace >= 0                                                   # [B]
+        cache, free, out = s.cache, s.free, s.out
+        waiting = evicted = jnp.zeros_like(live)
+        if free is not None:  # a slot starting a page takes one, or waits; none left: evict
+            need = live & (cache.index % cache.block == 0)
+            pages, free, granted = paging.allocate(cache.pages, free, need, cache.index,
+                                                   cache.block)
+            waiting = need & ~granted
+            stuck = jnp.any(waiting) & ~jnp.any(live & ~waiting)
+            pages, free, evicted = paging.evict(pages, free, stuck, live, cache.index,
+                                                cache.block)
+            cache, out = cache.replace(pages=pages), clear_rows(out, s.trace, evicted)
+        active = live & ~waiting
+        length = cache.index                                                  # [B]
         keys = draw_keys(key, s.step, prompt, s.trace, length, capacity)
         token, logp, conf = draw(s.logits, keys, strategy, config)
         window, tail, group, lowest = update_confidence(conf, s.window, s.tail, s.lowest,
                                                         active)
         row = jnp.where(active, s.trace, rows)
-        out = record(s.out, row, length, token, logp, conf, group)
+        out = record(out, row, length, token, logp, conf, group)
         length = length + 1
         finishing, reason = finish(token, length, window, active, stop_ids, early, t_max)
         out = record_final(out, row, finishing, length, reason, window, tail, lowest)
-        logits, cache = model.decode(token, s.cache, prefix, config.decode_kernel)
+        logits, stepped = model.decode(token, cache, prefix, config.decode_kernel)
+        # A waiting slot keeps its place: its step is redone once it has a page.
+        cache = stepped.replace(index=jnp.where(waiting, cache.index, stepped.index),
+                                positions=jnp.where(waiting, cache.positions, stepped.positions))
+        logits = jnp.where(waiting[:, None], s.logits, logits)
+        if free is not None:
+            pages, free = paging.release(cache.pages, free, finishing, length, cache.block)
+            cache = cache.replace(pages=pages)
         trace, launched, _ = refill(finishing, prompt, s.trace, s.launched, budget, capacity)
-        # A slot that starts over (or sits idle) goes back to the end of its prompt: its
-        # generated KV is rewritten from slot 0, its logits are the prompt's last ones.
-        restart = finishing | ~active
+        # A slot that starts over (a new trace, or its own trace again when evicted) or sits
+        # idle goes back to the end of its prompt: its generated KV is rewritten from slot 0,
+        # its logits are the prompt's last ones.
+        fresh = finishing | evicted
+        restart = fresh | ~live
         cache = cache.replace(index=jnp.where(restart, 0, cache.index),
                               positions=jnp.where(restart, prompt_positions, cache.positions))
         return DecodeState(
             cache=cache, logits=jnp.where(restart[:, None], prompt_logits[prompt], logits),
-            window=window.reset(finishing), tail=tail.reset(finishing),
-            lowest=jnp.where(finishing, jnp.inf, lowest),
-            trace=trace, launched=launched, out=out, step=s.step + 1)
+            window=window.reset(fresh), tail=tail.reset(fresh),
+            lowest=jnp.where(fresh, jnp.inf, lowest),
+            trace=trace, launched=launched, out=out, step=s.step + 1, free=free)
 
     final = jax.lax.while_loop(lambda s: jnp.any(s.trace >= 0), body, loop)
     return final.out.replace(steps=final.step), final.cache
@@ -354,9 +402,13 @@ def tail_slots(config: SamplingConfig) -> int:
 
 
 def init_generated(model: Decoder, prompts: int, config: SamplingConfig) -> KVCache:
-    """The empty generated KV of P x n slots of T_gen tokens each (`generated_slots`)."""
-    return model.init_cache(prompts * config.n, generated_slots(config.max_new_tokens),
-                            config.int8_cache)
+    """The empty generated KV of P x n slots of T_gen tokens each (`generated_slots`), or their
+    page table over a pool of `config.kv_pages` pages."""
+    slots, size = prompts * config.n, generated_slots(config.max_new_tokens)
+    if config.kv_pages is not None:
+        return model.init_paged_cache(slots, size, config.kv_pages, config.kv_page_slots,
+                                      config.int8_cache)
+    return model.init_cache(slots, size, config.int8_cache)
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,11 +445,13 @@ def kv_cache_bytes(c: DecoderConfig, prompts: int, prompt_length: int,
     """Bytes of the KV `sample` holds for `prompts` prompts of up to `prompt_length` tokens on a
     model of architecture `c`, from shapes: each prompt's KV once (L = `padded_length` slots)
     and every slot's generated KV (T_gen = `generated_slots`), keys and values of every layer:
-    2 layers K (P L + P n T_gen) x (D x itemsize, or D + 4 for int8). Equal to `decode_memory`'s
+    2 layers K (P L + P n T_gen, or P L + kv_pages x page when paged) x (D x itemsize, or
+    D + 4 for int8). Equal to `decode_memory`'s
     prefix + generated (tested), which also gives the compiled programs' peak."""
     per_head = c.head_dim + 4 if config.int8_cache else c.head_dim * jnp.dtype(c.dtype).itemsize
-    tokens = prompts * (padded_length(prompt_length, config)
-                        + config.n * generated_slots(config.max_new_tokens))
+    generated = (prompts * config.n * generated_slots(config.max_new_tokens)
+                 if config.kv_pages is None else config.kv_pages * config.kv_page_slots)
+    tokens = prompts * padded_length(prompt_length, config) + generated
     return 2 * c.num_layers * c.num_kv_heads * per_head * tokens
 
 
@@ -567,6 +621,7 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
     cache, out = init_generated(model, count, config), Samples.empty(
         count, static.budget, config.max_new_tokens)
     if mesh is not None:
+        require(config.kv_pages is None, "a paged KV cache (kv_pages) is not split over a mesh")
         slots = count * config.n
         require(slots % mesh.size == 0, f"{count} prompts x n={config.n} = {slots} "
                 f"slots must divide evenly over {mesh.size} devices")

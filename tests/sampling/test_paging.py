@@ -1,0 +1,132 @@
+"""The paged KV cache: the free list against a slot-by-slot reference, paged attention against
+the unpaged rows, and the sampler with a small pool against the unpaged sampler."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab.models import attention, hf, zoo
+from jaxlab.sampling import paging, sampler
+from jaxlab.sampling.sampler import SamplingConfig
+
+RNG = np.random.default_rng(0)
+
+
+def test_allocate_and_release_keep_every_page_held_once_or_free():
+    # 6 slots, pages of 4 slots, 8 blocks per slot, a pool of 12 pages (11 usable): random
+    # steps of growth and endings, checked against a plain-Python ledger of who holds what.
+    b, m, page, pages = 6, 8, 4, 12
+    table, free = jnp.zeros((b, m), jnp.int32), paging.FreeList.full(pages)
+    length = np.zeros(b, np.int64)
+    allocate = jax.jit(paging.allocate, static_argnames="page")
+    release = jax.jit(paging.release, static_argnames="page")
+    for _ in range(200):
+        need = (length % page == 0) & (length < m * page)
+        count = int(free.count)
+        table, free, granted = allocate(table, free, jnp.asarray(need),
+                                        jnp.asarray(length, jnp.int32), page=page)
+        granted = np.asarray(granted)
+        # the longest traces first (ties: lower slot first) while pages last
+        want = sorted(np.flatnonzero(need), key=lambda i: (-length[i], i))[:count]
+        np.testing.assert_array_equal(np.flatnonzero(granted), sorted(want))
+        length[granted | ((length % page != 0) & (length < m * page))] += 1
+        finishing = RNG.random(b) < 0.1
+        table, free = release(table, free, jnp.asarray(finishing),
+                              jnp.asarray(length, jnp.int32), page=page)
+        length[finishing] = 0
+        held = np.concatenate([np.asarray(table)[i, :-(-length[i] // page)] for i in range(b)])
+        listed = np.asarray(free.ids)[:int(free.count)]
+        assert 0 not in held and 0 not in listed          # the scratch page is never handed out
+        assert sorted(np.concatenate([held, listed]).tolist()) == list(range(1, pages))
+        assert (np.asarray(table)[length == 0] == 0).all()  # empty slots point at scratch
+
+
+@pytest.mark.parametrize("layout", attention.KEY_LAYOUTS)
+@pytest.mark.parametrize("int8", [False, True])
+def test_paged_attention_equals_attention_over_the_rows(layout, int8):
+    b, k, q, d, page, blocks = 3, 2, 4, 8, 16, 4
+    size = page * blocks
+    keys = RNG.normal(size=(b, k, size, d)).astype(np.float32)
+    values = RNG.normal(size=(b, k, size, d)).astype(np.float32)
+    scales = (None, None)
+    if int8:
+        keys, values = (RNG.integers(-127, 128, x.shape).astype(np.int8) for x in (keys, values))
+        scales = tuple(RNG.uniform(0.001, 0.02, (b, k, size)).astype(np.float32)
+                       for _ in range(2))
+    query = RNG.normal(size=(b, k, q, d)).astype(np.float32)
+    start, end = np.array([0, 7, 20]), np.array([64, 30, 21])
+    # the rows cut into pages and spread over a pool of 1 + 12 + 3 pages in random order
+    table = (1 + RNG.permutation(15)[:b * blocks]).reshape(b, blocks).astype(np.int32)
+
+    def pool(x):  # [B, K, S, ...] -> [16, K, page, ...]
+        cut = x.reshape(b, k, blocks, page, *x.shape[3:]).swapaxes(1, 2)
+        out = np.zeros((16, k, page, *x.shape[3:]), x.dtype)
+        out[table.reshape(-1)] = cut.reshape(b * blocks, k, page, *x.shape[3:])
+        return out
+
+    def laid(x):  # keys in the layout: [..., slots, D] or [..., D, slots]
+        return x if layout == "slots" else x.swapaxes(-1, -2)
+
+    pooled = [pool(keys), pool(values)] + [None if x is None else pool(x) for x in scales]
+    got = attention.block_attention(query, laid(pooled[0]), pooled[1], *pooled[2:],
+                                    start, end, block=page, key_layout=layout, pages=table)
+    want = attention.block_attention(query, laid(keys), values, *scales, start, end,
+                                     block=page, key_layout=layout)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return hf.load_pretrained(zoo.create("qwen3", tmp_path_factory.mktemp("q3")))
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_small_pool_gives_the_same_traces_as_unpaged_slots(model, int8):
+    # 2 prompts x 3 slots, 8 traces each, pages of 128 tokens, traces of up to 300 tokens (3
+    # pages) on a pool of 6 usable pages: slots wait for pages, and with a key per prompt every
+    # trace is the same token for token.
+    v = model.config.vocab_size
+    base = dict(max_new_tokens=300, n=3, budget=8, temperature=1.0, int8_cache=int8,
+                stop_ids=tuple(range(3, 3 + v // 100)), window=16)
+    keys = jax.random.split(jax.random.key(1), 2)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    dense = sampler.sample(model, prompts, keys, SamplingConfig(**base))
+    paged = sampler.sample(model, prompts, keys, SamplingConfig(**base, kv_pages=7))
+    assert int(paged.steps) > int(dense.steps)   # some slot waited for a page
+    assert np.asarray(dense.lengths).max() > 128  # some trace needed a second page
+    np.testing.assert_array_equal(paged.tokens, dense.tokens)
+    np.testing.assert_array_equal(paged.lengths, dense.lengths)
+    np.testing.assert_allclose(paged.logprobs, dense.logprobs, atol=1e-5)
+    np.testing.assert_allclose(paged.confidence, dense.confidence, atol=1e-5)
+
+
+def test_when_every_slot_waits_the_shortest_trace_starts_over_and_the_traces_stay_the_same(
+        model):
+    # 3 slots of traces of 200 tokens (2 pages) on 2 usable pages: all three start, the first
+    # two hold the pages and both need a second one, so every slot waits. The shortest holder
+    # gives its page back and redoes its trace later; nothing stalls and, with a key per
+    # prompt, every trace equals the unpaged one.
+    base = dict(max_new_tokens=200, n=3, temperature=1.0)
+    keys = jax.random.key(2)[None]
+    dense = sampler.sample(model, [[5, 6, 7]], keys, SamplingConfig(**base))
+    paged = sampler.sample(model, [[5, 6, 7]], keys, SamplingConfig(**base, kv_pages=3))
+    assert int(paged.steps) > 2 * int(dense.steps)   # traces ran one after another, redone
+    np.testing.assert_array_equal(paged.tokens, dense.tokens)
+    np.testing.assert_array_equal(paged.lengths, dense.lengths)
+    np.testing.assert_allclose(paged.lowest_group_confidence, dense.lowest_group_confidence,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="needs at least 3 pages of 128 tokens"):
+        SamplingConfig(max_new_tokens=200, n=2, kv_pages=2)
+
+
+def test_decode_memory_of_a_paged_loop_holds_the_pool_not_the_slots(model):
+    config = SamplingConfig(max_new_tokens=1000, n=16, kv_pages=20, prompt_bucket=8)
+    memory = sampler.decode_memory(model.config, 1, 5, config)
+    pool = model.init_paged_cache(16, 1024, 20, 128)
+    assert memory.generated == pool.nbytes       # 20 pages of 128 tokens, not 16 x 1024
+    assert sampler.kv_cache_bytes(model.config, 1, 5, config) == memory.prefix + memory.generated
+    unpaged = sampler.decode_memory(model.config, 1, 5, SamplingConfig(
+        max_new_tokens=1000, n=16, prompt_bucket=8))
+    assert memory.loop < unpaged.loop - (unpaged.generated - memory.generated) / 2
