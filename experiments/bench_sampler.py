@@ -16,6 +16,10 @@ Parts beside `generate` and `refill`:
   memory      XLA's memory analysis of the compiled prefill and loop at the Qwen3-0.6B shape
               (bfloat16, 256 prompts of 128 tokens, 256 new tokens; abstract inputs, nothing
               allocated): peak against weights + KV + outputs
+  paged       a paged cache (`kv_pages`) against slots of max_new_tokens each: the compiled
+              loop's memory at the Qwen3-0.6B shape (one 1,024-token prompt, 64 slots of up to
+              32,768 tokens, a pool for 4,096 live tokens per slot), and the tok/s of the
+              allocation workload above with max_new_tokens 4096, paged and not
   kernels     decode attention alone at the model's head shape, 256 rows, a 4,096-slot cache
               with 512 live slots per row: each kernel of `attention.DECODE_KERNELS` that runs
               here against the portable path (largest difference) and its time
@@ -69,7 +73,7 @@ SIZES = {
 }
 
 
-PARTS = ("generate", "refill", "allocation", "prompt", "memory", "kernels", "deepconf")
+PARTS = ("generate", "refill", "allocation", "prompt", "memory", "kernels", "deepconf", "paged")
 REPEATS = 3  # every timing is the fastest of this many calls after a warm-up, on both sides
 
 
@@ -237,6 +241,36 @@ def bench_memory(dtype: str = "bfloat16", prompts: int = 256, prompt_length: int
             "weights_kv_outputs": floor, "ratio": m.peak / floor}
 
 
+def bench_paged(model, prompt, dtype: str = "bfloat16") -> dict:
+    """The paged cache's two sides: memory where it matters (`decode_memory` of the Qwen3-0.6B
+    shape, nothing allocated) and its cost in time on this model (the allocation workload,
+    max_new_tokens 4096: every trace fits one page of 128 tokens, a pool of one page per slot
+    + scratch against 64 slots x 4096)."""
+    from jaxlab.models.decoder import DecoderConfig
+
+    c = DecoderConfig.from_hf(zoo.hf_config("qwen3", "released"), param_dtype=dtype)
+    memory = {}
+    for name, pages in (("slots", None), ("paged", 1 + 64 * 4096 // 128)):
+        m = sampler.decode_memory(c, 1, 1024, SamplingConfig(max_new_tokens=32768, n=64,
+                                                             kv_pages=pages))
+        memory[name] = {"kv_pages": pages, "generated": m.generated, "prefix": m.prefix,
+                        "weights": m.weights, "loop_peak": m.loop, "peak": m.peak}
+    v = model.config.vocab_size
+    speed = {}
+    for name, pages in (("slots", None), ("paged", 65)):
+        config = SamplingConfig(max_new_tokens=4096, temperature=1.0, n=64, budget=256,
+                                stop_ids=tuple(range(1, 1 + v // 32)), kv_pages=pages)
+        out, seconds = best_of(lambda c=config: sampler.sample(model, [prompt],
+                                                               jax.random.key(3)[None], c),
+                               REPEATS)
+        tokens = int(np.sum(np.asarray(out.lengths)))
+        speed[name] = {"tok_s": tokens / seconds, "tokens": tokens, "steps": int(out.steps),
+                       "traces": np.asarray(out.tokens)}
+    same = bool(np.array_equal(speed["slots"].pop("traces"), speed["paged"].pop("traces")))
+    return {"dtype": dtype, "memory": memory, "speed": speed, "same_traces": same,
+            "ratio": speed["paged"]["tok_s"] / speed["slots"]["tok_s"]}
+
+
 def bench_kernels(c, rows: int = 256, size: int = 4096, live: int = 512) -> list[dict]:
     """Decode attention alone: grouped queries [rows, K, G, D] over a cache of `size` slots
     whose rows hold `live` live slots each (random starts), in the model's compute dtype. Each
@@ -327,6 +361,17 @@ def print_generate(rows, name, size, new_tokens, bandwidth, device) -> None:
 
 
 def print_engine(report: dict) -> None:
+    if "paged" in report:
+        r, gib = report["paged"], 2**30
+        for name, m in r["memory"].items():
+            print(f"{name:5s} (Qwen3-0.6B shape, {r['dtype']}, one 1,024-token prompt, 64 slots "
+                  f"x 32,768 tokens, kv_pages {m['kv_pages']}): generated KV "
+                  f"{m['generated'] / gib:7.2f} GiB, loop peak {m['loop_peak'] / gib:7.2f} GiB")
+        speed = r["speed"]
+        print(f"paged cache speed, max_new_tokens 4096, 64 slots: "
+              f"{speed['paged']['tok_s']:.0f} vs {speed['slots']['tok_s']:.0f} tok/s "
+              f"({r['ratio']:.2f}x), same traces: {r['same_traces']}, steps "
+              f"{speed['paged']['steps']} vs {speed['slots']['steps']}")
     for r in report.get("kernels", ()):
         diff = "" if r["max_diff"] is None else f", max |diff| vs portable {r['max_diff']:.2e}"
         print(f"decode attention {r['kernel']:>8} over a {r['cache']:5d}-slot cache (512 live):"
@@ -408,6 +453,9 @@ def main() -> None:
         prompt = rng.integers(1, model.config.vocab_size, size["prompt"]).tolist()
         bandwidth = hbm_bandwidth()
         report["hbm_bytes_per_s"] = bandwidth
+        if "paged" in args.parts:
+            report["paged"] = bench_paged(model, prompt)
+            print_engine({"paged": report["paged"]})
         if "kernels" in args.parts:
             report["kernels"] = bench_kernels(model.config)
             print_engine({"kernels": report["kernels"]})

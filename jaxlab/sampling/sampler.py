@@ -522,7 +522,8 @@ def require_fits(c: DecoderConfig, prompts: int, prompt_length: int, config: Sam
                  device_bytes: int) -> DecodeMemory:
     """`decode_memory` of the request, or a ValueError saying how much it needs and which
     smaller requests fit in `device_bytes`: an int8 cache, fewer slots (n halved), a shorter
-    `max_new_tokens` (halved), each checked by compiling it."""
+    `max_new_tokens` (halved), a paged cache of fewer pages (`kv_pages` halved, from the
+    pages that hold every slot at full length), each checked by compiling it."""
     need = decode_memory(c, prompts, prompt_length, config)
     if need.peak <= device_bytes:
         return need
@@ -544,10 +545,17 @@ def require_fits(c: DecoderConfig, prompts: int, prompt_length: int, config: Sam
         value = largest(name)
         if value >= 1:
             options.append(f"{name}={value}")
+    page, trace = config.kv_page_slots, generated_slots(config.max_new_tokens)
+    pages = (config.kv_pages or 1 + prompts * config.n * trace // page) // 2
+    while pages > trace // page and not fits(kv_pages=pages):
+        pages //= 2
+    if pages > trace // page:
+        options.append(f"kv_pages={pages} (pages of {page} tokens)")
     gib = 2**30
     raise ValueError(
         f"sampling {prompts} prompt(s) of {prompt_length} tokens with n={config.n}, "
-        f"max_new_tokens={config.max_new_tokens}, int8_cache={config.int8_cache} needs "
+        f"max_new_tokens={config.max_new_tokens}, int8_cache={config.int8_cache}, "
+        f"kv_pages={config.kv_pages} needs "
         f"{need.peak / gib:.2f} GiB (weights {need.weights / gib:.2f}, prompt KV "
         f"{need.prefix / gib:.2f}, generated KV {need.generated / gib:.2f}, outputs "
         f"{need.samples / gib:.2f}, loop temporaries {need.temporaries / gib:.2f}) but "

@@ -2,6 +2,7 @@
 memory check of a request."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +103,10 @@ def test_a_request_that_does_not_fit_says_what_it_needs_and_what_would_fit(model
     need = sampler.decode_memory(model.config, 1, 8, config)
     smaller = sampler.decode_memory(model.config, 1, 8, dataclasses.replace(config, n=4))
     assert sampler.require_fits(model.config, 1, 8, config, need.peak) == need
+    budget = (need.peak + smaller.peak) // 2
     with pytest.raises(ValueError, match=r"needs .* GiB .* would fit: .*n=4") as error:
-        sampler.require_fits(model.config, 1, 8, config, (need.peak + smaller.peak) // 2)
+        sampler.require_fits(model.config, 1, 8, config, budget)
     assert "max_new_tokens=" in str(error.value)
+    pages = int(re.search(r"kv_pages=(\d+) \(pages of 64 tokens\)", str(error.value))[1])
+    assert pages < 9 and sampler.decode_memory(model.config, 1, 8, dataclasses.replace(
+        config, kv_pages=pages)).peak <= budget  # fewer pages than 8 slots x 64 tokens + 1
