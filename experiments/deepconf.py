@@ -67,6 +67,9 @@ class Config:
     #                                                      (plain text if it has none: a warning)
     confidence_k: int = 20
     slots: int = 16                                      # traces decoded at once
+    kv_pages: int | None = None                          # generated KV in a pool of pages of
+    #                                                      128 tokens (SamplingConfig.kv_pages;
+    #                                                      None: max_new_tokens per slot)
     offline_traces: int = 64
     ks: tuple[int, ...] = (8, 16, 32, 64)
     rules: tuple[str, ...] = ("deepconf-low", "deepconf-high")
@@ -100,7 +103,7 @@ class Config:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                               top_p=self.top_p, top_k=self.top_k, n=self.slots,
                               stop_ids=(eos,), window=self.window, tail=self.tail,
-                              confidence_k=self.confidence_k)
+                              confidence_k=self.confidence_k, kv_pages=self.kv_pages)
 
     def online(self, rule: str) -> online.OnlineConfig:
         return online.OnlineConfig(rule=rule, warmup=self.warmup, budget=self.offline_traces,

@@ -1,6 +1,8 @@
 """The paged KV cache: the free list against a slot-by-slot reference, paged attention against
 the unpaged rows, and the sampler with a small pool against the unpaged sampler."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,3 +132,26 @@ def test_decode_memory_of_a_paged_loop_holds_the_pool_not_the_slots(model):
     unpaged = sampler.decode_memory(model.config, 1, 5, SamplingConfig(
         max_new_tokens=1000, n=16, prompt_bucket=8))
     assert memory.loop < unpaged.loop - (unpaged.generated - memory.generated) / 2
+
+
+def test_online_deepconf_on_a_small_pool_equals_unpaged(model):
+    # 3 problems x 4 slots of up to 12 tokens (one page of 16 each) on 5 usable pages: rounds of
+    # DeepConf online wait for pages and reach the same answers from the same traces
+    from jaxlab.deepconf import online
+
+    sampling = SamplingConfig(max_new_tokens=12, n=4, window=3, temperature=1.0)
+    config = online.OnlineConfig(rule="deepconf-low", warmup=4, budget=12, batch=4,
+                                 consensus=0.6)
+    prompts = [[5, 9, 17, 3], [7, 8], [100, 200, 300, 11]]
+    keys = jax.random.split(jax.random.key(7), len(prompts))
+
+    def answer(ids):  # a stand-in for reading a trace: its first token mod 3
+        return f"so \\boxed{{{int(ids[0]) % 3}}}"
+
+    want = online.solve_many(model, prompts, keys, sampling, config, answer)
+    got = online.solve_many(model, prompts, keys, dataclasses.replace(sampling, kv_pages=6),
+                            config, answer)
+    for a, b in zip(got, want, strict=True):
+        assert (a.answer, a.launched, a.stopped, a.tokens, a.rounds) == (
+            b.answer, b.launched, b.stopped, b.tokens, b.rounds)
+        assert a.traces.texts == b.traces.texts
