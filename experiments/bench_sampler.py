@@ -3,7 +3,7 @@ against transformers' `generate` in PyTorch on the same weights, prompts and set
 engine's own targets (live-length attention, one copy of each prompt, compiled memory).
 
     python experiments/bench_sampler.py [--size cpu|gpu] [--batches 1 64 256] [--out FILE]
-        [--parts generate refill allocation prompt memory kernels deepconf]
+        [--parts generate refill allocation prompt memory kernels deepconf paged]
         [--kernels auto portable] [--baseline dynamic|static]
 
 Parts beside `generate` and `refill`:
@@ -241,20 +241,24 @@ def bench_memory(dtype: str = "bfloat16", prompts: int = 256, prompt_length: int
             "weights_kv_outputs": floor, "ratio": m.peak / floor}
 
 
-def bench_paged(model, prompt, dtype: str = "bfloat16") -> dict:
+def bench_paged(model, prompt, dtypes=("bfloat16", "float32")) -> dict:
     """The paged cache's two sides: memory where it matters (`decode_memory` of the Qwen3-0.6B
     shape, nothing allocated) and its cost in time on this model (the allocation workload,
     max_new_tokens 4096: every trace fits one page of 128 tokens, a pool of one page per slot
     + scratch against 64 slots x 4096)."""
     from jaxlab.models.decoder import DecoderConfig
 
-    c = DecoderConfig.from_hf(zoo.hf_config("qwen3", "released"), param_dtype=dtype)
     memory = {}
-    for name, pages in (("slots", None), ("paged", 1 + 64 * 4096 // 128)):
-        m = sampler.decode_memory(c, 1, 1024, SamplingConfig(max_new_tokens=32768, n=64,
-                                                             kv_pages=pages))
-        memory[name] = {"kv_pages": pages, "generated": m.generated, "prefix": m.prefix,
-                        "weights": m.weights, "loop_peak": m.loop, "peak": m.peak}
+    for dtype in dtypes:
+        c = DecoderConfig.from_hf(zoo.hf_config("qwen3", "released"), param_dtype=dtype)
+        for name, pages in (("slots", None), ("paged", 1 + 64 * 4096 // 128)):
+            m = sampler.decode_memory(c, 1, 1024, SamplingConfig(max_new_tokens=32768, n=64,
+                                                                 kv_pages=pages))
+            floor = m.weights + m.prefix + m.generated + m.samples
+            memory[f"{name} {dtype}"] = {
+                "kv_pages": pages, "generated": m.generated, "prefix": m.prefix,
+                "weights": m.weights, "loop_peak": m.loop, "peak": m.peak,
+                "ratio": m.loop / floor}
     v = model.config.vocab_size
     speed = {}
     for name, pages in (("slots", None), ("paged", 65)):
@@ -267,7 +271,7 @@ def bench_paged(model, prompt, dtype: str = "bfloat16") -> dict:
         speed[name] = {"tok_s": tokens / seconds, "tokens": tokens, "steps": int(out.steps),
                        "traces": np.asarray(out.tokens)}
     same = bool(np.array_equal(speed["slots"].pop("traces"), speed["paged"].pop("traces")))
-    return {"dtype": dtype, "memory": memory, "speed": speed, "same_traces": same,
+    return {"memory": memory, "speed": speed, "same_traces": same,
             "ratio": speed["paged"]["tok_s"] / speed["slots"]["tok_s"]}
 
 
@@ -364,9 +368,10 @@ def print_engine(report: dict) -> None:
     if "paged" in report:
         r, gib = report["paged"], 2**30
         for name, m in r["memory"].items():
-            print(f"{name:5s} (Qwen3-0.6B shape, {r['dtype']}, one 1,024-token prompt, 64 slots "
-                  f"x 32,768 tokens, kv_pages {m['kv_pages']}): generated KV "
-                  f"{m['generated'] / gib:7.2f} GiB, loop peak {m['loop_peak'] / gib:7.2f} GiB")
+            print(f"{name:14s} (Qwen3-0.6B shape, one 1,024-token prompt, 64 slots x 32,768 "
+                  f"tokens, kv_pages {m['kv_pages']}): generated KV {m['generated'] / gib:7.2f} "
+                  f"GiB, loop peak {m['loop_peak'] / gib:7.2f} GiB ({m['ratio']:.3f}x weights "
+                  "+ KV + outputs)")
         speed = r["speed"]
         print(f"paged cache speed, max_new_tokens 4096, 64 slots: "
               f"{speed['paged']['tok_s']:.0f} vs {speed['slots']['tok_s']:.0f} tok/s "
@@ -435,7 +440,8 @@ def main() -> None:
     parser.add_argument("--out", default="results/bench_sampler.json")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--kernels", nargs="+", default=["auto"], choices=DECODE_KERNELS,
-                        help="decode attention kernels of our side (generate part)")
+                        help="decode attention kernels of our side (generate part; the first "
+                        "also for the deepconf part)")
     parser.add_argument("--baseline", choices=("dynamic", "static"), default=None,
                         help="transformers' KV cache (default: static on a GPU, else dynamic)")
     args = parser.parse_args()

@@ -67,9 +67,9 @@ class Config:
     #                                                      (plain text if it has none: a warning)
     confidence_k: int = 20
     slots: int = 16                                      # traces decoded at once
-    kv_pages: int | None = None                          # generated KV in a pool of pages of
-    #                                                      128 tokens (SamplingConfig.kv_pages;
-    #                                                      None: max_new_tokens per slot)
+    kv_pages: int | None = None                          # generated KV in a pool of pages
+    #                                                      (SamplingConfig.kv_pages; None:
+    #                                                      max_new_tokens per slot)
     offline_traces: int = 64
     ks: tuple[int, ...] = (8, 16, 32, 64)
     rules: tuple[str, ...] = ("deepconf-low", "deepconf-high")

@@ -44,6 +44,12 @@ KEY_LAYOUTS = ("slots", "dims")  # keys [B, K, S, D] or [B, K, D, S]
 DECODE_KERNELS = ("auto", "portable", "pallas")
 
 
+def slot_axis(key_layout: str) -> int:
+    """The axis of the slots in keys [B, K, S, D] ("slots": 2) or [B, K, D, S] ("dims": 3)."""
+    require(key_layout in KEY_LAYOUTS, f"key_layout {key_layout!r} is not one of {KEY_LAYOUTS}")
+    return 2 if key_layout == "slots" else 3
+
+
 def default_key_layout() -> str:
     """"dims" on the CPU (its fastest product), else "slots" (the kernels' layout)."""
     return "dims" if jax.default_backend() == "cpu" else "slots"
@@ -75,11 +81,11 @@ def block_attention(q, keys, values, key_scale, value_scale, start, end, *, bloc
     live slot gets out 0 and lse -inf, so `merge` ignores it. S must be a multiple of `block`
     (a clamped slice would re-read keys).
     """
-    require(key_layout in KEY_LAYOUTS, f"key_layout {key_layout!r} is not one of {KEY_LAYOUTS}")
+    key_axis = slot_axis(key_layout)
+    scores = "bkqd,bksd->bkqs" if key_layout == "slots" else "bkqd,bkds->bkqs"
     b, k, nq, d = q.shape
     pages = None if pages is None else jnp.asarray(pages)
     size = values.shape[2] if pages is None else pages.shape[1] * block
-    key_axis, scores = (2, "bkqd,bksd->bkqs") if key_layout == "slots" else (3, "bkqd,bkds->bkqs")
     require(pages is None or values.shape[2] == block,
             f"a paged cache's pages hold {values.shape[2]} slots, not the block {block}")
     require(size % block == 0, f"cache size {size} must be a multiple of the block {block}")
@@ -165,17 +171,20 @@ def decode_attention(q, keys, values, key_scale, value_scale, start, end, *, blo
     """`block_attention`'s contract through the kernel `kernel` names (`DECODE_KERNELS`):
     "portable" (`block_attention`), "pallas" (`pallas_gpu_attention`), or "auto": the Pallas
     kernel on a GPU for a float, unpaged cache in the "slots" layout that it can split, else
-    the portable path."""
+    the portable path (int8 or paged caches, other backends)."""
     require(kernel in DECODE_KERNELS, f"decode kernel {kernel!r} is not one of "
             f"{DECODE_KERNELS}")
-    fits = (key_scale is None and pages is None and key_layout == "slots" and HAS_PALLAS_GPU
+    d = q.shape[-1]
+    fits = (jax.default_backend() == "gpu" and HAS_PALLAS_GPU and key_scale is None
+            and pages is None and key_layout == "slots" and d >= 16 and d & (d - 1) == 0
             and pallas_splits(values.shape[2], block)[0] > 0)
     if kernel == "pallas":
-        require(fits, "the Pallas decode kernel needs this JAX's Pallas GPU ops, a float, "
-                "unpaged cache in the 'slots' key layout and at least 16 slots (got int8="
+        require(fits, "the Pallas decode kernel needs a GPU with this JAX's Pallas GPU ops, a "
+                "float, unpaged cache in the 'slots' key layout, a power-of-two head dim >= 16 "
+                f"and a cache it can split (got backend {jax.default_backend()}, int8="
                 f"{key_scale is not None}, paged={pages is not None}, key_layout="
-                f"{key_layout!r}, {values.shape[2]} slots)")
-    if kernel == "pallas" or (kernel == "auto" and fits and jax.default_backend() == "gpu"):
+                f"{key_layout!r}, head dim {d}, {values.shape[2]} slots)")
+    if kernel == "pallas" or (kernel == "auto" and fits):
         return pallas_gpu_attention(q, keys, values, start, end, block=block)
     return block_attention(q, keys, values, key_scale, value_scale, start, end, block=block,
                            key_layout=key_layout, pages=pages)

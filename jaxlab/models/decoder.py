@@ -187,9 +187,9 @@ class KVCache:
     start: jax.Array      # [B] int32, each row's first live slot
     positions: jax.Array  # [B] int32, position of each row's next token (= real tokens so far)
     index: jax.Array      # [B] int32, each row's next slot to write (one past its last live one)
-    # A paged cache (`Decoder.init_paged_cache`): the arrays above are pools of pages [N, ...]
-    # of `block` slots in place of [B, ...] rows, and slots j x block .. of row b live in page
-    # pages[b, j] (int32 [B, S / block]).
+    # A paged cache (`Decoder.init_paged_cache`): keys, values and scales are pools of pages
+    # [N, ...] of `block` slots in place of [B, ...] rows (start, positions and index stay
+    # [B]), and slots j x block .. of row b live in page pages[b, j] (int32 [B, S / block]).
     pages: jax.Array | None = None
     key_layout: str = struct.field(pytree_node=False, default="slots")
 
@@ -212,10 +212,6 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(
             (self.keys, self.values, self.key_scale, self.value_scale)))
-
-    def map_rows(self, fn) -> KVCache:
-        """Applies fn to every array of the cache; each one leads with the batch axis."""
-        return jax.tree.map(fn, self)
 
     def layer(self, i: int) -> tuple:
         """Layer i's (keys, values, key_scale, value_scale) (scales None unless int8)."""
@@ -311,6 +307,7 @@ def _write_layer(layer, k, v, index, key_layout, pages=None):
     keys, values, key_scale, value_scale = layer
     rows = None
     if pages is not None:
+        require(k.shape[1] == 1, f"a paged cache takes one token per row, got {k.shape[1]}")
         page = values.shape[2]
         rows = jnp.take_along_axis(pages, (index // page)[:, None], axis=1)[:, 0]
         index = index % page
@@ -318,8 +315,8 @@ def _write_layer(layer, k, v, index, key_layout, pages=None):
         (k, k_scale), (v, v_scale) = _quantize(k), _quantize(v)
         key_scale = _write_slots(key_scale, k_scale, index, 2, rows)
         value_scale = _write_slots(value_scale, v_scale, index, 2, rows)
-    key_axis = 2 if key_layout == "slots" else 3
-    return (_write_slots(keys, k, index, key_axis, rows), _write_slots(values, v, index, 2, rows),
+    return (_write_slots(keys, k, index, attention.slot_axis(key_layout), rows),
+            _write_slots(values, v, index, 2, rows),
             key_scale, value_scale)
 
 
@@ -510,8 +507,7 @@ class Decoder(nnx.Module):
         and head (D + 4 bytes instead of 2 D or 4 D per token, head and tensor); keys in
         `key_layout` (default: `attention.default_key_layout()`, by backend)."""
         key_layout = key_layout or attention.default_key_layout()
-        require(key_layout in attention.KEY_LAYOUTS,
-                f"key_layout {key_layout!r} is not one of {attention.KEY_LAYOUTS}")
+        attention.slot_axis(key_layout)  # checks it
         c = self.config
         values = (batch, c.num_kv_heads, size, c.head_dim)
         dtype = jnp.int8 if int8 else c.dtype
@@ -533,7 +529,8 @@ class Decoder(nnx.Module):
     def init_paged_cache(self, batch: int, size: int, pages: int, page: int,
                          int8: bool = False, key_layout: str | None = None) -> KVCache:
         """An empty paged cache of `batch` rows of `size` slots over a pool of `pages` pages of
-        `page` slots ([pages, K, page, D] per layer and tensor, as `init_cache` lays out a row);
+        `page` slots (per layer, values [pages, K, page, D] and keys in `key_layout`, as
+        `init_cache` lays out a row);
         every entry of the page table is page 0, which whoever fills the table keeps as
         scratch (`jaxlab.sampling.paging`)."""
         require(size % page == 0, f"the cache size {size} must be a multiple of the page {page}")

@@ -7,7 +7,9 @@ One jitted prefill runs each prompt once and keeps its KV once ([P, ...], the pr
 `lax.while_loop` then decodes every slot until all traces are done; slot b = p n + i continues
 prompt p, and its attention reads the prompt's KV together with the other n - 1 slots of that
 prompt (their queries batched, cascade attention, `Decoder.decode(prefix=)`) and its own
-generated KV, only up to the longest live trace (`attention.block_attention`). Each step is a
+generated KV, only up to the longest live trace (`attention.decode_attention`: the Pallas kernel
+on a GPU, flash-decoding in blocks elsewhere), in slots of `max_new_tokens` each or in pages of a
+shared pool handed out as traces grow (`kv_pages`, `paging`). Each step is a
 chain of small pure steps: the next token, its log-prob and its token confidence from one top-k
 search (`draw`, through `strategies.Nucleus`), the group window and the tail
 (`update_confidence`), the output row (`record`), whether the trace ends (`finish`,
@@ -99,7 +101,7 @@ class SamplingConfig:
         require(self.stop_threshold is None or self.confidence,
                 "SamplingConfig.stop_threshold needs confidence=True")
         if self.kv_pages is not None:
-            least = 1 + generated_slots(self.max_new_tokens) // self.kv_page_slots
+            least = 1 + self.pages_per_trace
             require(isinstance(self.kv_pages, int) and self.kv_pages >= least,
                     f"SamplingConfig.kv_pages={self.kv_pages!r} cannot hold one trace of "
                     f"max_new_tokens={self.max_new_tokens}: it needs at least {least} pages "
@@ -107,6 +109,9 @@ class SamplingConfig:
         require(self.decode_kernel in attention.DECODE_KERNELS,
                 f"SamplingConfig.decode_kernel must be one of {attention.DECODE_KERNELS}, got "
                 f"{self.decode_kernel!r}")
+        require(self.decode_kernel != "pallas" or not (self.kv_pages or self.int8_cache),
+                "SamplingConfig.decode_kernel='pallas' takes a float, unpaged cache: not with "
+                f"kv_pages={self.kv_pages} or int8_cache={self.int8_cache}")
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
 
     @property
@@ -117,6 +122,11 @@ class SamplingConfig:
     def kv_page_slots(self) -> int:
         """Tokens per page of a paged cache: a block of decode attention."""
         return min(DECODE_BLOCK, generated_slots(self.max_new_tokens))
+
+    @property
+    def pages_per_trace(self) -> int:
+        """Pages of a trace of `max_new_tokens` tokens."""
+        return generated_slots(self.max_new_tokens) // self.kv_page_slots
 
 
 @struct.dataclass
@@ -283,7 +293,8 @@ def draw_keys(key: jax.Array, step: jax.Array, prompt: jax.Array, trace: jax.Arr
 
 @struct.dataclass
 class DecodeState:
-    cache: KVCache            # each slot's generated tokens [B, ..., T_gen]; index = length
+    cache: KVCache            # each slot's generated tokens (T_gen slots, or pages); index =
+    #                           length
     logits: jax.Array         # float32 [B, V], each slot's next-token logits
     window: GroupWindow       # [B, W], the group window
     tail: GroupWindow         # [B, S], the tail
@@ -318,7 +329,8 @@ def generated_slots(max_new_tokens: int) -> int:
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache", "out"))
 def _decode(graphdef, state, prefix: KVCache, prompt_logits, cache: KVCache, out: Samples, key,
             strategy: strategies.Nucleus, threshold, budget, *, config: SamplingConfig):
-    """The decode loop over an empty generated cache [B, ..., T_gen] (`init_generated`) and
+    """The decode loop over an empty generated cache (`init_generated`: T_gen slots per slot,
+    or a page table over a pool) and
     empty outputs (`Samples.empty`): (outputs, cache). The strategy's temperature and top-p,
     `threshold` float32 [P] (early stop when config.stop_threshold is not None) and `budget`
     int32 [P] (traces per prompt, 0 to config.budget, the capacity of the output rows) are
@@ -462,7 +474,8 @@ class DecodeMemory:
 
     weights: int       # the model's parameters
     prefix: int        # the prompts' KV, once per prompt (an argument of the loop)
-    generated: int     # every slot's generated KV (T_gen slots each), built inside the loop
+    generated: int     # every slot's generated KV (T_gen slots each, or the pool of pages), a
+    #                    donated argument of the loop
     samples: int       # the `Samples` buffers (at the output capacity)
     outputs: int       # the loop's outputs (the samples and the generated KV)
     temporaries: int   # XLA's temporaries of the loop
@@ -545,12 +558,12 @@ def require_fits(c: DecoderConfig, prompts: int, prompt_length: int, config: Sam
         value = largest(name)
         if value >= 1:
             options.append(f"{name}={value}")
-    page, trace = config.kv_page_slots, generated_slots(config.max_new_tokens)
-    pages = (config.kv_pages or 1 + prompts * config.n * trace // page) // 2
-    while pages > trace // page and not fits(kv_pages=pages):
+    per_trace = config.pages_per_trace
+    pages = (config.kv_pages or 1 + prompts * config.n * per_trace) // 2
+    while pages > per_trace and not fits(kv_pages=pages):
         pages //= 2
-    if pages > trace // page:
-        options.append(f"kv_pages={pages} (pages of {page} tokens)")
+    if pages > per_trace:
+        options.append(f"kv_pages={pages} (pages of {config.kv_page_slots} tokens)")
     gib = 2**30
     raise ValueError(
         f"sampling {prompts} prompt(s) of {prompt_length} tokens with n={config.n}, "
@@ -626,10 +639,11 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
             f"{budgets!r}")
     graphdef, state = nnx.split(model)
     static = _static(config, early=stop_thresholds is not None)
+    if mesh is not None:
+        require(config.kv_pages is None, "a paged KV cache (kv_pages) is not split over a mesh")
     cache, out = init_generated(model, count, config), Samples.empty(
         count, static.budget, config.max_new_tokens)
     if mesh is not None:
-        require(config.kv_pages is None, "a paged KV cache (kv_pages) is not split over a mesh")
         slots = count * config.n
         require(slots % mesh.size == 0, f"{count} prompts x n={config.n} = {slots} "
                 f"slots must divide evenly over {mesh.size} devices")

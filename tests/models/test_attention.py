@@ -119,12 +119,15 @@ def test_full_attention_equals_the_einsum_path_with_causal_and_left_padding(dtyp
 def test_pallas_gpu_kernel_equals_the_portable_path_in_interpret_mode():
     if not attention.HAS_PALLAS_GPU:
         pytest.skip("this JAX has no jax.experimental.pallas.ops.gpu.decode_attention")
-    q, keys, values, _ = _case(b=3, q=4, s=384)   # 8 splits of 48 slots, blocks of 16
-    start, end = np.array([0, 5, 100]), np.array([17, 330, 101])
-    ours = attention.pallas_gpu_attention(q, keys, values, start, end, interpret=True)
-    want = attention.block_attention(q, keys, values, None, None, start, end, block=32)
-    np.testing.assert_allclose(ours[0], want[0], atol=2e-5)
-    np.testing.assert_allclose(ours[1], want[1], atol=2e-5)
+    # 4 queries per head (one tile of block_h = 16) and 96 (two tiles of 64: the shared
+    # prompt's n x G queries); 8 splits of 48 slots, blocks of 16
+    for queries in (4, 96):
+        q, keys, values, _ = _case(b=3, q=queries, s=384)
+        start, end = np.array([0, 5, 100]), np.array([17, 330, 101])
+        ours = attention.pallas_gpu_attention(q, keys, values, start, end, interpret=True)
+        want = attention.block_attention(q, keys, values, None, None, start, end, block=32)
+        np.testing.assert_allclose(ours[0], want[0], atol=2e-5)
+        np.testing.assert_allclose(ours[1], want[1], atol=2e-5)
 
 
 @pytest.mark.parametrize("size,want", [(384, (8, 16)), (4096, (16, 128)), (128, (8, 16)),
@@ -137,16 +140,23 @@ def test_pallas_splits_are_equal_whole_numbers_of_power_of_two_blocks(size, want
         assert per * splits == size and per % block_k == 0 and block_k & (block_k - 1) == 0
 
 
-def test_auto_decode_kernel_is_the_portable_path_off_gpu_and_pallas_is_refused_for_int8():
-    q, keys, values, (ks, vs) = _case(int8=True)
+@pytest.mark.parametrize("int8", [False, True])
+def test_auto_decode_kernel_is_pallas_only_on_a_gpu_and_a_forced_one_names_what_it_lacks(int8):
+    q, keys, values, (ks, vs) = _case(s=128, int8=int8)
     start, end = np.array([0, 5, 40, 0]), np.array([1, 37, 41, 0])
     auto = attention.decode_attention(q, keys, values, ks, vs, start, end, block=32,
                                       key_layout="slots")
-    np.testing.assert_array_equal(auto[0], attention.block_attention(
-        q, keys, values, ks, vs, start, end, block=32)[0])
-    with pytest.raises(ValueError, match="Pallas decode kernel needs"):
-        attention.decode_attention(q, keys, values, ks, vs, start, end, block=32,
-                                   key_layout="slots", kernel="pallas")
+    portable = attention.block_attention(q, keys, values, ks, vs, start, end, block=32)
+    if jax.default_backend() == "gpu" and not int8:
+        want = attention.pallas_gpu_attention(q, keys, values, start, end, block=32)
+    else:
+        want = portable
+    np.testing.assert_array_equal(auto[0], want[0])
+    if jax.default_backend() != "gpu" or int8:
+        with pytest.raises(ValueError, match=f"Pallas decode kernel needs .* backend "
+                                             f"{jax.default_backend()}, int8={int8}"):
+            attention.decode_attention(q, keys, values, ks, vs, start, end, block=32,
+                                       key_layout="slots", kernel="pallas")
 
 
 @pytest.fixture(scope="module")
