@@ -1,10 +1,19 @@
 """Every test sees 8 simulated CPU devices, so sharded code runs sharded everywhere."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache per test run, shared by the pytest-xdist workers (same run
+# id) and the processes the tests start (they inherit the environment): the same programs are
+# compiled again after each module clears the in-memory caches, by both processes of a
+# multi-process test and by an experiment run twice to test its resume.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), "jaxlab-tests-xla-cache",
+    os.environ.get("PYTEST_XDIST_TESTRUNUID", f"process-{os.getpid()}")))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import gc
 
