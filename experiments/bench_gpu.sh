@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one run, each with its own time limit, output under $1 (default
 # results/bench_gpu): the sampler against transformers (static cache + torch.compile), the decode
-# kernels, DeepConf's workload, and the policy step against PyTorch.
+# kernels, DeepConf's workload, the compiled decode loop's memory on this backend (unpaged and
+# paged), and the policy step against PyTorch.
 #
 #     bash experiments/bench_gpu.sh [OUT_DIR]
 set -uo pipefail
@@ -12,8 +13,9 @@ nvidia-smi -L
 python3 -c "import jax, flax, optax, transformers, torch; print('jax', jax.__version__, 'flax', \
 flax.__version__, 'optax', optax.__version__, 'transformers', transformers.__version__, 'torch', \
 torch.__version__, jax.devices())"
-timeout "${SAMPLER_SECONDS:-330}" python3 experiments/bench_sampler.py --size gpu --batches 256 \
-    --parts generate kernels deepconf --kernels auto portable --out "$out/sampler.json" \
+timeout "${SAMPLER_SECONDS:-420}" python3 experiments/bench_sampler.py --size gpu --batches 256 \
+    --parts kernels deepconf generate memory paged --kernels auto portable \
+    --out "$out/sampler.json" \
     2>&1 | grep -v "^Loading weights" | tee "$out/sampler.log"
 timeout "${STEP_SECONDS:-150}" python3 experiments/bench_train_step.py --size gpu \
     --out "$out/train_step.json" 2>&1 | grep -v "^Loading weights" | tee "$out/train_step.log"

@@ -535,8 +535,8 @@ def require_fits(c: DecoderConfig, prompts: int, prompt_length: int, config: Sam
                  device_bytes: int) -> DecodeMemory:
     """`decode_memory` of the request, or a ValueError saying how much it needs and which
     smaller requests fit in `device_bytes`: an int8 cache, fewer slots (n halved), a shorter
-    `max_new_tokens` (halved), a paged cache of fewer pages (`kv_pages` halved, from the
-    pages that hold every slot at full length), each checked by compiling it."""
+    `max_new_tokens` (halved), a paged cache of as many pages as the memory left holds (halved
+    until it fits), each checked by compiling it."""
     need = decode_memory(c, prompts, prompt_length, config)
     if need.peak <= device_bytes:
         return need
@@ -558,8 +558,12 @@ def require_fits(c: DecoderConfig, prompts: int, prompt_length: int, config: Sam
         value = largest(name)
         if value >= 1:
             options.append(f"{name}={value}")
-    per_trace = config.pages_per_trace
-    pages = (config.kv_pages or 1 + prompts * config.n * per_trace) // 2
+    # A pool of fewer pages: as many as the bytes left beside everything else hold (the
+    # generated KV is linear in the pages), halved until the compiled loop fits.
+    per_trace, now = config.pages_per_trace, config.kv_pages or 1 + (
+        prompts * config.n * config.pages_per_trace)
+    pages = min(now - 1, int((device_bytes - need.peak + need.generated) * now
+                             // max(need.generated, 1)))
     while pages > per_trace and not fits(kv_pages=pages):
         pages //= 2
     if pages > per_trace:
