@@ -232,6 +232,10 @@ def main() -> None:
           f"{device}; {mine['iterations_timed']} iterations timed after one warm-up")
     print(f"mean response length: ours {lengths[0]:.1f}, TRL {lengths[1]:.1f} tokens; mean "
           f"reward: ours {rewards[0]:.3f}, TRL {rewards[1]:.3f}")
+    rollout_tok_s = [PROMPTS * GROUP * n / r["rollout_mean_s"]
+                     for n, r in zip(lengths, (mine, base), strict=True)]
+    print(f"rollout tokens/s (generated tokens over the rollout's mean seconds): ours "
+          f"{rollout_tok_s[0]:.0f}, TRL {rollout_tok_s[1]:.0f}")
     print(f"{'':28s} {'best s/it':>10s} {'mean s/it':>10s} {'rollout s':>10s} "
           f"{'update s':>9s} {'speedup':>8s} {'(mean)':>7s}")
     rows = [("jaxlab loop.run", mine)] + [(f"TRL GRPOTrainer, {n} thread(s)", r)
@@ -249,7 +253,8 @@ def main() -> None:
         "trl_by_threads": trl, "trl_threads": best, "speedup": base["best_s"] / mine["best_s"],
         "speedup_mean": base["mean_s"] / mine["mean_s"], "ours_iterations": ours,
         "trl_steps_by_threads": theirs,
-        "mean_response_length": dict(zip(("ours", "trl"), lengths, strict=True))})
+        "mean_response_length": dict(zip(("ours", "trl"), lengths, strict=True)),
+        "rollout_tokens_per_s": dict(zip(("ours", "trl"), rollout_tok_s, strict=True))})
     print(f"wrote {out}")
 
 
