@@ -280,34 +280,44 @@ def bench_kernels(c, rows: int = 256, size: int = 4096, live: int = 512) -> list
     whose rows hold `live` live slots each (random starts), in the model's compute dtype. Each
     kernel that runs here against the portable path: largest |difference| of the outputs and
     the time of one call, next to the portable path over a cache of exactly `live` slots (what
-    reading only the live slots costs)."""
+    reading only the live slots costs). On a GPU also the Pallas kernel with at most 4 and 1
+    splits, and all of it again over a 256-slot cache (the sampler's default 256 new tokens)
+    with 192 live slots."""
     from jaxlab.models import attention
 
     rng = np.random.default_rng(5)
     k, g, d = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
 
-    def case(slots):
+    def case(slots, live):
         q, keys, values = (jnp.asarray(rng.normal(size=shape), c.dtype) for shape in (
             (rows, k, g, d), (rows, k, slots, d), (rows, k, slots, d)))
         start = jnp.asarray(rng.integers(0, slots - live + 1, rows), jnp.int32)
         return q, keys, values, start, start + live
 
-    def run(kernel, inputs):
-        q, keys, values, start, end = inputs
-        fn = jax.jit(lambda *a: attention.decode_attention(
-            *a[:3], None, None, *a[3:], block=128, key_layout="slots", kernel=kernel))
-        out, seconds = best_of(lambda: fn(q, keys, values, start, end), 10)
+    def run(fn, inputs):
+        compiled = jax.jit(fn)
+        out, seconds = best_of(lambda: compiled(*inputs), 10)
         return np.asarray(out[0], np.float32), seconds
 
-    full, dense = case(size), case(live)
-    want, portable = run("portable", full)
-    report = [{"kernel": "portable", "cache": size, "seconds": portable, "max_diff": 0.0},
-              {"kernel": "portable", "cache": live, "seconds": run("portable", dense)[1],
-               "max_diff": None}]
-    if jax.default_backend() == "gpu":
-        got, seconds = run("pallas", full)
-        report.append({"kernel": "pallas", "cache": size, "seconds": seconds,
-                       "max_diff": float(np.max(np.abs(got - want)))})
+    def portable(*a):
+        return attention.block_attention(*a[:3], None, None, *a[3:], block=128)
+
+    report = []
+    for slots, alive in ((size, live), (256, 192)):
+        full = case(slots, alive)
+        want, seconds = run(portable, full)
+        report += [{"kernel": "portable", "cache": slots, "live": alive, "seconds": seconds,
+                    "max_diff": 0.0},
+                   {"kernel": "portable", "cache": alive, "live": alive,
+                    "seconds": run(portable, case(alive, alive))[1], "max_diff": None}]
+        if jax.default_backend() != "gpu":
+            break
+        for most in (16, 4, 1):
+            got, seconds = run(lambda *a, m=most: attention.pallas_gpu_attention(
+                *a, max_splits=m), full)
+            report.append({"kernel": f"pallas<={most}", "cache": slots, "live": alive,
+                           "splits": attention.pallas_splits(slots, 128, most)[0],
+                           "seconds": seconds, "max_diff": float(np.max(np.abs(got - want)))})
     return report
 
 
@@ -379,8 +389,9 @@ def print_engine(report: dict) -> None:
               f"{speed['paged']['steps']} vs {speed['slots']['steps']}")
     for r in report.get("kernels", ()):
         diff = "" if r["max_diff"] is None else f", max |diff| vs portable {r['max_diff']:.2e}"
-        print(f"decode attention {r['kernel']:>8} over a {r['cache']:5d}-slot cache (512 live):"
-              f" {1e6 * r['seconds']:9.1f} us{diff}")
+        splits = f" ({r['splits']} splits)" if "splits" in r else ""
+        print(f"decode attention {r['kernel']:>11}{splits} over a {r['cache']:5d}-slot cache "
+              f"({r['live']} live): {1e6 * r['seconds']:9.1f} us{diff}")
     if "deepconf" in report:
         r = report["deepconf"]
         print(f"deepconf: one prompt, {r['traces']} traces of up to {r['max_new_tokens']} tokens"

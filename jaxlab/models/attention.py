@@ -130,17 +130,17 @@ def block_attention(q, keys, values, key_scale, value_scale, start, end, *, bloc
 
 
 def pallas_gpu_attention(q, keys, values, start, end, *, block: int = 128,
-                         interpret: bool = False):
+                         max_splits: int = 16, interpret: bool = False):
     """`block_attention`'s contract (float caches, keys in the "slots" layout) through JAX's
     Pallas GPU decode kernel (`jax.experimental.pallas.ops.gpu.decode_attention.gqa`): the cache
-    is cut into `k_splits` (`pallas_splits`) splits run in parallel, a split past `end` is
+    is cut into at most `max_splits` splits (`pallas_splits`) run in parallel, a split past `end` is
     skipped, and the splits are merged by their log-sum-exps. The kernel takes q [B, Nq, D] and
     k, v [B, S, Nkv, D] and swaps the axes back, so no copy is made. `interpret=True` runs it
     on any backend (slowly), for tests."""
     require(HAS_PALLAS_GPU, "this JAX has no Pallas GPU decode-attention kernel")
     b, k, nq, d = q.shape
     size = values.shape[2]
-    splits, block_k = pallas_splits(size, block)
+    splits, block_k = pallas_splits(size, block, max_splits)
     require(splits > 0, f"cache size {size} cannot be split for the Pallas kernel (splits of "
             "a multiple of 16 slots)")
     out, (total, m) = _pallas_gpu.gqa(
@@ -153,12 +153,12 @@ def pallas_gpu_attention(q, keys, values, start, end, *, block: int = 128,
     return out.reshape(b, k, nq, d).astype(jnp.float32), lse.reshape(b, k, nq)
 
 
-def pallas_splits(size: int, block: int = 128) -> tuple[int, int]:
+def pallas_splits(size: int, block: int = 128, max_splits: int = 16) -> tuple[int, int]:
     """(k_splits, block_k) of the Pallas kernel for a cache of `size` slots: the most splits of
-    16, 8, 4, 2, 1 dividing it into equal splits, each a whole number of blocks of block_k
-    slots, the largest power of two dividing the split, at most `block`, at least 16 (Triton's
-    tiles are powers of two); (0, 0) if there are none."""
-    for splits in (16, 8, 4, 2, 1):
+    16, 8, 4, 2, 1 (at most `max_splits`) dividing it into equal splits, each a whole number of
+    blocks of block_k slots, the largest power of two dividing the split, at most `block`, at
+    least 16 (Triton's tiles are powers of two); (0, 0) if there are none."""
+    for splits in (s for s in (16, 8, 4, 2, 1) if s <= max_splits):
         per = size // splits
         block_k = min(block, per & -per)
         if size % splits == 0 and block_k >= 16:
