@@ -452,6 +452,14 @@ def padded_length(longest: int, config: SamplingConfig) -> int:
     return -(-longest // config.prompt_bucket) * config.prompt_bucket
 
 
+def generated_tokens(prompts: int, config: SamplingConfig) -> int:
+    """Tokens of generated KV `sample` holds for `prompts` prompts: P n T_gen, or the pool's
+    kv_pages x page when paged."""
+    if config.kv_pages is not None:
+        return config.kv_pages * config.kv_page_slots
+    return prompts * config.n * generated_slots(config.max_new_tokens)
+
+
 def kv_cache_bytes(c: DecoderConfig, prompts: int, prompt_length: int,
                    config: SamplingConfig) -> int:
     """Bytes of the KV `sample` holds for `prompts` prompts of up to `prompt_length` tokens on a
@@ -461,9 +469,7 @@ def kv_cache_bytes(c: DecoderConfig, prompts: int, prompt_length: int,
     D + 4 for int8). Equal to `decode_memory`'s
     prefix + generated (tested), which also gives the compiled programs' peak."""
     per_head = c.head_dim + 4 if config.int8_cache else c.head_dim * jnp.dtype(c.dtype).itemsize
-    generated = (prompts * config.n * generated_slots(config.max_new_tokens)
-                 if config.kv_pages is None else config.kv_pages * config.kv_page_slots)
-    tokens = prompts * padded_length(prompt_length, config) + generated
+    tokens = prompts * padded_length(prompt_length, config) + generated_tokens(prompts, config)
     return 2 * c.num_layers * c.num_kv_heads * per_head * tokens
 
 
@@ -560,8 +566,8 @@ def require_fits(c: DecoderConfig, prompts: int, prompt_length: int, config: Sam
             options.append(f"{name}={value}")
     # A pool of fewer pages: as many as the bytes left beside everything else hold (the
     # generated KV is linear in the pages), halved until the compiled loop fits.
-    per_trace, now = config.pages_per_trace, config.kv_pages or 1 + (
-        prompts * config.n * config.pages_per_trace)
+    per_trace = config.pages_per_trace
+    now = generated_tokens(prompts, config) // config.kv_page_slots + (config.kv_pages is None)
     pages = min(now - 1, int((device_bytes - need.peak + need.generated) * now
                              // max(need.generated, 1)))
     while pages > per_trace and not fits(kv_pages=pages):
