@@ -3,7 +3,7 @@ against transformers' `generate` in PyTorch on the same weights, prompts and set
 engine's own targets (live-length attention, one copy of each prompt, compiled memory).
 
     python experiments/bench_sampler.py [--size cpu|gpu] [--batches 1 64 256] [--out FILE]
-        [--parts generate refill allocation prompt memory kernels deepconf paged]
+        [--parts generate refill allocation prompt memory kernels deepconf paged layers]
         [--kernels auto portable] [--baseline dynamic|static]
 
 Parts beside `generate` and `refill`:
@@ -28,6 +28,10 @@ Parts beside `generate` and `refill`:
               threshold (their lowest group confidence's 90th percentile, DeepConf-low), then
               the other 496 decode with early stop, against the same 496 decoded to the end
               (one compiled loop: budget and threshold are traced)
+  layers      the layers unrolled against one scan over their stacked weights
+              (`scan_layers`), at 2, 8 and 28 layers of the model's width: the first call's
+              time (compiling prefill and loop) and the decode speed after it; and the compiled
+              loop's peak at the Qwen3-0.6B shape (the `memory` part's request)
 
 Both sides decode exactly `--new-tokens` tokens per row at temperature 0.6 / top-p 0.95; the
 PyTorch side returns the logits and computes the same token confidence from them. Our side runs
@@ -73,7 +77,8 @@ SIZES = {
 }
 
 
-PARTS = ("generate", "refill", "allocation", "prompt", "memory", "kernels", "deepconf", "paged")
+PARTS = ("generate", "refill", "allocation", "prompt", "memory", "kernels", "deepconf", "paged",
+         "layers")
 REPEATS = 3  # every timing is the fastest of this many calls after a warm-up, on both sides
 
 
@@ -275,6 +280,50 @@ def bench_paged(model, prompt, dtypes=("bfloat16", "float32")) -> dict:
             "ratio": speed["paged"]["tok_s"] / speed["slots"]["tok_s"]}
 
 
+def bench_layers(size: dict, depths=(2, 8, 28), batch: int = 16, new_tokens: int = 64) -> dict:
+    """Unrolled layers against `scan_layers`: per depth, the first `sample` call's seconds (both
+    programs compiled; nothing cached across depths) and the decode tok/s after it; and
+    `decode_memory` of the Qwen3-0.6B shape both ways, in float32 and bfloat16."""
+    from jaxlab.models.decoder import DecoderConfig
+
+    rows = []
+    for depth in depths:
+        with tempfile.TemporaryDirectory() as folder:
+            path = zoo.create("qwen3", folder, size=size["size"], dtype=size["dtype"],
+                              **{**size["overrides"], "num_hidden_layers": depth})
+            model = hf.load_pretrained(path, dtype=size["dtype"])
+        prompts = np.random.default_rng(depth).integers(
+            1, model.config.vocab_size, (batch, size["prompt"])).tolist()
+        row = {"layers": depth}
+        for scan in (False, True):
+            config = SamplingConfig(max_new_tokens=new_tokens, temperature=0.6, top_p=0.95,
+                                    scan_layers=scan)
+
+            def run(model=model, prompts=prompts, config=config):
+                return sampler.sample(model, prompts, jax.random.key(0), config).tokens
+
+            first = time.perf_counter()
+            want = np.asarray(run())
+            first = time.perf_counter() - first
+            seconds = _timed(run)
+            name = "scanned" if scan else "unrolled"
+            row[name] = {"first_call_s": first, "compile_s": first - seconds,
+                         "tok_s": batch * new_tokens / seconds}
+            row.setdefault("tokens", want)
+        row["same_rows"] = float(np.mean(np.all(row.pop("tokens") == want, axis=1)))
+        rows.append(row)
+    memory = {}
+    for dtype in ("float32", "bfloat16"):
+        c = DecoderConfig.from_hf(zoo.hf_config("qwen3", "released"), param_dtype=dtype)
+        for scan in (False, True):
+            m = sampler.decode_memory(c, 256, 128, SamplingConfig(max_new_tokens=256,
+                                                                  scan_layers=scan))
+            memory[f"{'scanned' if scan else 'unrolled'} {dtype}"] = {
+                "loop_peak": m.loop, "weights": m.weights,
+                "ratio": m.loop / (m.weights + m.prefix + m.generated + m.samples)}
+    return {"rows": rows, "batch": batch, "new_tokens": new_tokens, "memory": memory}
+
+
 def bench_kernels(c, rows: int = 256, size: int = 4096, live: int = 512) -> list[dict]:
     """Decode attention alone: grouped queries [rows, K, G, D] over a cache of `size` slots
     whose rows hold `live` live slots each (random starts), in the model's compute dtype. Each
@@ -375,6 +424,21 @@ def print_generate(rows, name, size, new_tokens, bandwidth, device) -> None:
 
 
 def print_engine(report: dict) -> None:
+    if "layers" in report:
+        r = report["layers"]
+        print(f"layers unrolled vs scanned ({r['batch']} prompts x {r['new_tokens']} new "
+              "tokens): first call, its excess over a later call (compiling), decode speed")
+        for row in r["rows"]:
+            u, s = row["unrolled"], row["scanned"]
+            print(f"  {row['layers']:2d} layers: first call {u['first_call_s']:5.1f} s vs "
+                  f"{s['first_call_s']:5.1f} s scanned (compiling: {u['compile_s']:4.1f} vs "
+                  f"{s['compile_s']:4.1f} s); {u['tok_s']:7.0f} vs {s['tok_s']:7.0f} "
+                  f"tok/s ({s['tok_s'] / u['tok_s']:.2f}x); identical rows: "
+                  f"{100 * row['same_rows']:.0f}%")
+        for name, m in r["memory"].items():
+            print(f"  {name:17s} loop peak (Qwen3-0.6B shape, 256 x (128 + 256)): "
+                  f"{m['loop_peak'] / 2**30:.2f} GiB ({m['ratio']:.3f}x weights + KV + "
+                  "outputs)")
     if "paged" in report:
         r, gib = report["paged"], 2**30
         for name, m in r["memory"].items():
@@ -470,6 +534,9 @@ def main() -> None:
         prompt = rng.integers(1, model.config.vocab_size, size["prompt"]).tolist()
         bandwidth = hbm_bandwidth()
         report["hbm_bytes_per_s"] = bandwidth
+        if "layers" in args.parts:
+            report["layers"] = bench_layers(size)
+            print_engine({"layers": report["layers"]})
         if "paged" in args.parts:
             report["paged"] = bench_paged(model, prompt)
             print_engine({"paged": report["paged"]})

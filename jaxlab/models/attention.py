@@ -63,13 +63,15 @@ def full_attention(q, k, v, mask):
 
 
 def block_attention(q, keys, values, key_scale, value_scale, start, end, *, block: int,
-                    key_layout: str = "slots", pages=None):
+                    key_layout: str = "slots", pages=None, layer=None):
     """Flash-decoding over the live blocks of a cache, reading nothing past the longest row.
 
     q [B, K, Q, D]; keys in `key_layout`; values [B, K, S, D] (int8 with float32 scales [B, K, S],
     else scales None); start, end int32 [B]: slot s of row b is attended iff start[b] <= s <
     end[b]. A paged cache passes `pages` int32 [B, S / block] and pools in place of the rows:
     values [N, K, block, D] (keys and scales alike), block j of row b being page pages[b, j].
+    With `layer` (an int32 scalar), every cache array is a stack [L, ...] over the layers and
+    the blocks are read from its layer `layer` (no copy of the layer is made).
     Blocks j = min(start) // block .. ceil(max(end) / block) - 1 are visited in a
     `fori_loop` with a traced trip count; per (row, head, query), with s the block's scaled
     scores (-inf outside the live range):
@@ -85,13 +87,23 @@ def block_attention(q, keys, values, key_scale, value_scale, start, end, *, bloc
     scores = "bkqd,bksd->bkqs" if key_layout == "slots" else "bkqd,bkds->bkqs"
     b, k, nq, d = q.shape
     pages = None if pages is None else jnp.asarray(pages)
-    size = values.shape[2] if pages is None else pages.shape[1] * block
-    require(pages is None or values.shape[2] == block,
-            f"a paged cache's pages hold {values.shape[2]} slots, not the block {block}")
+    size = values.shape[-2] if pages is None else pages.shape[1] * block
+    require(pages is None or values.shape[-2] == block,
+            f"a paged cache's pages hold {values.shape[-2]} slots, not the block {block}")
     require(size % block == 0, f"cache size {size} must be a multiple of the block {block}")
     q = q * jnp.asarray(1 / math.sqrt(d), q.dtype)
 
     def take(x, j, axis):  # block j of every row: [B, K, blk, D] (or [B, K, D, blk], [B, K, blk])
+        if layer is not None:  # one slice of the stack [L, ...]
+            if x.dtype == jnp.bfloat16:
+                return jax.lax.bitcast_convert_type(
+                    take(jax.lax.bitcast_convert_type(x, jnp.uint16), j, axis), x.dtype)
+            if pages is not None:
+                return x[layer, pages[:, j]]
+            starts = [layer] + [0] * (x.ndim - 1)
+            starts[axis + 1] = j * block
+            sizes = (1, *x.shape[1:axis + 1], block, *x.shape[axis + 2:])
+            return jax.lax.dynamic_slice(x, starts, sizes)[0]
         if pages is None:
             return jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=axis)
         return jnp.take(x, pages[:, j], axis=0, mode="clip")
@@ -167,27 +179,28 @@ def pallas_splits(size: int, block: int = 128, max_splits: int = 16) -> tuple[in
 
 
 def decode_attention(q, keys, values, key_scale, value_scale, start, end, *, block: int,
-                     key_layout: str, kernel: str = "auto", pages=None):
+                     key_layout: str, kernel: str = "auto", pages=None, layer=None):
     """`block_attention`'s contract through the kernel `kernel` names (`DECODE_KERNELS`):
     "portable" (`block_attention`), "pallas" (`pallas_gpu_attention`), or "auto": the Pallas
-    kernel on a GPU for a float, unpaged cache in the "slots" layout that it can split, else
-    the portable path (int8 or paged caches, other backends)."""
+    kernel on a GPU for a float, unpaged, unstacked cache in the "slots" layout that it can
+    split, else the portable path (int8, paged or layer-stacked caches, other backends)."""
     require(kernel in DECODE_KERNELS, f"decode kernel {kernel!r} is not one of "
             f"{DECODE_KERNELS}")
     d = q.shape[-1]
     fits = (jax.default_backend() == "gpu" and HAS_PALLAS_GPU and key_scale is None
-            and pages is None and key_layout == "slots" and d >= 16 and d & (d - 1) == 0
-            and pallas_splits(values.shape[2], block)[0] > 0)
+            and pages is None and layer is None and key_layout == "slots" and d >= 16
+            and d & (d - 1) == 0 and pallas_splits(values.shape[-2], block)[0] > 0)
     if kernel == "pallas":
         require(fits, "the Pallas decode kernel needs a GPU with this JAX's Pallas GPU ops, a "
-                "float, unpaged cache in the 'slots' key layout, a power-of-two head dim >= 16 "
-                f"and a cache it can split (got backend {jax.default_backend()}, int8="
-                f"{key_scale is not None}, paged={pages is not None}, key_layout="
-                f"{key_layout!r}, head dim {d}, {values.shape[2]} slots)")
+                "float, unpaged cache of one array per layer in the 'slots' key layout, a "
+                "power-of-two head dim >= 16 and a cache it can split (got backend "
+                f"{jax.default_backend()}, int8={key_scale is not None}, paged="
+                f"{pages is not None}, stacked={layer is not None}, key_layout={key_layout!r}, "
+                f"head dim {d}, {values.shape[-2]} slots)")
     if kernel == "pallas" or (kernel == "auto" and fits):
         return pallas_gpu_attention(q, keys, values, start, end, block=block)
     return block_attention(q, keys, values, key_scale, value_scale, start, end, block=block,
-                           key_layout=key_layout, pages=pages)
+                           key_layout=key_layout, pages=pages, layer=layer)
 
 
 def _lse(m, total):

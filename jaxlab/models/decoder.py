@@ -173,17 +173,28 @@ class DecoderConfig:
 
 
 @struct.dataclass
+class LayerStack:
+    """The parameters of every layer stacked along a new leading axis [L, ...]
+    (`Decoder.layer_stack`), with the layers' common graph: what a scan over the layers runs."""
+
+    params: Any
+    graphdef: Any = struct.field(pytree_node=False)
+
+
+@struct.dataclass
 class KVCache:
     """Keys and values of every layer for S slots per row; row b's live slots are
     start[b] <= s < index[b] (a left-padded prompt, then the tokens decoded after it)."""
 
-    # One array per layer (so a step updates each in place, no stacking), in the model's dtype
-    # or int8: keys L x [B, K, S, D] or [B, K, D, S] (`key_layout`, `attention.KEY_LAYOUTS`),
-    # values L x [B, K, S, D], and for int8 L x float32 [B, K, S] scales (key = keys * scale).
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
-    key_scale: tuple[jax.Array, ...] | None
-    value_scale: tuple[jax.Array, ...] | None
+    # In the model's dtype or int8: keys [B, K, S, D] or [B, K, D, S] (`key_layout`,
+    # `attention.KEY_LAYOUTS`), values [B, K, S, D], and for int8 float32 [B, K, S] scales (key
+    # = keys * scale). Per layer, either one array each (a tuple of L: a step updates each in
+    # place, the layers run unrolled) or one stack [L, ...] (`stacked`: the layers run in one
+    # scan, which writes each token into the stack in place).
+    keys: tuple[jax.Array, ...] | jax.Array
+    values: tuple[jax.Array, ...] | jax.Array
+    key_scale: tuple[jax.Array, ...] | jax.Array | None
+    value_scale: tuple[jax.Array, ...] | jax.Array | None
     start: jax.Array      # [B] int32, each row's first live slot
     positions: jax.Array  # [B] int32, position of each row's next token (= real tokens so far)
     index: jax.Array      # [B] int32, each row's next slot to write (one past its last live one)
@@ -194,36 +205,51 @@ class KVCache:
     key_layout: str = struct.field(pytree_node=False, default="slots")
 
     @property
+    def stacked(self) -> bool:
+        """Whether each field is one stack [L, ...] over the layers (else a tuple of L)."""
+        return not isinstance(self.values, tuple)
+
+    @property
+    def rows(self) -> int:
+        """B, or the pages N of a paged cache's pool."""
+        return self._layer_shape[0]
+
+    @property
     def size(self) -> int:
         """S: slots per row."""
         if self.pages is not None:
-            return self.pages.shape[1] * self.values[0].shape[2]
-        return self.values[0].shape[2]
+            return self.pages.shape[1] * self._layer_shape[2]
+        return self._layer_shape[2]
 
     @property
     def block(self) -> int:
         """The block of decode attention: a page, or the largest divisor of S up to
         `DECODE_BLOCK`."""
         if self.pages is not None:
-            return self.values[0].shape[2]
+            return self._layer_shape[2]
         return math.gcd(self.size, DECODE_BLOCK)
 
     @property
+    def _layer_shape(self) -> tuple[int, ...]:
+        """One layer's values shape: [B, K, S, D] (a pool: [N, K, page, D])."""
+        return self.values.shape[1:] if self.stacked else self.values[0].shape
+
+    @property
     def nbytes(self) -> int:
-        return sum(x.nbytes for x in jax.tree.leaves(
-            (self.keys, self.values, self.key_scale, self.value_scale)))
+        return sum(x.nbytes for x in jax.tree.leaves(self.fields))
 
-    def layer(self, i: int) -> tuple:
-        """Layer i's (keys, values, key_scale, value_scale) (scales None unless int8)."""
-        return tuple(None if x is None else x[i]
-                     for x in (self.keys, self.values, self.key_scale, self.value_scale))
+    @property
+    def fields(self) -> tuple:
+        """(keys, values, key_scale, value_scale): what the layers write."""
+        return self.keys, self.values, self.key_scale, self.value_scale
 
-    def attend(self, i: int, q, kernel: str = "auto"):
+    def attend(self, i, q, kernel: str = "auto"):
         """Layer i's attention of grouped queries q [B, K, Q, D] over the live slots:
         (out float32 [B, K, Q, D], lse float32 [B, K, Q]) (`attention.decode_attention`)."""
-        return attention.decode_attention(q, *self.layer(i), self.start, self.index,
-                                          block=self.block, key_layout=self.key_layout,
-                                          kernel=kernel, pages=self.pages)
+        fields, layer = _layer(self.fields, i)
+        return attention.decode_attention(q, *fields, self.start, self.index, block=self.block,
+                                          key_layout=self.key_layout, kernel=kernel,
+                                          pages=self.pages, layer=layer)
 
 
 def positions_of(mask) -> jax.Array:
@@ -282,15 +308,17 @@ class Attention(nnx.Module):
         return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), extra
 
 
-def _write_slots(cache, new, index, axis, rows=None):
+def _write_slots(cache, new, index, axis, rows=None, layer=None):
     """cache [B, ...] whose slots run along `axis` with row b's new [T, ...] (the cache's other
     axes in order) written at slots index[b]..index[b]+T-1 of cache row rows[b] (default b: a
-    paged cache passes each row's page): one scatter, in place when the cache buffer can be
-    reused."""
+    paged cache passes each row's page); with `layer`, cache is a stack [L, B, ...] and its
+    layer `layer` is written. One scatter, in place when the cache buffer can be reused."""
     b, t = new.shape[:2]
     slots = index[:, None] + jnp.arange(t)                                    # [B, T]
     rows = jnp.arange(b) if rows is None else rows
     where = (rows[:, None],) + (slice(None),) * (axis - 1) + (slots,)
+    if layer is not None:
+        where = (layer, *where)
     new = new.astype(cache.dtype)
     if cache.dtype.itemsize == 2:  # scattered as bits: XLA's CPU backend would otherwise
         bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint16)
@@ -299,25 +327,37 @@ def _write_slots(cache, new, index, axis, rows=None):
     return cache.at[where].set(new, mode="promise_in_bounds")
 
 
-def _write_layer(layer, k, v, index, key_layout, pages=None):
-    """A layer's (keys, values, key_scale, value_scale) with k, v [B, T, K, D] written at slots
-    index[b].. (quantized when the cache is int8), keys in `key_layout`. With `pages` [B, S /
-    page] (a paged cache, T = 1), the token goes to slot index % page of page
-    pages[b, index // page]."""
-    keys, values, key_scale, value_scale = layer
+def _layer(fields, i):
+    """Layer i of a cache's (keys, values, key_scale, value_scale): (its arrays, None) from
+    tuples of L arrays, or (the stacks [L, ...], i) from stacks, for the callee to index."""
+    if isinstance(fields[1], tuple):
+        return tuple(None if x is None else x[i] for x in fields), None
+    return fields, i
+
+
+def _write_layer(fields, i, k, v, index, key_layout, pages=None):
+    """A cache's (keys, values, key_scale, value_scale) (tuples of L arrays, or stacks [L,
+    ...]) with layer i's k, v [B, T, K, D] written at slots index[b].. (quantized when the cache
+    is int8), keys in `key_layout`. With `pages` [B, S / page] (a paged cache, T = 1), the
+    token goes to slot index % page of page pages[b, index // page]."""
+    (keys, values, key_scale, value_scale), layer = _layer(fields, i)
     rows = None
     if pages is not None:
         require(k.shape[1] == 1, f"a paged cache takes one token per row, got {k.shape[1]}")
-        page = values.shape[2]
+        page = values.shape[-2]
         rows = jnp.take_along_axis(pages, (index // page)[:, None], axis=1)[:, 0]
         index = index % page
+    write = functools.partial(_write_slots, index=index, rows=rows, layer=layer)
     if key_scale is not None:
         (k, k_scale), (v, v_scale) = _quantize(k), _quantize(v)
-        key_scale = _write_slots(key_scale, k_scale, index, 2, rows)
-        value_scale = _write_slots(value_scale, v_scale, index, 2, rows)
-    return (_write_slots(keys, k, index, attention.slot_axis(key_layout), rows),
-            _write_slots(values, v, index, 2, rows),
-            key_scale, value_scale)
+        key_scale = write(key_scale, k_scale, axis=2)
+        value_scale = write(value_scale, v_scale, axis=2)
+    written = (write(keys, k, axis=attention.slot_axis(key_layout)), write(values, v, axis=2),
+               key_scale, value_scale)
+    if layer is not None:
+        return written
+    return tuple(None if old is None else (*old[:i], new, *old[i + 1:])
+                 for old, new in zip(fields, written, strict=True))
 
 
 def _grouped(q, num_kv_heads):
@@ -413,8 +453,8 @@ class Decoder(nnx.Module):
         mask = self._mask(input_ids, attention_mask)
         visible = _causal(mask)
 
-        def attend(i, q, k, v):
-            return attention.full_attention(q, k, v, visible), None
+        def attend(i, q, k, v, carry):
+            return attention.full_attention(q, k, v, visible), carry
 
         return self._layers(input_ids, positions_of(mask), attend, remat=remat,
                             sharding=sharding)[0]
@@ -432,10 +472,11 @@ class Decoder(nnx.Module):
         return self.lm_head.kernel[...]
 
     def prefill(self, input_ids, attention_mask=None, *, cache_size: int, int8_cache=False,
-                last_only=False, key_layout: str | None = None):
+                last_only=False, key_layout: str | None = None, stacked: bool = False):
         """Runs a left-padded prompt batch and returns (logits float32 [B, T, V], or [B, V] of
         the last position only if `last_only`; KVCache of `cache_size` slots with the prompt in
-        slots 0..T-1, int8 if `int8_cache`, keys in `key_layout` (`init_cache`)).
+        slots 0..T-1, int8 if `int8_cache`, keys in `key_layout`, the layers' arrays stacked if
+        `stacked` (`init_cache`); a stacked cache runs the layers in one scan).
 
         The prompt attends to its own keys and values (`attention.full_attention`, before any
         int8 rounding); the cache keeps them for the decode steps.
@@ -452,24 +493,28 @@ class Decoder(nnx.Module):
             late = np.flatnonzero(np.any(np.diff(np.asarray(mask, np.int8), axis=1) < 0, axis=1))
             require(late.size == 0, f"attention_mask rows {late[:5].tolist()} are not "
                     "left-padded (a padding token follows a real one)")
-        cache = self.init_cache(b, cache_size, int8_cache, key_layout)
+        cache = self.init_cache(b, cache_size, int8_cache, key_layout, stacked)
         lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)
         visible = _causal(mask)
         zero = jnp.zeros((b,), jnp.int32)
 
-        def attend(i, q, k, v):
+        def attend(i, q, k, v, fields):
             return (attention.full_attention(q, k, v, visible),
-                    _write_layer(cache.layer(i), k, v, zero, cache.key_layout))
+                    _write_layer(fields, i, k, v, zero, cache.key_layout))
 
-        x, layers = self._layers(input_ids, positions_of(mask), attend)
-        cache = cache.replace(start=t - lengths, positions=lengths, index=zero + t)
-        return self.logits(x[:, -1] if last_only else x), _with_layers(cache, layers)
+        x, fields = self._layers(input_ids, positions_of(mask), attend, cache.fields,
+                                 stack=self.layer_stack() if stacked else None)
+        cache = _with_fields(cache, fields).replace(start=t - lengths, positions=lengths,
+                                                    index=zero + t)
+        return self.logits(x[:, -1] if last_only else x), cache
 
     def decode(self, tokens, cache: KVCache, prefix: KVCache | None = None,
-               kernel: str = "auto"):
+               kernel: str = "auto", stack: LayerStack | None = None):
         """One new token per row (tokens int [B]) at slots cache.index, position
         cache.positions: (logits float32 [B, V], cache with the token's keys and values).
-        `kernel` picks the attention kernel (`attention.decode_attention`).
+        `kernel` picks the attention kernel (`attention.decode_attention`). A stacked cache
+        runs the layers in one scan over `stack` (default: `layer_stack()`, a copy of the
+        weights made here: a loop of decode steps makes it once and passes it).
 
         With a `prefix` of P rows (P divides B), rows p n .. p n + n - 1 (n = B / P) continue
         prefix row p: they attend to its live slots and to their own, and their n x G queries
@@ -484,28 +529,39 @@ class Decoder(nnx.Module):
         if prefix is not None:
             require(b % prefix.start.shape[0] == 0, f"the prefix's {prefix.start.shape[0]} rows "
                     f"must divide the batch of {b} rows")
+        require(stack is None or cache.stacked, "a layer stack runs a stacked cache only")
         written = cache.replace(index=cache.index + 1)
 
-        def attend(i, q, k_new, v_new):
-            layer = _write_layer(cache.layer(i), k_new, v_new, cache.index, cache.key_layout,
-                                 cache.pages)
+        def attend(i, q, k_new, v_new, fields):
+            fields = _write_layer(fields, i, k_new, v_new, cache.index, cache.key_layout,
+                                  cache.pages)
             q = _grouped(q, k)                                                    # [B, K, G, D]
-            out, lse = attention.decode_attention(
-                q, *layer, written.start, written.index, block=cache.block,
-                key_layout=cache.key_layout, kernel=kernel, pages=cache.pages)
+            out, lse = _with_fields(written, fields).attend(i, q, kernel)
             if prefix is not None:
                 out, lse = attention.merge((out, lse), _shared(prefix, i, q, kernel))
-            return out.astype(q.dtype).reshape(b, 1, -1, q.shape[-1]), layer
+            return out.astype(q.dtype).reshape(b, 1, -1, q.shape[-1]), fields
 
-        x, layers = self._layers(tokens[:, None], cache.positions[:, None], attend)
-        cache = written.replace(positions=cache.positions + 1)
-        return self.logits(x)[:, 0], _with_layers(cache, layers)
+        if cache.stacked and stack is None:
+            stack = self.layer_stack()
+        x, fields = self._layers(tokens[:, None], cache.positions[:, None], attend,
+                                 cache.fields, stack=stack)
+        cache = _with_fields(written, fields).replace(positions=cache.positions + 1)
+        return self.logits(x)[:, 0], cache
+
+    def layer_stack(self) -> LayerStack:
+        """Every layer's parameters stacked along a new leading axis (a copy of the layers'
+        weights), to run the layers in one `lax.scan`."""
+        return LayerStack(
+            params=jax.tree.map(lambda *xs: jnp.stack(xs),
+                                *(nnx.state(layer) for layer in self.layers)),
+            graphdef=nnx.graphdef(self.layers[0]))
 
     def init_cache(self, batch: int, size: int, int8: bool = False,
-                   key_layout: str | None = None) -> KVCache:
+                   key_layout: str | None = None, stacked: bool = False) -> KVCache:
         """An empty cache; `int8` stores keys and values as int8 with float32 scales per token
         and head (D + 4 bytes instead of 2 D or 4 D per token, head and tensor); keys in
-        `key_layout` (default: `attention.default_key_layout()`, by backend)."""
+        `key_layout` (default: `attention.default_key_layout()`, by backend); each field one
+        array per layer, or one stack [L, ...] if `stacked`."""
         key_layout = key_layout or attention.default_key_layout()
         attention.slot_axis(key_layout)  # checks it
         c = self.config
@@ -513,6 +569,8 @@ class Decoder(nnx.Module):
         dtype = jnp.int8 if int8 else c.dtype
 
         def per_layer(shape, dtype):
+            if stacked:
+                return jnp.zeros((c.num_layers, *shape), dtype)
             return tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))
 
         def scale():
@@ -527,14 +585,15 @@ class Decoder(nnx.Module):
                        index=zero(), key_layout=key_layout)
 
     def init_paged_cache(self, batch: int, size: int, pages: int, page: int,
-                         int8: bool = False, key_layout: str | None = None) -> KVCache:
+                         int8: bool = False, key_layout: str | None = None,
+                         stacked: bool = False) -> KVCache:
         """An empty paged cache of `batch` rows of `size` slots over a pool of `pages` pages of
         `page` slots (per layer, values [pages, K, page, D] and keys in `key_layout`, as
         `init_cache` lays out a row);
         every entry of the page table is page 0, which whoever fills the table keeps as
         scratch (`jaxlab.sampling.paging`)."""
         require(size % page == 0, f"the cache size {size} must be a multiple of the page {page}")
-        pool = self.init_cache(pages, page, int8, key_layout)
+        pool = self.init_cache(pages, page, int8, key_layout, stacked)
         zero = functools.partial(jnp.zeros, (batch,), jnp.int32)
         return pool.replace(start=zero(), positions=zero(), index=zero(),
                             pages=jnp.zeros((batch, size // page), jnp.int32))
@@ -548,31 +607,52 @@ class Decoder(nnx.Module):
             return jnp.ones(input_ids.shape, bool)
         return jnp.asarray(attention_mask).astype(bool)
 
-    def _layers(self, input_ids, positions, attend, remat: str = "none",
+    def _layers(self, input_ids, positions, attend, carry=None, *,
+                stack: LayerStack | None = None, remat: str = "none",
                 sharding: jax.sharding.Sharding | None = None):
         """The layer stack and final norm over input_ids [B, T] at positions [B, T]:
-        (hidden [B, T, E], [what attend(i, q, k, v) returned beside its output, per layer i]).
-        Unless remat is "none", the layers run in one scan (`_scanned`), each under the
-        `REMAT_POLICIES[remat]` checkpoint policy, and attend must return no extra. The
-        activations between layers are constrained to `sharding` when given."""
+        (hidden [B, T, E], carry). Layer i's attention calls attend(i, q, k, v, carry) ->
+        (attended, carry): the carry (a cache's arrays, or None) threads through the layers.
+
+        Unrolled, layer by layer (i a Python int), unless a `stack` (`layer_stack`) is given or
+        remat is not "none": then the layers run in one `lax.scan` over the stacked parameters
+        (i traced; compiled once whatever the depth), each step under the
+        `REMAT_POLICIES[remat]` checkpoint policy. The scan is also what bounds a checkpointed
+        pass's memory: the backward scan recomputes one layer at a time, where with the layers
+        unrolled XLA may schedule every layer's recomputation before the backward pass needs it
+        (measured on the CPU backend: no memory saved at all). The activations between layers
+        are constrained to `sharding` when given."""
         inv_freq = jnp.asarray(self.config.rope.inv_freq(self.config.head_dim), jnp.float32)
         angles = positions[..., None].astype(jnp.float32) * inv_freq             # [B, T, D/2]
         angles = jnp.concatenate([angles, angles], axis=-1)
         cos, sin = (jnp.cos(angles).astype(self.config.dtype),
                     jnp.sin(angles).astype(self.config.dtype))
+
         def constrain(x):
             return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
+        def run(layer, i, x, carry):
+            def attend_i(q, k, v):
+                return attend(i, q, k, v, carry)
+            x, carry = layer(constrain(x), cos, sin, attend_i)
+            return constrain(x), carry
+
         x = constrain(self.embed_tokens(input_ids))
+        if stack is None and remat == "none":
+            for i, layer in enumerate(self.layers):
+                x, carry = run(layer, i, x, carry)
+            return self.norm(x), carry
+        stack = stack or self.layer_stack()
+
+        def step(state, layer_params):
+            params, i = layer_params
+            return run(nnx.merge(stack.graphdef, params), i, *state), None
+
         if remat != "none":
-            x = _scanned(self.layers, x, cos, sin, attend, REMAT_POLICIES[remat], constrain)
-            return self.norm(x), [None] * len(self.layers)
-        extras = []
-        for i, layer in enumerate(self.layers):
-            x, extra = layer(x, cos, sin, functools.partial(attend, i))
-            x = constrain(x)
-            extras.append(extra)
-        return self.norm(x), extras
+            step = jax.checkpoint(step, policy=REMAT_POLICIES[remat])
+        (x, carry), _ = jax.lax.scan(step, (x, carry),
+                                     (stack.params, jnp.arange(len(self.layers))))
+        return self.norm(x), carry
 
     def _check_tokens(self, ids) -> None:
         """Token ids outside the vocabulary are an error (checked when the ids are concrete)."""
@@ -584,28 +664,6 @@ class Decoder(nnx.Module):
             where = tuple(int(i) for i in np.argwhere(bad)[0])
             raise ValueError(f"token id {int(ids[where])} at {where} is outside the vocabulary "
                              f"[0, {self.config.vocab_size})")
-
-
-def _scanned(layers, x, cos, sin, attend, policy, constrain):
-    """The layers over x [B, T, E] in one `lax.scan` over their parameters stacked along a new
-    leading axis (a copy made here: the model keeps one module per layer), each step under
-    `jax.checkpoint(policy=...)` and its output passed through `constrain`; attend(i, q, k, v)
-    gets a traced layer index i and returns no extra. -> x [B, T, E].
-
-    The loop is what bounds memory: the backward scan recomputes one layer at a time. With the
-    layers unrolled, XLA may schedule every layer's recomputation before the backward pass
-    needs it (measured on the CPU backend: no memory saved at all), so checkpointing alone
-    does not bound the peak."""
-    graphdef = nnx.graphdef(layers[0])
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(layer) for layer in layers))
-
-    @functools.partial(jax.checkpoint, policy=policy)
-    def step(x, layer_params):
-        params, i = layer_params
-        x, _ = nnx.merge(graphdef, params)(constrain(x), cos, sin, functools.partial(attend, i))
-        return constrain(x), None
-
-    return jax.lax.scan(step, x, (stacked, jnp.arange(len(layers))))[0]
 
 
 def _causal(mask):
@@ -630,8 +688,7 @@ def _shared(prefix: KVCache, i: int, q, kernel: str):
     return per_row(out), per_row(lse)
 
 
-def _with_layers(cache: KVCache, layers) -> KVCache:
-    """The cache with every layer's (keys, values, key_scale, value_scale) replaced."""
-    keys, values, key_scale, value_scale = (
-        None if parts[0] is None else parts for parts in zip(*layers, strict=True))
+def _with_fields(cache: KVCache, fields) -> KVCache:
+    """The cache with its (keys, values, key_scale, value_scale) replaced."""
+    keys, values, key_scale, value_scale = fields
     return cache.replace(keys=keys, values=values, key_scale=key_scale, value_scale=value_scale)

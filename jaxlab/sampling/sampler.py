@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlab import parallel
 from jaxlab.config import require, require_positive_ints
@@ -87,6 +87,9 @@ class SamplingConfig:
     #                                 compiled prefill and loop per bucket, not per length)
     decode_kernel: str = "auto"     # decode attention (`attention.DECODE_KERNELS`): "auto" is
     #                                 the Pallas kernel on a GPU, the portable path elsewhere
+    scan_layers: bool = False       # the layers in one scan over a stacked copy of their
+    #                                 weights and a stacked cache: compiled once whatever the
+    #                                 depth (the portable attention; docs/deepconf.md)
 
     def __post_init__(self):
         require_positive_ints(self, "max_new_tokens", "n", "confidence_k", "window", "tail",
@@ -109,9 +112,11 @@ class SamplingConfig:
         require(self.decode_kernel in attention.DECODE_KERNELS,
                 f"SamplingConfig.decode_kernel must be one of {attention.DECODE_KERNELS}, got "
                 f"{self.decode_kernel!r}")
-        require(self.decode_kernel != "pallas" or not (self.kv_pages or self.int8_cache),
-                "SamplingConfig.decode_kernel='pallas' takes a float, unpaged cache: not with "
-                f"kv_pages={self.kv_pages} or int8_cache={self.int8_cache}")
+        require(self.decode_kernel != "pallas"
+                or not (self.kv_pages or self.int8_cache or self.scan_layers),
+                "SamplingConfig.decode_kernel='pallas' takes a float, unpaged cache of one "
+                f"array per layer: not with kv_pages={self.kv_pages}, int8_cache="
+                f"{self.int8_cache} or scan_layers={self.scan_layers}")
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
 
     @property
@@ -306,13 +311,13 @@ class DecodeState:
     free: paging.FreeList | None  # the free pages of a paged cache (else None)
 
 
-@functools.partial(jax.jit, static_argnames=("int8_cache",))
-def _prefill(graphdef, state, ids, mask, *, int8_cache: bool):
-    """Each prompt once: its KV cache [P, ..., L] (the prefix every slot of it reads) and its
-    last logits [P, V]."""
+@functools.partial(jax.jit, static_argnames=("int8_cache", "stacked"))
+def _prefill(graphdef, state, ids, mask, *, int8_cache: bool, stacked: bool = False):
+    """Each prompt once: its KV cache [P, ..., L] (the prefix every slot of it reads; the
+    layers stacked and run in a scan if `stacked`) and its last logits [P, V]."""
     model = nnx.merge(graphdef, state)
     logits, cache = model.prefill(ids, mask, cache_size=ids.shape[1], int8_cache=int8_cache,
-                                  last_only=True)
+                                  last_only=True, stacked=stacked)
     return cache, logits
 
 
@@ -335,8 +340,10 @@ def _decode(graphdef, state, prefix: KVCache, prompt_logits, cache: KVCache, out
     `threshold` float32 [P] (early stop when config.stop_threshold is not None) and `budget`
     int32 [P] (traces per prompt, 0 to config.budget, the capacity of the output rows) are
     traced: new values do not recompile. `key` is one key [] or one per prompt [P]
-    (`draw_keys`)."""
+    (`draw_keys`). A stacked cache (`config.scan_layers`) runs the layers in a scan over one
+    stacked copy of their weights, made here before the loop."""
     model = nnx.merge(graphdef, state)
+    stack = model.layer_stack() if cache.stacked else None
     num_prompts = prompt_logits.shape[0]
     num_slots = num_prompts * config.n
     capacity, t_max = config.traces_per_prompt, config.max_new_tokens
@@ -355,7 +362,7 @@ def _decode(graphdef, state, prefix: KVCache, prompt_logits, cache: KVCache, out
         trace=jnp.where(slot < budget[prompt], prompt * capacity + slot, -1),
         launched=jnp.minimum(budget, config.n).astype(jnp.int32),
         out=out, step=jnp.zeros((), jnp.int32),
-        free=None if cache.pages is None else paging.FreeList.full(cache.values[0].shape[0]))
+        free=None if cache.pages is None else paging.FreeList.full(cache.rows))
 
     def body(s: DecodeState) -> DecodeState:
         live = s.trace >= 0                                                   # [B]
@@ -381,7 +388,7 @@ def _decode(graphdef, state, prefix: KVCache, prompt_logits, cache: KVCache, out
         length = length + 1
         finishing, reason = finish(token, length, window, active, stop_ids, early, t_max)
         out = record_final(out, row, finishing, length, reason, window, tail, lowest)
-        logits, stepped = model.decode(token, cache, prefix, config.decode_kernel)
+        logits, stepped = model.decode(token, cache, prefix, config.decode_kernel, stack)
         # A waiting slot keeps its place: its step is redone once it has a page.
         cache = stepped.replace(index=jnp.where(waiting, cache.index, stepped.index),
                                 positions=jnp.where(waiting, cache.positions, stepped.positions))
@@ -419,8 +426,21 @@ def init_generated(model: Decoder, prompts: int, config: SamplingConfig) -> KVCa
     slots, size = prompts * config.n, generated_slots(config.max_new_tokens)
     if config.kv_pages is not None:
         return model.init_paged_cache(slots, size, config.kv_pages, config.kv_page_slots,
-                                      config.int8_cache)
-    return model.init_cache(slots, size, config.int8_cache)
+                                      config.int8_cache, stacked=config.scan_layers)
+    return model.init_cache(slots, size, config.int8_cache, stacked=config.scan_layers)
+
+
+def cache_sharding(cache: KVCache, mesh: Mesh) -> KVCache:
+    """The shardings of a cache's arrays with its rows split over the mesh's batch axes
+    (`parallel.batch_sharding`): axis 0 of per-layer arrays and of start, positions, index,
+    axis 1 of stacks [L, B, ...]."""
+    rows = parallel.batch_sharding(mesh)
+    shardings = jax.tree.map(lambda _: rows, cache)
+    if not cache.stacked:
+        return shardings
+    stack = NamedSharding(mesh, PartitionSpec(None, *rows.spec))
+    return shardings.replace(**{name: None if getattr(cache, name) is None else stack
+                                for name in ("keys", "values", "key_scale", "value_scale")})
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,9 +531,10 @@ def decode_memory(c: DecoderConfig, prompts: int, prompt_length: int,
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(c, nnx.Rngs(0))))
     length = padded_length(prompt_length, config)
     ids = jax.ShapeDtypeStruct((prompts, length), jnp.int32)
-    prefill = _prefill.lower(graphdef, state, ids, ids, int8_cache=config.int8_cache).compile()
-    prefix, logits = jax.eval_shape(
-        functools.partial(_prefill, int8_cache=config.int8_cache), graphdef, state, ids, ids)
+    settings = dict(int8_cache=config.int8_cache, stacked=config.scan_layers)
+    prefill = _prefill.lower(graphdef, state, ids, ids, **settings).compile()
+    prefix, logits = jax.eval_shape(functools.partial(_prefill, **settings), graphdef, state,
+                                    ids, ids)
     static = _static(config)
     generated = jax.eval_shape(lambda: init_generated(nnx.merge(graphdef, state), prompts,
                                                       config))
@@ -527,11 +548,9 @@ def decode_memory(c: DecoderConfig, prompts: int, prompt_length: int,
     def nbytes(tree):
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
-    def kv(cache):
-        return nbytes((cache.keys, cache.values, cache.key_scale, cache.value_scale))
-
     return DecodeMemory(
-        weights=nbytes(state), prefix=kv(prefix), generated=kv(generated),
+        weights=nbytes(state), prefix=nbytes(prefix.fields),
+        generated=nbytes(generated.fields),
         samples=nbytes(out), outputs=a.output_size_in_bytes, temporaries=a.temp_size_in_bytes,
         arguments=a.argument_size_in_bytes, aliased=a.alias_size_in_bytes,
         prefill=(b.argument_size_in_bytes + b.output_size_in_bytes + b.temp_size_in_bytes))
@@ -658,10 +677,10 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
         require(slots % mesh.size == 0, f"{count} prompts x n={config.n} = {slots} "
                 f"slots must divide evenly over {mesh.size} devices")
         state = jax.device_put(state, parallel.tree_shardings(state, mesh))
-        cache = jax.device_put(cache, parallel.batch_sharding(mesh))
+        cache = jax.device_put(cache, cache_sharding(cache, mesh))
         out = jax.device_put(out, parallel.replicated(mesh))
     prefix, prompt_logits = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
-                                     int8_cache=config.int8_cache)
+                                     int8_cache=config.int8_cache, stacked=config.scan_layers)
     out, _ = _decode(graphdef, state, prefix, prompt_logits, cache, out, key,
                      sampling_strategy(config), jnp.asarray(threshold),
                      jnp.asarray(budget, jnp.int32), config=static)

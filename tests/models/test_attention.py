@@ -49,17 +49,38 @@ def _case(b=4, k=2, q=6, d=16, s=96, int8=False):
 @pytest.mark.parametrize("layout", attention.KEY_LAYOUTS)
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("block", [8, 32])
-def test_block_attention_equals_dense_attention(int8, block, layout):
+@pytest.mark.parametrize("stacked", [False, True], ids=["layer", "stack"])
+def test_block_attention_equals_dense_attention(int8, block, layout, stacked):
     q, keys, values, (ks, vs) = _case(int8=int8)
     start = np.array([0, 5, 40, 0])
     end = np.array([1, 37, 41, 0])      # one slot; crossing blocks; one slot late; empty row
     laid_out = keys if layout == "slots" else keys.swapaxes(2, 3)   # [B, K, D, S]
+    cache, layer = (laid_out, values, ks, vs), None
+    if stacked:  # the case as layer 1 of a stack of 3 layers, the others random
+        cache = tuple(None if x is None else np.stack([RNG.permutation(x), x, x[::-1]])
+                      for x in cache)
+        layer = jnp.int32(1)
     out, lse = jax.jit(attention.block_attention, static_argnames=("block", "key_layout"))(
-        q, laid_out, values, ks, vs, start, end, block=block, key_layout=layout)
+        q, *cache, start, end, block=block, key_layout=layout, layer=layer)
     want_out, want_lse = _dense(q, keys, values, start, end, ks, vs)
     np.testing.assert_allclose(out, want_out, atol=2e-6)
     np.testing.assert_allclose(lse, want_lse, atol=2e-6)
     assert np.all(np.asarray(out)[3] == 0) and np.all(np.isneginf(lse[3]))
+
+
+@pytest.mark.parametrize("layout", attention.KEY_LAYOUTS)
+def test_a_bfloat16_stack_reads_its_layer_exactly(layout):
+    # bfloat16 blocks of a stack are read through their bits (`block_attention`'s take)
+    q, keys, values = (jnp.asarray(x, jnp.bfloat16) for x in _case()[:3])
+    keys = keys if layout == "slots" else keys.swapaxes(2, 3)
+    start, end = np.array([0, 5, 40, 3]), np.array([1, 37, 90, 96])
+    run = jax.jit(attention.block_attention, static_argnames=("block", "key_layout"))
+    alone = run(q, keys, values, None, None, start, end, block=32, key_layout=layout)
+    stack = [jnp.stack([x[::-1], x]) for x in (keys, values)]
+    stacked = run(q, *stack, None, None, start, end, block=32, key_layout=layout,
+                  layer=jnp.int32(1))
+    for got, want in zip(stacked, alone, strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_block_attention_reads_nothing_past_the_longest_row():

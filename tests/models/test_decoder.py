@@ -78,14 +78,16 @@ def test_left_padding_matches_transformers_and_the_unpadded_row(pair):
 
 
 @pytest.mark.parametrize("key_layout", attention.KEY_LAYOUTS)
-def test_prefill_then_decode_equals_full_forward(pair, key_layout):
+@pytest.mark.parametrize("stacked", [False, True], ids=["unrolled", "scanned"])
+def test_prefill_then_decode_equals_full_forward(pair, key_layout, stacked):
     _, _, _, model = pair
     ids = _ids(2, 16, seed=2)
     mask = np.ones_like(ids)
     mask[0, :5] = 0
     full = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
     logits, cache = model.prefill(jnp.asarray(ids[:, :10]), jnp.asarray(mask[:, :10]),
-                                  cache_size=32, key_layout=key_layout)
+                                  cache_size=32, key_layout=key_layout, stacked=stacked)
+    assert cache.stacked == stacked
     real = mask[:, :10].astype(bool)  # padding positions hold no meaningful logits
     np.testing.assert_allclose(np.asarray(logits)[real], full[:, :10][real], atol=1e-5)
     decode = jax.jit(lambda tokens, cache: model.decode(tokens, cache))

@@ -117,20 +117,25 @@ def model(tmp_path_factory):
 
 @pytest.mark.parametrize("layout", attention.KEY_LAYOUTS)
 @pytest.mark.parametrize("int8", [False, True])
-def test_decode_steps_on_a_shuffled_page_table_equal_decode_steps_on_rows(model, layout, int8):
+@pytest.mark.parametrize("stacked", [False, True], ids=["unrolled", "scanned"])
+def test_decode_steps_on_a_shuffled_page_table_equal_decode_steps_on_rows(model, layout, int8,
+                                                                          stacked):
     # 3 prompts prefilled once (the prefix), then 40 decode steps of a row each: on rows of 64
-    # slots and on pages of 16 slots spread over a shuffled pool of 16 pages
+    # slots (one array per layer) and on pages of 16 slots spread over a shuffled pool of 16
+    # pages (per layer, or stacked: the layers then run in a scan)
     ids = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12], [1, 2, 3, 4]])
     _, prefix = model.prefill(ids, cache_size=4, int8_cache=int8, key_layout=layout)
+    _, stacked_prefix = model.prefill(ids, cache_size=4, int8_cache=int8, key_layout=layout,
+                                      stacked=stacked)
     rows = model.init_cache(3, 64, int8, layout).replace(positions=prefix.positions)
-    paged = model.init_paged_cache(3, 64, 16, 16, int8, layout).replace(
+    paged = model.init_paged_cache(3, 64, 16, 16, int8, layout, stacked).replace(
         positions=prefix.positions,
         pages=jnp.asarray(1 + RNG.permutation(15)[:12].reshape(3, 4), jnp.int32))
-    step = jax.jit(lambda tokens, cache: model.decode(tokens, cache, prefix))
+    step = jax.jit(lambda tokens, cache, prefix: model.decode(tokens, cache, prefix))
     tokens = jnp.asarray([3, 4, 5])
     for _ in range(40):
-        want, rows = step(tokens, rows)
-        got, paged = step(tokens, paged)
+        want, rows = step(tokens, rows, prefix)
+        got, paged = step(tokens, paged, stacked_prefix)
         np.testing.assert_allclose(got, want, atol=1e-5)
         tokens = jnp.argmax(want, axis=-1)
 

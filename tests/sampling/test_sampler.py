@@ -1,11 +1,14 @@
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxlab.models import hf, zoo
+from jaxlab.models.decoder import Decoder
 from jaxlab.sampling import confidence as cf
 from jaxlab.sampling import sampler
 from jaxlab.sampling.sampler import SamplingConfig
@@ -205,12 +208,15 @@ def test_draws_follow_the_truncated_distribution():
         assert np.all(np.abs(seen - expected) <= 5 * sigma + 1e-12)
 
 
-def test_sharded_sampling_equals_single_device(model, data_mesh8):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_sharded_sampling_equals_single_device(model, data_mesh8, scan_layers):
+    # the reference: one device, the layers unrolled
     config = SamplingConfig(max_new_tokens=8, n=8, budget=10, window=2, stop_threshold=5.875,
                             temperature=1.0)
     one = jax.device_get(sampler.sample(model, PROMPTS[:2], jax.random.key(6), config))
-    many = jax.device_get(sampler.sample(model, PROMPTS[:2], jax.random.key(6), config,
-                                         mesh=data_mesh8))
+    many = jax.device_get(sampler.sample(
+        model, PROMPTS[:2], jax.random.key(6),
+        dataclasses.replace(config, scan_layers=scan_layers), mesh=data_mesh8))
     np.testing.assert_array_equal(one.tokens, many.tokens)
     np.testing.assert_array_equal(one.lengths, many.lengths)
     np.testing.assert_allclose(one.confidence, many.confidence, rtol=1e-5)
@@ -224,6 +230,39 @@ def test_no_recompilation_for_the_same_shapes(model):
     sampler.sample(model, other, jax.random.key(8),
                    dataclasses.replace(config, stop_threshold=6.5))
     assert (sampler._decode._cache_size(), sampler._prefill._cache_size()) == before
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_scanned_layers_sample_the_same_traces_and_compile_one_layer(model, int8):
+    base = dict(max_new_tokens=10, n=2, budget=3, temperature=1.0, int8_cache=int8,
+                stop_ids=(3, 4, 5))
+    unrolled = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(3),
+                                             SamplingConfig(**base)))
+    scanned = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(3),
+                                            SamplingConfig(**base, scan_layers=True)))
+    np.testing.assert_array_equal(scanned.tokens, unrolled.tokens)
+    np.testing.assert_array_equal(scanned.lengths, unrolled.lengths)
+    np.testing.assert_allclose(scanned.logprobs, unrolled.logprobs, atol=1e-5)
+    np.testing.assert_allclose(scanned.confidence, unrolled.confidence, atol=1e-5)
+
+    def products(layers, scan_layers):  # matrix products in the decode loop's program
+        c = dataclasses.replace(model.config, num_layers=layers)
+        config = SamplingConfig(**base, scan_layers=scan_layers)
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(c, nnx.Rngs(0))))
+        prefix, logits = jax.eval_shape(functools.partial(
+            sampler._prefill, int8_cache=int8, stacked=scan_layers), graphdef, state,
+            *[jax.ShapeDtypeStruct((3, 8), jnp.int32)] * 2)
+        text = sampler._decode.lower(
+            graphdef, state, prefix, logits,
+            jax.eval_shape(lambda: sampler.init_generated(nnx.merge(graphdef, state), 3,
+                                                          config)),
+            jax.eval_shape(lambda: sampler.Samples.empty(3, 4, 10)), jax.random.key(0),
+            sampler.sampling_strategy(config), jnp.zeros(3), jnp.full(3, 3, jnp.int32),
+            config=sampler._static(config)).as_text()
+        return text.count("dot_general")
+
+    assert products(2, True) == products(6, True)       # one layer's program, whatever the depth
+    assert products(6, False) > products(2, False) + 10
 
 
 @pytest.mark.parametrize("int8", [False, True])
