@@ -70,8 +70,8 @@ def block_attention(q, keys, values, key_scale, value_scale, start, end, *, bloc
     else scales None); start, end int32 [B]: slot s of row b is attended iff start[b] <= s <
     end[b]. A paged cache passes `pages` int32 [B, S / block] and pools in place of the rows:
     values [N, K, block, D] (keys and scales alike), block j of row b being page pages[b, j].
-    With `layer` (an int32 scalar), every cache array is a stack [L, ...] over the layers and
-    the blocks are read from its layer `layer` (no copy of the layer is made).
+    With `layer` (an int, or an int32 scalar when traced), every cache array is a stack
+    [L, ...] over the layers and the blocks are read from its layer `layer`.
     Blocks j = min(start) // block .. ceil(max(end) / block) - 1 are visited in a
     `fori_loop` with a traced trip count; per (row, head, query), with s the block's scaled
     scores (-inf outside the live range):
@@ -95,7 +95,9 @@ def block_attention(q, keys, values, key_scale, value_scale, start, end, *, bloc
 
     def take(x, j, axis):  # block j of every row: [B, K, blk, D] (or [B, K, D, blk], [B, K, blk])
         if layer is not None:  # one slice of the stack [L, ...]
-            if x.dtype == jnp.bfloat16:
+            if x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating):
+                # read as bits, as the decoder writes 16-bit floats: else XLA's CPU compiler
+                # converts the whole stack to float32 for the product
                 return jax.lax.bitcast_convert_type(
                     take(jax.lax.bitcast_convert_type(x, jnp.uint16), j, axis), x.dtype)
             if pages is not None:

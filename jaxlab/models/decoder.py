@@ -530,6 +530,8 @@ class Decoder(nnx.Module):
             require(b % prefix.start.shape[0] == 0, f"the prefix's {prefix.start.shape[0]} rows "
                     f"must divide the batch of {b} rows")
         require(stack is None or cache.stacked, "a layer stack runs a stacked cache only")
+        require(prefix is None or prefix.stacked or not cache.stacked,
+                "a stacked cache needs a stacked prefix (prefill(..., stacked=True))")
         written = cache.replace(index=cache.index + 1)
 
         def attend(i, q, k_new, v_new, fields):
@@ -589,7 +591,7 @@ class Decoder(nnx.Module):
                          stacked: bool = False) -> KVCache:
         """An empty paged cache of `batch` rows of `size` slots over a pool of `pages` pages of
         `page` slots (per layer, values [pages, K, page, D] and keys in `key_layout`, as
-        `init_cache` lays out a row);
+        `init_cache` lays out a row; the layers' arrays stacked if `stacked`);
         every entry of the page table is page 0, which whoever fills the table keeps as
         scratch (`jaxlab.sampling.paging`)."""
         require(size % page == 0, f"the cache size {size} must be a multiple of the page {page}")
@@ -642,7 +644,8 @@ class Decoder(nnx.Module):
             for i, layer in enumerate(self.layers):
                 x, carry = run(layer, i, x, carry)
             return self.norm(x), carry
-        stack = stack or self.layer_stack()
+        if stack is None:
+            stack = self.layer_stack()
 
         def step(state, layer_params):
             params, i = layer_params
@@ -672,7 +675,7 @@ def _causal(mask):
     return mask[:, None, :] & (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])
 
 
-def _shared(prefix: KVCache, i: int, q, kernel: str):
+def _shared(prefix: KVCache, i, q, kernel: str):
     """Layer i's attention of grouped queries q [B, K, G, D] over a prefix of P rows shared by
     n = B / P consecutive rows each: their n x G queries per head in one product,
     [P, K, n G, D], against the prefix row once. Returns (out [B, K, G, D], lse [B, K, G])."""

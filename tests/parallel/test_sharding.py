@@ -127,10 +127,13 @@ def test_split_model_step_equals_the_single_device_step(data, fsdp, tensor, rema
         assert got_leaf.sharding.is_equivalent_to(born.sharding, got_leaf.ndim)
 
 
-@pytest.mark.parametrize("data,fsdp,tensor", [(1, 1, 8), (2, 2, 2)])
-def test_sampling_with_split_parameters_equals_replicated(data, fsdp, tensor, monkeypatch):
+@pytest.mark.parametrize("data,fsdp,tensor,scan_layers", [(1, 1, 8, False), (2, 2, 2, False),
+                                                          (2, 2, 2, True)])
+def test_sampling_with_split_parameters_equals_replicated(data, fsdp, tensor, scan_layers,
+                                                          monkeypatch):
     # The sampler on a mesh that splits the weights over tensor (and fsdp) devices, as the
-    # train step holds them: the same tokens as on one device, the weights never replicated.
+    # train step holds them: the same tokens as on one device (layers unrolled), the weights
+    # never replicated; also with the layers scanned over their stacked weights.
     from jaxlab.sampling import sampler
 
     model = Decoder(CONFIG, nnx.Rngs(0))
@@ -146,7 +149,9 @@ def test_sampling_with_split_parameters_equals_replicated(data, fsdp, tensor, mo
 
     monkeypatch.setattr(sampler, "_decode", spy)
     mesh = parallel.make_train_mesh(data, fsdp, tensor)
-    many = jax.device_get(sampler.sample(model, prompts, jax.random.key(3), config, mesh=mesh))
+    many = jax.device_get(sampler.sample(
+        model, prompts, jax.random.key(3),
+        dataclasses.replace(config, scan_layers=scan_layers), mesh=mesh))
     np.testing.assert_array_equal(one.tokens, many.tokens)
     np.testing.assert_array_equal(one.lengths, many.lengths)
     np.testing.assert_allclose(one.confidence, many.confidence, rtol=1e-5)

@@ -140,17 +140,26 @@ def test_decode_steps_on_a_shuffled_page_table_equal_decode_steps_on_rows(model,
         tokens = jnp.argmax(want, axis=-1)
 
 
-def test_a_small_pool_gives_the_same_traces_as_unpaged_slots(model):
+def test_a_stacked_cache_with_a_prefix_of_one_array_per_layer_is_refused(model):
+    _, prefix = model.prefill(jnp.asarray([[5, 6, 7, 8]]), cache_size=4)
+    cache = model.init_cache(1, 16, stacked=True).replace(positions=prefix.positions)
+    with pytest.raises(ValueError, match="stacked cache needs a stacked prefix"):
+        model.decode(jnp.asarray([3]), cache, prefix)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_a_small_pool_gives_the_same_traces_as_unpaged_slots(model, scan_layers):
     # 2 prompts x 3 slots, 8 traces each, pages of 128 tokens, traces of up to 300 tokens (3
     # pages) on a pool of 6 usable pages: slots wait for pages, and with a key per prompt every
-    # trace is the same token for token.
+    # trace is the same token for token (also with the pool stacked over the layers, scanned).
     v = model.config.vocab_size
     base = dict(max_new_tokens=300, n=3, budget=8, temperature=1.0,
                 stop_ids=tuple(range(3, 3 + v // 100)), window=16)
     keys = jax.random.split(jax.random.key(1), 2)
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
     dense = sampler.sample(model, prompts, keys, SamplingConfig(**base))
-    paged = sampler.sample(model, prompts, keys, SamplingConfig(**base, kv_pages=7))
+    paged = sampler.sample(model, prompts, keys, SamplingConfig(**base, kv_pages=7,
+                                                                scan_layers=scan_layers))
     assert int(paged.steps) > int(dense.steps)   # some slot waited for a page
     assert np.asarray(dense.lengths).max() > 128  # some trace needed a second page
     np.testing.assert_array_equal(paged.tokens, dense.tokens)
