@@ -17,12 +17,14 @@ start[b] <= s < end[b].
                       kernels where the backend has them; no [B, H, T, S] float32 tensor then)
   block_attention     portable flash-decoding over the live blocks only: returns (out, lse)
   pallas_gpu_attention  the Pallas GPU decode kernel shipped with JAX, same contract
-  decode_attention    one of the two, by backend (`DECODE_KERNELS`)
+  pallas_tpu_attention  the Pallas TPU paged-attention kernel shipped with JAX, same contract
+  decode_attention    one of them, by backend and request (`DECODE_KERNELS`)
   merge               two attentions over disjoint key sets combined by their log-sum-exps
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -38,8 +40,17 @@ try:  # Pallas' Triton ops are deprecated after JAX 0.11 (their successor lives 
         from jax.experimental.pallas.ops.gpu import decode_attention as _pallas_gpu
 except ImportError:  # pragma: no cover - depends on the JAX build
     _pallas_gpu = None
+try:  # the body of the TPU paged-attention kernel (its wrapper drops the log-sum-exp)
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas.ops.tpu.paged_attention import (
+        paged_attention_kernel as _pallas_tpu,
+    )
+except ImportError:  # pragma: no cover - depends on the JAX build
+    _pallas_tpu = None
 
 HAS_PALLAS_GPU = _pallas_gpu is not None  # the Pallas GPU decode kernel can be called
+HAS_PALLAS_TPU = hasattr(_pallas_tpu, "paged_flash_attention_kernel_inline_seq_dim")
 KEY_LAYOUTS = ("slots", "dims")  # keys [B, K, S, D] or [B, K, D, S]
 DECODE_KERNELS = ("auto", "portable", "pallas")
 
@@ -167,6 +178,102 @@ def pallas_gpu_attention(q, keys, values, start, end, *, block: int = 128,
     return out.reshape(b, k, nq, d).astype(jnp.float32), lse.reshape(b, k, nq)
 
 
+def pallas_tpu_attention(q, keys, values, start, end, *, block: int, pages=None, layer=None,
+                         interpret: bool = False):
+    """`block_attention`'s contract (float caches, keys in the "slots" layout; plain, paged or
+    layer-stacked) through the body of JAX's TPU paged-attention kernel
+    (`jax.experimental.pallas.ops.tpu.paged_attention`), called here so that it also returns
+    its running max and sum, the log-sum-exp `merge` needs (the shipped wrapper drops them).
+
+    The kernel attends the first `length` slots of a row whose pages [P, D] it finds in a pool
+    [1, M, P, D] through a page table. Every cache here is such a pool, viewed without a copy
+    (its trailing axes are [..., P, D], P = block), its kv heads folded into the rows: row b,
+    head h, block j is page
+
+        ((layer B + b) K + h) S / P + j      of a cache [(L,) B, K, S, D]
+        (layer N + pages[b, j]) K + h        of a pool [(L,) N, K, P, D]
+
+    The kernel has no start offset: it attends the whole pages from ceil(start / P) on (the
+    table shifted), and `block_attention` attends the slots from start to that page boundary
+    (one block); the two are merged. The kernel computes with keys and values in bfloat16 and
+    skips a row with nothing live (its output is set to out 0, lse -inf here).
+    `interpret=True` runs it on any backend (slowly), for tests."""
+    require(HAS_PALLAS_TPU, "this JAX has no Pallas TPU paged-attention kernel")
+    b, k, g, d = q.shape
+    p, rows = block, values.shape[-4]
+    layer = 0 if layer is None else layer
+    if pages is None:
+        per_row = values.shape[-2] // p
+        base = (((layer * rows + jnp.arange(b)[:, None, None]) * k
+                 + jnp.arange(k)[None, :, None]) * per_row + jnp.arange(per_row))
+    else:
+        per_row = pages.shape[1]
+        base = (layer * rows + pages[:, None, :]) * k + jnp.arange(k)[None, :, None]
+    base = base.astype(jnp.int32)                                             # [B, K, S / P]
+    flat_k, flat_v = keys.reshape(1, -1, p, d), values.reshape(1, -1, p, d)
+    first = -(-start // p)                                   # each row's first whole page
+    shifted = jnp.minimum(first[:, None] + jnp.arange(per_row), per_row - 1)
+    table = jnp.take_along_axis(base, jnp.broadcast_to(shifted[:, None], base.shape), axis=2)
+    lengths = jnp.repeat(jnp.maximum(end - first * p, 0), k).astype(jnp.int32)   # [B K]
+    scaled = (q * jnp.asarray(1 / math.sqrt(d), q.dtype)).reshape(b * k, g, d)
+    out, lse = _paged_kernel(scaled, flat_k, flat_v, lengths, table.reshape(b * k, per_row),
+                             interpret)
+    live = (lengths > 0)[:, None]
+    whole = (jnp.where(live[..., None], out, 0.0).reshape(b, k, g, d),
+             jnp.where(live, lse, -jnp.inf).reshape(b, k, g))
+    own = jnp.minimum(start // p, per_row - 1)            # the block holding slot start
+    page = jnp.take_along_axis(base, jnp.broadcast_to(own[:, None, None], (b, k, 1)), axis=2)
+    offset = own * p
+    part = block_attention(q, flat_k[0, page[..., 0]], flat_v[0, page[..., 0]], None, None,
+                           start - offset, jnp.minimum(end, first * p) - offset, block=p)
+    return merge(whole, part)
+
+
+def _paged_kernel(q, k_pool, v_pool, lengths, table, interpret: bool):
+    """The TPU kernel's body over pools [1, M, P, D] of one kv head, q [R, G, D] pre-scaled,
+    lengths int32 [R], table int32 [R, pages]: (out float32 [R, G, D], lse float32 [R, G]), as
+    `paged_attention` launches it (its q layout for G not a multiple of 8, one page block per
+    at most 512 slots) but with the running max and sum kept."""
+    r, g, d = q.shape
+    _, _, p, _ = k_pool.shape
+    pages = table.shape[1]
+    per_block = math.gcd(pages, max(1, 512 // p))
+    if g % 8:  # the shipped wrapper's layout hint: a [1, D] row per query
+        q = q.reshape(r, g, 1, d)
+        spec = pl.BlockSpec((None, g, None, d), lambda core, b, h, *_: (b, h, 0, 0))
+        dtype = jnp.float32
+    else:
+        spec = pl.BlockSpec((None, g, d), lambda core, b, h, *_: (b, h, 0))
+        dtype = q.dtype
+
+    def scratch(pool):
+        return pltpu.VMEM((2, per_block, p, d), pool.dtype)  # double-buffered pages
+
+    out, m, total = pl.pallas_call(
+        functools.partial(_pallas_tpu.paged_flash_attention_kernel_inline_seq_dim,
+                          pages_per_sequence=pages, batch_size=r,
+                          pages_per_compute_block=per_block,
+                          mask_value=_pallas_tpu.DEFAULT_MASK_VALUE, attn_logits_soft_cap=None,
+                          megacore_mode=None),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=4,  # lengths, table, buffer index, init flag
+            in_specs=[spec, pl.BlockSpec(memory_space=pl.ANY), None,
+                      pl.BlockSpec(memory_space=pl.ANY), None],
+            out_specs=[spec, spec, spec], grid=(1, r, 1),
+            scratch_shapes=(scratch(k_pool), None, scratch(v_pool), None,
+                            pltpu.SemaphoreType.DMA((2,)), pltpu.SemaphoreType.DMA((2,)))),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, dtype),
+                   jax.ShapeDtypeStruct((*q.shape[:-1], 1), jnp.float32),
+                   jax.ShapeDtypeStruct((*q.shape[:-1], 1), jnp.float32)],
+        interpret=pltpu.InterpretParams() if interpret else False,
+    )(lengths, table.reshape(-1), jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.int32), q,
+      k_pool, None, v_pool, None)
+    return (out.reshape(r, g, d).astype(jnp.float32),
+            _lse(m.reshape(r, g), total.reshape(r, g)))
+
+
 def pallas_splits(size: int, block: int = 128, max_splits: int = 16) -> tuple[int, int]:
     """(k_splits, block_k) of the Pallas kernel for a cache of `size` slots: the most splits of
     16, 8, 4, 2, 1 (at most `max_splits`) dividing it into equal splits, each a whole number of
@@ -183,24 +290,33 @@ def pallas_splits(size: int, block: int = 128, max_splits: int = 16) -> tuple[in
 def decode_attention(q, keys, values, key_scale, value_scale, start, end, *, block: int,
                      key_layout: str, kernel: str = "auto", pages=None, layer=None):
     """`block_attention`'s contract through the kernel `kernel` names (`DECODE_KERNELS`):
-    "portable" (`block_attention`), "pallas" (`pallas_gpu_attention`), or "auto": the Pallas
+    "portable" (`block_attention`), "pallas" (the backend's Pallas kernel:
+    `pallas_gpu_attention` on a GPU, `pallas_tpu_attention` on a TPU), or "auto": the Pallas
     kernel on a GPU for a float, unpaged, unstacked cache in the "slots" layout that it can
-    split, else the portable path (int8, paged or layer-stacked caches, other backends)."""
+    split, else the portable path (int8 caches, TPUs, other backends). On a TPU the kernel is
+    taken only when asked for: it is tested against the portable path in interpret mode, not
+    timed on TPU hardware."""
     require(kernel in DECODE_KERNELS, f"decode kernel {kernel!r} is not one of "
             f"{DECODE_KERNELS}")
-    d = q.shape[-1]
-    fits = (jax.default_backend() == "gpu" and HAS_PALLAS_GPU and key_scale is None
-            and pages is None and layer is None and key_layout == "slots" and d >= 16
-            and d & (d - 1) == 0 and pallas_splits(values.shape[-2], block)[0] > 0)
+    d, backend = q.shape[-1], jax.default_backend()
+    gpu = (backend == "gpu" and HAS_PALLAS_GPU and key_scale is None and pages is None
+           and layer is None and key_layout == "slots" and d >= 16 and d & (d - 1) == 0
+           and pallas_splits(values.shape[-2], block)[0] > 0)
+    tpu = (backend == "tpu" and HAS_PALLAS_TPU and key_scale is None and key_layout == "slots"
+           and d % 128 == 0 and block % 16 == 0)
     if kernel == "pallas":
-        require(fits, "the Pallas decode kernel needs a GPU with this JAX's Pallas GPU ops, a "
-                "float, unpaged cache of one array per layer in the 'slots' key layout, a "
-                "power-of-two head dim >= 16 and a cache it can split (got backend "
-                f"{jax.default_backend()}, int8={key_scale is not None}, paged="
+        require(gpu or tpu, "the Pallas decode kernel needs, on a GPU, a float, unpaged cache "
+                "of one array per layer in the 'slots' key layout, a power-of-two head dim >= "
+                "16 and a cache it can split; on a TPU, a float cache in the 'slots' key "
+                "layout, a head dim that is a multiple of 128 and blocks of a multiple of 16 "
+                f"slots (got backend {backend}, int8={key_scale is not None}, paged="
                 f"{pages is not None}, stacked={layer is not None}, key_layout={key_layout!r}, "
-                f"head dim {d}, {values.shape[-2]} slots)")
-    if kernel == "pallas" or (kernel == "auto" and fits):
+                f"head dim {d}, {values.shape[-2]} slots, block {block})")
+    if gpu and kernel != "portable":
         return pallas_gpu_attention(q, keys, values, start, end, block=block)
+    if tpu and kernel == "pallas":
+        return pallas_tpu_attention(q, keys, values, start, end, block=block, pages=pages,
+                                    layer=layer)
     return block_attention(q, keys, values, key_scale, value_scale, start, end, block=block,
                            key_layout=key_layout, pages=pages, layer=layer)
 

@@ -86,10 +86,11 @@ class SamplingConfig:
     prompt_bucket: int = 64         # prompts padded to a multiple of this many tokens (one
     #                                 compiled prefill and loop per bucket, not per length)
     decode_kernel: str = "auto"     # decode attention (`attention.DECODE_KERNELS`): "auto" is
-    #                                 the Pallas kernel on a GPU, the portable path elsewhere
+    #                                 the Pallas kernel on a GPU, the portable path elsewhere;
+    #                                 "pallas" the backend's Pallas kernel (GPU or TPU)
     scan_layers: bool = False       # the layers in one scan over a stacked copy of their
     #                                 weights and a stacked cache: compiled once whatever the
-    #                                 depth (the portable attention; docs/deepconf.md)
+    #                                 depth (not the GPU Pallas kernel; docs/deepconf.md)
 
     def __post_init__(self):
         require_positive_ints(self, "max_new_tokens", "n", "confidence_k", "window", "tail",
@@ -112,11 +113,8 @@ class SamplingConfig:
         require(self.decode_kernel in attention.DECODE_KERNELS,
                 f"SamplingConfig.decode_kernel must be one of {attention.DECODE_KERNELS}, got "
                 f"{self.decode_kernel!r}")
-        require(self.decode_kernel != "pallas"
-                or not (self.kv_pages or self.int8_cache or self.scan_layers),
-                "SamplingConfig.decode_kernel='pallas' takes a float, unpaged cache of one "
-                f"array per layer: not with kv_pages={self.kv_pages}, int8_cache="
-                f"{self.int8_cache} or scan_layers={self.scan_layers}")
+        require(self.decode_kernel != "pallas" or not self.int8_cache,
+                "SamplingConfig.decode_kernel='pallas' takes a float cache, not int8_cache=True")
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
 
     @property

@@ -151,6 +151,41 @@ def test_pallas_gpu_kernel_equals_the_portable_path_in_interpret_mode():
         np.testing.assert_allclose(ours[1], want[1], atol=2e-5)
 
 
+@pytest.mark.parametrize("queries", [2, 8])    # the kernel's two q layouts (G % 8)
+def test_pallas_tpu_kernel_equals_the_portable_path_in_interpret_mode(queries):
+    if not attention.HAS_PALLAS_TPU:
+        pytest.skip("this JAX has no jax.experimental.pallas.ops.tpu.paged_attention")
+    # Keys and values rounded to bfloat16 (the kernel computes with them so). Starts inside a
+    # page, on a page boundary and past the end; an empty row; a stack of 3 layers read at
+    # layer 1; a paged pool read through a shuffled table.
+    b, k, d, page, blocks = 4, 2, 128, 16, 4
+    size = page * blocks
+    q, keys, values, _ = _case(b=b, k=k, q=queries, d=d, s=size)
+    keys, values = (np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
+                    for x in (keys, values))
+    start, end = np.array([5, 16, 0, 40]), np.array([50, 64, 0, 41])
+    want = attention.block_attention(q, keys, values, None, None, start, end, block=page)
+    got = attention.pallas_tpu_attention(q, keys, values, start, end, block=page,
+                                         interpret=True)
+    stack = [np.stack([x[::-1], x, x[:, ::-1]]) for x in (keys, values)]
+    stacked = attention.pallas_tpu_attention(q, *stack, start, end, block=page, layer=1,
+                                             interpret=True)
+    table = (1 + RNG.permutation(4 * blocks)[:b * blocks]).reshape(b, blocks).astype(np.int32)
+
+    def pool(x):  # [B, K, S, D] -> [1 + 4 blocks x ..., K, page, D] in the table's pages
+        out = np.zeros((1 + 4 * blocks, k, page, d), x.dtype)
+        out[table.reshape(-1)] = x.reshape(b, k, blocks, page, d).swapaxes(1, 2).reshape(
+            b * blocks, k, page, d)
+        return out
+
+    paged = attention.pallas_tpu_attention(q, pool(keys), pool(values), start, end,
+                                           block=page, pages=table, interpret=True)
+    for ours in (got, stacked, paged):
+        np.testing.assert_allclose(ours[0], want[0], atol=1e-5)
+        np.testing.assert_allclose(ours[1], want[1], atol=1e-5)
+    assert np.all(np.asarray(got[0])[2] == 0) and np.all(np.isneginf(got[1][2]))
+
+
 @pytest.mark.parametrize("size,want", [(384, (8, 16)), (4096, (16, 128)), (128, (8, 16)),
                                        (48, (1, 16)), (96, (2, 16)), (40, (0, 0))])
 def test_pallas_splits_are_equal_whole_numbers_of_power_of_two_blocks(size, want):

@@ -185,8 +185,8 @@ def test_when_every_slot_waits_the_shortest_trace_starts_over_and_the_traces_sta
                                atol=1e-5)
     with pytest.raises(ValueError, match="needs at least 3 pages of 128 tokens"):
         SamplingConfig(max_new_tokens=200, n=2, kv_pages=2)
-    with pytest.raises(ValueError, match="'pallas' takes a float, unpaged cache"):
-        SamplingConfig(max_new_tokens=200, decode_kernel="pallas", kv_pages=5)
+    with pytest.raises(ValueError, match="'pallas' takes a float cache, not int8"):
+        SamplingConfig(max_new_tokens=200, decode_kernel="pallas", kv_pages=5, int8_cache=True)
 
 
 def test_decode_memory_of_a_paged_loop_holds_the_pool_not_the_slots(model):
