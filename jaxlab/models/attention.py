@@ -305,9 +305,9 @@ def decode_attention(q, keys, values, key_scale, value_scale, start, end, *, blo
     tpu = (backend == "tpu" and HAS_PALLAS_TPU and key_scale is None and key_layout == "slots"
            and d % 128 == 0 and block % 16 == 0)
     if kernel == "pallas":
-        require(gpu or tpu, "the Pallas decode kernel needs, on a GPU, a float, unpaged cache "
+        require(gpu or tpu, "the Pallas decode kernel needs a GPU and a float, unpaged cache "
                 "of one array per layer in the 'slots' key layout, a power-of-two head dim >= "
-                "16 and a cache it can split; on a TPU, a float cache in the 'slots' key "
+                "16 and a cache it can split, or a TPU and a float cache in the 'slots' key "
                 "layout, a head dim that is a multiple of 128 and blocks of a multiple of 16 "
                 f"slots (got backend {backend}, int8={key_scale is not None}, paged="
                 f"{pages is not None}, stacked={layer is not None}, key_layout={key_layout!r}, "

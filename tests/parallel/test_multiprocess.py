@@ -40,7 +40,8 @@ def _launch_command(command, processes=2, devices=4, cwds=None, wait_s=600, **en
     is still running after `wait_s` seconds."""
     port = _free_port()
     base = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                XLA_FLAGS=f"{os.environ['XLA_FLAGS']} "  # the last device count wins
+                f"--xla_force_host_platform_device_count={devices}",
                 JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes))
     children = [subprocess.Popen(
         command, cwd=ROOT if cwds is None else cwds[i],
