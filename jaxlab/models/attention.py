@@ -51,6 +51,9 @@ except ImportError:  # pragma: no cover - depends on the JAX build
 
 HAS_PALLAS_GPU = _pallas_gpu is not None  # the Pallas GPU decode kernel can be called
 HAS_PALLAS_TPU = hasattr(_pallas_tpu, "paged_flash_attention_kernel_inline_seq_dim")
+# Page-table entries the TPU kernel prefetches into scalar memory: half of the 1 MiB of SMEM of
+# TPU v4 to v6e, as int32.
+TPU_TABLE_ENTRIES = 2**17
 KEY_LAYOUTS = ("slots", "dims")  # keys [B, K, S, D] or [B, K, D, S]
 DECODE_KERNELS = ("auto", "portable", "pallas")
 
@@ -195,12 +198,21 @@ def pallas_tpu_attention(q, keys, values, start, end, *, block: int, pages=None,
 
     The kernel has no start offset: it attends the whole pages from ceil(start / P) on (the
     table shifted), and `block_attention` attends the slots from start to that page boundary
-    (one block); the two are merged. The kernel computes with keys and values in bfloat16 and
-    skips a row with nothing live (its output is set to out 0, lse -inf here).
-    `interpret=True` runs it on any backend (slowly), for tests."""
+    (one block); the two are merged. The kernel computes with keys and values in bfloat16 (a
+    float32 cache loses precision there). Its scalar-prefetched page table, B K S / P int32,
+    must fit the TPU's scalar memory (at most `TPU_TABLE_ENTRIES`). `interpret=True` runs it on
+    any backend (slowly), for tests."""
     require(HAS_PALLAS_TPU, "this JAX has no Pallas TPU paged-attention kernel")
     b, k, g, d = q.shape
     p, rows = block, values.shape[-4]
+    require(keys.shape == values.shape and values.shape[-2] % p == 0
+            and (pages is None or values.shape[-2] == p),
+            f"keys {keys.shape} and values {values.shape} must be one layout of slots in whole "
+            f"blocks of {p} (a paged pool's pages hold one block)")
+    entries = b * k * (values.shape[-2] // p if pages is None else pages.shape[1])
+    require(entries <= TPU_TABLE_ENTRIES, f"the TPU kernel's page table would hold {entries} "
+            f"entries (rows x kv heads x pages), more than the {TPU_TABLE_ENTRIES} that fit its "
+            "scalar memory: decode fewer rows at once or use the portable kernel")
     layer = 0 if layer is None else layer
     if pages is None:
         per_row = values.shape[-2] // p
@@ -218,9 +230,7 @@ def pallas_tpu_attention(q, keys, values, start, end, *, block: int, pages=None,
     scaled = (q * jnp.asarray(1 / math.sqrt(d), q.dtype)).reshape(b * k, g, d)
     out, lse = _paged_kernel(scaled, flat_k, flat_v, lengths, table.reshape(b * k, per_row),
                              interpret)
-    live = (lengths > 0)[:, None]
-    whole = (jnp.where(live[..., None], out, 0.0).reshape(b, k, g, d),
-             jnp.where(live, lse, -jnp.inf).reshape(b, k, g))
+    whole = (out.reshape(b, k, g, d), lse.reshape(b, k, g))  # nothing live: 0, -inf
     own = jnp.minimum(start // p, per_row - 1)            # the block holding slot start
     page = jnp.take_along_axis(base, jnp.broadcast_to(own[:, None, None], (b, k, 1)), axis=2)
     offset = own * p
@@ -233,18 +243,17 @@ def _paged_kernel(q, k_pool, v_pool, lengths, table, interpret: bool):
     """The TPU kernel's body over pools [1, M, P, D] of one kv head, q [R, G, D] pre-scaled,
     lengths int32 [R], table int32 [R, pages]: (out float32 [R, G, D], lse float32 [R, G]), as
     `paged_attention` launches it (its q layout for G not a multiple of 8, one page block per
-    at most 512 slots) but with the running max and sum kept."""
+    at most 512 slots) but with q and out in float32 and the running max and sum kept."""
     r, g, d = q.shape
     _, _, p, _ = k_pool.shape
     pages = table.shape[1]
     per_block = math.gcd(pages, max(1, 512 // p))
+    q = q.astype(jnp.float32)  # launched in float32, as the shipped wrapper does for G % 8
     if g % 8:  # the shipped wrapper's layout hint: a [1, D] row per query
         q = q.reshape(r, g, 1, d)
         spec = pl.BlockSpec((None, g, None, d), lambda core, b, h, *_: (b, h, 0, 0))
-        dtype = jnp.float32
     else:
         spec = pl.BlockSpec((None, g, d), lambda core, b, h, *_: (b, h, 0))
-        dtype = q.dtype
 
     def scratch(pool):
         return pltpu.VMEM((2, per_block, p, d), pool.dtype)  # double-buffered pages
@@ -264,7 +273,7 @@ def _paged_kernel(q, k_pool, v_pool, lengths, table, interpret: bool):
                             pltpu.SemaphoreType.DMA((2,)), pltpu.SemaphoreType.DMA((2,)))),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "arbitrary", "arbitrary")),
-        out_shape=[jax.ShapeDtypeStruct(q.shape, dtype),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32),
                    jax.ShapeDtypeStruct((*q.shape[:-1], 1), jnp.float32),
                    jax.ShapeDtypeStruct((*q.shape[:-1], 1), jnp.float32)],
         interpret=pltpu.InterpretParams() if interpret else False,
@@ -303,13 +312,15 @@ def decode_attention(q, keys, values, key_scale, value_scale, start, end, *, blo
            and layer is None and key_layout == "slots" and d >= 16 and d & (d - 1) == 0
            and pallas_splits(values.shape[-2], block)[0] > 0)
     tpu = (backend == "tpu" and HAS_PALLAS_TPU and key_scale is None and key_layout == "slots"
-           and d % 128 == 0 and block % 16 == 0)
+           and values.dtype in (jnp.bfloat16, jnp.float32) and d % 128 == 0
+           and block % 16 == 0)
     if kernel == "pallas":
         require(gpu or tpu, "the Pallas decode kernel needs a GPU and a float, unpaged cache "
                 "of one array per layer in the 'slots' key layout, a power-of-two head dim >= "
-                "16 and a cache it can split, or a TPU and a float cache in the 'slots' key "
-                "layout, a head dim that is a multiple of 128 and blocks of a multiple of 16 "
-                f"slots (got backend {backend}, int8={key_scale is not None}, paged="
+                "16 and a cache it can split, or a TPU and a bfloat16 or float32 cache in the "
+                "'slots' key layout, a head dim that is a multiple of 128 and blocks of a "
+                f"multiple of 16 slots (got backend {backend}, int8={key_scale is not None}, "
+                f"dtype {values.dtype}, paged="
                 f"{pages is not None}, stacked={layer is not None}, key_layout={key_layout!r}, "
                 f"head dim {d}, {values.shape[-2]} slots, block {block})")
     if gpu and kernel != "portable":

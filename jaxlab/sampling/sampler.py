@@ -668,6 +668,9 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
     static = _static(config, early=stop_thresholds is not None)
     if mesh is not None:
         require(config.kv_pages is None, "a paged KV cache (kv_pages) is not split over a mesh")
+        require(config.decode_kernel != "pallas" or jax.default_backend() != "tpu",
+                "decode_kernel='pallas' on a TPU runs on one device: XLA cannot split a "
+                "Mosaic kernel over a mesh (use 'auto' or 'portable' with a mesh)")
     cache, out = init_generated(model, count, config), Samples.empty(
         count, static.budget, config.max_new_tokens)
     if mesh is not None:

@@ -180,10 +180,45 @@ def test_pallas_tpu_kernel_equals_the_portable_path_in_interpret_mode(queries):
 
     paged = attention.pallas_tpu_attention(q, pool(keys), pool(values), start, end,
                                            block=page, pages=table, interpret=True)
-    for ours in (got, stacked, paged):
+    layer = jax.jit(lambda layer, *pools: attention.pallas_tpu_attention(
+        q, *pools, start, end, block=page, pages=table, layer=layer, interpret=True))
+    stacked_pool = layer(jnp.int32(1), *[np.stack([pool(x)[::-1], pool(x)])
+                                        for x in (keys, values)])
+    for ours in (got, stacked, paged, stacked_pool):
         np.testing.assert_allclose(ours[0], want[0], atol=1e-5)
         np.testing.assert_allclose(ours[1], want[1], atol=1e-5)
     assert np.all(np.asarray(got[0])[2] == 0) and np.all(np.isneginf(got[1][2]))
+
+
+def test_pallas_tpu_kernel_over_several_compute_blocks_and_its_routing(monkeypatch):
+    if not attention.HAS_PALLAS_TPU:
+        pytest.skip("this JAX has no jax.experimental.pallas.ops.tpu.paged_attention")
+    # pages of 128 slots, 8 per row, visited 4 at a time: two compute blocks per row
+    q, keys, values, _ = _case(b=2, k=2, q=2, d=128, s=1024)
+    keys, values = (np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
+                    for x in (keys, values))
+    start, end = np.array([130, 0]), np.array([1000, 700])
+    want = attention.block_attention(q, keys, values, None, None, start, end, block=128)
+    calls, tpu_kernel = [], attention.pallas_tpu_attention
+
+    def kernel(*args, **kwargs):  # the TPU kernel, in interpret mode off a TPU
+        calls.append(kwargs)
+        return tpu_kernel(*args, **kwargs, interpret=True)
+
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(attention, "pallas_tpu_attention", kernel)
+    got = attention.decode_attention(q, keys, values, None, None, start, end, block=128,
+                                     key_layout="slots", kernel="pallas")
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], atol=1e-5)
+    assert len(calls) == 1
+    attention.decode_attention(q, keys, values, None, None, start, end, block=128,
+                               key_layout="slots")             # "auto": portable on a TPU
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="backend tpu, int8=True"):
+        attention.decode_attention(q, keys.astype(np.int8), values.astype(np.int8),
+                                   *[np.ones(keys.shape[:-1], np.float32)] * 2, start, end,
+                                   block=128, key_layout="slots", kernel="pallas")
 
 
 @pytest.mark.parametrize("size,want", [(384, (8, 16)), (4096, (16, 128)), (128, (8, 16)),
