@@ -70,6 +70,8 @@ class Config:
     kv_pages: int | None = None                          # generated KV in a pool of pages
     #                                                      (SamplingConfig.kv_pages; None:
     #                                                      max_new_tokens per slot)
+    decode_kernel: str = "auto"                          # SamplingConfig.decode_kernel
+    scan_layers: bool = False                            # SamplingConfig.scan_layers
     offline_traces: int = 64
     ks: tuple[int, ...] = (8, 16, 32, 64)
     rules: tuple[str, ...] = ("deepconf-low", "deepconf-high")
@@ -103,7 +105,8 @@ class Config:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                               top_p=self.top_p, top_k=self.top_k, n=self.slots,
                               stop_ids=(eos,), window=self.window, tail=self.tail,
-                              confidence_k=self.confidence_k, kv_pages=self.kv_pages)
+                              confidence_k=self.confidence_k, kv_pages=self.kv_pages,
+                              decode_kernel=self.decode_kernel, scan_layers=self.scan_layers)
 
     def online(self, rule: str) -> online.OnlineConfig:
         return online.OnlineConfig(rule=rule, warmup=self.warmup, budget=self.offline_traces,
