@@ -14,7 +14,8 @@ with float32 scales [B, K, S] (key = int8 * scale). The live slots of row b are
 start[b] <= s < end[b].
 
   full_attention      causal + padding mask through `jax.nn.dot_product_attention` (fused
-                      kernels where the backend has them; no [B, H, T, S] float32 tensor then)
+                      kernels where the backend has them; no [B, H, T, S] float32 tensor then),
+                      on the CPU through `grouped_attention` (plain batched products)
   block_attention     portable flash-decoding over the live blocks only: returns (out, lse)
   pallas_gpu_attention  the Pallas GPU decode kernel shipped with JAX, same contract
   pallas_tpu_attention  the Pallas TPU paged-attention kernel shipped with JAX, same contract
@@ -72,8 +73,36 @@ def default_key_layout() -> str:
 def full_attention(q, k, v, mask):
     """Attention of T queries over T keys under mask [B, T, T] bool (query t sees key s):
     q [B, T, H, D], k, v [B, T, K, D] -> [B, T, H, D] in q's dtype. Logits and softmax in
-    float32. A query that sees no key (padding) gets a finite average instead of NaN."""
+    float32. A query that sees no key (padding) gets a finite average instead of NaN.
+
+    Through `jax.nn.dot_product_attention` (fused kernels where the backend has them), except
+    on the CPU, where `grouped_attention` runs the same products about 3x faster."""
+    if jax.default_backend() == "cpu":
+        return grouped_attention(q, k, v, mask)
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=q.shape[-1] ** -0.5)
+
+
+def grouped_attention(q, k, v, mask):
+    """`full_attention` as two batched matrix products per (row, kv head) over heads-major
+    operands: the G query heads of kv head k stacked into one [G T, D] operand,
+
+        s = (q / sqrt(D)) k^T  [B, K, G T, S],  p = softmax(s masked),  out = p v
+
+    (XLA's CPU backend runs these plain products about 3x faster than its
+    `dot_product_attention`, which broadcasts the kv heads: 9 against 28 ms forward at
+    [128, 80, 4, 24] with 2 kv heads). Masked logits are -1e30, so a query that sees no key
+    averages all of them (finite)."""
+    b, t, h, d = q.shape
+    s_len, kv = k.shape[1], k.shape[2]
+    g = h // kv
+    heads = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, t, kv, g, d)
+    heads = heads.transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+    s = jnp.matmul(heads, k.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)
+    s = jnp.where(mask[:, None, None], s.reshape(b, kv, g, t, s_len), -1e30)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype).reshape(b, kv, g * t, s_len)
+    out = jnp.matmul(p, v.transpose(0, 2, 1, 3), preferred_element_type=jnp.float32)
+    return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(
+        q.dtype)
 
 
 def block_attention(q, keys, values, key_scale, value_scale, start, end, *, block: int,

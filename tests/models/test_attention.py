@@ -121,20 +121,46 @@ def _einsum_attention(q, k, v, visible):
     return out.reshape(b, t, h, d)
 
 
-@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
-def test_full_attention_equals_the_einsum_path_with_causal_and_left_padding(dtype, atol):
+def _padded_case(dtype):
     b, t, h, k, d = 3, 12, 4, 2, 16
-    q = jnp.asarray(RNG.normal(size=(b, t, h, d)), dtype)
-    keys = jnp.asarray(RNG.normal(size=(b, t, k, d)), dtype)
-    values = jnp.asarray(RNG.normal(size=(b, t, k, d)), dtype)
+    q, keys, values = (jnp.asarray(RNG.normal(size=(b, t, n, d)), dtype) for n in (h, k, k))
     mask = np.ones((b, t), bool)
     mask[1, :5] = False
     mask[2, :11] = False
-    visible = mask[:, None, :] & np.tril(np.ones((t, t), bool))
-    ours = np.asarray(attention.full_attention(q, keys, values, jnp.asarray(visible)), np.float32)
+    return q, keys, values, mask, mask[:, None, :] & np.tril(np.ones((t, t), bool))
+
+
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("path", ["full_attention", "grouped_attention"])
+def test_full_attention_equals_the_einsum_path_with_causal_and_left_padding(dtype, atol, path):
+    q, keys, values, mask, visible = _padded_case(dtype)
+    ours = np.asarray(getattr(attention, path)(q, keys, values, jnp.asarray(visible)),
+                      np.float32)
     theirs = np.asarray(_einsum_attention(q, keys, values, visible), np.float32)
     np.testing.assert_allclose(ours[mask], theirs[mask], atol=atol)
     assert np.isfinite(ours).all()  # padding queries see no key and stay finite
+
+
+def test_grouped_attention_has_the_values_and_gradients_of_dot_product_attention():
+    # the CPU's path against the one every other backend takes
+    q, keys, values, mask, visible = _padded_case(jnp.float32)
+    weights = jnp.asarray(RNG.normal(size=q.shape), jnp.float32)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(weights * jnp.sin(fn(q, k, v)) * mask[..., None, None])
+
+    def fused(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(visible)[:, None],
+                                            scale=q.shape[-1] ** -0.5)
+
+    def grouped(q, k, v):
+        return attention.grouped_attention(q, k, v, jnp.asarray(visible))
+
+    want = jax.value_and_grad(loss(fused), argnums=(0, 1, 2))(q, keys, values)
+    got = jax.value_and_grad(loss(grouped), argnums=(0, 1, 2))(q, keys, values)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for ours, theirs in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(ours, theirs, atol=2e-5)
 
 
 def test_pallas_gpu_kernel_equals_the_portable_path_in_interpret_mode():
