@@ -308,8 +308,7 @@ def _paged_kernel(q, k_pool, v_pool, lengths, table, interpret: bool):
         interpret=pltpu.InterpretParams() if interpret else False,
     )(lengths, table.reshape(-1), jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.int32), q,
       k_pool, None, v_pool, None)
-    return (out.reshape(r, g, d).astype(jnp.float32),
-            _lse(m.reshape(r, g), total.reshape(r, g)))
+    return out.reshape(r, g, d), _lse(m.reshape(r, g), total.reshape(r, g))
 
 
 def pallas_splits(size: int, block: int = 128, max_splits: int = 16) -> tuple[int, int]:
