@@ -10,7 +10,8 @@ cache holds values [B, K, S, D] and keys in one of two layouts (`KEY_LAYOUTS`): 
 [B, K, S, D], the layout of the kernels, or "dims" [B, K, D, S], the plain q [Q, D] @ [D, S]
 product that XLA's CPU backend runs fastest (a transposed operand costs it a repacking of every
 block: 12% of the whole decode step on a small Qwen3). Caches are in the compute dtype or int8
-with float32 scales [B, K, S] (key = int8 * scale). The live slots of row b are
+with float32 scales [B, K, S] (key = int8 * scale); a 16-bit float cache may be held as its bit
+patterns (`stored_dtype`: uint16, read as the queries' dtype). The live slots of row b are
 start[b] <= s < end[b].
 
   full_attention      causal + padding mask through `jax.nn.dot_product_attention` (fused
@@ -68,6 +69,33 @@ def slot_axis(key_layout: str) -> int:
 def default_key_layout() -> str:
     """"dims" on the CPU (its fastest product), else "slots" (the kernels' layout)."""
     return "dims" if jax.default_backend() == "cpu" else "slots"
+
+
+def stored_dtype(dtype) -> jnp.dtype:
+    """The dtype a cache holds `dtype` in: a 16-bit float as its bit patterns (uint16), anything
+    else as it is. A cache's elements are only moved (written by a scatter, read by slices), and
+    XLA's CPU backend converts 16-bit floats to float32 around such moves, whole caches at each
+    step, where it moves bits as they are."""
+    dtype = jnp.dtype(dtype)
+    if dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating):
+        return jnp.dtype(jnp.uint16)
+    return dtype
+
+
+def stored(x):
+    """x in `stored_dtype` (a bit cast: nothing is rounded)."""
+    dtype = stored_dtype(x.dtype)
+    return x if dtype == x.dtype else jax.lax.bitcast_convert_type(x, dtype)
+
+
+def loaded(x, dtype):
+    """Part of a cache to compute with: uint16 bits (`stored`) viewed as the 16-bit float
+    `dtype` (the queries'), anything else as it is."""
+    if x.dtype != jnp.uint16:
+        return x
+    require(stored_dtype(dtype) == x.dtype, f"a cache of 16-bit float bits (uint16) is read "
+            f"with queries in that 16-bit float dtype, not {jnp.dtype(dtype)}")
+    return jax.lax.bitcast_convert_type(x, dtype)
 
 
 def full_attention(q, k, v, mask):
@@ -138,11 +166,6 @@ def block_attention(q, keys, values, key_scale, value_scale, start, end, *, bloc
 
     def take(x, j, axis):  # block j of every row: [B, K, blk, D] (or [B, K, D, blk], [B, K, blk])
         if layer is not None:  # one slice of the stack [L, ...]
-            if x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating):
-                # read as bits, as the decoder writes 16-bit floats: else XLA's CPU compiler
-                # converts the whole stack to float32 for the product
-                return jax.lax.bitcast_convert_type(
-                    take(jax.lax.bitcast_convert_type(x, jnp.uint16), j, axis), x.dtype)
             if pages is not None:
                 return x[layer, pages[:, j]]
             starts = [layer] + [0] * (x.ndim - 1)
@@ -156,8 +179,8 @@ def block_attention(q, keys, values, key_scale, value_scale, start, end, *, bloc
     def visit(j, carry):
         m, total, o = carry
         first = j * block
-        kb = take(keys, j, key_axis)
-        vb = take(values, j, 2)                                                # [B, K, blk, D]
+        kb = loaded(take(keys, j, key_axis), q.dtype)
+        vb = loaded(take(values, j, 2), q.dtype)                               # [B, K, blk, D]
         s = jnp.einsum(scores, q, kb.astype(q.dtype),
                        preferred_element_type=jnp.float32)                     # [B, K, Q, blk]
         if key_scale is not None:
@@ -336,11 +359,12 @@ def decode_attention(q, keys, values, key_scale, value_scale, start, end, *, blo
     require(kernel in DECODE_KERNELS, f"decode kernel {kernel!r} is not one of "
             f"{DECODE_KERNELS}")
     d, backend = q.shape[-1], jax.default_backend()
+    dtype = q.dtype if values.dtype == jnp.uint16 else values.dtype  # the cache's floats
     gpu = (backend == "gpu" and HAS_PALLAS_GPU and key_scale is None and pages is None
            and layer is None and key_layout == "slots" and d >= 16 and d & (d - 1) == 0
            and pallas_splits(values.shape[-2], block)[0] > 0)
     tpu = (backend == "tpu" and HAS_PALLAS_TPU and key_scale is None and key_layout == "slots"
-           and values.dtype in (jnp.bfloat16, jnp.float32) and d % 128 == 0
+           and dtype in (jnp.bfloat16, jnp.float32) and d % 128 == 0
            and block % 16 == 0)
     if kernel == "pallas":
         require(gpu or tpu, "the Pallas decode kernel needs a GPU and a float, unpaged cache "
@@ -348,9 +372,11 @@ def decode_attention(q, keys, values, key_scale, value_scale, start, end, *, blo
                 "16 and a cache it can split, or a TPU and a bfloat16 or float32 cache in the "
                 "'slots' key layout, a head dim that is a multiple of 128 and blocks of a "
                 f"multiple of 16 slots (got backend {backend}, int8={key_scale is not None}, "
-                f"dtype {values.dtype}, paged="
+                f"dtype {dtype}, paged="
                 f"{pages is not None}, stacked={layer is not None}, key_layout={key_layout!r}, "
                 f"head dim {d}, {values.shape[-2]} slots, block {block})")
+    if (gpu and kernel != "portable") or (tpu and kernel == "pallas"):
+        keys, values = loaded(keys, q.dtype), loaded(values, q.dtype)  # the kernels read floats
     if gpu and kernel != "portable":
         return pallas_gpu_attention(q, keys, values, start, end, block=block)
     if tpu and kernel == "pallas":

@@ -186,7 +186,8 @@ class KVCache:
     """Keys and values of every layer for S slots per row; row b's live slots are
     start[b] <= s < index[b] (a left-padded prompt, then the tokens decoded after it)."""
 
-    # In the model's dtype or int8: keys [B, K, S, D] or [B, K, D, S] (`key_layout`,
+    # In the model's dtype (16-bit floats held as their bit patterns, uint16:
+    # `attention.stored_dtype`) or int8: keys [B, K, S, D] or [B, K, D, S] (`key_layout`,
     # `attention.KEY_LAYOUTS`), values [B, K, S, D], and for int8 float32 [B, K, S] scales (key
     # = keys * scale). Per layer, either one array each (a tuple of L: a step updates each in
     # place, the layers run unrolled) or one stack [L, ...] (`stacked`: the layers run in one
@@ -242,6 +243,16 @@ class KVCache:
     def fields(self) -> tuple:
         """(keys, values, key_scale, value_scale): what the layers write."""
         return self.keys, self.values, self.key_scale, self.value_scale
+
+    def as_floats(self, dtype) -> KVCache:
+        """The cache with its keys and values in `dtype` (the model's) where they are held as
+        16-bit float bits (`attention.stored_dtype`): for a cache that is only read from here
+        on (a shared prefix) and read whole. Bits suit a cache that a loop writes; of bits that
+        a loop only reads, whole, XLA's CPU backend converts every layer's array once, before
+        the loop, and keeps the copies."""
+        view = functools.partial(attention.loaded, dtype=dtype)
+        return self.replace(keys=jax.tree.map(view, self.keys),
+                            values=jax.tree.map(view, self.values))
 
     def attend(self, i, q, kernel: str = "auto"):
         """Layer i's attention of grouped queries q [B, K, Q, D] over the live slots:
@@ -319,11 +330,8 @@ def _write_slots(cache, new, index, axis, rows=None, layer=None):
     where = (rows[:, None],) + (slice(None),) * (axis - 1) + (slots,)
     if layer is not None:
         where = (layer, *where)
-    new = new.astype(cache.dtype)
-    if cache.dtype.itemsize == 2:  # scattered as bits: XLA's CPU backend would otherwise
-        bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint16)
-        written = bits(cache).at[where].set(bits(new), mode="promise_in_bounds")  # copy the
-        return jax.lax.bitcast_convert_type(written, cache.dtype)  # cache to float32 and back
+    # a 16-bit float cache holds bits (`attention.stored_dtype`): the model's dtype is new's
+    new = attention.stored(new) if cache.dtype == jnp.uint16 else new.astype(cache.dtype)
     return cache.at[where].set(new, mode="promise_in_bounds")
 
 
@@ -402,10 +410,28 @@ class Block(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), extra
 
 
+def _dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None,
+                 **kwargs):
+    """`lax.dot_general` for the linear layers. On the CPU, a 16-bit float product is asked for
+    in float32 and rounded to the operands' dtype: the same values (that backend multiplies
+    16-bit floats in float32 either way), but a product asked for in 16 bits makes XLA's CPU
+    backend convert both operands to float32 first, and a decode loop hoists those copies of
+    the weights and keeps them all (60 MiB per Qwen3-0.6B layer in bfloat16). Elsewhere the
+    plain product: a float32 result would make the backward pass's products mixed-precision."""
+    if (preferred_element_type is None and jax.default_backend() == "cpu"
+            and x.dtype == w.dtype and x.dtype.itemsize == 2
+            and jnp.issubdtype(x.dtype, jnp.floating)):
+        return jax.lax.dot_general(x, w, dimension_numbers, precision,
+                                   preferred_element_type=jnp.float32, **kwargs).astype(x.dtype)
+    return jax.lax.dot_general(x, w, dimension_numbers, precision,
+                               preferred_element_type=preferred_element_type, **kwargs)
+
+
 def _linear_factory(c: DecoderConfig, rngs: nnx.Rngs):
     def linear(n_in, n_out, bias):
         return nnx.Linear(n_in, n_out, use_bias=bias, dtype=c.dtype, param_dtype=c.param_dtype,
-                          kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+                          kernel_init=nnx.initializers.normal(0.02), dot_general=_dot_general,
+                          rngs=rngs)
     return linear
 
 
@@ -461,8 +487,17 @@ class Decoder(nnx.Module):
 
     def logits(self, hidden):
         """Next-token logits float32 [..., V] of hidden states [..., E] (the output head; the
-        products accumulate and come out in float32, also under bfloat16 compute)."""
-        return jnp.dot(hidden, self.unembedding().astype(hidden.dtype),
+        products accumulate and come out in float32, also under bfloat16 compute). A tied head
+        contracts E with the embedding [V, E] as stored, from a matrix of rows [N, E]: through
+        the embedding's transpose, or from more than two axes, XLA's CPU backend copies the
+        whole embedding (transposed, or in float32)."""
+        if self.config.tie_word_embeddings:
+            rows = hidden.reshape(-1, hidden.shape[-1])
+            out = jnp.einsum("ne,ve->nv", rows,
+                             self.embed_tokens.embedding[...].astype(hidden.dtype),
+                             preferred_element_type=jnp.float32)
+            return out.reshape(*hidden.shape[:-1], -1)
+        return jnp.dot(hidden, self.lm_head.kernel[...].astype(hidden.dtype),
                        preferred_element_type=jnp.float32)
 
     def unembedding(self):
@@ -568,7 +603,7 @@ class Decoder(nnx.Module):
         attention.slot_axis(key_layout)  # checks it
         c = self.config
         values = (batch, c.num_kv_heads, size, c.head_dim)
-        dtype = jnp.int8 if int8 else c.dtype
+        dtype = jnp.int8 if int8 else attention.stored_dtype(c.dtype)
 
         def per_layer(shape, dtype):
             if stacked:

@@ -311,12 +311,18 @@ class DecodeState:
 
 @functools.partial(jax.jit, static_argnames=("int8_cache", "stacked"))
 def _prefill(graphdef, state, ids, mask, *, int8_cache: bool, stacked: bool = False):
-    """Each prompt once: its KV cache [P, ..., L] (the prefix every slot of it reads; the
-    layers stacked and run in a scan if `stacked`) and its last logits [P, V]."""
+    """Each prompt once: its KV cache [P, ..., L] (the prefix every slot of it reads, never
+    writes; the layers stacked and run in a scan if `stacked`) and its last logits [P, V].
+
+    A 16-bit float prefix is returned as floats (`KVCache.as_floats`) where each layer is its
+    own array, and as bits where the layers are stacked: a decode loop reads a layer's array
+    whole (a prompt of one block, or the GPU kernel), and a stack a layer at a time, and XLA's
+    CPU backend keeps a converted copy of whatever the loop reads whole and never writes (bits
+    to floats), or slices (floats to float32)."""
     model = nnx.merge(graphdef, state)
     logits, cache = model.prefill(ids, mask, cache_size=ids.shape[1], int8_cache=int8_cache,
                                   last_only=True, stacked=stacked)
-    return cache, logits
+    return (cache if stacked else cache.as_floats(model.config.dtype)), logits
 
 
 def generated_slots(max_new_tokens: int) -> int:

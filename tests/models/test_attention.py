@@ -69,18 +69,38 @@ def test_block_attention_equals_dense_attention(int8, block, layout, stacked):
 
 
 @pytest.mark.parametrize("layout", attention.KEY_LAYOUTS)
-def test_a_bfloat16_stack_reads_its_layer_exactly(layout):
-    # bfloat16 blocks of a stack are read through their bits (`block_attention`'s take)
+@pytest.mark.parametrize("block", [32, 96], ids=["blocks", "one-block"])
+def test_a_bfloat16_cache_held_as_bits_reads_as_its_floats(layout, block):
+    # a 16-bit float cache is held as its bit patterns (uint16, `attention.stored`): a layer
+    # read from it, alone or from a stack, is exactly the layer read from the floats
     q, keys, values = (jnp.asarray(x, jnp.bfloat16) for x in _case()[:3])
     keys = keys if layout == "slots" else keys.swapaxes(2, 3)
     start, end = np.array([0, 5, 40, 3]), np.array([1, 37, 90, 96])
     run = jax.jit(attention.block_attention, static_argnames=("block", "key_layout"))
-    alone = run(q, keys, values, None, None, start, end, block=32, key_layout=layout)
-    stack = [jnp.stack([x[::-1], x]) for x in (keys, values)]
-    stacked = run(q, *stack, None, None, start, end, block=32, key_layout=layout,
-                  layer=jnp.int32(1))
-    for got, want in zip(stacked, alone, strict=True):
-        np.testing.assert_array_equal(got, want)
+    want = run(q, keys, values, None, None, start, end, block=block, key_layout=layout)
+    bits = [attention.stored(x) for x in (keys, values)]
+    assert bits[0].dtype == jnp.uint16
+    np.testing.assert_array_equal(jax.lax.bitcast_convert_type(bits[1], jnp.bfloat16), values)
+    alone = run(q, *bits, None, None, start, end, block=block, key_layout=layout)
+    for kv in ((keys, values), bits):
+        stack = [jnp.stack([x[::-1], x, x[:, ::-1]]) for x in kv]
+        stacked = run(q, *stack, None, None, start, end, block=block, key_layout=layout,
+                      layer=jnp.int32(1))
+        for got, expected in zip(stacked, want, strict=True):
+            np.testing.assert_array_equal(got, expected)
+    for got, expected in zip(alone, want, strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_bits_are_read_only_with_queries_of_their_float_type():
+    q, keys, values = _case()[:3]
+    bits = [attention.stored(jnp.asarray(x, jnp.bfloat16)) for x in (keys, values)]
+    with pytest.raises(ValueError, match="float32"):  # float32 queries: which 16 bits?
+        attention.block_attention(q, *bits, None, None, np.zeros(4, np.int32),
+                                  np.full(4, 9, np.int32), block=32)
+    assert attention.stored_dtype(jnp.float16) == attention.stored_dtype(jnp.bfloat16)
+    assert attention.stored_dtype(jnp.float32) == jnp.float32
+    assert attention.stored_dtype(jnp.int8) == jnp.int8
 
 
 def test_block_attention_reads_nothing_past_the_longest_row():

@@ -96,6 +96,29 @@ def test_prefill_then_decode_equals_full_forward(pair, key_layout, stacked):
         np.testing.assert_allclose(step, full[:, t], atol=1e-4)
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["unrolled", "scanned"])
+def test_a_bfloat16_cache_holds_bits_and_decodes_as_a_cache_of_floats(pair, stacked):
+    # a 16-bit float cache is held as its bit patterns (uint16), which a loop writes in place:
+    # its steps are those of the same cache held as bfloat16, and near the full forward
+    _, path, _, _ = pair
+    half = hf.load_pretrained(path, dtype="bfloat16")
+    ids = jnp.asarray(_ids(2, 14, seed=3))
+    full = np.asarray(half(ids))
+    _, bits = half.prefill(ids[:, :8], cache_size=16, stacked=stacked)
+    floats = bits.as_floats(jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(bits.fields)} == {jnp.dtype(jnp.uint16)}
+    assert {x.dtype for x in jax.tree.leaves(floats.fields)} == {jnp.dtype(jnp.bfloat16)}
+    decode = jax.jit(lambda tokens, cache: half.decode(tokens, cache))
+    for t in range(8, 14):
+        step, bits = decode(ids[:, t], bits)
+        same, floats = decode(ids[:, t], floats)
+        np.testing.assert_array_equal(step, same)
+        np.testing.assert_allclose(step, full[:, t], atol=0.05)
+    for a, b in zip(jax.tree.leaves(bits.as_floats(jnp.bfloat16).fields),
+                    jax.tree.leaves(floats.fields), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_greedy_continuation_matches_transformers_generate(pair):
     _, _, reference, model = pair
     prompt = _ids(1, 8, seed=3)
