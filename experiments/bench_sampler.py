@@ -232,8 +232,7 @@ def bench_prompt(model, prompt_length: int = 1024, ns=(1, 4, 16, 64),
 def bench_memory(dtype: str = "bfloat16", prompts: int = 256, prompt_length: int = 128,
                  new_tokens: int = 256) -> dict:
     """`decode_memory` of the Qwen3-0.6B shape: the compiled programs' peak against weights + KV
-    (prompt + generated) + outputs. (XLA's CPU backend computes bfloat16 products in float32
-    and converts whole caches to do so; the float32 program shows the layout without that.)"""
+    (prompt + generated) + outputs."""
     from jaxlab.models.decoder import DecoderConfig
 
     c = DecoderConfig.from_hf(zoo.hf_config("qwen3", "released"), param_dtype=dtype)
