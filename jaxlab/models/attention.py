@@ -10,9 +10,9 @@ cache holds values [B, K, S, D] and keys in one of two layouts (`KEY_LAYOUTS`): 
 [B, K, S, D], the layout of the kernels, or "dims" [B, K, D, S], the plain q [Q, D] @ [D, S]
 product that XLA's CPU backend runs fastest (a transposed operand costs it a repacking of every
 block: 12% of the whole decode step on a small Qwen3). Caches are in the compute dtype or int8
-with float32 scales [B, K, S] (key = int8 * scale); a 16-bit float cache may be held as its bit
-patterns (`stored_dtype`: uint16, read as the queries' dtype). The live slots of row b are
-start[b] <= s < end[b].
+with float32 scales [B, K, S] (key = int8 * scale); on the CPU a 16-bit float cache is held as
+its bit patterns (`stored_dtype`: uint16, read as the queries' dtype). The live slots of row b
+are start[b] <= s < end[b].
 
   full_attention      causal + padding mask through `jax.nn.dot_product_attention` (fused
                       kernels where the backend has them; no [B, H, T, S] float32 tensor then),
@@ -71,15 +71,19 @@ def default_key_layout() -> str:
     return "dims" if jax.default_backend() == "cpu" else "slots"
 
 
-def stored_dtype(dtype) -> jnp.dtype:
-    """The dtype a cache holds `dtype` in: a 16-bit float as its bit patterns (uint16), anything
-    else as it is. A cache's elements are only moved (written by a scatter, read by slices), and
-    XLA's CPU backend converts 16-bit floats to float32 around such moves, whole caches at each
-    step, where it moves bits as they are."""
+def is_half(dtype) -> bool:
+    """Whether `dtype` is a 16-bit float (bfloat16, float16)."""
     dtype = jnp.dtype(dtype)
-    if dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating):
-        return jnp.dtype(jnp.uint16)
-    return dtype
+    return dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating)
+
+
+def stored_dtype(dtype) -> jnp.dtype:
+    """The dtype a cache holds `dtype` in: on the CPU, a 16-bit float as its bit patterns
+    (uint16); anything else, and everything elsewhere, as it is. A cache's elements are only
+    moved (written by a scatter, read by slices), and XLA's CPU backend converts 16-bit floats
+    to float32 around such moves, whole caches at each step, where it moves bits as they are."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.uint16) if jax.default_backend() == "cpu" and is_half(dtype) else dtype
 
 
 def stored(x):
@@ -89,12 +93,12 @@ def stored(x):
 
 
 def loaded(x, dtype):
-    """Part of a cache to compute with: uint16 bits (`stored`) viewed as the 16-bit float
-    `dtype` (the queries'), anything else as it is."""
+    """Part of a cache to compute with in `dtype` (the queries'): uint16 bits (`stored`) viewed
+    as that 16-bit float, anything else as it is."""
     if x.dtype != jnp.uint16:
         return x
-    require(stored_dtype(dtype) == x.dtype, f"a cache of 16-bit float bits (uint16) is read "
-            f"with queries in that 16-bit float dtype, not {jnp.dtype(dtype)}")
+    require(is_half(dtype), "a cache of 16-bit float bits (uint16) is read with queries in its "
+            f"16-bit float dtype, not {jnp.dtype(dtype)}")
     return jax.lax.bitcast_convert_type(x, dtype)
 
 
@@ -138,7 +142,8 @@ def block_attention(q, keys, values, key_scale, value_scale, start, end, *, bloc
     """Flash-decoding over the live blocks of a cache, reading nothing past the longest row.
 
     q [B, K, Q, D]; keys in `key_layout`; values [B, K, S, D] (int8 with float32 scales [B, K, S],
-    else scales None); start, end int32 [B]: slot s of row b is attended iff start[b] <= s <
+    else scales None; 16-bit floats held as bits, `stored`, are read as q's dtype); start, end
+    int32 [B]: slot s of row b is attended iff start[b] <= s <
     end[b]. A paged cache passes `pages` int32 [B, S / block] and pools in place of the rows:
     values [N, K, block, D] (keys and scales alike), block j of row b being page pages[b, j].
     With `layer` (an int, or an int32 scalar when traced), every cache array is a stack
@@ -359,7 +364,7 @@ def decode_attention(q, keys, values, key_scale, value_scale, start, end, *, blo
     require(kernel in DECODE_KERNELS, f"decode kernel {kernel!r} is not one of "
             f"{DECODE_KERNELS}")
     d, backend = q.shape[-1], jax.default_backend()
-    dtype = q.dtype if values.dtype == jnp.uint16 else values.dtype  # the cache's floats
+    dtype = q.dtype if values.dtype == jnp.uint16 else values.dtype  # bits: read as q's dtype
     gpu = (backend == "gpu" and HAS_PALLAS_GPU and key_scale is None and pages is None
            and layer is None and key_layout == "slots" and d >= 16 and d & (d - 1) == 0
            and pallas_splits(values.shape[-2], block)[0] > 0)
@@ -375,8 +380,8 @@ def decode_attention(q, keys, values, key_scale, value_scale, start, end, *, blo
                 f"dtype {dtype}, paged="
                 f"{pages is not None}, stacked={layer is not None}, key_layout={key_layout!r}, "
                 f"head dim {d}, {values.shape[-2]} slots, block {block})")
-    if (gpu and kernel != "portable") or (tpu and kernel == "pallas"):
-        keys, values = loaded(keys, q.dtype), loaded(values, q.dtype)  # the kernels read floats
+    if (gpu and kernel != "portable") or (tpu and kernel == "pallas"):  # they read floats
+        keys, values = loaded(keys, q.dtype), loaded(values, q.dtype)
     if gpu and kernel != "portable":
         return pallas_gpu_attention(q, keys, values, start, end, block=block)
     if tpu and kernel == "pallas":

@@ -204,6 +204,8 @@ class KVCache:
     # [B]), and slots j x block .. of row b live in page pages[b, j] (int32 [B, S / block]).
     pages: jax.Array | None = None
     key_layout: str = struct.field(pytree_node=False, default="slots")
+    dtype: str = struct.field(pytree_node=False, default="float32")  # the model's compute dtype,
+    #                                     in which keys and values are read (`attend`'s queries)
 
     @property
     def stacked(self) -> bool:
@@ -244,19 +246,22 @@ class KVCache:
         """(keys, values, key_scale, value_scale): what the layers write."""
         return self.keys, self.values, self.key_scale, self.value_scale
 
-    def as_floats(self, dtype) -> KVCache:
-        """The cache with its keys and values in `dtype` (the model's) where they are held as
-        16-bit float bits (`attention.stored_dtype`): for a cache that is only read from here
-        on (a shared prefix) and read whole. Bits suit a cache that a loop writes; of bits that
-        a loop only reads, whole, XLA's CPU backend converts every layer's array once, before
-        the loop, and keeps the copies."""
-        view = functools.partial(attention.loaded, dtype=dtype)
+    def as_floats(self) -> KVCache:
+        """The cache with its keys and values in `dtype` where they are held as 16-bit float
+        bits (`attention.stored_dtype`), for a cache that is only read from here on, each
+        layer's array whole (a shared prefix of one block). Bits suit a cache that a loop
+        writes or reads in blocks; of bits that a loop only reads whole, XLA's CPU backend
+        converts every layer's array once, before the loop, and keeps the copies."""
+        view = functools.partial(attention.loaded, dtype=self.dtype)
         return self.replace(keys=jax.tree.map(view, self.keys),
                             values=jax.tree.map(view, self.values))
 
     def attend(self, i, q, kernel: str = "auto"):
-        """Layer i's attention of grouped queries q [B, K, Q, D] over the live slots:
-        (out float32 [B, K, Q, D], lse float32 [B, K, Q]) (`attention.decode_attention`)."""
+        """Layer i's attention of grouped queries q [B, K, Q, D] (in `dtype`) over the live
+        slots: (out float32 [B, K, Q, D], lse float32 [B, K, Q])
+        (`attention.decode_attention`)."""
+        require(q.dtype == jnp.dtype(self.dtype), f"queries in {q.dtype} read a cache of a "
+                f"{self.dtype} model")
         fields, layer = _layer(self.fields, i)
         return attention.decode_attention(q, *fields, self.start, self.index, block=self.block,
                                           key_layout=self.key_layout, kernel=kernel,
@@ -330,8 +335,11 @@ def _write_slots(cache, new, index, axis, rows=None, layer=None):
     where = (rows[:, None],) + (slice(None),) * (axis - 1) + (slots,)
     if layer is not None:
         where = (layer, *where)
-    # a 16-bit float cache holds bits (`attention.stored_dtype`): the model's dtype is new's
-    new = attention.stored(new) if cache.dtype == jnp.uint16 else new.astype(cache.dtype)
+    if cache.dtype == jnp.uint16:  # a 16-bit float cache held as bits: new's bits go in
+        require(attention.is_half(new.dtype), f"a cache of 16-bit float bits takes 16-bit "
+                f"floats, not {new.dtype}")
+        new = attention.stored(new)
+    new = new.astype(cache.dtype)
     return cache.at[where].set(new, mode="promise_in_bounds")
 
 
@@ -413,14 +421,15 @@ class Block(nnx.Module):
 def _dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None,
                  **kwargs):
     """`lax.dot_general` for the linear layers. On the CPU, a 16-bit float product is asked for
-    in float32 and rounded to the operands' dtype: the same values (that backend multiplies
-    16-bit floats in float32 either way), but a product asked for in 16 bits makes XLA's CPU
-    backend convert both operands to float32 first, and a decode loop hoists those copies of
-    the weights and keeps them all (60 MiB per Qwen3-0.6B layer in bfloat16). Elsewhere the
-    plain product: a float32 result would make the backward pass's products mixed-precision."""
+    in float32 and rounded to the operands' dtype: the same values up to float32 rounding
+    (that backend multiplies 16-bit floats in float32 either way), but a product asked for in
+    16 bits makes XLA's CPU backend convert both operands to float32 first, and a decode loop
+    hoists those copies of the weights and keeps them all (60 MiB per Qwen3-0.6B layer in
+    bfloat16). Its cost: under `remat="dots"` the saved products are the float32 ones (twice
+    a bfloat16 product's bytes). Elsewhere the plain product: GPUs and TPUs multiply 16-bit
+    floats natively."""
     if (preferred_element_type is None and jax.default_backend() == "cpu"
-            and x.dtype == w.dtype and x.dtype.itemsize == 2
-            and jnp.issubdtype(x.dtype, jnp.floating)):
+            and x.dtype == w.dtype and attention.is_half(x.dtype)):
         return jax.lax.dot_general(x, w, dimension_numbers, precision,
                                    preferred_element_type=jnp.float32, **kwargs).astype(x.dtype)
     return jax.lax.dot_general(x, w, dimension_numbers, precision,
@@ -583,7 +592,7 @@ class Decoder(nnx.Module):
         x, fields = self._layers(tokens[:, None], cache.positions[:, None], attend,
                                  cache.fields, stack=stack)
         cache = _with_fields(written, fields).replace(positions=cache.positions + 1)
-        return self.logits(x)[:, 0], cache
+        return self.logits(x[:, 0]), cache
 
     def layer_stack(self) -> LayerStack:
         """Every layer's parameters stacked along a new leading axis (a copy of the layers'
@@ -619,7 +628,7 @@ class Decoder(nnx.Module):
         keys = values if key_layout == "slots" else (batch, c.num_kv_heads, c.head_dim, size)
         return KVCache(keys=per_layer(keys, dtype), values=per_layer(values, dtype),
                        key_scale=scale(), value_scale=scale(), start=zero(), positions=zero(),
-                       index=zero(), key_layout=key_layout)
+                       index=zero(), key_layout=key_layout, dtype=jnp.dtype(c.dtype).name)
 
     def init_paged_cache(self, batch: int, size: int, pages: int, page: int,
                          int8: bool = False, key_layout: str | None = None,

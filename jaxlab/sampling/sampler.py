@@ -314,15 +314,13 @@ def _prefill(graphdef, state, ids, mask, *, int8_cache: bool, stacked: bool = Fa
     """Each prompt once: its KV cache [P, ..., L] (the prefix every slot of it reads, never
     writes; the layers stacked and run in a scan if `stacked`) and its last logits [P, V].
 
-    A 16-bit float prefix is returned as floats (`KVCache.as_floats`) where each layer is its
-    own array, and as bits where the layers are stacked: a decode loop reads a layer's array
-    whole (a prompt of one block, or the GPU kernel), and a stack a layer at a time, and XLA's
-    CPU backend keeps a converted copy of whatever the loop reads whole and never writes (bits
-    to floats), or slices (floats to float32)."""
+    A prefix of one block per layer, which the decode loop reads whole, is returned as floats
+    (`KVCache.as_floats`); one read in blocks, or a layer at a time from a stack, as the cache
+    holds it (bits of 16-bit floats on the CPU: `attention.stored_dtype`)."""
     model = nnx.merge(graphdef, state)
     logits, cache = model.prefill(ids, mask, cache_size=ids.shape[1], int8_cache=int8_cache,
                                   last_only=True, stacked=stacked)
-    return (cache if stacked else cache.as_floats(model.config.dtype)), logits
+    return (cache.as_floats() if cache.size == cache.block and not stacked else cache), logits
 
 
 def generated_slots(max_new_tokens: int) -> int:

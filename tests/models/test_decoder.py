@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -96,27 +97,44 @@ def test_prefill_then_decode_equals_full_forward(pair, key_layout, stacked):
         np.testing.assert_allclose(step, full[:, t], atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("stacked", [False, True], ids=["unrolled", "scanned"])
-def test_a_bfloat16_cache_holds_bits_and_decodes_as_a_cache_of_floats(pair, stacked):
-    # a 16-bit float cache is held as its bit patterns (uint16), which a loop writes in place:
-    # its steps are those of the same cache held as bfloat16, and near the full forward
+def test_a_16_bit_cache_holds_bits_and_decodes_as_a_cache_of_floats(pair, stacked, dtype):
+    # on the CPU a 16-bit float cache is held as its bit patterns (uint16), which a loop writes
+    # in place: its steps are those of the same cache held as floats, and near the full forward
     _, path, _, _ = pair
-    half = hf.load_pretrained(path, dtype="bfloat16")
+    half = hf.load_pretrained(path, dtype=dtype)
     ids = jnp.asarray(_ids(2, 14, seed=3))
     full = np.asarray(half(ids))
     _, bits = half.prefill(ids[:, :8], cache_size=16, stacked=stacked)
-    floats = bits.as_floats(jnp.bfloat16)
+    floats = bits.as_floats()
     assert {x.dtype for x in jax.tree.leaves(bits.fields)} == {jnp.dtype(jnp.uint16)}
-    assert {x.dtype for x in jax.tree.leaves(floats.fields)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(floats.fields)} == {jnp.dtype(dtype)}
     decode = jax.jit(lambda tokens, cache: half.decode(tokens, cache))
     for t in range(8, 14):
         step, bits = decode(ids[:, t], bits)
         same, floats = decode(ids[:, t], floats)
         np.testing.assert_array_equal(step, same)
         np.testing.assert_allclose(step, full[:, t], atol=0.05)
-    for a, b in zip(jax.tree.leaves(bits.as_floats(jnp.bfloat16).fields),
-                    jax.tree.leaves(floats.fields), strict=True):
+    for a, b in zip(jax.tree.leaves(bits.as_floats().fields), jax.tree.leaves(floats.fields),
+                    strict=True):
         np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="float32"):  # queries of another dtype: which floats?
+        bits.attend(0, jnp.zeros((2, half.config.num_kv_heads, 1, half.config.head_dim)))
+
+
+def test_the_tied_head_multiplies_the_embedding_as_stored():
+    # through the embedding's transpose XLA's CPU backend copies it, twice (transposed, and in
+    # float32); contracted as stored it holds nothing beyond the logits
+    c = DecoderConfig.from_hf(zoo.hf_config("qwen3", "released"), param_dtype="bfloat16")
+    assert c.tie_word_embeddings
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(c, nnx.Rngs(0))))
+    hidden = jax.ShapeDtypeStruct((256, c.hidden_size), jnp.bfloat16)  # a decode step's
+    head = jax.jit(lambda state, x: nnx.merge(graphdef, state).logits(x))
+    memory = head.lower(state, hidden).compile().memory_analysis()
+    embedding = c.vocab_size * c.hidden_size * 2
+    assert memory.output_size_in_bytes == 256 * c.vocab_size * 4
+    assert memory.temp_size_in_bytes < embedding / 8
 
 
 def test_greedy_continuation_matches_transformers_generate(pair):

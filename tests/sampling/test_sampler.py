@@ -323,24 +323,28 @@ def test_int8_cache_samples_like_the_float_cache(model):
     assert (small.tokens == exact.tokens).mean() > 0.9  # greedy paths agree but for near ties
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_the_decode_loop_at_the_qwen3_0_6b_shape_peaks_near_its_weights_kv_and_outputs(dtype):
-    # The loop of 256 prompts x (128 + 256 tokens) needs at most 1.25x what it must hold; in
-    # bfloat16 no float32 copy of the weights and no copy of a layer's KV per layer. Its memory
-    # is affine in the layer count: 1 and 2 layers compiled, extended to the released 28.
+@pytest.mark.parametrize("dtype,prompts,length", [
+    ("bfloat16", 256, 128), ("float32", 256, 128), ("bfloat16", 64, 512)])
+def test_the_decode_loop_at_the_qwen3_0_6b_shape_peaks_near_its_weights_kv_and_outputs(
+        dtype, prompts, length):
+    # The loop of 256 prompts x (128 + 256 tokens) needs at most 1.15x what it must hold (the
+    # target is 1.25x); in bfloat16 no float32 copy of the weights and no copy of a layer's KV
+    # per layer, whether the prompt is one block or four. Its memory is affine in the layer
+    # count: 1 and 2 layers compiled, extended to the released 28.
     from jaxlab.models.decoder import DecoderConfig
 
     c = DecoderConfig.from_hf(zoo.hf_config("qwen3", "released"), param_dtype=dtype)
     config = SamplingConfig(max_new_tokens=256)
 
     def held(layers):
-        m = sampler.decode_memory(dataclasses.replace(c, num_layers=layers), 256, 128, config)
+        m = sampler.decode_memory(dataclasses.replace(c, num_layers=layers), prompts, length,
+                                  config)
         return m.loop, m.weights + m.prefix + m.generated + m.samples
 
     (loop1, floor1), (loop2, floor2) = held(1), held(2)
     loop, floor = loop1 + 27 * (loop2 - loop1), floor1 + 27 * (floor2 - floor1)
-    assert floor > 10 * 2**30  # the KV dominates: 256 x 384 x 28 layers x 2 x 8 x 128 values
-    assert loop <= 1.25 * floor
+    assert floor > 5 * 2**30  # the KV dominates: prompts x 768 or 384 x 28 x 2 x 8 x 128 values
+    assert loop <= 1.15 * floor
 
 
 def test_a_qwen3_0_6b_with_256_traces_of_2048_tokens_fits_40_gib_with_an_int8_cache():
