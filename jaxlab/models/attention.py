@@ -143,9 +143,9 @@ def block_attention(q, keys, values, key_scale, value_scale, start, end, *, bloc
 
     q [B, K, Q, D]; keys in `key_layout`; values [B, K, S, D] (int8 with float32 scales [B, K, S],
     else scales None; 16-bit floats held as bits, `stored`, are read as q's dtype); start, end
-    int32 [B]: slot s of row b is attended iff start[b] <= s <
-    end[b]. A paged cache passes `pages` int32 [B, S / block] and pools in place of the rows:
-    values [N, K, block, D] (keys and scales alike), block j of row b being page pages[b, j].
+    int32 [B]: slot s of row b is attended iff start[b] <= s < end[b]. A paged cache passes
+    `pages` int32 [B, S / block] and pools in place of the rows: values [N, K, block, D] (keys
+    and scales alike), block j of row b being page pages[b, j].
     With `layer` (an int, or an int32 scalar when traced), every cache array is a stack
     [L, ...] over the layers and the blocks are read from its layer `layer`.
     Blocks j = min(start) // block .. ceil(max(end) / block) - 1 are visited in a

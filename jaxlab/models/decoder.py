@@ -186,7 +186,7 @@ class KVCache:
     """Keys and values of every layer for S slots per row; row b's live slots are
     start[b] <= s < index[b] (a left-padded prompt, then the tokens decoded after it)."""
 
-    # In the model's dtype (16-bit floats held as their bit patterns, uint16:
+    # In the model's dtype (on the CPU, 16-bit floats held as their bit patterns, uint16:
     # `attention.stored_dtype`) or int8: keys [B, K, S, D] or [B, K, D, S] (`key_layout`,
     # `attention.KEY_LAYOUTS`), values [B, K, S, D], and for int8 float32 [B, K, S] scales (key
     # = keys * scale). Per layer, either one array each (a tuple of L: a step updates each in
