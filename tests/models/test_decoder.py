@@ -123,6 +123,35 @@ def test_a_16_bit_cache_holds_bits_and_decodes_as_a_cache_of_floats(pair, stacke
         bits.attend(0, jnp.zeros((2, half.config.num_kv_heads, 1, half.config.head_dim)))
 
 
+@pytest.mark.parametrize("dtype,eps", [("float32", 1e-6), ("bfloat16", 2**-7)])
+def test_linear_layers_give_the_values_and_gradients_of_the_plain_product(dtype, eps):
+    # on the CPU the layers multiply rows [N, E], and 16-bit floats into float32 and rounded
+    # (`decoder._dot_general`): against float64 NumPy products of the rounded operands, within
+    # eps of the products of their magnitudes (the bound of a rounded dot product)
+    from jaxlab.models import decoder
+
+    rng = np.random.default_rng(0)
+    x, w, c = rng.normal(size=(3, 5, 16)), rng.normal(size=(16, 8)), rng.normal(size=(3, 5, 8))
+    dims = (((2,), (0,)), ((), ()))
+
+    def loss(x, w):
+        out = decoder._dot_general(x, w, dims)
+        return jnp.sum(out * c.astype(dtype)), out
+
+    (_, out), (dx, dw) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        jnp.asarray(x, dtype), jnp.asarray(w, dtype))
+    xr, wr, cr = (np.asarray(jnp.asarray(a, dtype), np.float64) for a in (x, w, c))
+    assert out.dtype == dx.dtype == dw.dtype == jnp.dtype(dtype)
+    def weight_grad(a, b):
+        return np.einsum("bte,btf->ef", a, b)
+
+    for got, want, scale in (
+            (out, xr @ wr, np.abs(xr) @ np.abs(wr)),
+            (dx, cr @ wr.T, np.abs(cr) @ np.abs(wr).T),
+            (dw, weight_grad(xr, cr), weight_grad(np.abs(xr), np.abs(cr)))):
+        assert np.all(np.abs(np.asarray(got, np.float64) - want) <= eps * scale)
+
+
 def test_the_tied_head_multiplies_the_embedding_as_stored():
     # through the embedding's transpose XLA's CPU backend copies it, twice (transposed, and in
     # float32); contracted as stored it holds nothing beyond the logits
