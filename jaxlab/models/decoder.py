@@ -420,8 +420,8 @@ class Block(nnx.Module):
 
 def _dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None,
                  **kwargs):
-    """`lax.dot_general` for the linear layers. On the CPU, two changes of form that keep the
-    values (up to float32 rounding) and spare XLA's CPU backend copies:
+    """`lax.dot_general` for the linear layers and the output head. On the CPU, two changes of
+    form that keep the values (up to float32 rounding) and spare XLA's CPU backend copies:
 
     - x [..., E] is multiplied as a matrix of rows [N, E]: from more axes that backend computes
       the weight gradient (contracting N = B x T over two axes) through transposed copies and
@@ -434,11 +434,12 @@ def _dot_general(x, w, dimension_numbers, precision=None, preferred_element_type
       products are the float32 ones (twice a bfloat16 product's bytes).
 
     Elsewhere the plain product: GPUs and TPUs multiply 16-bit floats natively."""
-    rows = (((x.ndim - 1,), (0,)), ((), ()))  # x [..., E] @ w [E, F], as nnx.Linear asks
-    if jax.default_backend() == "cpu" and x.ndim > 2 and dimension_numbers == rows:
-        out = _dot_general(x.reshape(-1, x.shape[-1]), w, (((1,), (0,)), ((), ())), precision,
-                           preferred_element_type, **kwargs)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+    (x_axes, w_axes), batch = dimension_numbers
+    if (jax.default_backend() == "cpu" and x.ndim > 2 and tuple(x_axes) == (x.ndim - 1,)
+            and not any(batch)):  # x [..., E] contracted with one axis of w: as rows [N, E]
+        out = _dot_general(x.reshape(-1, x.shape[-1]), w, (((1,), tuple(w_axes)), ((), ())),
+                           precision, preferred_element_type, **kwargs)
+        return out.reshape(*x.shape[:-1], *out.shape[1:])
     if (preferred_element_type is None and jax.default_backend() == "cpu"
             and x.dtype == w.dtype and attention.is_half(x.dtype)):
         return jax.lax.dot_general(x, w, dimension_numbers, precision,
@@ -508,17 +509,15 @@ class Decoder(nnx.Module):
     def logits(self, hidden):
         """Next-token logits float32 [..., V] of hidden states [..., E] (the output head; the
         products accumulate and come out in float32, also under bfloat16 compute). A tied head
-        contracts E with the embedding [V, E] as stored, from a matrix of rows [N, E]: through
-        the embedding's transpose, or from more than two axes, XLA's CPU backend copies the
-        whole embedding (transposed, or in float32)."""
+        contracts E with the embedding [V, E] as stored: through its transpose, XLA's CPU
+        backend copies the whole embedding (transposed, and in float32)."""
         if self.config.tie_word_embeddings:
-            rows = hidden.reshape(-1, hidden.shape[-1])
-            out = jnp.einsum("ne,ve->nv", rows,
-                             self.embed_tokens.embedding[...].astype(hidden.dtype),
-                             preferred_element_type=jnp.float32)
-            return out.reshape(*hidden.shape[:-1], -1)
-        return jnp.dot(hidden, self.lm_head.kernel[...].astype(hidden.dtype),
-                       preferred_element_type=jnp.float32)
+            head, axis = self.embed_tokens.embedding[...], 1
+        else:
+            head, axis = self.lm_head.kernel[...], 0
+        return _dot_general(hidden, head.astype(hidden.dtype),
+                            (((hidden.ndim - 1,), (axis,)), ((), ())),
+                            preferred_element_type=jnp.float32)
 
     def unembedding(self):
         """The output head's matrix [E, V] (the transposed input embedding when tied)."""
@@ -615,8 +614,9 @@ class Decoder(nnx.Module):
 
     def init_cache(self, batch: int, size: int, int8: bool = False,
                    key_layout: str | None = None, stacked: bool = False) -> KVCache:
-        """An empty cache; `int8` stores keys and values as int8 with float32 scales per token
-        and head (D + 4 bytes instead of 2 D or 4 D per token, head and tensor); keys in
+        """An empty cache (16-bit floats held as their bits on the CPU:
+        `attention.stored_dtype`); `int8` stores keys and values as int8 with float32 scales
+        per token and head (D + 4 bytes instead of 2 D or 4 D per token, head and tensor); keys in
         `key_layout` (default: `attention.default_key_layout()`, by backend); each field one
         array per layer, or one stack [L, ...] if `stacked`."""
         key_layout = key_layout or attention.default_key_layout()
