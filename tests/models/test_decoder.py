@@ -108,7 +108,7 @@ def test_a_16_bit_cache_holds_bits_and_decodes_as_a_cache_of_floats(pair, stacke
     full = np.asarray(half(ids))
     _, bits = half.prefill(ids[:, :8], cache_size=16, stacked=stacked)
     floats = bits.as_floats()
-    assert {x.dtype for x in jax.tree.leaves(bits.fields)} == {jnp.dtype(jnp.uint16)}
+    assert {x.dtype for x in jax.tree.leaves(bits.fields)} == {attention.stored_dtype(dtype)}
     assert {x.dtype for x in jax.tree.leaves(floats.fields)} == {jnp.dtype(dtype)}
     decode = jax.jit(lambda tokens, cache: half.decode(tokens, cache))
     for t in range(8, 14):
