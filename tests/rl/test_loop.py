@@ -64,6 +64,21 @@ def test_on_policy_ratio_is_one_on_a_left_padded_sampled_batch(dtype):
     np.testing.assert_array_equal(rollout.truncated(samples), lengths == 6)
 
 
+def test_batch_widths_take_few_buckets_and_pad_at_most_a_quarter_above_128():
+    """Widths round up to multiples of 16 up to 128, then 4 steps per doubling: hand-computed
+    values, never below the width or above the limit, monotone, at most 25% padding above 128,
+    and 20 distinct widths (compiled steps) up to 1,024 instead of 64."""
+    expected = {1: 16, 16: 16, 17: 32, 128: 128, 129: 160, 161: 192, 256: 256, 257: 320,
+                513: 640, 1000: 1024, 1025: 1280}
+    assert {n: rollout.bucket(n, 4096) for n in expected} == expected
+    widths = np.asarray([rollout.bucket(n, 1000) for n in range(1, 1001)])
+    sizes = np.arange(1, 1001)
+    assert (widths >= sizes).all() and widths.max() == 1000 and (np.diff(widths) >= 0).all()
+    assert (widths[128:] <= 1.25 * sizes[128:]).all()
+    assert len({rollout.bucket(n, 1024) for n in range(1, 1025)}) == 20
+    assert rollout.batch_widths([3, 140], [200, 17], 512, 256) == (160, 224)
+
+
 def test_grpo_learns_a_one_token_bandit(tmp_path):
     """Reward 1 for token 5 as the one response token: GRPO moves the policy onto it."""
     target = 5
