@@ -506,6 +506,57 @@ class Decoder(nnx.Module):
         return self._layers(input_ids, positions_of(mask), attend, remat=remat,
                             sharding=sharding)[0]
 
+    def grouped_hidden(self, prompt_ids, prompt_mask, response_ids, response_mask, *,
+                       remat: str = "none", sharding: jax.sharding.Sharding | None = None):
+        """`hidden` of the P x G rows `prompt p + response (p, g)`, with each prompt run once
+        for its G responses: (prompt hidden [P, L, E], response hidden [P, G, T, E]), equal to
+        the rows' `hidden` at those positions.
+
+        prompt_ids, prompt_mask [P, L] (padding anywhere; left in a rollout); response_ids,
+        response_mask [P, G, T] (right-padded). A group is one row of L + G T tokens: every
+        per-token layer runs on the prompt once; the prompt attends to itself (causal), and
+        response (p, g) to the real tokens of prompt p and, causally, to its own, through a
+        [P G, T, L + T] mask over its keys (the prompt's keys broadcast to the G responses;
+        their gradients sum over them). Positions continue from the prompt's real tokens.
+        `remat` and `sharding` as in `hidden` (the activations are [P, L + G T, E])."""
+        require(remat in REMAT_POLICIES,
+                f"remat={remat!r} is not a remat policy; choose one of {list(REMAT_POLICIES)}")
+        p, g, t = response_ids.shape
+        length = prompt_ids.shape[1]
+        for ids in (prompt_ids, response_ids):
+            self._check_tokens(ids)
+        prompt = jnp.asarray(prompt_mask).astype(bool)                          # [P, L]
+        response = jnp.asarray(response_mask).astype(bool)                      # [P, G, T]
+        causal = _causal(prompt)                                                 # [P, L, L]
+        own = (response[..., None, :]
+               & (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]))            # [P, G, T, T]
+        seen = jnp.concatenate([jnp.broadcast_to(prompt[:, None, None, :], (p, g, t, length)),
+                                own], axis=-1).reshape(p * g, t, length + t)    # [PG, T, L+T]
+
+        def attend(i, q, k, v, carry):                   # q [P, L+GT, H, D]; k, v [P, L+GT, K, D]
+            def per_response(x):                          # -> [PG, L+T, K, D]
+                shared = jnp.broadcast_to(x[:, None, :length], (p, g, length, *x.shape[2:]))
+                own_x = x[:, length:].reshape(p, g, t, *x.shape[2:])
+                return jnp.concatenate([shared, own_x], axis=2).reshape(p * g, length + t,
+                                                                        *x.shape[2:])
+
+            out_prompt = attention.full_attention(q[:, :length], k[:, :length], v[:, :length],
+                                                  causal)                          # [P, L, H, D]
+            out_response = attention.full_attention(
+                q[:, length:].reshape(p * g, t, *q.shape[2:]), per_response(k), per_response(v),
+                seen)                                                             # [PG, T, H, D]
+            return jnp.concatenate([out_prompt, out_response.reshape(p, g * t, *q.shape[2:])],
+                                   axis=1), carry
+
+        count = jnp.sum(prompt, axis=1, dtype=jnp.int32)[:, None, None]         # [P, 1, 1]
+        positions = jnp.concatenate([
+            positions_of(prompt),
+            (count + positions_of(response.reshape(p * g, t)).reshape(p, g, t)).reshape(p, -1),
+        ], axis=1)                                                               # [P, L+GT]
+        ids = jnp.concatenate([prompt_ids, response_ids.reshape(p, g * t)], axis=1)
+        hidden = self._layers(ids, positions, attend, remat=remat, sharding=sharding)[0]
+        return hidden[:, :length], hidden[:, length:].reshape(p, g, t, hidden.shape[-1])
+
     def logits(self, hidden):
         """Next-token logits float32 [..., V] of hidden states [..., E] (the output head; the
         products accumulate and come out in float32, also under bfloat16 compute). A tied head

@@ -88,6 +88,10 @@ class LoopConfig:
     max_refills: int = 2             # extra sampling rounds per iteration for dynamic sampling
     ppo_epochs: int = 1              # passes over each rollout batch
     minibatches: int = 1             # optimizer steps per pass
+    share_prompts: bool = True       # the step runs each group's prompt once
+    #                                  (`train.SharedPrompts`), where every device's micro-batch
+    #                                  holds whole groups (else row by row); minibatches are
+    #                                  then drawn by groups, on any mesh
     checkpoint_every: int = 10       # iterations between checkpoints (and at the end)
     keep_checkpoints: int = 2
     train: train.TrainConfig = dataclasses.field(default_factory=train.TrainConfig)
@@ -263,8 +267,10 @@ def _keep(groups: _Groups, entry, spare: bool) -> None:
         groups.values.setdefault(k, []).append(v)
 
 
-def _batch(groups: _Groups, reference: Decoder, config: LoopConfig) -> train.PolicyBatch:
-    """The PolicyBatch of the kept groups (advantages filled in), rows in group order."""
+def _batch(groups: _Groups, reference: Decoder, config: LoopConfig
+           ) -> tuple[train.PolicyBatch, int]:
+    """The PolicyBatch of the kept groups (advantages filled in), rows in group order, and its
+    prompt width L'."""
     g = config.group_size
     widths = rollout.batch_widths([len(p.tokens) for p in groups.prompts], groups.longest,
                                   config.max_prompt_tokens, config.max_new_tokens)
@@ -284,7 +290,7 @@ def _batch(groups: _Groups, reference: Decoder, config: LoopConfig) -> train.Pol
     if config.train.loss.kl_coef == 0:  # spare groups would only dilute the token mean
         keep = keep & ~jnp.asarray(groups.spare)
     return batch._replace(advantages=advantages.reshape(-1),
-                          loss_mask=batch.loss_mask * jnp.repeat(keep, g)[:, None])
+                          loss_mask=batch.loss_mask * jnp.repeat(keep, g)[:, None]), widths[0]
 
 
 @functools.partial(jax.jit, static_argnames="dtype")
@@ -352,11 +358,12 @@ def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopC
             model = nnx.merge(graphdef, _cast(state.params, dtype))
             groups = _rollouts(model, prompt_fn, reward_fn, config, jax.random.fold_in(key_s, 0),
                                iteration, mesh)
-            batch = _batch(groups, reference, config)
+            batch, prompt_width = _batch(groups, reference, config)
             jax.block_until_ready(batch)
             t1 = time.perf_counter()
-            state, step_metrics = _update(state, batch, graphdef, config, mesh,
-                                          jax.random.fold_in(key_s, 1), iteration, checkpointer)
+            state, step_metrics = _update(
+                state, batch, graphdef, config, mesh, jax.random.fold_in(key_s, 1), iteration,
+                checkpointer, shared_prompts(config, prompt_width, shards))
             t2 = time.perf_counter()
             metrics = _iteration_metrics(iteration, groups, batch, step_metrics, t1 - t0,
                                          t2 - t1, config.ppo_epochs)
@@ -404,20 +411,39 @@ def init_state(model: nnx.Module, config: train.TrainConfig, key: jax.Array, mes
     return graphdef, jax.jit(init, out_shardings=shardings)(params, key)
 
 
-def _update(state, batch, graphdef, config: LoopConfig, mesh, key, iteration, checkpointer):
-    """ppo_epochs passes of `minibatches` optimizer steps over a shuffled batch; raises on a
-    non-finite step (which leaves the state unchanged)."""
-    size = batch.tokens.shape[0] // config.minibatches
+def shared_prompts(config: LoopConfig, prompt_width: int, shards: int,
+                   ) -> train.SharedPrompts | None:
+    """The step's `train.SharedPrompts` for a batch of this prompt width, or None (row by row)
+    when `config.share_prompts` is off or a device's micro-batch (rows / (minibatches x data
+    devices x train.microbatches)) would not hold whole groups."""
+    rows = config.prompts * config.group_size
+    part = config.minibatches * shards * config.train.microbatches * config.group_size
+    if not config.share_prompts or rows % part:
+        return None
+    return train.SharedPrompts(config.group_size, prompt_width)
+
+
+def _update(state, batch, graphdef, config: LoopConfig, mesh, key, iteration, checkpointer,
+            shared: train.SharedPrompts | None):
+    """ppo_epochs passes of `minibatches` optimizer steps over a shuffled batch (whole groups
+    under `config.share_prompts`, on every mesh); raises on a non-finite step (which leaves the
+    state unchanged)."""
+    rows, g = batch.tokens.shape[0], config.group_size
+    size = rows // config.minibatches
     history = []
     for epoch in range(config.ppo_epochs):
-        order = jax.random.permutation(jax.random.fold_in(key, epoch),
-                                       batch.tokens.shape[0])
+        epoch_key = jax.random.fold_in(key, epoch)
+        if not config.share_prompts:
+            order = jax.random.permutation(epoch_key, rows)
+        else:
+            order = (jax.random.permutation(epoch_key, rows // g)[:, None] * g
+                     + jnp.arange(g)).reshape(-1)
         for part in range(config.minibatches):
-            rows = order[part * size:(part + 1) * size]
-            mini = jax.device_put(jax.tree.map(lambda x, r=rows: x[r], batch),
+            chosen = order[part * size:(part + 1) * size]
+            mini = jax.device_put(jax.tree.map(lambda x, r=chosen: x[r], batch),
                                   parallel.batch_sharding(mesh))
             state, metrics = train.train_step(state, mini, graphdef=graphdef,
-                                              config=config.train, mesh=mesh)
+                                              config=config.train, mesh=mesh, shared=shared)
             metrics = jax.tree.map(parallel.host_array, metrics)
             if not metrics["finite"]:
                 raise FloatingPointError(

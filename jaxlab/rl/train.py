@@ -140,20 +140,47 @@ def init_train_state(model: nnx.Module, config: TrainConfig, key: jax.Array,
     return graphdef, state
 
 
+@dataclasses.dataclass(frozen=True)
+class SharedPrompts:
+    """Rows come in groups of `group_size` consecutive rows whose first `prompt_width` columns
+    (the left-padded prompt) are the same: each group's prompt runs through the model once
+    (`Decoder.grouped_hidden`), and only the response columns get log-probs (the prompt's are
+    0). The values are those of the rows run one by one (up to float rounding); the linear
+    layers' work per group falls from G (L + T) to L + G T tokens."""
+
+    group_size: int
+    prompt_width: int
+
+
 def sequence_logprobs(model: nnx.Module, tokens: jax.Array, mask: jax.Array, *,
                       temperature: float = 1.0, chunk: int = 512, entropy_grad: bool = False,
                       remat: str = "none", sharding: jax.sharding.Sharding | None = None,
-                      ) -> tuple[jax.Array, jax.Array]:
+                      shared: SharedPrompts | None = None) -> tuple[jax.Array, jax.Array]:
     """log pi_T(tokens_t | tokens_<t) and the entropy of pi_T at each position, float32 [B, T]
     each (position 0, with no context, is 0), for tokens int [B, T] with attention mask [B, T];
     pi_T = softmax(logits / temperature) (`losses.head_logprobs`: no [B, T, V] array). `remat`:
-    the decoder layers' checkpoint policy, `sharding`: the activations' (`Decoder.hidden`)."""
-    hidden = model.hidden(tokens[:, :-1], mask[:, :-1], remat=remat,
-                          sharding=sharding)                                 # [B, T-1, E]
-    logp, ent = losses.head_logprobs(hidden, model.unembedding(), tokens[:, 1:],
+    the decoder layers' checkpoint policy, `sharding`: the activations' (`Decoder.hidden`).
+    With `shared`, each group's prompt is run once and the prompt columns are 0."""
+    if shared is None:
+        hidden = model.hidden(tokens[:, :-1], mask[:, :-1], remat=remat,
+                              sharding=sharding)                             # [B, T-1, E]
+        targets, width = tokens[:, 1:], 1
+    else:
+        g, width = shared.group_size, shared.prompt_width
+        b, t = tokens.shape[0], tokens.shape[1] - width
+        prompt, response = model.grouped_hidden(
+            tokens[::g, :width], mask[::g, :width], tokens[:, width:].reshape(-1, g, t),
+            mask[:, width:].reshape(-1, g, t), remat=remat, sharding=sharding)
+        # Response token j is predicted from response position j - 1, token 0 from the
+        # prompt's last position (shared by the group).
+        last = jnp.broadcast_to(prompt[:, None, -1:], (*response.shape[:2], 1, prompt.shape[-1]))
+        hidden = jnp.concatenate([last, response[:, :, :-1]], axis=2).reshape(
+            b, t, -1)                                                        # [B, T', E]
+        targets = tokens[:, width:]
+    logp, ent = losses.head_logprobs(hidden, model.unembedding(), targets,
                                      temperature=temperature, chunk=chunk,
                                      entropy_grad=entropy_grad)
-    return tuple(jnp.pad(x, ((0, 0), (1, 0))) for x in (logp, ent))
+    return tuple(jnp.pad(x, ((0, 0), (width, 0))) for x in (logp, ent))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "chunk"))
@@ -181,7 +208,8 @@ def batch_indices(key: jax.Array, step: jax.Array, num_examples: int,
     return jax.lax.dynamic_slice(order, (position * batch_size,), (batch_size,)).astype(jnp.int32)
 
 
-def check_batch(batch: PolicyBatch, num_shards: int, microbatches: int) -> None:
+def check_batch(batch: PolicyBatch, num_shards: int, microbatches: int,
+                shared: SharedPrompts | None = None) -> None:
     """Raises ValueError naming the first field whose shape or dtype is wrong."""
     require(batch.tokens.ndim == 2 and batch.tokens.shape[1] >= 2,
             f"PolicyBatch.tokens must have shape [B, T] with T >= 2, got {batch.tokens.shape}")
@@ -198,11 +226,20 @@ def check_batch(batch: PolicyBatch, num_shards: int, microbatches: int) -> None:
     require(size % (num_shards * microbatches) == 0,
             f"the batch size {size} must be a multiple of the data-axis devices ({num_shards}) "
             f"x microbatches ({microbatches})")
+    if shared is not None:
+        require(size % (num_shards * microbatches * shared.group_size) == 0,
+                f"SharedPrompts: each device's micro-batch of {size} rows / ({num_shards} "
+                f"devices x {microbatches} microbatches) must hold whole groups of "
+                f"{shared.group_size} rows")
+        require(0 < shared.prompt_width < batch.tokens.shape[1],
+                f"SharedPrompts.prompt_width={shared.prompt_width} must lie in [1, T) for "
+                f"tokens of {batch.tokens.shape[1]} columns")
 
 
 def _local_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef,
                 config: TrainConfig, num_shards: int, axis: str | None,
                 rows: jax.sharding.Sharding | None = None,
+                shared: SharedPrompts | None = None,
                 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One device's part of the step, on its slice of the batch (inside shard_map over `axis`),
     or the whole step (axis None, num_shards 1: under XLA's partitioner, the activations held
@@ -224,7 +261,7 @@ def _local_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef
             nnx.merge(graphdef, params), part.tokens, part.mask,
             temperature=config.temperature, chunk=config.logprob_chunk,
             entropy_grad=config.loss.entropy_coef > 0, remat=config.remat,
-            sharding=rows)                                               # [b, T] each
+            sharding=rows, shared=shared)                                # [b, T] each
         per_token, terms = losses.policy_loss_per_token(
             logp[:, 1:], ent[:, 1:], part.old_logp[:, 1:], part.advantages,
             part.ref_logp[:, 1:] if config.loss.kl_coef > 0 else None, config.loss)
@@ -266,10 +303,11 @@ def apply_if_finite(state: TrainState, grads, config: TrainConfig, finite: jax.A
 
 
 # The state is replaced by its successor, so its buffers are donated.
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "mesh"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "mesh", "shared"),
                    donate_argnames="state")
 def train_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef,
-               config: TrainConfig, mesh: Mesh) -> tuple[TrainState, dict[str, jax.Array]]:
+               config: TrainConfig, mesh: Mesh, shared: SharedPrompts | None = None,
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One policy-gradient step on the whole batch: data-parallel over `mesh`'s DATA axis, or,
     on a mesh that splits the model (`parallel.is_split_model`), partitioned by XLA over
     (data, fsdp, tensor) with the state kept in its `parallel.tree_shardings`.
@@ -286,6 +324,8 @@ def train_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef,
         config.microbatches, best placed with `parallel.batch_sharding(mesh)`.
       graphdef: the model's `nnx.split` graph definition.
       mesh: a mesh with a `parallel.DATA` axis (`parallel.single_device_mesh()`: one device).
+      shared: the batch's rows in groups that share their prompt columns, each prompt run once
+        (`SharedPrompts`; each device's micro-batch must hold whole groups); None: row by row.
     Returns:
       the next state and metrics ([] float32 each): loss, policy, entropy, clipped (fraction of
       ratios outside the clip range), kl (when kl_coef > 0), grad_norm, count (the
@@ -296,16 +336,16 @@ def train_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef,
     require(parallel.DATA in mesh.axis_names,
             f"the mesh must have a {parallel.DATA!r} axis, got axes {mesh.axis_names}")
     if parallel.is_split_model(mesh):
-        check_batch(batch, parallel.batch_devices(mesh), config.microbatches)
+        check_batch(batch, parallel.batch_devices(mesh), config.microbatches, shared)
         state, metrics = _local_step(state, batch, graphdef=graphdef, config=config,
                                      num_shards=1, axis=None,
-                                     rows=parallel.batch_sharding(mesh))
+                                     rows=parallel.batch_sharding(mesh), shared=shared)
         return jax.lax.with_sharding_constraint(state, parallel.tree_shardings(state, mesh)), \
             metrics
     num_shards = mesh.shape[parallel.DATA]
-    check_batch(batch, num_shards, config.microbatches)
+    check_batch(batch, num_shards, config.microbatches, shared)
     local = functools.partial(_local_step, graphdef=graphdef, config=config,
-                              num_shards=num_shards, axis=parallel.DATA)
+                              num_shards=num_shards, axis=parallel.DATA, shared=shared)
     # check_vma=False keeps the gradients of the replicated parameters per device, as under
     # pmap, for the explicit pmean (with the check on, autodiff would already sum them).
     return jax.shard_map(local, mesh=mesh, check_vma=False,

@@ -273,10 +273,10 @@ def test_dynamic_sampling_drops_groups_without_variance_and_refills(tmp_path):
     model = tiny()
     groups = loop._rollouts(model, prompt_fn, reward_fn, config, jax.random.key(3), 0,
                             parallel.single_device_mesh())
-    batch = loop._batch(groups, model, config)
+    batch, width = loop._batch(groups, model, config)
     assert [len(p.tokens) for p in groups.prompts] == [2, 20, 20, 20]
     tokens, mask = np.asarray(batch.tokens), np.asarray(batch.mask)
-    width = tokens.shape[1] - int(np.asarray(batch.loss_mask).sum(1).max())
+    assert width == 24 and not np.asarray(batch.loss_mask)[:, :width].any()  # = the limit
     for row in range(16):
         prompt = groups.prompts[row // 4].tokens
         real = tokens[row][mask[row] > 0]
@@ -308,7 +308,7 @@ def test_brpo_advantages_and_several_ppo_epochs(tmp_path):
     model = tiny()
     groups = loop._rollouts(model, loop_job.prompt_fn, brpo_reward, config, jax.random.key(0),
                             0, parallel.single_device_mesh())
-    batch = loop._batch(groups, model, config)
+    batch, _ = loop._batch(groups, model, config)
     np.testing.assert_array_equal(batch.advantages.reshape(4, 4),
                                   np.stack(groups.values["reward"]))
     kept_rows = np.asarray(batch.loss_mask).sum(1) > 0

@@ -142,6 +142,84 @@ def test_sharded_accumulated_step_equals_single_device_step(data_mesh8):
     assert h1[-1]["loss"] < h1[0]["loss"]  # it trains
 
 
+def grouped_batch(graphdef, params, prompts=8, group=4, width=5, steps=6, seed=0):
+    """`prompts` groups of `group` rows: one left-padded prompt of 1..width tokens per group,
+    each row its own right-padded response of 0..steps tokens (the loss on those)."""
+    rng = np.random.default_rng(seed)
+    num, cols = prompts * group, np.arange(width + steps)
+    prompt = np.repeat(rng.integers(0, VOCAB, (prompts, width)), group, axis=0)
+    first = np.repeat(width - rng.integers(1, width + 1, prompts), group)
+    lengths = rng.integers(0, steps + 1, num)
+    lengths[0] = 0                                         # an empty response
+    tokens = np.concatenate([prompt, rng.integers(0, VOCAB, (num, steps))], axis=1)
+    mask = (cols >= first[:, None]) & (cols < width + lengths[:, None])
+    loss_mask = (cols >= width) & mask
+    tokens, mask = jnp.asarray(tokens * mask, jnp.int32), jnp.asarray(mask, jnp.int32)
+    logp = train.policy_logprobs(graphdef, params, tokens, mask)
+    noise = jnp.asarray(rng.normal(0, 0.2, (2, num, width + steps)), jnp.float32)
+    return train.PolicyBatch(tokens=tokens, mask=mask, loss_mask=jnp.asarray(loss_mask,
+                                                                               jnp.float32),
+                             old_logp=logp + noise[0], ref_logp=logp + noise[1],
+                             advantages=jnp.asarray(rng.normal(size=num), jnp.float32))
+
+
+SHARED = train.SharedPrompts(group_size=4, prompt_width=5)
+
+
+def grouped_state():
+    return train.init_train_state(tiny(num_layers=2, num_heads=4, num_kv_heads=2), PLAIN,
+                                  jax.random.key(0))
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_shared_prompts_give_the_row_by_row_logprobs_and_gradients(remat):
+    """Each group's prompt run once (`SharedPrompts`; 2 layers, 4 heads on 2 kv heads; layers
+    unrolled, or scanned under remat) gives the rows' log-probs and entropies on every response
+    token, 0 on the prompt columns, and the same gradient."""
+    graphdef, state = grouped_state()
+    batch = grouped_batch(graphdef, state.params)
+    on_response = np.asarray(batch.loss_mask) > 0
+
+    def weighted(params, shared):
+        logp, ent = train.sequence_logprobs(
+            nnx.merge(graphdef, params), batch.tokens, batch.mask, temperature=0.7, chunk=3,
+            entropy_grad=True, remat=remat, shared=shared)
+        return jnp.sum(batch.loss_mask * (logp + 0.3 * ent)), (logp, ent)
+
+    (row_total, row), row_grads = jax.value_and_grad(weighted, has_aux=True)(state.params, None)
+    (total, got), grads = jax.value_and_grad(weighted, has_aux=True)(state.params, SHARED)
+    for x, y in zip(got, row, strict=True):
+        np.testing.assert_allclose(np.asarray(x)[on_response], np.asarray(y)[on_response],
+                                   rtol=1e-5, atol=1e-5)
+        assert not np.asarray(x)[:, :5].any()
+    np.testing.assert_allclose(total, row_total, rtol=1e-5)
+    assert_trees_close(grads, row_grads, atol=1e-5)
+
+
+def test_a_shared_prompts_step_equals_the_row_by_row_step_on_1_and_8_devices(data_mesh8):
+    """The step with `SharedPrompts` on one device and on 8 (one group each) equals the row by
+    row step; micro-batches that would split a group are refused."""
+    graphdef, state = grouped_state()
+    batch = grouped_batch(graphdef, state.params)
+    one = parallel.single_device_mesh()
+    want, _ = train.train_step(*on(one, fresh_like(state), batch), graphdef=graphdef,
+                               config=PLAIN, mesh=one)
+    for mesh in (one, data_mesh8):
+        new, metrics = train.train_step(*on(mesh, fresh_like(state), batch), graphdef=graphdef,
+                                        config=PLAIN, mesh=mesh, shared=SHARED)
+        assert metrics["finite"] == 1
+        assert_params_close(new.params, want.params, PLAIN.learning_rate)
+    with pytest.raises(ValueError, match="whole groups of 4 rows"):
+        train.train_step(*on(data_mesh8, fresh_like(state), jax.tree.map(lambda x: x[:16],
+                                                                         batch)),
+                         graphdef=graphdef, config=PLAIN, mesh=data_mesh8, shared=SHARED)
+
+
+def fresh_like(state):
+    """A copy of `state` (the step donates its input)."""
+    return jax.tree.map(jnp.copy, state)
+
+
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
     graphdef, state = fresh(PLAIN, seed=3)
     data = make_batch(graphdef, state.params, num=40, seed=3)  # 40 examples, batches of 16
