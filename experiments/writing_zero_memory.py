@@ -8,6 +8,8 @@ MICROBATCHES parts and the decoder layers under the `--remat` policy (as the GPU
   rm      one Bradley-Terry step (`sft.fit`'s step on `reward_model.pair_loss`), B pairs x L
   sft     one GenRM cold-start step (`sft.sft_loss`), B rows x (prompt + judge text)
   policy  one `train.train_step` (GenRM GRPO / writer), B rows x (prompt + response)
+  shared  the same step with each group of G rows' prompt run once (`train.SharedPrompts`, as
+          `loop.run` passes it): 2,048 + G x 1,024 tokens per group instead of G x 3,072
   kv      the sampler's KV cache for the rollouts (`sampler.kv_cache_bytes`, bfloat16)
 Each step is lowered on `jax.ShapeDtypeStruct`s and compiled for the default backend;
 reported: arguments + outputs - aliased + temporaries (`compile().memory_analysis()`), GiB.
@@ -90,14 +92,16 @@ def job_memory(size: str, remat: str) -> dict[str, float]:
                               ref_logp=rows(POLICY, jnp.float32),
                               advantages=rows(POLICY[:1], jnp.float32))
     sampling = sampler.SamplingConfig(max_new_tokens=ROLLOUT["max_new_tokens"], n=ROLLOUT["n"])
+    policy = functools.partial(train.train_step.lower, state, batch, graphdef=graphdef,
+                               config=policy_config, mesh=parallel.single_device_mesh())
     return {
         "rm": fit_step_gib(lambda: reward_model.ScalarRewardModel(
             Decoder(c, nnx.Rngs(0)), c.hidden_size, rngs=nnx.Rngs(0)),
             reward_model.pair_loss, rm_data, remat),
         "sft": fit_step_gib(lambda: Decoder(c, nnx.Rngs(0)), sft.sft_loss, sft_data, remat),
-        "policy": gib(train.train_step.lower(state, batch, graphdef=graphdef,
-                                             config=policy_config,
-                                             mesh=parallel.single_device_mesh()).compile()),
+        "policy": gib(policy().compile()),
+        "shared": gib(policy(shared=train.SharedPrompts(
+            ROLLOUT["n"], ROLLOUT["prompt_length"])).compile()),
         "kv": sampler.kv_cache_bytes(c, ROLLOUT["prompts"], ROLLOUT["prompt_length"],
                                      sampling) / 2 ** 30,
     }

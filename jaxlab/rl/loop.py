@@ -283,7 +283,8 @@ def _batch(groups: _Groups, reference: Decoder, config: LoopConfig
         rows = np.asarray([(k, first + j) for k, (_, _, first) in mine for j in range(g)])
         parts.append((rows[:, 0], rollout.policy_batch(
             [p.tokens for p in groups.prompts], samples, rows, config.max_prompt_tokens,
-            reference, config.train, widths)))
+            reference, config.train, widths,
+            group_size=g if config.share_prompts else None)))
     order = np.argsort(np.concatenate([k for k, _ in parts]), kind="stable")
     batch = jax.tree.map(lambda *xs: jnp.concatenate(xs)[order], *[b for _, b in parts])
     advantages, keep = group_advantages(np.stack(groups.values["reward"]), config)

@@ -33,9 +33,9 @@ from jaxlab.rl import train
 from jaxlab.sampling import sampler
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "group_size"))
 def _assemble(graphdef, ref_params, prompt_ids, prompt_mask, tokens, lengths, logprobs, rows,
-              *, config: train.TrainConfig) -> train.PolicyBatch:
+              *, config: train.TrainConfig, group_size: int | None) -> train.PolicyBatch:
     """The batch whose row i is trace rows[i, 1] of the sampler output (`tokens`, `logprobs`
     [N, T], `lengths` [N]) after prompt rows[i, 0] of `prompt_ids`/`prompt_mask` [P, L]."""
     prompt_of, trace = rows[:, 0], rows[:, 1]
@@ -47,9 +47,11 @@ def _assemble(graphdef, ref_params, prompt_ids, prompt_mask, tokens, lengths, lo
     old_logp = jnp.concatenate([jnp.zeros(prompt_ids[prompt_of].shape, jnp.float32),
                                 jnp.where(real, logprobs[trace], 0.0)], axis=1)
     if config.loss.kl_coef > 0:
+        shared = None if group_size is None else train.SharedPrompts(group_size,
+                                                                     prompt_ids.shape[1])
         ref_logp = train.policy_logprobs(graphdef, ref_params, out_tokens, mask,
                                          temperature=config.temperature,
-                                         chunk=config.logprob_chunk) * loss_mask
+                                         chunk=config.logprob_chunk, shared=shared) * loss_mask
     else:  # no KL in the loss: no reference forward pass (the step ignores ref_logp)
         ref_logp = old_logp
     return train.PolicyBatch(tokens=out_tokens, mask=mask,
@@ -61,7 +63,7 @@ def _assemble(graphdef, ref_params, prompt_ids, prompt_mask, tokens, lengths, lo
 def policy_batch(prompts: Sequence[Sequence[int]], samples: sampler.Samples,
                  rows: np.ndarray, prompt_length: int, reference: nnx.Module,
                  config: train.TrainConfig, widths: tuple[int, int] | None = None,
-                 ) -> train.PolicyBatch:
+                 group_size: int | None = None) -> train.PolicyBatch:
     """A `PolicyBatch` (advantages 0, to be filled) of sampled traces.
 
     Args:
@@ -73,6 +75,8 @@ def policy_batch(prompts: Sequence[Sequence[int]], samples: sampler.Samples,
       config: the step's settings (temperature, log-prob chunk).
       widths: (L', T'), the prompt and response columns to keep (default: `batch_widths` of
         these rows; batches that will be concatenated must share them).
+      group_size: G when the rows come in groups of G consecutive rows of one prompt: the
+        reference pass then runs each prompt once (`train.SharedPrompts`).
     """
     width, steps = widths or batch_widths(
         [len(prompts[p]) for p in rows[:, 0]], parallel.host_array(samples.lengths)[rows[:, 1]],
@@ -81,7 +85,8 @@ def policy_batch(prompts: Sequence[Sequence[int]], samples: sampler.Samples,
     graphdef, params = nnx.split(reference)
     return _assemble(graphdef, params, jnp.asarray(ids[:, -width:]),
                      jnp.asarray(mask[:, -width:]), samples.tokens[:, :steps], samples.lengths,
-                     samples.logprobs[:, :steps], jnp.asarray(rows, jnp.int32), config=config)
+                     samples.logprobs[:, :steps], jnp.asarray(rows, jnp.int32), config=config,
+                     group_size=group_size)
 
 
 BUCKET = 16  # the finest step of `bucket`, in tokens

@@ -183,16 +183,16 @@ def sequence_logprobs(model: nnx.Module, tokens: jax.Array, mask: jax.Array, *,
     return tuple(jnp.pad(x, ((0, 0), (width, 0))) for x in (logp, ent))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "chunk"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "chunk", "shared"))
 def policy_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array,
                     mask: jax.Array | None = None, *, temperature: float = 1.0,
-                    chunk: int = 512) -> jax.Array:
+                    chunk: int = 512, shared: SharedPrompts | None = None) -> jax.Array:
     """log pi_T(tokens_t | tokens_<t) float32 [B, T] (position 0 is 0): the `old_logp` /
     `ref_logp` of a `PolicyBatch`, computed exactly as the step computes its own (mask None:
-    every token is real)."""
+    every token is real; `shared`: each group's prompt run once, its columns 0)."""
     mask = jnp.ones(tokens.shape, jnp.int32) if mask is None else mask
     return sequence_logprobs(nnx.merge(graphdef, params), tokens, mask,
-                             temperature=temperature, chunk=chunk)[0]
+                             temperature=temperature, chunk=chunk, shared=shared)[0]
 
 
 def batch_indices(key: jax.Array, step: jax.Array, num_examples: int,

@@ -52,6 +52,9 @@ def test_on_policy_ratio_is_one_on_a_left_padded_sampled_batch(dtype):
     ratio = np.exp(np.asarray(logp - batch.old_logp)) * np.asarray(batch.loss_mask)
     np.testing.assert_allclose(ratio[batch.loss_mask > 0], 1.0, atol=tolerance)
     np.testing.assert_allclose(batch.ref_logp, batch.old_logp, atol=tolerance)  # same model
+    # The rows come in pairs of one prompt: the reference pass may run each prompt once.
+    grouped = rollout.policy_batch(prompts, samples, rows, 5, model, config, group_size=2)
+    np.testing.assert_allclose(grouped.ref_logp, batch.ref_logp, atol=tolerance / 10)
     lengths = np.asarray(samples.lengths)
     for i, (p, trace) in enumerate(rows):
         real = [0] * (5 - len(prompts[p])) + [1] * (len(prompts[p]) + lengths[trace])
