@@ -510,7 +510,7 @@ class Decoder(nnx.Module):
                        remat: str = "none", sharding: jax.sharding.Sharding | None = None):
         """`hidden` of the P x G rows `prompt p + response (p, g)`, with each prompt run once
         for its G responses: (prompt hidden [P, L, E], response hidden [P, G, T, E]), equal to
-        the rows' `hidden` at those positions.
+        the rows' `hidden` at their real tokens (padding may differ: it is never a key).
 
         prompt_ids, prompt_mask [P, L] (padding anywhere; left in a rollout); response_ids,
         response_mask [P, G, T] (right-padded). A group is one row of L + G T tokens: every

@@ -13,7 +13,8 @@ exactly what the uninterrupted one did):
    up to `max_refills` extra rounds (the count is logged).
 3. Advantages by `advantage` (`jaxlab.rl.advantages`: GRPO, Dr. GRPO, RLOO, or BRPO for
    rewards already relative to a reference), one per response, broadcast to its tokens.
-4. `ppo_epochs` passes over the batch in `minibatches` shuffled parts, each one `train_step`.
+4. `ppo_epochs` passes over the batch in `minibatches` shuffled parts (by whole groups under
+   `share_prompts`, each group's prompt then run once), each one `train_step`.
 5. Metrics to `metrics.jsonl` (one line per iteration) and an Orbax checkpoint every
    `checkpoint_every` iterations; a rerun of the same out_dir resumes from the latest one.
 

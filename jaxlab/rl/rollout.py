@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlab import parallel
+from jaxlab.config import require
 from jaxlab.rl import train
 from jaxlab.sampling import sampler
 
@@ -78,6 +79,11 @@ def policy_batch(prompts: Sequence[Sequence[int]], samples: sampler.Samples,
       group_size: G when the rows come in groups of G consecutive rows of one prompt: the
         reference pass then runs each prompt once (`train.SharedPrompts`).
     """
+    if group_size is not None:
+        require(len(rows) % group_size == 0 and (
+            rows[:, 0].reshape(-1, group_size) == rows[::group_size, :1]).all(),
+            f"group_size={group_size}: the rows' prompts {rows[:, 0].tolist()} do not come in "
+            f"groups of {group_size} consecutive rows")
     width, steps = widths or batch_widths(
         [len(prompts[p]) for p in rows[:, 0]], parallel.host_array(samples.lengths)[rows[:, 1]],
         prompt_length, samples.tokens.shape[1])

@@ -151,6 +151,12 @@ class SharedPrompts:
     group_size: int
     prompt_width: int
 
+    def __post_init__(self):
+        for name in ("group_size", "prompt_width"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1,
+                    f"SharedPrompts.{name} must be an integer >= 1, got {value!r}")
+
 
 def sequence_logprobs(model: nnx.Module, tokens: jax.Array, mask: jax.Array, *,
                       temperature: float = 1.0, chunk: int = 512, entropy_grad: bool = False,
@@ -168,9 +174,15 @@ def sequence_logprobs(model: nnx.Module, tokens: jax.Array, mask: jax.Array, *,
     else:
         g, width = shared.group_size, shared.prompt_width
         b, t = tokens.shape[0], tokens.shape[1] - width
-        prompt, response = model.grouped_hidden(
-            tokens[::g, :width], mask[::g, :width], tokens[:, width:].reshape(-1, g, t),
-            mask[:, width:].reshape(-1, g, t), remat=remat, sharding=sharding)
+        require(b % g == 0 and t >= 1, f"SharedPrompts({g}, {width}) needs rows in groups of "
+                f"{g} and a prompt narrower than the tokens, got tokens {tokens.shape}")
+
+        def groups(x):                   # [B, T] -> prompt [P, L], responses [P, G, T']
+            return x[:, :width].reshape(-1, g, width)[:, 0], x[:, width:].reshape(-1, g, t)
+
+        (prompt_ids, response_ids), (prompt_mask, response_mask) = groups(tokens), groups(mask)
+        prompt, response = model.grouped_hidden(prompt_ids, prompt_mask, response_ids,
+                                                response_mask, remat=remat, sharding=sharding)
         # Response token j is predicted from response position j - 1, token 0 from the
         # prompt's last position (shared by the group).
         last = jnp.broadcast_to(prompt[:, None, -1:], (*response.shape[:2], 1, prompt.shape[-1]))
