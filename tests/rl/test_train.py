@@ -186,8 +186,9 @@ def test_shared_prompts_give_the_row_by_row_logprobs_and_gradients(remat):
             entropy_grad=True, remat=remat, shared=shared)
         return jnp.sum(batch.loss_mask * (logp + 0.3 * ent)), (logp, ent)
 
-    (row_total, row), row_grads = jax.value_and_grad(weighted, has_aux=True)(state.params, None)
-    (total, got), grads = jax.value_and_grad(weighted, has_aux=True)(state.params, SHARED)
+    value_and_grad = jax.jit(jax.value_and_grad(weighted, has_aux=True), static_argnums=1)
+    (row_total, row), row_grads = value_and_grad(state.params, None)
+    (total, got), grads = value_and_grad(state.params, SHARED)
     for x, y in zip(got, row, strict=True):
         np.testing.assert_allclose(np.asarray(x)[on_response], np.asarray(y)[on_response],
                                    rtol=1e-5, atol=1e-5)
