@@ -562,19 +562,22 @@ class Decoder(nnx.Module):
         products accumulate and come out in float32, also under bfloat16 compute). A tied head
         contracts E with the embedding [V, E] as stored: through its transpose, XLA's CPU
         backend copies the whole embedding (transposed, and in float32)."""
-        if self.config.tie_word_embeddings:
-            head, axis = self.embed_tokens.embedding[...], 1
-        else:
-            head, axis = self.lm_head.kernel[...], 0
+        head, axis = self._head()
         return _dot_general(hidden, head.astype(hidden.dtype),
                             (((hidden.ndim - 1,), (axis,)), ((), ())),
                             preferred_element_type=jnp.float32)
 
     def unembedding(self):
         """The output head's matrix [E, V] (the transposed input embedding when tied)."""
+        head, axis = self._head()
+        return head.T if axis == 1 else head
+
+    def _head(self):
+        """(the output head's matrix as stored, the axis of it that E is): the embedding
+        [V, E] and 1 when tied, else the head's kernel [E, V] and 0."""
         if self.config.tie_word_embeddings:
-            return self.embed_tokens.embedding[...].T
-        return self.lm_head.kernel[...]
+            return self.embed_tokens.embedding[...], 1
+        return self.lm_head.kernel[...], 0
 
     def prefill(self, input_ids, attention_mask=None, *, cache_size: int, int8_cache=False,
                 last_only=False, key_layout: str | None = None, stacked: bool = False):

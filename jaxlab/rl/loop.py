@@ -418,9 +418,9 @@ def shared_prompts(config: LoopConfig, prompt_width: int, shards: int,
     """The step's `train.SharedPrompts` for a batch of this prompt width, or None (row by row)
     when `config.share_prompts` is off or a device's micro-batch (rows / (minibatches x data
     devices x train.microbatches)) would not hold whole groups."""
-    rows = config.prompts * config.group_size
-    part = config.minibatches * shards * config.train.microbatches * config.group_size
-    if not config.share_prompts or rows % part:
+    size = config.prompts * config.group_size // config.minibatches
+    if not config.share_prompts or not train.whole_groups(
+            size, shards, config.train.microbatches, config.group_size):
         return None
     return train.SharedPrompts(config.group_size, prompt_width)
 

@@ -220,6 +220,12 @@ def batch_indices(key: jax.Array, step: jax.Array, num_examples: int,
     return jax.lax.dynamic_slice(order, (position * batch_size,), (batch_size,)).astype(jnp.int32)
 
 
+def whole_groups(size: int, num_shards: int, microbatches: int, group_size: int) -> bool:
+    """Whether each device's micro-batch of a `size`-row batch holds whole groups of
+    `group_size` rows (what `SharedPrompts` needs)."""
+    return size % (num_shards * microbatches * group_size) == 0
+
+
 def check_batch(batch: PolicyBatch, num_shards: int, microbatches: int,
                 shared: SharedPrompts | None = None) -> None:
     """Raises ValueError naming the first field whose shape or dtype is wrong."""
@@ -239,7 +245,7 @@ def check_batch(batch: PolicyBatch, num_shards: int, microbatches: int,
             f"the batch size {size} must be a multiple of the data-axis devices ({num_shards}) "
             f"x microbatches ({microbatches})")
     if shared is not None:
-        require(size % (num_shards * microbatches * shared.group_size) == 0,
+        require(whole_groups(size, num_shards, microbatches, shared.group_size),
                 f"SharedPrompts: each device's micro-batch of {size} rows / ({num_shards} "
                 f"devices x {microbatches} microbatches) must hold whole groups of "
                 f"{shared.group_size} rows")
