@@ -7,20 +7,22 @@ Layouts. A full-sequence call takes q [B, T, H, D] and k, v [B, T, K, D]. Decode
 value head on grouped queries q [B, K, Q, D]: the Q queries of (row b, kv head k) are its G query
 heads, or in cascade attention the n x G query heads of the n traces sharing one prompt. The
 cache holds values [B, K, S, D] and keys in one of two layouts (`KEY_LAYOUTS`): "slots"
-[B, K, S, D], the layout of the kernels, or "dims" [B, K, D, S], the plain q [Q, D] @ [D, S]
-product that XLA's CPU backend runs fastest (a transposed operand costs it a repacking of every
-block: 12% of the whole decode step on a small Qwen3). Caches are in the compute dtype or int8
-with float32 scales [B, K, S] (key = int8 * scale); on the CPU a 16-bit float cache is held as
-its bit patterns (`stored_dtype`: uint16, read as the queries' dtype). The live slots of row b
-are start[b] <= s < end[b].
+[B, K, S, D], the layout of the kernels (the GPU and TPU policies'), or "dims" [B, K, D, S],
+the plain q [Q, D] @ [D, S] product that XLA's CPU backend runs fastest (a transposed operand
+costs it a repacking of every block: 12% of the whole decode step on a small Qwen3). Caches are
+in the compute dtype or int8 with float32 scales [B, K, S] (key = int8 * scale); under the CPU
+policy a 16-bit float cache is held as its bit patterns (`stored_dtype`: uint16, read as the
+queries' dtype). The live slots of row b are start[b] <= s < end[b]. Which path runs is the
+model's backend policy's choice (`jaxlab.models.backend`), passed in, never read from the
+process.
 
   full_attention      causal + padding mask through `jax.nn.dot_product_attention` (fused
                       kernels where the backend has them; no [B, H, T, S] float32 tensor then),
-                      on the CPU through `grouped_attention` (plain batched products)
+                      under the CPU policy through `grouped_attention` (plain batched products)
   block_attention     portable flash-decoding over the live blocks only: returns (out, lse)
   pallas_gpu_attention  the Pallas GPU decode kernel shipped with JAX, same contract
   pallas_tpu_attention  the Pallas TPU paged-attention kernel shipped with JAX, same contract
-  decode_attention    one of them, by backend and request (`DECODE_KERNELS`)
+  decode_attention    one of them, by policy and request (`DECODE_KERNELS`)
   merge               two attentions over disjoint key sets combined by their log-sum-exps
 """
 
@@ -33,6 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab.config import require
+from jaxlab.models import backend
+from jaxlab.models.backend import BackendPolicy
 
 try:  # Pallas' Triton ops are deprecated after JAX 0.11 (their successor lives in tokamax)
     import warnings
@@ -66,30 +70,26 @@ def slot_axis(key_layout: str) -> int:
     return 2 if key_layout == "slots" else 3
 
 
-def default_key_layout() -> str:
-    """"dims" on the CPU (its fastest product), else "slots" (the kernels' layout)."""
-    return "dims" if jax.default_backend() == "cpu" else "slots"
-
-
 def is_half(dtype) -> bool:
     """Whether `dtype` is a 16-bit float (bfloat16, float16)."""
     dtype = jnp.dtype(dtype)
     return dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating)
 
 
-def stored_dtype(dtype) -> jnp.dtype:
-    """The dtype a cache holds `dtype` in: on the CPU, a 16-bit float as its bit patterns
-    (uint16); anything else, and everything elsewhere, as it is. A cache's elements are only
-    moved (written by a scatter, read by slices), and XLA's CPU backend converts 16-bit floats
-    to float32 around such moves, whole caches at each step, where it moves bits as they are."""
+def stored_dtype(dtype, policy: BackendPolicy) -> jnp.dtype:
+    """The dtype a cache of `policy` holds `dtype` in: a 16-bit float as its bit patterns
+    (uint16) where `policy.half_as_bits` (the CPU's), anything else as it is. A cache's elements
+    are only moved (written by a scatter, read by slices), and XLA's CPU backend converts 16-bit
+    floats to float32 around such moves, whole caches at each step, where it moves bits as they
+    are."""
     dtype = jnp.dtype(dtype)
-    return jnp.dtype(jnp.uint16) if jax.default_backend() == "cpu" and is_half(dtype) else dtype
+    return jnp.dtype(jnp.uint16) if policy.half_as_bits and is_half(dtype) else dtype
 
 
 def stored(x):
-    """x in `stored_dtype` (a bit cast: nothing is rounded)."""
-    dtype = stored_dtype(x.dtype)
-    return x if dtype == x.dtype else jax.lax.bitcast_convert_type(x, dtype)
+    """16-bit floats x as the bits a uint16 cache holds (a bit cast: nothing is rounded)."""
+    require(is_half(x.dtype), f"a cache of 16-bit float bits takes 16-bit floats, not {x.dtype}")
+    return jax.lax.bitcast_convert_type(x, jnp.uint16)
 
 
 def loaded(x, dtype):
@@ -102,14 +102,15 @@ def loaded(x, dtype):
     return jax.lax.bitcast_convert_type(x, dtype)
 
 
-def full_attention(q, k, v, mask):
-    """Attention of T queries over T keys under mask [B, T, T] bool (query t sees key s):
-    q [B, T, H, D], k, v [B, T, K, D] -> [B, T, H, D] in q's dtype. Logits and softmax in
+def full_attention(q, k, v, mask, policy: BackendPolicy):
+    """Attention of T queries over S keys under mask [B, T, S] bool (query t sees key s):
+    q [B, T, H, D], k, v [B, S, K, D] -> [B, T, H, D] in q's dtype. Logits and softmax in
     float32. A query that sees no key (padding) gets a finite average instead of NaN.
 
-    Through `jax.nn.dot_product_attention` (fused kernels where the backend has them), except
-    on the CPU, where `grouped_attention` runs the same products about 3x faster."""
-    if jax.default_backend() == "cpu":
+    Through `jax.nn.dot_product_attention` (fused kernels where the backend has them: cuDNN on
+    a GPU, XLA's on a TPU), or where `policy.attention` is "grouped" (the CPU's) through
+    `grouped_attention`, which runs the same products about 3x faster there."""
+    if policy.attention == "grouped":
         return grouped_attention(q, k, v, mask)
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=q.shape[-1] ** -0.5)
 
@@ -352,43 +353,79 @@ def pallas_splits(size: int, block: int = 128, max_splits: int = 16) -> tuple[in
     return 0, 0
 
 
+def pallas_gpu_unfit(q, values, key_scale, *, block: int, key_layout: str, pages=None,
+                     layer=None) -> str:
+    """Why the Pallas GPU kernel cannot take this cache ("" if it can): it reads float,
+    unpaged, unstacked caches in the "slots" layout, a power-of-two head dim >= 16, cut into
+    splits (`pallas_splits`)."""
+    d = q.shape[-1]
+    return _first_reason(
+        (not HAS_PALLAS_GPU, "this JAX has no Pallas GPU decode kernel"),
+        (key_scale is not None, "an int8 cache"),
+        (pages is not None, "a paged cache (the kernel reads rows [B, S, K, D])"),
+        (layer is not None, "a stacked cache (the kernel reads one layer's rows)"),
+        (key_layout != "slots", f"keys in the {key_layout!r} layout"),
+        (d < 16 or d & (d - 1) != 0, f"head dim {d} (a power of two >= 16)"),
+        (pallas_splits(values.shape[-2], block)[0] == 0,
+         f"{values.shape[-2]} slots (splits of a multiple of 16 slots)"))
+
+
+def pallas_tpu_unfit(q, values, key_scale, *, block: int, key_layout: str, pages=None,
+                     layer=None) -> str:
+    """Why the Pallas TPU kernel cannot take this cache ("" if it can): bfloat16 or float32
+    caches in the "slots" layout (plain, paged or stacked), a head dim that is a multiple of
+    128, blocks of a multiple of 16 slots, a page table that fits its scalar memory."""
+    del layer
+    d, dtype = q.shape[-1], q.dtype if values.dtype == jnp.uint16 else values.dtype
+    b, k = q.shape[:2]
+    entries = b * k * (values.shape[-2] // block if pages is None else pages.shape[1])
+    return _first_reason(
+        (not HAS_PALLAS_TPU, "this JAX has no Pallas TPU paged-attention kernel"),
+        (key_scale is not None, "an int8 cache"),
+        (key_layout != "slots", f"keys in the {key_layout!r} layout"),
+        (dtype not in (jnp.bfloat16, jnp.float32), f"a {jnp.dtype(dtype)} cache"),
+        (d % 128 != 0, f"head dim {d} (a multiple of 128)"),
+        (block % 16 != 0, f"blocks of {block} slots (a multiple of 16)"),
+        (entries > TPU_TABLE_ENTRIES, f"a page table of {entries} entries (at most "
+         f"{TPU_TABLE_ENTRIES} fit the scalar memory)"))
+
+
+def _first_reason(*checks) -> str:
+    return next((reason for failed, reason in checks if failed), "")
+
+
 def decode_attention(q, keys, values, key_scale, value_scale, start, end, *, block: int,
-                     key_layout: str, kernel: str = "auto", pages=None, layer=None):
+                     key_layout: str, policy: BackendPolicy, kernel: str = "auto", pages=None,
+                     layer=None):
     """`block_attention`'s contract through the kernel `kernel` names (`DECODE_KERNELS`):
-    "portable" (`block_attention`), "pallas" (the backend's Pallas kernel:
-    `pallas_gpu_attention` on a GPU, `pallas_tpu_attention` on a TPU), or "auto": the Pallas
-    kernel on a GPU for a float, unpaged, unstacked cache in the "slots" layout that it can
-    split, else the portable path (int8 caches, TPUs, other backends). On a TPU the kernel is
-    taken only when asked for: it is tested against the portable path in interpret mode, not
-    timed on TPU hardware."""
+    "portable" (`block_attention`), "pallas" (the policy's Pallas kernel:
+    `pallas_gpu_attention` under the GPU policy, `pallas_tpu_attention` under the TPU policy;
+    an error naming what it cannot take), or "auto": `policy.decode_kernel` where it can take
+    the cache, else the portable path, the reason logged once (`backend.explain`). Under a
+    policy of another platform the kernels run in interpret mode (`policy.interpret`)."""
     require(kernel in DECODE_KERNELS, f"decode kernel {kernel!r} is not one of "
             f"{DECODE_KERNELS}")
-    d, backend = q.shape[-1], jax.default_backend()
-    dtype = q.dtype if values.dtype == jnp.uint16 else values.dtype  # bits: read as q's dtype
-    gpu = (backend == "gpu" and HAS_PALLAS_GPU and key_scale is None and pages is None
-           and layer is None and key_layout == "slots" and d >= 16 and d & (d - 1) == 0
-           and pallas_splits(values.shape[-2], block)[0] > 0)
-    tpu = (backend == "tpu" and HAS_PALLAS_TPU and key_scale is None and key_layout == "slots"
-           and dtype in (jnp.bfloat16, jnp.float32) and d % 128 == 0
-           and block % 16 == 0)
-    if kernel == "pallas":
-        require(gpu or tpu, "the Pallas decode kernel needs a GPU and a float, unpaged cache "
-                "of one array per layer in the 'slots' key layout, a power-of-two head dim >= "
-                "16 and a cache it can split, or a TPU and a bfloat16 or float32 cache in the "
-                "'slots' key layout, a head dim that is a multiple of 128 and blocks of a "
-                f"multiple of 16 slots (got backend {backend}, int8={key_scale is not None}, "
-                f"dtype {dtype}, paged="
-                f"{pages is not None}, stacked={layer is not None}, key_layout={key_layout!r}, "
-                f"head dim {d}, {values.shape[-2]} slots, block {block})")
-    if (gpu and kernel != "portable") or (tpu and kernel == "pallas"):  # they read floats
-        keys, values = loaded(keys, q.dtype), loaded(values, q.dtype)
-    if gpu and kernel != "portable":
-        return pallas_gpu_attention(q, keys, values, start, end, block=block)
-    if tpu and kernel == "pallas":
-        return pallas_tpu_attention(q, keys, values, start, end, block=block, pages=pages,
-                                    layer=layer)
-    return block_attention(q, keys, values, key_scale, value_scale, start, end, block=block,
-                           key_layout=key_layout, pages=pages, layer=layer)
+    choice = {"auto": policy.decode_kernel, "portable": "portable",
+              "pallas": policy.pallas}[kernel]
+    require(choice is not None, f"decode_kernel='pallas' under the {policy.name} policy: it "
+            "has no Pallas decode kernel (JAXLAB_POLICY=gpu or tpu runs one, in interpret "
+            "mode off its platform)")
+    settings = dict(block=block, key_layout=key_layout, pages=pages, layer=layer)
+    if choice != "portable":
+        unfit = (pallas_gpu_unfit if choice == "pallas_gpu" else pallas_tpu_unfit)(
+            q, values, key_scale, **settings)
+        require(not unfit or kernel == "auto", f"decode_kernel='pallas' under the "
+                f"{policy.name} policy cannot take {unfit}")
+        backend.explain(policy, "decode attention", "portable" if unfit else choice, unfit)
+        choice = "portable" if unfit else choice
+    if choice == "portable":
+        return block_attention(q, keys, values, key_scale, value_scale, start, end, **settings)
+    keys, values = loaded(keys, q.dtype), loaded(values, q.dtype)  # the kernels read floats
+    if choice == "pallas_gpu":
+        return pallas_gpu_attention(q, keys, values, start, end, block=block,
+                                    interpret=policy.interpret)
+    return pallas_tpu_attention(q, keys, values, start, end, block=block, pages=pages,
+                                layer=layer, interpret=policy.interpret)
 
 
 def _lse(m, total):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -33,6 +34,8 @@ from flax import nnx, struct
 
 from jaxlab.config import dtype_name, require, require_positive_ints
 from jaxlab.models import attention
+from jaxlab.models.backend import BackendPolicy
+from jaxlab.models.backend import resolve as resolve_policy
 
 FAMILIES = ("qwen3", "qwen2", "llama")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -186,8 +189,8 @@ class KVCache:
     """Keys and values of every layer for S slots per row; row b's live slots are
     start[b] <= s < index[b] (a left-padded prompt, then the tokens decoded after it)."""
 
-    # In the model's dtype (on the CPU, 16-bit floats held as their bit patterns, uint16:
-    # `attention.stored_dtype`) or int8: keys [B, K, S, D] or [B, K, D, S] (`key_layout`,
+    # In the model's dtype (under the CPU backend policy, 16-bit floats held as their bit
+    # patterns, uint16: `attention.stored_dtype`) or int8: keys [B, K, S, D] or [B, K, D, S] (`key_layout`,
     # `attention.KEY_LAYOUTS`), values [B, K, S, D], and for int8 float32 [B, K, S] scales (key
     # = keys * scale). Per layer, either one array each (a tuple of L: a step updates each in
     # place, the layers run unrolled) or one stack [L, ...] (`stacked`: the layers run in one
@@ -256,16 +259,16 @@ class KVCache:
         return self.replace(keys=jax.tree.map(view, self.keys),
                             values=jax.tree.map(view, self.values))
 
-    def attend(self, i, q, kernel: str = "auto"):
+    def attend(self, i, q, policy: BackendPolicy, kernel: str = "auto"):
         """Layer i's attention of grouped queries q [B, K, Q, D] (in `dtype`) over the live
         slots: (out float32 [B, K, Q, D], lse float32 [B, K, Q])
-        (`attention.decode_attention`)."""
+        (`attention.decode_attention`, under `policy`)."""
         require(q.dtype == jnp.dtype(self.dtype), f"queries in {q.dtype} read a cache of a "
                 f"{self.dtype} model")
         fields, layer = _layer(self.fields, i)
         return attention.decode_attention(q, *fields, self.start, self.index, block=self.block,
-                                          key_layout=self.key_layout, kernel=kernel,
-                                          pages=self.pages, layer=layer)
+                                          key_layout=self.key_layout, policy=policy,
+                                          kernel=kernel, pages=self.pages, layer=layer)
 
 
 def positions_of(mask) -> jax.Array:
@@ -295,8 +298,8 @@ def _rotate(x, cos, sin):
 
 
 class Attention(nnx.Module):
-    def __init__(self, c: DecoderConfig, rngs: nnx.Rngs):
-        linear = _linear_factory(c, rngs)
+    def __init__(self, c: DecoderConfig, rngs: nnx.Rngs, policy: BackendPolicy):
+        linear = _linear_factory(c, rngs, policy)
         self.q_proj = linear(c.hidden_size, c.num_heads * c.head_dim, c.qkv_bias)
         self.k_proj = linear(c.hidden_size, c.num_kv_heads * c.head_dim, c.qkv_bias)
         self.v_proj = linear(c.hidden_size, c.num_kv_heads * c.head_dim, c.qkv_bias)
@@ -336,8 +339,6 @@ def _write_slots(cache, new, index, axis, rows=None, layer=None):
     if layer is not None:
         where = (layer, *where)
     if cache.dtype == jnp.uint16:  # a 16-bit float cache held as bits: new's bits go in
-        require(attention.is_half(new.dtype), f"a cache of 16-bit float bits takes 16-bit "
-                f"floats, not {new.dtype}")
         new = attention.stored(new)
     new = new.astype(cache.dtype)
     return cache.at[where].set(new, mode="promise_in_bounds")
@@ -393,8 +394,8 @@ def _quantize(x):
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, c: DecoderConfig, rngs: nnx.Rngs):
-        linear = _linear_factory(c, rngs)
+    def __init__(self, c: DecoderConfig, rngs: nnx.Rngs, policy: BackendPolicy):
+        linear = _linear_factory(c, rngs, policy)
         self.gate_proj = linear(c.hidden_size, c.intermediate_size, c.mlp_bias)
         self.up_proj = linear(c.hidden_size, c.intermediate_size, c.mlp_bias)
         self.down_proj = linear(c.intermediate_size, c.hidden_size, c.mlp_bias)
@@ -406,11 +407,11 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, c: DecoderConfig, rngs: nnx.Rngs):
+    def __init__(self, c: DecoderConfig, rngs: nnx.Rngs, policy: BackendPolicy):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.param_dtype)
-        self.self_attn = Attention(c, rngs)
+        self.self_attn = Attention(c, rngs, policy)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.param_dtype)
-        self.mlp = MLP(c, rngs)
+        self.mlp = MLP(c, rngs, policy)
 
     def __call__(self, x, cos, sin, attend):
         h, extra = self.self_attn(self.input_layernorm(x), cos, sin, attend)
@@ -418,10 +419,11 @@ class Block(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), extra
 
 
-def _dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None,
-                 **kwargs):
-    """`lax.dot_general` for the linear layers and the output head. On the CPU, two changes of
-    form that keep the values (up to float32 rounding) and spare XLA's CPU backend copies:
+def row_dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None,
+                    **kwargs):
+    """`lax.dot_general` in the CPU backend policy's product form (`BackendPolicy.row_products`),
+    for the linear layers and the output head: two changes of form that keep the values (up to
+    float32 rounding) and spare XLA's CPU backend copies:
 
     - x [..., E] is multiplied as a matrix of rows [N, E]: from more axes that backend computes
       the weight gradient (contracting N = B x T over two axes) through transposed copies and
@@ -433,43 +435,67 @@ def _dot_general(x, w, dimension_numbers, precision=None, preferred_element_type
       all (60 MiB per Qwen3-0.6B layer in bfloat16). Its cost: under `remat="dots"` the saved
       products are the float32 ones (twice a bfloat16 product's bytes).
 
-    Elsewhere the plain product: GPUs and TPUs multiply 16-bit floats natively."""
+    The GPU and TPU policies run `lax.dot_general` as written: they multiply 16-bit floats
+    natively."""
     (x_axes, w_axes), batch = dimension_numbers
-    if (jax.default_backend() == "cpu" and x.ndim > 2 and tuple(x_axes) == (x.ndim - 1,)
-            and not any(batch)):  # x [..., E] contracted with one axis of w: as rows [N, E]
-        out = _dot_general(x.reshape(-1, x.shape[-1]), w, (((1,), tuple(w_axes)), ((), ())),
-                           precision, preferred_element_type, **kwargs)
+    if x.ndim > 2 and tuple(x_axes) == (x.ndim - 1,) and not any(batch):  # x [..., E]: as rows
+        out = row_dot_general(x.reshape(-1, x.shape[-1]), w, (((1,), tuple(w_axes)), ((), ())),
+                              precision, preferred_element_type, **kwargs)
         return out.reshape(*x.shape[:-1], *out.shape[1:])
-    if (preferred_element_type is None and jax.default_backend() == "cpu"
-            and x.dtype == w.dtype and attention.is_half(x.dtype)):
+    if preferred_element_type is None and x.dtype == w.dtype and attention.is_half(x.dtype):
         return jax.lax.dot_general(x, w, dimension_numbers, precision,
                                    preferred_element_type=jnp.float32, **kwargs).astype(x.dtype)
     return jax.lax.dot_general(x, w, dimension_numbers, precision,
                                preferred_element_type=preferred_element_type, **kwargs)
 
 
-def _linear_factory(c: DecoderConfig, rngs: nnx.Rngs):
+def _product(policy: BackendPolicy):
+    """The `dot_general` of the linear layers under `policy` (a module-level function, so that
+    models of one policy share one graph)."""
+    return row_dot_general if policy.row_products else jax.lax.dot_general
+
+
+def _linear_factory(c: DecoderConfig, rngs: nnx.Rngs, policy: BackendPolicy):
     def linear(n_in, n_out, bias):
         return nnx.Linear(n_in, n_out, use_bias=bias, dtype=c.dtype, param_dtype=c.param_dtype,
-                          kernel_init=nnx.initializers.normal(0.02), dot_general=_dot_general,
-                          rngs=rngs)
+                          kernel_init=nnx.initializers.normal(0.02),
+                          dot_general=_product(policy), rngs=rngs)
     return linear
 
 
 class Decoder(nnx.Module):
-    """A causal LM. Weights follow the Hugging Face layout (`jaxlab.models.hf` maps them)."""
+    """A causal LM. Weights follow the Hugging Face layout (`jaxlab.models.hf` maps them).
 
-    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
+    `backend` is the backend policy its programs are compiled with (`jaxlab.models.backend`:
+    attention path, decode kernel, cache layout and storage, product form): a `BackendPolicy`,
+    a name ("auto", "cpu", "gpu", "tpu") or None (`JAXLAB_POLICY`, else "auto"), resolved
+    against `devices` (default `jax.devices()`: the devices the model will run on). It is a
+    static field of the model's graph; `set_backend` changes it."""
+
+    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs,
+                 backend: BackendPolicy | str | None = None,
+                 devices: Sequence[jax.Device] | None = None):
         c = self.config = config
+        self.backend = policy = resolve_policy(backend, devices)
         self.embed_tokens = nnx.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype,
                                       param_dtype=c.param_dtype,
                                       embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-        self.layers = nnx.List([Block(c, rngs) for _ in range(c.num_layers)])
+        self.layers = nnx.List([Block(c, rngs, policy) for _ in range(c.num_layers)])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.param_dtype)
         if not c.tie_word_embeddings:
             self.lm_head = nnx.Linear(c.hidden_size, c.vocab_size, use_bias=False, dtype=c.dtype,
                                       param_dtype=c.param_dtype,
                                       kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+    def set_backend(self, backend: BackendPolicy | str | None,
+                    devices: Sequence[jax.Device] | None = None) -> Decoder:
+        """Runs the model under another backend policy (resolved as in the constructor): every
+        program compiled from it afterwards is that policy's. Returns the model."""
+        self.backend = policy = resolve_policy(backend, devices)
+        for _, node in nnx.iter_graph(self.layers):
+            if isinstance(node, nnx.Linear):
+                node.dot_general = _product(policy)
+        return self
 
     # ---------------------------------------------------------------- entry points
 
@@ -501,7 +527,7 @@ class Decoder(nnx.Module):
         visible = _causal(mask)
 
         def attend(i, q, k, v, carry):
-            return attention.full_attention(q, k, v, visible), carry
+            return attention.full_attention(q, k, v, visible, self.backend), carry
 
         return self._layers(input_ids, positions_of(mask), attend, remat=remat,
                             sharding=sharding)[0]
@@ -541,10 +567,10 @@ class Decoder(nnx.Module):
                                                                         *x.shape[2:])
 
             out_prompt = attention.full_attention(q[:, :length], k[:, :length], v[:, :length],
-                                                  causal)                          # [P, L, H, D]
+                                                  causal, self.backend)            # [P, L, H, D]
             out_response = attention.full_attention(
                 q[:, length:].reshape(p * g, t, *q.shape[2:]), per_response(k), per_response(v),
-                seen)                                                             # [PG, T, H, D]
+                seen, self.backend)                                               # [PG, T, H, D]
             return jnp.concatenate([out_prompt, out_response.reshape(p, g * t, *q.shape[2:])],
                                    axis=1), carry
 
@@ -563,7 +589,7 @@ class Decoder(nnx.Module):
         contracts E with the embedding [V, E] as stored: through its transpose, XLA's CPU
         backend copies the whole embedding (transposed, and in float32)."""
         head, axis = self._head()
-        return _dot_general(hidden, head.astype(hidden.dtype),
+        return _product(self.backend)(hidden, head.astype(hidden.dtype),
                             (((hidden.ndim - 1,), (axis,)), ((), ())),
                             preferred_element_type=jnp.float32)
 
@@ -607,7 +633,7 @@ class Decoder(nnx.Module):
         zero = jnp.zeros((b,), jnp.int32)
 
         def attend(i, q, k, v, fields):
-            return (attention.full_attention(q, k, v, visible),
+            return (attention.full_attention(q, k, v, visible, self.backend),
                     _write_layer(fields, i, k, v, zero, cache.key_layout))
 
         x, fields = self._layers(input_ids, positions_of(mask), attend, cache.fields,
@@ -646,9 +672,10 @@ class Decoder(nnx.Module):
             fields = _write_layer(fields, i, k_new, v_new, cache.index, cache.key_layout,
                                   cache.pages)
             q = _grouped(q, k)                                                    # [B, K, G, D]
-            out, lse = _with_fields(written, fields).attend(i, q, kernel)
+            out, lse = _with_fields(written, fields).attend(i, q, self.backend, kernel)
             if prefix is not None:
-                out, lse = attention.merge((out, lse), _shared(prefix, i, q, kernel))
+                out, lse = attention.merge((out, lse),
+                                           _shared(prefix, i, q, self.backend, kernel))
             return out.astype(q.dtype).reshape(b, 1, -1, q.shape[-1]), fields
 
         if cache.stacked and stack is None:
@@ -668,16 +695,16 @@ class Decoder(nnx.Module):
 
     def init_cache(self, batch: int, size: int, int8: bool = False,
                    key_layout: str | None = None, stacked: bool = False) -> KVCache:
-        """An empty cache (16-bit floats held as their bits on the CPU:
+        """An empty cache (16-bit floats held as their bits under the CPU policy:
         `attention.stored_dtype`); `int8` stores keys and values as int8 with float32 scales
         per token and head (D + 4 bytes instead of 2 D or 4 D per token, head and tensor); keys in
-        `key_layout` (default: `attention.default_key_layout()`, by backend); each field one
-        array per layer, or one stack [L, ...] if `stacked`."""
-        key_layout = key_layout or attention.default_key_layout()
+        `key_layout` (default: the backend policy's); each field one array per layer, or one
+        stack [L, ...] if `stacked`."""
+        key_layout = key_layout or self.backend.key_layout
         attention.slot_axis(key_layout)  # checks it
         c = self.config
         values = (batch, c.num_kv_heads, size, c.head_dim)
-        dtype = jnp.int8 if int8 else attention.stored_dtype(c.dtype)
+        dtype = jnp.int8 if int8 else attention.stored_dtype(c.dtype, self.backend)
 
         def per_layer(shape, dtype):
             if stacked:
@@ -784,14 +811,14 @@ def _causal(mask):
     return mask[:, None, :] & (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])
 
 
-def _shared(prefix: KVCache, i, q, kernel: str):
+def _shared(prefix: KVCache, i, q, policy: BackendPolicy, kernel: str):
     """Layer i's attention of grouped queries q [B, K, G, D] over a prefix of P rows shared by
     n = B / P consecutive rows each: their n x G queries per head in one product,
     [P, K, n G, D], against the prefix row once. Returns (out [B, K, G, D], lse [B, K, G])."""
     b, k, g, d = q.shape
     p = prefix.start.shape[0]
     batched = q.reshape(p, b // p, k, g, d).transpose(0, 2, 1, 3, 4).reshape(p, k, -1, d)
-    out, lse = prefix.attend(i, batched, kernel)
+    out, lse = prefix.attend(i, batched, policy, kernel)
 
     def per_row(x):                                    # [P, K, n G, ...] -> [B, K, G, ...]
         x = x.reshape(p, k, b // p, g, *x.shape[3:])

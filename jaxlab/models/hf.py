@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from jaxlab import parallel
 from jaxlab.config import dtype_name
 from jaxlab.extras import require_extra
+from jaxlab.models.backend import BackendPolicy
 from jaxlab.models.decoder import FAMILIES, Decoder, DecoderConfig
 from jaxlab.models.encoder import Encoder, EncoderConfig, SentenceEncoder
 from jaxlab.results import write_json, write_once
@@ -330,7 +331,8 @@ def load_decoder_config(path: str | pathlib.Path, *, dtype: DTypeLike = "float32
 
 def load_pretrained(path: str | pathlib.Path, *, dtype: DTypeLike = "float32",
                     activation_dtype: DTypeLike | None = None, mesh: Mesh | None = None,
-                    allow_nonfinite: bool = False) -> Decoder:
+                    allow_nonfinite: bool = False,
+                    backend: BackendPolicy | str | None = None) -> Decoder:
     """A `Decoder` with every weight read from the local Hugging Face folder `path`.
 
     Args:
@@ -340,6 +342,8 @@ def load_pretrained(path: str | pathlib.Path, *, dtype: DTypeLike = "float32",
       mesh: place parameters sharded over this mesh (`parallel.param_sharding`); each device
         reads only its own slice from the files.
       allow_nonfinite: load tensors holding NaN or infinity with a warning instead of refusing.
+      backend: the model's backend policy (`jaxlab.models.backend`), a policy or a name;
+        default: `JAXLAB_POLICY`, else the policy of the mesh's devices (or the default ones).
     Raises:
       ValueError: a dtype that is not one of the three, naming the argument and the value.
       CheckpointError: unsupported architecture or config values, missing, unreadable or cut
@@ -348,7 +352,8 @@ def load_pretrained(path: str | pathlib.Path, *, dtype: DTypeLike = "float32",
     """
     path = pathlib.Path(path)
     config = load_decoder_config(path, dtype=dtype, activation_dtype=activation_dtype)
-    abstract = nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(0)))
+    devices = None if mesh is None else list(mesh.devices.flat)
+    abstract = nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(0), backend, devices))
     graphdef, state = nnx.split(abstract)
     targets = {ours: (name, transposed) for name, (ours, transposed) in
                decoder_tensor_names(config).items()}

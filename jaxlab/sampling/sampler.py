@@ -52,7 +52,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlab import parallel
 from jaxlab.config import require, require_positive_ints
-from jaxlab.models import attention
+from jaxlab.models import attention, backend
+from jaxlab.models.backend import BackendPolicy
+from jaxlab.models.backend import resolve as resolve_policy
 from jaxlab.models.decoder import DECODE_BLOCK, Decoder, DecoderConfig, KVCache
 from jaxlab.sampling import paging, strategies
 from jaxlab.sampling.confidence import GroupWindow
@@ -522,19 +524,29 @@ class DecodeMemory:
         return max(self.loop, self.prefill)
 
 
-@functools.lru_cache(maxsize=64)
-def decode_memory(c: DecoderConfig, prompts: int, prompt_length: int,
-                  config: SamplingConfig) -> DecodeMemory:
+def decode_memory(c: DecoderConfig, prompts: int, prompt_length: int, config: SamplingConfig,
+                  mesh: Mesh | None = None,
+                  backend: BackendPolicy | str | None = None) -> DecodeMemory:
     """The memory `sample` needs for `prompts` prompts of up to `prompt_length` tokens on a model
     of architecture `c`: both programs lowered from abstract shapes and compiled (nothing is
-    allocated; the compile takes seconds for a full-size model, so answers are remembered)."""
+    allocated; the compile takes seconds for a full-size model, so answers are remembered).
+    Compiled for the devices of `mesh` (the slots split over it as `sample` splits them;
+    compile-only devices of a TPU or GPU target work too) or the default device, under
+    `backend` (default: those devices' policy, `backend_policy`)."""
+    devices = None if mesh is None else list(mesh.devices.flat)
+    return _decode_memory(c, prompts, prompt_length, config, mesh,
+                          resolve_policy(backend, devices))
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_memory(c: DecoderConfig, prompts: int, prompt_length: int, config: SamplingConfig,
+                   mesh: Mesh | None, policy: BackendPolicy) -> DecodeMemory:
     require(prompts > 0 and prompt_length > 0,
             f"prompts={prompts} and prompt_length={prompt_length} must be positive")
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(c, nnx.Rngs(0))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(c, nnx.Rngs(0), policy)))
     length = padded_length(prompt_length, config)
     ids = jax.ShapeDtypeStruct((prompts, length), jnp.int32)
     settings = dict(int8_cache=config.int8_cache, stacked=config.scan_layers)
-    prefill = _prefill.lower(graphdef, state, ids, ids, **settings).compile()
     prefix, logits = jax.eval_shape(functools.partial(_prefill, **settings), graphdef, state,
                                     ids, ids)
     static = _static(config)
@@ -542,9 +554,21 @@ def decode_memory(c: DecoderConfig, prompts: int, prompt_length: int,
                                                       config))
     out = jax.eval_shape(lambda: Samples.empty(prompts, static.budget, config.max_new_tokens))
     per_prompt = functools.partial(jax.ShapeDtypeStruct, (prompts,))
-    loop = _decode.lower(graphdef, state, prefix, logits, generated, out,
-                         jax.eval_shape(jax.random.key, 0), sampling_strategy(config),
-                         per_prompt(jnp.float32), per_prompt(jnp.int32), config=static).compile()
+    key = jax.eval_shape(jax.random.key, 0)
+    scalars = (per_prompt(jnp.float32), per_prompt(jnp.int32))
+    if mesh is not None:  # placed as `sample` places them
+        require(config.kv_pages is None, "a paged KV cache (kv_pages) is not split over a mesh")
+        require(prompts * config.n % mesh.size == 0, f"{prompts} prompts x n={config.n} slots "
+                f"must divide evenly over {mesh.size} devices")
+        static = mesh_decode_kernel(static, policy, mesh)
+        state = abstract_on(state, parallel.tree_shardings(state, mesh))
+        generated = abstract_on(generated, cache_sharding(generated, mesh))
+        ids, prefix, logits, out, key, scalars = abstract_on(
+            (ids, prefix, logits, out, key, scalars), parallel.replicated(mesh))
+    with jax.default_device(policy_device(mesh)):
+        prefill = _prefill.lower(graphdef, state, ids, ids, **settings).compile()
+        loop = _decode.lower(graphdef, state, prefix, logits, generated, out, key,
+                             sampling_strategy(config), *scalars, config=static).compile()
     a, b = loop.memory_analysis(), prefill.memory_analysis()
 
     def nbytes(tree):
@@ -559,18 +583,20 @@ def decode_memory(c: DecoderConfig, prompts: int, prompt_length: int,
 
 
 def require_fits(c: DecoderConfig, prompts: int, prompt_length: int, config: SamplingConfig,
-                 device_bytes: int) -> DecodeMemory:
+                 device_bytes: int, mesh: Mesh | None = None,
+                 backend: BackendPolicy | str | None = None) -> DecodeMemory:
     """`decode_memory` of the request, or a ValueError saying how much it needs and which
     smaller requests fit in `device_bytes`: an int8 cache, fewer slots (n halved), a shorter
     `max_new_tokens` (halved), a paged cache of as many pages as the memory left holds (halved
-    until it fits), each checked by compiling it."""
-    need = decode_memory(c, prompts, prompt_length, config)
+    until it fits), each checked by compiling it (for `mesh`'s devices under `backend`, as
+    `decode_memory`)."""
+    need = decode_memory(c, prompts, prompt_length, config, mesh, backend)
     if need.peak <= device_bytes:
         return need
 
     def fits(**change):
-        return decode_memory(c, prompts, prompt_length,
-                             dataclasses.replace(config, **change)).peak <= device_bytes
+        return decode_memory(c, prompts, prompt_length, dataclasses.replace(config, **change),
+                             mesh, backend).peak <= device_bytes
 
     def largest(name):
         value = getattr(config, name) // 2
@@ -605,6 +631,36 @@ def require_fits(c: DecoderConfig, prompts: int, prompt_length: int, config: Sam
         f"{need.samples / gib:.2f}, loop temporaries {need.temporaries / gib:.2f}) but "
         f"{device_bytes / gib:.2f} GiB are available; "
         + ("would fit: " + ", or ".join(options) if options else "no smaller setting fits"))
+
+
+def mesh_decode_kernel(config: SamplingConfig, policy: BackendPolicy,
+                       mesh: Mesh) -> SamplingConfig:
+    """`config` for a decode loop split over `mesh`: the TPU policy's Pallas kernel runs on one
+    device only (XLA cannot split a Mosaic kernel over a mesh), so "auto" becomes "portable"
+    there (logged) and "pallas" is an error."""
+    if policy.decode_kernel != "pallas_tpu" or mesh.size == 1:
+        return config
+    require(config.decode_kernel != "pallas",
+            "decode_kernel='pallas' under the tpu policy runs on one device: XLA cannot "
+            "split a Mosaic kernel over a mesh (use 'auto' or 'portable' with a mesh)")
+    backend.explain(policy, "decode attention over a mesh", "portable",
+                    f"XLA cannot split a Mosaic kernel over {mesh.size} devices")
+    return dataclasses.replace(config, decode_kernel="portable")
+
+
+def abstract_on(tree, shardings):
+    """Abstract arrays (ShapeDtypeStructs) of `tree`'s arrays placed by `shardings` (one
+    sharding for every leaf, or a tree of them): what `jit(...).lower` compiles for the
+    shardings' devices, which may be compile-only devices of another platform."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def policy_device(mesh: Mesh | None) -> jax.Device:
+    """The device to lower under (`jax.default_device`): the mesh's first, else the default."""
+    return jax.devices()[0] if mesh is None else mesh.devices.flat[0]
 
 
 def _static(config: SamplingConfig, early: bool = False) -> SamplingConfig:
@@ -672,9 +728,7 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
     static = _static(config, early=stop_thresholds is not None)
     if mesh is not None:
         require(config.kv_pages is None, "a paged KV cache (kv_pages) is not split over a mesh")
-        require(config.decode_kernel != "pallas" or jax.default_backend() != "tpu",
-                "decode_kernel='pallas' on a TPU runs on one device: XLA cannot split a "
-                "Mosaic kernel over a mesh (use 'auto' or 'portable' with a mesh)")
+        static = mesh_decode_kernel(static, model.backend, mesh)
     cache, out = init_generated(model, count, config), Samples.empty(
         count, static.budget, config.max_new_tokens)
     if mesh is not None:

@@ -1,6 +1,7 @@
 """Attention paths against independent references: dense attention in NumPy, the einsum
 attention the decoder used before the fused path, and a per-slot copy of the prompt's KV."""
 
+import logging
 import math
 
 import jax
@@ -8,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlab.models import attention, hf, zoo
+from jaxlab.models import attention, backend, hf, zoo
+from jaxlab.models.backend import POLICIES, backend_policy
 from jaxlab.models.decoder import KVCache
 
 RNG = np.random.default_rng(0)
@@ -98,11 +100,14 @@ def test_bits_are_read_only_with_queries_of_their_float_type():
     with pytest.raises(ValueError, match="float32"):  # float32 queries: which 16 bits?
         attention.block_attention(q, *bits, None, None, np.zeros(4, np.int32),
                                   np.full(4, 9, np.int32), block=32)
-    # bits on the CPU only, for 16-bit floats only
-    assert attention.stored_dtype(jnp.bfloat16) == attention.stored_dtype(jnp.float16) == (
-        jnp.uint16 if jax.default_backend() == "cpu" else jnp.bfloat16)
-    assert attention.stored_dtype(jnp.float32) == jnp.float32
-    assert attention.stored_dtype(jnp.int8) == jnp.int8
+    # bits under the CPU policy only, for 16-bit floats only
+    cpu, gpu, tpu = (POLICIES[name] for name in ("cpu", "gpu", "tpu"))
+    for half in (jnp.bfloat16, jnp.float16):
+        assert attention.stored_dtype(half, cpu) == jnp.uint16
+        assert attention.stored_dtype(half, gpu) == attention.stored_dtype(half, tpu) == half
+    for policy in (cpu, gpu, tpu):
+        assert attention.stored_dtype(jnp.float32, policy) == jnp.float32
+        assert attention.stored_dtype(jnp.int8, policy) == jnp.int8
 
 
 def test_block_attention_reads_nothing_past_the_longest_row():
@@ -153,11 +158,12 @@ def _padded_case(dtype):
 
 
 @pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
-@pytest.mark.parametrize("path", ["full_attention", "grouped_attention"])
-def test_full_attention_equals_the_einsum_path_with_causal_and_left_padding(dtype, atol, path):
+@pytest.mark.parametrize("policy", ["cpu", "gpu", "tpu"])
+def test_full_attention_equals_the_einsum_path_with_causal_and_left_padding(dtype, atol, policy):
+    # the CPU policy's grouped products and the accelerators' dot_product_attention
     q, keys, values, mask, visible = _padded_case(dtype)
-    ours = np.asarray(getattr(attention, path)(q, keys, values, jnp.asarray(visible)),
-                      np.float32)
+    ours = np.asarray(attention.full_attention(q, keys, values, jnp.asarray(visible),
+                                               POLICIES[policy]), np.float32)
     theirs = np.asarray(_einsum_attention(q, keys, values, visible), np.float32)
     np.testing.assert_allclose(ours[mask], theirs[mask], atol=atol)
     assert np.isfinite(ours).all()  # padding queries see no key and stay finite
@@ -251,22 +257,24 @@ def test_pallas_tpu_kernel_over_several_compute_blocks_and_its_routing(monkeypat
 
     def kernel(*args, **kwargs):  # the TPU kernel, in interpret mode off a TPU
         calls.append(kwargs)
-        return tpu_kernel(*args, **kwargs, interpret=True)
+        return tpu_kernel(*args, **kwargs)
 
-    monkeypatch.setattr(attention.jax, "default_backend", lambda: "tpu")
     monkeypatch.setattr(attention, "pallas_tpu_attention", kernel)
-    got = attention.decode_attention(q, keys, values, None, None, start, end, block=128,
-                                     key_layout="slots", kernel="pallas")
-    np.testing.assert_allclose(got[0], want[0], atol=1e-5)
-    np.testing.assert_allclose(got[1], want[1], atol=1e-5)
-    assert len(calls) == 1
+    tpu = backend_policy(name="tpu")
+    assert tpu.interpret  # the TPU policy on CPU devices
+    for request in ("pallas", "auto"):
+        got = attention.decode_attention(q, keys, values, None, None, start, end, block=128,
+                                         key_layout="slots", policy=tpu, kernel=request)
+        np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+        np.testing.assert_allclose(got[1], want[1], atol=1e-5)
+    assert len(calls) == 2 and all(c["interpret"] for c in calls)
     attention.decode_attention(q, keys, values, None, None, start, end, block=128,
-                               key_layout="slots")             # "auto": portable on a TPU
-    assert len(calls) == 1
-    with pytest.raises(ValueError, match="backend tpu, int8=True"):
+                               key_layout="slots", policy=tpu, kernel="portable")
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="tpu policy cannot take an int8 cache"):
         attention.decode_attention(q, keys.astype(np.int8), values.astype(np.int8),
                                    *[np.ones(keys.shape[:-1], np.float32)] * 2, start, end,
-                                   block=128, key_layout="slots", kernel="pallas")
+                                   block=128, key_layout="slots", policy=tpu, kernel="pallas")
 
 
 @pytest.mark.parametrize("size,want", [(384, (8, 16)), (4096, (16, 128)), (128, (8, 16)),
@@ -280,22 +288,39 @@ def test_pallas_splits_are_equal_whole_numbers_of_power_of_two_blocks(size, want
 
 
 @pytest.mark.parametrize("int8", [False, True])
-def test_auto_decode_kernel_is_pallas_only_on_a_gpu_and_a_forced_one_names_what_it_lacks(int8):
+@pytest.mark.parametrize("name", ["cpu", "gpu", "tpu"])
+def test_auto_decode_kernel_is_the_policys_where_it_applies_and_a_forced_one_names_what_it_lacks(
+        name, int8, caplog):
     q, keys, values, (ks, vs) = _case(s=128, int8=int8)
     start, end = np.array([0, 5, 40, 0]), np.array([1, 37, 41, 0])
-    auto = attention.decode_attention(q, keys, values, ks, vs, start, end, block=32,
-                                      key_layout="slots")
+    policy = backend_policy(name=name)
+    backend.explain.cache_clear()
+    with caplog.at_level(logging.INFO, logger="jaxlab"):
+        auto = attention.decode_attention(q, keys, values, ks, vs, start, end, block=32,
+                                          key_layout="slots", policy=policy)
     portable = attention.block_attention(q, keys, values, ks, vs, start, end, block=32)
-    if jax.default_backend() == "gpu" and not int8:
-        want = attention.pallas_gpu_attention(q, keys, values, start, end, block=32)
+    if name == "gpu" and not int8:  # head dim 16: the GPU kernel's; the TPU's needs 128
+        want = attention.pallas_gpu_attention(q, keys, values, start, end, block=32,
+                                              interpret=True)
+        np.testing.assert_allclose(auto[0], portable[0], atol=2e-6)
     else:
         want = portable
     np.testing.assert_array_equal(auto[0], want[0])
-    if jax.default_backend() != "gpu" or int8:
-        with pytest.raises(ValueError, match=f"Pallas decode kernel needs .* backend "
-                                             f"{jax.default_backend()}, int8={int8}"):
+    logged = [r.getMessage() for r in caplog.records]
+    if name == "gpu" and not int8:  # the choice and its fallbacks are logged
+        assert logged == ["backend policy gpu (interpret): decode attention -> pallas_gpu"]
+    elif name != "cpu":
+        reason = "an int8 cache" if int8 else "head dim 16 (a multiple of 128)"
+        assert logged == [f"backend policy {name} (interpret): decode attention -> portable "
+                          f"({reason})"]
+    else:
+        assert logged == []
+    if name == "cpu" or int8 or name == "tpu":
+        match = ("has no Pallas decode kernel" if name == "cpu" else
+                 f"{name} policy cannot take " + ("an int8 cache" if int8 else "head dim 16"))
+        with pytest.raises(ValueError, match=match):
             attention.decode_attention(q, keys, values, ks, vs, start, end, block=32,
-                                       key_layout="slots", kernel="pallas")
+                                       key_layout="slots", policy=policy, kernel="pallas")
 
 
 @pytest.fixture(scope="module")

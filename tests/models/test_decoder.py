@@ -100,15 +100,16 @@ def test_prefill_then_decode_equals_full_forward(pair, key_layout, stacked):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("stacked", [False, True], ids=["unrolled", "scanned"])
 def test_a_16_bit_cache_holds_bits_and_decodes_as_a_cache_of_floats(pair, stacked, dtype):
-    # on the CPU a 16-bit float cache is held as its bit patterns (uint16), which a loop writes
-    # in place: its steps are those of the same cache held as floats, and near the full forward
+    # under the CPU policy a 16-bit float cache is held as its bit patterns (uint16), which a
+    # loop writes in place: its steps are those of the same cache held as floats, and near the
+    # full forward
     _, path, _, _ = pair
-    half = hf.load_pretrained(path, dtype=dtype)
+    half = hf.load_pretrained(path, dtype=dtype).set_backend("cpu")
     ids = jnp.asarray(_ids(2, 14, seed=3))
     full = np.asarray(half(ids))
     _, bits = half.prefill(ids[:, :8], cache_size=16, stacked=stacked)
     floats = bits.as_floats()
-    assert {x.dtype for x in jax.tree.leaves(bits.fields)} == {attention.stored_dtype(dtype)}
+    assert {x.dtype for x in jax.tree.leaves(bits.fields)} == {jnp.dtype(jnp.uint16)}
     assert {x.dtype for x in jax.tree.leaves(floats.fields)} == {jnp.dtype(dtype)}
     decode = jax.jit(lambda tokens, cache: half.decode(tokens, cache))
     for t in range(8, 14):
@@ -120,13 +121,14 @@ def test_a_16_bit_cache_holds_bits_and_decodes_as_a_cache_of_floats(pair, stacke
                     strict=True):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="float32"):  # queries of another dtype: which floats?
-        bits.attend(0, jnp.zeros((2, half.config.num_kv_heads, 1, half.config.head_dim)))
+        bits.attend(0, jnp.zeros((2, half.config.num_kv_heads, 1, half.config.head_dim)),
+                    half.backend)
 
 
 @pytest.mark.parametrize("dtype,eps", [("float32", 1e-6), ("bfloat16", 2**-7)])
 def test_linear_layers_give_the_values_and_gradients_of_the_plain_product(dtype, eps):
-    # on the CPU the layers multiply rows [N, E], and 16-bit floats into float32 and rounded
-    # (`decoder._dot_general`): against float64 NumPy products of the rounded operands, within
+    # under the CPU policy the layers multiply rows [N, E], and 16-bit floats into float32 and
+    # rounded (`decoder.row_dot_general`): against float64 NumPy products of the rounded operands, within
     # eps of the products of their magnitudes (the bound of a rounded dot product)
     from jaxlab.models import decoder
 
@@ -135,7 +137,7 @@ def test_linear_layers_give_the_values_and_gradients_of_the_plain_product(dtype,
     dims = (((2,), (0,)), ((), ()))
 
     def loss(x, w):
-        out = decoder._dot_general(x, w, dims)
+        out = decoder.row_dot_general(x, w, dims)
         return jnp.sum(out * c.astype(dtype)), out
 
     (_, out), (dx, dw) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
