@@ -120,7 +120,7 @@ def resolve(policy: BackendPolicy | str | None,
     return backend_policy(devices, policy)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def explain(policy: BackendPolicy, what: str, choice: str, reason: str = "") -> None:
     """Logs, once per process for each distinct message, what `policy` chose for `what` and
     why (called while a program is traced: once per compiled program, not per step)."""

@@ -190,11 +190,11 @@ class KVCache:
     start[b] <= s < index[b] (a left-padded prompt, then the tokens decoded after it)."""
 
     # In the model's dtype (under the CPU backend policy, 16-bit floats held as their bit
-    # patterns, uint16: `attention.stored_dtype`) or int8: keys [B, K, S, D] or [B, K, D, S] (`key_layout`,
-    # `attention.KEY_LAYOUTS`), values [B, K, S, D], and for int8 float32 [B, K, S] scales (key
-    # = keys * scale). Per layer, either one array each (a tuple of L: a step updates each in
-    # place, the layers run unrolled) or one stack [L, ...] (`stacked`: the layers run in one
-    # scan, which writes each token into the stack in place).
+    # patterns, uint16: `attention.stored_dtype`) or int8: keys [B, K, S, D] or [B, K, D, S]
+    # (`key_layout`, `attention.KEY_LAYOUTS`), values [B, K, S, D], and for int8 float32
+    # [B, K, S] scales (key = keys * scale). Per layer, either one array each (a tuple of L:
+    # a step updates each in place, the layers run unrolled) or one stack [L, ...] (`stacked`:
+    # the layers run in one scan, which writes each token into the stack in place).
     keys: tuple[jax.Array, ...] | jax.Array
     values: tuple[jax.Array, ...] | jax.Array
     key_scale: tuple[jax.Array, ...] | jax.Array | None

@@ -127,9 +127,10 @@ def test_a_16_bit_cache_holds_bits_and_decodes_as_a_cache_of_floats(pair, stacke
 
 @pytest.mark.parametrize("dtype,eps", [("float32", 1e-6), ("bfloat16", 2**-7)])
 def test_linear_layers_give_the_values_and_gradients_of_the_plain_product(dtype, eps):
-    # under the CPU policy the layers multiply rows [N, E], and 16-bit floats into float32 and
-    # rounded (`decoder.row_dot_general`): against float64 NumPy products of the rounded operands, within
-    # eps of the products of their magnitudes (the bound of a rounded dot product)
+    # under the CPU policy the layers multiply rows [N, E], and 16-bit floats into float32
+    # and rounded (`decoder.row_dot_general`): against float64 NumPy products of the rounded
+    # operands, within eps of the products of their magnitudes (the bound of a rounded dot
+    # product)
     from jaxlab.models import decoder
 
     rng = np.random.default_rng(0)
