@@ -110,6 +110,7 @@ def full_attention(q, k, v, mask, policy: BackendPolicy):
     Through `jax.nn.dot_product_attention` (fused kernels where the backend has them: cuDNN on
     a GPU, XLA's on a TPU), or where `policy.attention` is "grouped" (the CPU's) through
     `grouped_attention`, which runs the same products about 3x faster there."""
+    backend.explain(policy, "full-sequence attention", policy.attention)
     if policy.attention == "grouped":
         return grouped_attention(q, k, v, mask)
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=q.shape[-1] ** -0.5)
@@ -405,8 +406,8 @@ def decode_attention(q, keys, values, key_scale, value_scale, start, end, *, blo
     policy of another platform the kernels run in interpret mode (`policy.interpret`)."""
     require(kernel in DECODE_KERNELS, f"decode kernel {kernel!r} is not one of "
             f"{DECODE_KERNELS}")
-    choice = {"auto": policy.decode_kernel, "portable": "portable",
-              "pallas": policy.pallas}[kernel]
+    unfit, choice = "", {"auto": policy.decode_kernel, "portable": "portable",
+                         "pallas": policy.pallas}[kernel]
     require(choice is not None, f"decode_kernel='pallas' under the {policy.name} policy: it "
             "has no Pallas decode kernel (JAXLAB_POLICY=gpu or tpu runs one, in interpret "
             "mode off its platform)")
@@ -416,8 +417,9 @@ def decode_attention(q, keys, values, key_scale, value_scale, start, end, *, blo
             q, values, key_scale, **settings)
         require(not unfit or kernel == "auto", f"decode_kernel='pallas' under the "
                 f"{policy.name} policy cannot take {unfit}")
-        backend.explain(policy, "decode attention", "portable" if unfit else choice, unfit)
         choice = "portable" if unfit else choice
+    if kernel == "auto":
+        backend.explain(policy, "decode attention", choice, unfit)
     if choice == "portable":
         return block_attention(q, keys, values, key_scale, value_scale, start, end, **settings)
     keys, values = loaded(keys, q.dtype), loaded(values, q.dtype)  # the kernels read floats
