@@ -20,8 +20,13 @@ process.
                       kernels where the backend has them; no [B, H, T, S] float32 tensor then),
                       under the CPU policy through `grouped_attention` (plain batched products)
   block_attention     portable flash-decoding over the live blocks only: returns (out, lse)
-  pallas_gpu_attention  the Pallas GPU decode kernel shipped with JAX, same contract
-  pallas_tpu_attention  the Pallas TPU paged-attention kernel shipped with JAX, same contract
+  pallas_gpu_attention  the Pallas GPU decode kernel shipped with JAX, same contract (plain
+                      caches of rows)
+  pallas_gpu_paged_attention  the body of JAX's Pallas GPU paged-attention kernel, same
+                      contract (paged and layer-stacked caches)
+  pallas_tpu_attention  the body of JAX's Pallas TPU paged-attention kernel, same contract
+                      (plain, paged and layer-stacked caches)
+  pool_attention      what the two paged kernels share: a cache viewed as a pool of pages
   decode_attention    one of them, by policy and request (`DECODE_KERNELS`)
   merge               two attentions over disjoint key sets combined by their log-sum-exps
 """
@@ -30,24 +35,29 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from jaxlab.config import require
 from jaxlab.models import backend
 from jaxlab.models.backend import BackendPolicy
 
 try:  # Pallas' Triton ops are deprecated after JAX 0.11 (their successor lives in tokamax)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         from jax.experimental.pallas.ops.gpu import decode_attention as _pallas_gpu
 except ImportError:  # pragma: no cover - depends on the JAX build
     _pallas_gpu = None
+try:  # the body of the GPU paged-attention kernel (its wrapper drops the log-sum-exp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jax.experimental.pallas.ops.gpu import paged_attention as _pallas_gpu_paged
+except ImportError:  # pragma: no cover - depends on the JAX build
+    _pallas_gpu_paged = None
 try:  # the body of the TPU paged-attention kernel (its wrapper drops the log-sum-exp)
-    from jax.experimental import pallas as pl
     from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas.ops.tpu.paged_attention import (
         paged_attention_kernel as _pallas_tpu,
@@ -56,6 +66,7 @@ except ImportError:  # pragma: no cover - depends on the JAX build
     _pallas_tpu = None
 
 HAS_PALLAS_GPU = _pallas_gpu is not None  # the Pallas GPU decode kernel can be called
+HAS_PALLAS_GPU_PAGED = hasattr(_pallas_gpu_paged, "paged_attention_kernel")
 HAS_PALLAS_TPU = hasattr(_pallas_tpu, "paged_flash_attention_kernel_inline_seq_dim")
 # Page-table entries the TPU kernel prefetches into scalar memory: half of the 1 MiB of SMEM of
 # TPU v4 to v6e, as int32.
@@ -245,33 +256,55 @@ def pallas_tpu_attention(q, keys, values, start, end, *, block: int, pages=None,
     """`block_attention`'s contract (float caches, keys in the "slots" layout; plain, paged or
     layer-stacked) through the body of JAX's TPU paged-attention kernel
     (`jax.experimental.pallas.ops.tpu.paged_attention`), called here so that it also returns
-    its running max and sum, the log-sum-exp `merge` needs (the shipped wrapper drops them).
+    its running max and sum, the log-sum-exp `merge` needs (the shipped wrapper drops them),
+    over the cache viewed as a pool of pages (`pool_attention`). The kernel computes with keys
+    and values in bfloat16 (a float32 cache loses precision there). Its scalar-prefetched page
+    table, B K S / P int32, must fit the TPU's scalar memory (at most `TPU_TABLE_ENTRIES`).
+    `interpret=True` runs it on any backend (slowly), for tests."""
+    require(HAS_PALLAS_TPU, "this JAX has no Pallas TPU paged-attention kernel")
+    b, k = q.shape[:2]
+    entries = b * k * (values.shape[-2] // block if pages is None else pages.shape[1])
+    require(entries <= TPU_TABLE_ENTRIES, f"the TPU kernel's page table would hold {entries} "
+            f"entries (rows x kv heads x pages), more than the {TPU_TABLE_ENTRIES} that fit its "
+            "scalar memory: decode fewer rows at once or use the portable kernel")
+    return pool_attention(q, keys, values, start, end, block=block, pages=pages, layer=layer,
+                          kernel=functools.partial(_paged_kernel, interpret=interpret))
 
-    The kernel attends the first `length` slots of a row whose pages [P, D] it finds in a pool
-    [1, M, P, D] through a page table. Every cache here is such a pool, viewed without a copy
-    (its trailing axes are [..., P, D], P = block), its kv heads folded into the rows: row b,
-    head h, block j is page
+
+def pallas_gpu_paged_attention(q, keys, values, start, end, *, block: int, pages=None,
+                               layer=None, interpret: bool = False):
+    """`block_attention`'s contract for the caches the Pallas GPU decode kernel (`gqa`) cannot
+    read in place, paged or layer-stacked (float, "slots" keys), through the kernel body of
+    JAX's Pallas GPU paged attention (`jax.experimental.pallas.ops.gpu.paged_attention`), called
+    here so that it also returns each split's running max and sum (the shipped wrapper merges
+    them away), over the cache viewed as a pool of pages (`pool_attention`): no layer is sliced
+    out and no pool transposed, where the shipped kernel wants pools [K, N, P, D].
+    `interpret=True` runs it on any backend (slowly), for tests."""
+    require(HAS_PALLAS_GPU_PAGED, "this JAX has no Pallas GPU paged-attention kernel")
+    return pool_attention(q, keys, values, start, end, block=block, pages=pages, layer=layer,
+                          kernel=functools.partial(_gpu_paged_kernel, interpret=interpret))
+
+
+def pool_attention(q, keys, values, start, end, *, block: int, pages, layer, kernel):
+    """`block_attention`'s contract through a paged-attention `kernel` that reads a pool of
+    pages: kernel(q [R, G, D] pre-scaled, k_pool, v_pool [1, M, P, D], lengths int32 [R], table
+    int32 [R, pages]) -> (out float32 [R, G, D], lse float32 [R, G]), row r attending the first
+    lengths[r] slots of its pages. Every cache here is such a pool, viewed without a copy (its
+    trailing axes are [..., P, D], P = block), its kv heads folded into the rows: row b, head h,
+    block j is page
 
         ((layer B + b) K + h) S / P + j      of a cache [(L,) B, K, S, D]
         (layer N + pages[b, j]) K + h        of a pool [(L,) N, K, P, D]
 
-    The kernel has no start offset: it attends the whole pages from ceil(start / P) on (the
+    The kernels have no start offset: they attend the whole pages from ceil(start / P) on (the
     table shifted), and `block_attention` attends the slots from start to that page boundary
-    (one block); the two are merged. The kernel computes with keys and values in bfloat16 (a
-    float32 cache loses precision there). Its scalar-prefetched page table, B K S / P int32,
-    must fit the TPU's scalar memory (at most `TPU_TABLE_ENTRIES`). `interpret=True` runs it on
-    any backend (slowly), for tests."""
-    require(HAS_PALLAS_TPU, "this JAX has no Pallas TPU paged-attention kernel")
+    (one block); the two are merged."""
     b, k, g, d = q.shape
     p, rows = block, values.shape[-4]
     require(keys.shape == values.shape and values.shape[-2] % p == 0
             and (pages is None or values.shape[-2] == p),
             f"keys {keys.shape} and values {values.shape} must be one layout of slots in whole "
             f"blocks of {p} (a paged pool's pages hold one block)")
-    entries = b * k * (values.shape[-2] // p if pages is None else pages.shape[1])
-    require(entries <= TPU_TABLE_ENTRIES, f"the TPU kernel's page table would hold {entries} "
-            f"entries (rows x kv heads x pages), more than the {TPU_TABLE_ENTRIES} that fit its "
-            "scalar memory: decode fewer rows at once or use the portable kernel")
     layer = 0 if layer is None else layer
     if pages is None:
         per_row = values.shape[-2] // p
@@ -287,8 +320,7 @@ def pallas_tpu_attention(q, keys, values, start, end, *, block: int, pages=None,
     table = jnp.take_along_axis(base, jnp.broadcast_to(shifted[:, None], base.shape), axis=2)
     lengths = jnp.repeat(jnp.maximum(end - first * p, 0), k).astype(jnp.int32)   # [B K]
     scaled = (q * jnp.asarray(1 / math.sqrt(d), q.dtype)).reshape(b * k, g, d)
-    out, lse = _paged_kernel(scaled, flat_k, flat_v, lengths, table.reshape(b * k, per_row),
-                             interpret)
+    out, lse = kernel(scaled, flat_k, flat_v, lengths, table.reshape(b * k, per_row))
     whole = (out.reshape(b, k, g, d), lse.reshape(b, k, g))  # nothing live: 0, -inf
     own = jnp.minimum(start // p, per_row - 1)            # the block holding slot start
     page = jnp.take_along_axis(base, jnp.broadcast_to(own[:, None, None], (b, k, 1)), axis=2)
@@ -296,6 +328,62 @@ def pallas_tpu_attention(q, keys, values, start, end, *, block: int, pages=None,
     part = block_attention(q, flat_k[0, page[..., 0]], flat_v[0, page[..., 0]], None, None,
                            start - offset, jnp.minimum(end, first * p) - offset, block=p)
     return merge(whole, part)
+
+
+def _gpu_paged_kernel(q, k_pool, v_pool, lengths, table, interpret: bool):
+    """The GPU paged kernel's body over pools [1, M, P, D] of one kv head, q [R, G, D]
+    pre-scaled, lengths int32 [R], table int32 [R, pages]: (out float32 [R, G, D], lse float32
+    [R, G]). One program per (row, 16 queries, split of the pages), as the shipped wrapper
+    launches it per row (`gpu_paged_splits`), its splits merged here by their running max and
+    sum: m = max_s m_s, l = sum_s e^(m_s - m) l_s, out = sum_s e^(m_s - m) o_s / l."""
+    r, g, d = q.shape
+    p = k_pool.shape[2]
+    pages = table.shape[1]
+    splits, per_block = gpu_paged_splits(pages, p)
+    per_split = pages // splits
+    block_h = 16
+    padded = -(-g // block_h) * block_h
+    q = jnp.pad(q.astype(k_pool.dtype), ((0, 0), (0, padded - g), (0, 0)))
+    kernel = functools.partial(_pallas_gpu_paged.paged_attention_kernel, num_heads=g,
+                               pages_per_compute_block=per_block,
+                               mask_value=_pallas_gpu_paged.DEFAULT_MASK_VALUE,
+                               attn_logits_soft_cap=None)
+    pool = pl.BlockSpec((None, *k_pool.shape[1:]), lambda i, h, s: (0, 0, 0, 0))
+    o, total, m = pl.pallas_call(
+        kernel, grid=(r, padded // block_h, splits),
+        in_specs=[pl.BlockSpec((None, block_h, d), lambda i, h, s: (i, h, 0)), pool, None,
+                  pool, None,
+                  pl.BlockSpec((None, None, per_split), lambda i, h, s: (i, s, 0)),
+                  pl.BlockSpec((None, 1), lambda i, h, s: (i, 0))],
+        out_specs=[pl.BlockSpec((None, None, block_h, d), lambda i, h, s: (s, i, h, 0)),
+                   pl.BlockSpec((None, None, block_h), lambda i, h, s: (s, i, h)),
+                   pl.BlockSpec((None, None, block_h), lambda i, h, s: (s, i, h))],
+        out_shape=[jax.ShapeDtypeStruct((splits, r, padded, d), jnp.float32),
+                   jax.ShapeDtypeStruct((splits, r, padded), jnp.float32),
+                   jax.ShapeDtypeStruct((splits, r, padded), jnp.float32)],
+        interpret=interpret, name="jaxlab_gpu_paged_attention",
+    )(q, k_pool, None, v_pool, None, table.reshape(r, splits, per_split), lengths[:, None])
+    o, total, m = o[:, :, :g], total[:, :, :g], m[:, :, :g]
+    top = jnp.max(m, axis=0)                                                  # [R, G]
+    weight = jnp.where(total > 0, jnp.exp(m - top), 0.0)                      # [splits, R, G]
+    total = jnp.sum(weight * total, axis=0)
+    out = jnp.sum(weight[..., None] * o, axis=0) / jnp.where(total > 0, total, 1.0)[..., None]
+    return out, _lse(top, total)
+
+
+def gpu_paged_splits(pages: int, page: int) -> tuple[int, int]:
+    """(splits, pages per compute block) of the GPU paged kernel for rows of `pages` pages of
+    `page` slots: the most splits of 16, 8, 4, 2, 1 dividing the pages, and per compute block
+    the most pages (a power of two dividing a split's) up to 128 slots; (0, 0) if a compute
+    block would hold fewer than 16 slots or a page is not a power of two (Triton's tiles)."""
+    if page & (page - 1):
+        return 0, 0
+    splits = next(s for s in (16, 8, 4, 2, 1) if pages % s == 0)
+    per_split = pages // splits
+    per_block = 1
+    while per_split % (2 * per_block) == 0 and 2 * per_block * page <= 128:
+        per_block *= 2
+    return (splits, per_block) if per_block * page >= 16 else (0, 0)
 
 
 def _paged_kernel(q, k_pool, v_pool, lengths, table, interpret: bool):
@@ -356,19 +444,24 @@ def pallas_splits(size: int, block: int = 128, max_splits: int = 16) -> tuple[in
 
 def pallas_gpu_unfit(q, values, key_scale, *, block: int, key_layout: str, pages=None,
                      layer=None) -> str:
-    """Why the Pallas GPU kernel cannot take this cache ("" if it can): it reads float,
-    unpaged, unstacked caches in the "slots" layout, a power-of-two head dim >= 16, cut into
-    splits (`pallas_splits`)."""
+    """Why the Pallas GPU kernels cannot take this cache ("" if they can): they read float
+    caches in the "slots" layout with a power-of-two head dim >= 16; a plain cache of rows
+    (`pallas_gpu_attention`) cut into splits (`pallas_splits`), a paged or stacked one
+    (`pallas_gpu_paged_attention`) in compute blocks of at least 16 slots
+    (`gpu_paged_splits`)."""
     d = q.shape[-1]
+    pooled = pages is not None or layer is not None
+    per_row = values.shape[-2] // block if pages is None else pages.shape[1]
     return _first_reason(
         (not HAS_PALLAS_GPU, "this JAX has no Pallas GPU decode kernel"),
+        (pooled and not HAS_PALLAS_GPU_PAGED, "this JAX has no Pallas GPU paged kernel"),
         (key_scale is not None, "an int8 cache"),
-        (pages is not None, "a paged cache (the kernel reads rows [B, S, K, D])"),
-        (layer is not None, "a stacked cache (the kernel reads one layer's rows)"),
         (key_layout != "slots", f"keys in the {key_layout!r} layout"),
         (d < 16 or d & (d - 1) != 0, f"head dim {d} (a power of two >= 16)"),
-        (pallas_splits(values.shape[-2], block)[0] == 0,
-         f"{values.shape[-2]} slots (splits of a multiple of 16 slots)"))
+        (not pooled and pallas_splits(values.shape[-2], block)[0] == 0,
+         f"{values.shape[-2]} slots (splits of a multiple of 16 slots)"),
+        (pooled and gpu_paged_splits(per_row, block)[0] == 0,
+         f"pages of {block} slots, {per_row} a row (compute blocks of >= 16 slots)"))
 
 
 def pallas_tpu_unfit(q, values, key_scale, *, block: int, key_layout: str, pages=None,
@@ -400,7 +493,8 @@ def decode_attention(q, keys, values, key_scale, value_scale, start, end, *, blo
                      layer=None):
     """`block_attention`'s contract through the kernel `kernel` names (`DECODE_KERNELS`):
     "portable" (`block_attention`), "pallas" (the policy's Pallas kernel:
-    `pallas_gpu_attention` under the GPU policy, `pallas_tpu_attention` under the TPU policy;
+    under the GPU policy `pallas_gpu_attention`, or `pallas_gpu_paged_attention` for a paged
+    or stacked cache; `pallas_tpu_attention` under the TPU policy;
     an error naming what it cannot take), or "auto": `policy.decode_kernel` where it can take
     the cache, else the portable path, the reason logged once (`backend.explain`). Under a
     policy of another platform the kernels run in interpret mode (`policy.interpret`)."""
@@ -423,9 +517,12 @@ def decode_attention(q, keys, values, key_scale, value_scale, start, end, *, blo
     if choice == "portable":
         return block_attention(q, keys, values, key_scale, value_scale, start, end, **settings)
     keys, values = loaded(keys, q.dtype), loaded(values, q.dtype)  # the kernels read floats
-    if choice == "pallas_gpu":
+    if choice == "pallas_gpu" and pages is None and layer is None:
         return pallas_gpu_attention(q, keys, values, start, end, block=block,
                                     interpret=policy.interpret)
+    if choice == "pallas_gpu":
+        return pallas_gpu_paged_attention(q, keys, values, start, end, block=block,
+                                          pages=pages, layer=layer, interpret=policy.interpret)
     return pallas_tpu_attention(q, keys, values, start, end, block=block, pages=pages,
                                 layer=layer, interpret=policy.interpret)
 

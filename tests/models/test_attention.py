@@ -1,6 +1,7 @@
 """Attention paths against independent references: dense attention in NumPy, the einsum
 attention the decoder used before the fused path, and a per-slot copy of the prompt's KV."""
 
+import functools
 import logging
 import math
 
@@ -205,13 +206,19 @@ def test_pallas_gpu_kernel_equals_the_portable_path_in_interpret_mode():
         np.testing.assert_allclose(ours[1], want[1], atol=2e-5)
 
 
-@pytest.mark.parametrize("queries", [2, 8])    # the kernel's two q layouts (G % 8)
-def test_pallas_tpu_kernel_equals_the_portable_path_in_interpret_mode(queries):
-    if not attention.HAS_PALLAS_TPU:
-        pytest.skip("this JAX has no jax.experimental.pallas.ops.tpu.paged_attention")
-    # Keys and values rounded to bfloat16 (the kernel computes with them so). Starts inside a
-    # page, on a page boundary and past the end; an empty row; a stack of 3 layers read at
+@pytest.mark.parametrize("queries,kernel", [(2, "tpu"), (8, "tpu"), (6, "gpu_paged"),
+                                            (20, "gpu_paged")])
+def test_pallas_paged_kernels_equal_the_portable_path_in_interpret_mode(queries, kernel):
+    # the TPU kernel's two q layouts (G % 8); the GPU kernel's queries in one block of 16, and
+    # in two with padding
+    if not (attention.HAS_PALLAS_TPU if kernel == "tpu" else attention.HAS_PALLAS_GPU_PAGED):
+        pytest.skip(f"this JAX has no Pallas {kernel} paged-attention kernel")
+    # Keys and values rounded to bfloat16 (the TPU kernel computes with them so). Starts inside
+    # a page, on a page boundary and past the end; an empty row; a stack of 3 layers read at
     # layer 1; a paged pool read through a shuffled table.
+    pool_attention = functools.partial(
+        attention.pallas_tpu_attention if kernel == "tpu"
+        else attention.pallas_gpu_paged_attention, interpret=True)
     b, k, d, page, blocks = 4, 2, 128, 16, 4
     size = page * blocks
     q, keys, values, _ = _case(b=b, k=k, q=queries, d=d, s=size)
@@ -219,11 +226,9 @@ def test_pallas_tpu_kernel_equals_the_portable_path_in_interpret_mode(queries):
                     for x in (keys, values))
     start, end = np.array([5, 16, 0, 40]), np.array([50, 64, 0, 41])
     want = attention.block_attention(q, keys, values, None, None, start, end, block=page)
-    got = attention.pallas_tpu_attention(q, keys, values, start, end, block=page,
-                                         interpret=True)
+    got = pool_attention(q, keys, values, start, end, block=page)
     stack = [np.stack([x[::-1], x, x[:, ::-1]]) for x in (keys, values)]
-    stacked = attention.pallas_tpu_attention(q, *stack, start, end, block=page, layer=1,
-                                             interpret=True)
+    stacked = pool_attention(q, *stack, start, end, block=page, layer=1)
     table = (1 + RNG.permutation(4 * blocks)[:b * blocks]).reshape(b, blocks).astype(np.int32)
 
     def pool(x):  # [B, K, S, D] -> [1 + 4 blocks x ..., K, page, D] in the table's pages
@@ -232,10 +237,9 @@ def test_pallas_tpu_kernel_equals_the_portable_path_in_interpret_mode(queries):
             b * blocks, k, page, d)
         return out
 
-    paged = attention.pallas_tpu_attention(q, pool(keys), pool(values), start, end,
-                                           block=page, pages=table, interpret=True)
-    layer = jax.jit(lambda layer, *pools: attention.pallas_tpu_attention(
-        q, *pools, start, end, block=page, pages=table, layer=layer, interpret=True))
+    paged = pool_attention(q, pool(keys), pool(values), start, end, block=page, pages=table)
+    layer = jax.jit(lambda layer, *pools: pool_attention(
+        q, *pools, start, end, block=page, pages=table, layer=layer))
     stacked_pool = layer(jnp.int32(1), *[np.stack([pool(x)[::-1], pool(x)])
                                         for x in (keys, values)])
     for ours in (got, stacked, paged, stacked_pool):
