@@ -145,9 +145,11 @@ def make_mesh(axis: str = DATA, devices: Sequence[jax.Device] | None = None) -> 
     return Mesh(np.asarray(devices), (axis,))
 
 
-def single_device_mesh(axis: str = DATA) -> Mesh:
-    """A mesh named `axis` over the first device only (an unsharded run of sharded code)."""
-    return make_mesh(axis, jax.devices()[:1])
+def single_device_mesh(axis: str = DATA,
+                       devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh named `axis` over the first of `devices` only (default: of every device; an
+    unsharded run of sharded code, or a program compiled for one device of a target)."""
+    return make_mesh(axis, list(jax.devices() if devices is None else devices)[:1])
 
 
 def batch_sharding(mesh: Mesh, axis: str | None = None) -> NamedSharding:
@@ -190,11 +192,24 @@ def padded_size(size: int, mesh: Mesh) -> int:
 
 
 def device_memory_bytes(device: jax.Device) -> int:
-    """Memory one device may use: the allocator limit on GPU/TPU; on CPU, the host's available
-    memory shared by every CPU device of this process."""
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    """Memory one device may use: the allocator limit on GPU/TPU; on a compile-only device of a
+    target (`jaxlab.targets`, which has no allocator), its HBM from the targets table; on CPU,
+    the host's available memory shared by every CPU device of this process. ValueError for
+    another device with neither."""
+    try:
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    except jax.errors.JaxRuntimeError:  # a compile-only device: "only for addressable devices"
+        stats = None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    if device.platform != "cpu":
+        from jaxlab import targets
+
+        known = targets.of_device(device)
+        if known is None:
+            raise ValueError(f"device {device} ({device.device_kind!r}) reports no memory "
+                             f"limit and is of no kind in jaxlab.targets.TARGETS")
+        return known.hbm_bytes
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return available // max(1, len(jax.local_devices(backend=device.platform)))
 
@@ -267,20 +282,23 @@ class MeshConfig:
     def size(self) -> int:
         return self.data * self.fsdp * self.tensor
 
-    def build(self) -> Mesh | None:
-        """None for one device (the entry points' default mesh); else the train mesh over the
-        first size / P devices of each of the run's P processes, process by process.
-        ValueError when they are not there."""
-        if self.size == 1:
+    def build(self, devices: Sequence[jax.Device] | None = None) -> Mesh | None:
+        """The train mesh over the first size / P of `devices` (default: every device of the
+        run) of each of their P processes, process by process; None for one device of the
+        default (the entry points' default mesh). ValueError when they are not there."""
+        if self.size == 1 and devices is None:
             return None
-        processes, local = jax.process_count(), len(jax.local_devices())
+        by_process: dict[int, list[jax.Device]] = {}
+        for d in jax.devices() if devices is None else devices:
+            by_process.setdefault(d.process_index, []).append(d)
+        processes = len(by_process)
+        local = min(len(found) for found in by_process.values())
         if self.size % processes or self.size // processes > local:
             raise ValueError(f"mesh data x fsdp x tensor = {self.size} devices must split "
                              f"evenly over the {processes} processes, at most {local} each")
         each = self.size // processes
-        devices = [d for p in range(processes)
-                   for d in [d for d in jax.devices() if d.process_index == p][:each]]
-        return make_train_mesh(self.data, self.fsdp, self.tensor, devices)
+        chosen = [d for p in sorted(by_process) for d in by_process[p][:each]]
+        return make_train_mesh(self.data, self.fsdp, self.tensor, chosen)
 
 
 def _names(path) -> list[str]:

@@ -14,7 +14,7 @@ from flax import nnx
 from jax.typing import DTypeLike
 
 from jaxlab.config import dtype_name
-from jaxlab.models.decoder import Decoder
+from jaxlab.models.decoder import Decoder, DecoderConfig
 from jaxlab.models.hf import load_decoder_config, save_pretrained
 
 # The released configs' architecture fields (Qwen3-0.6B, Qwen2.5-0.5B, Llama-3.2-1B).
@@ -37,6 +37,20 @@ RELEASED = {
                                    "original_max_position_embeddings": 8192},
                   tie_word_embeddings=True, attention_bias=False, mlp_bias=False),
 }
+# The released Qwen3 dense models: each one's config.json fields (Hugging Face Qwen/Qwen3-<size>)
+# that differ from Qwen3-0.6B's (RELEASED["qwen3"]). All have 8 kv heads of 128 dims, a
+# vocabulary of 151,936 and 40,960 positions; 0.6B, 1.7B and 4B tie the output head to the
+# embedding.
+QWEN3_SIZES = {
+    "0.6B": {},
+    "1.7B": dict(hidden_size=2048, intermediate_size=6144),
+    "4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+               num_attention_heads=32),
+    "8B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+               num_attention_heads=32, tie_word_embeddings=False),
+    "32B": dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+                num_attention_heads=64, tie_word_embeddings=False),
+}
 SIZES = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16),
@@ -53,6 +67,19 @@ def hf_config(family: str, size: str = "tiny", **overrides):
                          f"{sorted(RELEASED)}, sizes: {sorted(SIZES)}")
     fields = {**RELEASED[family], **SIZES[size], **overrides}
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def qwen3(size: str, *, param_dtype: str = "float32", dtype: str | None = None,
+          **overrides) -> DecoderConfig:
+    """The architecture of the released Qwen3 model `size` (a key of `QWEN3_SIZES`, e.g. "8B";
+    "qwen3-8b" also works), weights in `param_dtype`, compute in `dtype` (default: the
+    weights'), any field overridden (e.g. num_hidden_layers)."""
+    name = size.removeprefix("qwen3-").removeprefix("Qwen3-").upper()
+    name = {key.upper(): key for key in QWEN3_SIZES}.get(name)
+    if name is None:
+        raise ValueError(f"unknown Qwen3 size {size!r}; sizes: {list(QWEN3_SIZES)}")
+    return DecoderConfig.from_hf(hf_config("qwen3", "released", **QWEN3_SIZES[name], **overrides),
+                                 param_dtype=param_dtype, dtype=dtype)
 
 
 def create(family: str, path: str | pathlib.Path, *, size: str = "tiny", seed: int = 0,

@@ -88,11 +88,12 @@ class SamplingConfig:
     prompt_bucket: int = 64         # prompts padded to a multiple of this many tokens (one
     #                                 compiled prefill and loop per bucket, not per length)
     decode_kernel: str = "auto"     # decode attention (`attention.DECODE_KERNELS`): "auto" is
-    #                                 the Pallas kernel on a GPU, the portable path elsewhere;
-    #                                 "pallas" the backend's Pallas kernel (GPU or TPU)
+    #                                 the model's backend policy's kernel where it applies (the
+    #                                 GPU/TPU Pallas kernel; else portable, logged); "pallas"
+    #                                 that kernel or an error naming why it cannot run
     scan_layers: bool = False       # the layers in one scan over a stacked copy of their
     #                                 weights and a stacked cache: compiled once whatever the
-    #                                 depth (not the GPU Pallas kernel; docs/deepconf.md)
+    #                                 depth (docs/deepconf.md)
 
     def __post_init__(self):
         require_positive_ints(self, "max_new_tokens", "n", "confidence_k", "window", "tail",
@@ -541,6 +542,38 @@ def decode_memory(c: DecoderConfig, prompts: int, prompt_length: int, config: Sa
 @functools.lru_cache(maxsize=64)
 def _decode_memory(c: DecoderConfig, prompts: int, prompt_length: int, config: SamplingConfig,
                    mesh: Mesh | None, policy: BackendPolicy) -> DecodeMemory:
+    programs = lower_decode(c, prompts, prompt_length, config, mesh, policy)
+    a = programs.loop.compile().memory_analysis()
+    b = programs.prefill.compile().memory_analysis()
+    return DecodeMemory(
+        weights=programs.weights, prefix=programs.prefix, generated=programs.generated,
+        samples=programs.samples, outputs=a.output_size_in_bytes,
+        temporaries=a.temp_size_in_bytes, arguments=a.argument_size_in_bytes,
+        aliased=a.alias_size_in_bytes,
+        prefill=(b.argument_size_in_bytes + b.output_size_in_bytes + b.temp_size_in_bytes))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePrograms:
+    """The prefill and the decode loop of one `sample` request, lowered from abstract inputs
+    (nothing allocated) for a mesh's devices; `.compile()` each. Bytes are of whole arrays
+    (all devices together)."""
+
+    prefill: jax.stages.Lowered  # `_prefill` of P prompts of L tokens
+    loop: jax.stages.Lowered     # `_decode`, the while loop over every slot
+    decode_kernel: str           # the loop's SamplingConfig.decode_kernel (`mesh_decode_kernel`)
+    weights: int                 # the model's parameters
+    prefix: int                  # the prompts' KV, once per prompt
+    generated: int               # every slot's generated KV (or the pool of pages)
+    samples: int                 # the `Samples` buffers (at the output capacity)
+
+
+def lower_decode(c: DecoderConfig, prompts: int, prompt_length: int, config: SamplingConfig,
+                 mesh: Mesh | None, policy: BackendPolicy) -> DecodePrograms:
+    """`sample`'s two programs for `prompts` prompts of up to `prompt_length` tokens on a model
+    of architecture `c` under `policy`, lowered on abstract inputs placed as `sample` places
+    them on `mesh` (slots split over its batch axes, weights in their `parallel.tree_shardings`;
+    compile-only devices of a TPU or GPU target work too), or for the default device."""
     require(prompts > 0 and prompt_length > 0,
             f"prompts={prompts} and prompt_length={prompt_length} must be positive")
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(c, nnx.Rngs(0), policy)))
@@ -555,31 +588,31 @@ def _decode_memory(c: DecoderConfig, prompts: int, prompt_length: int, config: S
     out = jax.eval_shape(lambda: Samples.empty(prompts, static.budget, config.max_new_tokens))
     per_prompt = functools.partial(jax.ShapeDtypeStruct, (prompts,))
     key = jax.eval_shape(jax.random.key, 0)
+    strategy = jax.eval_shape(lambda: sampling_strategy(config))  # traced values: abstract
     scalars = (per_prompt(jnp.float32), per_prompt(jnp.int32))
+    sizes = dict(weights=nbytes(state), prefix=nbytes(prefix.fields),
+                 generated=nbytes(generated.fields), samples=nbytes(out))
     if mesh is not None:  # placed as `sample` places them
-        require(config.kv_pages is None, "a paged KV cache (kv_pages) is not split over a mesh")
+        require(config.kv_pages is None or mesh.size == 1,
+                "a paged KV cache (kv_pages) is not split over a mesh")
         require(prompts * config.n % mesh.size == 0, f"{prompts} prompts x n={config.n} slots "
                 f"must divide evenly over {mesh.size} devices")
         static = mesh_decode_kernel(static, policy, mesh)
         state = abstract_on(state, parallel.tree_shardings(state, mesh))
         generated = abstract_on(generated, cache_sharding(generated, mesh))
-        ids, prefix, logits, out, key, scalars = abstract_on(
-            (ids, prefix, logits, out, key, scalars), parallel.replicated(mesh))
+        ids, prefix, logits, out, key, strategy, scalars = abstract_on(
+            (ids, prefix, logits, out, key, strategy, scalars), parallel.replicated(mesh))
     with jax.default_device(policy_device(mesh)):
-        prefill = _prefill.lower(graphdef, state, ids, ids, **settings).compile()
-        loop = _decode.lower(graphdef, state, prefix, logits, generated, out, key,
-                             sampling_strategy(config), *scalars, config=static).compile()
-    a, b = loop.memory_analysis(), prefill.memory_analysis()
+        prefill = _prefill.lower(graphdef, state, ids, ids, **settings)
+        loop = _decode.lower(graphdef, state, prefix, logits, generated, out, key, strategy,
+                             *scalars, config=static)
+    return DecodePrograms(prefill=prefill, loop=loop, decode_kernel=static.decode_kernel,
+                          **sizes)
 
-    def nbytes(tree):
-        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
-    return DecodeMemory(
-        weights=nbytes(state), prefix=nbytes(prefix.fields),
-        generated=nbytes(generated.fields),
-        samples=nbytes(out), outputs=a.output_size_in_bytes, temporaries=a.temp_size_in_bytes,
-        arguments=a.argument_size_in_bytes, aliased=a.alias_size_in_bytes,
-        prefill=(b.argument_size_in_bytes + b.output_size_in_bytes + b.temp_size_in_bytes))
+def nbytes(tree) -> int:
+    """Bytes of a tree of arrays or ShapeDtypeStructs (whole arrays)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def require_fits(c: DecoderConfig, prompts: int, prompt_length: int, config: SamplingConfig,
