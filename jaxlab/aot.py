@@ -15,6 +15,9 @@ Jobs (each compiled on its own; one failing is recorded, not raised):
   pallas   the policy's Pallas decode-attention kernel alone on one device
            (`attention.pallas_gpu_attention`, Triton; `attention.pallas_tpu_attention`, Mosaic)
            for one layer of the decode loop's slots
+  pallas_paged  the same for a paged cache: one layer of a pool of pages (every slot's
+           pages), read through a page table (`attention.pallas_gpu_paged_attention`, Triton;
+           `attention.pallas_tpu_attention` with `pages`, Mosaic)
 
 Each program is built under the target's backend policy (`backend_policy(devices)`: the
 program a run on the target compiles, not the CPU variant) and lowered on abstract inputs
@@ -48,7 +51,7 @@ from jaxlab.models.decoder import DECODE_BLOCK, REMAT_POLICIES, Decoder, Decoder
 from jaxlab.rl import train
 from jaxlab.sampling import sampler
 
-JOBS = ("decode", "prefill", "train", "pallas")
+JOBS = ("decode", "prefill", "train", "pallas", "pallas_paged")
 # A Pallas kernel's custom call in compiled HLO -> the kernel's compiler.
 KERNELS = {"tpu_custom_call": "mosaic", "__gpu$xla.gpu.triton": "triton"}
 
@@ -172,9 +175,10 @@ def lower_train_job(devices: Sequence[jax.Device], sizes: JobSizes):
     return lowered, dict(mesh.shape), dict(params=params)
 
 
-def lower_pallas_job(devices: Sequence[jax.Device], sizes: JobSizes):
+def lower_pallas_job(devices: Sequence[jax.Device], sizes: JobSizes, paged: bool = False):
     """The policy's Pallas decode kernel on the first device, for one layer of the decode
-    loop: q [B, K, G, D] of the P x n slots, a bfloat16 cache [B, K, T_gen, D]."""
+    loop: q [B, K, G, D] of the P x n slots, a bfloat16 cache [B, K, T_gen, D]; `paged`: a pool
+    [B T_gen / P, K, P, D] of pages of P = block slots and a page table [B, T_gen / P]."""
     device = devices[0]
     policy = backend_policy([device])
     require(policy.pallas is not None, f"the {policy.name} policy has no Pallas kernel")
@@ -188,17 +192,26 @@ def lower_pallas_job(devices: Sequence[jax.Device], sizes: JobSizes):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=placed)
 
     q = sds((b, k, c.num_heads // k, d), jnp.bfloat16)
-    cache = sds((b, k, size, d), jnp.bfloat16)
     span = sds((b,), jnp.int32)
-    kernel = (attention.pallas_gpu_attention if policy.pallas == "pallas_gpu"
-              else attention.pallas_tpu_attention)
+    if paged:
+        pages = size // block
+        cache = sds((b * pages, k, block, d), jnp.bfloat16)
+        table = (sds((b, pages), jnp.int32),)
+        kernel = (attention.pallas_gpu_paged_attention if policy.pallas == "pallas_gpu"
+                  else attention.pallas_tpu_attention)
+    else:
+        cache, table = sds((b, k, size, d), jnp.bfloat16), ()
+        kernel = (attention.pallas_gpu_attention if policy.pallas == "pallas_gpu"
+                  else attention.pallas_tpu_attention)
 
-    def attend(q, keys, values, start, end):
-        return kernel(q, keys, values, start, end, block=block, interpret=policy.interpret)
+    def attend(q, keys, values, start, end, *pages):
+        return kernel(q, keys, values, start, end, block=block, interpret=policy.interpret,
+                      **(dict(pages=pages[0]) if pages else {}))
 
     with jax.default_device(device):
-        lowered = jax.jit(attend).lower(q, cache, cache, span, span)
-    return lowered, {}, dict(decode_kernel=policy.pallas)
+        lowered = jax.jit(attend).lower(q, cache, cache, span, span, *table)
+    name = kernel.__name__.removesuffix("_attention")
+    return lowered, {}, dict(decode_kernel=name)
 
 
 def lower_job(job: str, devices: Sequence[jax.Device], sizes: JobSizes):
@@ -208,7 +221,7 @@ def lower_job(job: str, devices: Sequence[jax.Device], sizes: JobSizes):
         return lower_decode_job(job, devices, sizes)
     if job == "train":
         return lower_train_job(devices, sizes)
-    return lower_pallas_job(devices, sizes)
+    return lower_pallas_job(devices, sizes, paged=job == "pallas_paged")
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,7 +346,7 @@ def table(result: dict) -> str:
 
     lines = [f"{result['target']}: {result['devices']} x {result['device_kind']}, "
              f"{result['sizes']['model']} (GiB per device)",
-             f"{'job':8s} {'policy':6s} {'mesh':22s} {'kernel':7s} {'args':>7s} {'out':>7s} "
+             f"{'job':12s} {'policy':6s} {'mesh':22s} {'kernel':7s} {'args':>7s} {'out':>7s} "
              f"{'alias':>7s} {'temp':>7s} {'peak':>7s} {'HBM':>7s} {'fits':>5s} "
              f"{'compile s':>9s} {'roofline ms':>11s}"]
     for job, r in result["jobs"].items():
@@ -341,11 +354,11 @@ def table(result: dict) -> str:
         fits = "-" if r["fits"] is None else ("yes" if r["fits"] else "NO")
         seconds = "-" if r["compile_seconds"] is None else f"{r['compile_seconds']:.1f}"
         roof = "-" if r["roofline_seconds"] is None else f"{1000 * r['roofline_seconds']:.2f}"
-        lines.append(f"{job:8s} {r['policy']:6s} {mesh:22s} {r['kernel'] or '-':7s} "
+        lines.append(f"{job:12s} {r['policy']:6s} {mesh:22s} {r['kernel'] or '-':7s} "
                      f"{size(r['argument_bytes']):>7s} {size(r['output_bytes']):>7s} "
                      f"{size(r['alias_bytes']):>7s} {size(r['temp_bytes']):>7s} "
                      f"{size(r['peak_bytes']):>7s} {size(r['hbm_bytes']):>7s} {fits:>5s} "
                      f"{seconds:>9s} {roof:>11s}")
         if r["error"]:
-            lines.append(f"         {r['error'][:200]}")
+            lines.append(f"             {r['error'][:200]}")
     return "\n".join(lines)

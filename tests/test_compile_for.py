@@ -155,6 +155,17 @@ def test_the_gpu_decode_loop_runs_the_triton_kernel(gpu):
     assert r["flops"] is None and r["roofline_seconds"] is None  # no GPU cost analysis
 
 
+@pytest.mark.parametrize("paging", [dict(kv_pages=64), dict(scan_layers=True)])
+def test_the_gpu_decode_loop_reads_paged_and_stacked_caches_with_the_paged_kernel(paging):
+    # one device (a paged cache is not split over a mesh), 2 layers: the loop's program is the
+    # same at any depth
+    sizes = aot.JobSizes(prompts=4, n=2, prompt_length=64, max_new_tokens=256, layers=2,
+                         decode_devices=1, **paging)
+    r = aot.compile_job("decode", GPU, sizes)
+    assert r["compiled"] and r["fits"] and r["decode_kernel"] == "auto", r
+    assert r["kernel"] == "triton" and r["kernel_calls"] >= 1
+
+
 # --------------------------------------------------------------------------------------------
 # Programs larger than HBM; Pallas kernels; failures recorded
 
@@ -177,26 +188,31 @@ def test_a_gpu_program_larger_than_hbm_compiles_but_does_not_fit():
 
 def test_the_tpu_kernel_compiles_and_a_failing_job_is_recorded_not_raised():
     sizes = aot.JobSizes(prompts=4, n=1, max_new_tokens=1024)
-    result = aot.compile_for(TPU, ("decode", "pallas"), sizes)
-    decode, pallas = result["jobs"]["decode"], result["jobs"]["pallas"]
+    result = aot.compile_for(TPU, ("decode", "pallas", "pallas_paged"), sizes)
+    decode = result["jobs"]["decode"]
     assert not decode["compiled"] and "must divide evenly over 8 devices" in decode["error"]
-    assert pallas["compiled"] and pallas["kernel"] == "mosaic" and pallas["kernel_calls"] == 1
-    assert pallas["flops"] > 0
+    for job in ("pallas", "pallas_paged"):
+        pallas = result["jobs"][job]
+        assert pallas["compiled"] and pallas["kernel"] == "mosaic", pallas
+        assert pallas["kernel_calls"] == 1 and pallas["decode_kernel"] == "pallas_tpu"
+        assert pallas["flops"] > 0
     assert "must divide evenly" in aot.table(result)
 
 
 def test_compile_for_writes_the_gpu_kernels_json(tmp_path):
     out = tmp_path / "h100.json"
     run = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "compile_for.py"),
-                          "--target", GPU, "--jobs", "pallas", "--prompts", "4",
+                          "--target", GPU, "--jobs", "pallas,pallas_paged", "--prompts", "4",
                           "--out", str(out)], capture_output=True, text=True, cwd=tmp_path,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["target"] == GPU and result["devices"] == 8
-    r = result["jobs"]["pallas"]
-    assert r["compiled"] and r["kernel"] == "triton" and r["policy"] == "gpu"
-    assert r["argument_bytes"] > 0 and r["peak_bytes"] == (
-        r["argument_bytes"] + r["output_bytes"] + r["temp_bytes"] - r["alias_bytes"])
+    for job, kernel in (("pallas", "pallas_gpu"), ("pallas_paged", "pallas_gpu_paged")):
+        r = result["jobs"][job]
+        assert r["compiled"] and r["kernel"] == "triton" and r["policy"] == "gpu", r
+        assert r["decode_kernel"] == kernel
+        assert r["argument_bytes"] > 0 and r["peak_bytes"] == (
+            r["argument_bytes"] + r["output_bytes"] + r["temp_bytes"] - r["alias_bytes"])
     assert "pallas" in run.stdout and "triton" in run.stdout
     assert np.isclose(r["hbm_bytes"] / 2**30, 79.11, atol=0.01)

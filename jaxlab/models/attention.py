@@ -54,6 +54,7 @@ except ImportError:  # pragma: no cover - depends on the JAX build
 try:  # the body of the GPU paged-attention kernel (its wrapper drops the log-sum-exp)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
+        from jax.experimental.pallas import triton as _triton
         from jax.experimental.pallas.ops.gpu import paged_attention as _pallas_gpu_paged
 except ImportError:  # pragma: no cover - depends on the JAX build
     _pallas_gpu_paged = None
@@ -362,6 +363,9 @@ def _gpu_paged_kernel(q, k_pool, v_pool, lengths, table, interpret: bool):
                    jax.ShapeDtypeStruct((splits, r, padded), jnp.float32),
                    jax.ShapeDtypeStruct((splits, r, padded), jnp.float32)],
         interpret=interpret, name="jaxlab_gpu_paged_attention",
+        # Triton, as the shipped wrapper (without it Pallas would lower to Mosaic GPU, which
+        # copies each block, here the whole pool, into shared memory); its warps and stages
+        compiler_params=_triton.CompilerParams(num_warps=8, num_stages=2),
     )(q, k_pool, None, v_pool, None, table.reshape(r, splits, per_split), lengths[:, None])
     o, total, m = o[:, :, :g], total[:, :, :g], m[:, :, :g]
     top = jnp.max(m, axis=0)                                                  # [R, G]
