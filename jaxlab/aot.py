@@ -47,7 +47,8 @@ from jaxlab import parallel, targets
 from jaxlab.config import require
 from jaxlab.models import attention, zoo
 from jaxlab.models.backend import BackendPolicy, backend_policy
-from jaxlab.models.decoder import DECODE_BLOCK, REMAT_POLICIES, Decoder, DecoderConfig
+from jaxlab.models.decoder import REMAT_POLICIES, Decoder, DecoderConfig
+from jaxlab.models.kv_cache import DECODE_BLOCK
 from jaxlab.rl import train
 from jaxlab.sampling import sampler
 

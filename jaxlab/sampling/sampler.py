@@ -55,7 +55,8 @@ from jaxlab.config import require, require_positive_ints
 from jaxlab.models import attention, backend
 from jaxlab.models.backend import BackendPolicy
 from jaxlab.models.backend import resolve as resolve_policy
-from jaxlab.models.decoder import DECODE_BLOCK, Decoder, DecoderConfig, KVCache
+from jaxlab.models.decoder import Decoder, DecoderConfig
+from jaxlab.models.kv_cache import DECODE_BLOCK, KVCache
 from jaxlab.sampling import paging, strategies
 from jaxlab.sampling.confidence import GroupWindow
 

@@ -12,7 +12,7 @@ import pytest
 
 from jaxlab.models import attention, backend, hf, zoo
 from jaxlab.models.backend import POLICIES, backend_policy
-from jaxlab.models.decoder import KVCache
+from jaxlab.models.kv_cache import KVCache
 
 RNG = np.random.default_rng(0)
 
