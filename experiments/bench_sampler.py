@@ -330,8 +330,8 @@ def bench_kernels(c, rows: int = 256, size: int = 4096, live: int = 512) -> list
     kernel that runs here against the portable path: largest |difference| of the outputs and
     the time of one call, next to the portable path over a cache of exactly `live` slots (what
     reading only the live slots costs). On a GPU also the Pallas kernel with at most 4 and 1
-    splits, and all of it again over a 256-slot cache (the sampler's default 256 new tokens)
-    with 192 live slots."""
+    splits and the paged kernel reading the rows as pages, and all of it again over a
+    256-slot cache (the sampler's default 256 new tokens) with 192 live slots."""
     from jaxlab.models import attention
 
     rng = np.random.default_rng(5)
@@ -367,6 +367,10 @@ def bench_kernels(c, rows: int = 256, size: int = 4096, live: int = 512) -> list
             report.append({"kernel": f"pallas<={most}", "cache": slots, "live": alive,
                            "splits": attention.pallas_splits(slots, 128, most)[0],
                            "seconds": seconds, "max_diff": float(np.max(np.abs(got - want)))})
+        # the paged kernel (what paged and stacked caches run) over the same rows as pages
+        got, seconds = run(lambda *a: attention.pallas_gpu_paged_attention(*a, block=128), full)
+        report.append({"kernel": "pallas_paged", "cache": slots, "live": alive,
+                       "seconds": seconds, "max_diff": float(np.max(np.abs(got - want)))})
     return report
 
 
