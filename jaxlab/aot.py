@@ -27,8 +27,9 @@ devices). Reported per device, from `compiled.memory_analysis()`: argument, outp
 peak = arguments + outputs + temporaries - aliased, against the target's HBM. The TPU compiler
 refuses a program over HBM (compiled=False, fits=False, its error); the GPU compiler does not
 (fits compares). On TPU, `compiled.cost_analysis()` gives flops and bytes accessed, and
-roofline_seconds = max(flops / peak_flops, bytes / hbm_bandwidth): a lower bound of one run of
-the program, where a loop's body (the decode loop's step, a scanned layer) counts once.
+roofline_seconds = max(flops / peak_flops, bytes / hbm_bandwidth) of the compiler's static
+counts for one run of the program, where a loop's body (the decode loop's step, a scanned
+layer) counts once: a compiler's estimate, not a measured time.
 """
 
 from __future__ import annotations
