@@ -2,10 +2,11 @@
 targets' own compilers (libtpu, XLA's CUDA plugin) compile the real programs, which are read
 back: their arguments per device, their kernels, whether they fit.
 
-Time (2 cores): the Qwen3-0.6B decode loop (256 slots) and policy step (fsdp 8) for one TPU
-target (v5e-8: ~40 s and ~80 s, the TPU compiler runs on one thread) and one GPU target
-(H100 x 8: ~13 s and ~25 s), each Pallas kernel for its target (seconds), and two programs
-larger than HBM with 2 and 4 layers instead of 28 (the memory check needs no more: seconds).
+The Qwen3-0.6B decode loop (256 slots) and policy step (fsdp 8) are compiled for one TPU target
+(v5e-8) and one GPU target (H100 x 8) with 4 of the model's 28 layers: every shape of the model
+but its depth, so every check below holds at any depth, in a fifth of the compile time (the
+full depth: `experiments/compile_for.py`, docs/benchmarks.md). Also each Pallas kernel for its
+target, and programs larger than HBM.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from jaxlab.sampling import sampler
 TPU, GPU = "tpu-v5e-8", "h100-8"
 # 32 prompts x n = 8: 256 slots; short prompts and traces (the program is the same for any
 # length; only its buffers grow). The policy step: 8 rows x 2,048 tokens, remat full.
-SIZES = aot.JobSizes(model="qwen3-0.6b", prompts=32, n=8, prompt_length=64,
+SIZES = aot.JobSizes(model="qwen3-0.6b", layers=4, prompts=32, n=8, prompt_length=64,
                      max_new_tokens=128, rows=8, width=2048, remat="full")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def compiled_jobs(target: str, jobs: tuple[str, ...]):
@@ -126,7 +127,8 @@ def test_the_cpu_policy_would_hold_the_cache_as_bits():
               for path, leaf in jax.tree_util.tree_leaves_with_path(programs.loop.args_info)}
     # `_decode`'s argument 4, the generated KV (the prefix of one block is read as floats)
     cache = {k: v for k, v in dtypes.items() if re.match(r"\[0\]\[4\]\.(keys|values)", k)}
-    assert len(cache) == 2 * 28 and {str(v) for v in cache.values()} == {"uint16"}
+    layers = aot.decoder_config(SIZES, training=False).num_layers
+    assert len(cache) == 2 * layers and {str(v) for v in cache.values()} == {"uint16"}
 
 
 @pytest.mark.parametrize("which", ["tpu", "gpu"])
@@ -151,7 +153,7 @@ def test_the_gpu_decode_loop_runs_the_triton_kernel(gpu):
     records, _ = gpu
     r = records["decode"]
     assert r["compiled"] and r["fits"] and r["policy"] == "gpu", r
-    assert r["kernel"] == "triton" and r["kernel_calls"] >= SIZES.max_new_tokens // 128 * 28
+    assert r["kernel"] == "triton" and r["kernel_calls"] >= SIZES.layers
     assert r["flops"] is None and r["roofline_seconds"] is None  # no GPU cost analysis
 
 
