@@ -6,7 +6,6 @@ policy's: the same tokens under greedy decoding, log-probs and confidences to fl
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -46,34 +45,11 @@ def _close(got, want, atol):
                                atol=atol)
 
 
-def _rescored(model, samples, temperature):
-    """Each trace's log-probs (at `temperature`) and confidences from one full forward pass of
-    `model` over the rows prompt + trace (padded): float64 [N, T] each, 0 past a length."""
-    width = max(len(p) for p in PROMPTS)
-    n, t = samples.tokens.shape
-    ids, mask = np.zeros((n, width + t), np.int32), np.zeros((n, width + t), np.int32)
-    for i, length in enumerate(samples.lengths):  # left-padded prompt, right-padded trace
-        prompt = PROMPTS[samples.prompt_index[i]]
-        ids[i, width - len(prompt):width] = prompt
-        ids[i, width:width + length] = samples.tokens[i, :length]
-        mask[i, width - len(prompt):width + length] = 1
-    logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)), np.float64)
-    logits = logits[:, width - 1:width + t - 1]                               # [N, T, V]
-    raw = logits - logsumexp(logits)
-    tempered = logits / temperature - logsumexp(logits / temperature)
-    live = np.arange(t) < samples.lengths[:, None]
-    conf = -np.sort(raw, axis=-1)[..., ::-1][..., :20].mean(-1)
-    logp = np.take_along_axis(tempered, samples.tokens[..., None], axis=-1)[..., 0]
-    return np.where(live, logp, 0), np.where(live, conf, 0)
-
-
-def logsumexp(x):
-    top = x.max(-1, keepdims=True)
-    return top + np.log(np.exp(x - top).sum(-1, keepdims=True))
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("name", ["gpu", "tpu"])
+# Every case under the GPU policy; the TPU policy (its kernel in interpret mode, ~4x slower
+# than the GPU's) under greedy decoding, unrolled and paged + scanned: the refill and early
+# stop are the loop's, not the kernel's.
+@pytest.mark.parametrize("name, case", [("gpu", case) for case in sorted(CASES)]
+                         + [("tpu", "greedy"), ("tpu", "greedy-paged-scanned")])
 def test_sampling_under_an_accelerator_policy_gives_the_cpu_policys_traces(models, name, case):
     config, key = CASES[case], jax.random.key(7)
     if case.endswith("early-stop"):  # a threshold splitting the traces of an unstopped run,
@@ -87,13 +63,9 @@ def test_sampling_under_an_accelerator_policy_gives_the_cpu_policys_traces(model
     if case.endswith("early-stop"):  # the case exercises what it names
         assert {int(r) for r in want.finish_reason} == {sampler.LENGTH, sampler.LOW_CONFIDENCE}
         assert len(want.lengths) == len(got.lengths) == 5 * len(PROMPTS)  # refilled
-    if name == "gpu" or config.temperature == 0:
-        # the TPU kernel reads keys and values in bfloat16: its log-probs move by ~1e-3
-        _close(got, want, atol=5e-3 if name == "tpu" else 1e-4)
-    else:  # ... which moves a sampled draw: its traces are scored by a full forward instead
-        logp, conf = _rescored(models["cpu"], got, config.temperature)
-        np.testing.assert_allclose(got.logprobs, logp, atol=5e-3)
-        np.testing.assert_allclose(got.confidence, conf, atol=5e-3)
+    # the TPU kernel reads keys and values in bfloat16: its log-probs move by ~1e-3 (enough to
+    # move a sampled draw, which is why it runs greedy cases only)
+    _close(got, want, atol=5e-3 if name == "tpu" else 1e-4)
 
 
 def test_deepconf_online_under_the_gpu_policy_gives_the_cpu_policys_result(models):
