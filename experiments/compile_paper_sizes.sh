@@ -22,5 +22,8 @@ run tpu-v5e-8 qwen3-8b-n16 $deepconf --n 16
 run tpu-v5e-8 qwen3-8b-n16-fsdp $deepconf --n 16 --decode-split fsdp
 run tpu-v5e-8 qwen3-8b-n32-fsdp $deepconf --n 32 --decode-split fsdp
 run tpu-v5e-8 qwen3-8b-n32-fsdp-int8 $deepconf --n 32 --decode-split fsdp --int8-cache
+run tpu-v5e-8 qwen3-8b-n8-fsdp $deepconf --n 8 --decode-split fsdp
+run tpu-v5e-8 qwen3-8b-n8-fsdp-int8 $deepconf --n 8 --decode-split fsdp --int8-cache
+run tpu-v5e-8 qwen3-8b-n16-fsdp-int8 $deepconf --n 16 --decode-split fsdp --int8-cache
 # TPU v5p-64 (32 devices): the Qwen3-32B policy step, 32 rows x 2,048 tokens, fsdp 8 x tensor 4
 run tpu-v5p-64 qwen3-32b-train --model qwen3-32b --jobs train --rows 32 --width 2048 --tensor 4
