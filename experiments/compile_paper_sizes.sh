@@ -3,7 +3,7 @@
 # DeepConf's decode loop for Qwen3-8B with 32k-token traces on a TPU v5e-8 and an H200, and
 # the policy step of Writing-Zero's GenRM base (Qwen3-32B) on a TPU v5p-64 slice. Each
 # variant writes results/compile_for/<target>-<model>-<variant>.json; the table is in
-# docs/benchmarks.md. About 25 minutes on 2 cores (the TPU compiler runs on one thread).
+# docs/benchmarks.md. About 17 minutes on 2 cores (the TPU compiler runs on one thread).
 #   bash experiments/compile_paper_sizes.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
