@@ -46,9 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from timing import best_of
-from writing_zero_memory import SIZES as QWEN3_SIZES
 
-from jaxlab import parallel, results
+from jaxlab import aot, parallel, results
 from jaxlab.models import hf, zoo
 from jaxlab.models.decoder import REMAT_POLICIES, Decoder, DecoderConfig
 from jaxlab.rl import losses, train
@@ -235,38 +234,13 @@ def speed(name: str, repeats: int, threads: list[int], out: pathlib.Path) -> Non
 # Compiled memory, nothing allocated
 
 
-def abstract_inputs(config: DecoderConfig, train_config: train.TrainConfig, batch: int,
-                    seq: int, mesh: jax.sharding.Mesh | None = None):
-    """(graphdef, TrainState and PolicyBatch of jax.ShapeDtypeStructs) for `config`; on a
-    split-model `mesh`, carrying the shardings the step runs with (the state's
-    `parallel.tree_shardings`, the batch's `parallel.batch_sharding`)."""
-    model = nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(0)))
-    graphdef, params, _ = nnx.split(model, nnx.Param, ...)  # as init_train_state splits
-    state = jax.eval_shape(lambda p: train.TrainState(
-        params=p, opt_state=train.make_optimizer(train_config).init(p),
-        step=jnp.zeros((), jnp.int32), key=jax.random.key(0)), params)
-    sds = jax.ShapeDtypeStruct
-    rows = (batch, seq)
-    policy_batch = train.PolicyBatch(
-        tokens=sds(rows, jnp.int32), mask=sds(rows, jnp.int32), loss_mask=sds(rows, jnp.float32),
-        old_logp=sds(rows, jnp.float32), ref_logp=sds(rows, jnp.float32),
-        advantages=sds((batch,), jnp.float32))
-    if mesh is not None and parallel.is_split_model(mesh):
-        def placed(x, sharding):
-            return sds(x.shape, x.dtype, sharding=sharding)
-
-        state = jax.tree.map(placed, state, parallel.tree_shardings(state, mesh))
-        rows_sharding = parallel.batch_sharding(mesh)
-        policy_batch = jax.tree.map(lambda x: placed(x, rows_sharding), policy_batch)
-    return graphdef, state, policy_batch
-
-
 def step_memory(config: DecoderConfig, train_config: train.TrainConfig, batch: int,
                 seq: int, mesh: jax.sharding.Mesh | None = None) -> dict:
     """Bytes per device of the compiled step (`memory_analysis`) on the default backend, on
     `mesh` (default: one device), and the seconds lowering and compiling took."""
     mesh = mesh or parallel.single_device_mesh()
-    graphdef, state, policy_batch = abstract_inputs(config, train_config, batch, seq, mesh)
+    graphdef, state, policy_batch = aot.abstract_train_inputs(config, train_config, batch,
+                                                               seq, mesh)
     start = time.perf_counter()
     compiled = train.train_step.lower(state, policy_batch, graphdef=graphdef,
                                       config=train_config, mesh=mesh).compile()
@@ -282,13 +256,10 @@ def step_memory(config: DecoderConfig, train_config: train.TrainConfig, batch: i
 
 
 def qwen3_config(model: str, layers: int | None = None) -> DecoderConfig:
-    """The released Qwen3 shape `model` (a key of writing_zero_memory.SIZES: 0.6B, 1.7B, 4B),
-    optionally with `layers` layers, float32 master weights and bfloat16 compute."""
-    overrides = dict(QWEN3_SIZES[model])
-    if layers is not None:
-        overrides["num_hidden_layers"] = layers
-    return DecoderConfig.from_hf(zoo.hf_config("qwen3", "released", **overrides),
-                                 param_dtype="float32", dtype="bfloat16")
+    """The released Qwen3 shape `model` (a key of `zoo.QWEN3_SIZES`), optionally with `layers`
+    layers, float32 master weights and bfloat16 compute."""
+    layers = {} if layers is None else dict(num_hidden_layers=layers)
+    return zoo.qwen3(model, param_dtype="float32", dtype="bfloat16", **layers)
 
 
 def memory(batch: int, seq: int, out: pathlib.Path, *, model: str = "0.6B",
@@ -361,7 +332,7 @@ def main() -> None:
                         help="compiled memory of the Qwen3-0.6B step instead of speed")
     parser.add_argument("--memory-batch", type=int, default=8)
     parser.add_argument("--memory-seq", type=int, default=4096)
-    parser.add_argument("--memory-model", default="0.6B", choices=list(QWEN3_SIZES),
+    parser.add_argument("--memory-model", default="0.6B", choices=list(zoo.QWEN3_SIZES),
                         help="the Qwen3 shape of --memory")
     parser.add_argument("--memory-layers", type=int, default=None,
                         help="--memory with this many layers instead of the model's")

@@ -32,13 +32,8 @@ from jaxlab.models.decoder import REMAT_POLICIES, Decoder, DecoderConfig
 from jaxlab.rl import reward_model, sft, train
 from jaxlab.sampling import sampler
 
-# Qwen3 shapes (the released configs' fields that differ from Qwen3-0.6B's)
-SIZES = {
-    "0.6B": {},
-    "1.7B": dict(hidden_size=2048, intermediate_size=6144),
-    "4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-               num_attention_heads=32),
-}
+# the Qwen3 sizes measured by default (any of `zoo.QWEN3_SIZES` can be asked for)
+SIZES = ("0.6B", "1.7B", "4B")
 # (batch, length) per job, as the GPU configs set them
 RM, SFT, POLICY = (32, 1024), (16, 3072), (32, 3072)
 MICROBATCHES = 4
@@ -46,8 +41,7 @@ ROLLOUT = dict(prompts=16, n=8, prompt_length=2048, max_new_tokens=1024)
 
 
 def decoder_config(size: str) -> DecoderConfig:
-    return DecoderConfig.from_hf(zoo.hf_config("qwen3", "released", **SIZES[size]),
-                                 param_dtype="float32", dtype="bfloat16")
+    return zoo.qwen3(size, param_dtype="float32", dtype="bfloat16")
 
 
 def abstract_state(module_fn, config: train.TrainConfig):
@@ -109,7 +103,8 @@ def job_memory(size: str, remat: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES),
+                        choices=list(zoo.QWEN3_SIZES))
     parser.add_argument("--remat", default="full", choices=list(REMAT_POLICIES))
     parser.add_argument("--out", default="results/writing_zero_memory.json")
     args = parser.parse_args()
