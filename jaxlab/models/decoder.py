@@ -447,8 +447,8 @@ class Decoder(nnx.Module):
         backend copies the whole embedding (transposed, and in float32)."""
         head, axis = self._head()
         return _product(self.backend)(hidden, head.astype(hidden.dtype),
-                            (((hidden.ndim - 1,), (axis,)), ((), ())),
-                            preferred_element_type=jnp.float32)
+                                      (((hidden.ndim - 1,), (axis,)), ((), ())),
+                                      preferred_element_type=jnp.float32)
 
     def unembedding(self):
         """The output head's matrix [E, V] (the transposed input embedding when tied)."""
@@ -495,8 +495,8 @@ class Decoder(nnx.Module):
 
         x, fields = self._layers(input_ids, positions_of(mask), attend, cache.fields,
                                  stack=self.layer_stack() if stacked else None)
-        cache = kv_cache.with_fields(cache, fields).replace(start=t - lengths, positions=lengths,
-                                                    index=zero + t)
+        cache = kv_cache.with_fields(cache, fields).replace(
+            start=t - lengths, positions=lengths, index=zero + t)
         return self.logits(x[:, -1] if last_only else x), cache
 
     def decode(self, tokens, cache: KVCache, prefix: KVCache | None = None,
@@ -526,8 +526,8 @@ class Decoder(nnx.Module):
         written = cache.replace(index=cache.index + 1)
 
         def attend(i, q, k_new, v_new, fields):
-            fields = kv_cache.write_layer(fields, i, k_new, v_new, cache.index, cache.key_layout,
-                                  cache.pages)
+            fields = kv_cache.write_layer(fields, i, k_new, v_new, cache.index,
+                                          cache.key_layout, cache.pages)
             q = _grouped(q, k)                                                    # [B, K, G, D]
             out, lse = kv_cache.with_fields(written, fields).attend(i, q, self.backend, kernel)
             if prefix is not None:

@@ -594,10 +594,7 @@ def lower_decode(c: DecoderConfig, prompts: int, prompt_length: int, config: Sam
     sizes = dict(weights=nbytes(state), prefix=nbytes(prefix.fields),
                  generated=nbytes(generated.fields), samples=nbytes(out))
     if mesh is not None:  # placed as `sample` places them
-        require(config.kv_pages is None or mesh.size == 1,
-                "a paged KV cache (kv_pages) is not split over a mesh")
-        require(prompts * config.n % mesh.size == 0, f"{prompts} prompts x n={config.n} slots "
-                f"must divide evenly over {mesh.size} devices")
+        check_mesh(prompts, config, mesh)
         static = mesh_decode_kernel(static, policy, mesh)
         state = abstract_on(state, parallel.tree_shardings(state, mesh))
         generated = abstract_on(generated, cache_sharding(generated, mesh))
@@ -665,6 +662,16 @@ def require_fits(c: DecoderConfig, prompts: int, prompt_length: int, config: Sam
         f"{need.samples / gib:.2f}, loop temporaries {need.temporaries / gib:.2f}) but "
         f"{device_bytes / gib:.2f} GiB are available; "
         + ("would fit: " + ", or ".join(options) if options else "no smaller setting fits"))
+
+
+def check_mesh(prompts: int, config: SamplingConfig, mesh: Mesh) -> None:
+    """What `sample` needs of a mesh: the P x n slots split evenly over its devices, and a paged
+    cache on one device only (its pool of pages is not split)."""
+    require(config.kv_pages is None or mesh.size == 1,
+            f"a paged KV cache (kv_pages) is not split over a mesh: {mesh.size} devices")
+    slots = prompts * config.n
+    require(slots % mesh.size == 0, f"{prompts} prompts x n={config.n} = {slots} slots must "
+            f"divide evenly over {mesh.size} devices")
 
 
 def mesh_decode_kernel(config: SamplingConfig, policy: BackendPolicy,
@@ -761,14 +768,11 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
     graphdef, state = nnx.split(model)
     static = _static(config, early=stop_thresholds is not None)
     if mesh is not None:
-        require(config.kv_pages is None, "a paged KV cache (kv_pages) is not split over a mesh")
+        check_mesh(count, config, mesh)
         static = mesh_decode_kernel(static, model.backend, mesh)
     cache, out = init_generated(model, count, config), Samples.empty(
         count, static.budget, config.max_new_tokens)
     if mesh is not None:
-        slots = count * config.n
-        require(slots % mesh.size == 0, f"{count} prompts x n={config.n} = {slots} "
-                f"slots must divide evenly over {mesh.size} devices")
         state = jax.device_put(state, parallel.tree_shardings(state, mesh))
         cache = jax.device_put(cache, cache_sharding(cache, mesh))
         out = jax.device_put(out, parallel.replicated(mesh))

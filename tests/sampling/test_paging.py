@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlab import parallel
 from jaxlab.models import attention, hf, zoo
 from jaxlab.sampling import paging, sampler
 from jaxlab.sampling.sampler import SamplingConfig
@@ -162,6 +163,12 @@ def test_a_small_pool_gives_the_same_traces_as_unpaged_slots(model, scan_layers)
                                                                 scan_layers=scan_layers))
     assert int(paged.steps) > int(dense.steps)   # some slot waited for a page
     assert np.asarray(dense.lengths).max() > 128  # some trace needed a second page
+    if not scan_layers:  # on a mesh of one device too; a pool is not split over more
+        config = SamplingConfig(**base, kv_pages=7)
+        one = sampler.sample(model, prompts, keys, config, mesh=parallel.single_device_mesh())
+        np.testing.assert_array_equal(one.tokens, paged.tokens)
+        with pytest.raises(ValueError, match=r"kv_pages.* is not split over a mesh: 8 devices"):
+            sampler.sample(model, prompts, keys, config, mesh=parallel.make_mesh())
     np.testing.assert_array_equal(paged.tokens, dense.tokens)
     np.testing.assert_array_equal(paged.lengths, dense.lengths)
     np.testing.assert_allclose(paged.logprobs, dense.logprobs, atol=1e-5)
