@@ -12,7 +12,8 @@ Jobs (each compiled on its own; one failing is recorded, not raised):
   train    the policy-gradient step (`train.train_step`): rows x width tokens, float32 master
            weights + AdamW, bfloat16 compute, parameters and Adam moments split over fsdp x
            tensor = every device, layers rematerialized
-  pallas   the policy's Pallas decode-attention kernel alone on one device
+  pallas   the policy's Pallas decode-attention kernel alone on one device, as
+           `attention.decode_attention(..., kernel="pallas")` calls it
            (`attention.pallas_gpu_attention`, Triton; `attention.pallas_tpu_attention`, Mosaic)
            for one layer of the decode loop's slots
   pallas_paged  the same for a paged cache: one layer of a pool of pages (every slot's
@@ -195,24 +196,18 @@ def lower_pallas_job(devices: Sequence[jax.Device], sizes: JobSizes, paged: bool
 
     q = sds((b, k, c.num_heads // k, d), jnp.bfloat16)
     span = sds((b,), jnp.int32)
-    if paged:
-        pages = size // block
-        cache = sds((b * pages, k, block, d), jnp.bfloat16)
-        table = (sds((b, pages), jnp.int32),)
-        kernel = (attention.pallas_gpu_paged_attention if policy.pallas == "pallas_gpu"
-                  else attention.pallas_tpu_attention)
-    else:
-        cache, table = sds((b, k, size, d), jnp.bfloat16), ()
-        kernel = (attention.pallas_gpu_attention if policy.pallas == "pallas_gpu"
-                  else attention.pallas_tpu_attention)
+    pages = size // block
+    cache = sds((b * pages, k, block, d) if paged else (b, k, size, d), jnp.bfloat16)
+    table = (sds((b, pages), jnp.int32),) if paged else ()
 
-    def attend(q, keys, values, start, end, *pages):
-        return kernel(q, keys, values, start, end, block=block, interpret=policy.interpret,
-                      **(dict(pages=pages[0]) if pages else {}))
+    def attend(q, keys, values, start, end, *table):  # the decode loop's routing, forced
+        return attention.decode_attention(q, keys, values, None, None, start, end, block=block,
+                                          key_layout="slots", policy=policy, kernel="pallas",
+                                          pages=table[0] if table else None)
 
     with jax.default_device(device):
         lowered = jax.jit(attend).lower(q, cache, cache, span, span, *table)
-    name = kernel.__name__.removesuffix("_attention")
+    name = policy.pallas + ("_paged" if paged and policy.pallas == "pallas_gpu" else "")
     return lowered, {}, dict(decode_kernel=name)
 
 

@@ -119,9 +119,9 @@ def full_attention(q, k, v, mask, policy: BackendPolicy):
     q [B, T, H, D], k, v [B, S, K, D] -> [B, T, H, D] in q's dtype. Logits and softmax in
     float32. A query that sees no key (padding) gets a finite average instead of NaN.
 
-    Through `jax.nn.dot_product_attention` (fused kernels where the backend has them: cuDNN on
-    a GPU, XLA's on a TPU), or where `policy.attention` is "grouped" (the CPU's) through
-    `grouped_attention`, which runs the same products about 3x faster there."""
+    Through `jax.nn.dot_product_attention` (its default implementation, XLA's: JAX 0.10.2 picks
+    no fused cuDNN kernel by itself), or where `policy.attention` is "grouped" (the CPU's)
+    through `grouped_attention`, which runs the same products about 3x faster there."""
     backend.explain(policy, "full-sequence attention", policy.attention)
     if policy.attention == "grouped":
         return grouped_attention(q, k, v, mask)

@@ -7,8 +7,8 @@ reads `jax.default_backend()`; a program compiled on this machine for a TPU or G
 (`experiments/compile_for.py`) is the target's program.
 
     field          "gpu" / "tpu" (the plain code)                "cpu" (its workarounds)
-    attention      `jax.nn.dot_product_attention` (fused where   `attention.grouped_attention`:
-                   the backend has kernels: cuDNN, XLA TPU)      two batched products per kv
+    attention      `jax.nn.dot_product_attention` (XLA's         `attention.grouped_attention`:
+                   implementation, JAX's default)                two batched products per kv
                                                                  head, ~3x faster there
     decode_kernel  the platform's Pallas kernel where it         the portable flash-decoding
                    applies, else the portable one (logged)       (`attention.block_attention`)
