@@ -133,11 +133,29 @@ def search(d: int, *, start: int, seeds: int, window: int, config: free_embeddin
 
 def _fitting(candidates: Sequence[int], seeds: int, d: int, k: int, memory_bytes: int,
              devices: int) -> tuple[Sequence[int], int]:
-    """The first candidates whose runs (all seeds each) memory holds in one call (at least one),
-    and the estimated bytes per device of that call."""
-    fit = free_embedding.max_runs_per_call(max(candidates), d, k, memory_bytes, devices)
-    batch = candidates[:max(1, fit // seeds)]
-    return batch, -(-len(batch) * seeds // devices) * free_embedding.run_bytes(max(batch), d, k)
+    """The first candidates whose runs (all seeds each, in their `free_embedding.by_slots`
+    batches) memory holds at once (at least one candidate), and the estimated bytes per device
+    of those batches. Which candidates share a call changes no run's result."""
+    def per_device(batch: Sequence[int]) -> int:
+        runs = [n for n in batch for _ in range(seeds)]
+        return sum(free_embedding.batch_size(len(index), devices) // devices
+                   * free_embedding.run_bytes(slots, d, k)
+                   for slots, index in free_embedding.by_slots(runs).items())
+
+    count = 1
+    while count < len(candidates) and per_device(candidates[:count + 1]) <= memory_bytes:
+        count += 1
+    return candidates[:count], per_device(candidates[:count])
+
+
+@dataclasses.dataclass
+class _Batch:
+    """Runs of one `doc_slots` shape in flight: their state and, per slot, the index of its run
+    in `evaluate`'s list (-1: a padding copy or a stopped run)."""
+
+    state: free_embedding.RunState
+    relevant: jax.Array
+    slot_run: np.ndarray
 
 
 def evaluate(candidates: Sequence[int], seeds: int, d: int, config: free_embedding.SolverConfig,
@@ -148,51 +166,70 @@ def evaluate(candidates: Sequence[int], seeds: int, d: int, config: free_embeddi
              ) -> tuple[dict[int, bool], int]:
     """Which candidate n some seed solves, running only what can change the answer.
 
-    All `seeds` x `candidates` runs (seeds first_seed, first_seed + 1, ...) start in one batch.
-    Every `segment_steps` the host looks at which runs finished and stops those that no longer
-    matter: the other seeds of a solved candidate, and (unless `every_candidate`) every candidate
-    above one that all seeds failed (critical-n is at most that one). The survivors are gathered
-    into a smaller batch (sizes: device count x powers of 4) so stopped runs cost nothing.
+    All `seeds` x `candidates` runs (seeds first_seed, first_seed + 1, ...) start at once, one
+    batch per `free_embedding.doc_slots` shape. Every `segment_steps` the host looks at which
+    runs finished and stops those that no longer matter: the other seeds of a solved candidate,
+    and (unless `every_candidate`) every candidate above one that all seeds failed (critical-n
+    is at most that one). A batch's survivors are gathered into a smaller one (at least
+    MIN_RUNS_PER_DEVICE per device, sizes x 4) so stopped runs cost nothing; no run's result
+    depends on its batch (the module docstring of `free_embedding`).
 
     Returns:
       ({n: solved by some seed} for every candidate decided, total optimizer steps taken).
     """
+    devices = 1 if mesh is None else mesh.size
     runs = [(n, s) for n in candidates for s in range(first_seed, first_seed + seeds)]
-    state, relevant = free_embedding.start_runs([s for _, s in runs], [n for n, _ in runs], d,
-                                                config, mesh, memory_bytes)
-    slot_run = np.arange(state.step.shape[0])  # run index per slot; padding slots repeat the last
-    slot_run[len(runs):] = -1
+    batches = []
+    for index in free_embedding.by_slots([n for n, _ in runs]).values():
+        state, relevant = free_embedding.start_runs(
+            [runs[i][1] for i in index], [runs[i][0] for i in index], d, config, mesh,
+            memory_bytes)
+        slot_run = np.full(state.step.shape[0], -1)
+        slot_run[:len(index)] = index
+        batches.append(_Batch(state, relevant, slot_run))
     solved = dict.fromkeys(candidates, False)
     failed_seeds = dict.fromkeys(candidates, 0)
     steps = 0
     while True:
-        state = free_embedding.advance_runs(state, relevant, steps=segment_steps, config=config,
-                                            mesh=mesh)
-        done = parallel.host_array(free_embedding.finished(state, config))
-        run_solved, run_steps = parallel.host_array(state.solved), parallel.host_array(state.step)
-        live = slot_run >= 0
-        for slot in np.flatnonzero(live & done):
-            n = runs[slot_run[slot]][0]
-            solved[n] |= bool(run_solved[slot])
-            failed_seeds[n] += not run_solved[slot]
+        for batch in batches:  # dispatched together; read back below
+            batch.state = free_embedding.advance_runs(batch.state, batch.relevant,
+                                                      steps=segment_steps, config=config,
+                                                      mesh=mesh)
+        seen = []
+        for batch in batches:
+            done = parallel.host_array(free_embedding.finished(batch.state, config))
+            run_solved = parallel.host_array(batch.state.solved)
+            run_steps = parallel.host_array(batch.state.step)
+            live = batch.slot_run >= 0
+            for slot in np.flatnonzero(live & done):
+                n = runs[batch.slot_run[slot]][0]
+                solved[n] |= bool(run_solved[slot])
+                failed_seeds[n] += not run_solved[slot]
+            seen.append((live, done, run_steps))
         failed = [n for n in candidates if failed_seeds[n] == seeds and not solved[n]]
         ceiling = math.inf if every_candidate else min(failed, default=math.inf)
         decided = {n: solved[n] for n in candidates if solved[n] or failed_seeds[n] == seeds}
         moot = np.array([n in decided or n > ceiling for n, _ in runs])
-        keep = live & ~done & ~moot[np.maximum(slot_run, 0)]
-        steps += int(np.sum(run_steps[live & ~keep]))
-        slot_run[live & ~keep] = -1
+        kept = []
+        for batch, (live, done, run_steps) in zip(batches, seen, strict=True):
+            keep = live & ~done & ~moot[np.maximum(batch.slot_run, 0)]
+            steps += int(np.sum(run_steps[live & ~keep]))
+            batch.slot_run[live & ~keep] = -1
+            if not keep.any():
+                continue
+            size = _bucket(int(keep.sum()), devices)
+            if size < len(batch.slot_run):
+                index = np.flatnonzero(keep)
+                index = np.concatenate([index, np.full(size - len(index), index[0])])
+                batch.state = jax.tree.map(lambda x, index=index: x[index], batch.state)
+                batch.slot_run = np.concatenate([batch.slot_run[index[:keep.sum()]],
+                                                 np.full(size - keep.sum(), -1)])
+            kept.append(batch)
+        batches = kept
         if on_segment is not None:
             on_segment(decided, steps)
-        if not keep.any():
+        if not batches:
             return {n: ok for n, ok in decided.items() if n <= ceiling}, steps
-        size = _bucket(int(keep.sum()), 1 if mesh is None else mesh.size)
-        if size < len(slot_run):
-            index = np.flatnonzero(keep)
-            index = np.concatenate([index, np.full(size - len(index), index[0])])
-            state = jax.tree.map(lambda x, index=index: x[index], state)
-            slot_run = np.concatenate([slot_run[index[:keep.sum()]],
-                                       np.full(size - keep.sum(), -1)])
 
 
 def official_search(solved: Callable[[Sequence[int]], Mapping[int, bool]], start: int,
@@ -301,8 +338,9 @@ def paper_search(d: int, *, start: int, seeds: int = 1, seed: int = PAPER_SEED,
 
 
 def _bucket(count: int, devices: int) -> int:
-    """The smallest devices * 4^j >= count: few distinct batch sizes, so few compilations."""
-    size = devices
+    """The smallest devices * MIN_RUNS_PER_DEVICE * 4^j >= count: few distinct batch sizes, so
+    few compilations."""
+    size = devices * free_embedding.MIN_RUNS_PER_DEVICE
     while size < count:
         size *= 4
     return size

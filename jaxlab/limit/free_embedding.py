@@ -6,8 +6,17 @@ norm projection after every step, until every query's top-k documents are exactl
 ones ("solved"), the loss stops improving, or a step limit is reached.
 
 Everything here is a pure function of arrays and explicit keys. `solve` runs many independent runs
-(seeds x candidate n) in one compiled call: runs are vmapped, padded to the largest n of the batch
-and masked, and spread over the devices of a mesh with `jax.shard_map`.
+(seeds x candidate n) in few compiled calls: runs are vmapped, padded and masked, and spread over
+the devices of a mesh with `jax.shard_map`.
+
+Reproducible by construction: optimization is chaotic, so a one-ulp difference in a reduction can
+turn a solved run into a failed one, and XLA's kernels (Eigen's contraction blocking on CPU, the
+batched-matmul choice) change their summation order with the operand shapes. A run is therefore
+only ever computed in one shape that its own n fixes: its documents padded to `doc_slots(n)`
+(whatever its batch partners), in a batch of at least `MIN_RUNS_PER_DEVICE` runs per device (a
+batch of one is compiled differently). Its result is then a function of (seed, n, d, config, device
+count) alone: not of the other runs, the batch size, or the memory that sized the batch
+(tests/limit/test_determinism.py).
 
 Shapes: m queries (one per k-subset, m = C(n, k)), n documents, d dimensions, R runs.
 """
@@ -298,6 +307,24 @@ def advance(state: RunState, relevant: jax.Array, *, steps: int, config: SolverC
 # Many runs in one call
 
 
+MIN_RUNS_PER_DEVICE = 2  # a vmapped batch of one run compiles to other kernels than two or more
+
+
+def doc_slots(num_docs: int) -> int:
+    """The padded document count of a run of n documents: n rounded up to a multiple of
+    g = 2^max(0, bit_length(n) - 4), i.e. exact below 16, then steps of 2, 4, 8, ... (less than
+    1/8 padding). A function of n alone, so a run computes in the same shape whatever its batch
+    partners, while neighbouring n share one compiled program."""
+    step = 1 << max(0, num_docs.bit_length() - 4)
+    return -(-num_docs // step) * step
+
+
+def batch_size(num_runs: int, devices: int) -> int:
+    """Slots of a batch of `num_runs` runs: at least MIN_RUNS_PER_DEVICE per device, a multiple of
+    the device count (the padding repeats a run; its copies are dropped)."""
+    return -(-max(num_runs, MIN_RUNS_PER_DEVICE * devices) // devices) * devices
+
+
 def run_bytes(num_docs: int, dim: int, k: int, num_queries: int | None = None) -> int:
     """Device bytes of one run: its live [m, n] score buffers, parameters and Adam moments
     (m = num_queries, default C(n, k))."""
@@ -376,11 +403,13 @@ def advance_runs(state: RunState, relevant, *, steps: int, config: SolverConfig,
 def start_runs(seeds: Sequence[int], num_docs: Sequence[int], dim: int, config: SolverConfig,
                mesh: Mesh | None = None, memory_bytes: int | None = None,
                ) -> tuple[RunState, jax.Array]:
-    """Checks and starts runs: returns their state [R'] and the shared ground truth [m_max, k].
+    """Checks and starts runs that share one padded shape: returns their state [R'] and the
+    shared ground truth [m_slots, k].
 
-    R' is R padded to a multiple of the mesh's device count with copies of the last run (their
-    results are to be dropped). Raises ValueError on a bad n, k or d, or when the batch would not
-    fit in memory, before anything is allocated.
+    Every n must have the same `doc_slots(n)` (`solve` groups runs so). R' = `batch_size(R,
+    devices)`: R padded with copies of the last run (their results are to be dropped). Raises
+    ValueError on a bad n, k or d, on mixed slots, or when the batch would not fit in memory,
+    before anything is allocated.
     """
     seeds, num_docs = [int(s) for s in seeds], list(num_docs)
     require(len(seeds) == len(num_docs) > 0,
@@ -388,24 +417,35 @@ def start_runs(seeds: Sequence[int], num_docs: Sequence[int], dim: int, config: 
             f"and {len(num_docs)}")
     for n in num_docs:
         check_problem(n, config.k, dim)
-    n_max = max(num_docs)
-    padded = len(seeds) if mesh is None else parallel.padded_size(len(seeds), mesh)
-    check_memory(padded, n_max, dim, config.k, mesh, memory_bytes)
+    slots = {doc_slots(n) for n in num_docs}
+    require(len(slots) == 1, f"runs of one batch must share doc_slots(n); n={sorted(set(num_docs))}"
+                             f" pad to {sorted(slots)} (group them with doc_slots)")
+    num_doc_slots = slots.pop()
+    padded = batch_size(len(seeds), 1 if mesh is None else mesh.size)
+    check_memory(padded, num_doc_slots, dim, config.k, mesh, memory_bytes)
     seeds += [seeds[-1]] * (padded - len(seeds))
     num_docs += [num_docs[-1]] * (padded - len(num_docs))
-    relevant = jnp.asarray(ground_truth(n_max, config.k))
+    relevant = jnp.asarray(ground_truth(num_doc_slots, config.k))
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-    state = init_runs(keys, relevant, jnp.asarray(num_docs, jnp.int32), num_doc_slots=n_max,
-                      dim=dim, config=config, mesh=mesh)
+    state = init_runs(keys, relevant, jnp.asarray(num_docs, jnp.int32),
+                      num_doc_slots=num_doc_slots, dim=dim, config=config, mesh=mesh)
     return state, relevant
+
+
+def by_slots(num_docs: Sequence[int]) -> dict[int, list[int]]:
+    """Indices of `num_docs` grouped by `doc_slots(n)`: the runs that may share a batch."""
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(num_docs):
+        groups.setdefault(doc_slots(int(n)), []).append(i)
+    return groups
 
 
 def solve(seeds: Sequence[int], num_docs: Sequence[int], dim: int, config: SolverConfig,
           mesh: Mesh | None = None, memory_bytes: int | None = None) -> RunResult:
     """Runs independent free-embedding problems to the end: run r has seed seeds[r] and
-    n = num_docs[r], and all runs share one compiled loop (padded to the largest n and masked,
-    vmapped, and with a mesh split over its first axis). A run's result does not depend on the
-    others in its batch, up to float rounding of the padded reductions.
+    n = num_docs[r]. Runs of equal `doc_slots(n)` share one compiled loop (padded and masked,
+    vmapped, and with a mesh split over its first axis), one call per such group. A run's result
+    does not depend on the other runs, bit for bit (see the module docstring).
 
     Args:
       seeds, num_docs: one entry per run.
@@ -415,9 +455,18 @@ def solve(seeds: Sequence[int], num_docs: Sequence[int], dim: int, config: Solve
     Returns:
       RunResult of NumPy arrays [R].
     """
-    state, relevant = start_runs(seeds, num_docs, dim, config, mesh, memory_bytes)
-    state = advance_runs(state, relevant, steps=config.max_steps, config=config, mesh=mesh)
-    return RunResult(*(parallel.host_array(x)[:len(seeds)] for x in result(state)))
+    require(len(seeds) == len(num_docs) > 0,
+            f"seeds and num_docs must be non-empty and of equal length, got {len(seeds)} "
+            f"and {len(num_docs)}")
+    out = RunResult(np.zeros(len(seeds), bool), np.zeros(len(seeds), np.int32),
+                    np.zeros(len(seeds), np.float32), np.zeros(len(seeds), np.float32))
+    for index in by_slots(num_docs).values():
+        state, relevant = start_runs([seeds[i] for i in index], [num_docs[i] for i in index], dim,
+                                     config, mesh, memory_bytes)
+        state = advance_runs(state, relevant, steps=config.max_steps, config=config, mesh=mesh)
+        for field, x in zip(out, result(state), strict=True):
+            field[index] = parallel.host_array(x)[:len(index)]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
