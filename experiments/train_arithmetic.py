@@ -6,9 +6,11 @@ Hugging Face folder (config.json, model.safetensors, tokenizer), ready for exper
 Supervised next-token training on fresh random problems every step (the loss covers the solution
 and EOS); progress shows the loss. The train state is checkpointed to `out_dir/checkpoints/` every
 `checkpoint_every` steps, and a rerun resumes from the latest complete checkpoint, bit for bit the
-run that never stopped (the problems of step s are the s-th batch of one seeded stream). At the
-end the held-out problems are written to `out_dir/problems.jsonl` (the input of
-experiments/deepconf.py) and the greedy accuracy on them to `out_dir/train_metrics.json`.
+run that never stopped (the problems of step s are the s-th batch of one seeded stream). The
+stream never draws a held-out problem (`arithmetic.held_out_sets`): at the end the test problems
+are written to `out_dir/problems.jsonl` (the input of experiments/deepconf.py), the validation
+problems to `out_dir/validation.jsonl`, and the greedy accuracy on each to
+`out_dir/train_metrics.json` (`greedy_accuracy` is the test set's).
 """
 
 from __future__ import annotations
@@ -95,14 +97,18 @@ def batches(cfg: Config, start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     A problem longer than `cfg.length` tokens is replaced by the next one drawn (a warning
     counts them): with 16 terms and length 256, about 2 problems in 100,000 need 255 tokens and
     none of 4 million drawn needed more, but sixteen 99s would need 257, and no stream may stop
-    a run. A length that fits fewer than one problem in ten is an error."""
+    a run. A length that fits fewer than one problem in ten is an error. A held-out problem
+    (test or validation) is skipped silently."""
     rng = np.random.default_rng(cfg.seed)
+    held_out = arithmetic.held_out_prompts(cfg.eval_problems, cfg.terms, cfg.seed)
     drawn = 0
     for step in range(cfg.steps):
         problems, skipped = [], 0
         while len(problems) < cfg.batch:
             problem = arithmetic.make_problem(rng, cfg.terms, drawn)
             drawn += 1
+            if problem.prompt in held_out:
+                continue
             if arithmetic.token_count(problem) <= cfg.length:
                 problems.append(problem)
                 continue
@@ -158,13 +164,17 @@ def main(argv: list[str] | None = None) -> dict:
     hf.save_pretrained(model, out, eos_token_id=arithmetic.VOCAB.index(arithmetic.EOS),
                                pad_token_id=arithmetic.VOCAB.index(arithmetic.PAD))
     arithmetic.save_tokenizer(out)
-    held_out = arithmetic.make_problems(cfg.eval_problems, cfg.terms, seed=10_000 + cfg.seed)
-    save_problems([Problem(p.id, p.prompt, p.answer) for p in held_out], out / "problems.jsonl")
-    metrics = {"final_loss": float(state["loss"]), "greedy_accuracy": arithmetic.greedy_accuracy(
-        model, held_out, cfg.length)}
+    held_out = arithmetic.held_out_sets(cfg.eval_problems, cfg.terms, cfg.seed)
+    for split, name in (("test", "problems.jsonl"), ("validation", "validation.jsonl")):
+        save_problems([Problem(p.id, p.prompt, p.answer) for p in held_out[split]], out / name)
+    metrics = {"final_loss": float(state["loss"]),
+               "greedy_accuracy": arithmetic.greedy_accuracy(model, held_out["test"], cfg.length),
+               "validation_greedy_accuracy": arithmetic.greedy_accuracy(
+                   model, held_out["validation"], cfg.length)}
     results.write_json(out / "train_metrics.json", metrics)
-    log.info("saved %s: loss %.4f, greedy accuracy %.3f on %d held-out problems", out,
-             metrics["final_loss"], metrics["greedy_accuracy"], cfg.eval_problems)
+    log.info("saved %s: loss %.4f, greedy accuracy %.3f (test), %.3f (validation) on %d "
+             "problems each", out, metrics["final_loss"], metrics["greedy_accuracy"],
+             metrics["validation_greedy_accuracy"], cfg.eval_problems)
     return metrics
 
 

@@ -5,10 +5,12 @@
 Starts from the model of experiments/train_arithmetic.py (trained first, with
 configs/deepconf/train_cpu.yaml, when `model` does not exist), samples G solutions of fresh
 4-term sums per prompt (or of a fixed pool of `problem_pool` problems), rewards an exact boxed
-answer with 1 (+ `format_reward` for any boxed answer), and trains with GRPO. Greedy accuracy on
-the model's 200 held-out problems is measured before and after, in the same run. Writes
-config.yaml, log.txt, metrics.jsonl (one line per iteration), summary.json, curves.png and
-checkpoints/; a rerun resumes.
+answer with 1 (+ `format_reward` for any boxed answer), and trains with GRPO. No prompt is ever
+one of the model's held-out problems. Greedy accuracy is measured before and after, in the same
+run, on the model's validation set (`validation.jsonl`: what settings are chosen on) and its test
+set (`problems.jsonl`: what is reported). Writes config.yaml, log.txt, metrics.jsonl (one line
+per iteration), summary.json, curves.png, checkpoints/ and policy/ (the trained policy as a
+Hugging Face folder with its tokenizer); a rerun resumes.
 """
 
 from __future__ import annotations
@@ -57,15 +59,28 @@ class Config:
                            f"format_reward must be >= 0, got {self.format_reward}")
 
 
-def prompt_fn(terms: int, pool: int = 0, seed: int = 0):
+def prompt_fn(terms: int, pool: int = 0, seed: int = 0, held_out: frozenset[str] = frozenset()):
     """Problems drawn from the key, a function of (run key, iteration, round) only: fresh ones,
-    or `count` of a fixed pool of `pool` problems (without replacement)."""
-    problems = arithmetic.make_problems(pool, terms, seed=20_000 + seed) if pool else None
+    or `count` of a fixed pool of `pool` problems (without replacement). A problem whose prompt
+    is in `held_out` is never drawn (nor put in the pool)."""
+    problems = None
+    if pool:
+        problems = [p for p in arithmetic.make_problems(pool + len(held_out), terms,
+                                                        seed=20_000 + seed)
+                    if p.prompt not in held_out][:pool]
+
+    def fresh(rng: np.random.Generator, count: int) -> list[arithmetic.Problem]:
+        chosen: list[arithmetic.Problem] = []
+        while len(chosen) < count:
+            problem = arithmetic.make_problem(rng, terms, len(chosen))
+            if problem.prompt not in held_out:
+                chosen.append(problem)
+        return chosen
 
     def draw(key: jax.Array, count: int) -> list[loop.Prompt]:
         rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
         if problems is None:
-            chosen = [arithmetic.make_problem(rng, terms, i) for i in range(count)]
+            chosen = fresh(rng, count)
         else:
             config_lib.require(count <= pool, f"problem_pool={pool} is smaller than "
                                               f"loop.prompts={count}")
@@ -115,38 +130,56 @@ def main(argv: list[str] | None = None) -> dict:
         train_arithmetic.main(["--config", cfg.model_config, f"out_dir={model_dir}"])
         results.open_run(cfg.out_dir, cfg)  # log to this run's folder again
     policy = hf.load_pretrained(model_dir, dtype="float32", activation_dtype=cfg.compute_dtype)
-    held_out = load_problems(model_dir / "problems.jsonl")
-    budget = cfg.loop.max_new_tokens
+    held_out = {split: load_problems(model_dir / name) for split, name in HELD_OUT.items()}
     summary = results.read_json(out / "summary.json", {})
-    if "accuracy_before" not in summary:
-        summary = {"accuracy_before": arithmetic.greedy_accuracy(policy, held_out, budget),
-                   "held_out": len(held_out)}
+    if "before" not in summary:
+        summary = {"held_out": {split: len(p) for split, p in held_out.items()},
+                   "before": accuracies(policy, held_out, cfg.loop.max_new_tokens)}
         results.write_json(out / "summary.json", summary)
-    log.info("greedy accuracy before: %.3f on %d held-out problems", summary["accuracy_before"],
-             len(held_out))
+    log.info("greedy accuracy before: %s", summary["before"])
     start = time.perf_counter()
-    graphdef, state = loop.run(policy, prompt_fn(cfg.terms, cfg.problem_pool, cfg.seed),
+    excluded = frozenset(p.prompt for split in held_out.values() for p in split)
+    graphdef, state = loop.run(policy, prompt_fn(cfg.terms, cfg.problem_pool, cfg.seed, excluded),
                                reward_fn(cfg.format_reward),
                                cfg.loop, out, key=jax.random.key(cfg.seed), mesh=mesh)
     seconds = time.perf_counter() - start
     trained = nnx.merge(graphdef, jax.tree.map(parallel.host_array, state.params))
+    hf.save_pretrained(trained, out / "policy", eos_token_id=eos,
+                       pad_token_id=arithmetic.VOCAB.index(arithmetic.PAD))
+    arithmetic.save_tokenizer(out / "policy")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary.update({
-        "accuracy_after": arithmetic.greedy_accuracy(trained, held_out, budget),
+        "after": accuracies(trained, held_out, cfg.loop.max_new_tokens),
         "iterations": cfg.loop.iterations, "optimizer_steps": int(state.step),
         "seconds_this_run": seconds,
         "rollout_seconds": sum(r["rollout_seconds"] for r in records),
         "train_seconds": sum(r["train_seconds"] for r in records),
     })
-    summary["error_reduction"] = 1 - (1 - summary["accuracy_after"]) / max(
-        1e-9, 1 - summary["accuracy_before"])
+    summary["test_error_reduction"] = error_reduction(summary["before"]["test"],
+                                                      summary["after"]["test"])
     results.write_json(out / "summary.json", summary)
     plot(records, out / "curves.png")
-    log.info("greedy accuracy %.3f -> %.3f (error reduced by %.0f%%) after %d iterations; rollout "
-             "%.0f s, train %.0f s", summary["accuracy_before"], summary["accuracy_after"],
-             100 * summary["error_reduction"], cfg.loop.iterations, summary["rollout_seconds"],
+    log.info("greedy accuracy on test %.3f -> %.3f (error reduced by %.0f%%), on validation "
+             "%.3f -> %.3f, after %d iterations; rollout %.0f s, train %.0f s",
+             summary["before"]["test"], summary["after"]["test"],
+             100 * summary["test_error_reduction"], summary["before"]["validation"],
+             summary["after"]["validation"], cfg.loop.iterations, summary["rollout_seconds"],
              summary["train_seconds"])
     return summary
+
+
+HELD_OUT = {"validation": "validation.jsonl", "test": "problems.jsonl"}  # in the model's folder
+
+
+def accuracies(model, held_out: dict[str, list], max_new_tokens: int) -> dict[str, float]:
+    """Greedy accuracy of `model` on each held-out split."""
+    return {split: arithmetic.greedy_accuracy(model, problems, max_new_tokens)
+            for split, problems in held_out.items()}
+
+
+def error_reduction(before: float, after: float) -> float:
+    """1 - (1 - after) / (1 - before): the fraction of errors removed (negative: added)."""
+    return 1 - (1 - after) / max(1e-9, 1 - before)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,34 @@ def make_problems(count: int, terms: int, seed: int) -> list[Problem]:
     return [make_problem(rng, terms, i) for i in range(count)]
 
 
+# The held-out sets of a model trained with seed s are drawn from seeds HELD_OUT_SEEDS[split] + s.
+# The test set is only ever used for reported figures; settings are chosen on validation.
+HELD_OUT_SEEDS = {"test": 10_000, "validation": 30_000}
+
+
+def held_out_sets(count: int, terms: int, seed: int) -> dict[str, list[Problem]]:
+    """{"test": ..., "validation": ...}: `count` problems each, disjoint (by prompt) from each
+    other. The test set is `make_problems(count, terms, HELD_OUT_SEEDS["test"] + seed)`; the
+    validation set is drawn from its own seed, skipping any prompt already taken. Training draws
+    skip both (`held_out_prompts`)."""
+    test = make_problems(count, terms, HELD_OUT_SEEDS["test"] + seed)
+    taken = {p.prompt for p in test}
+    rng = np.random.default_rng(HELD_OUT_SEEDS["validation"] + seed)
+    validation: list[Problem] = []
+    while len(validation) < count:
+        p = make_problem(rng, terms, len(validation))
+        if p.prompt not in taken:
+            taken.add(p.prompt)
+            validation.append(dataclasses.replace(p, id=f"val{terms}-{len(validation)}"))
+    return {"test": test, "validation": validation}
+
+
+def held_out_prompts(count: int, terms: int, seed: int) -> frozenset[str]:
+    """The prompts of `held_out_sets(count, terms, seed)`, which training must never draw."""
+    return frozenset(p.prompt for split in held_out_sets(count, terms, seed).values()
+                     for p in split)
+
+
 def encode(text: str) -> list[int]:
     """Character ids of `text` (every character must be in the vocabulary)."""
     index = {c: i for i, c in enumerate(VOCAB)}

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 from jaxlab.config import ConfigError
+from jaxlab.deepconf import arithmetic
+from jaxlab.deepconf.problems import load_problems
+from jaxlab.models import hf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 import train_grpo
@@ -48,12 +51,22 @@ def test_grpo_experiment_end_to_end_and_resume(tmp_path):
     for key in ("reward_mean", "accuracy", "response_length", "entropy", "clipped",
                 "grad_norm", "rollout_tokens_per_s", "train_tokens_per_s", "groups_dropped"):
         assert key in records[0], key
-    assert summary["held_out"] == 6 and 0 <= summary["accuracy_before"] <= 1
-    assert 0 <= summary["accuracy_after"] <= 1 and summary["optimizer_steps"] == 2
+    assert summary["held_out"] == {"validation": 6, "test": 6}
+    for when in ("before", "after"):
+        assert set(summary[when]) == {"validation", "test"}
+        assert all(0 <= a <= 1 for a in summary[when].values())
+    assert summary["optimizer_steps"] == 2
+    assert summary["test_error_reduction"] == train_grpo.error_reduction(
+        summary["before"]["test"], summary["after"]["test"])
     assert json.loads((run / "summary.json").read_text()) == summary
+    # The policy is a Hugging Face folder that jaxlab reloads to the trained parameters.
+    policy = hf.load_pretrained(run / "policy", dtype="float32")
+    assert arithmetic.greedy_accuracy(policy, load_problems(tmp_path / "model" / "problems.jsonl"),
+                                      24) == summary["after"]["test"]
+    assert (run / "policy" / "tokenizer.json").exists()
     # A rerun finds the finished run: nothing is trained again, the records stay.
     again = train_grpo.main(_args(tmp_path))
-    assert again["accuracy_after"] == summary["accuracy_after"]
+    assert again["after"] == summary["after"]
     assert (run / "metrics.jsonl").read_text().count("\n") == 2
     with pytest.raises(ConfigError, match=r"\['loop.train.learning_rate'\] differ"):
         train_grpo.main(_args(tmp_path, "loop.train.learning_rate=0.5"))
@@ -81,3 +94,21 @@ def test_prompts_are_fresh_per_key_or_drawn_from_the_pool():
     assert len(pool) == 10 and len({p.tokens for p in draw}) == 6
     with pytest.raises(ValueError, match="problem_pool=10"):
         pooled(jax.random.key(0), 11)
+
+
+def test_prompts_never_draw_a_held_out_problem():
+    import jax
+
+    held = arithmetic.held_out_sets(300, 2, seed=0)  # 600 of the 8,100 two-term sums
+    excluded = frozenset(p.prompt for split in held.values() for p in split)
+    validation = [p.prompt for p in held["validation"]]
+    assert len(set(validation)) == 300 and not set(validation) & {p.prompt for p in held["test"]}
+    tokens = {tuple(arithmetic.encode(prompt)) for prompt in excluded}
+    for draw in (train_grpo.prompt_fn(2, held_out=excluded),
+                 train_grpo.prompt_fn(2, pool=50, held_out=excluded)):
+        drawn = [p.tokens for key in range(40) for p in draw(jax.random.key(key), 40)]
+        assert not tokens & set(drawn)
+    # without the exclusion the same draws do hit held-out problems (the check can fail)
+    drawn = [p.tokens for key in range(40) for p in train_grpo.prompt_fn(2)(jax.random.key(key),
+                                                                            40)]
+    assert tokens & set(drawn)
