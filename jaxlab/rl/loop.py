@@ -289,10 +289,23 @@ def _batch(groups: _Groups, reference: Decoder, config: LoopConfig
     order = np.argsort(np.concatenate([k for k, _ in parts]), kind="stable")
     batch = jax.tree.map(lambda *xs: jnp.concatenate(xs)[order], *[b for _, b in parts])
     advantages, keep = group_advantages(np.stack(groups.values["reward"]), config)
-    if config.train.loss.kl_coef == 0:  # spare groups would only dilute the token mean
-        keep = keep & ~jnp.asarray(groups.spare)
+    rows = trained_rows(advantages, keep, jnp.asarray(groups.spare), config)
     return batch._replace(advantages=advantages.reshape(-1),
-                          loss_mask=batch.loss_mask * jnp.repeat(keep, g)[:, None]), widths[0]
+                          loss_mask=batch.loss_mask * rows[:, None]), widths[0]
+
+
+def trained_rows(advantages: jax.Array, keep: jax.Array, spare: jax.Array, config: LoopConfig,
+                 ) -> jax.Array:
+    """Which responses the loss covers, bool [groups * G]: those of kept groups. Without a KL or
+    entropy term, a row whose loss would be zero whatever the policy is left out too, as it
+    would only dilute the token mean: the spare groups (which only fill the batch) and, for
+    BRPO, each group's reference (advantage 0 by definition)."""
+    rows = jnp.repeat(keep, advantages.shape[1])
+    if config.train.loss.kl_coef == 0:
+        rows &= ~jnp.repeat(spare, advantages.shape[1])
+        if config.advantage == "brpo" and config.train.loss.entropy_coef == 0:
+            rows &= advantages.reshape(-1) != 0
+    return rows
 
 
 @functools.partial(jax.jit, static_argnames="dtype")

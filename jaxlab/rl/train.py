@@ -269,7 +269,9 @@ def _local_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef
         return x if axis is None else jax.lax.pmean(x, axis)
 
     weights, count = losses.AGGREGATIONS[config.loss.aggregation](batch.loss_mask[:, 1:])
-    count = jnp.maximum(psum(count), 1.0)  # over the whole batch
+    count = psum(count)  # over the whole batch
+    empty = count == 0  # no loss at all: no update, not even by the optimizer's momentum
+    count = jnp.maximum(count, 1.0)
     # This slice's share of the whole-batch loss, times the device count: pmean of the
     # gradients is then the gradient of the whole-batch loss.
     scale = num_shards / count
@@ -305,16 +307,20 @@ def _local_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef
     # A non-finite loss or gradient (NaN advantages, overflow) must not reach the weights.
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     metrics["finite"] = finite.astype(jnp.float32)
-    return apply_if_finite(state, grads, config, finite), metrics
+    return apply_if_finite(state, grads, config, finite, empty), metrics
 
 
 def apply_if_finite(state: TrainState, grads, config: TrainConfig, finite: jax.Array,
-                    ) -> TrainState:
+                    empty: jax.Array | bool = False) -> TrainState:
     """One `make_optimizer(config)` update of `state` by `grads`, taken only where `finite`
-    ([] bool) holds: otherwise the state comes back unchanged, its step count included."""
+    ([] bool) holds and the loss is not `empty` ([] bool: its mask covers no token, e.g. every
+    BRPO group was dropped). Not finite: the state comes back unchanged, its step count
+    included (the run stops). Empty: parameters and optimizer moments come back unchanged (no
+    AdamW momentum step either) and the step is counted, as the iteration took place."""
     updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    apply = finite & ~jnp.asarray(empty)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(apply, new, old))
     return state.replace(params=keep(params, state.params),
                          opt_state=keep(opt_state, state.opt_state),
                          step=state.step + finite.astype(state.step.dtype))

@@ -315,7 +315,9 @@ def test_brpo_advantages_and_several_ppo_epochs(tmp_path):
     np.testing.assert_array_equal(batch.advantages.reshape(4, 4),
                                   np.stack(groups.values["reward"]))
     kept_rows = np.asarray(batch.loss_mask).sum(1) > 0
-    assert not kept_rows[:4].any() and kept_rows[4:].all()  # |sum r| / G = 3/4 > 0.6: dropped
+    assert not kept_rows[:4].any()  # |sum r| / G = 3/4 > 0.6: dropped
+    # the other groups train on every response but their reference (advantage 0, no KL term)
+    np.testing.assert_array_equal(kept_rows[4:].reshape(3, 4), [[False, True, True, True]] * 3)
     _, state = loop.run(model, loop_job.prompt_fn, brpo_reward, config, tmp_path,
                         key=jax.random.key(0))
     assert int(state.step) == 4

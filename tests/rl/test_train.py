@@ -113,6 +113,44 @@ def test_step_is_the_gradient_of_the_whole_batch_loss():
     assert train.train_step._cache_size() == compiled
 
 
+def test_a_step_with_an_empty_loss_mask_moves_nothing():
+    # After a real step AdamW holds momentum: a plain zero-gradient update would still move
+    # every weight by about lr. With no token in the loss (every group dropped) nothing moves;
+    # the step is counted, as the iteration took place.
+    graphdef, state = fresh(PLAIN)
+    mesh = parallel.single_device_mesh()
+    batch = make_batch(graphdef, state.params)
+    state, _ = train.train_step(*on(mesh, state, batch), graphdef=graphdef, config=PLAIN,
+                                mesh=mesh)
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    empty = batch._replace(loss_mask=jnp.zeros_like(batch.loss_mask))
+    after, metrics = train.train_step(*on(mesh, state, empty), graphdef=graphdef, config=PLAIN,
+                                      mesh=mesh)
+    assert_trees_equal((after.params, after.opt_state), before)
+    assert after.step == 2 and metrics["loss"] == 0 and metrics["finite"] == 1
+    # the same zero gradient through the optimizer alone does move the weights
+    zero = jax.tree.map(jnp.zeros_like, state.params)
+    updates, _ = train.make_optimizer(PLAIN).update(zero, state.opt_state, state.params)
+    assert max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(updates)) > 1e-4
+
+
+@pytest.mark.parametrize(("advantage", "kl_coef", "entropy_coef", "want"), [
+    # groups of G = 3; group 1 dropped, group 2 a spare; BRPO references have advantage 0
+    ("brpo", 0.0, 0.0, [1, 0, 1, 0, 0, 0, 0, 0, 0]),
+    ("brpo", 0.1, 0.0, [1, 1, 1, 0, 0, 0, 1, 1, 1]),   # the KL term trains every kept row
+    ("brpo", 0.0, 0.01, [1, 1, 1, 0, 0, 0, 0, 0, 0]),  # the entropy term trains the reference
+    ("grpo", 0.0, 0.0, [1, 1, 1, 0, 0, 0, 0, 0, 0]),   # a zero GRPO advantage is no reference
+])
+def test_trained_rows_leave_out_what_only_dilutes_the_token_mean(advantage, kl_coef,
+                                                                 entropy_coef, want):
+    config = loop.LoopConfig(group_size=3, advantage=advantage, train=train.TrainConfig(
+        loss=losses.PolicyLossConfig(kl_coef=kl_coef, entropy_coef=entropy_coef)))
+    advantages = jnp.asarray([[1.0, 0.0, -1.0], [0.0, 1.0, 1.0], [-1.0, -1.0, 0.0]])
+    keep, spare = jnp.asarray([True, False, True]), jnp.asarray([False, False, True])
+    rows = loop.trained_rows(advantages, keep, spare, config)
+    np.testing.assert_array_equal(rows, np.asarray(want, bool))
+
+
 def test_sharded_accumulated_step_equals_single_device_step(data_mesh8):
     loss = losses.PolicyLossConfig(kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0,
                                    aggregation="sequence_mean")
