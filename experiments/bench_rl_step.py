@@ -1,6 +1,6 @@
-"""RL iteration speed: one GRPO iteration (rollout + update) of our loop (`jaxlab.rl.loop.run`)
-against TRL's `GRPOTrainer` (PyTorch, transformers `generate`, no vLLM) on the same model,
-prompts, group size, lengths, loss and optimizer, in one run.
+"""RL run speed: a GRPO run (rollouts + updates) of our loop (`jaxlab.rl.loop.run`) against TRL's
+`GRPOTrainer` (PyTorch, transformers `generate`, no vLLM) on the same model, prompts, group size,
+lengths, loss and optimizer, in one run of this script.
 
     python experiments/bench_rl_step.py [--size cpu|gpu] [--iterations N] [--torch-threads N ..]
 
@@ -21,9 +21,15 @@ std + 1e-6 (a scale of the loss, not of its cost); our rollout pads prompts to 2
 to 56 tokens (static shapes) where TRL pads to the longest, and it also computes the reference
 log-probs (one more forward pass) although the KL weight is 0; TRL skips both.
 
-Timed: every iteration after the first (compilation, warm-up) on both sides; reported as the
-fastest and the mean, with the rollout / update split (ours: the loop's own rollout_seconds
-and train_seconds; TRL: `_generate_and_score_completions` timed inside the step).
+Timed, on both sides (the statistic a user lives first):
+- run: the wall time of the whole run of `--iterations` iterations (default 50), from loading the
+  model to the end of the last update, compilation and warm-up included, response lengths as they
+  come (ours compiles a new step for each new response width);
+- steady state: the median seconds per iteration over the second half of the run;
+- rollout tokens/s: generated tokens over the seconds spent in rollouts, over the whole run.
+Each with the rollout / update split (ours: the loop's own rollout_seconds and train_seconds; TRL:
+`_generate_and_score_completions` timed inside the step). Ratios are TRL's seconds over ours (> 1:
+ours is faster).
 """
 
 from __future__ import annotations
@@ -92,8 +98,10 @@ def exact_reward(prompts, responses, truncated):
 
 
 def run_ours(path: pathlib.Path, problems, iterations: int, compute: str,
-             out_dir: pathlib.Path) -> list[dict]:
-    """metrics.jsonl records of `iterations` iterations of loop.run."""
+             out_dir: pathlib.Path) -> tuple[list[dict], float]:
+    """(metrics.jsonl records of `iterations` iterations of loop.run, the run's wall seconds
+    from loading the model)."""
+    start = time.perf_counter()
     policy = hf.load_pretrained(path, dtype="float32", activation_dtype=compute)
     calls = itertools.count()
 
@@ -104,18 +112,22 @@ def run_ours(path: pathlib.Path, problems, iterations: int, compute: str,
 
     loop.run(policy, prompt_fn, exact_reward, loop_config(iterations), out_dir,
              key=jax.random.key(0))
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    seconds = time.perf_counter() - start
+    return ([json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()],
+            seconds)
 
 
 def run_trl(path: pathlib.Path, problems, iterations: int, compute: str, out_dir: pathlib.Path,
-            threads: int) -> list[dict]:
-    """Per optimizer step: seconds, rollout seconds and TRL's logged metrics."""
+            threads: int) -> tuple[list[dict], float]:
+    """(per optimizer step: seconds, rollout seconds and TRL's logged metrics; the run's wall
+    seconds from loading the model)."""
     import datasets
     import torch
     import transformers
     from trl import GRPOConfig, GRPOTrainer
 
     torch.set_num_threads(threads)
+    start = time.perf_counter()
     cuda = torch.cuda.is_available()
     args = GRPOConfig(**trl_settings(iterations, str(out_dir), bf16=compute == "bfloat16",
                                      use_cpu=not cuda))
@@ -151,19 +163,26 @@ def run_trl(path: pathlib.Path, problems, iterations: int, compute: str, out_dir
     trainer = Timed(model=model, reward_funcs=exact_answer, args=args, train_dataset=dataset,
                     processing_class=tokenizer, callbacks=[StepTimes()])
     trainer.train()
+    seconds = time.perf_counter() - start
     for s in steps:
         s["train_seconds"] = s["seconds"] - s["rollout_seconds"]
-    return steps
+        s["response_length"] = s.get("logs", {}).get("completions/mean_length", np.nan)
+    return steps, seconds
 
 
-def summary(records: list[dict], total: str, rollout: str, update: str) -> dict:
-    """Fastest and mean seconds per iteration after the first, with the phases."""
-    timed = records[1:]
-    seconds = [r[total] if total else r[rollout] + r[update] for r in timed]
-    return {"iterations_timed": len(timed), "best_s": min(seconds),
-            "mean_s": float(np.mean(seconds)),
-            "rollout_mean_s": float(np.mean([r[rollout] for r in timed])),
-            "update_mean_s": float(np.mean([r[update] for r in timed]))}
+def summary(records: list[dict], run_s: float, total: str | None) -> dict:
+    """The run's wall seconds; the median seconds per iteration over its second half (steady
+    state) with the rollout / update medians; the first iteration; rollout tokens/s over the
+    run (PROMPTS x GROUP x mean response length, over the rollout seconds)."""
+    seconds = [r[total] if total else r["rollout_seconds"] + r["train_seconds"] for r in records]
+    steady = records[len(records) // 2:]
+    tokens = sum(PROMPTS * GROUP * r["response_length"] for r in records)
+    return {"iterations": len(records), "run_s": run_s, "first_s": seconds[0],
+            "steady_median_s": float(np.median(seconds[len(records) // 2:])),
+            "steady_rollout_median_s": float(np.median([r["rollout_seconds"] for r in steady])),
+            "steady_update_median_s": float(np.median([r["train_seconds"] for r in steady])),
+            "rollout_s": float(sum(r["rollout_seconds"] for r in records)),
+            "rollout_tokens_per_s": float(tokens / sum(r["rollout_seconds"] for r in records))}
 
 
 def wait_for_model(path: pathlib.Path, seconds: float = 600) -> None:
@@ -181,8 +200,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default=None,
                         help="model size (default: gpu on a GPU, else cpu)")
-    parser.add_argument("--iterations", type=int, default=5,
-                        help="iterations per side; the first is not timed")
+    parser.add_argument("--iterations", type=int, default=50, help="iterations per side")
     parser.add_argument("--out", default=None,
                         help="JSON file (default: results/bench_rl_step/<size>.json)")
     parser.add_argument("--torch-threads", type=int, nargs="+", default=None,
@@ -213,48 +231,42 @@ def main() -> None:
         else:
             path = pathlib.Path(size["model"])
             wait_for_model(path)
-        ours = run_ours(path, problems, args.iterations, size["compute"], work / "ours")
+        ours, ours_s = run_ours(path, problems, args.iterations, size["compute"], work / "ours")
         theirs = {n: run_trl(path, problems, args.iterations, size["compute"],
                              work / f"trl{n}", n) for n in threads}
-    mine = summary(ours, None, "rollout_seconds", "train_seconds")
-    trl = {n: summary(steps, "seconds", "rollout_seconds", "train_seconds")
-           for n, steps in theirs.items()}
-    best = min(trl, key=lambda n: trl[n]["best_s"])
+    mine = summary(ours, ours_s, None)
+    trl = {n: summary(steps, run_s, "seconds") for n, (steps, run_s) in theirs.items()}
+    best = min(trl, key=lambda n: trl[n]["run_s"])
     base = trl[best]
     device = jax.devices()[0].device_kind
-    lengths = (float(np.mean([r["response_length"] for r in ours[1:]])),
-               float(np.mean([s.get("logs", {}).get("completions/mean_length", np.nan)
-                              for s in theirs[best][1:]])))
     rewards = (float(np.mean([r["reward_mean"] for r in ours])),
-               float(np.mean([s.get("logs", {}).get("reward", np.nan) for s in theirs[best]])))
-    print(f"GRPO iteration, {path} ({size['compute']} compute), {PROMPTS} prompts x G={GROUP}, "
-          f"<= {NEW_TOKENS} new tokens, temperature 1, one optimizer step per iteration, on "
-          f"{device}; {mine['iterations_timed']} iterations timed after one warm-up")
-    print(f"mean response length: ours {lengths[0]:.1f}, TRL {lengths[1]:.1f} tokens; mean "
-          f"reward: ours {rewards[0]:.3f}, TRL {rewards[1]:.3f}")
-    rollout_tok_s = [PROMPTS * GROUP * n / r["rollout_mean_s"]
-                     for n, r in zip(lengths, (mine, base), strict=True)]
-    print(f"rollout tokens/s (generated tokens over the rollout's mean seconds): ours "
-          f"{rollout_tok_s[0]:.0f}, TRL {rollout_tok_s[1]:.0f}")
-    print(f"{'':28s} {'best s/it':>10s} {'mean s/it':>10s} {'rollout s':>10s} "
-          f"{'update s':>9s} {'speedup':>8s} {'(mean)':>7s}")
+               float(np.mean([s.get("logs", {}).get("reward", np.nan)
+                              for s in theirs[best][0]])))
+    print(f"GRPO run of {args.iterations} iterations, {path} ({size['compute']} compute), "
+          f"{PROMPTS} prompts x G={GROUP}, <= {NEW_TOKENS} new tokens, temperature 1, one "
+          f"optimizer step per iteration, on {device}")
+    print(f"mean reward: ours {rewards[0]:.3f}, TRL {rewards[1]:.3f}")
+    print(f"{'':28s} {'run s':>8s} {'ratio':>6s} {'1st it s':>8s} {'steady s/it':>11s} "
+          f"{'ratio':>6s} {'rollout':>8s} {'update':>7s} {'rollout tok/s':>13s}")
     rows = [("jaxlab loop.run", mine)] + [(f"TRL GRPOTrainer, {n} thread(s)", r)
                                           for n, r in trl.items()]
     for label, r in rows:
-        print(f"{label:28s} {r['best_s']:10.2f} {r['mean_s']:10.2f} {r['rollout_mean_s']:10.2f} "
-              f"{r['update_mean_s']:9.2f} {base['best_s'] / r['best_s']:7.2f}x "
-              f"{base['mean_s'] / r['mean_s']:6.2f}x")
-    print("(rollout, update: means over the timed iterations; speedup: the fastest TRL row's "
-          "seconds per iteration over this row's, fastest iteration (the timing rule), and mean)")
+        print(f"{label:28s} {r['run_s']:8.1f} {base['run_s'] / r['run_s']:5.2f}x "
+              f"{r['first_s']:8.2f} {r['steady_median_s']:11.2f} "
+              f"{base['steady_median_s'] / r['steady_median_s']:5.2f}x "
+              f"{r['steady_rollout_median_s']:8.2f} {r['steady_update_median_s']:7.2f} "
+              f"{r['rollout_tokens_per_s']:13.0f}")
+    print("(run: wall seconds of the whole run, compiles included; steady: median over the "
+          "second half; ratio: the fastest TRL run's seconds over this row's, > 1 is faster than "
+          "TRL; rollout tok/s over the whole run)")
     results.write_json(out, {
         "size": name, "device": device, "model": str(path), "compute_dtype": size["compute"],
         "prompts": PROMPTS, "group_size": GROUP, "max_new_tokens": NEW_TOKENS,
-        "loop_config": repr(config), "trl_config": settings, "ours": mine,
-        "trl_by_threads": trl, "trl_threads": best, "speedup": base["best_s"] / mine["best_s"],
-        "speedup_mean": base["mean_s"] / mine["mean_s"], "ours_iterations": ours,
-        "trl_steps_by_threads": theirs,
-        "mean_response_length": dict(zip(("ours", "trl"), lengths, strict=True)),
-        "rollout_tokens_per_s": dict(zip(("ours", "trl"), rollout_tok_s, strict=True))})
+        "iterations": args.iterations, "loop_config": repr(config), "trl_config": settings,
+        "ours": mine, "trl_by_threads": trl, "trl_threads": best,
+        "run_ratio": base["run_s"] / mine["run_s"],
+        "steady_ratio": base["steady_median_s"] / mine["steady_median_s"],
+        "ours_iterations": ours, "trl_steps_by_threads": {n: s for n, (s, _) in theirs.items()}})
     print(f"wrote {out}")
 
 
