@@ -22,7 +22,8 @@ judge tokens/s. Before and after training each writer is evaluated on fixed prom
 measures, the scalar RM's reward and the GenRM's win rate against the initial writer (a win:
 preferred in both orders). Writes
 config.yaml, log.txt, summary.json (the table), curves.png, and per method metrics.jsonl,
-checkpoints/ and samples/iteration_*.json; a rerun resumes.
+checkpoints/, samples/iteration_*.json and policy/ (the trained writer as a Hugging Face
+folder with its tokenizer); a rerun resumes.
 """
 
 from __future__ import annotations
@@ -277,6 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
             key=jax.random.key(cfg.seed), mesh=mesh,
             on_iteration=write_samples(out / method / "samples", codec, cfg.samples_every))
         trained = nnx.merge(graphdef, jax.tree.map(parallel.host_array, state.params))
+        hf.save_pretrained(trained, out / method / "policy", eos_token_id=codec.eos_id)
+        hf.save_tokenizer(codec.tokenizer, out / method / "policy")
         rows = [json.loads(line)
                 for line in (out / method / "metrics.jsonl").read_text().splitlines()]
         end, _ = evaluate(trained, rewards, eval_prompts, reference, cfg)
