@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaxlab.config import ConfigError
@@ -63,7 +64,17 @@ def test_grpo_experiment_end_to_end_and_resume(tmp_path):
     policy = hf.load_pretrained(run / "policy", dtype="float32")
     assert arithmetic.greedy_accuracy(policy, load_problems(tmp_path / "model" / "problems.jsonl"),
                                       24) == summary["after"]["test"]
-    assert (run / "policy" / "tokenizer.json").exists()
+    # ... and that transformers reads as the same model, with its tokenizer
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(run / "policy")
+    ids = tokenizer("Q: 12+34\nA:")["input_ids"]
+    assert ids == arithmetic.encode("Q: 12+34\nA:")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(run / "policy").eval()
+    with torch.no_grad():
+        want = theirs(torch.tensor([ids])).logits.numpy()
+    got = np.asarray(policy(np.asarray([ids]), np.ones((1, len(ids)), np.int32)))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
     # A rerun finds the finished run: nothing is trained again, the records stay.
     again = train_grpo.main(_args(tmp_path))
     assert again["after"] == summary["after"]
