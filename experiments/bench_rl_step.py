@@ -17,9 +17,11 @@ global-norm clipping at 1, AdamW at a constant learning rate. On a CPU, TRL runs
 PyTorch thread per core and once with one thread; the faster is the baseline.
 
 Differences that remain: TRL divides advantages by the sample std + 1e-4, we by the population
-std + 1e-6 (a scale of the loss, not of its cost); our rollout pads prompts to 24 and responses
-to 56 tokens (static shapes) where TRL pads to the longest, and it also computes the reference
-log-probs (one more forward pass) although the KL weight is 0; TRL skips both.
+std + 1e-6 (a scale of the loss, not of its cost); our rollout pads prompts to 24 tokens and
+decodes up to 56 in one compiled loop, and the update takes the batch's prompt and response
+widths rounded up to multiples of 16 (`rollout.bucket`: each new pair of widths compiles another
+step), where TRL pads to the longest. With the KL weight 0 neither side computes reference
+log-probs.
 
 Timed, on both sides (the statistic a user lives first):
 - run: the wall time of the whole run of `--iterations` iterations (default 50), from loading the
