@@ -130,6 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
         train_arithmetic.main(["--config", cfg.model_config, f"out_dir={model_dir}"])
         results.open_run(cfg.out_dir, cfg)  # log to this run's folder again
     policy = hf.load_pretrained(model_dir, dtype="float32", activation_dtype=cfg.compute_dtype)
+    missing = [name for name in HELD_OUT.values() if not (model_dir / name).exists()]
+    config_lib.require(not missing, f"{model_dir} has no {' or '.join(missing)}: the held-out "
+                                    f"sets that experiments/train_arithmetic.py writes (a model "
+                                    f"trained before they were split into validation and test "
+                                    f"must be trained again)")
     held_out = {split: load_problems(model_dir / name) for split, name in HELD_OUT.items()}
     summary = results.read_json(out / "summary.json", {})
     if "before" not in summary:
