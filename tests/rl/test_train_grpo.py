@@ -81,6 +81,10 @@ def test_grpo_experiment_end_to_end_and_resume(tmp_path):
     assert (run / "metrics.jsonl").read_text().count("\n") == 2
     with pytest.raises(ConfigError, match=r"\['loop.train.learning_rate'\] differ"):
         train_grpo.main(_args(tmp_path, "loop.train.learning_rate=0.5"))
+    # a model folder without its validation set (trained before the split) is refused
+    (tmp_path / "model" / "validation.jsonl").unlink()
+    with pytest.raises(ValueError, match="has no validation.jsonl"):
+        train_grpo.main(_args(tmp_path, f"out_dir={tmp_path / 'other'}"))
 
 
 def test_bad_settings_stop_before_any_work(tmp_path):
