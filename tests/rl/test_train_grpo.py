@@ -83,7 +83,7 @@ def test_grpo_experiment_end_to_end_and_resume(tmp_path):
         train_grpo.main(_args(tmp_path, "loop.train.learning_rate=0.5"))
     # a model folder without its validation set (trained before the split) is refused
     (tmp_path / "model" / "validation.jsonl").unlink()
-    with pytest.raises(ValueError, match="has no validation.jsonl"):
+    with pytest.raises(ValueError, match=r"has no validation\.jsonl"):
         train_grpo.main(_args(tmp_path, f"out_dir={tmp_path / 'other'}"))
 
 
