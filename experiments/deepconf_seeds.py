@@ -24,10 +24,10 @@ import subprocess
 import sys
 
 import deepconf  # experiments/deepconf.py, beside this script
-import numpy as np
 
 from jaxlab import config as config_lib
 from jaxlab import results
+from jaxlab.results import spread
 
 log = logging.getLogger("jaxlab")
 
@@ -51,14 +51,6 @@ class Config:
             config_lib.read_yaml(path)  # a missing or broken file is an error before any run
         for overrides in (self.train, self.deepconf):
             config_lib.check_overrides(overrides)
-
-
-def spread(values) -> dict:
-    """{mean, std, min, max, values} of one figure over seeds; std with Bessel's correction
-    (sqrt(sum (x - mean)^2 / (n - 1)))."""
-    x = np.asarray(values, np.float64)
-    return {"mean": float(x.mean()), "std": float(x.std(ddof=1)), "min": float(x.min()),
-            "max": float(x.max()), "values": x.tolist()}
 
 
 def aggregate(summaries: list):

@@ -20,19 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from jaxlab import results
+from jaxlab.results import spread
+
 SCRIPT = pathlib.Path(__file__).with_name("train_grpo.py")
-
-
-def spread(values: list[float]) -> dict:
-    """Mean, sample standard deviation (0 for one value), min, max and the values."""
-    return {"mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "values": values}
 
 
 def choose(validation: dict[str, float]) -> str:
@@ -95,8 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         "test_error_reduction": spread([r["test_error_reduction"] for r in runs]),
         "seconds_per_run": spread([r["seconds_this_run"] for r in runs]),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    results.write_json(out / "summary.json", summary)
     print(table(summary))
     return summary
 

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
                                pad_token_id=arithmetic.VOCAB.index(arithmetic.PAD))
     arithmetic.save_tokenizer(out)
     held_out = arithmetic.held_out_sets(cfg.eval_problems, cfg.terms, cfg.seed)
-    for split, name in (("test", "problems.jsonl"), ("validation", "validation.jsonl")):
+    for split, name in arithmetic.HELD_OUT_FILES.items():
         save_problems([Problem(p.id, p.prompt, p.answer) for p in held_out[split]], out / name)
     metrics = {"final_loss": float(state["loss"]),
                "greedy_accuracy": arithmetic.greedy_accuracy(model, held_out["test"], cfg.length),

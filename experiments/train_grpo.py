@@ -69,18 +69,10 @@ def prompt_fn(terms: int, pool: int = 0, seed: int = 0, held_out: frozenset[str]
                                                         seed=20_000 + seed)
                     if p.prompt not in held_out][:pool]
 
-    def fresh(rng: np.random.Generator, count: int) -> list[arithmetic.Problem]:
-        chosen: list[arithmetic.Problem] = []
-        while len(chosen) < count:
-            problem = arithmetic.make_problem(rng, terms, len(chosen))
-            if problem.prompt not in held_out:
-                chosen.append(problem)
-        return chosen
-
     def draw(key: jax.Array, count: int) -> list[loop.Prompt]:
         rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
         if problems is None:
-            chosen = fresh(rng, count)
+            chosen = arithmetic.draw_problems(rng, terms, count, exclude=held_out)
         else:
             config_lib.require(count <= pool, f"problem_pool={pool} is smaller than "
                                               f"loop.prompts={count}")
@@ -130,12 +122,14 @@ def main(argv: list[str] | None = None) -> dict:
         train_arithmetic.main(["--config", cfg.model_config, f"out_dir={model_dir}"])
         results.open_run(cfg.out_dir, cfg)  # log to this run's folder again
     policy = hf.load_pretrained(model_dir, dtype="float32", activation_dtype=cfg.compute_dtype)
-    missing = [name for name in HELD_OUT.values() if not (model_dir / name).exists()]
+    missing = [name for name in arithmetic.HELD_OUT_FILES.values()
+               if not (model_dir / name).exists()]
     config_lib.require(not missing, f"{model_dir} has no {' or '.join(missing)}: the held-out "
                                     f"sets that experiments/train_arithmetic.py writes (a model "
                                     f"trained before they were split into validation and test "
                                     f"must be trained again)")
-    held_out = {split: load_problems(model_dir / name) for split, name in HELD_OUT.items()}
+    held_out = {split: load_problems(model_dir / name)
+                for split, name in arithmetic.HELD_OUT_FILES.items()}
     summary = results.read_json(out / "summary.json", {})
     if "before" not in summary:
         summary = {"held_out": {split: len(p) for split, p in held_out.items()},
@@ -171,9 +165,6 @@ def main(argv: list[str] | None = None) -> dict:
              summary["after"]["validation"], cfg.loop.iterations, summary["rollout_seconds"],
              summary["train_seconds"])
     return summary
-
-
-HELD_OUT = {"validation": "validation.jsonl", "test": "problems.jsonl"}  # in the model's folder
 
 
 def accuracies(model, held_out: dict[str, list], max_new_tokens: int) -> dict[str, float]:

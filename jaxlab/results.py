@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from omegaconf import OmegaConf
 
 from jaxlab import parallel
@@ -106,6 +107,15 @@ def read_json(path: pathlib.Path, default: Any = None) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def spread(values: Sequence[float]) -> dict:
+    """{mean, std, min, max, values} of one figure over seeds; std is the sample standard
+    deviation, sqrt(sum (x - mean)^2 / (n - 1)) (0 for a single value)."""
+    x = np.asarray(values, np.float64)
+    std = float(x.std(ddof=1)) if len(x) > 1 else 0.0
+    return {"mean": float(x.mean()), "std": std, "min": float(x.min()), "max": float(x.max()),
+            "values": x.tolist()}
 
 
 def open_run(out_dir: str | pathlib.Path, config: Any, may_change: Sequence[str] = ()

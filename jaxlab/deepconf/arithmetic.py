@@ -49,26 +49,38 @@ def make_problems(count: int, terms: int, seed: int) -> list[Problem]:
     return [make_problem(rng, terms, i) for i in range(count)]
 
 
-# The held-out sets of a model trained with seed s are drawn from seeds HELD_OUT_SEEDS[split] + s.
-# The test set is only ever used for reported figures; settings are chosen on validation.
+def draw_problems(rng: np.random.Generator, terms: int, count: int,
+                  exclude: frozenset[str] | set[str] = frozenset(), distinct: bool = False,
+                  ) -> list[Problem]:
+    """`count` problems drawn from `rng` (ids by position), skipping any whose prompt is in
+    `exclude` and, if `distinct`, any already drawn."""
+    taken, chosen = set(exclude), []
+    while len(chosen) < count:
+        problem = make_problem(rng, terms, len(chosen))
+        if problem.prompt not in taken:
+            chosen.append(problem)
+            if distinct:
+                taken.add(problem.prompt)
+    return chosen
+
+
+# The held-out sets of a model trained with seed s are drawn from seeds HELD_OUT_SEEDS[split] + s
+# and saved in the model's folder as HELD_OUT_FILES[split]. The test set is only ever used for
+# reported figures; settings are chosen on validation.
 HELD_OUT_SEEDS = {"test": 10_000, "validation": 30_000}
+HELD_OUT_FILES = {"test": "problems.jsonl", "validation": "validation.jsonl"}
 
 
 def held_out_sets(count: int, terms: int, seed: int) -> dict[str, list[Problem]]:
     """{"test": ..., "validation": ...}: `count` problems each, disjoint (by prompt) from each
     other. The test set is `make_problems(count, terms, HELD_OUT_SEEDS["test"] + seed)`; the
-    validation set is drawn from its own seed, skipping any prompt already taken. Training draws
+    validation set is drawn from its own seed, without repeats or test prompts. Training draws
     skip both (`held_out_prompts`)."""
     test = make_problems(count, terms, HELD_OUT_SEEDS["test"] + seed)
-    taken = {p.prompt for p in test}
-    rng = np.random.default_rng(HELD_OUT_SEEDS["validation"] + seed)
-    validation: list[Problem] = []
-    while len(validation) < count:
-        p = make_problem(rng, terms, len(validation))
-        if p.prompt not in taken:
-            taken.add(p.prompt)
-            validation.append(dataclasses.replace(p, id=f"val{terms}-{len(validation)}"))
-    return {"test": test, "validation": validation}
+    validation = draw_problems(np.random.default_rng(HELD_OUT_SEEDS["validation"] + seed), terms,
+                               count, exclude={p.prompt for p in test}, distinct=True)
+    return {"test": test, "validation": [dataclasses.replace(p, id=f"val{terms}-{i}")
+                                         for i, p in enumerate(validation)]}
 
 
 def held_out_prompts(count: int, terms: int, seed: int) -> frozenset[str]:

@@ -31,6 +31,7 @@ def test_spread_by_hand():
     row = seeds.spread([0.25, 0.5, 0.75])
     assert row == {"mean": 0.5, "std": 0.25, "min": 0.25, "max": 0.75,
                    "values": [0.25, 0.5, 0.75]}
+    assert seeds.spread([0.9])["std"] == 0.0  # one seed: no spread, not NaN
 
 
 def test_aggregate_spreads_every_number_and_keeps_none():
