@@ -38,6 +38,7 @@ from jaxlab.jsonl import Field, read_jsonl
 from jaxlab.models import hf
 from jaxlab.rl import genrm, loop, reward_model, sft
 from jaxlab.sampling import sampler
+from jaxlab.writing import judging
 from jaxlab.writing import teacher as teacher_lib
 
 log = logging.getLogger("jaxlab")
@@ -110,24 +111,27 @@ def consistent_traces(traces: list[dict]) -> tuple[list[dict], dict]:
 
 
 def evaluate(model, codec: sft.TextCodec, template: genrm.JudgeTemplate, pairs: list[dict],
-             cfg: Config) -> dict[str, float]:
-    """`genrm.verdict_metrics` of greedy verdicts on `pairs` in both orders."""
-    greedy = genrm.Judge(
-        model=model, decode=codec.decode, max_prompt_tokens=cfg.max_prompt_tokens,
-        sampling=sampler.SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0,
-                                        stop_ids=(codec.eos_id,), confidence=False))
+             cfg: Config) -> dict:
+    """Greedy verdicts on `pairs` in both orders: `genrm.verdict_metrics`, and for the writing
+    world's judge prompt `judging.report` (accuracy by quality gap, per-criterion accuracy by
+    position) too."""
+    greedy = sampler.SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0,
+                                    stop_ids=(codec.eos_id,), confidence=False)
     prompts = [codec.prompt(genrm.judge_prompt(p["prompt"], *order, template)) for p in pairs
                for order in ((p["chosen"], p["rejected"]), (p["rejected"], p["chosen"]))]
-    scores, valid, _ = greedy.verdicts(prompts, jax.random.key(0))
-    scores, valid = scores[:, 0].reshape(len(pairs), 2, 2), valid[:, 0].reshape(len(pairs), 2)
-    metrics = genrm.verdict_metrics(jnp.asarray(scores[:, 0]), jnp.asarray(valid[:, 0]),
-                                    jnp.asarray(scores[:, 1]), jnp.asarray(valid[:, 1]))
-    return {k: float(v) for k, v in metrics.items()}
+    samples = jax.device_get(sampler.sample(model, prompts, jax.random.key(0), greedy,
+                                            prompt_length=cfg.max_prompt_tokens))
+    texts = [codec.decode(samples.tokens[i, :samples.lengths[i]]) for i in range(len(prompts))]
+    if template.text == teacher_lib.TEMPLATE.text:
+        return judging.report(pairs, texts[0::2], texts[1::2], cfg.teacher.rubric)
+    ab, ba = (genrm.scores_array([genrm.parse_scores(t) for t in texts[k::2]]) for k in (0, 1))
+    return {k: float(v) for k, v in genrm.verdict_metrics(*ab, *ba).items()}
 
 
 def prompt_fn(pairs: list[dict], codec: sft.TextCodec, template: genrm.JudgeTemplate):
     """count / 2 pairs drawn without replacement (a function of the key), each shown in both
-    orders; a prompt's `data` is the shown position (0 or 1) of its chosen response."""
+    orders; a prompt's `data` is `genrm.Shown`: the shown position (0 or 1) of its chosen
+    response and the pair's index."""
     def draw(key: jax.Array, count: int) -> list[loop.Prompt]:
         rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
         prompts = []
@@ -136,7 +140,7 @@ def prompt_fn(pairs: list[dict], codec: sft.TextCodec, template: genrm.JudgeTemp
             for first, second, preferred in ((p["chosen"], p["rejected"], 0),
                                              (p["rejected"], p["chosen"], 1)):
                 tokens = codec.prompt(genrm.judge_prompt(p["prompt"], first, second, template))
-                prompts.append(loop.Prompt(tuple(tokens), preferred))
+                prompts.append(loop.Prompt(tuple(tokens), genrm.Shown(preferred, int(k))))
         return prompts
     return draw
 
@@ -210,6 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
     hf.save_tokenizer(codec.tokenizer, out / "genrm")
     summary["after_grpo"] = evaluate(trained, codec, template, eval_pairs, cfg)
     summary["eval_pairs"] = len(eval_pairs)
+    rl_records = [json.loads(line)
+                  for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    summary["groups_dropped"] = [r["groups_dropped"] for r in rl_records]
     log.info("after GRPO: %s", summary["after_grpo"])
     results.write_json(out / "summary.json", summary)
     read = [[json.loads(line) for line in (out / d / "metrics.jsonl").read_text().splitlines()]

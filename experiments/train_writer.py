@@ -1,6 +1,6 @@
-"""The writer of Writing-Zero: BRPO against the pairwise GenRM and ScalarRM-GRPO (sections 2-3
-of papers/writing_zero.md), from the same initial policy, on the same prompts and budget,
-through `jaxlab.rl.loop`; on the small writing world, or on a file of writing prompts.
+"""The writer of Writing-Zero: BRPO against a pairwise judge, and GRPO on scalar rewards
+(sections 2-3 of papers/writing_zero.md), from the same initial policy, on the same prompts and
+budget, through `jaxlab.rl.loop`; on the small writing world, or on a file of writing prompts.
 
     python experiments/train_writer.py --config configs/writing_zero/writer_cpu.yaml [k=v ...]
     python experiments/train_writer.py --config configs/writing_zero/writer_qwen3_gpu.yaml
@@ -11,19 +11,26 @@ redundant explanation are measured, and whose judge prompt is the world teacher'
 prompts, judged through `template` (the GenRM's judge prompt, `genrm.JudgeTemplate`), with the
 measures that need no task: words, distinct bigrams and the scalar RM's reward.
 
-brpo: per group a reference drawn at random, every other response judged against it by the
-  GenRM in both orders and `votes` times (all judge prompts of a step in one sampler call),
-  +1 / -1 rewards (0 for the reference), the outlier filter, the rewards as advantages.
-scalar_grpo: the Bradley-Terry RM's reward r(x, y), group z-scores.
+Methods (`methods`):
+  brpo_genrm      per group a reference drawn at random, every other response judged against it
+                  by the GenRM in both orders and `votes` times (all judge prompts of a step in
+                  one sampler call), +1 / -1 rewards (0 for the reference), the outlier filter,
+                  the rewards as advantages
+  brpo_teacher    the same with the world's rubric teacher as the judge (no model call): BRPO
+                  with a judge as good as the GenRM's teacher (world only)
+  grpo_scalar_rm  the Bradley-Terry RM's reward r(x, y), group z-scores (ScalarRM-GRPO)
+  grpo_ideal_rm   the ideal rater-RM's reward (`world.ideal_rater_reward`: what a reward model
+                  of the rater's labels learns at best, length confound included; world only)
+  grpo_true       the hidden true quality itself (world only)
 Every iteration logs, besides the loop's metrics, the word count, the distinct-bigram ratio and
 the scalar RM's reward of the rollouts (in the world also the hidden true quality and the
 redundant explanation, the words after the answer's "."); BRPO also logs judge seconds and
 judge tokens/s. Before and after training each writer is evaluated on fixed prompts: those
-measures, the scalar RM's reward and the GenRM's win rate against the initial writer (a win:
-preferred in both orders). Writes
-config.yaml, log.txt, summary.json (the table), curves.png, and per method metrics.jsonl,
-checkpoints/, samples/iteration_*.json and policy/ (the trained writer as a Hugging Face
-folder with its tokenizer); a rerun resumes.
+measures, the scalar RM's reward, the KL from the initial writer (the mean over sampled
+responses of sum_t log pi(y_t) - log pi_0(y_t)) and the GenRM's win rate against the initial
+writer (a win: preferred in both orders). Writes config.yaml, log.txt, summary.json (the
+table), curves.png, and per method metrics.jsonl, checkpoints/, samples/iteration_*.json and
+policy/ (the trained writer as a Hugging Face folder with its tokenizer); a rerun resumes.
 """
 
 from __future__ import annotations
@@ -41,15 +48,17 @@ from flax import nnx
 from jaxlab import config as config_lib
 from jaxlab import parallel, results
 from jaxlab.models import hf
-from jaxlab.rl import genrm, loop, reward_model, sft
+from jaxlab.rl import genrm, loop, reward_model, sft, train
 from jaxlab.sampling import sampler
 from jaxlab.writing import teacher, world
 
 log = logging.getLogger("jaxlab")
 
-METHODS = ("brpo", "scalar_grpo")
-WORLD_MEASURES = ("quality", "redundant")  # measures only the small world defines
-MEASURES = ("quality", "words", "redundant", "distinct_bigrams", "scalar_rm")
+METHODS = ("brpo_genrm", "brpo_teacher", "grpo_scalar_rm", "grpo_ideal_rm", "grpo_true")
+WORLD_METHODS = ("brpo_teacher", "grpo_ideal_rm", "grpo_true")  # need the hidden rubric
+RENAMED = {"brpo": "brpo_genrm", "scalar_grpo": "grpo_scalar_rm"}
+WORLD_MEASURES = ("quality", "redundant_words")  # measures only the small world defines
+MEASURES = ("quality", "words", "redundant_words", "distinct_bigrams", "scalar_rm")
 JUDGE_TEMPLATE = genrm.DEFAULT_TEMPLATE
 
 
@@ -83,9 +92,15 @@ class Config:
         config_lib.require_positive_ints(self, "votes", "judge_max_prompt_tokens",
                                          "judge_max_new_tokens", "rm_length", "eval_prompts",
                                          "eval_samples", "samples_every")
+        renamed = {m: RENAMED[m] for m in self.methods if m in RENAMED}
+        config_lib.require(not renamed, f"methods: {list(renamed)} are now called "
+                                        f"{list(renamed.values())}")
         bad = [m for m in self.methods if m not in METHODS]
         config_lib.require(not bad and self.methods,
                            f"methods must be a non-empty list of {METHODS}, got {self.methods}")
+        world_only = [m for m in self.methods if m in WORLD_METHODS]
+        config_lib.require(not (self.prompts and world_only),
+                           f"methods {world_only} need the small world's rubric (prompts: \"\")")
         config_lib.require(self.judge_temperature > 0 or self.votes == 1,
                            f"votes={self.votes} needs judge_temperature > 0 (greedy verdicts "
                            f"repeat)")
@@ -108,7 +123,7 @@ class Config:
     def method_loop(self, method: str) -> loop.LoopConfig:
         """BRPO takes the rewards as advantages (its outlier filter replaces dynamic
         sampling); ScalarRM-GRPO uses group z-scores."""
-        if method == "brpo":
+        if method.startswith("brpo"):
             return dataclasses.replace(self.loop, advantage="brpo", dynamic_sampling=False)
         return dataclasses.replace(self.loop, advantage="grpo")
 
@@ -138,7 +153,7 @@ def measures(prompt: str, response: str, in_world: bool) -> dict[str, float]:
     out = {"words": len(response.split()), "distinct_bigrams": world.distinct_bigrams(response)}
     if in_world:
         out.update(quality=world.quality(world.required_words(prompt), response),
-                   redundant=world.redundant_words(response))
+                   redundant_words=world.redundant_words(response))
     return out
 
 
@@ -172,15 +187,36 @@ class Rewards:
         return self.codec.prompt(judge_text(self.cfg, prompt.data, self.codec.decode(first),
                                             self.codec.decode(second)))
 
+    def teacher_input(self, prompt: loop.Prompt, first: list[int], second: list[int]
+                      ) -> tuple[str, str, str]:
+        return prompt.data, self.codec.decode(first), self.codec.decode(second)
+
+    def world_reward(self, score):
+        """A per-response reward from `score(required words, response text)`."""
+        return loop.per_response(lambda prompt, response, truncated: float(score(
+            world.required_words(prompt.data), self.codec.decode(response))))
+
+    def base(self, method: str) -> loop.RewardFn:
+        """The reward the method trains on."""
+        if method == "brpo_genrm":
+            return genrm.brpo_reward_fn(self.judge, self.judge_input)
+        if method == "brpo_teacher":
+            return genrm.brpo_reward_fn(teacher.TeacherJudge(), self.teacher_input)
+        if method == "grpo_ideal_rm":
+            return self.world_reward(lambda required, text: world.ideal_rater_reward(
+                required, text, self.cfg.task))
+        if method == "grpo_true":
+            return self.world_reward(world.quality)
+        return self.scalar
+
     def for_method(self, method: str) -> loop.RewardFn:
-        """The method's reward plus the world's measures and the scalar RM's reward."""
-        base = (genrm.brpo_reward_fn(self.judge, self.judge_input) if method == "brpo"
-                else self.scalar)
+        """The method's reward plus the measures and the scalar RM's reward."""
+        base = self.base(method)
 
         def reward_fn(prompts, responses, truncated):
             out = base(prompts, responses, truncated)
             out = dict(out) if isinstance(out, dict) else {"reward": out}
-            out["scalar_rm"] = (out["reward"] if method == "scalar_grpo"
+            out["scalar_rm"] = (out["reward"] if method == "grpo_scalar_rm"
                                 else self.scalar(prompts, responses, truncated))
             rows = [measures(p.data, self.codec.decode(r), not self.cfg.prompts)
                     for p, group in zip(prompts, responses, strict=True) for r in group]
@@ -203,11 +239,25 @@ def write_samples(out: pathlib.Path, codec: sft.TextCodec, every: int):
     return hook
 
 
+def kl_from(model, initial, prompts: list[loop.Prompt], responses: list[list[int]],
+            eval_samples: int) -> float:
+    """KL(pi || pi_0) estimated on responses sampled from `model` at temperature 1: the mean
+    over responses of sum_t log pi(y_t | x, y_<t) - log pi_0(y_t | x, y_<t)."""
+    rows = sft.sft_batch([prompts[i // eval_samples].tokens for i in range(len(responses))],
+                         responses, max(len(prompts[i // eval_samples].tokens) + len(r)
+                                        for i, r in enumerate(responses)))
+    logp = [np.asarray(train.sequence_logprobs(m, rows["tokens"], rows["mask"])[0])
+            for m in (model, initial)]                                    # [N, T] each
+    return float(np.mean(np.sum(rows["loss_mask"] * (logp[0] - logp[1]), axis=1)))
+
+
 def evaluate(model, rewards: Rewards, prompts: list[loop.Prompt],
-             reference: list[list[int]] | None, cfg: Config) -> tuple[dict, list[list[int]]]:
-    """Means of the world's measures and the scalar RM's reward over `eval_samples` responses
-    per prompt (fixed key), and the GenRM's win and loss rates against `reference` (the
-    initial writer's responses, slot by slot; a win: preferred in both orders)."""
+             reference: list[list[int]] | None, cfg: Config, initial=None
+             ) -> tuple[dict, list[list[int]]]:
+    """Means of the measures and the scalar RM's reward over `eval_samples` responses per prompt
+    (fixed key), the KL from `initial` (`kl_from`, when given), and the GenRM's win and loss
+    rates against `reference` (the initial writer's responses, slot by slot; a win: preferred
+    in both orders)."""
     config = sampler.SamplingConfig(
         max_new_tokens=cfg.loop.max_new_tokens, temperature=cfg.loop.train.temperature,
         n=cfg.eval_samples, stop_ids=cfg.loop.stop_ids, confidence=False)
@@ -218,8 +268,10 @@ def evaluate(model, rewards: Rewards, prompts: list[loop.Prompt],
     groups = [responses[i * cfg.eval_samples:(i + 1) * cfg.eval_samples]
               for i in range(len(prompts))]
     truncated = np.zeros((len(prompts), cfg.eval_samples), bool)
-    values = rewards.for_method("scalar_grpo")(prompts, groups, truncated)
+    values = rewards.for_method("grpo_scalar_rm")(prompts, groups, truncated)
     table = {name: float(np.mean(values[name])) for name in cfg.measures}
+    if initial is not None:
+        table["kl"] = kl_from(model, initial, prompts, responses, cfg.eval_samples)
     if reference is not None:
         owners = [prompts[i // cfg.eval_samples] for i in range(len(responses))]
         requests = [rewards.judge_input(p, *pair) for p, mine, ref in
@@ -239,8 +291,8 @@ def plot(records: dict[str, list[dict]], path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ("reward_mean", "quality", "words", "redundant", "distinct_bigrams", "scalar_rm",
-             "kl", "entropy")
+    names = ("reward_mean", "quality", "words", "redundant_words", "distinct_bigrams",
+             "scalar_rm", "kl", "entropy")
     fig, axes = plt.subplots(2, 4, figsize=(17, 7))
     for ax, name in zip(axes.flat, names, strict=True):
         for method, rows in records.items():
@@ -269,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
     initial = hf.load_pretrained(cfg.writer, **cfg.load_options)
     summary = results.read_json(out / "summary.json", {})
     _, reference = evaluate(initial, rewards, eval_prompts, None, cfg)
-    summary["start"], _ = evaluate(initial, rewards, eval_prompts, reference, cfg)
+    summary["start"], _ = evaluate(initial, rewards, eval_prompts, reference, cfg, initial)
     for method in cfg.methods:
         start = time.perf_counter()
         graphdef, state = loop.run(
@@ -282,11 +334,11 @@ def main(argv: list[str] | None = None) -> dict:
         hf.save_tokenizer(codec.tokenizer, out / method / "policy")
         rows = [json.loads(line)
                 for line in (out / method / "metrics.jsonl").read_text().splitlines()]
-        end, _ = evaluate(trained, rewards, eval_prompts, reference, cfg)
+        end, _ = evaluate(trained, rewards, eval_prompts, reference, cfg, initial)
         step_seconds = sum(r["rollout_seconds"] + r["train_seconds"] for r in rows)
         summary[method] = {"end": end, "seconds_this_run": time.perf_counter() - start,
                            "step_seconds": step_seconds, "iterations": len(rows)}
-        if method == "brpo":
+        if method.startswith("brpo"):
             judge_seconds = sum(r["judge_seconds"] for r in rows)
             summary[method].update({
                 "judge_tokens_per_s": float(np.mean([r["judge_tokens_per_s"] for r in rows])),

@@ -48,6 +48,18 @@ def load_config(schema: type[T], path: str | pathlib.Path | None = None,
         raise ConfigError(str(e)) from None
 
 
+def from_mapping(schema: type[T], mapping: Any, where: str) -> T:
+    """`schema` filled from its defaults, then the (nested) mapping; ConfigError led by
+    `where` for a key or value that does not fit."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(mapping))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: {_first_line(e)}") from None
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def check_overrides(overrides: Sequence[str]) -> None:
     """ConfigError listing the overrides that are not `key=value`."""
     bad = [o for o in overrides if "=" not in o]
@@ -82,12 +94,18 @@ def from_command_line(schema: type[T], argv: Sequence[str] | None = None,
     message naming it, before any work starts."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML file (see configs/)")
+    parser.add_argument("--check", action="store_true",
+                        help="check the config (keys, values) and exit without running")
     parser.add_argument("overrides", nargs="*", help="key=value; dotted keys for nested fields")
     args = parser.parse_args(argv)
     try:
-        return load_config(schema, args.config, args.overrides)
+        config = load_config(schema, args.config, args.overrides)
     except ConfigError as e:
         parser.error(str(e))
+    if args.check:
+        print(f"{args.config or 'the defaults'}: a valid config")
+        raise SystemExit(0)
+    return config
 
 
 def to_yaml(config: Any) -> str:

@@ -21,6 +21,7 @@ import re
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -170,27 +171,38 @@ class GenRMReward:
     incorrect: float = 0.0        # parsed, but the preferred response did not (ties included)
     format_failure: float = -1.0  # no valid \boxed{s1,s2}
     margin_weight: float = 0.0    # adds margin_weight * (s_preferred - s_other) / 10 when parsed
+    consistency_weight: float = 0.0  # the share of "correct" that needs the twin verdict (the
+    #                                  pair shown in the other order) right too
 
     def __post_init__(self):
         require(self.correct > self.incorrect,
                 f"GenRMReward.correct={self.correct} must be > incorrect={self.incorrect}")
         require(self.margin_weight >= 0,
                 f"GenRMReward.margin_weight must be >= 0, got {self.margin_weight}")
+        require(0 <= self.consistency_weight <= 1,
+                f"GenRMReward.consistency_weight must lie in [0, 1], got "
+                f"{self.consistency_weight}")
 
 
 def genrm_rewards(scores: jax.Array, valid: jax.Array, preferred: jax.Array,
-                  reward: GenRMReward = GenRMReward()) -> jax.Array:
+                  reward: GenRMReward = GenRMReward(), twin_correct: jax.Array | None = None
+                  ) -> jax.Array:
     """Rewards of judge rollouts on pairs with a known preference (section 1, RL of the GenRM):
 
       r = format_failure                                                  if unparsable
-      r = (correct if s_p > s_o else incorrect) + margin_weight (s_p - s_o) / 10   otherwise
+      r = incorrect + (correct - incorrect) h + margin_weight (s_p - s_o) / 10   otherwise
+      h = (1 - w) [s_p > s_o] + w [s_p > s_o and twin right]
 
-    with s_p the score given to the preferred response and s_o the other's.
+    with s_p the score given to the preferred response, s_o the other's, and w =
+    `consistency_weight`: the share of the reward that also needs the twin verdict, the same pair
+    shown in the other order, to be right (the paper rewards position-consistent verdicts;
+    w = 0 without `twin_correct`).
 
     Args:
       scores: [B, 2] verdict scores in shown order (NaN where unparsable).
       valid: bool [B], the verdict parsed.
       preferred: int [B], the shown position (0 or 1) of the response humans preferred.
+      twin_correct: bool [B], the twin verdict preferred the right response (`prefers`).
     Returns:
       float32 [B].
     """
@@ -200,7 +212,15 @@ def genrm_rewards(scores: jax.Array, valid: jax.Array, preferred: jax.Array,
     preferred = preferred[..., None]
     margin = (jnp.take_along_axis(scores, preferred, axis=-1)
               - jnp.take_along_axis(scores, 1 - preferred, axis=-1))[..., 0]  # [B]
-    parsed = (jnp.where(margin > 0, reward.correct, reward.incorrect)
+    right = margin > 0
+    if twin_correct is None:
+        hit = right.astype(jnp.float32)
+    else:
+        require(twin_correct.shape == valid.shape,
+                f"twin_correct must have shape {valid.shape}, got {twin_correct.shape}")
+        w = reward.consistency_weight
+        hit = (1 - w) * right + w * (right & twin_correct)
+    parsed = (reward.incorrect + (reward.correct - reward.incorrect) * hit
               + reward.margin_weight * margin / MAX_SCORE)
     return jnp.where(valid, parsed, reward.format_failure).astype(jnp.float32)
 
@@ -270,6 +290,8 @@ def verdict_metrics(scores_ab: jax.Array, valid_ab: jax.Array, scores_ba: jax.Ar
       accuracy_first      A preferred when shown first
       accuracy_second     A preferred when shown second
       accuracy_both       A preferred in both orders (`consistent_preference` = +1)
+      accuracy_soft       accuracy_both + half the pairs that neither response wins in both
+                          orders (`consistent_preference` = 0: inconsistent, tied or unparsed)
       first_position      verdicts (of 2N) preferring the response shown first
       format_failure      verdicts (of 2N) that did not parse
 
@@ -278,11 +300,12 @@ def verdict_metrics(scores_ab: jax.Array, valid_ab: jax.Array, scores_ba: jax.Ar
     """
     first = jnp.concatenate([prefers(scores_ab, valid_ab, 0), prefers(scores_ba, valid_ba, 0)])
     share = functools.partial(jnp.mean, dtype=jnp.float32)
+    verdict = consistent_preference(scores_ab, valid_ab, scores_ba, valid_ba)
     return {
         "accuracy_first": share(prefers(scores_ab, valid_ab, 0)),
         "accuracy_second": share(prefers(scores_ba, valid_ba, 1)),
-        "accuracy_both": share(consistent_preference(scores_ab, valid_ab, scores_ba,
-                                                     valid_ba) == 1),
+        "accuracy_both": share(verdict == 1),
+        "accuracy_soft": share(verdict == 1) + 0.5 * share(verdict == 0),
         "first_position": share(first),
         "format_failure": share(~jnp.concatenate([valid_ab, valid_ba])),
     }
@@ -407,21 +430,59 @@ def brpo_reward_fn(judge: Judge, render: Callable[[object, list[int], list[int]]
     return reward_fn
 
 
+class Shown(NamedTuple):
+    """What a GenRM RL prompt knows of its pair: the shown position (0 or 1) of the preferred
+    response, and the pair's id (its two orders share it)."""
+
+    preferred: int
+    pair: int
+
+
+def twin_rows(prompts: Sequence) -> np.ndarray:
+    """int [P]: for each prompt (`data` a `Shown`), the index of its twin, the same pair shown
+    in the other order; a pair not shown exactly once in each order is an error naming it."""
+    rows: dict[int, dict[int, int]] = {}
+    for i, prompt in enumerate(prompts):
+        require(isinstance(prompt.data, Shown), f"prompt {i}: a consistency reward needs data "
+                f"genrm.Shown(preferred, pair), got {prompt.data!r}")
+        rows.setdefault(prompt.data.pair, {})[prompt.data.preferred] = i
+    twins = np.zeros(len(prompts), np.int64)
+    for i, prompt in enumerate(prompts):
+        orders = rows[prompt.data.pair]
+        require(sorted(orders) == [0, 1] and sum(p.data.pair == prompt.data.pair
+                                                for p in prompts) == 2,
+                f"pair {prompt.data.pair} must be shown once in each order in a batch")
+        twins[i] = orders[1 - prompt.data.preferred]
+    return twins
+
+
 def genrm_reward_fn(decode: Callable[[Sequence[int]], str], reward: GenRMReward = GenRMReward()):
     """The GenRM's own reward function for GRPO (`loop.run`): each prompt's `data` is the shown
-    position (0 or 1) of the preferred response; rewards by `genrm_rewards`, with the share of
-    correct verdicts (`accuracy`) and of format failures logged."""
+    position (0 or 1) of the preferred response, or a `Shown` (position and pair id); rewards by
+    `genrm_rewards`, with the share of correct verdicts (`accuracy`) and of format failures
+    logged. With `reward.consistency_weight > 0` every prompt must be a `Shown` whose twin is in
+    the batch (`twin_rows`): rollout j's twin verdict is rollout j of the twin's group, and
+    `consistent` logs the share of rollouts right in both orders."""
     def reward_fn(prompts, responses, truncated):
         shape = truncated.shape
         verdicts = [parse_scores(decode(r)) for group in responses for r in group]
         scores, valid = scores_array(verdicts)
-        preferred = np.repeat([int(p.data) for p in prompts], shape[1])
+        positions = [p.data.preferred if isinstance(p.data, Shown) else int(p.data)
+                     for p in prompts]
+        preferred = np.repeat(positions, shape[1])
+        correct = np.asarray(prefers(jnp.asarray(scores), jnp.asarray(valid),
+                                     jnp.asarray(preferred))).reshape(shape)
+        twin = None
+        if reward.consistency_weight > 0:
+            twin = correct[twin_rows(prompts)]                            # [P, G]
         rewards = genrm_rewards(jnp.asarray(scores), jnp.asarray(valid), jnp.asarray(preferred),
-                                reward)
-        correct = prefers(jnp.asarray(scores), jnp.asarray(valid), jnp.asarray(preferred))
-        return {"reward": np.asarray(rewards).reshape(shape),
-                "accuracy": np.asarray(correct, np.float64).reshape(shape),
-                "format_failure": (~valid).astype(np.float64).reshape(shape)}
+                                reward, None if twin is None else jnp.asarray(twin.reshape(-1)))
+        out = {"reward": np.asarray(rewards).reshape(shape),
+               "accuracy": correct.astype(np.float64),
+               "format_failure": (~valid).astype(np.float64).reshape(shape)}
+        if twin is not None:
+            out["consistent"] = (correct & twin).astype(np.float64)
+        return out
     return reward_fn
 
 

@@ -19,6 +19,7 @@ order of that preference.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 
@@ -85,3 +86,51 @@ def judge_records(pairs: list[dict], seed: int, teacher: Teacher = Teacher()) ->
                             "preferred": preferred,
                             "judge": judge_trace(rng, pair["prompt"], first, second, teacher)})
     return records
+
+
+_CRITERION = {name: re.compile(rf"(?:^|\s){name} (\d+) (\d+) ;") for name in world.CRITERIA}
+
+
+def parse_criteria(text: str) -> dict[str, tuple[int, int]]:
+    """The per-criterion scores a judge text states, {criterion: (first shown, second shown)},
+    from the first `<criterion> a b ;` of each; a criterion the text does not state is absent
+    (never an exception)."""
+    found = {}
+    for name, pattern in _CRITERION.items():
+        match = pattern.search(text)
+        if match:
+            found[name] = (int(match.group(1)), int(match.group(2)))
+    return found
+
+
+def verdict_label(record: dict) -> dict | None:
+    """A judge-trace record as the preference its verdict states, {prompt, chosen, rejected}
+    (None when the verdict does not parse or ties): the teacher's label of the pair, the data of
+    a scalar RM trained on the teacher's judgements."""
+    scores = genrm.parse_scores(record["judge"])
+    if scores is None or scores[0] == scores[1]:
+        return None
+    first, second = record["response_1"], record["response_2"]
+    chosen, rejected = (first, second) if scores[0] > scores[1] else (second, first)
+    return {"prompt": record["prompt"], "chosen": chosen, "rejected": rejected}
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherJudge:
+    """The rubric teacher as BRPO's judge (no model call): `verdicts` takes requests
+    (prompt text, first response text, second response text) where `genrm.Judge` takes judge
+    prompt tokens, and returns the same arrays, its verdicts drawn from `judge_trace` with a
+    generator seeded by the key."""
+
+    teacher: Teacher = dataclasses.field(default_factory=Teacher)
+
+    def verdicts(self, requests: list[tuple[str, str, str]], key
+                 ) -> tuple[np.ndarray, np.ndarray, int]:
+        """scores float32 [P, 1, 2], valid bool [P, 1], and 0 judge tokens."""
+        import jax
+
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
+        scores, valid = genrm.scores_array([
+            genrm.parse_scores(judge_trace(rng, *request, self.teacher))
+            for request in requests])
+        return scores.reshape(-1, 1, 2), valid.reshape(-1, 1), 0

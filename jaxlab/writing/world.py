@@ -247,6 +247,62 @@ def preference_pairs(count: int, seed: int, config: WorldConfig, rater: bool = T
     return records
 
 
+def longer_side(pair: dict) -> int:
+    """+1 if the pair's chosen response has more words than its rejected one, -1 if fewer, 0 for
+    equal counts."""
+    return int(np.sign(len(pair["chosen"].split()) - len(pair["rejected"].split())))
+
+
+def quality_gap(pair: dict, rubric: Rubric = Rubric()) -> int:
+    """q(chosen) - q(rejected) by the hidden rubric."""
+    required = required_words(pair["prompt"])
+    return quality(required, pair["chosen"], rubric) - quality(required, pair["rejected"], rubric)
+
+
+def pair_key(pair: dict) -> tuple[str, frozenset[str]]:
+    """A pair's identity whatever its order: its prompt and its two responses."""
+    return pair["prompt"], frozenset((pair["chosen"], pair["rejected"]))
+
+
+def judge_pairs(count: int, seed: int, config: WorldConfig, small_gaps: bool = False,
+                exclude: Sequence[dict] = ()) -> list[dict]:
+    """`count` pairs labelled by the true quality (chosen strictly better; `preference_pairs`
+    with `rater=False`), balanced against the length confound: a pair whose better response is
+    the longer one (or the shorter one) is taken only while that side is not ahead of the other,
+    so the longer text is the better one in half of the pairs of unequal length (37% of the
+    generator's pairs). `small_gaps`: a drawn pair is taken with probability 1 / its quality
+    gap, weighting the pairs to small gaps (the hard ones). Pairs of `exclude` (in either
+    order) are never drawn."""
+    rng = np.random.default_rng(seed)
+    records, sides = [], {1: 0, -1: 0}
+    skip = {pair_key(p) for p in exclude}
+    batch = 0
+    while len(records) < count:
+        for pair in preference_pairs(4 * count, seed * 1_000 + batch, config, rater=False):
+            side = longer_side(pair)
+            if pair_key(pair) in skip:
+                continue
+            if side and sides[side] > sides[-side]:
+                continue
+            if small_gaps and rng.uniform() * quality_gap(pair, config.rubric) > 1:
+                continue
+            sides[side] = sides.get(side, 0) + 1
+            skip.add(pair_key(pair))
+            records.append(pair)
+            if len(records) == count:
+                break
+        batch += 1
+    return records
+
+
+def ideal_rater_reward(required: Sequence[str], response: str, config: WorldConfig) -> float:
+    """The reward of an ideal rater-RM, r = q / temperature + length_bias n (n the word count):
+    its Bradley-Terry probability sigmoid(r_a - r_b) is the rater's before the label noise, so
+    no reward model learned from the rater's labels can do better (length confound included)."""
+    return (quality(required, response, config.rubric) / config.temperature
+            + config.length_bias * len(response.split()))
+
+
 def writer_examples(count: int, seed: int, config: WorldConfig) -> list[dict]:
     """`count` records {prompt, response} from the response generator: the initial writer's
     supervised data (mixed quality, so both RL methods have room to move)."""
