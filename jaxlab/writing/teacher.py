@@ -6,9 +6,11 @@ The judge reads (`TEMPLATE`, through `genrm.judge_prompt`)
     query write sun river night : first <response 1> second <response 2> verdict
 
 and the teacher writes the rubric's criteria, both responses' scores on each, their totals and
-its verdict:
+its verdict, showing its work on coverage (each required word: 1 if the response's answer
+proper holds it, for the first and the second response):
 
-    coverage 4 1 ; repeats 2 2 ; length 2 0 ; ending 2 1 ; total 10 4 ; \\boxed{ 10 , 4 }
+    coverage sun 1 0 river 1 1 night 1 0 , 4 1 ; repeats 2 2 ; length 2 0 ; ending 2 1 ;
+    total 10 4 ; \\boxed{ 10 , 4 }
 
 When unsure (totals within `unsure_margin`), the verdict prefers the response shown first with
 probability `first_bias` (0.6, as the paper reports for its teacher) and the other one
@@ -19,7 +21,6 @@ order of that preference.
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import numpy as np
 
@@ -69,7 +70,10 @@ def judge_trace(rng: np.random.Generator, prompt: str, response_1: str, response
     else:
         first_wins = totals[0] > totals[1]
     s1, s2 = verdict(*totals, first_wins)
-    parts = [f"{name} {scores[0][name]} {scores[1][name]} ;" for name in world.CRITERIA]
+    answers = [set(world.split_answer(r.split())[0]) for r in (response_1, response_2)]
+    marks = " ".join(f"{w} {int(w in answers[0])} {int(w in answers[1])}" for w in required)
+    parts = [f"{name} {marks + ' , ' if name == 'coverage' else ''}"
+             f"{scores[0][name]} {scores[1][name]} ;" for name in world.CRITERIA]
     return " ".join([*parts, f"total {totals[0]} {totals[1]} ;", f"\\boxed{{ {s1} , {s2} }}"])
 
 
@@ -88,18 +92,16 @@ def judge_records(pairs: list[dict], seed: int, teacher: Teacher = Teacher()) ->
     return records
 
 
-_CRITERION = {name: re.compile(rf"(?:^|\s){name} (\d+) (\d+) ;") for name in world.CRITERIA}
-
-
 def parse_criteria(text: str) -> dict[str, tuple[int, int]]:
-    """The per-criterion scores a judge text states, {criterion: (first shown, second shown)},
-    from the first `<criterion> a b ;` of each; a criterion the text does not state is absent
-    (never an exception)."""
+    """The per-criterion scores a judge text states, {criterion: (first shown, second shown)}:
+    the last two integers of the first `;`-ended segment that starts with the criterion's name.
+    A criterion the text does not state so is absent (never an exception)."""
     found = {}
-    for name, pattern in _CRITERION.items():
-        match = pattern.search(text)
-        if match:
-            found[name] = (int(match.group(1)), int(match.group(2)))
+    for segment in text.split(";"):
+        words = segment.split()
+        if (words and words[0] in world.CRITERIA and words[0] not in found and len(words) >= 3
+                and all(w.isdigit() for w in words[-2:])):
+            found[words[0]] = (int(words[-2]), int(words[-1]))
     return found
 
 

@@ -247,6 +247,50 @@ def test_genrm_reward_fn_of_a_fake_judge_reproduces_the_rule_table():
     np.testing.assert_array_equal(out["format_failure"], [[0, 0, 0, 1, 1]] * 2)
 
 
+def test_the_consistency_reward_needs_the_twin_verdict_right_too():
+    """h = (1 - w) [right] + w [right and twin right], by hand for w = 0.5: a right verdict
+    whose twin is wrong earns half; a wrong one nothing; a format failure -1 whatever its twin."""
+    scores = jnp.array([[8, 2], [8, 2], [2, 8], [np.nan, np.nan]], jnp.float32)
+    valid = jnp.array([True, True, True, False])
+    preferred = jnp.zeros(4, jnp.int32)
+    twin = jnp.array([True, False, True, True])
+    got = genrm.genrm_rewards(scores, valid, preferred, genrm.GenRMReward(consistency_weight=0.5),
+                              twin)
+    np.testing.assert_allclose(got, [1.0, 0.5, 0.0, -1.0])
+    scaled = genrm.genrm_rewards(scores, valid, preferred, genrm.GenRMReward(
+        correct=2.0, incorrect=-1.0, consistency_weight=1.0), twin)
+    np.testing.assert_allclose(scaled, [2.0, -1.0, -1.0, -1.0])   # incorrect + 3 h
+    with pytest.raises(ValueError, match="consistency_weight"):
+        genrm.GenRMReward(consistency_weight=1.5)
+
+
+def test_the_consistency_reward_fn_pairs_rollout_j_with_its_twins_rollout_j():
+    """Two pairs, each in both orders (data genrm.Shown), in a shuffled batch: rollout j is
+    rewarded 1 only when it and rollout j of its twin group are both right (w = 1)."""
+    verdicts = {"a": "\\boxed{8,3}", "b": "\\boxed{3,8}"}
+    shown = [genrm.Shown(1, 7), genrm.Shown(0, 4), genrm.Shown(0, 7), genrm.Shown(1, 4)]
+    responses = [[[ord("b")], [ord("a")]], [[ord("a")], [ord("a")]],
+                 [[ord("a")], [ord("a")]], [[ord("a")], [ord("b")]]]
+    reward_fn = genrm.genrm_reward_fn(lambda ids: verdicts[text_of(ids)],
+                                      genrm.GenRMReward(consistency_weight=1.0))
+    out = reward_fn([Prompt(s) for s in shown], responses, np.zeros((4, 2), bool))
+    # right: pair 7 second-order [1, 0], first-order [1, 1]; pair 4 first [1, 1], second [0, 1]
+    np.testing.assert_array_equal(out["accuracy"], [[1, 0], [1, 1], [1, 1], [0, 1]])
+    np.testing.assert_array_equal(out["reward"], [[1, 0], [0, 1], [1, 0], [0, 1]])
+    np.testing.assert_array_equal(out["consistent"], out["reward"])
+    assert genrm.twin_rows([Prompt(s) for s in shown]).tolist() == [2, 3, 0, 1]
+
+
+@pytest.mark.parametrize("shown,match", [
+    ([genrm.Shown(0, 1), genrm.Shown(0, 1)], "pair 1 must be shown once in each order"),
+    ([genrm.Shown(0, 1), genrm.Shown(1, 2)], "pair 1 must be shown once in each order"),
+    ([genrm.Shown(0, 1), 1], r"prompt 1: a consistency reward needs data genrm.Shown"),
+])
+def test_a_batch_without_every_twin_is_an_error(shown, match):
+    with pytest.raises(ValueError, match=match):
+        genrm.twin_rows([Prompt(s) for s in shown])
+
+
 def test_brpo_pairs_are_every_non_reference_response_in_both_orders():
     pairs = genrm.brpo_pairs(np.asarray([2, 0]), 3)
     assert pairs.tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1],

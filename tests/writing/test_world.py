@@ -76,7 +76,8 @@ def test_teacher_traces_state_the_rubric_and_parse():
     prompt = world.prompt_text(REQUIRED)
     good, bad = "the sun over a river in quiet night .", "sun sun sun"
     text = teacher.judge_trace(rng, prompt, good, bad)
-    assert text == ("coverage 4 1 ; repeats 2 0 ; length 2 1 ; ending 2 0 ; total 10 2 ; "
+    assert text == ("coverage sun 1 1 river 1 0 night 1 0 , 4 1 ; repeats 2 0 ; length 2 1 ; "
+                    "ending 2 0 ; total 10 2 ; "
                     "\\boxed{ 10 , 2 }")
     assert genrm.parse_scores(text) == (10.0, 2.0)
     world.encode(text)   # in the vocabulary
