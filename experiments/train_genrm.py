@@ -1,7 +1,9 @@
 """The pairwise GenRM of Writing-Zero (section 1 of papers/writing_zero.md): cold-start SFT on
 judge traces, then GRPO through `jaxlab.rl.loop`.
 
-    python experiments/train_genrm.py --config configs/writing_zero/genrm_cpu.yaml [k=v ...]
+    python experiments/train_genrm.py --config configs/writing_zero/genrm_qwen3_gpu.yaml [k=v ...]
+
+(in the small world, the `genrm` stage of `experiments/writing_zero.py`).
 
 1. Judge traces (`prompt`, `response_1`, `response_2`, `preferred` 1 or 2, `judge` ending in
    \\boxed{s1,s2}) from `traces`, or written by the writing world's rubric teacher

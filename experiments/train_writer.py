@@ -2,8 +2,9 @@
 (sections 2-3 of papers/writing_zero.md), from the same initial policy, on the same prompts and
 budget, through `jaxlab.rl.loop`; on the small writing world, or on a file of writing prompts.
 
-    python experiments/train_writer.py --config configs/writing_zero/writer_cpu.yaml [k=v ...]
-    python experiments/train_writer.py --config configs/writing_zero/writer_qwen3_gpu.yaml
+    python experiments/train_writer.py --config configs/writing_zero/writer_qwen3_gpu.yaml [k=v ...]
+
+(in the small world, the `writer` stage of `experiments/writing_zero.py`).
 
 Prompts: `prompts` empty draws the small world's prompts (whose hidden true quality and
 redundant explanation are measured, and whose judge prompt is the world teacher's); a file

@@ -1,7 +1,10 @@
 """The small writing world's data and initial models (`jaxlab.writing`): the start of the
 Writing-Zero reproduction on 2 CPU cores.
 
-    python experiments/writing_world.py --config configs/writing_zero/world_cpu.yaml [key=value ...]
+    python experiments/writing_world.py --config results/writing_zero/small/seed_0/world.yaml
+
+(the stage config `experiments/writing_zero.py` writes for each seed; any key=value after it
+overrides).
 
 Writes to out_dir:
   preferences.jsonl          rater-labelled pairs (label noise, length confound): the RM's data

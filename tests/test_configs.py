@@ -37,8 +37,8 @@ SCRIPTS = {
     ("rl", "*.yaml"): "train_grpo",
     ("writing_zero", "genrm_*.yaml"): "train_genrm",
     ("writing_zero", "rm_*.yaml"): "train_reward_model",
-    ("writing_zero", "world_*.yaml"): "writing_world",
     ("writing_zero", "writer_*.yaml"): "train_writer",
+    ("writing_zero", "small.yaml"): "writing_zero",
 }
 IDS = [str(path.relative_to(ROOT)) for path in CONFIG_FILES]
 
