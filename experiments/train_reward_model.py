@@ -1,7 +1,7 @@
 """The Bradley-Terry scalar reward model of Writing-Zero (section 1 of papers/writing_zero.md) on
 a local causal-LM checkpoint, and the paper's pair filter.
 
-    python experiments/train_reward_model.py --config configs/writing_zero/rm_qwen3_gpu.yaml [k=v ...]
+    python experiments/train_reward_model.py --config configs/writing_zero/rm_qwen3_gpu.yaml
 
 (in the small world, the `rm` and `rm_teacher` stages of `experiments/writing_zero.py`).
 

@@ -31,6 +31,8 @@ summary.json and curves.png:
               soft_accuracy, first_position, criteria_accuracy (mean over criteria and
               positions)} after GRPO, and `cold_start`, the same before it
   scalar_rm   {true_pair_accuracy, rater_accuracy} (held-out rater labels); teacher_rm the same
+  bayes_rater_accuracy   the ideal rater-RM's accuracy on the held-out rater labels: the best
+              any reward model of those labels can reach (`judging.ideal_rater_accuracy`)
   writers     {start, brpo_genrm, brpo_teacher, grpo_scalar_rm, grpo_ideal_rm, grpo_true}:
               {quality, words, redundant_words, distinct_bigrams, kl} on the evaluation prompts
               at the end of training
@@ -186,6 +188,9 @@ def seed_summary(cfg: Config, folder: pathlib.Path, seed: int) -> dict:
         **{name: {"true_pair_accuracy": s["accuracy_true_quality"],
                   "rater_accuracy": s["accuracy_heldout"]}
            for name, s in (("scalar_rm", rms["rm"]), ("teacher_rm", rms["rm_teacher"]))},
+        "bayes_rater_accuracy": judging.ideal_rater_accuracy(
+            reward_model.read_pairs(folder / "world" / "preferences_heldout.jsonl"),
+            world_config),
         "writers": {m: {k: writer[m]["end"][k] if m != "start" else writer["start"][k]
                         for k in WRITER_MEASURES} for m in ("start", *WRITERS)},
         "matched_kl": quality_at_kl({m: metrics(folder / "writer" / m / "metrics.jsonl")
@@ -243,10 +248,15 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in seeds:
         folder = out / f"seed_{seed}"
         for stage, path in write_stage_configs(cfg, seed, folder).items():
+            done = path.with_suffix(".done")         # the config the stage finished with
+            if done.exists() and done.read_text() == path.read_text():
+                continue
             start = time.perf_counter()
             log.info("seed %d: stage %s", seed, stage)
             run_stage(stage, path)
-            log.info("seed %d: stage %s took %.0f s", seed, stage, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            results.write_text(done, path.read_text())
+            log.info("seed %d: stage %s took %.0f s", seed, stage, seconds)
     per_seed = [seed_summary(cfg, out / f"seed_{s}", s) for s in seeds]
     summary = {"seeds": seeds, **gather(per_seed)}
     summary["spread"] = spreads({k: v for k, v in summary.items() if k != "seeds"})

@@ -79,6 +79,15 @@ def teacher_texts(pairs: Sequence[dict], seed: int, teacher: teacher_lib.Teacher
     return first, second
 
 
+def ideal_rater_accuracy(pairs: Sequence[dict], config: world.WorldConfig) -> float:
+    """The share of `pairs` whose chosen response has the higher `world.ideal_rater_reward` (a
+    tie is wrong): on true-quality pairs the ideal rater-RM's accuracy, on the rater's own
+    held-out labels the Bayes level of any reward model trained on them."""
+    def reward(pair, key):
+        return world.ideal_rater_reward(world.required_words(pair["prompt"]), pair[key], config)
+    return float(np.mean([reward(p, "chosen") > reward(p, "rejected") for p in pairs]))
+
+
 def baselines(pairs: Sequence[dict], config: world.WorldConfig, teacher: teacher_lib.Teacher,
               seed: int) -> dict[str, float]:
     """Both-orders accuracy on `pairs` (chosen = better) of judges that need no model:
@@ -96,9 +105,6 @@ def baselines(pairs: Sequence[dict], config: world.WorldConfig, teacher: teacher
     sides = np.asarray([world.longer_side(p) for p in pairs])
     gaps = np.asarray([world.quality_gap(p, config.rubric) for p in pairs])
     unbiased = (gaps > teacher.unsure_margin) | (rng.uniform(size=len(pairs)) < 0.5)
-    ideal = [world.ideal_rater_reward(world.required_words(p["prompt"]), p["chosen"], config)
-             > world.ideal_rater_reward(world.required_words(p["prompt"]), p["rejected"], config)
-             for p in pairs]
     return {
         "random": 0.25,
         "always_longer": float(np.mean(sides == 1)),
@@ -106,5 +112,5 @@ def baselines(pairs: Sequence[dict], config: world.WorldConfig, teacher: teacher
         "teacher": report(pairs, *teacher_texts(pairs, seed, teacher),
                           config.rubric)["accuracy_both"],
         "teacher_without_position_bias": float(unbiased.mean()),
-        "ideal_rater_rm": float(np.mean(ideal)),
+        "ideal_rater_rm": ideal_rater_accuracy(pairs, config),
     }
