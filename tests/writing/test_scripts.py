@@ -217,3 +217,24 @@ def test_a_bad_stage_section_is_named_before_any_work(tmp_path):
     with pytest.raises(RuntimeError, match=r"stage genrm .* failed with exit status 2: .*stepz"):
         writing_zero.main(["--config", str(bad)])
     assert not (tmp_path / "run" / "seed_0" / "world").exists()
+
+
+def test_finished_stages_are_not_run_again_and_a_changed_one_is(tmp_path, monkeypatch):
+    """main runs each stage once per seed; a rerun skips the stages that finished with the same
+    config (`<stage>.done`), reruns a stage whose config changed, and runs a new seed's all."""
+    calls = []
+    monkeypatch.setattr(writing_zero, "run_stage", lambda stage, path, check=False:
+                        None if check else calls.append((path.parent.name, stage)))
+    monkeypatch.setattr(writing_zero, "seed_summary", lambda cfg, folder, seed: {"x": seed})
+    monkeypatch.setattr(writing_zero, "plot", lambda cfg, out, seeds: None)
+    args = ["--config", str(SMALL), f"out_dir={tmp_path}", "seeds=1"]
+    writing_zero.main(args)
+    assert calls == [("seed_0", s) for s in writing_zero.STAGES]
+    calls.clear()
+    writing_zero.main(args)
+    assert calls == []
+    done = tmp_path / "seed_0" / "genrm.done"
+    done.write_text(done.read_text().replace("seed: 0", "seed: 9"))   # finished another way
+    writing_zero.main([*args[:-1], "seeds=2"])
+    assert calls == [("seed_0", "genrm")] + [("seed_1", s) for s in writing_zero.STAGES]
+    assert json.loads((tmp_path / "summary.json").read_text())["x"] == [0, 1]
