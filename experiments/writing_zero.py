@@ -21,7 +21,8 @@ this config, seed s and the folders of the stages before it; a rerun resumes eve
                                                   quality
 
 Every stage config is checked (`--check`) before anything runs. Writes config.yaml, log.txt,
-summary.json and curves.png:
+summary.json, tables.md (`tables`: the headline figures as mean +- std over seeds) and
+curves.png:
 
   seeds
   baselines   {random, always_longer, always_shorter, teacher, teacher_without_position_bias}:
@@ -216,6 +217,32 @@ def spreads(tree: Any) -> Any:
     return results.spread(tree)
 
 
+def tables(spread: dict) -> str:
+    """The headline figures as two Markdown tables, mean +- sample std over seeds: the judges'
+    accuracy on the true-quality pairs, and the writers at the end of training."""
+    def cell(s: dict, scale: float = 1.0, digits: int = 1) -> str:
+        return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
+
+    judges = [(f"baseline: {name}", spread["baselines"][name]) for name in spread["baselines"]]
+    judges += [("scalar RM (rater labels), one comparison", spread["scalar_rm"]
+                ["true_pair_accuracy"]),
+               ("scalar RM (teacher labels), one comparison", spread["teacher_rm"]
+                ["true_pair_accuracy"]),
+               ("GenRM cold start, both orders", spread["genrm_cold_start"]
+                ["both_orders_accuracy"]),
+               ("GenRM after GRPO, both orders", spread["genrm"]["both_orders_accuracy"])]
+    lines = ["| judge | accuracy on the true-quality pairs (%) |", "|---|---|"]
+    lines += [f"| {name} | {cell(s, 100)} |" for name, s in judges]
+    lines += ["", "| writer | " + " | ".join(WRITER_MEASURES) + " | quality at matched KL |",
+              "|---|" + "---|" * (len(WRITER_MEASURES) + 1)]
+    for method, figures in spread["writers"].items():
+        matched = spread["matched_kl"].get(method, {}).get("quality")
+        lines.append(f"| {method} | " + " | ".join(cell(figures[k], digits=3 if k in (
+            "distinct_bigrams", "kl") else 2) for k in WRITER_MEASURES)
+            + f" | {cell(matched, digits=2) if matched else ''} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(cfg: Config, out: pathlib.Path, seeds: list[int]) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -261,6 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"seeds": seeds, **gather(per_seed)}
     summary["spread"] = spreads({k: v for k, v in summary.items() if k != "seeds"})
     results.write_json(out / "summary.json", summary)
+    results.write_text(out / "tables.md", tables(summary["spread"]))
+    log.info("over seeds %s:\n%s", seeds, tables(summary["spread"]))
     plot(cfg, out, seeds)
     log.info("wrote %s", out / "summary.json")
     return summary
