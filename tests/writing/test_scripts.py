@@ -227,6 +227,7 @@ def test_finished_stages_are_not_run_again_and_a_changed_one_is(tmp_path, monkey
                         None if check else calls.append((path.parent.name, stage)))
     monkeypatch.setattr(writing_zero, "seed_summary", lambda cfg, folder, seed: {"x": seed})
     monkeypatch.setattr(writing_zero, "plot", lambda cfg, out, seeds: None)
+    monkeypatch.setattr(writing_zero, "tables", lambda spread: "")
     args = ["--config", str(SMALL), f"out_dir={tmp_path}", "seeds=1"]
     writing_zero.main(args)
     assert calls == [("seed_0", s) for s in writing_zero.STAGES]
