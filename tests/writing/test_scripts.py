@@ -239,3 +239,18 @@ def test_finished_stages_are_not_run_again_and_a_changed_one_is(tmp_path, monkey
     writing_zero.main([*args[:-1], "seeds=2"])
     assert calls == [("seed_0", "genrm")] + [("seed_1", s) for s in writing_zero.STAGES]
     assert json.loads((tmp_path / "summary.json").read_text())["x"] == [0, 1]
+
+
+def test_the_tables_show_mean_and_std_over_seeds():
+    seed = {"baselines": {"random": 0.25}, "scalar_rm": {"true_pair_accuracy": 0.5},
+            "teacher_rm": {"true_pair_accuracy": 0.7},
+            "genrm_cold_start": {"both_orders_accuracy": 0.6},
+            "genrm": {"both_orders_accuracy": 0.7},
+            "writers": {"start": dict.fromkeys(writing_zero.WRITER_MEASURES, 1.0)},
+            "matched_kl": {}}
+    other = json.loads(json.dumps(seed))
+    other["genrm"]["both_orders_accuracy"] = 0.8
+    text = writing_zero.tables(writing_zero.spreads(writing_zero.gather([seed, other])))
+    assert "| GenRM after GRPO, both orders | 75.0 ± 7.1 |" in text       # sqrt(0.005) = 7.1%
+    assert ("| start | 1.00 ± 0.00 | 1.00 ± 0.00 | 1.00 ± 0.00 | 1.000 ± 0.000 | 1.000 ± 0.000 "
+            "|  |") in text
