@@ -110,3 +110,28 @@ def test_configs_that_other_configs_run_load_with_the_overrides_they_get(monkeyp
                                         "problems=x/model/problems.jsonl", f"seed={seed}"])
         elif module.__name__ == "train_grpo":
             config_lib.load_config(train_arithmetic.Config, cfg.model_config, ["out_dir=x"])
+
+
+def test_check_validates_and_exits_without_running(capsys):
+    """`--check` parses the config as a run would, then exits 0; a bad key still exits 2 with
+    the key named."""
+    import writing_zero
+    path = ROOT / "configs/writing_zero/small.yaml"
+    with pytest.raises(SystemExit) as stop:
+        config_lib.from_command_line(writing_zero.Config, ["--config", str(path), "--check"])
+    assert stop.value.code == 0 and "a valid config" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        config_lib.from_command_line(writing_zero.Config,
+                                     ["--config", str(path), "--check", "seedz=2"])
+    assert stop.value.code == 2 and "seedz" in capsys.readouterr().err
+
+
+def test_from_mapping_fills_a_schema_and_names_where_a_key_does_not_fit():
+    from jaxlab.writing import world
+    got = config_lib.from_mapping(world.WorldConfig, {"label_noise": 0.2,
+                                                      "rubric": {"slack": 2}}, "world.task")
+    assert got.label_noise == 0.2 and got.rubric == world.Rubric(slack=2)
+    with pytest.raises(config_lib.ConfigError, match=r"world.task: .*noise"):
+        config_lib.from_mapping(world.WorldConfig, {"noise": 0.2}, "world.task")
+    with pytest.raises(config_lib.ConfigError, match=r"world.task: WorldConfig.label_noise"):
+        config_lib.from_mapping(world.WorldConfig, {"label_noise": 2.0}, "world.task")
