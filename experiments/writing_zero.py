@@ -60,7 +60,7 @@ import numpy as np
 import yaml
 
 from jaxlab import config as config_lib
-from jaxlab import results
+from jaxlab import jsonl, results
 from jaxlab.rl import reward_model
 from jaxlab.writing import judging, teacher, world
 
@@ -73,7 +73,6 @@ SCRIPTS = {"world": "writing_world.py", "rm": "train_reward_model.py",
            "writer": "train_writer.py"}
 WRITERS = ("brpo_genrm", "brpo_teacher", "grpo_scalar_rm", "grpo_ideal_rm", "grpo_true")
 WRITER_MEASURES = ("quality", "words", "redundant_words", "distinct_bigrams", "kl")
-CURVES = ("quality", "words", "redundant_words", "distinct_bigrams", "kl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +136,8 @@ def write_stage_configs(cfg: Config, seed: int, folder: pathlib.Path) -> dict[st
 
 
 def metrics(path: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """A stage's metrics.jsonl records (a bad line is an error naming file:line)."""
+    return jsonl.resume_records(path)
 
 
 def smooth(values: np.ndarray, width: int = 5) -> np.ndarray:
@@ -248,11 +248,11 @@ def plot(cfg: Config, out: pathlib.Path, seeds: list[int]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.5))
+    fig, axes = plt.subplots(1, len(WRITER_MEASURES), figsize=(4 * len(WRITER_MEASURES), 3.5))
     for method in WRITERS:
         runs = [metrics(out / f"seed_{s}" / "writer" / method / "metrics.jsonl") for s in seeds]
         length = min(len(r) for r in runs)
-        for ax, name in zip(axes, CURVES, strict=True):
+        for ax, name in zip(axes, WRITER_MEASURES, strict=True):
             values = np.asarray([[row[name] for row in r[:length]] for r in runs])
             x = np.arange(length)
             line, = ax.plot(x, values.mean(0), label=method)

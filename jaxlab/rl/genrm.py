@@ -20,6 +20,7 @@ import math
 import re
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -446,11 +447,11 @@ def twin_rows(prompts: Sequence) -> np.ndarray:
         require(isinstance(prompt.data, Shown), f"prompt {i}: a consistency reward needs data "
                 f"genrm.Shown(preferred, pair), got {prompt.data!r}")
         rows.setdefault(prompt.data.pair, {})[prompt.data.preferred] = i
+    shown = Counter(p.data.pair for p in prompts)
     twins = np.zeros(len(prompts), np.int64)
     for i, prompt in enumerate(prompts):
         orders = rows[prompt.data.pair]
-        require(sorted(orders) == [0, 1] and sum(p.data.pair == prompt.data.pair
-                                                for p in prompts) == 2,
+        require(sorted(orders) == [0, 1] and shown[prompt.data.pair] == 2,
                 f"pair {prompt.data.pair} must be shown once in each order in a batch")
         twins[i] = orders[1 - prompt.data.preferred]
     return twins
