@@ -14,11 +14,11 @@ import argparse
 import pathlib
 
 import numpy as np
-from timing import best_of
 
 from jaxlab import results
 from jaxlab.limit import data
 from jaxlab.models import hf
+from jaxlab.timing import best_of
 
 
 def main() -> dict:

@@ -20,13 +20,13 @@ import tempfile
 
 import jax
 import numpy as np
-from timing import best_of
 
 from jaxlab import results
 from jaxlab.deepconf import arithmetic, online, prompts, voting
 from jaxlab.deepconf.problems import load_problems
 from jaxlab.models import hf, zoo
 from jaxlab.sampling.sampler import SamplingConfig
+from jaxlab.timing import best_of
 
 
 def _model_and_prompts(path: pathlib.Path, count: int):

@@ -16,10 +16,10 @@ import pathlib
 
 import jax
 import numpy as np
-from timing import best_of
 
 from jaxlab import parallel, results
 from jaxlab.limit import retrieval
+from jaxlab.timing import best_of
 
 
 def numpy_top_k(queries: np.ndarray, docs: np.ndarray, k: int) -> np.ndarray:

@@ -2,12 +2,12 @@
 `GRPOTrainer` (PyTorch, transformers `generate`, no vLLM) on the same model, prompts, group size,
 lengths, loss and optimizer, in one run of this script.
 
-    python experiments/bench_rl_step.py [--size cpu|gpu] [--iterations N] [--torch-threads N ..]
+    python experiments/bench_rl_step.py [--size cpu|gpu] [--steps N] [--torch-threads N ..]
 
 cpu: the arithmetic model (`results/arithmetic_model`, a Qwen3-architecture folder with its
 tokenizer, from experiments/train_arithmetic.py), float32. gpu: the Qwen3-0.6B shape (random
 weights, the arithmetic tokenizer: rewards are mostly 0, which costs the same), float32 master
-weights with bfloat16 compute. Both sides: 16 arithmetic problems per iteration (the same
+weights with bfloat16 compute. Both sides: 16 arithmetic problems per step (the same
 problems in the same order, `arithmetic.make_problems`), G = 8 samples each at temperature 1
 (no top-k/top-p), at most 56 new tokens, stop at EOS; reward 1 for the exact boxed answer
 (`arithmetic.grade`); GRPO advantages; one optimizer step over all 16 x 8 completions with the
@@ -24,10 +24,10 @@ step), where TRL pads to the longest. With the KL weight 0 neither side computes
 log-probs.
 
 Timed, on both sides (the statistic a user lives first):
-- run: the wall time of the whole run of `--iterations` iterations (default 50), from loading the
+- run: the wall time of the whole run of `--steps` steps (default 50), from loading the
   model to the end of the last update, compilation and warm-up included, response lengths as they
   come (ours compiles a new step for each new response width);
-- steady state: the median seconds per iteration over the second half of the run;
+- steady state: the median seconds per step over the second half of the run;
 - rollout tokens/s: generated tokens over the seconds spent in rollouts, over the whole run.
 Each with the rollout / update split (ours: the loop's own rollout_seconds and train_seconds; TRL:
 `_generate_and_score_completions` timed inside the step). Ratios are TRL's seconds over ours (> 1:
@@ -62,22 +62,23 @@ TERMS, SEED = 4, 1
 EOS = arithmetic.VOCAB.index(arithmetic.EOS)
 
 
-def loop_config(iterations: int) -> loop.LoopConfig:
+def loop_config(steps: int) -> loop.LoopConfig:
     return loop.LoopConfig(
-        iterations=iterations, prompts=PROMPTS, group_size=GROUP,
+        steps=steps, prompts=PROMPTS, group_size=GROUP, temperature=1.0,
         max_prompt_tokens=PROMPT_TOKENS, max_new_tokens=NEW_TOKENS, stop_ids=(EOS,),
         advantage="grpo", dynamic_sampling=False, ppo_epochs=1, minibatches=1,
         checkpoint_every=10 ** 6,
-        train=train.TrainConfig(learning_rate=LEARNING_RATE, weight_decay=0.0, max_grad_norm=1.0,
-                                temperature=1.0, loss=losses.PolicyLossConfig(
-                                    clip_low=0.2, clip_high=0.2, kl_coef=0.0)))
+        train=train.TrainConfig(
+            optimizer=train.OptimizerConfig(learning_rate=LEARNING_RATE, weight_decay=0.0,
+                                            max_grad_norm=1.0),
+            loss=losses.PolicyLossConfig(clip_low=0.2, clip_high=0.2, kl_coef=0.0)))
 
 
-def trl_settings(iterations: int, out_dir: str, bf16: bool, use_cpu: bool) -> dict:
+def trl_settings(steps: int, out_dir: str, bf16: bool, use_cpu: bool) -> dict:
     """GRPOConfig fields matching `loop_config`: one optimizer step per generation batch of
     PROMPTS x GROUP completions."""
     return dict(
-        output_dir=out_dir, max_steps=iterations, num_generations=GROUP,
+        output_dir=out_dir, max_steps=steps, num_generations=GROUP,
         per_device_train_batch_size=PROMPTS * GROUP, gradient_accumulation_steps=1,
         steps_per_generation=1, num_iterations=1, max_completion_length=NEW_TOKENS,
         temperature=1.0, top_p=1.0, top_k=0, beta=0.0, epsilon=0.2, loss_type="dapo",
@@ -99,27 +100,27 @@ def exact_reward(prompts, responses, truncated):
                        for p, group in zip(prompts, responses, strict=True)])
 
 
-def run_ours(path: pathlib.Path, problems, iterations: int, compute: str,
+def run_ours(path: pathlib.Path, problems, steps: int, compute: str,
              out_dir: pathlib.Path) -> tuple[list[dict], float]:
-    """(metrics.jsonl records of `iterations` iterations of loop.run, the run's wall seconds
+    """(metrics.jsonl records of `steps` steps of loop.run, the run's wall seconds
     from loading the model)."""
     start = time.perf_counter()
     policy = hf.load_pretrained(path, dtype="float32", activation_dtype=compute)
     calls = itertools.count()
 
-    def prompt_fn(key, count):  # the next `count` problems (no refills: one call an iteration)
+    def prompt_fn(key, count):  # the next `count` problems (no refills: one call a step)
         i = next(calls)
         return [loop.Prompt(tuple(arithmetic.encode(p.prompt)), p.answer)
                 for p in problems[i * count:(i + 1) * count]]
 
-    loop.run(policy, prompt_fn, exact_reward, loop_config(iterations), out_dir,
+    loop.run(policy, prompt_fn, exact_reward, loop_config(steps), out_dir,
              key=jax.random.key(0))
     seconds = time.perf_counter() - start
     return ([json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()],
             seconds)
 
 
-def run_trl(path: pathlib.Path, problems, iterations: int, compute: str, out_dir: pathlib.Path,
+def run_trl(path: pathlib.Path, problems, steps: int, compute: str, out_dir: pathlib.Path,
             threads: int) -> tuple[list[dict], float]:
     """(per optimizer step: seconds, rollout seconds and TRL's logged metrics; the run's wall
     seconds from loading the model)."""
@@ -131,7 +132,7 @@ def run_trl(path: pathlib.Path, problems, iterations: int, compute: str, out_dir
     torch.set_num_threads(threads)
     start = time.perf_counter()
     cuda = torch.cuda.is_available()
-    args = GRPOConfig(**trl_settings(iterations, str(out_dir), bf16=compute == "bfloat16",
+    args = GRPOConfig(**trl_settings(steps, str(out_dir), bf16=compute == "bfloat16",
                                      use_cpu=not cuda))
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, padding_side="left")
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -142,44 +143,44 @@ def run_trl(path: pathlib.Path, problems, iterations: int, compute: str, out_dir
         return [float(arithmetic.grade(c, a)[0]) for c, a in zip(completions, answer,
                                                                   strict=True)]
 
-    steps: list[dict] = []
+    timed: list[dict] = []
 
     class Timed(GRPOTrainer):
         def _generate_and_score_completions(self, *a, **k):
             start = time.perf_counter()
             out = super()._generate_and_score_completions(*a, **k)
-            steps[-1]["rollout_seconds"] = time.perf_counter() - start
+            timed[-1]["rollout_seconds"] = time.perf_counter() - start
             return out
 
     class StepTimes(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            steps.append({"start": time.perf_counter()})
+            timed.append({"start": time.perf_counter()})
 
         def on_step_end(self, args, state, control, **kwargs):
-            steps[-1]["seconds"] = time.perf_counter() - steps[-1].pop("start")
+            timed[-1]["seconds"] = time.perf_counter() - timed[-1].pop("start")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if steps and logs and "loss" in logs:  # not the summary at the end
-                steps[-1]["logs"] = dict(logs)
+            if timed and logs and "loss" in logs:  # not the summary at the end
+                timed[-1]["logs"] = dict(logs)
 
     trainer = Timed(model=model, reward_funcs=exact_answer, args=args, train_dataset=dataset,
                     processing_class=tokenizer, callbacks=[StepTimes()])
     trainer.train()
     seconds = time.perf_counter() - start
-    for s in steps:
+    for s in timed:
         s["train_seconds"] = s["seconds"] - s["rollout_seconds"]
         s["response_length"] = s.get("logs", {}).get("completions/mean_length", np.nan)
-    return steps, seconds
+    return timed, seconds
 
 
 def summary(records: list[dict], run_s: float, total: str | None) -> dict:
-    """The run's wall seconds; the median seconds per iteration over its second half (steady
-    state) with the rollout / update medians; the first iteration; rollout tokens/s over the
+    """The run's wall seconds; the median seconds per step over its second half (steady
+    state) with the rollout / update medians; the first step; rollout tokens/s over the
     run (PROMPTS x GROUP x mean response length, over the rollout seconds)."""
     seconds = [r[total] if total else r["rollout_seconds"] + r["train_seconds"] for r in records]
     steady = records[len(records) // 2:]
     tokens = sum(PROMPTS * GROUP * r["response_length"] for r in records)
-    return {"iterations": len(records), "run_s": run_s, "first_s": seconds[0],
+    return {"steps": len(records), "run_s": run_s, "first_s": seconds[0],
             "steady_median_s": float(np.median(seconds[len(records) // 2:])),
             "steady_rollout_median_s": float(np.median([r["rollout_seconds"] for r in steady])),
             "steady_update_median_s": float(np.median([r["train_seconds"] for r in steady])),
@@ -202,7 +203,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default=None,
                         help="model size (default: gpu on a GPU, else cpu)")
-    parser.add_argument("--iterations", type=int, default=50, help="iterations per side")
+    parser.add_argument("--steps", type=int, default=50, help="steps per side")
     parser.add_argument("--out", default=None,
                         help="JSON file (default: results/bench_rl_step/<size>.json)")
     parser.add_argument("--torch-threads", type=int, nargs="+", default=None,
@@ -212,15 +213,15 @@ def main() -> None:
     name = args.size or ("gpu" if jax.default_backend() == "gpu" else "cpu")
     size = SIZES[name]
     out = pathlib.Path(args.out or f"results/bench_rl_step/{name}.json")
-    config = loop_config(args.iterations)
-    settings = trl_settings(args.iterations, "unused", bf16=size["compute"] == "bfloat16",
+    config = loop_config(args.steps)
+    settings = trl_settings(args.steps, "unused", bf16=size["compute"] == "bfloat16",
                             use_cpu=name == "cpu")
     if name == "gpu" and jax.default_backend() != "gpu":
         print(f"--size gpu needs a GPU (JAX backend: {jax.default_backend()}); built the loop "
               f"config ({config.prompts} x {config.group_size}, {config.max_new_tokens} new "
               f"tokens) and {len(settings)} GRPOConfig fields; skipped")
         return
-    problems = arithmetic.make_problems(PROMPTS * args.iterations, TERMS, SEED)
+    problems = arithmetic.make_problems(PROMPTS * args.steps, TERMS, SEED)
     # On a busy CPU one thread can beat one per core (spinning OpenMP workers); on a GPU the
     # thread count hardly matters: one run.
     threads = sorted(set(args.torch_threads or [len(os.sched_getaffinity(0)), 1]),
@@ -233,8 +234,8 @@ def main() -> None:
         else:
             path = pathlib.Path(size["model"])
             wait_for_model(path)
-        ours, ours_s = run_ours(path, problems, args.iterations, size["compute"], work / "ours")
-        theirs = {n: run_trl(path, problems, args.iterations, size["compute"],
+        ours, ours_s = run_ours(path, problems, args.steps, size["compute"], work / "ours")
+        theirs = {n: run_trl(path, problems, args.steps, size["compute"],
                              work / f"trl{n}", n) for n in threads}
     mine = summary(ours, ours_s, None)
     trl = {n: summary(steps, run_s, "seconds") for n, (steps, run_s) in theirs.items()}
@@ -244,9 +245,9 @@ def main() -> None:
     rewards = (float(np.mean([r["reward_mean"] for r in ours])),
                float(np.mean([s.get("logs", {}).get("reward", np.nan)
                               for s in theirs[best][0]])))
-    print(f"GRPO run of {args.iterations} iterations, {path} ({size['compute']} compute), "
+    print(f"GRPO run of {args.steps} steps, {path} ({size['compute']} compute), "
           f"{PROMPTS} prompts x G={GROUP}, <= {NEW_TOKENS} new tokens, temperature 1, one "
-          f"optimizer step per iteration, on {device}")
+          f"optimizer step per RL step, on {device}")
     print(f"mean reward: ours {rewards[0]:.3f}, TRL {rewards[1]:.3f}")
     print(f"{'':28s} {'run s':>8s} {'ratio':>6s} {'1st it s':>8s} {'steady s/it':>11s} "
           f"{'ratio':>6s} {'rollout':>8s} {'update':>7s} {'rollout tok/s':>13s}")
@@ -264,11 +265,11 @@ def main() -> None:
     results.write_json(out, {
         "size": name, "device": device, "model": str(path), "compute_dtype": size["compute"],
         "prompts": PROMPTS, "group_size": GROUP, "max_new_tokens": NEW_TOKENS,
-        "iterations": args.iterations, "loop_config": repr(config), "trl_config": settings,
+        "steps": args.steps, "loop_config": repr(config), "trl_config": settings,
         "ours": mine, "trl_by_threads": trl, "trl_threads": best,
         "run_ratio": base["run_s"] / mine["run_s"],
         "steady_ratio": base["steady_median_s"] / mine["steady_median_s"],
-        "ours_iterations": ours, "trl_steps_by_threads": {n: s for n, (s, _) in theirs.items()}})
+        "ours_steps": ours, "trl_steps_by_threads": {n: s for n, (s, _) in theirs.items()}})
     print(f"wrote {out}")
 
 

@@ -45,12 +45,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from timing import best_of
 
 from jaxlab import aot, parallel, results
 from jaxlab.models import hf, zoo
 from jaxlab.models.decoder import REMAT_POLICIES, Decoder, DecoderConfig
 from jaxlab.rl import losses, train
+from jaxlab.timing import best_of
 
 # cpu: a small Qwen3 in float32; gpu: the released Qwen3-0.6B shape, float32 master weights and
 # bfloat16 compute. `tolerance`: the relative gap allowed between the two sides' first steps.
@@ -62,9 +62,10 @@ SIZES = {
     "gpu": dict(size="released", compute="bfloat16", batch=8, seq=1024, tolerance=2e-2,
                 overrides={}),
 }
-CONFIG = train.TrainConfig(learning_rate=1e-5, weight_decay=0.0, max_grad_norm=1.0,
-                           temperature=1.0, loss=losses.PolicyLossConfig(clip_low=0.2,
-                                                                         clip_high=0.2))
+CONFIG = train.TrainConfig(
+    optimizer=train.OptimizerConfig(learning_rate=1e-5, weight_decay=0.0, max_grad_norm=1.0),
+    loss=losses.PolicyLossConfig(clip_low=0.2, clip_high=0.2))
+TEMPERATURE = 1.0
 # Dense bfloat16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' data sheets:
 # H100 SXM and H200 989.4, A100 312. The MFU of a step is 6 x parameters x tokens/s / peak
 # (attention scores and the embedding lookup are not counted).
@@ -81,7 +82,7 @@ def make_batch(graphdef, params, batch: int, seq: int, vocab: int) -> train.Poli
     ends = rng.integers(seq // 2, seq + 1, batch)                                    # [B]
     t = np.arange(seq)
     loss_mask = (t >= seq // 4) & (t < ends[:, None])                               # [B, T]
-    logp = train.policy_logprobs(graphdef, params, tokens, temperature=CONFIG.temperature,
+    logp = train.policy_logprobs(graphdef, params, tokens, temperature=TEMPERATURE,
                                  chunk=CONFIG.logprob_chunk)                         # [B, T]
     noise = jnp.asarray(rng.normal(0, 0.1, tokens.shape), jnp.float32)
     return train.PolicyBatch(tokens=tokens, mask=jnp.ones(tokens.shape, jnp.int32),
@@ -92,7 +93,7 @@ def make_batch(graphdef, params, batch: int, seq: int, vocab: int) -> train.Poli
 
 def bench_ours(model: Decoder, batch: train.PolicyBatch, repeats: int) -> dict:
     """First two steps' metrics, then seconds per step."""
-    graphdef, state = train.init_train_state(model, CONFIG, jax.random.key(0))
+    graphdef, state = train.init_train_state(model, CONFIG.optimizer, jax.random.key(0))
     mesh = parallel.single_device_mesh()
     box = {"state": state}
 
@@ -118,7 +119,7 @@ def bench_torch(path: pathlib.Path, batch: train.PolicyBatch, compute: str, repe
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=CONFIG.learning_rate,
+    optimizer = torch.optim.AdamW(model.parameters(), lr=CONFIG.optimizer.learning_rate,
                                   betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=CONFIG.weight_decay)
     b = {k: torch.from_numpy(np.array(v)).to(device) for k, v in batch._asdict().items()}
@@ -130,7 +131,7 @@ def bench_torch(path: pathlib.Path, batch: train.PolicyBatch, compute: str, repe
     def step():
         with torch.autocast(device, dtype=torch.bfloat16, enabled=compute == "bfloat16"):
             logits = model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1]).logits
-        logp_all = torch.log_softmax(logits.float() / CONFIG.temperature, dim=-1)  # [B, T-1, V]
+        logp_all = torch.log_softmax(logits.float() / TEMPERATURE, dim=-1)  # [B, T-1, V]
         logp = logp_all.gather(-1, targets[..., None])[..., 0]
         ratio = torch.exp(logp - old)
         per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, low, high) * adv)

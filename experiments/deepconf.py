@@ -18,16 +18,12 @@ import sys
 import time
 
 import jax
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 from tqdm import tqdm
 
 from jaxlab import arrays, jsonl, results
 from jaxlab import config as config_lib
-from jaxlab.deepconf import answers, online, prompts, voting
+from jaxlab.deepconf import answers, online, plots, prompts, voting
 from jaxlab.deepconf.problems import load_problems
 from jaxlab.models import hf
 from jaxlab.sampling import sampler
@@ -254,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
     by_id = {record["id"]: record for record in jsonl.resume_records(path)}
     summary = summarize([by_id[p.id] for p in problems], cfg)
     results.write_json(out / "summary.json", summary)
-    plot(summary, out / "accuracy_vs_tokens.png")
+    plots.accuracy_vs_tokens(summary, out / "accuracy_vs_tokens.png")
     print(table(summary))
     return summary
 
@@ -319,36 +315,6 @@ def table(summary: dict) -> str:
                      f"traces {row['launched']:.1f} ({row['stopped']:.1f} stopped)  "
                      f"{row['seconds']:.2f} s ({100 * row['seconds_saved']:+.1f}% saved)")
     return "\n".join(lines)
-
-
-def plot(summary: dict, path, ylabel: str = "accuracy (%)") -> None:
-    """Accuracy against mean tokens per problem: every offline method over the K values, each
-    online rule as a star. A figure is a number, or a {"mean", "std"} spread over runs
-    (experiments/deepconf_seeds.py), drawn with one std as error bars."""
-    def mean_std(x):
-        return (x["mean"], x["std"]) if isinstance(x, dict) else (x, 0.0)
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    offline = list(summary["offline"].values())
-    tokens = [mean_std(row["tokens"])[0] for row in offline]
-    for name in (n for n in offline[0] if n != "tokens"):
-        mean, std = zip(*(mean_std(row[name]) for row in offline), strict=True)
-        ax.errorbar(tokens, 100 * np.asarray(mean), yerr=100 * np.asarray(std), fmt="o-",
-                    capsize=3, label=name, alpha=0.8)
-    for rule, row in summary["online"].items():
-        (tokens_mean, tokens_std), (accuracy, accuracy_std) = map(
-            mean_std, (row["tokens"], row["accuracy"]))
-        ax.errorbar([tokens_mean], [100 * accuracy], xerr=[tokens_std],
-                    yerr=[100 * accuracy_std], fmt="*", markersize=14, capsize=3,
-                    label=f"online {rule}")
-    ax.set_xscale("log")
-    ax.set_xlabel("mean tokens per problem")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    results.save_figure(fig, path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

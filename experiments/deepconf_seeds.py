@@ -23,10 +23,9 @@ import pathlib
 import subprocess
 import sys
 
-import deepconf  # experiments/deepconf.py, beside this script
-
 from jaxlab import config as config_lib
 from jaxlab import results
+from jaxlab.deepconf import plots
 from jaxlab.results import spread
 
 log = logging.getLogger("jaxlab")
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"seeds": list(cfg.seeds), "greedy_accuracy": spread(greedy),
                **aggregate(summaries)}
     results.write_json(out / "summary.json", summary)
-    deepconf.plot(summary, out / "accuracy_vs_tokens.png",
+    plots.accuracy_vs_tokens(summary, out / "accuracy_vs_tokens.png",
                   ylabel=f"accuracy (%), mean ± std over {len(cfg.seeds)} seeds")
     print(table(summary))
     return summary

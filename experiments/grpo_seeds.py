@@ -2,7 +2,8 @@
 from a clean checkout to the reported test figure.
 
     python experiments/grpo_seeds.py --config configs/rl/arithmetic_cpu.yaml \
-        --sweep loop.train.learning_rate=1e-5,3e-5,1e-4 --seeds 0 1 2 [--parallel 2] [key=value ...]
+        --sweep loop.train.optimizer.learning_rate=1e-5,3e-5,1e-4 --seeds 0 1 2 \
+        [--parallel 2] [key=value ...]
 
 1. Sweep: `experiments/train_grpo.py` with the first seed for each value of the swept setting
    (the arithmetic model is trained first when absent); the value with the best greedy accuracy

@@ -157,9 +157,9 @@ def plot(sft_records: list[dict], rl_records: list[dict], path: pathlib.Path) ->
     axes[0].set_title("cold-start SFT loss")
     axes[0].set_xlabel("step")
     for ax, name in zip(axes[1:], ("reward_mean", "accuracy", "format_failure"), strict=True):
-        ax.plot([r["iteration"] for r in rl_records], [r[name] for r in rl_records])
+        ax.plot([r["step"] for r in rl_records], [r[name] for r in rl_records])
         ax.set_title(f"GRPO {name}")
-        ax.set_xlabel("iteration")
+        ax.set_xlabel("step")
     fig.tight_layout()
     results.save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -9,17 +9,15 @@ answer with 1 (+ `format_reward` for any boxed answer), and trains with GRPO. No
 one of the model's held-out problems. Greedy accuracy is measured before and after, in the same
 run, on the model's validation set (`validation.jsonl`: what settings are chosen on) and its test
 set (`problems.jsonl`: what is reported). Writes config.yaml, log.txt, metrics.jsonl (one line
-per iteration), summary.json, curves.png, checkpoints/ and policy/ (the trained policy as a
+per step), summary.json, curves.png, checkpoints/ and policy/ (the trained policy as a
 Hugging Face folder with its tokenizer); a rerun resumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pathlib
-import sys
 import time
 
 import jax
@@ -27,8 +25,8 @@ import numpy as np
 from flax import nnx
 
 from jaxlab import config as config_lib
-from jaxlab import parallel, results
-from jaxlab.deepconf import arithmetic
+from jaxlab import jsonl, parallel, results
+from jaxlab.deepconf import arithmetic, arithmetic_model
 from jaxlab.deepconf.problems import load_problems
 from jaxlab.models import hf
 from jaxlab.rl import loop
@@ -60,7 +58,7 @@ class Config:
 
 
 def prompt_fn(terms: int, pool: int = 0, seed: int = 0, held_out: frozenset[str] = frozenset()):
-    """Problems drawn from the key, a function of (run key, iteration, round) only: fresh ones,
+    """Problems drawn from the key, a function of (run key, step, round) only: fresh ones,
     or `count` of a fixed pool of `pool` problems (without replacement). A problem whose prompt
     is in `held_out` is never drawn (nor put in the pool)."""
     problems = None
@@ -96,10 +94,10 @@ def plot(records: list[dict], path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    x = [r["iteration"] for r in records]
+    x = [r["step"] for r in records]
     for ax, name in zip(axes, ("reward_mean", "accuracy", "response_length"), strict=True):
         ax.plot(x, [r[name] for r in records])
-        ax.set_xlabel("iteration")
+        ax.set_xlabel("step")
         ax.set_title(name)
     fig.tight_layout()
     results.save_figure(fig, path, dpi=120)
@@ -117,9 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
     model_dir = pathlib.Path(cfg.model)
     if not (model_dir / "config.json").exists():
         log.info("no model at %s: training it with %s", model_dir, cfg.model_config)
-        sys.path.insert(0, str(pathlib.Path(__file__).parent))
-        import train_arithmetic
-        train_arithmetic.main(["--config", cfg.model_config, f"out_dir={model_dir}"])
+        model_cfg = config_lib.load_config(arithmetic_model.Config, cfg.model_config,
+                                           [f"out_dir={model_dir}"])
+        arithmetic_model.train(model_cfg, results.open_run(model_dir, model_cfg))
         results.open_run(cfg.out_dir, cfg)  # log to this run's folder again
     policy = hf.load_pretrained(model_dir, dtype="float32", activation_dtype=cfg.compute_dtype)
     missing = [name for name in arithmetic.HELD_OUT_FILES.values()
@@ -146,10 +144,10 @@ def main(argv: list[str] | None = None) -> dict:
     hf.save_pretrained(trained, out / "policy", eos_token_id=eos,
                        pad_token_id=arithmetic.VOCAB.index(arithmetic.PAD))
     arithmetic.save_tokenizer(out / "policy")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = jsonl.resume_records(out / "metrics.jsonl")
     summary.update({
         "after": accuracies(trained, held_out, cfg.loop.max_new_tokens),
-        "iterations": cfg.loop.iterations, "optimizer_steps": int(state.step),
+        "steps": cfg.loop.steps, "optimizer_steps": int(state.step),
         "seconds_this_run": seconds,
         "rollout_seconds": sum(r["rollout_seconds"] for r in records),
         "train_seconds": sum(r["train_seconds"] for r in records),
@@ -159,10 +157,10 @@ def main(argv: list[str] | None = None) -> dict:
     results.write_json(out / "summary.json", summary)
     plot(records, out / "curves.png")
     log.info("greedy accuracy on test %.3f -> %.3f (error reduced by %.0f%%), on validation "
-             "%.3f -> %.3f, after %d iterations; rollout %.0f s, train %.0f s",
+             "%.3f -> %.3f, after %d steps; rollout %.0f s, train %.0f s",
              summary["before"]["test"], summary["after"]["test"],
              100 * summary["test_error_reduction"], summary["before"]["validation"],
-             summary["after"]["validation"], cfg.loop.iterations, summary["rollout_seconds"],
+             summary["after"]["validation"], cfg.loop.steps, summary["rollout_seconds"],
              summary["train_seconds"])
     return summary
 

@@ -23,14 +23,14 @@ Methods (`methods`):
   grpo_ideal_rm   the ideal rater-RM's reward (`world.ideal_rater_reward`: what a reward model
                   of the rater's labels learns at best, length confound included; world only)
   grpo_true       the hidden true quality itself (world only)
-Every iteration logs, besides the loop's metrics, the word count, the distinct-bigram ratio and
+Every step logs, besides the loop's metrics, the word count, the distinct-bigram ratio and
 the scalar RM's reward of the rollouts (in the world also the hidden true quality and the
 redundant explanation, the words after the answer's "."); BRPO also logs judge seconds and
 judge tokens/s. Before and after training each writer is evaluated on fixed prompts: those
 measures, the scalar RM's reward, the KL from the initial writer (the mean over sampled
 responses of sum_t log pi(y_t) - log pi_0(y_t)) and the GenRM's win rate against the initial
 writer (a win: preferred in both orders). Writes config.yaml, log.txt, summary.json (the
-table), curves.png, and per method metrics.jsonl, checkpoints/, samples/iteration_*.json and
+table), curves.png, and per method metrics.jsonl, checkpoints/, samples/step_*.json and
 policy/ (the trained writer as a Hugging Face folder with its tokenizer); a rerun resumes.
 """
 
@@ -80,7 +80,7 @@ class Config:
     rm_length: int = 48               # the RM's rows: prompt + response
     eval_prompts: int = 64
     eval_samples: int = 4             # responses per eval prompt
-    samples_every: int = 10           # iterations between samples/iteration_*.json
+    samples_every: int = 10           # steps between samples/step_*.json
     seed: int = 0
     task: world.WorldConfig = dataclasses.field(default_factory=world.WorldConfig)
     loop: loop.LoopConfig = dataclasses.field(default_factory=loop.LoopConfig)
@@ -228,15 +228,15 @@ class Rewards:
 
 
 def write_samples(out: pathlib.Path, codec: sft.TextCodec, every: int):
-    """A `loop.run` hook writing the first two groups every `every` iterations."""
-    def hook(iteration, prompts, responses, values):
-        if iteration % every:
+    """A `loop.run` hook writing the first two groups every `every` steps."""
+    def hook(step, prompts, responses, values):
+        if step % every:
             return
         groups = [{"prompt": prompts[g].data, "responses": [
             {"text": codec.decode(r), **{k: float(v[g, j]) for k, v in values.items()
                                          if k in ("reward", "quality", "scalar_rm")}}
             for j, r in enumerate(responses[g])]} for g in range(min(2, len(prompts)))]
-        results.write_json(out / f"iteration_{iteration:04d}.json", groups)
+        results.write_json(out / f"step_{step:04d}.json", groups)
     return hook
 
 
@@ -260,7 +260,7 @@ def evaluate(model, rewards: Rewards, prompts: list[loop.Prompt],
     rates against `reference` (the initial writer's responses, slot by slot; a win: preferred
     in both orders)."""
     config = sampler.SamplingConfig(
-        max_new_tokens=cfg.loop.max_new_tokens, temperature=cfg.loop.train.temperature,
+        max_new_tokens=cfg.loop.max_new_tokens, temperature=cfg.loop.temperature,
         n=cfg.eval_samples, stop_ids=cfg.loop.stop_ids, confidence=False)
     key = jax.random.key(cfg.seed + (2 if reference is not None else 1))
     s = jax.device_get(sampler.sample(model, [p.tokens for p in prompts], key, config,
@@ -298,9 +298,9 @@ def plot(records: dict[str, list[dict]], path: pathlib.Path) -> None:
     for ax, name in zip(axes.flat, names, strict=True):
         for method, rows in records.items():
             if rows and name in rows[0]:
-                ax.plot([r["iteration"] for r in rows], [r[name] for r in rows], label=method)
+                ax.plot([r["step"] for r in rows], [r[name] for r in rows], label=method)
         ax.set_title(name)
-        ax.set_xlabel("iteration")
+        ax.set_xlabel("step")
     axes.flat[0].legend()
     fig.tight_layout()
     results.save_figure(fig, path, dpi=120)
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
             hf.load_pretrained(cfg.writer, **cfg.load_options), prompt_fn(cfg, codec),
             rewards.for_method(method), cfg.method_loop(method), out / method,
             key=jax.random.key(cfg.seed), mesh=mesh,
-            on_iteration=write_samples(out / method / "samples", codec, cfg.samples_every))
+            on_step=write_samples(out / method / "samples", codec, cfg.samples_every))
         trained = nnx.merge(graphdef, jax.tree.map(parallel.host_array, state.params))
         hf.save_pretrained(trained, out / method / "policy", eos_token_id=codec.eos_id)
         hf.save_tokenizer(codec.tokenizer, out / method / "policy")
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
         end, _ = evaluate(trained, rewards, eval_prompts, reference, cfg, initial)
         step_seconds = sum(r["rollout_seconds"] + r["train_seconds"] for r in rows)
         summary[method] = {"end": end, "seconds_this_run": time.perf_counter() - start,
-                           "step_seconds": step_seconds, "iterations": len(rows)}
+                           "step_seconds": step_seconds, "steps": len(rows)}
         if method.startswith("brpo"):
             judge_seconds = sum(r["judge_seconds"] for r in rows)
             summary[method].update({

@@ -42,7 +42,7 @@ curves.png:
   spread      every list above as `results.spread` (mean, sample std, min, max)
 
 Lists hold one value per seed. curves.png: per method, the mean over seeds and the min-max band
-of each logged measure over iterations.
+of each logged measure over steps.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def metrics(path: pathlib.Path) -> list[dict]:
 
 
 def smooth(values: np.ndarray, width: int = 5) -> np.ndarray:
-    """Trailing mean over `width` iterations (fewer at the start)."""
+    """Trailing mean over `width` steps (fewer at the start)."""
     cumulative = np.cumsum(np.insert(values, 0, 0.0))
     idx = np.arange(1, len(values) + 1)
     low = np.maximum(idx - width, 0)
@@ -149,8 +149,8 @@ def smooth(values: np.ndarray, width: int = 5) -> np.ndarray:
 
 
 def quality_at_kl(records: dict[str, list[dict]], width: int = 5) -> dict[str, dict]:
-    """Per method, the rollout quality (trailing mean over `width` iterations) at the first
-    iteration where its trailing-mean training KL reaches the smallest final one among the
+    """Per method, the rollout quality (trailing mean over `width` steps) at the first
+    step where its trailing-mean training KL reaches the smallest final one among the
     methods: the methods compared at the same distance from the initial writer."""
     kl = {m: smooth(np.asarray([r["kl"] for r in rows]), width) for m, rows in records.items()}
     level = min(float(k[-1]) for k in kl.values())
@@ -158,7 +158,7 @@ def quality_at_kl(records: dict[str, list[dict]], width: int = 5) -> dict[str, d
     for method, rows in records.items():
         at = int(np.argmax(kl[method] >= level))
         quality = smooth(np.asarray([r["quality"] for r in rows]), width)
-        out[method] = {"kl": level, "iteration": rows[at]["iteration"],
+        out[method] = {"kl": level, "step": rows[at]["step"],
                        "quality": float(quality[at])}
     return out
 
@@ -258,7 +258,7 @@ def plot(cfg: Config, out: pathlib.Path, seeds: list[int]) -> None:
             line, = ax.plot(x, values.mean(0), label=method)
             ax.fill_between(x, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
             ax.set_title(name)
-            ax.set_xlabel("iteration")
+            ax.set_xlabel("step")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"writers over {len(seeds)} seeds: mean and min-max")
     fig.tight_layout()

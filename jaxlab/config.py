@@ -3,6 +3,8 @@
 Every experiment declares its settings as a frozen dataclass whose `__post_init__` validates values.
 `load_config` merges, in order, the dataclass defaults, a YAML file and command-line overrides
 through OmegaConf structured configs, so an unknown key or an ill-typed value is an error naming it.
+A key that was renamed (`RENAMED`, and a schema's own `RENAMED` class attribute for its top-level
+fields) is refused with its new name.
 """
 
 from __future__ import annotations
@@ -24,6 +26,68 @@ class ConfigError(ValueError):
     """A config file or override names an unknown key or holds a bad value."""
 
 
+# Keys that were renamed, by the end of their dotted path: a key ending in the old name (a whole
+# component or more) is refused naming the key it is now. The same words mean the same thing in
+# every config: `steps` is a run's length, an optimizer's settings sit in `optimizer`, the
+# rollouts' temperature beside their top-k and top-p.
+RENAMED = {
+    "iterations": "steps",
+    "max_steps": "steps",
+    "learning_rate": "optimizer.learning_rate",
+    "warmup_steps": "optimizer.warmup_steps",
+    "weight_decay": "optimizer.weight_decay",
+    "max_grad_norm": "optimizer.max_grad_norm",
+    "adam_eps": "optimizer.adam_eps",
+    "train.temperature": "temperature",
+    "save_every": "checkpoint_every",
+    "keep_last": "keep_checkpoints",
+    "sampling.n": "sampling.group_size",
+    "stacked": "scan_layers",
+    "int8": "int8_cache",
+    "kernel": "decode_kernel",
+    "pages": "kv_pages",
+    "prompt_length": "max_prompt_tokens",
+    "dtype": "compute_dtype",
+    "activation_dtype": "compute_dtype",
+}
+
+
+def renamed(schema: type, key: str) -> str | None:
+    """The key that `key` (a dotted path) is now called in `schema`, or None: the schema's own
+    `RENAMED` class attribute (whole paths) first, then the longest old ending in `RENAMED`."""
+    own = getattr(schema, "RENAMED", {})
+    if key in own:
+        return own[key]
+    endings = [old for old in RENAMED if key == old or key.endswith(f".{old}")]
+    if not endings:
+        return None
+    old = max(endings, key=len)
+    return key[:len(key) - len(old)] + RENAMED[old]
+
+
+def _check_renamed(schema: type, base, layer, source: str) -> None:
+    """ConfigError naming the first key of `layer` that `schema` does not have and that was
+    renamed, with its new name."""
+    for key in _flatten_keys(OmegaConf.to_container(layer)):
+        new = renamed(schema, key)
+        if new is not None and OmegaConf.select(base, key, default=_ABSENT) is _ABSENT:
+            raise ConfigError(f"{source}: {key!r} was renamed {new!r}")
+
+
+_ABSENT = object()
+
+
+def _flatten_keys(tree: Any, prefix: str = "") -> list[str]:
+    """The dotted paths of a nested mapping's keys, parents before their children."""
+    if not isinstance(tree, dict):
+        return []
+    keys = []
+    for key, value in tree.items():
+        keys.append(f"{prefix}{key}")
+        keys.extend(_flatten_keys(value, f"{prefix}{key}."))
+    return keys
+
+
 def load_config(schema: type[T], path: str | pathlib.Path | None = None,
                 overrides: Sequence[str] = ()) -> T:
     """`schema` filled from its defaults, then the YAML at `path`, then `key=value` overrides."""
@@ -39,6 +103,7 @@ def load_config(schema: type[T], path: str | pathlib.Path | None = None,
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
+            _check_renamed(schema, merged, layer, source)
             raise ConfigError(f"{source}: {_merge_error(merged, layer, e)}") from None
     try:
         return OmegaConf.to_object(merged)
@@ -51,10 +116,11 @@ def load_config(schema: type[T], path: str | pathlib.Path | None = None,
 def from_mapping(schema: type[T], mapping: Any, where: str) -> T:
     """`schema` filled from its defaults, then the (nested) mapping; ConfigError led by
     `where` for a key or value that does not fit."""
+    base, layer = OmegaConf.structured(schema), OmegaConf.create(mapping)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(mapping))
-        return OmegaConf.to_object(merged)
+        return OmegaConf.to_object(OmegaConf.merge(base, layer))
     except OmegaConfBaseException as e:
+        _check_renamed(schema, base, layer, where)
         raise ConfigError(f"{where}: {_first_line(e)}") from None
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{where}: {e}") from None

@@ -109,6 +109,23 @@ def append_record(path: str | pathlib.Path, record: dict) -> None:
     results.write_once(append, path)
 
 
+def truncate_records(path: str | pathlib.Path, count: int, key: str) -> None:
+    """Keeps the records of a file that a run appends to whose `key` is below `count` (the steps
+    a restored state has done), so that a resumed run writes each step's record once; a partial
+    last line goes as in `resume_records`. On process 0 only (`results.write_text`)."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for record in resume_records(path):
+        if key not in record:
+            raise DataError(f"{path}:{len(kept) + 1}: missing key {key!r}")
+        if record[key] >= count:
+            break
+        kept.append(record)
+    results.write_text(path, jsonl_text(kept))
+
+
 def check_unique(keys: Sequence[Any], what: str, source: str) -> None:
     """DataError naming `source:line` of the first repeated key (key i stands on line i + 1)."""
     first: dict[Any, int] = {}

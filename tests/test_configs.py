@@ -96,20 +96,21 @@ def test_configs_that_other_configs_run_load_with_the_overrides_they_get(monkeyp
     names and key=value overrides of its own; train_grpo.py trains a missing model with
     `model_config`. Those files load into the right schemas with those overrides."""
     import deepconf
-    import train_arithmetic
+
+    from jaxlab.deepconf import arithmetic_model
 
     monkeypatch.chdir(ROOT)
     for path in CONFIG_FILES:
         module, cfg = load(path)
         if module.__name__ == "deepconf_seeds":
             for seed in cfg.seeds:
-                config_lib.load_config(train_arithmetic.Config, cfg.train_config,
+                config_lib.load_config(arithmetic_model.Config, cfg.train_config,
                                        [*cfg.train, "out_dir=x/model", f"seed={seed}"])
                 config_lib.load_config(deepconf.Config, cfg.deepconf_config,
                                        [*cfg.deepconf, "out_dir=x/dc", "model=x/model",
                                         "problems=x/model/problems.jsonl", f"seed={seed}"])
         elif module.__name__ == "train_grpo":
-            config_lib.load_config(train_arithmetic.Config, cfg.model_config, ["out_dir=x"])
+            config_lib.load_config(arithmetic_model.Config, cfg.model_config, ["out_dir=x"])
 
 
 def test_check_validates_and_exits_without_running(capsys):

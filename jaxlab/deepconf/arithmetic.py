@@ -107,20 +107,6 @@ def token_count(problem: Problem) -> int:
     return len(problem.prompt) + len(problem.solution) + 1  # one token per character
 
 
-def training_batch(problems: list[Problem], length: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens int32 [B, length], loss mask [B, length]): prompt + solution + EOS, right-padded;
-    the mask marks the solution and EOS tokens (what the model must learn to write)."""
-    tokens = np.zeros((len(problems), length), np.int32)
-    mask = np.zeros((len(problems), length), np.float32)
-    for row, p in enumerate(problems):
-        prompt, target = encode(p.prompt), [*encode(p.solution), VOCAB.index(EOS)]
-        require(token_count(p) <= length,
-                f"problem {p.id} needs {token_count(p)} tokens > length {length}")
-        tokens[row, :len(prompt) + len(target)] = prompt + target
-        mask[row, len(prompt):len(prompt) + len(target)] = 1
-    return tokens, mask
-
-
 def grade(response: str, answer: str) -> tuple[bool, bool]:
     """(correct, formatted) of a response: its last \\boxed{...} holds exactly `answer`, and it
     has a boxed answer at all (the answers are integers: exact string comparison)."""

@@ -2,7 +2,7 @@
 
     state = loop.run(policy, prompt_fn, reward_fn, LoopConfig(...), out_dir, key=key)
 
-Per iteration s (all randomness a function of the run's key and s, so a restarted run repeats
+Per step s (all randomness a function of the run's key and s, so a restarted run repeats
 exactly what the uninterrupted one did):
 
 1. `prompt_fn(key_s, count)` draws `count` prompts; the compiled sampler draws G responses for
@@ -15,22 +15,21 @@ exactly what the uninterrupted one did):
    rewards already relative to a reference), one per response, broadcast to its tokens.
 4. `ppo_epochs` passes over the batch in `minibatches` shuffled parts (by whole groups under
    `share_prompts`, each group's prompt then run once), each one `train_step`.
-5. Metrics to `metrics.jsonl` (one line per iteration) and an Orbax checkpoint every
-   `checkpoint_every` iterations; a rerun of the same out_dir resumes from the latest one.
+5. Metrics to `metrics.jsonl` (one line per step) and an Orbax checkpoint every
+   `checkpoint_every` steps; a rerun of the same out_dir resumes from the latest one (the
+   resumable loop of every training job, `jaxlab.rl.scaffold`).
 
 A reward function that raises or returns NaN/inf or the wrong shape, a prompt longer than
 `max_prompt_tokens`, and a non-finite loss or gradient stop the run with an error naming the
-iteration (and the prompt and response); checkpoints already written are kept.
+step (and the prompt and response); checkpoints already written are kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import pathlib
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -40,14 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from tqdm import tqdm
 
-from jaxlab import parallel, results
-from jaxlab.checkpoint import CheckpointConfig, Checkpointer
+from jaxlab import parallel
 from jaxlab.config import require, require_positive_ints
 from jaxlab.models.decoder import Decoder
 from jaxlab.rl import advantages as adv
-from jaxlab.rl import rollout, train
+from jaxlab.rl import rollout, scaffold, train
 from jaxlab.sampling import sampler
 
 log = logging.getLogger("jaxlab")
@@ -75,30 +72,33 @@ RewardFn = Callable[[Sequence[Prompt], list[list[list[int]]], np.ndarray],
 class LoopConfig:
     """Settings of an RL run (the step's own are in `train`)."""
 
-    iterations: int = 100            # sample-reward-train rounds
-    prompts: int = 16                # groups per iteration
+    steps: int = 100                 # the run's length: sample-reward-train rounds, each of
+    #                                  ppo_epochs x minibatches optimizer steps
+    prompts: int = 16                # groups per step
     group_size: int = 8              # G responses per prompt
     max_prompt_tokens: int = 64      # prompts are left-padded to this; longer ones are an error
     max_new_tokens: int = 128
-    top_k: int = 0                   # sampling truncation (the temperature is train.temperature)
-    top_p: float = 1.0
+    temperature: float = 1.0         # the rollouts' sampling temperature T > 0: the policy
+    #                                  the step trains is softmax(logits / T)
+    top_k: int = 0                   # the rollouts' truncation: the k most likely tokens (0: all)
+    top_p: float = 1.0               # and the smallest set of tokens with this much mass
     stop_ids: tuple[int, ...] = ()   # tokens that end a response (kept in it)
     advantage: str = "grpo"          # one of ADVANTAGES
     outlier_threshold: float = 0.6   # BRPO: drop groups with |sum r| / G above this
     dynamic_sampling: bool = True    # drop groups whose rewards are all equal, draw new ones
-    max_refills: int = 2             # extra sampling rounds per iteration for dynamic sampling
+    max_refills: int = 2             # extra sampling rounds per step for dynamic sampling
     ppo_epochs: int = 1              # passes over each rollout batch
     minibatches: int = 1             # optimizer steps per pass
     share_prompts: bool = True       # the step runs each group's prompt once
     #                                  (`train.SharedPrompts`), where every device's micro-batch
     #                                  holds whole groups (else row by row); minibatches are
     #                                  then drawn by groups, on any mesh
-    checkpoint_every: int = 10       # iterations between checkpoints (and at the end)
+    checkpoint_every: int = 10       # steps between checkpoints (and at the end)
     keep_checkpoints: int = 2
     train: train.TrainConfig = dataclasses.field(default_factory=train.TrainConfig)
 
     def __post_init__(self):
-        require_positive_ints(self, "iterations", "prompts", "max_prompt_tokens",
+        require_positive_ints(self, "steps", "prompts", "max_prompt_tokens",
                               "max_new_tokens", "ppo_epochs", "minibatches", "checkpoint_every",
                               "keep_checkpoints")
         require(isinstance(self.group_size, int) and self.group_size >= 2,
@@ -112,12 +112,13 @@ class LoopConfig:
         require((self.prompts * self.group_size) % self.minibatches == 0,
                 f"LoopConfig.minibatches={self.minibatches} must divide prompts x group_size = "
                 f"{self.prompts * self.group_size}")
+        train.require_temperature(self.temperature)
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
 
     @property
     def sampling(self) -> sampler.SamplingConfig:
         return sampler.SamplingConfig(
-            max_new_tokens=self.max_new_tokens, temperature=self.train.temperature,
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature,
             top_k=self.top_k, top_p=self.top_p, n=self.group_size, stop_ids=self.stop_ids,
             confidence=False)
 
@@ -166,25 +167,25 @@ def per_response(score: Callable[[Prompt, list[int], bool], float | Mapping[str,
 def checked_rewards(reward_fn: RewardFn, prompts: Sequence[Prompt],
                     responses: list[list[list[int]]], truncated: np.ndarray, iteration: int,
                     ) -> dict[str, np.ndarray]:
-    """reward_fn's output as {"reward": [groups, G], ...}; raises naming the iteration, and the
+    """reward_fn's output as {"reward": [groups, G], ...}; raises naming the step, and the
     prompt and response of the first bad value."""
     shape = truncated.shape
     try:
         out = reward_fn(prompts, responses, truncated)
     except Exception as e:
-        raise RuntimeError(f"iteration {iteration}: the reward function raised on a batch of "
+        raise RuntimeError(f"step {iteration}: the reward function raised on a batch of "
                            f"{shape[0]} prompts x {shape[1]} responses: {e!r}") from e
     out = dict(out) if isinstance(out, Mapping) else {"reward": out}
-    require("reward" in out, f"iteration {iteration}: the reward function returned keys "
+    require("reward" in out, f"step {iteration}: the reward function returned keys "
                              f"{sorted(out)} without 'reward'")
     for name, value in out.items():
         value = np.asarray(value, np.float64)
-        require(value.shape == shape, f"iteration {iteration}: the reward function's {name!r} "
+        require(value.shape == shape, f"step {iteration}: the reward function's {name!r} "
                 f"has shape {value.shape}, expected [prompts, G] = {shape}")
         bad = np.argwhere(~np.isfinite(value))
         if len(bad):
             i, j = (int(x) for x in bad[0])
-            raise ValueError(f"iteration {iteration}: the reward function's {name!r} is "
+            raise ValueError(f"step {iteration}: the reward function's {name!r} is "
                              f"{value[i, j]} for prompt {i}, response {j} (prompt tokens "
                              f"{list(prompts[i].tokens)[:20]}, response {responses[i][j][:20]})")
         out[name] = value
@@ -193,7 +194,7 @@ def checked_rewards(reward_fn: RewardFn, prompts: Sequence[Prompt],
 
 @dataclasses.dataclass
 class _Groups:
-    """The groups kept for one iteration (host arrays, [groups, G] unless said)."""
+    """The groups kept for one step (host arrays, [groups, G] unless said)."""
 
     prompts: list[Prompt]
     samples: list[sampler.Samples]         # one per sampling round
@@ -221,12 +222,12 @@ def _rollouts(model: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: 
         round_key = jax.random.fold_in(key, round_)
         prompts = list(together(functools.partial(
             prompt_fn, jax.random.fold_in(round_key, 0), config.prompts),
-            f"iteration {iteration}: prompt_fn"))
-        require(len(prompts) == config.prompts, f"iteration {iteration}: prompt_fn returned "
+            f"step {iteration}: prompt_fn"))
+        require(len(prompts) == config.prompts, f"step {iteration}: prompt_fn returned "
                 f"{len(prompts)} prompts, expected {config.prompts}")
         long = [(i, len(p.tokens)) for i, p in enumerate(prompts)
                 if len(p.tokens) > config.max_prompt_tokens]
-        require(not long, f"iteration {iteration}: prompts (index, tokens) {long[:5]} are "
+        require(not long, f"step {iteration}: prompts (index, tokens) {long[:5]} are "
                           f"longer than LoopConfig.max_prompt_tokens={config.max_prompt_tokens}")
         samples = sampler.sample(model, [p.tokens for p in prompts],
                                  jax.random.fold_in(round_key, 1), config.sampling, mesh=mesh,
@@ -238,7 +239,7 @@ def _rollouts(model: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: 
         truncated = rollout.truncated(samples).reshape(-1, g)
         values = together(functools.partial(checked_rewards, reward_fn, prompts, responses,
                                             truncated, iteration),
-                          f"iteration {iteration}: the reward function")
+                          f"step {iteration}: the reward function")
         varied = np.asarray(adv.has_variance(jnp.asarray(values["reward"])))
         kept.samples.append(samples)
         kept.rounds += 1
@@ -284,7 +285,7 @@ def _batch(groups: _Groups, reference: Decoder, config: LoopConfig
         rows = np.asarray([(k, first + j) for k, (_, _, first) in mine for j in range(g)])
         parts.append((rows[:, 0], rollout.policy_batch(
             [p.tokens for p in groups.prompts], samples, rows, config.max_prompt_tokens,
-            reference, config.train, widths,
+            reference, config.train, config.temperature, widths,
             group_size=g if config.share_prompts else None)))
     order = np.argsort(np.concatenate([k for k, _ in parts]), kind="stable")
     batch = jax.tree.map(lambda *xs: jnp.concatenate(xs)[order], *[b for _, b in parts])
@@ -314,23 +315,23 @@ def _cast(params: nnx.State, dtype) -> nnx.State:
     return jax.tree.map(lambda x: x.astype(dtype), params)
 
 
-# on_iteration(iteration, prompts, responses [groups][G] token lists, values {name: [groups,
-# G]}) sees each iteration's kept groups and their rewards (to write samples, say).
-IterationHook = Callable[[int, Sequence[Prompt], list[list[list[int]]],
+# on_step(step, prompts, responses [groups][G] token lists, values {name: [groups,
+# G]}) sees each step's kept groups and their rewards (to write samples, say).
+StepHook = Callable[[int, Sequence[Prompt], list[list[list[int]]],
                           Mapping[str, np.ndarray]], None]
 
 
 def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopConfig,
         out_dir: str | pathlib.Path, *, key: jax.Array, mesh: Mesh | None = None,
-        on_iteration: IterationHook | None = None,
+        on_step: StepHook | None = None,
         ) -> tuple[nnx.GraphDef, train.TrainState]:
     """Trains `policy` (float32 parameters) by RL; returns its graph and final train state.
 
     The reference policy (for the KL) is `policy` as given. Rollouts sample from the current
-    parameters cast to the model's activation dtype (`policy.config.dtype`). `out_dir`
+    parameters cast to the model's compute dtype (`policy.config.compute_dtype`). `out_dir`
     receives `metrics.jsonl` and `checkpoints/`; a run that finds checkpoints there resumes
-    from the latest one (the caller checks that the config is the same, e.g. with
-    `results.open_run`). `on_iteration`, if given, is called after each iteration's metrics
+    from the latest one (`scaffold.run`; the caller checks that the config is the same, e.g.
+    with `results.open_run`). `on_step`, if given, is called after each step's metrics
     are written.
 
     `mesh` (default: this process's first device): a `parallel.make_mesh(parallel.DATA)` mesh
@@ -340,11 +341,10 @@ def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopC
     and optimizer bytes per device (x 1/tensor for the matrices split over tensor), restored so
     from a checkpoint. It may span the devices of several processes
     (a run of several processes, `results.join_processes`): every process then calls `run`
-    alike, with the same policy, prompt and reward functions, and computes the same iterations;
+    alike, with the same policy, prompt and reward functions, and computes the same steps;
     the reward function scores the whole batch on every process, process 0 alone writes the
     metrics and every process its shards of the checkpoints (Orbax).
     """
-    out = pathlib.Path(out_dir)
     mesh = mesh or parallel.make_mesh(parallel.DATA, jax.local_devices()[:1])
     rows, shards = config.prompts * config.group_size, parallel.batch_devices(mesh)
     require(rows % shards == 0 and (rows // config.minibatches) % (
@@ -352,50 +352,49 @@ def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopC
         f"LoopConfig.prompts x group_size = {rows} responses in minibatches={config.minibatches} "
         f"must split evenly over the mesh's {shards} data devices (data x fsdp) x "
         f"train.microbatches={config.train.microbatches}")
-    graphdef, state = init_state(policy, config.train, key, mesh)  # copies the weights
+    graphdef, state = scaffold.init_state(policy, config.train.optimizer, key, mesh)  # copies
     dtype = jnp.dtype(policy.config.dtype)
     reference = _cast(nnx.state(policy, nnx.Param), dtype)
     reference = nnx.merge(graphdef, parallel.put(reference, _placement(reference, mesh)))
-    updates = config.ppo_epochs * config.minibatches
-    with Checkpointer(out / "checkpoints", CheckpointConfig(
-            keep_last=config.keep_checkpoints, best_metric=None)) as checkpointer:
-        start = 0
-        if checkpointer.latest_step() is not None:
-            state = checkpointer.restore(state)  # placed as `state` is (`init_state`)
-            start = int(state.step) // updates
-            log.info("resuming from iteration %d (%s)", start, checkpointer.directory)
-        truncate_records(out / "metrics.jsonl", start)
-        bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
-                   unit="it", file=sys.stderr, dynamic_ncols=True)
-        for iteration in bar:
-            key_s = jax.random.fold_in(state.key, iteration)
-            t0 = time.perf_counter()
-            model = nnx.merge(graphdef, _cast(state.params, dtype))
-            groups = _rollouts(model, prompt_fn, reward_fn, config, jax.random.fold_in(key_s, 0),
-                               iteration, mesh)
-            batch, prompt_width = _batch(groups, reference, config)
-            jax.block_until_ready(batch)
-            t1 = time.perf_counter()
-            state, step_metrics = _update(
-                state, batch, graphdef, config, mesh, jax.random.fold_in(key_s, 1), iteration,
-                checkpointer, shared_prompts(config, prompt_width, shards))
-            t2 = time.perf_counter()
-            metrics = _iteration_metrics(iteration, groups, batch, step_metrics, t1 - t0,
-                                         t2 - t1, config.ppo_epochs)
-            append_record(out / "metrics.jsonl", metrics)
-            if on_iteration is not None:
-                together(functools.partial(
-                    on_iteration, iteration, groups.prompts, groups.responses,
-                    {k: np.stack(v) for k, v in groups.values.items()}),
-                    f"iteration {iteration}: on_iteration")
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
-                            **({"acc": f"{metrics['accuracy']:.3f}"} if "accuracy" in metrics
-                               else {}))
-            if (iteration + 1) % config.checkpoint_every == 0 or (
-                    iteration + 1 == config.iterations):
-                checkpointer.save(int(state.step), state)
-        checkpointer.wait()
+
+    last: dict[str, _Groups] = {}
+
+    def step(state: train.TrainState, iteration: int):
+        key_s = jax.random.fold_in(state.key, iteration)
+        t0 = time.perf_counter()
+        model = nnx.merge(graphdef, _cast(state.params, dtype))
+        groups = _rollouts(model, prompt_fn, reward_fn, config, jax.random.fold_in(key_s, 0),
+                           iteration, mesh)
+        batch, prompt_width = _batch(groups, reference, config)
+        jax.block_until_ready(batch)
+        t1 = time.perf_counter()
+        state, step_metrics = _update(state, batch, graphdef, config, mesh,
+                                      jax.random.fold_in(key_s, 1),
+                                      shared_prompts(config, prompt_width, shards))
+        t2 = time.perf_counter()
+        last["groups"] = groups
+        return state, _step_metrics(groups, batch, step_metrics, t1 - t0, t2 - t1,
+                                         config.ppo_epochs)
+
+    def after(iteration: int) -> None:  # once the step's record is written
+        groups = last.pop("groups")
+        together(functools.partial(
+            on_step, iteration, groups.prompts, groups.responses,
+            {k: np.stack(v) for k, v in groups.values.items()}),
+            f"step {iteration}: on_step")
+
+    state = scaffold.run(
+        state, step, scaffold.Schedule(config.steps, config.checkpoint_every,
+                                       config.keep_checkpoints,
+                                       config.ppo_epochs * config.minibatches),
+        out_dir, postfix=_postfix, after=None if on_step is None else after)
     return graphdef, state
+
+
+def _postfix(record: dict) -> dict:
+    """What the progress bar shows of a step's record: the reward (and accuracy, if any)."""
+    return {"reward": f"{record['reward_mean']:.3f}",
+            **({"acc": f"{record['accuracy']:.3f}"} if "accuracy" in record else {})}
 
 
 def _placement(tree, mesh: Mesh):
@@ -404,26 +403,6 @@ def _placement(tree, mesh: Mesh):
     if parallel.is_split_model(mesh):
         return parallel.tree_shardings(tree, mesh)
     return parallel.replicated(mesh)
-
-
-def init_state(model: nnx.Module, config: train.TrainConfig, key: jax.Array, mesh: Mesh,
-               ) -> tuple[nnx.GraphDef, train.TrainState]:
-    """`train.init_train_state` placed on `mesh`: replicated, or on a mesh that splits the model
-    in its `parallel.tree_shardings` (parameters and Adam moments split over fsdp x tensor).
-    There the parameters are split before they are copied and the moments are born split, so
-    no device ever holds the whole state."""
-    if not parallel.is_split_model(mesh):
-        graphdef, state = train.init_train_state(model, config, key)
-        return graphdef, parallel.put(state, parallel.replicated(mesh))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = parallel.put(params, parallel.tree_shardings(params, mesh))
-    key = parallel.put(key, parallel.replicated(mesh))
-
-    def init(params, key):
-        return train.init_train_state(nnx.merge(graphdef, params, rest), config, key)[1]
-
-    shardings = parallel.tree_shardings(jax.eval_shape(init, params, key), mesh)
-    return graphdef, jax.jit(init, out_shardings=shardings)(params, key)
 
 
 def shared_prompts(config: LoopConfig, prompt_width: int, shards: int,
@@ -438,11 +417,11 @@ def shared_prompts(config: LoopConfig, prompt_width: int, shards: int,
     return train.SharedPrompts(config.group_size, prompt_width)
 
 
-def _update(state, batch, graphdef, config: LoopConfig, mesh, key, iteration, checkpointer,
+def _update(state, batch, graphdef, config: LoopConfig, mesh, key,
             shared: train.SharedPrompts | None):
     """ppo_epochs passes of `minibatches` optimizer steps over a shuffled batch (whole groups
-    under `config.share_prompts`, on every mesh); raises on a non-finite step (which leaves the
-    state unchanged)."""
+    under `config.share_prompts`, on every mesh); raises `scaffold.NonFinite` on a non-finite
+    step (which leaves the state unchanged)."""
     rows, g = batch.tokens.shape[0], config.group_size
     size = rows // config.minibatches
     history = []
@@ -458,25 +437,24 @@ def _update(state, batch, graphdef, config: LoopConfig, mesh, key, iteration, ch
             mini = jax.device_put(jax.tree.map(lambda x, r=chosen: x[r], batch),
                                   parallel.batch_sharding(mesh))
             state, metrics = train.train_step(state, mini, graphdef=graphdef,
-                                              config=config.train, mesh=mesh, shared=shared)
+                                              config=config.train, mesh=mesh,
+                                              temperature=config.temperature, shared=shared)
             metrics = jax.tree.map(parallel.host_array, metrics)
             if not metrics["finite"]:
-                raise FloatingPointError(
-                    f"iteration {iteration} (optimizer step {int(state.step) + 1}): loss "
-                    f"{metrics['loss']}, gradient norm {metrics['grad_norm']}; the step was not "
-                    f"applied and the run stops (last checkpoint: step "
-                    f"{checkpointer.latest_step()} in {checkpointer.directory})")
+                raise scaffold.NonFinite(
+                    f"optimizer step {int(state.step) + 1}: loss {metrics['loss']}, gradient "
+                    f"norm {metrics['grad_norm']}")
             history.append(metrics)
     return state, {k: float(np.mean([m[k] for m in history])) for k in history[0]}
 
 
-def _iteration_metrics(iteration, groups: _Groups, batch, step_metrics, rollout_s, train_s,
+def _step_metrics(groups: _Groups, batch, step_metrics, rollout_s, train_s,
                        passes: int) -> dict:
     """One metrics.jsonl record: rewards and the reward function's other values (means over the
     kept groups), sampling counts, the optimizer steps' metrics (means), and speeds: generated
     tokens per rollout second, real tokens trained on (x passes) per train second."""
     rewards = np.stack(groups.values["reward"])                          # [groups, G]
-    metrics = {"iteration": iteration, "reward_mean": float(rewards.mean()),
+    metrics = {"reward_mean": float(rewards.mean()),
                "reward_std": float(rewards.std())}
     for name, values in groups.values.items():
         if name != "reward":
@@ -513,32 +491,3 @@ def together(fn: Callable[[], T], what: str) -> T:
         raise RuntimeError(f"{what} failed on process {np.flatnonzero(failed).tolist()} (see "
                            f"its log); process {jax.process_index()} stops with it")
     return value
-
-
-def append_record(path: pathlib.Path, record: dict) -> None:
-    """Appends one JSON line to `path` (a metrics file), on process 0 only; every process
-    returns once it is written, or raises if writing it failed (`together`)."""
-    def append():
-        if results.is_writer():
-            with path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
-
-    together(append, f"writing {path}")
-
-
-def truncate_records(path: pathlib.Path, count: int, key: str = "iteration") -> None:
-    """Keeps the records whose `key` is < `count` (those the restored state has done); on
-    process 0 only (`results.write_text`)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line cut by a kill
-        if record[key] >= count:
-            break
-        kept.append(line)
-    results.write_text(path, "".join(f"{line}\n" for line in kept))

@@ -10,7 +10,7 @@ of the batch rounded up by `bucket`, so that few shapes are compiled):
     old_logp   [ 0   0  0  0  0  |  l1 l2 l3 l4 0 0]      from the sampler
 
 `old_logp` is the log-prob of each sampled token under softmax(logits / temperature), the
-distribution the step evaluates (`TrainConfig.temperature` must equal the sampling one). Top-k
+distribution the step evaluates (`train_step`'s `temperature`, the sampling one). Top-k
 and top-p truncation are not part of it, on either side of the ratio (as in TRL and verl): the
 truncated distribution is not differentiable in a useful way, and the sampled tokens always lie
 inside it, so the on-policy ratio is 1 (up to rounding: 1e-6 in float32, about 1e-2 with
@@ -34,9 +34,10 @@ from jaxlab.rl import train
 from jaxlab.sampling import sampler
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "group_size"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "temperature", "group_size"))
 def _assemble(graphdef, ref_params, prompt_ids, prompt_mask, tokens, lengths, logprobs, rows,
-              *, config: train.TrainConfig, group_size: int | None) -> train.PolicyBatch:
+              *, config: train.TrainConfig, temperature: float, group_size: int | None,
+              ) -> train.PolicyBatch:
     """The batch whose row i is trace rows[i, 1] of the sampler output (`tokens`, `logprobs`
     [N, T], `lengths` [N]) after prompt rows[i, 0] of `prompt_ids`/`prompt_mask` [P, L]."""
     prompt_of, trace = rows[:, 0], rows[:, 1]
@@ -51,7 +52,7 @@ def _assemble(graphdef, ref_params, prompt_ids, prompt_mask, tokens, lengths, lo
         shared = None if group_size is None else train.SharedPrompts(group_size,
                                                                      prompt_ids.shape[1])
         ref_logp = train.policy_logprobs(graphdef, ref_params, out_tokens, mask,
-                                         temperature=config.temperature,
+                                         temperature=temperature,
                                          chunk=config.logprob_chunk, shared=shared) * loss_mask
     else:  # no KL in the loss: no reference forward pass (the step ignores ref_logp)
         ref_logp = old_logp
@@ -63,8 +64,9 @@ def _assemble(graphdef, ref_params, prompt_ids, prompt_mask, tokens, lengths, lo
 
 def policy_batch(prompts: Sequence[Sequence[int]], samples: sampler.Samples,
                  rows: np.ndarray, prompt_length: int, reference: nnx.Module,
-                 config: train.TrainConfig, widths: tuple[int, int] | None = None,
-                 group_size: int | None = None) -> train.PolicyBatch:
+                 config: train.TrainConfig, temperature: float,
+                 widths: tuple[int, int] | None = None, group_size: int | None = None,
+                 ) -> train.PolicyBatch:
     """A `PolicyBatch` (advantages 0, to be filled) of sampled traces.
 
     Args:
@@ -73,7 +75,8 @@ def policy_batch(prompts: Sequence[Sequence[int]], samples: sampler.Samples,
       rows: int [B, 2], (prompt index, trace index) of each row of the batch, in order.
       prompt_length: L, the padded prompt length (the sampler's).
       reference: the frozen reference policy; `ref_logp` is its log-probs (0 off the response).
-      config: the step's settings (temperature, log-prob chunk).
+      config: the step's settings (the log-prob chunk, whether the loss has a KL term).
+      temperature: the sampling temperature T (the reference's log-probs are under pi_T).
       widths: (L', T'), the prompt and response columns to keep (default: `batch_widths` of
         these rows; batches that will be concatenated must share them).
       group_size: G when the rows come in groups of G consecutive rows of one prompt: the
@@ -92,7 +95,7 @@ def policy_batch(prompts: Sequence[Sequence[int]], samples: sampler.Samples,
     return _assemble(graphdef, params, jnp.asarray(ids[:, -width:]),
                      jnp.asarray(mask[:, -width:]), samples.tokens[:, :steps], samples.lengths,
                      samples.logprobs[:, :steps], jnp.asarray(rows, jnp.int32), config=config,
-                     group_size=group_size)
+                     temperature=temperature, group_size=group_size)
 
 
 BUCKET = 16  # the finest step of `bucket`, in tokens

@@ -1,13 +1,17 @@
 """Supervised training with exact resume: next-token SFT on (prompt, target) pairs (the GenRM's
-cold start, section 1 of `papers/writing_zero.md`; a writer's initial policy) and any loss of a
-model over a dataset of arrays (the Bradley-Terry reward model).
+cold start, section 1 of `papers/writing_zero.md`; a writer's initial policy; the arithmetic
+model of `experiments/train_arithmetic.py`) and any loss of a model over a dataset of arrays (the
+Bradley-Terry reward model).
 
     model = sft.fit(model, sft.sft_loss, data, FitConfig(...), out_dir, key=key)
 
-Step s trains on the examples `train.batch_indices(key, s, N, batch)`, a function of the run's
-key and s only; the state (parameters, AdamW state, step, key) is checkpointed with Orbax every
-`checkpoint_every` steps, so a rerun of the same out_dir resumes and ends with the parameters
-of a run that never stopped, bit for bit.
+The data are a dataset of arrays with a shared leading axis N, step s training on the examples
+`train.batch_indices(key, s, N, batch_size)`, a function of the run's key and s only; or a
+stream, `data(start)` yielding the batches of steps start, start + 1, ... (fresh problems every
+step, say). The state (parameters, AdamW state, step, key) is checkpointed with Orbax every
+`checkpoint_every` steps by the resumable loop of every training job (`jaxlab.rl.scaffold`), so
+a rerun of the same out_dir resumes and ends with the parameters of a run that never stopped,
+bit for bit.
 """
 
 from __future__ import annotations
@@ -16,22 +20,18 @@ import dataclasses
 import functools
 import logging
 import pathlib
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm import tqdm
 
 from jaxlab import parallel
-from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.config import require, require_positive_ints
 from jaxlab.models.decoder import REMAT_POLICIES
-from jaxlab.rl import losses, train
-from jaxlab.rl.loop import append_record, init_state, truncate_records
+from jaxlab.rl import losses, scaffold, train
 
 log = logging.getLogger("jaxlab")
 
@@ -42,36 +42,37 @@ log = logging.getLogger("jaxlab")
 # so that micro-batches combine into the whole batch's loss.
 WEIGHT = "weight"
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array]], tuple[jax.Array, dict]]
+# A stream of batches: stream(start) yields the arrays of steps start, start + 1, ... (each with
+# batch_size rows), the same arrays for a step whatever the start (a resumed run reads what the
+# run that never stopped read).
+Stream = Callable[[int], Iterator[Mapping[str, np.ndarray]]]
 
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
-    steps: int = 500
+    steps: int = 500                # the run's length
     batch_size: int = 64
-    learning_rate: float = 1e-3     # AdamW, linear warmup then constant
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    optimizer: train.OptimizerConfig = dataclasses.field(
+        default_factory=lambda: train.OptimizerConfig(learning_rate=1e-3, warmup_steps=50))
     log_every: int = 25             # steps between metrics.jsonl records
-    checkpoint_every: int = 100
+    checkpoint_every: int = 100     # steps between checkpoints (and at the end)
+    keep_checkpoints: int = 1
     microbatches: int = 1           # gradient accumulation: each batch in this many parts
     remat: str = "none"             # what the backward pass keeps of each decoder layer
     #                                 (`decoder.REMAT_POLICIES`; memory, not values)
 
     def __post_init__(self):
         require_positive_ints(self, "steps", "batch_size", "log_every", "checkpoint_every",
-                              "microbatches")
+                              "keep_checkpoints", "microbatches")
         require(self.remat in REMAT_POLICIES,
                 f"FitConfig.remat must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")
+        decay = self.optimizer.decay_steps
+        require(decay is None or decay <= self.steps,
+                f"FitConfig.optimizer.decay_steps={decay} exceeds steps={self.steps} (the "
+                f"cosine decay would not reach its end)")
         require(self.batch_size % self.microbatches == 0,
                 f"FitConfig.microbatches={self.microbatches} must divide batch_size="
                 f"{self.batch_size}")
-
-    @property
-    def optimizer(self) -> train.TrainConfig:
-        return train.TrainConfig(learning_rate=self.learning_rate,
-                                 warmup_steps=self.warmup_steps, weight_decay=self.weight_decay,
-                                 max_grad_norm=self.max_grad_norm)
 
 
 class TextCodec:
@@ -135,10 +136,11 @@ def sft_loss(model: nnx.Module, batch: Mapping[str, jax.Array], *, remat: str = 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn", "config", "batch_size",
                                              "microbatches", "split", "mesh"), donate_argnums=0)
-def _step(state: train.TrainState, data, *, graphdef, loss_fn, config: train.TrainConfig,
-          batch_size: int, microbatches: int, split: NamedSharding | None = None,
+def _step(state: train.TrainState, data, *, graphdef, loss_fn, config: train.OptimizerConfig,
+          batch_size: int | None, microbatches: int, split: NamedSharding | None = None,
           mesh: Mesh | None = None):
-    """One AdamW step on the examples of step `state.step`, in `microbatches` parts:
+    """One AdamW step on the examples of step `state.step` (`batch_size` of the dataset `data`,
+    `train.batch_indices`; None: `data` is the step's batch), in `microbatches` parts:
 
       grad = sum_m w_m grad L_m / sum_m w_m,   w_m = the part's WEIGHT metric (1 if absent)
 
@@ -147,9 +149,11 @@ def _step(state: train.TrainState, data, *, graphdef, loss_fn, config: train.Tra
     `finite` = 0). `split`: each part's rows spread over the mesh's (data, fsdp) devices
     (XLA sums the gradient over them). `mesh`, given only when it splits the model: the state
     (donated) is returned in its `parallel.tree_shardings`, as it came in."""
-    size = jax.tree.leaves(data)[0].shape[0]
-    rows = train.batch_indices(state.key, state.step, size, batch_size)       # [batch]
-    parts = jax.tree.map(lambda x: x[rows].reshape(microbatches, -1, *x.shape[1:]), data)
+    if batch_size is not None:
+        size = jax.tree.leaves(data)[0].shape[0]
+        rows = train.batch_indices(state.key, state.step, size, batch_size)   # [batch]
+        data = jax.tree.map(lambda x: x[rows], data)
+    parts = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[1:]), data)
     if split is not None:                                 # [microbatches, batch / m, ...]
         parts = jax.lax.with_sharding_constraint(parts, split)
 
@@ -174,12 +178,25 @@ def _step(state: train.TrainState, data, *, graphdef, loss_fn, config: train.Tra
     return state, metrics, finite
 
 
-def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray], config: FitConfig,
-        out_dir: str | pathlib.Path, *, key: jax.Array, mesh: Mesh | None = None,
-        ) -> nnx.Module:
+def lower_step(graphdef: nnx.GraphDef, state: train.TrainState, batch: Mapping[str, jax.Array],
+               loss_fn: LossFn, config: FitConfig) -> jax.stages.Lowered:
+    """`fit`'s step on one batch (arrays or `jax.ShapeDtypeStruct`s of batch_size rows), lowered
+    for the default device (`.compile().memory_analysis()`: what a step needs, nothing
+    allocated)."""
+    if config.remat != "none":
+        loss_fn = functools.partial(loss_fn, remat=config.remat)
+    return _step.lower(state, batch, graphdef=graphdef, loss_fn=loss_fn,
+                       config=config.optimizer, batch_size=None,
+                       microbatches=config.microbatches)
+
+
+def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray] | Stream,
+        config: FitConfig, out_dir: str | pathlib.Path, *, key: jax.Array,
+        mesh: Mesh | None = None) -> nnx.Module:
     """Trains `model` (float32 parameters) on `loss_fn` over `data` (arrays with a shared
-    leading axis N); returns the trained model. `out_dir` receives metrics.jsonl (step, loss
-    and loss_fn's metrics every `log_every` steps) and checkpoints/; a rerun resumes.
+    leading axis N, or a `Stream` of batches); returns the trained model. `out_dir` receives
+    metrics.jsonl (step, loss and loss_fn's metrics every `log_every` steps) and checkpoints/;
+    a rerun resumes (`scaffold.run`).
 
     `mesh` (default: this process's first device): the data are replicated on it and each
     batch's rows split over its (data, fsdp) devices (`parallel.batch_sharding`; batch_size /
@@ -189,11 +206,13 @@ def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray], conf
     of several processes (`results.join_processes`): every
     process then calls `fit` alike, with the same model and data; process 0 alone writes the
     metrics, every process its shards of the checkpoints (Orbax)."""
-    out = pathlib.Path(out_dir)
-    size = {k: np.shape(v)[0] for k, v in data.items()}
-    require(len(set(size.values())) == 1, f"data arrays have different lengths: {size}")
-    require(config.batch_size <= min(size.values()),
-            f"FitConfig.batch_size={config.batch_size} exceeds the {min(size.values())} examples")
+    stream = callable(data)
+    if not stream:
+        size = {k: np.shape(v)[0] for k, v in data.items()}
+        require(len(set(size.values())) == 1, f"data arrays have different lengths: {size}")
+        require(config.batch_size <= min(size.values()),
+                f"FitConfig.batch_size={config.batch_size} exceeds the {min(size.values())} "
+                f"examples")
     mesh = mesh or parallel.make_mesh(parallel.DATA, jax.local_devices()[:1])
     shards = parallel.batch_devices(mesh) if parallel.DATA in mesh.axis_names else 1
     require((config.batch_size // config.microbatches) % shards == 0,
@@ -203,34 +222,40 @@ def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray], conf
                           ) if shards > 1 else None                # [microbatches, rows, ...]
     if config.remat != "none":
         loss_fn = functools.partial(loss_fn, remat=config.remat)
-    graphdef, state = init_state(model, config.optimizer, key, mesh)
-    device_data = parallel.put({k: np.asarray(v) for k, v in data.items()},
-                               parallel.replicated(mesh))
-    with Checkpointer(out / "checkpoints", CheckpointConfig(keep_last=1, best_metric=None)
-                      ) as checkpointer:
-        if checkpointer.latest_step() is not None:
-            state = checkpointer.restore(state)  # placed as `state` is (`init_state`)
-            log.info("resuming from step %d (%s)", int(state.step), checkpointer.directory)
-        start = int(state.step)
-        truncate_records(out / "metrics.jsonl", start, "step")
-        bar = tqdm(range(start, config.steps), initial=start, total=config.steps, unit="step",
-                   file=sys.stderr, dynamic_ncols=True)
-        for step in bar:
-            state, metrics, finite = _step(
-                state, device_data, graphdef=graphdef, loss_fn=loss_fn, config=config.optimizer,
-                batch_size=config.batch_size, microbatches=config.microbatches, split=split,
-                mesh=mesh if parallel.is_split_model(mesh) else None)
-            if not bool(finite):  # the step left the state unchanged
-                metrics = {k: float(parallel.host_array(v)) for k, v in metrics.items()}
-                raise FloatingPointError(f"step {step}: non-finite loss or gradient (metrics "
-                                         f"{metrics}); the step was not applied and the run "
-                                         f"stops (last checkpoint: step "
-                                         f"{checkpointer.latest_step()})")
-            if step % config.log_every == 0 or step + 1 == config.steps:
-                metrics = {k: float(parallel.host_array(v)) for k, v in metrics.items()}
-                append_record(out / "metrics.jsonl", {"step": step, **metrics})
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-                checkpointer.save(step + 1, state)
-        checkpointer.wait()
+    graphdef, state = scaffold.init_state(model, config.optimizer, key, mesh)
+    on_mesh = functools.partial(parallel.put, sharding=parallel.replicated(mesh))
+    dataset = None if stream else on_mesh({k: np.asarray(v) for k, v in data.items()})
+    batches: list[Iterator] = []  # the stream, opened at the first step run
+
+    def step(state: train.TrainState, s: int):
+        if stream:
+            if not batches:
+                batches.append(iter(data(s)))
+            batch = _stream_batch(next(batches[0], None), s, config.batch_size)
+        state, metrics, finite = _step(
+            state, on_mesh(batch) if stream else dataset, graphdef=graphdef, loss_fn=loss_fn,
+            config=config.optimizer, batch_size=None if stream else config.batch_size,
+            microbatches=config.microbatches, split=split,
+            mesh=mesh if parallel.is_split_model(mesh) else None)
+        if not bool(finite):  # the step left the state unchanged
+            metrics = {k: float(parallel.host_array(v)) for k, v in metrics.items()}
+            raise scaffold.NonFinite(f"non-finite loss or gradient (metrics {metrics})")
+        if s % config.log_every == 0 or s + 1 == config.steps:
+            return state, {k: float(parallel.host_array(v)) for k, v in metrics.items()}
+        return state, None
+
+    state = scaffold.run(state, step, scaffold.Schedule(
+        config.steps, config.checkpoint_every, config.keep_checkpoints), out_dir)
     return nnx.merge(graphdef, state.params)
+
+
+def _stream_batch(batch: Mapping[str, np.ndarray] | None, step: int, batch_size: int,
+                  ) -> dict[str, np.ndarray]:
+    """A stream's batch of step `step` as arrays; ValueError naming the step when the stream
+    ended early or the batch has the wrong number of rows."""
+    require(batch is not None, f"step {step}: the data stream ended before FitConfig.steps")
+    batch = {k: np.asarray(v) for k, v in batch.items()}
+    rows = {k: v.shape[0] if v.ndim else None for k, v in batch.items()}
+    require(set(rows.values()) == {batch_size}, f"step {step}: the data stream's batch has "
+            f"rows {rows}, expected FitConfig.batch_size={batch_size} for every array")
+    return batch

@@ -36,7 +36,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxlab import parallel
-from jaxlab.config import require
+from jaxlab.config import is_int, require
 from jaxlab.models.decoder import REMAT_POLICIES, positions_of
 from jaxlab.rl import losses
 
@@ -69,47 +69,78 @@ class PolicyBatch(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Settings of the policy-gradient step (hashable: a static argument of the compiled step)."""
+class OptimizerConfig:
+    """AdamW with global-norm clipping and a learning-rate schedule (`make_optimizer`):
 
-    loss: losses.PolicyLossConfig = dataclasses.field(default_factory=losses.PolicyLossConfig)
-    learning_rate: float = 1e-6  # AdamW; the paper gives no value
+      rate(s) = learning_rate * s / warmup_steps                            s < warmup_steps
+              = learning_rate                                               decay_steps None
+              = learning_rate * (1 + cos(pi (s - w) / (decay_steps - w))) / 2  (cosine, to 0)
+    """
+
+    learning_rate: float = 1e-6  # the peak rate (the papers give no value for the RL step)
     warmup_steps: int = 0        # linear warmup from 0 to learning_rate over these steps
+    decay_steps: int | None = None  # cosine decay to 0 at this step, warmup included
+    #                              (None: constant after the warmup)
     adam_eps: float = 1e-8       # AdamW's epsilon: updates of entries whose gradient is far
     #                              below it shrink with the gradient instead of being scaled up
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0   # clip the global gradient norm to this (0: no clipping)
+
+    def __post_init__(self):
+        require(self.learning_rate > 0,
+                f"OptimizerConfig.learning_rate must be > 0, got {self.learning_rate}")
+        require(is_int(self.warmup_steps) and self.warmup_steps >= 0,
+                f"OptimizerConfig.warmup_steps must be an integer >= 0, got "
+                f"{self.warmup_steps!r}")
+        require(self.decay_steps is None or (is_int(self.decay_steps)
+                                             and self.decay_steps > self.warmup_steps),
+                f"OptimizerConfig.decay_steps must be None or an integer > warmup_steps="
+                f"{self.warmup_steps} (the cosine decay follows the warmup), got "
+                f"{self.decay_steps!r}")
+        require(self.adam_eps > 0, f"OptimizerConfig.adam_eps must be > 0, got {self.adam_eps}")
+        require(self.weight_decay >= 0,
+                f"OptimizerConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        require(self.max_grad_norm >= 0,
+                f"OptimizerConfig.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Settings of the policy-gradient step (hashable: a static argument of the compiled step):
+    its loss, its optimizer, and how it spends memory. The policy's temperature is the
+    rollout's, an argument of `train_step` (`jaxlab.rl.loop.LoopConfig.temperature`)."""
+
+    loss: losses.PolicyLossConfig = dataclasses.field(default_factory=losses.PolicyLossConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     microbatches: int = 1        # gradient accumulation: each device's slice in this many parts
-    temperature: float = 1.0     # the sampling temperature: the policy is softmax(logits / T)
     logprob_chunk: int = 512     # positions per chunk of the output head (memory: [B, chunk, V])
     remat: str = "none"          # what the backward pass keeps of each decoder layer
     #                              (`decoder.REMAT_POLICIES`): "none" every activation, "full"
     #                              its input only, "dots" also its projections' outputs
 
     def __post_init__(self):
-        require(self.learning_rate > 0,
-                f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
-        require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
-                f"TrainConfig.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        require(self.adam_eps > 0, f"TrainConfig.adam_eps must be > 0, got {self.adam_eps}")
-        require(self.weight_decay >= 0,
-                f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
-        require(self.max_grad_norm >= 0,
-                f"TrainConfig.max_grad_norm must be >= 0, got {self.max_grad_norm}")
         require(isinstance(self.microbatches, int) and self.microbatches >= 1,
                 f"TrainConfig.microbatches must be an integer >= 1, got {self.microbatches!r}")
-        require(self.temperature > 0,
-                f"TrainConfig.temperature must be > 0 (the sampling temperature; greedy "
-                f"rollouts have no policy ratio), got {self.temperature}")
         require(isinstance(self.logprob_chunk, int) and self.logprob_chunk >= 1,
                 f"TrainConfig.logprob_chunk must be an integer >= 1, got {self.logprob_chunk!r}")
         require(self.remat in REMAT_POLICIES,
                 f"TrainConfig.remat must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+def require_temperature(temperature: float) -> None:
+    """The policy pi_T = softmax(logits / T) needs T > 0 (greedy rollouts have no ratio)."""
+    require(temperature > 0, f"the policy's temperature must be > 0 (the rollouts' sampling "
+                             f"temperature; greedy rollouts have no policy ratio), got "
+                             f"{temperature}")
+
+
+def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+    """AdamW at `config`'s schedule (`OptimizerConfig`), after global-norm clipping."""
     rate = config.learning_rate
-    if config.warmup_steps:
+    if config.decay_steps is not None:
+        rate = optax.warmup_cosine_decay_schedule(0.0, rate, config.warmup_steps,
+                                                  config.decay_steps)
+    elif config.warmup_steps:
         rate = optax.linear_schedule(0.0, rate, config.warmup_steps)
     adamw = optax.adamw(rate, eps=config.adam_eps, weight_decay=config.weight_decay)
     if config.max_grad_norm == 0:
@@ -117,7 +148,7 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
 
 
-def init_train_state(model: nnx.Module, config: TrainConfig, key: jax.Array,
+def init_train_state(model: nnx.Module, config: OptimizerConfig, key: jax.Array,
                      ) -> tuple[nnx.GraphDef, TrainState]:
     """Splits `model` into its graph definition and a train state at step 0.
 
@@ -137,6 +168,15 @@ def init_train_state(model: nnx.Module, config: TrainConfig, key: jax.Array,
     params, key = jax.tree.map(jnp.copy, (params, key))
     state = TrainState(params=params, opt_state=make_optimizer(config).init(params),
                        step=jnp.zeros((), jnp.int32), key=key)
+    return graphdef, state
+
+
+def abstract_train_state(model_fn, config: OptimizerConfig,
+                         ) -> tuple[nnx.GraphDef, TrainState]:
+    """(graph, the train state as `jax.ShapeDtypeStruct`s) of the model `model_fn()` builds,
+    nothing allocated: what a step is lowered on to read its compiled memory."""
+    graphdef = nnx.graphdef(nnx.eval_shape(model_fn))
+    state = jax.eval_shape(lambda: init_train_state(model_fn(), config, jax.random.key(0))[1])
     return graphdef, state
 
 
@@ -255,7 +295,7 @@ def check_batch(batch: PolicyBatch, num_shards: int, microbatches: int,
 
 
 def _local_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef,
-                config: TrainConfig, num_shards: int, axis: str | None,
+                config: TrainConfig, temperature: float, num_shards: int, axis: str | None,
                 rows: jax.sharding.Sharding | None = None,
                 shared: SharedPrompts | None = None,
                 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -279,7 +319,7 @@ def _local_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef
     def loss_fn(params, part: PolicyBatch, part_weights):
         logp, ent = sequence_logprobs(
             nnx.merge(graphdef, params), part.tokens, part.mask,
-            temperature=config.temperature, chunk=config.logprob_chunk,
+            temperature=temperature, chunk=config.logprob_chunk,
             entropy_grad=config.loss.entropy_coef > 0, remat=config.remat,
             sharding=rows, shared=shared)                                # [b, T] each
         per_token, terms = losses.policy_loss_per_token(
@@ -307,10 +347,10 @@ def _local_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef
     # A non-finite loss or gradient (NaN advantages, overflow) must not reach the weights.
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     metrics["finite"] = finite.astype(jnp.float32)
-    return apply_if_finite(state, grads, config, finite, empty), metrics
+    return apply_if_finite(state, grads, config.optimizer, finite, empty), metrics
 
 
-def apply_if_finite(state: TrainState, grads, config: TrainConfig, finite: jax.Array,
+def apply_if_finite(state: TrainState, grads, config: OptimizerConfig, finite: jax.Array,
                     empty: jax.Array | bool = False) -> TrainState:
     """One `make_optimizer(config)` update of `state` by `grads`, taken only where `finite`
     ([] bool) holds and the loss is not `empty` ([] bool: its mask covers no token, e.g. every
@@ -327,10 +367,11 @@ def apply_if_finite(state: TrainState, grads, config: TrainConfig, finite: jax.A
 
 
 # The state is replaced by its successor, so its buffers are donated.
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "mesh", "shared"),
-                   donate_argnames="state")
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "mesh", "temperature",
+                                             "shared"), donate_argnames="state")
 def train_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef,
-               config: TrainConfig, mesh: Mesh, shared: SharedPrompts | None = None,
+               config: TrainConfig, mesh: Mesh, temperature: float = 1.0,
+               shared: SharedPrompts | None = None,
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One policy-gradient step on the whole batch: data-parallel over `mesh`'s DATA axis, or,
     on a mesh that splits the model (`parallel.is_split_model`), partitioned by XLA over
@@ -348,6 +389,8 @@ def train_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef,
         config.microbatches, best placed with `parallel.batch_sharding(mesh)`.
       graphdef: the model's `nnx.split` graph definition.
       mesh: a mesh with a `parallel.DATA` axis (`parallel.single_device_mesh()`: one device).
+      temperature: T of the policy pi_T = softmax(logits / T), the rollouts' sampling
+        temperature (> 0): the ratios compare pi_T with the `old_logp` sampled at T.
       shared: the batch's rows in groups that share their prompt columns, each prompt run once
         (`SharedPrompts`; each device's micro-batch must hold whole groups); None: row by row.
     Returns:
@@ -357,19 +400,21 @@ def train_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef,
       the loss or the gradient was not finite: the state is then returned unchanged, step
       included).
     """
+    require_temperature(temperature)
     require(parallel.DATA in mesh.axis_names,
             f"the mesh must have a {parallel.DATA!r} axis, got axes {mesh.axis_names}")
     if parallel.is_split_model(mesh):
         check_batch(batch, parallel.batch_devices(mesh), config.microbatches, shared)
         state, metrics = _local_step(state, batch, graphdef=graphdef, config=config,
-                                     num_shards=1, axis=None,
+                                     temperature=temperature, num_shards=1, axis=None,
                                      rows=parallel.batch_sharding(mesh), shared=shared)
         return jax.lax.with_sharding_constraint(state, parallel.tree_shardings(state, mesh)), \
             metrics
     num_shards = mesh.shape[parallel.DATA]
     check_batch(batch, num_shards, config.microbatches, shared)
     local = functools.partial(_local_step, graphdef=graphdef, config=config,
-                              num_shards=num_shards, axis=parallel.DATA, shared=shared)
+                              temperature=temperature, num_shards=num_shards,
+                              axis=parallel.DATA, shared=shared)
     # check_vma=False keeps the gradients of the replicated parameters per device, as under
     # pmap, for the explicit pmean (with the check on, autodiff would already sum them).
     return jax.shard_map(local, mesh=mesh, check_vma=False,

@@ -17,17 +17,22 @@ def test_problems_are_deterministic_and_their_solutions_are_right():
             assert sum(int(x) for x in left.split("+")) == int(right)
 
 
-def test_training_batch_masks_the_solution_and_eos():
+def test_training_rows_mask_the_solution_and_eos():
+    from jaxlab.deepconf import arithmetic_model
+    from jaxlab.rl import sft
+
     p = arithmetic.make_problems(1, 2, seed=0)[0]
-    tokens, mask = arithmetic.training_batch([p], 48)
+    row = sft.sft_batch(*([part] for part in arithmetic_model.example(p)), 48)
+    tokens, mask, loss_mask = row["tokens"], row["mask"], row["loss_mask"]
     prompt, solution = arithmetic.encode(p.prompt), arithmetic.encode(p.solution)
     end = len(prompt) + len(solution)
     assert tokens[0, end] == arithmetic.VOCAB.index(arithmetic.EOS)
-    assert mask[0, :len(prompt)].sum() == 0 and mask[0, len(prompt):end + 1].all()
-    assert not mask[0, end + 1:].any() and not tokens[0, end + 1:].any()
+    assert loss_mask[0, :len(prompt)].sum() == 0 and loss_mask[0, len(prompt):end + 1].all()
+    assert not loss_mask[0, end + 1:].any() and not tokens[0, end + 1:].any()
+    assert mask[0, :end + 1].all() and not mask[0, end + 1:].any()
     assert arithmetic.decode(tokens[0]) == p.prompt + p.solution
     with pytest.raises(ValueError, match="tokens > length 10"):
-        arithmetic.training_batch([p], 10)
+        sft.sft_batch(*([part] for part in arithmetic_model.example(p)), 10)
     with pytest.raises(ValueError, match="not in the task's vocabulary"):
         arithmetic.encode("Q: 1*2")
 

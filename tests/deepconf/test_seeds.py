@@ -116,7 +116,8 @@ def test_every_deepconf_config_loads(experiment, config, monkeypatch):
 
 
 def test_problems_longer_than_the_training_length_are_replaced(caplog):
-    from jaxlab.deepconf import arithmetic
+    from jaxlab.deepconf import arithmetic, arithmetic_model
+    from jaxlab.rl import sft
 
     class Nines:  # every number 99: the longest sums, so the longest solution
         def integers(self, low, high, size):
@@ -125,20 +126,24 @@ def test_problems_longer_than_the_training_length_are_replaced(caplog):
     # 53 prompt + 203 solution + EOS: the longest 16-term problem does not fit length 256
     longest = arithmetic.make_problem(Nines(), 16, 0)
     assert longest.answer == "1584" and arithmetic.token_count(longest) == 257
-    with pytest.raises(ValueError, match="needs 257 tokens > length 256"):
-        arithmetic.training_batch([longest], 256)
+    with pytest.raises(ValueError, match="has 257 tokens > length 256"):
+        sft.sft_batch(*([part] for part in arithmetic_model.example(longest)), 256)
     # 4-term problems need 59 to 65 tokens: at length 64 the longer ones are replaced by the
     # next problems of the stream, which are the same as at a length that fits them all
-    config = functools.partial(train_arithmetic.Config, terms=4, steps=3, batch=8,
-                               warmup_steps=0, seed=5)
+    config = functools.partial(arithmetic_model.Config, terms=4, seed=5,
+                               fit=sft.FitConfig(steps=3, batch_size=8))
     stream = np.random.default_rng(5)
     every = [arithmetic.make_problem(stream, 4, i) for i in range(200)]
     fitting = [p for p in every if arithmetic.token_count(p) <= 64]
     assert len(fitting) >= 24 and fitting[:24] != every[:24]  # some of the first are too long
     with caplog.at_level("WARNING", logger="jaxlab"):
-        rows = [tokens for tokens, _ in train_arithmetic.batches(config(length=64), start=0)]
-    expected = arithmetic.training_batch(fitting[:24], 64)[0]
+        rows = [b["tokens"] for b in arithmetic_model.batches(config(length=64), start=0)]
+    expected = sft.sft_batch(*zip(*map(arithmetic_model.example, fitting[:24]), strict=True),
+                             64)["tokens"]
     np.testing.assert_array_equal(np.concatenate(rows), expected)
+    # a resumed stream reads the batches of the steps it resumes at
+    resumed = [b["tokens"] for b in arithmetic_model.batches(config(length=64), start=1)]
+    np.testing.assert_array_equal(np.concatenate(resumed), expected[8:])
     assert "longer than length=64 tokens replaced" in caplog.text
     with pytest.raises(ValueError, match="length=30 is too short for terms=4"):
-        next(train_arithmetic.batches(config(length=30), start=0))
+        next(arithmetic_model.batches(config(length=30), start=0))

@@ -15,8 +15,9 @@ from jaxlab.models import zoo
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "experiments"))
 
 # train_arithmetic.py at the smallest size that trains (seconds on a CPU).
-TINY_TRAINING = ("terms=2", "steps=6", "batch=4", "length=40", "warmup_steps=1",
-                 "hidden_size=16", "layers=1", "heads=2", "eval_problems=2", "checkpoint_every=2")
+TINY_TRAINING = ("terms=2", "fit.steps=6", "fit.batch_size=4", "length=40",
+                 "fit.optimizer.warmup_steps=1", "fit.optimizer.decay_steps=6", "hidden_size=16",
+                 "layers=1", "heads=2", "eval_problems=2", "fit.checkpoint_every=2")
 
 
 def snapshot(folder: pathlib.Path) -> dict[str, bytes] | None:
@@ -56,7 +57,7 @@ def trained(tmp_path_factory) -> tuple[list[str], pathlib.Path]:
     out = tmp_path_factory.mktemp("trained") / "run"
     argv = [f"out_dir={out}", *TINY_TRAINING]
     with pytest.raises(SystemExit):
-        train_arithmetic.main([*argv, "steps=1"])
+        train_arithmetic.main([*argv, "fit.steps=1"])
     assert not out.exists()
     with pytest.MonkeyPatch.context() as patch:
         skip_eval(patch)

@@ -31,8 +31,9 @@ TIMINGS = ("seconds", "offline_seconds", "seconds_saved", "peak_gib", "encoding"
            "rollout_seconds", "train_seconds", "seconds_this_run", "rollout_tokens_per_s",
            "train_tokens_per_s")
 
-TINY_MODEL = ["terms=2", "steps=60", "batch=8", "length=40", "warmup_steps=5", "hidden_size=32",
-              "layers=1", "heads=2", "eval_problems=4", "checkpoint_every=5"]
+TINY_MODEL = ["terms=2", "fit.steps=60", "fit.batch_size=8", "length=40",
+              "fit.optimizer.warmup_steps=5", "fit.optimizer.decay_steps=60", "hidden_size=32",
+              "layers=1", "heads=2", "eval_problems=4", "fit.checkpoint_every=5"]
 
 
 def job_args(job: str, work: pathlib.Path) -> list[str]:
@@ -44,7 +45,7 @@ def job_args(job: str, work: pathlib.Path) -> list[str]:
         subprocess.run([sys.executable, str(ROOT / "experiments" / "train_arithmetic.py"),
                         f"out_dir={model}", *TINY_MODEL], check=True, capture_output=True)
     if job == "train_grpo":
-        return ["train_grpo.py", f"model={model}", "terms=2", "loop.iterations=6",
+        return ["train_grpo.py", f"model={model}", "terms=2", "loop.steps=6",
                 "loop.prompts=2", "loop.group_size=2", "loop.max_prompt_tokens=12",
                 "loop.max_new_tokens=24", "loop.stop_ids=[1]", "loop.checkpoint_every=1"]
     if job == "deepconf":

@@ -14,9 +14,10 @@ from .conftest import refused, snapshot
 
 
 @pytest.mark.parametrize("bad,names", [
-    ("steps=1", ["warmup_steps=1", "steps=1"]),           # case 1: steps below the warmup
-    ("warmup_steps=-5", ["warmup_steps=-5"]),             # case 6: a negative warmup
-    ("batch=x", ["batch='x'"]),                           # a wrong-typed override
+    ("fit.steps=1", ["decay_steps=6", "steps=1"]),        # case 1: steps below the schedule
+    ("fit.optimizer.warmup_steps=-5", ["warmup_steps", "-5"]),  # case 6: a negative warmup
+    ("fit.batch_size=x", ["fit.batch_size='x'"]),         # a wrong-typed override
+    ("batch=4", ["'batch' was renamed 'fit.batch_size'"]),  # a key of an earlier version
 ])
 def test_train_arithmetic_refuses_before_writing(capsys, trained, bad, names):
     argv, out = trained

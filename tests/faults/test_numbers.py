@@ -11,7 +11,7 @@ from flax import nnx
 from jaxlab import parallel
 from jaxlab.rl import advantages as adv
 from jaxlab.rl import train
-from tests.rl.test_train import PLAIN, VOCAB, make_batch, on, tiny
+from tests.rl.test_train import PLAIN, TEMPERATURE, VOCAB, make_batch, on, tiny
 
 # The batch, config and mesh of tests/rl/test_train.py: in one session the step compiles once.
 CONFIG = PLAIN
@@ -23,7 +23,7 @@ def setup():
     """A model, its train state and a batch with old_logp near the model's own, placed as the
     step wants them."""
     model = tiny()
-    graphdef, state = train.init_train_state(model, CONFIG, jax.random.key(7))
+    graphdef, state = train.init_train_state(model, CONFIG.optimizer, jax.random.key(7))
     state, batch = on(MESH, state, make_batch(graphdef, state.params))
     return model, graphdef, state, batch
 
@@ -44,13 +44,15 @@ def test_one_bad_value_leaves_the_state_unchanged(setup, fault):
            "token": lambda b: b._replace(tokens=b.tokens.at[3, 4].set(VOCAB + 7))}[fault](batch)
     before = _params(state)
     copy = jax.tree.map(jnp.copy, state)                  # the step donates its state
-    after, metrics = train.train_step(copy, bad, graphdef=graphdef, config=CONFIG, mesh=MESH)
+    after, metrics = train.train_step(copy, bad, graphdef=graphdef, config=CONFIG,
+                                      temperature=TEMPERATURE, mesh=MESH)
     assert metrics["finite"] == 0 and not np.isfinite(metrics["loss"])
     assert int(after.step) == int(state.step)
     for x, y in zip(_params(after), before, strict=True):
         np.testing.assert_array_equal(x, y)
     # the same state then trains on the clean batch: a real step, every weight finite
-    after, metrics = train.train_step(after, batch, graphdef=graphdef, config=CONFIG, mesh=MESH)
+    after, metrics = train.train_step(after, batch, graphdef=graphdef, config=CONFIG,
+                                      temperature=TEMPERATURE, mesh=MESH)
     assert metrics["finite"] == 1 and int(after.step) == int(state.step) + 1
     assert all(np.isfinite(x).all() for x in _params(after))
     assert any((x != y).any() for x, y in zip(_params(after), before, strict=True))
@@ -64,12 +66,12 @@ def test_callers_model_and_key_survive_the_step(setup):                         
         return np.asarray(train.policy_logprobs(graphdef, nnx.state(model, nnx.Param),
                                                 batch.tokens, batch.mask))
 
-    graphdef, state = train.init_train_state(model, CONFIG, key)
+    graphdef, state = train.init_train_state(model, CONFIG.optimizer, key)
     state, _ = on(MESH, state, batch)
     want = logprobs()
     for _ in range(2):                                    # each step donates the state
         state, metrics = train.train_step(state, batch, graphdef=graphdef, config=CONFIG,
-                                          mesh=MESH)
+                                          temperature=TEMPERATURE, mesh=MESH)
         assert metrics["finite"] == 1
     np.testing.assert_array_equal(logprobs(), want)
     np.testing.assert_array_equal(jax.random.key_data(key),

@@ -11,6 +11,7 @@ import pytest
 import train_arithmetic
 
 from jaxlab import jsonl
+from jaxlab.rl import sft
 
 from .conftest import TINY_TRAINING, skip_eval
 
@@ -24,7 +25,7 @@ def test_train_arithmetic_resumes_exactly_past_a_damaged_checkpoint(            
     _, whole = trained                                    # the uninterrupted run
     skip_eval(monkeypatch)
     want = json.loads((whole / "train_metrics.json").read_text())
-    step = train_arithmetic.train_step
+    step = sft._step
     calls = []
 
     def dies_at_step_5(*args, **kwargs):
@@ -34,10 +35,10 @@ def test_train_arithmetic_resumes_exactly_past_a_damaged_checkpoint(            
         return step(*args, **kwargs)
 
     cut = tmp_path / "cut"
-    monkeypatch.setattr(train_arithmetic, "train_step", dies_at_step_5)
+    monkeypatch.setattr(sft, "_step", dies_at_step_5)
     with pytest.raises(Killed):
         train_arithmetic.main([f"out_dir={cut}", *TINY_TRAINING])
-    monkeypatch.setattr(train_arithmetic, "train_step", step)
+    monkeypatch.setattr(sft, "_step", step)
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["2", "4"]
     (cut / "checkpoints" / "4" / "default" / "_METADATA").write_text("{")   # damaged
     with caplog.at_level(logging.INFO, "jaxlab"):

@@ -139,7 +139,7 @@ def test_two_processes_equal_one_process_of_as_many_devices(tmp_path):
     # each appended record is there once, not once per process.
     files = tmp_path / "multi.npz.files"
     assert (files / "records.jsonl").read_text() == "".join(f'{{"i": {i}}}\n' for i in range(3))
-    assert (files / "metrics.jsonl").read_text() == '{"iteration": 0}\n'
+    assert (files / "metrics.jsonl").read_text() == '{"step": 0}\n'
     assert json.loads((files / "summary.json").read_text()) == {"processes": 2}
     assert (files / "figure.png").read_bytes().startswith(b"\x89PNG")
 

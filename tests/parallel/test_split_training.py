@@ -14,7 +14,7 @@ from flax import nnx
 from jaxlab import parallel
 from jaxlab.checkpoint import Checkpointer
 from jaxlab.models.decoder import Decoder
-from jaxlab.rl import loop, sft
+from jaxlab.rl import loop, sft, train
 from tests.rl import loop_job
 
 
@@ -88,9 +88,9 @@ def test_a_loop_resumed_on_a_split_mesh_restores_split_and_ends_as_one_that_neve
     config = dataclasses.replace(loop_job.config(2), prompts=4, group_size=4)
     mesh = parallel.make_train_mesh(1, 8, 1)
 
-    def run(out, iterations):
+    def run(out, steps):
         return loop.run(Decoder(loop_job.CONFIG, nnx.Rngs(0)), loop_job.prompt_fn,
-                        loop_job.reward_fn, dataclasses.replace(config, iterations=iterations),
+                        loop_job.reward_fn, dataclasses.replace(config, steps=steps),
                         tmp_path / out, key=jax.random.key(0), mesh=mesh)[1]
 
     whole = run("whole", 2)
@@ -115,8 +115,9 @@ def _data():
 def test_fit_on_a_split_mesh_equals_one_device_holds_its_shards_and_resumes_split(
         tmp_path, monkeypatch):
     # 2 micro-batches of 8 rows each split over the 8 fsdp devices.
-    config = sft.FitConfig(steps=4, batch_size=16, microbatches=2, learning_rate=1e-2,
-                           warmup_steps=1, log_every=1, checkpoint_every=2)
+    config = sft.FitConfig(steps=4, batch_size=16, microbatches=2, log_every=1,
+                           checkpoint_every=2, optimizer=train.OptimizerConfig(
+                               learning_rate=1e-2, warmup_steps=1))
     mesh = parallel.make_train_mesh(1, 8, 1)
 
     def fit(out, where, steps=4):
@@ -130,7 +131,7 @@ def test_fit_on_a_split_mesh_equals_one_device_holds_its_shards_and_resumes_spli
                     strict=True):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
     diffs = _diffs(one, split)
-    assert np.mean(diffs <= 1e-6) > 0.995 and diffs.max() <= 8 * config.learning_rate
+    assert np.mean(diffs <= 1e-6) > 0.995 and diffs.max() <= 8 * config.optimizer.learning_rate
     _assert_split_eight_ways(_held(split))
 
     fit("resumed", mesh, steps=2)

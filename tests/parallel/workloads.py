@@ -22,7 +22,7 @@ from tests.rl import loop_job
 SOLVER = fe.SolverConfig(check_every=10, patience=200, max_steps=500)
 TINY = DecoderConfig(family="qwen3", vocab_size=32, hidden_size=16, intermediate_size=32,
                      num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, qk_norm=True)
-CONFIG = train.TrainConfig(learning_rate=1e-2)
+CONFIG = train.TrainConfig(optimizer=train.OptimizerConfig(learning_rate=1e-2))
 
 
 def free_embedding_batch() -> dict[str, np.ndarray]:
@@ -38,7 +38,7 @@ def policy_step(checkpoints: str | None = None) -> dict[str, np.ndarray]:
     restored under other meshes ("restored:", `checkpoint_round_trip`) and whole on each
     process ("whole:", `whole_state_round_trip`)."""
     mesh = parallel.make_mesh(parallel.DATA)
-    graphdef, state = train.init_train_state(Decoder(TINY, nnx.Rngs(0)), CONFIG,
+    graphdef, state = train.init_train_state(Decoder(TINY, nnx.Rngs(0)), CONFIG.optimizer,
                                              jax.random.key(0))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, TINY.vocab_size, (16, 8)).astype(np.int32)
@@ -67,8 +67,8 @@ def policy_step(checkpoints: str | None = None) -> dict[str, np.ndarray]:
 
 def abstract_state() -> train.TrainState:
     """Shapes and dtypes of the tiny decoder's train state."""
-    return jax.eval_shape(lambda: train.init_train_state(Decoder(TINY, nnx.Rngs(0)), CONFIG,
-                                                         jax.random.key(0))[1])
+    return jax.eval_shape(lambda: train.init_train_state(
+        Decoder(TINY, nnx.Rngs(0)), CONFIG.optimizer, jax.random.key(0))[1])
 
 
 def host_leaves(tree) -> dict[str, np.ndarray]:
@@ -116,7 +116,8 @@ def whole_state_round_trip(state: train.TrainState, directory: str) -> dict[str,
 def distinct_state() -> train.TrainState:
     """The tiny decoder's train state with every float array (parameters, Adam moments) drawn
     anew and the step at 7, so that a restore that mixed up or dropped arrays would show."""
-    _, state = train.init_train_state(Decoder(TINY, nnx.Rngs(0)), CONFIG, jax.random.key(0))
+    _, state = train.init_train_state(Decoder(TINY, nnx.Rngs(0)), CONFIG.optimizer,
+                                      jax.random.key(0))
     leaves, tree = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     leaves = [jax.random.normal(k, x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating)
@@ -136,8 +137,8 @@ def results_files(folder: str) -> None:
     results.write_json(folder / "summary.json", {"processes": jax.process_count()})
     for i in range(3):
         jsonl.append_record(folder / "records.jsonl", {"i": i})
-    loop.append_record(folder / "metrics.jsonl", {"iteration": 0})
-    loop.truncate_records(folder / "metrics.jsonl", 1)
+    jsonl.append_record(folder / "metrics.jsonl", {"step": 0})
+    jsonl.truncate_records(folder / "metrics.jsonl", 1, "step")
     store = arrays.open_store(folder / "store", {"x": ((5, 2), "float32")}, chunk_rows=2)
     rows = np.arange(10, dtype=np.float32).reshape(5, 2)
     assert arrays.fill(store, lambda start, stop: {"x": rows[start:stop]}) == [0, 1, 2]
@@ -170,7 +171,7 @@ def rl_run(out_dir: str, mesh: jax.sharding.Mesh | None = None, name: str = "rl"
                                mesh=mesh or parallel.make_mesh(parallel.DATA))
     hf.save_pretrained(nnx.merge(graphdef, state.params), pathlib.Path(out_dir) / "policy")
     records = jsonl.resume_records(pathlib.Path(out_dir) / "metrics.jsonl")
-    assert [r["iteration"] for r in records] == [0, 1], records
+    assert [r["step"] for r in records] == [0, 1], records
     found = {f"{name}:{metric}": np.asarray([r[metric] for r in records])
              for metric in records[0] if "seconds" not in metric and not metric.endswith("_per_s")}
     found.update({f"{name}:param:{k}": v for k, v in host_leaves(state.params).items()})
@@ -203,8 +204,9 @@ def audit_writes(folder: str, exclude: str) -> list[str]:
     return seen
 
 
-SFT_CONFIG = sft.FitConfig(steps=4, batch_size=16, microbatches=2, learning_rate=1e-2,
-                           warmup_steps=0, log_every=1, checkpoint_every=2)
+SFT_CONFIG = sft.FitConfig(steps=4, batch_size=16, microbatches=2, log_every=1,
+                           checkpoint_every=2, optimizer=train.OptimizerConfig(
+                               learning_rate=1e-2, warmup_steps=0))
 
 
 def sft_run(out_dir: str, mesh: jax.sharding.Mesh | None, name: str = "sft",

@@ -29,18 +29,19 @@ def reward_fn(prompts, responses, truncated):
                        for group in responses])
 
 
-def config(iterations: int) -> loop.LoopConfig:
-    return loop.LoopConfig(iterations=iterations, prompts=4, group_size=4, max_prompt_tokens=4,
+def config(steps: int) -> loop.LoopConfig:
+    return loop.LoopConfig(steps=steps, prompts=4, group_size=4, max_prompt_tokens=4,
                            max_new_tokens=6, stop_ids=(2,), minibatches=2, checkpoint_every=1,
-                           train=train.TrainConfig(learning_rate=1e-2, temperature=0.9))
+                           temperature=0.9, train=train.TrainConfig(
+                               optimizer=train.OptimizerConfig(learning_rate=1e-2)))
 
 
-def main(out: str, iterations: int) -> None:
+def main(out: str, steps: int) -> None:
     logger = logging.getLogger("jaxlab")
     logger.addHandler(logging.StreamHandler())
     logger.setLevel(logging.INFO)
     _, state = loop.run(Decoder(CONFIG, nnx.Rngs(0)), prompt_fn, reward_fn,
-                        config(iterations), out, key=jax.random.key(0))
+                        config(steps), out, key=jax.random.key(0))
     leaves = [np.asarray(x) for x in jax.tree.leaves(state.params)]
     np.savez(os.path.join(out, "final.npz"), *leaves)
 

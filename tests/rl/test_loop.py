@@ -38,13 +38,12 @@ def test_on_policy_ratio_is_one_on_a_left_padded_sampled_batch(dtype):
     batch's layout (mask, loss mask, positions) follows the sampler's."""
     model = Decoder(dataclasses.replace(loop_job.CONFIG, dtype=dtype), nnx.Rngs(0))
     prompts = [[3, 4, 5], [7, 8, 9, 10], [5]]
-    config = train.TrainConfig(temperature=0.8, logprob_chunk=3,
-                               loss=losses.PolicyLossConfig(kl_coef=0.1))
+    config = train.TrainConfig(logprob_chunk=3, loss=losses.PolicyLossConfig(kl_coef=0.1))
     sampling = sampler.SamplingConfig(max_new_tokens=6, temperature=0.8, top_p=0.9, n=2,
                                       stop_ids=(2,), confidence=False)
     samples = sampler.sample(model, prompts, jax.random.key(1), sampling, prompt_length=5)
     rows = np.asarray([(i // 2, i) for i in range(6)])
-    batch = rollout.policy_batch(prompts, samples, rows, 5, model, config)
+    batch = rollout.policy_batch(prompts, samples, rows, 5, model, config, 0.8)
     graphdef, params = nnx.split(model)
     logp = train.policy_logprobs(graphdef, params, batch.tokens, batch.mask, temperature=0.8,
                                  chunk=3)
@@ -53,7 +52,8 @@ def test_on_policy_ratio_is_one_on_a_left_padded_sampled_batch(dtype):
     np.testing.assert_allclose(ratio[batch.loss_mask > 0], 1.0, atol=tolerance)
     np.testing.assert_allclose(batch.ref_logp, batch.old_logp, atol=tolerance)  # same model
     # The rows come in pairs of one prompt: the reference pass may run each prompt once.
-    grouped = rollout.policy_batch(prompts, samples, rows, 5, model, config, group_size=2)
+    grouped = rollout.policy_batch(prompts, samples, rows, 5, model, config, 0.8,
+                                   group_size=2)
     np.testing.assert_allclose(grouped.ref_logp, batch.ref_logp, atol=tolerance / 10)
     lengths = np.asarray(samples.lengths)
     for i, (p, trace) in enumerate(rows):
@@ -93,9 +93,10 @@ def test_grpo_learns_a_one_token_bandit(tmp_path):
         return np.asarray([[float(r == [target]) for r in group] for group in responses])
 
     model = tiny()
-    config = loop.LoopConfig(iterations=25, prompts=2, group_size=8, max_prompt_tokens=1,
+    config = loop.LoopConfig(steps=25, prompts=2, group_size=8, max_prompt_tokens=1,
                              max_new_tokens=1, checkpoint_every=100, max_refills=0,
-                             train=train.TrainConfig(learning_rate=3e-2, temperature=1.0))
+                             temperature=1.0, train=train.TrainConfig(
+                                 optimizer=train.OptimizerConfig(learning_rate=3e-2)))
     probability = lambda m: float(jax.nn.softmax(m(jnp.asarray([[3]]))[0, -1])[target])
     before = probability(model)
     graphdef, state = loop.run(model, prompt_fn, reward_fn, config, tmp_path,
@@ -103,7 +104,7 @@ def test_grpo_learns_a_one_token_bandit(tmp_path):
     after = probability(nnx.merge(graphdef, state.params))
     assert before < 0.2 and after > 0.9, (before, after)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records] == list(range(25))
+    assert [r["step"] for r in records] == list(range(25))
     assert records[-1]["reward_mean"] > records[0]["reward_mean"]
     for name in ("reward_std", "response_length", "entropy", "clipped", "grad_norm",
                  "rollout_tokens_per_s", "train_tokens_per_s", "groups_dropped"):
@@ -128,17 +129,17 @@ def test_sharded_loop_equals_single_device(tmp_path, data_mesh8):
     assert np.mean(diffs <= 1e-6) > 0.995 and diffs.max() <= 8e-2
 
 
-def _job(out, iterations):
+def _job(out, steps):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen([sys.executable, "-m", "tests.rl.loop_job", str(out),
-                             str(iterations)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             str(steps)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
 def test_a_run_killed_by_sigkill_resumes_bit_exactly(tmp_path):
-    iterations = 6
-    whole = _job(tmp_path / "whole", iterations)
-    killed = _job(tmp_path / "killed", iterations)
+    steps = 6
+    whole = _job(tmp_path / "whole", steps)
+    killed = _job(tmp_path / "killed", steps)
     metrics = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and killed.poll() is None:
@@ -149,10 +150,10 @@ def test_a_run_killed_by_sigkill_resumes_bit_exactly(tmp_path):
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "killed" / "final.npz").exists()
-    resumed = _job(tmp_path / "killed", iterations)
+    resumed = _job(tmp_path / "killed", steps)
     for job in (whole, resumed):
         assert job.wait(timeout=300) == 0, job.stderr.read()
-    assert "resuming from iteration" in resumed.stderr.read()
+    assert "resuming from step" in resumed.stderr.read()
     a, b = (np.load(tmp_path / d / "final.npz") for d in ("whole", "killed"))
     for name in a.files:
         np.testing.assert_array_equal(a[name], b[name])
@@ -172,7 +173,7 @@ def test_bad_rewards_are_named(tmp_path):
     def raises(prompts, responses, truncated):
         raise KeyError("no answer")
 
-    with pytest.raises(RuntimeError, match=r"iteration 0: the reward function raised.*no answer"):
+    with pytest.raises(RuntimeError, match=r"step 0: the reward function raised.*no answer"):
         _run(tmp_path / "a", raises)
 
     def nan_at_1_2(prompts, responses, truncated):
@@ -198,21 +199,21 @@ def test_bad_rewards_are_named(tmp_path):
 
 def test_long_prompts_and_low_precision_masters_are_refused(tmp_path):
     long = lambda key, count: [loop.Prompt((3, 4, 5, 6, 7))] * count
-    with pytest.raises(ValueError, match=r"iteration 0: .*\(0, 5\).*max_prompt_tokens=4"):
+    with pytest.raises(ValueError, match=r"step 0: .*\(0, 5\).*max_prompt_tokens=4"):
         _run(tmp_path / "a", prompt_fn=long)
     path = zoo.create("qwen3", tmp_path / "model", vocab_size=16)
     with pytest.raises(ValueError, match=r"master parameters must be float32.*activation_dtype"):
-        train.init_train_state(hf.load_pretrained(path, dtype="bfloat16"), train.TrainConfig(),
-                               jax.random.key(0))
+        train.init_train_state(hf.load_pretrained(path, dtype="bfloat16"),
+                               train.OptimizerConfig(), jax.random.key(0))
     with pytest.raises(ValueError, match="temperature must be > 0"):
-        train.TrainConfig(temperature=0.0)
+        loop.LoopConfig(temperature=0.0)
 
 
 def test_a_bf16_compute_step_at_lr_1e6_changes_the_float32_master_weights(tmp_path):
     path = zoo.create("qwen3", tmp_path, vocab_size=16)
     model = hf.load_pretrained(path, dtype="float32", activation_dtype="bfloat16")
-    config = train.TrainConfig(learning_rate=1e-6)
-    graphdef, state = train.init_train_state(model, config, jax.random.key(0))
+    config = train.TrainConfig(optimizer=train.OptimizerConfig(learning_rate=1e-6))
+    graphdef, state = train.init_train_state(model, config.optimizer, jax.random.key(0))
     before = jax.tree.map(np.asarray, state.params)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 16, (4, 8)), jnp.int32)
     batch = train.PolicyBatch(tokens=tokens, mask=jnp.ones((4, 8), jnp.int32),
@@ -232,11 +233,11 @@ def test_a_bf16_compute_step_at_lr_1e6_changes_the_float32_master_weights(tmp_pa
 
 
 def test_a_non_finite_step_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
-    """A learning rate of 1e30 makes the weights overflow after the first iteration: the second
-    one's loss is not finite, the run stops naming it, and iteration 0's checkpoint stays."""
+    """A learning rate of 1e30 makes the weights overflow after the first step: the second
+    one's loss is not finite, the run stops naming it, and step 0's checkpoint stays."""
     config = dataclasses.replace(loop_job.config(4), minibatches=1, train=train.TrainConfig(
-        learning_rate=1e30, max_grad_norm=0.0, temperature=0.9))
-    with pytest.raises(FloatingPointError, match=r"iteration 1 \(optimizer step 2\).*not "
+        optimizer=train.OptimizerConfig(learning_rate=1e30, max_grad_norm=0.0)))
+    with pytest.raises(FloatingPointError, match=r"step 1: optimizer step 2: .*not "
                                                  r"applied.*last checkpoint: step 1"):
         loop.run(tiny(), loop_job.prompt_fn, loop_job.reward_fn, config, tmp_path,
                  key=jax.random.key(0))
@@ -287,7 +288,7 @@ def test_dynamic_sampling_drops_groups_without_variance_and_refills(tmp_path):
         assert mask[row, :width].sum() == len(prompt)
     graphdef, params = nnx.split(model)
     logp = train.policy_logprobs(graphdef, params, batch.tokens, batch.mask,
-                                 temperature=config.train.temperature)
+                                 temperature=config.temperature)
     np.testing.assert_allclose(np.asarray((logp - batch.old_logp) * batch.loss_mask), 0.0,
                                atol=1e-5)
     rewards = np.stack(groups.values["reward"])
@@ -349,13 +350,13 @@ class PrefersShorter:
 def test_brpo_writer_with_a_judge_that_prefers_shorter_texts_shortens_them(tmp_path):
     """BRPO against a judge that prefers shorter responses: the mean response length falls
     (a random-init policy over 16 tokens with stop token 2 starts near the 8-token limit), and
-    the hook sees every iteration's kept groups."""
+    the hook sees every step's kept groups."""
     seen = []
     reward_fn = genrm.brpo_reward_fn(PrefersShorter(), lambda p, a, b: [*a, -1, *b])
     config = dataclasses.replace(loop_job.config(30), max_new_tokens=8, advantage="brpo",
                                  dynamic_sampling=False, checkpoint_every=100)
     loop.run(tiny(), loop_job.prompt_fn, reward_fn, config, tmp_path, key=jax.random.key(0),
-             on_iteration=lambda i, prompts, responses, values: seen.append(
+             on_step=lambda i, prompts, responses, values: seen.append(
                  (i, len(prompts), values["reward"].shape)))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first = np.mean([r["response_length"] for r in records[:5]])

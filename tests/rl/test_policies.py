@@ -14,11 +14,12 @@ from flax import nnx
 from jaxlab import parallel
 from jaxlab.models import backend
 from jaxlab.models.decoder import Decoder
-from jaxlab.rl import loop, train
+from jaxlab.rl import loop, scaffold, train
 from tests.rl import loop_job
 from tests.rl.test_train import (
     PLAIN,
     SHARED,
+    TEMPERATURE,
     assert_params_close,
     fresh_like,
     grouped_batch,
@@ -39,7 +40,7 @@ def test_the_policy_step_under_an_accelerator_policy_is_the_cpu_policys(name, da
     batch = grouped_batch(graphdef, state.params)
     one = parallel.single_device_mesh()
     want, want_metrics = train.train_step(*on(one, fresh_like(state), batch), graphdef=graphdef,
-                                          config=PLAIN, mesh=one)
+                                          config=PLAIN, temperature=TEMPERATURE, mesh=one)
     other = nnx.graphdef(nnx.merge(graphdef, state.params).set_backend(name))
     assert other != graphdef  # another program
     logp = train.policy_logprobs(other, state.params, batch.tokens, batch.mask)
@@ -47,15 +48,15 @@ def test_the_policy_step_under_an_accelerator_policy_is_the_cpu_policys(name, da
                                                            batch.mask), atol=1e-5)
     for mesh, shared in ((one, None), (data_mesh8, SHARED),
                          (parallel.make_train_mesh(2, 2, 2), SHARED)):
-        _, placed = loop.init_state(nnx.merge(other, state.params), PLAIN, jax.random.key(0),
-                                    mesh)
+        _, placed = scaffold.init_state(nnx.merge(other, state.params), PLAIN.optimizer,
+                                        jax.random.key(0), mesh)
         new, metrics = train.train_step(
             placed, jax.device_put(batch, parallel.batch_sharding(mesh)), graphdef=other,
-            config=PLAIN, mesh=mesh, shared=shared)
+            config=PLAIN, temperature=TEMPERATURE, mesh=mesh, shared=shared)
         for metric in METRICS:
             np.testing.assert_allclose(metrics[metric], want_metrics[metric], rtol=1e-5,
                                        atol=1e-7, err_msg=f"{metric} on {mesh.shape}")
-        assert_params_close(new.params, want.params, PLAIN.learning_rate)
+        assert_params_close(new.params, want.params, PLAIN.optimizer.learning_rate)
 
 
 def test_the_rl_loop_under_the_gpu_policy_samples_and_trains_as_under_the_cpu_policy(

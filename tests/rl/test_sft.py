@@ -42,8 +42,8 @@ def test_fit_resumes_exactly(tmp_path):
     rng = np.random.default_rng(0)
     data = sft.sft_batch([rng.integers(3, 16, 3).tolist() for _ in range(16)],
                          [rng.integers(3, 16, 4).tolist() for _ in range(16)], length=8)
-    config = sft.FitConfig(steps=6, batch_size=4, learning_rate=1e-2, warmup_steps=2,
-                           log_every=1, checkpoint_every=3)
+    config = sft.FitConfig(steps=6, batch_size=4, log_every=1, checkpoint_every=3,
+                           optimizer=train.OptimizerConfig(learning_rate=1e-2, warmup_steps=2))
 
     def params(model):
         return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
@@ -71,8 +71,8 @@ def _ragged_data(rows=8):
 def test_micro_batches_take_the_step_of_the_whole_batch(tmp_path):
     """Accumulating 4 parts of unequal token counts == one step on the batch's token mean."""
     data = _ragged_data()
-    config = sft.FitConfig(steps=2, batch_size=8, learning_rate=1e-2, warmup_steps=0,
-                           log_every=1, checkpoint_every=2)
+    config = sft.FitConfig(steps=2, batch_size=8, log_every=1, checkpoint_every=2,
+                           optimizer=train.OptimizerConfig(learning_rate=1e-2, warmup_steps=0))
 
     def params(micro):
         model = sft.fit(Decoder(CONFIG, nnx.Rngs(0)), sft.sft_loss, data,
@@ -98,8 +98,8 @@ def test_a_non_finite_step_stops_the_run_before_it_is_applied(tmp_path):
     data["tokens"][0, 0] = 2  # no other prompt holds token 2
     key = jax.random.key(1)
     bad = next(s for s in range(2) if 0 in np.asarray(train.batch_indices(key, s, 16, 8)))
-    config = sft.FitConfig(steps=4, batch_size=8, learning_rate=1e-2, warmup_steps=0,
-                           log_every=1, checkpoint_every=1)
+    config = sft.FitConfig(steps=4, batch_size=8, log_every=1, checkpoint_every=1,
+                           optimizer=train.OptimizerConfig(learning_rate=1e-2, warmup_steps=0))
     with pytest.raises(FloatingPointError, match=f"step {bad}: non-finite loss"):
         sft.fit(Decoder(CONFIG, nnx.Rngs(0)), nan_on_row_0, data, config, tmp_path, key=key)
     saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
@@ -141,7 +141,8 @@ def test_fit_passes_its_remat_policy_to_the_loss(tmp_path):
         seen.append(remat)
         return sft.sft_loss(model, batch, remat=remat)
 
-    config = sft.FitConfig(steps=1, batch_size=4, warmup_steps=0, remat="full")
+    config = sft.FitConfig(steps=1, batch_size=4, remat="full",
+                           optimizer=train.OptimizerConfig(learning_rate=1e-3))
     sft.fit(Decoder(CONFIG, nnx.Rngs(0)), loss_fn, _ragged_data(), config, tmp_path,
             key=jax.random.key(0))
     assert seen and set(seen) == {"full"}

@@ -10,7 +10,7 @@ from flax import nnx
 from jaxlab import parallel
 from jaxlab.checkpoint import CheckpointConfig, Checkpointer
 from jaxlab.models.decoder import Decoder, DecoderConfig
-from jaxlab.rl import loop, losses, train
+from jaxlab.rl import loop, losses, scaffold, train
 
 B, T, VOCAB, WIDTH = 16, 8, 32, 16
 TINY = DecoderConfig(family="qwen3", vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=32,
@@ -43,7 +43,7 @@ def make_batch(graphdef, params, num=B, seed=0):
 
 
 def fresh(config, seed=0):
-    return train.init_train_state(tiny(seed), config, jax.random.key(seed))
+    return train.init_train_state(tiny(seed), config.optimizer, jax.random.key(seed))
 
 
 def on(mesh, state, batch):
@@ -71,7 +71,8 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-PLAIN = train.TrainConfig(learning_rate=1e-2, max_grad_norm=0.0, temperature=0.7,
+TEMPERATURE = 0.7
+PLAIN = train.TrainConfig(optimizer=train.OptimizerConfig(learning_rate=1e-2, max_grad_norm=0.0),
                           logprob_chunk=3,
                           loss=losses.PolicyLossConfig(kl_coef=0.1, entropy_coef=0.01))
 
@@ -82,20 +83,20 @@ def test_step_is_the_gradient_of_the_whole_batch_loss():
 
     def reference_loss(params):  # the whole batch at once: full logits, no chunks, no shard_map
         logits = nnx.merge(graphdef, params)(batch.tokens[:, :-1], batch.mask[:, :-1])
-        logits = logits / PLAIN.temperature
+        logits = logits / TEMPERATURE
         per_token, _ = losses.policy_loss_per_token(
             losses.token_logprobs(logits, batch.tokens[:, 1:]), losses.entropy(logits),
             batch.old_logp[:, 1:], batch.advantages, batch.ref_logp[:, 1:], PLAIN.loss)
         return losses.token_mean(per_token, batch.loss_mask[:, 1:])
 
     loss, grads = jax.value_and_grad(reference_loss)(state.params)
-    tx = optax.adamw(PLAIN.learning_rate, weight_decay=PLAIN.weight_decay)
+    tx = optax.adamw(PLAIN.optimizer.learning_rate, weight_decay=PLAIN.optimizer.weight_decay)
     updates, want_opt = tx.update(grads, tx.init(state.params), state.params)
     want_params = optax.apply_updates(state.params, updates)
 
     mesh = parallel.single_device_mesh()
     new, metrics = train.train_step(*on(mesh, state, batch), graphdef=graphdef, config=PLAIN,
-                                    mesh=mesh)
+                                    temperature=TEMPERATURE, mesh=mesh)
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
     np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(grads), rtol=1e-5)
     assert metrics["count"] == jnp.sum(batch.loss_mask[:, 1:])
@@ -104,12 +105,12 @@ def test_step_is_the_gradient_of_the_whole_batch_loss():
     # flip within 2 lr; all others agree.
     for got, want in zip(jax.tree.leaves(new.opt_state), jax.tree.leaves(want_opt), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-9)
-    assert_params_close(new.params, want_params, PLAIN.learning_rate)
+    assert_params_close(new.params, want_params, PLAIN.optimizer.learning_rate)
     assert new.step == 1
     # A second step with the same shapes reuses the compiled step.
     compiled = train.train_step._cache_size()
     train.train_step(new, jax.device_put(batch, parallel.batch_sharding(mesh)),
-                     graphdef=graphdef, config=PLAIN, mesh=mesh)
+                     graphdef=graphdef, config=PLAIN, temperature=TEMPERATURE, mesh=mesh)
     assert train.train_step._cache_size() == compiled
 
 
@@ -121,16 +122,16 @@ def test_a_step_with_an_empty_loss_mask_moves_nothing():
     mesh = parallel.single_device_mesh()
     batch = make_batch(graphdef, state.params)
     state, _ = train.train_step(*on(mesh, state, batch), graphdef=graphdef, config=PLAIN,
-                                mesh=mesh)
+                                temperature=TEMPERATURE, mesh=mesh)
     before = jax.tree.map(np.asarray, (state.params, state.opt_state))
     empty = batch._replace(loss_mask=jnp.zeros_like(batch.loss_mask))
     after, metrics = train.train_step(*on(mesh, state, empty), graphdef=graphdef, config=PLAIN,
-                                      mesh=mesh)
+                                      temperature=TEMPERATURE, mesh=mesh)
     assert_trees_equal((after.params, after.opt_state), before)
     assert after.step == 2 and metrics["loss"] == 0 and metrics["finite"] == 1
     # the same zero gradient through the optimizer alone does move the weights
     zero = jax.tree.map(jnp.zeros_like, state.params)
-    updates, _ = train.make_optimizer(PLAIN).update(zero, state.opt_state, state.params)
+    updates, _ = train.make_optimizer(PLAIN.optimizer).update(zero, state.opt_state, state.params)
     assert max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(updates)) > 1e-4
 
 
@@ -154,8 +155,9 @@ def test_trained_rows_leave_out_what_only_dilutes_the_token_mean(advantage, kl_c
 def test_sharded_accumulated_step_equals_single_device_step(data_mesh8):
     loss = losses.PolicyLossConfig(kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0,
                                    aggregation="sequence_mean")
-    single = train.TrainConfig(learning_rate=1e-2, loss=loss)
-    sharded = train.TrainConfig(learning_rate=1e-2, loss=loss, microbatches=2)
+    optimizer = train.OptimizerConfig(learning_rate=1e-2)
+    single = train.TrainConfig(optimizer=optimizer, loss=loss)
+    sharded = train.TrainConfig(optimizer=optimizer, loss=loss, microbatches=2)
     graphdef, state = fresh(single)
     batch = make_batch(graphdef, state.params, num=32)
     results = []
@@ -205,7 +207,7 @@ SHARED = train.SharedPrompts(group_size=4, prompt_width=5)
 
 
 def grouped_state():
-    return train.init_train_state(tiny(num_layers=2, num_heads=4, num_kv_heads=2), PLAIN,
+    return train.init_train_state(tiny(num_layers=2, num_heads=4, num_kv_heads=2), PLAIN.optimizer,
                                   jax.random.key(0))
 
 
@@ -220,7 +222,7 @@ def test_shared_prompts_give_the_row_by_row_logprobs_and_gradients(remat):
 
     def weighted(params, shared):
         logp, ent = train.sequence_logprobs(
-            nnx.merge(graphdef, params), batch.tokens, batch.mask, temperature=0.7, chunk=3,
+            nnx.merge(graphdef, params), batch.tokens, batch.mask, temperature=TEMPERATURE, chunk=3,
             entropy_grad=True, remat=remat, shared=shared)
         return jnp.sum(batch.loss_mask * (logp + 0.3 * ent)), (logp, ent)
 
@@ -244,23 +246,24 @@ def test_a_shared_prompts_step_equals_the_row_by_row_step_on_every_mesh(data_mes
     batch = grouped_batch(graphdef, state.params)
     one = parallel.single_device_mesh()
     want, want_metrics = train.train_step(*on(one, fresh_like(state), batch), graphdef=graphdef,
-                                          config=PLAIN, mesh=one)
+                                          config=PLAIN, temperature=TEMPERATURE, mesh=one)
     cases = [(one, PLAIN), (one, dataclasses.replace(PLAIN, microbatches=2)),
              (data_mesh8, PLAIN), (parallel.make_train_mesh(2, 2, 2), PLAIN)]
     for mesh, config in cases:
-        _, placed = loop.init_state(nnx.merge(graphdef, state.params), config,
+        _, placed = scaffold.init_state(nnx.merge(graphdef, state.params), config.optimizer,
                                     jax.random.key(0), mesh)
         new, metrics = train.train_step(
             placed, jax.device_put(batch, parallel.batch_sharding(mesh)), graphdef=graphdef,
-            config=config, mesh=mesh, shared=SHARED)
+            config=config, temperature=TEMPERATURE, mesh=mesh, shared=SHARED)
         for name in ("loss", "policy", "kl", "entropy", "clipped", "grad_norm", "count"):
             np.testing.assert_allclose(metrics[name], want_metrics[name], rtol=1e-5,
                                        atol=1e-7, err_msg=f"{name} on {mesh.shape}")
-        assert_params_close(new.params, want.params, PLAIN.learning_rate)
+        assert_params_close(new.params, want.params, PLAIN.optimizer.learning_rate)
     with pytest.raises(ValueError, match="whole groups of 4 rows"):
         train.train_step(*on(data_mesh8, fresh_like(state), jax.tree.map(lambda x: x[:16],
                                                                          batch)),
-                         graphdef=graphdef, config=PLAIN, mesh=data_mesh8, shared=SHARED)
+                         graphdef=graphdef, config=PLAIN,
+                         temperature=TEMPERATURE, mesh=data_mesh8, shared=SHARED)
     with pytest.raises(ValueError, match="group_size"):
         train.SharedPrompts(group_size=0, prompt_width=5)
 
@@ -282,7 +285,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
             seen.append(np.asarray(index))
             state, b = on(mesh, state, jax.tree.map(lambda x, i=index: x[i], data))
             state, metrics = train.train_step(state, b, graphdef=graphdef, config=PLAIN,
-                                              mesh=mesh)
+                                              temperature=TEMPERATURE, mesh=mesh)
             if checkpointer is not None:
                 checkpointer.save(int(state.step), state, metrics)
         return state, seen
@@ -325,7 +328,7 @@ def test_bad_batches_are_named():
             train.train_step(state, wrong, graphdef=graphdef,
                              config=train.TrainConfig(microbatches=2), mesh=mesh)
     with pytest.raises(ValueError, match="'data' axis"):
-        train.train_step(state, batch, graphdef=graphdef, config=PLAIN,
+        train.train_step(state, batch, graphdef=graphdef, config=PLAIN, temperature=TEMPERATURE,
                          mesh=parallel.make_mesh(parallel.RUNS, jax.devices()[:1]))
     with pytest.raises(ValueError, match="microbatches"):
         train.TrainConfig(microbatches=0)
@@ -335,21 +338,22 @@ def test_models_with_non_parameter_state_are_refused():
     model = tiny()
     model.calls = nnx.BatchStat(jnp.zeros(()))
     with pytest.raises(ValueError, match=r"non-parameter state.*calls"):
-        train.init_train_state(model, PLAIN, jax.random.key(0))
+        train.init_train_state(model, PLAIN.optimizer, jax.random.key(0))
 
 
 def test_the_causal_lm_trains_sharded_as_on_one_device(tmp_path, data_mesh8):
     from jaxlab.models import hf, zoo
 
     path = zoo.create("qwen3", tmp_path, vocab_size=VOCAB)
-    graphdef, state = train.init_train_state(hf.load_pretrained(path), PLAIN, jax.random.key(0))
+    graphdef, state = train.init_train_state(hf.load_pretrained(path), PLAIN.optimizer,
+                                             jax.random.key(0))
     batch = make_batch(graphdef, state.params)
     one, metrics_one = train.train_step(*on(parallel.single_device_mesh(), state, batch),
-                                        graphdef=graphdef, config=PLAIN,
+                                        graphdef=graphdef, config=PLAIN, temperature=TEMPERATURE,
                                         mesh=parallel.single_device_mesh())
-    _, state = train.init_train_state(hf.load_pretrained(path), PLAIN, jax.random.key(0))
+    _, state = train.init_train_state(hf.load_pretrained(path), PLAIN.optimizer, jax.random.key(0))
     many, metrics_many = train.train_step(*on(data_mesh8, state, batch), graphdef=graphdef,
-                                          config=PLAIN, mesh=data_mesh8)
+                                          config=PLAIN, temperature=TEMPERATURE, mesh=data_mesh8)
     assert np.isfinite(float(metrics_one["loss"])) and float(metrics_one["grad_norm"]) > 0
     np.testing.assert_allclose(metrics_one["loss"], metrics_many["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics_one["grad_norm"], metrics_many["grad_norm"], rtol=1e-5)
@@ -358,4 +362,4 @@ def test_the_causal_lm_trains_sharded_as_on_one_device(tmp_path, data_mesh8):
     # Its first step is lr * g / (|g| + eps), about lr * sign(g): where a gradient entry is ~0,
     # the float32 reduction order over 8 shards can flip it. Every entry stays within the 2 lr
     # such a flip allows, and all but a few agree to 1e-6.
-    assert_params_close(many.params, one.params, PLAIN.learning_rate)
+    assert_params_close(many.params, one.params, PLAIN.optimizer.learning_rate)

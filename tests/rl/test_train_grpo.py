@@ -19,22 +19,20 @@ import train_grpo
 
 TINY_MODEL = """out_dir: unused
 terms: 2
-steps: 4
-batch: 4
 length: 40
-learning_rate: 1.0e-3
-warmup_steps: 1
 hidden_size: 16
 layers: 1
 heads: 2
 seed: 0
 eval_problems: 6
+fit: {steps: 4, batch_size: 4, optimizer: {learning_rate: 1.0e-3, warmup_steps: 1,
+                                           decay_steps: 4}}
 """
 
 
 def _args(tmp_path, *overrides):
     return [f"out_dir={tmp_path / 'run'}", f"model={tmp_path / 'model'}",
-            f"model_config={tmp_path / 'model.yaml'}", "terms=2", "loop.iterations=2",
+            f"model_config={tmp_path / 'model.yaml'}", "terms=2", "loop.steps=2",
             "loop.prompts=2", "loop.group_size=2", "loop.max_prompt_tokens=12",
             "loop.max_new_tokens=24", "loop.stop_ids=[1]", "loop.checkpoint_every=1",
             *overrides]
@@ -48,7 +46,7 @@ def test_grpo_experiment_end_to_end_and_resume(tmp_path):
     for name in ("config.yaml", "log.txt", "metrics.jsonl", "summary.json", "curves.png"):
         assert (run / name).exists(), name
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records] == [0, 1]
+    assert [r["step"] for r in records] == [0, 1]
     for key in ("reward_mean", "accuracy", "response_length", "entropy", "clipped",
                 "grad_norm", "rollout_tokens_per_s", "train_tokens_per_s", "groups_dropped"):
         assert key in records[0], key
@@ -77,8 +75,8 @@ def test_grpo_experiment_end_to_end_and_resume(tmp_path):
     again = train_grpo.main(_args(tmp_path))
     assert again["after"] == summary["after"]
     assert (run / "metrics.jsonl").read_text().count("\n") == 2
-    with pytest.raises(ConfigError, match=r"\['loop.train.learning_rate'\] differ"):
-        train_grpo.main(_args(tmp_path, "loop.train.learning_rate=0.5"))
+    with pytest.raises(ConfigError, match=r"\['loop.train.optimizer.learning_rate'\] differ"):
+        train_grpo.main(_args(tmp_path, "loop.train.optimizer.learning_rate=0.5"))
     # a model folder without its validation set (trained before the split) is refused
     (tmp_path / "model" / "validation.jsonl").unlink()
     with pytest.raises(ValueError, match=r"has no validation\.jsonl"):
@@ -89,7 +87,9 @@ def test_bad_settings_stop_before_any_work(tmp_path):
     with pytest.raises(SystemExit):
         train_grpo.main(_args(tmp_path, "loop.group_size=1"))
     with pytest.raises(SystemExit):
-        train_grpo.main(_args(tmp_path, "loop.train.temperature=0"))
+        train_grpo.main(_args(tmp_path, "loop.temperature=0"))
+    with pytest.raises(SystemExit):  # a key of an earlier version, refused with its new name
+        train_grpo.main(_args(tmp_path, "loop.train.temperature=1"))
     with pytest.raises(ValueError, match="stop_ids"):
         train_grpo.main(_args(tmp_path, "loop.stop_ids=[3]"))
     assert not (tmp_path / "run").exists()

@@ -1,4 +1,5 @@
-"""The one timing rule of the benchmarks, so that both sides of a comparison are timed alike."""
+"""The one timing rule of the benchmarks (experiments/bench_*.py), so that both sides of a
+comparison are timed alike."""
 
 from __future__ import annotations
 
