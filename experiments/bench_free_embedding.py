@@ -27,7 +27,7 @@ CHECK_EVERY = 50
 
 def bench_ours(n: int, d: int, steps: int, runs: int, mesh) -> float:
     """Run-steps per second of `runs` runs advanced `steps` steps in one call (after a warm-up)."""
-    config = fe.SolverConfig(check_every=CHECK_EVERY, patience=10**9, max_steps=10**8)
+    config = fe.SolverConfig(check_every=CHECK_EVERY, patience=10**9, steps=10**8)
     state, relevant = fe.start_runs(list(range(runs)), [n] * runs, d, config, mesh)
     state = fe.advance_runs(state, relevant, steps=CHECK_EVERY, config=config, mesh=mesh)
     jax.block_until_ready(state)

@@ -49,14 +49,14 @@ BEST_MODES = ("min", "max")
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    keep_last: int = 3               # the newest checkpoints kept
-    best_metric: str | None = "loss" # also keep the best checkpoint by this metric (None: no)
-    best_mode: str = "min"           # "min" or "max": which value of best_metric is best
-    save_every: int = 1              # save at steps that are multiples of this
-    async_save: bool = True          # write in a background thread while training goes on
+    keep_checkpoints: int = 3         # the newest checkpoints kept
+    best_metric: str | None = "loss"  # also keep the best checkpoint by this metric (None: no)
+    best_mode: str = "min"            # "min" or "max": which value of best_metric is best
+    checkpoint_every: int = 1         # save at steps that are multiples of this
+    async_save: bool = True           # write in a background thread while training goes on
 
     def __post_init__(self):
-        require_positive_ints(self, "keep_last", "save_every")
+        require_positive_ints(self, "keep_checkpoints", "checkpoint_every")
         require(self.best_mode in BEST_MODES,
                 f"CheckpointConfig.best_mode must be one of {BEST_MODES}, got {self.best_mode!r}")
 
@@ -68,7 +68,7 @@ class Checkpointer:
                  config: CheckpointConfig = CheckpointConfig()):
         self.directory = pathlib.Path(directory).absolute()
         self.config = config
-        policies = [checkpoint_managers.LatestN(n=config.keep_last)]
+        policies = [checkpoint_managers.LatestN(n=config.keep_checkpoints)]
         best_fn = None
         if config.best_metric is not None:
             best_fn = operator.itemgetter(config.best_metric)
@@ -76,7 +76,7 @@ class Checkpointer:
                 get_metric_fn=best_fn, reverse=config.best_mode == "min", n=1,
                 keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
-            save_decision_policy=checkpoint_managers.FixedIntervalPolicy(config.save_every),
+            save_decision_policy=checkpoint_managers.FixedIntervalPolicy(config.checkpoint_every),
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
             best_fn=best_fn, best_mode=config.best_mode,
             enable_async_checkpointing=config.async_save,

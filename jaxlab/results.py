@@ -17,14 +17,16 @@ import pathlib
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 from omegaconf import OmegaConf
 
 from jaxlab import parallel
-from jaxlab.config import ConfigError, read_yaml, to_yaml
+from jaxlab.config import ConfigError, read_yaml, renamed, to_yaml
+
+T = TypeVar("T")
 
 
 def join_processes() -> int:
@@ -46,11 +48,34 @@ def is_writer() -> bool:
 
 def write_once(write: Callable[[], None], what: str | pathlib.Path) -> None:
     """Runs `write` (which writes `what`) on process 0 only; with several processes, every one
-    then waits until it is done, so that each may read back what was written. Every process
-    must call it alike (as they do running the same program)."""
-    if is_writer():
-        write()
-    wait_for_all(f"wrote {what}")
+    then waits until it is done, so that each may read back what was written, and a write that
+    fails raises on every process (`together`), so none waits for a process that has stopped.
+    Every process must call it alike (as they do running the same program)."""
+    together(lambda: write() if is_writer() else None, f"writing {what}")
+
+
+def together(fn: Callable[[], T], what: str) -> T:
+    """`fn()` (host code that every process runs alike: a prompt or reward function, a write on
+    process 0); with several processes, an exception that `fn` raises on any one of them is
+    raised on every one (the others raise RuntimeError naming the process), so that none waits
+    in a collective for a process that has stopped. The processes synchronize once per call."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    value, error = None, None
+    try:
+        value = fn()
+    except Exception as e:  # raised below, once every process knows
+        error = e
+    failed = np.asarray(multihost_utils.process_allgather(np.asarray(error is not None)))
+    if error is not None:
+        raise error
+    if failed.any():
+        raise RuntimeError(f"{what} failed on process {np.flatnonzero(failed).tolist()} (see "
+                           f"its log); process {jax.process_index()} stops with it")
+    return value
+
 
 
 def wait_for_all(what: str) -> None:
@@ -140,9 +165,12 @@ def open_run(out_dir: str | pathlib.Path, config: Any, may_change: Sequence[str]
         if before != now:
             before, now = _flatten(before), _flatten(now)
             changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+            moved = {k: renamed(type(config), k) for k in before.keys() - now.keys()}
+            moved = [f"{k} is now {new}" for k, new in moved.items() if new is not None]
             raise ConfigError(
-                f"{out} holds results of a different config ({saved}: {changed} differ); choose "
-                f"another out_dir or delete it to start over")
+                f"{out} holds results of a different config ({saved}: {changed} differ"
+                + (f"; written by an earlier version: {', '.join(moved)}" if moved else "")
+                + "); choose another out_dir or delete it to start over")
     write_once(lambda: out.mkdir(parents=True, exist_ok=True), out)
     write_text(saved, resolved)
     logger = logging.getLogger("jaxlab")

@@ -38,7 +38,7 @@ PAPER_EXTRAPOLATION = {512: 500e3, 768: 1.7e6, 1024: 4e6, 3072: 107e6, 4096: 250
 # at any check (every 50 steps) counts.
 PAPER_SOLVER = free_embedding.SolverConfig(
     k=2, loss="per_positive", temperature=0.1, learning_rate=0.01, check_every=50,
-    patience=1000, min_improvement=1e-5, max_steps=100_000)
+    patience=1000, min_improvement=1e-5, steps=100_000)
 PAPER_SWEEP = range(-4, 6)  # the official sweep: n - 4 .. n + 5 around the binary search's n
 PAPER_SEED = 42             # the official script's default seed, the same for every n
 

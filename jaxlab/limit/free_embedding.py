@@ -67,10 +67,10 @@ class SolverConfig:
     check_every: int = 50           # steps between exact solved checks
     patience: int = 1000            # stop after this many steps without a loss improvement ...
     min_improvement: float = 1e-5   # ... of at least this much
-    max_steps: int = 100_000        # hard limit; a multiple of check_every
+    steps: int = 100_000            # the run's length at most; a multiple of check_every
 
     def __post_init__(self):
-        require_positive_ints(self, "k", "check_every", "patience", "max_steps")
+        require_positive_ints(self, "k", "check_every", "patience", "steps")
         require(self.loss in LOSSES,
                 f"SolverConfig.loss must be one of {LOSSES}, got {self.loss!r}")
         for name in ("temperature", "learning_rate"):
@@ -78,8 +78,8 @@ class SolverConfig:
             require(value > 0, f"SolverConfig.{name} must be > 0, got {value!r}")
         require(self.min_improvement >= 0,
                 f"SolverConfig.min_improvement must be >= 0, got {self.min_improvement!r}")
-        require(self.max_steps % self.check_every == 0,
-                f"SolverConfig.max_steps={self.max_steps} must be a multiple of "
+        require(self.steps % self.check_every == 0,
+                f"SolverConfig.steps={self.steps} must be a multiple of "
                 f"check_every={self.check_every}")
 
 
@@ -232,9 +232,9 @@ def _problem(state: RunState, relevant: jax.Array):
 
 
 def finished(state: RunState, config: SolverConfig) -> jax.Array:
-    """Solved, or `patience` steps without improvement, or `max_steps` reached."""
+    """Solved, or `patience` steps without improvement, or `steps` reached."""
     stale = state.step - state.last_improvement >= config.patience
-    return state.solved | stale | (state.step >= config.max_steps)
+    return state.solved | stale | (state.step >= config.steps)
 
 
 def result(state: RunState) -> RunResult:
@@ -289,7 +289,7 @@ def init_run(key: jax.Array, relevant: jax.Array, num_docs: jax.Array, *, num_do
 def advance(state: RunState, relevant: jax.Array, *, steps: int, config: SolverConfig) -> RunState:
     """Continues a run until it is `finished` or has taken `steps` more steps, in one
     `lax.while_loop`: each iteration takes `check_every` Adam steps (`lax.fori_loop`), then the
-    exact solved check. With steps >= max_steps this runs it to the end."""
+    exact solved check. With steps >= config.steps this runs it to the end."""
     require(steps % config.check_every == 0,
             f"steps={steps} must be a multiple of check_every={config.check_every}")
     limit = state.step + steps
@@ -463,7 +463,7 @@ def solve(seeds: Sequence[int], num_docs: Sequence[int], dim: int, config: Solve
     for index in by_slots(num_docs).values():
         state, relevant = start_runs([seeds[i] for i in index], [num_docs[i] for i in index], dim,
                                      config, mesh, memory_bytes)
-        state = advance_runs(state, relevant, steps=config.max_steps, config=config, mesh=mesh)
+        state = advance_runs(state, relevant, steps=config.steps, config=config, mesh=mesh)
         for field, x in zip(out, result(state), strict=True):
             field[index] = parallel.host_array(x)[:len(index)]
     return out
@@ -477,7 +477,7 @@ def solve(seeds: Sequence[int], num_docs: Sequence[int], dim: int, config: Solve
 def _fit(key, relevant, *, num_docs: int, dim: int, config: SolverConfig):
     state = init_run(key, relevant, num_docs, num_doc_slots=num_docs, dim=dim, config=config,
                      num_queries=relevant.shape[0])
-    state = advance(state, relevant, steps=config.max_steps, config=config)
+    state = advance(state, relevant, steps=config.steps, config=config)
     return result(state), state.emb
 
 

@@ -43,13 +43,14 @@ class EncoderConfig:
     num_layers: int = 6
     num_heads: int = 12             # N; H must be a multiple of N
     intermediate_size: int = 1536   # F
-    max_positions: int = 512        # longest input, in tokens
+    max_position_embeddings: int = 512  # longest input, in tokens
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
 
     def __post_init__(self):
         require_positive_ints(self, "vocab_size", "hidden_size", "num_layers", "num_heads",
-                              "intermediate_size", "max_positions", "type_vocab_size")
+                              "intermediate_size", "max_position_embeddings",
+                              "type_vocab_size")
         require(self.hidden_size % self.num_heads == 0,
                 f"EncoderConfig.hidden_size={self.hidden_size} must be a multiple of "
                 f"num_heads={self.num_heads}")
@@ -66,7 +67,8 @@ def _layer_norm(config: EncoderConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 class Embeddings(nnx.Module):
     def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
         self.word = nnx.Embed(config.vocab_size, config.hidden_size, rngs=rngs)
-        self.position = nnx.Embed(config.max_positions, config.hidden_size, rngs=rngs)
+        self.position = nnx.Embed(config.max_position_embeddings, config.hidden_size,
+                                  rngs=rngs)
         self.token_type = nnx.Embed(config.type_vocab_size, config.hidden_size, rngs=rngs)
         self.norm = _layer_norm(config, rngs)
 
@@ -171,8 +173,9 @@ class SentenceEncoder:
 
     def __init__(self, model: Encoder, tokenizer, max_length: int, batch_size: int = 64,
                  bucket_step: int = 32):
-        require(1 <= max_length <= model.config.max_positions,
-                f"max_length must lie in [1, {model.config.max_positions}], got {max_length}")
+        require(1 <= max_length <= model.config.max_position_embeddings,
+                f"max_length must lie in [1, {model.config.max_position_embeddings}], got "
+                f"{max_length}")
         require(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
         self.graphdef, self.state = nnx.split(model)
         self.tokenizer = tokenizer

@@ -245,7 +245,8 @@ def encoder_config(config) -> EncoderConfig:
     return EncoderConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size,
         num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size, max_positions=config.max_position_embeddings,
+        intermediate_size=config.intermediate_size,
+        max_position_embeddings=config.max_position_embeddings,
         type_vocab_size=config.type_vocab_size, layer_norm_eps=float(config.layer_norm_eps))
 
 
@@ -277,7 +278,8 @@ def load_sentence_encoder(folder: str | pathlib.Path | None = None, batch_size: 
         max_length = (json.loads(settings.read_text())["max_seq_length"] if settings.is_file()
                       else None)
     model = load_encoder(folder)
-    return SentenceEncoder(model, load_tokenizer(folder), max_length or model.config.max_positions,
+    return SentenceEncoder(model, load_tokenizer(folder),
+                           max_length or model.config.max_position_embeddings,
                            batch_size)
 
 

@@ -32,7 +32,7 @@ import logging
 import pathlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxlab import parallel
+from jaxlab import parallel, results
 from jaxlab.config import require, require_positive_ints
 from jaxlab.models.decoder import Decoder
 from jaxlab.rl import advantages as adv
@@ -48,7 +48,6 @@ from jaxlab.rl import rollout, scaffold, train
 from jaxlab.sampling import sampler
 
 log = logging.getLogger("jaxlab")
-T = TypeVar("T")
 
 ADVANTAGES = {"grpo": adv.grpo_advantages, "dr_grpo": adv.dr_grpo_advantages,
               "rloo": adv.rloo_advantages, "brpo": None}  # BRPO: the rewards are the advantages
@@ -220,7 +219,7 @@ def _rollouts(model: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: 
     spare = []
     for round_ in range(1 + (config.max_refills if config.dynamic_sampling else 0)):
         round_key = jax.random.fold_in(key, round_)
-        prompts = list(together(functools.partial(
+        prompts = list(results.together(functools.partial(
             prompt_fn, jax.random.fold_in(round_key, 0), config.prompts),
             f"step {iteration}: prompt_fn"))
         require(len(prompts) == config.prompts, f"step {iteration}: prompt_fn returned "
@@ -237,7 +236,7 @@ def _rollouts(model: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: 
         responses = [[tokens[i * g + j, :lengths[i * g + j]].tolist() for j in range(g)]
                      for i in range(len(prompts))]
         truncated = rollout.truncated(samples).reshape(-1, g)
-        values = together(functools.partial(checked_rewards, reward_fn, prompts, responses,
+        values = results.together(functools.partial(checked_rewards, reward_fn, prompts, responses,
                                             truncated, iteration),
                           f"step {iteration}: the reward function")
         varied = np.asarray(adv.has_variance(jnp.asarray(values["reward"])))
@@ -378,7 +377,7 @@ def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopC
 
     def after(iteration: int) -> None:  # once the step's record is written
         groups = last.pop("groups")
-        together(functools.partial(
+        results.together(functools.partial(
             on_step, iteration, groups.prompts, groups.responses,
             {k: np.stack(v) for k, v in groups.values.items()}),
             f"step {iteration}: on_step")
@@ -468,26 +467,3 @@ def _step_metrics(groups: _Groups, batch, step_metrics, rollout_s, train_s,
         "rollout_tokens_per_s": groups.tokens / rollout_s, "train_tokens_per_s": real / train_s,
     })
     return metrics
-
-
-def together(fn: Callable[[], T], what: str) -> T:
-    """`fn()` (host code that every process runs alike: a prompt or reward function, a write on
-    process 0); with several processes, an exception that `fn` raises on any one of them is
-    raised on every one (the others raise RuntimeError naming the process), so that none waits
-    in a collective for a process that has stopped. The processes synchronize once per call."""
-    if jax.process_count() == 1:
-        return fn()
-    from jax.experimental import multihost_utils
-
-    value, error = None, None
-    try:
-        value = fn()
-    except Exception as e:  # raised below, once every process knows
-        error = e
-    failed = np.asarray(multihost_utils.process_allgather(np.asarray(error is not None)))
-    if error is not None:
-        raise error
-    if failed.any():
-        raise RuntimeError(f"{what} failed on process {np.flatnonzero(failed).tolist()} (see "
-                           f"its log); process {jax.process_index()} stops with it")
-    return value

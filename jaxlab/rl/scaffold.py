@@ -78,7 +78,7 @@ def run(state: train.TrainState, step_fn: StepFn, schedule: Schedule,
     metrics = out / METRICS
     postfix = postfix or (lambda r: {"loss": f"{r['loss']:.4f}"} if "loss" in r else {})
     with Checkpointer(out / "checkpoints", CheckpointConfig(
-            keep_last=schedule.keep_checkpoints, best_metric=None)) as checkpointer:
+            keep_checkpoints=schedule.keep_checkpoints, best_metric=None)) as checkpointer:
         if checkpointer.latest_step() is not None:
             state = checkpointer.restore(state)  # placed as `state` is
             log.info("resuming from %s %d (%s)", schedule.unit,

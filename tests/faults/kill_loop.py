@@ -54,11 +54,11 @@ def job_args(job: str, work: pathlib.Path) -> list[str]:
                 "batch=4", "window=4"]
     if job == "critical_n":
         return ["critical_n.py", "d_min=2", "d_max=5", "start_n=3", "seeds=2", "window=2",
-                "segment_steps=100", "solver.max_steps=2000", "solver.patience=300"]
+                "segment_steps=100", "solver.steps=2000", "solver.patience=300"]
     if job == "limit_eval":
         return ["limit_eval.py", "datasets=[{name: tiny, generate: {num_docs: 20, num_queries: "
                 "30, k: 2, attributes_per_doc: 10}}]", "ks=[2,10]", "minilm_dims=[384,32]",
-                "minilm_chunk=8", "free_dims=[6]", "solver.max_steps=3000"]
+                "minilm_chunk=8", "free_dims=[6]", "solver.steps=3000"]
     raise SystemExit(f"unknown job {job!r}")
 
 

@@ -10,7 +10,7 @@ import train_arithmetic
 from jaxlab.config import ConfigError, load_config
 from jaxlab.results import open_run
 
-from .conftest import refused, snapshot
+from .conftest import TINY_TRAINING, refused, snapshot
 
 
 @pytest.mark.parametrize("bad,names", [
@@ -86,3 +86,34 @@ def test_config_file_errors_name_the_file(tmp_path):
     path.write_text("d_min: x\n")
     with pytest.raises(ConfigError, match=rf"{path}: d_min='x'"):
         load_config(critical_n.Config, path)
+
+
+def test_a_folder_of_an_earlier_version_is_refused_naming_the_renamed_keys(capsys, tmp_path):
+    """A results folder written when the arithmetic model's run length and batch were top-level
+    keys: refused (nothing touched), the message naming each key's new name."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("out_dir: x\nterms: 2\nsteps: 6\nbatch: 4\nlength: 40\n")
+    with refused(capsys, out, "steps is now fit.steps", "batch is now fit.batch_size"):
+        train_arithmetic.main([f"out_dir={out}", *TINY_TRAINING])
+
+
+@pytest.mark.parametrize("key,new", [
+    ("loop.iterations", "loop.steps"),
+    ("loop.train.learning_rate", "loop.train.optimizer.learning_rate"),
+    ("loop.train.temperature", "loop.temperature"),
+    ("fit.warmup_steps", "fit.optimizer.warmup_steps"),
+    ("solver.max_steps", "solver.steps"),
+])
+def test_renamed_keys_are_refused_with_their_new_names(key, new):
+    """Each old key names its new one (`config.RENAMED`), in any nesting; a key that exists
+    under its old name is left alone (the solver's learning_rate is its own)."""
+    import train_grpo
+    import train_reward_model
+
+    schema = {"loop": train_grpo.Config, "fit": train_reward_model.Config,
+              "solver": critical_n.Config}[key.split(".")[0]]
+    with pytest.raises(ConfigError, match=rf"'{key}' was renamed '{new}'"):
+        load_config(schema, None, [f"{key}=1"])
+    assert load_config(critical_n.Config, None, ["solver.learning_rate=0.5"]
+                       ).solver.learning_rate == 0.5

@@ -141,7 +141,7 @@ def test_checkpoint_restore_names_and_skips_damaged_steps(tmp_path, caplog):   #
     def state(step):
         return {"w": jnp.full((64,), float(step)), "step": jnp.int32(step)}
 
-    config = CheckpointConfig(keep_last=5, best_metric=None, async_save=False)
+    config = CheckpointConfig(keep_checkpoints=5, best_metric=None, async_save=False)
     with Checkpointer(tmp_path, config) as checkpointer:
         for step in (1, 2, 3, 4):
             checkpointer.save(step, state(step))

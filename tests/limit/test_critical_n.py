@@ -10,7 +10,7 @@ from jaxlab.limit import critical_n as cn
 from jaxlab.limit import free_embedding as fe
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
-FAST = fe.SolverConfig(check_every=10, patience=200, max_steps=2000)
+FAST = fe.SolverConfig(check_every=10, patience=200, steps=2000)
 
 
 def test_cubic_fit_recovers_known_coefficients():
@@ -81,7 +81,7 @@ def _cli(tmp_path, *overrides):
         [sys.executable, os.path.join(ROOT, "experiments", "critical_n.py"), "--config",
          os.path.join(ROOT, "configs", "critical_n", "cpu.yaml"), f"out_dir={tmp_path}",
          "d_min=2", "d_max=5", "start_n=3", "seeds=2", "solver.check_every=10",
-         "solver.patience=200", "solver.max_steps=2000", "segment_steps=100", *overrides],
+         "solver.patience=200", "solver.steps=2000", "segment_steps=100", *overrides],
         capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -208,7 +208,7 @@ def test_paper_protocol_matches_the_official_defaults():
     # The official script's DEFAULT_EXPERIMENT_PARAMS: lr 0.01, 100,000 iterations, temperature
     # 0.1, seed 42, a check every 50, patience 1000 with min delta 1e-5.
     s = cn.PAPER_SOLVER
-    assert (s.learning_rate, s.max_steps, s.temperature, s.check_every, s.patience,
+    assert (s.learning_rate, s.steps, s.temperature, s.check_every, s.patience,
             s.min_improvement, s.loss, cn.PAPER_SEED) == (
         0.01, 100_000, 0.1, 50, 1000, 1e-5, "per_positive", 42)
     assert cn.paper_deviations(1, 42, s) == []

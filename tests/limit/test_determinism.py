@@ -11,7 +11,7 @@ import pytest
 from jaxlab.limit import critical_n as cn
 from jaxlab.limit import free_embedding as fe
 
-SOLVER = fe.SolverConfig(check_every=10, patience=200, max_steps=1500)
+SOLVER = fe.SolverConfig(check_every=10, patience=200, steps=1500)
 
 
 def _equal(a: fe.RunResult, i: int, b: fe.RunResult, j: int) -> None:

@@ -42,7 +42,7 @@ def test_bad_problem_is_named(n, k, d, match):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("k", 0), ("check_every", 0), ("patience", -1), ("max_steps", 1.5), ("temperature", 0.0),
+    ("k", 0), ("check_every", 0), ("patience", -1), ("steps", 1.5), ("temperature", 0.0),
     ("learning_rate", -1.0), ("loss", "hinge")])
 def test_bad_solver_config_is_named(field, value):
     with pytest.raises(ValueError, match=field):
@@ -51,7 +51,7 @@ def test_bad_solver_config_is_named(field, value):
 
 def test_max_steps_must_be_a_multiple_of_check_every():
     with pytest.raises(ValueError, match="multiple"):
-        fe.SolverConfig(check_every=50, max_steps=120)
+        fe.SolverConfig(check_every=50, steps=120)
 
 
 # ---------------------------------------------------------------- losses
@@ -170,27 +170,27 @@ def test_query_correct_matches_numpy(k):
 
 # ---------------------------------------------------------------- runs
 
-FAST = fe.SolverConfig(check_every=10, patience=200, max_steps=3000)
+FAST = fe.SolverConfig(check_every=10, patience=200, steps=3000)
 
 
 @pytest.mark.parametrize("k", [2, 3])
 def test_orthogonal_room_is_solved(k):
     # With d >= n the documents can be orthonormal; every k-subset is then realizable.
-    result = fe.solve([0], [5], 5, fe.SolverConfig(k=k, check_every=10, max_steps=3000))
+    result = fe.solve([0], [5], 5, fe.SolverConfig(k=k, check_every=10, steps=3000))
     assert result.solved[0] and result.accuracy[0] == 1.0
     assert result.steps[0] % 10 == 0 and result.steps[0] < 3000
 
 
 def test_one_dimension_cannot_realize_every_pair():
     # On the line, unit vectors are +-1: of three documents two share a value, so some pair
-    # always ties with the third. The run must stop unsolved, by patience before max_steps.
+    # always ties with the third. The run must stop unsolved, by patience before FAST.steps.
     result = fe.solve([0, 1], [3, 3], 1, FAST)
     assert not result.solved.any() and (result.accuracy < 1).all()
-    assert (result.steps < FAST.max_steps).all()
+    assert (result.steps < FAST.steps).all()
 
 
 def test_max_steps_stops_a_run():
-    config = fe.SolverConfig(check_every=10, patience=10**6, max_steps=40)
+    config = fe.SolverConfig(check_every=10, patience=10**6, steps=40)
     result = fe.solve([0], [3], 1, config)
     assert result.steps[0] == 40 and not result.solved[0]
 
@@ -223,9 +223,9 @@ def test_sharded_batch_equals_unsharded(mesh8):
 
 def test_advance_in_segments_equals_one_call():
     state, rel = fe.start_runs([0, 1], [7, 7], 3, FAST)
-    whole = fe.advance_runs(state, rel, steps=FAST.max_steps, config=FAST)
+    whole = fe.advance_runs(state, rel, steps=FAST.steps, config=FAST)
     state, rel = fe.start_runs([0, 1], [7, 7], 3, FAST)
-    for _ in range(FAST.max_steps // 30):
+    for _ in range(FAST.steps // 30):
         state = fe.advance_runs(state, rel, steps=30, config=FAST)
     for a, b in zip(fe.result(whole), fe.result(state), strict=True):
         np.testing.assert_array_equal(a, b)

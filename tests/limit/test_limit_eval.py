@@ -18,7 +18,7 @@ bm25: true
 minilm: true
 minilm_dims: [128, 32]
 free_dims: [6]
-solver: {k: 2, max_steps: 3000}
+solver: {k: 2, steps: 3000}
 minilm_chunk: 8
 """
 

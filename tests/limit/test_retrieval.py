@@ -179,7 +179,7 @@ def test_free_embeddings_solve_a_small_dense_pattern():
     dataset = small_dataset({f"q{i}": [f"d{a}", f"d{b}"]
                              for i, (a, b) in enumerate(itertools.combinations(range(6), 2))},
                             [f"d{j}" for j in range(6)])
-    config = SolverConfig(k=2, max_steps=5000)
+    config = SolverConfig(k=2, steps=5000)
     result, ids = retrieval.free_embedding_search(dataset, dim=4, config=config, k=3)
     assert bool(result.solved)
     for (a, b), top in zip(itertools.combinations(range(6), 2), ids, strict=True):

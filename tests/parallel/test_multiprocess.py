@@ -104,9 +104,9 @@ def test_two_processes_equal_one_process_of_as_many_devices(tmp_path):
     split = parallel.make_train_mesh(1, 8, 1)
     for run, steps, rate in (
             (workloads.rl_run(str(tmp_path / "single.rl_fsdp"), split, "rl_fsdp"), 4,
-             workloads.RL_CONFIG.train.learning_rate),
+             workloads.RL_CONFIG.train.optimizer.learning_rate),
             (workloads.sft_run(str(tmp_path / "single.sft_fsdp"), split, "sft_fsdp"), 4,
-             workloads.SFT_CONFIG.learning_rate)):
+             workloads.SFT_CONFIG.optimizer.learning_rate)):
         params = [name for name in run if ":param:" in name]
         assert len(params) > 5
         for name in set(run) - set(params):
@@ -182,7 +182,7 @@ def test_a_run_missing_a_process_stops_at_the_deadline(tmp_path):
 # A small critical-n sweep (experiments/critical_n.py); a fixed memory budget, so that the calls
 # are sized alike whatever memory the host has free.
 SWEEP = ["d_min=2", "d_max=2", "start_n=3", "seeds=2", "window=2", "segment_steps=100",
-         "solver.max_steps=1000", "solver.patience=300", "memory_gib=1", "out_dir=run"]
+         "solver.steps=1000", "solver.patience=300", "memory_gib=1", "out_dir=run"]
 
 
 def test_an_experiment_of_two_processes_writes_once_what_one_process_writes(tmp_path):

@@ -19,7 +19,7 @@ from jaxlab.models.decoder import Decoder, DecoderConfig
 from jaxlab.rl import loop, sft, train
 from tests.rl import loop_job
 
-SOLVER = fe.SolverConfig(check_every=10, patience=200, max_steps=500)
+SOLVER = fe.SolverConfig(check_every=10, patience=200, steps=500)
 TINY = DecoderConfig(family="qwen3", vocab_size=32, hidden_size=16, intermediate_size=32,
                      num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, qk_norm=True)
 CONFIG = train.TrainConfig(optimizer=train.OptimizerConfig(learning_rate=1e-2))
@@ -227,14 +227,14 @@ def sft_run(out_dir: str, mesh: jax.sharding.Mesh | None, name: str = "sft",
 
 
 def failure_on_the_last_process() -> str:
-    """What `loop.together` raises on this process when its step raises OSError on the last
+    """What `results.together` raises on this process when its step raises OSError on the last
     process only ("<type>: <message>")."""
     def step():
         if jax.process_index() == jax.process_count() - 1:
             raise OSError("no space left on device")
 
     try:
-        loop.together(step, "a test step")
+        results.together(step, "a test step")
     except Exception as error:
         return f"{type(error).__name__}: {error}"
     return "nothing"

@@ -30,7 +30,7 @@ LOSSES = {1: 5.0, 2: 1.0, 3: 4.0, 4: 3.0, 5: 6.0, 6: 7.0}
 
 @pytest.mark.parametrize("mode,best", [("min", 2), ("max", 6)])
 def test_keeps_the_last_n_and_the_best(tmp_path, mode, best):
-    config = CheckpointConfig(keep_last=2, best_metric="loss", best_mode=mode)
+    config = CheckpointConfig(keep_checkpoints=2, best_metric="loss", best_mode=mode)
     with Checkpointer(tmp_path, config) as checkpointer:
         for step, loss in LOSSES.items():
             assert checkpointer.save(step, state_at(step), {"loss": loss, "other": -loss})
@@ -44,7 +44,7 @@ def test_keeps_the_last_n_and_the_best(tmp_path, mode, best):
 
 
 def test_save_every_and_missing_metrics(tmp_path):
-    config = CheckpointConfig(keep_last=5, save_every=2, async_save=False)
+    config = CheckpointConfig(keep_checkpoints=5, checkpoint_every=2, async_save=False)
     with Checkpointer(tmp_path, config) as checkpointer:
         saved = [checkpointer.save(s, state_at(s), {"loss": 1.0}) for s in range(1, 6)]
         assert saved == [False, True, False, True, False]
@@ -58,7 +58,7 @@ def test_restore_without_checkpoint_is_an_error(tmp_path):
         checkpointer.restore(state_at(0))
 
 
-@pytest.mark.parametrize("field,value", [("keep_last", 0), ("save_every", 1.5),
+@pytest.mark.parametrize("field,value", [("keep_checkpoints", 0), ("checkpoint_every", 1.5),
                                          ("best_mode", "lowest")])
 def test_bad_config_is_named(field, value):
     with pytest.raises(ValueError, match=field):
@@ -83,7 +83,7 @@ CHILD = textwrap.dedent("""
         await finalize(self)
 
     atomicity.AtomicRenameTemporaryPath.finalize = stalled_finalize
-    checkpointer = Checkpointer(sys.argv[1], CheckpointConfig(keep_last=5, best_metric=None))
+    checkpointer = Checkpointer(sys.argv[1], CheckpointConfig(keep_checkpoints=5, best_metric=None))
     for step in (1, 2, 3):
         checkpointer.save(step, state_at(step))
         checkpointer.wait()
@@ -106,7 +106,8 @@ def test_checkpoint_killed_mid_write_is_ignored(tmp_path):
     leftovers = [p for p in os.listdir(tmp_path) if p not in ("1", "2")]
     assert leftovers and all(p.startswith("3") for p in leftovers), os.listdir(tmp_path)
 
-    with Checkpointer(tmp_path, CheckpointConfig(keep_last=5, best_metric=None)) as checkpointer:
+    with Checkpointer(tmp_path, CheckpointConfig(keep_checkpoints=5, best_metric=None)
+                      ) as checkpointer:
         assert checkpointer.all_steps() == [1, 2]
         assert_state(checkpointer.restore(state_at(0)), 2)
         checkpointer.save(3, state_at(3))  # the step can be written again

@@ -292,10 +292,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 
     whole, whole_batches = run(fresh(PLAIN, seed=3)[1], 7)
 
-    with Checkpointer(tmp_path, CheckpointConfig(keep_last=2)) as checkpointer:
+    with Checkpointer(tmp_path, CheckpointConfig(keep_checkpoints=2)) as checkpointer:
         _, first_batches = run(fresh(PLAIN, seed=3)[1], 4, checkpointer)
     # A new process: a fresh state of the same shapes, then the latest checkpoint.
-    with Checkpointer(tmp_path, CheckpointConfig(keep_last=2)) as checkpointer:
+    with Checkpointer(tmp_path, CheckpointConfig(keep_checkpoints=2)) as checkpointer:
         assert checkpointer.latest_step() == 4
         restored = checkpointer.restore(fresh(PLAIN, seed=99)[1])
     assert restored.step == 4

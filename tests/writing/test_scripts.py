@@ -182,15 +182,15 @@ def test_kl_from_the_start_sums_log_ratios_over_response_tokens():
 
 def test_quality_at_matched_kl_by_hand():
     """KL levels (trailing mean over 1): the smallest final KL is 0.2 (method b); a reaches it
-    at iteration 1, b at iteration 2."""
+    at step 1, b at step 2."""
     def rows(kl, quality):
-        return [{"iteration": i, "kl": k, "quality": q}
+        return [{"step": i, "kl": k, "quality": q}
                 for i, (k, q) in enumerate(zip(kl, quality, strict=True))]
 
     records = {"a": rows([0.0, 0.3, 0.5], [5.0, 6.0, 7.0]),
                "b": rows([0.0, 0.1, 0.2], [5.0, 5.5, 4.0])}
     got = writing_zero.quality_at_kl(records, width=1)
-    assert [got[m]["iteration"] for m in "ab"] == [1, 2]
+    assert [got[m]["step"] for m in "ab"] == [1, 2]
     assert [got[m]["quality"] for m in "ab"] == [6.0, 4.0]
     assert [got[m]["kl"] for m in "ab"] == pytest.approx([0.2, 0.2])
     np.testing.assert_allclose(writing_zero.smooth(np.asarray([1.0, 3.0, 5.0, 7.0]), 2),
