@@ -41,14 +41,6 @@ RENAMED = {
     "train.temperature": "temperature",
     "save_every": "checkpoint_every",
     "keep_last": "keep_checkpoints",
-    "sampling.n": "sampling.group_size",
-    "stacked": "scan_layers",
-    "int8": "int8_cache",
-    "kernel": "decode_kernel",
-    "pages": "kv_pages",
-    "prompt_length": "max_prompt_tokens",
-    "dtype": "compute_dtype",
-    "activation_dtype": "compute_dtype",
 }
 
 

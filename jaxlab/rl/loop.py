@@ -358,12 +358,12 @@ def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopC
 
     last: dict[str, _Groups] = {}
 
-    def step(state: train.TrainState, iteration: int):
-        key_s = jax.random.fold_in(state.key, iteration)
+    def step(state: train.TrainState, s: int):
+        key_s = jax.random.fold_in(state.key, s)
         t0 = time.perf_counter()
         model = nnx.merge(graphdef, _cast(state.params, dtype))
         groups = _rollouts(model, prompt_fn, reward_fn, config, jax.random.fold_in(key_s, 0),
-                           iteration, mesh)
+                           s, mesh)
         batch, prompt_width = _batch(groups, reference, config)
         jax.block_until_ready(batch)
         t1 = time.perf_counter()
@@ -373,14 +373,14 @@ def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopC
         t2 = time.perf_counter()
         last["groups"] = groups
         return state, _step_metrics(groups, batch, step_metrics, t1 - t0, t2 - t1,
-                                         config.ppo_epochs)
+                                    config.ppo_epochs)
 
-    def after(iteration: int) -> None:  # once the step's record is written
+    def after(s: int) -> None:  # once the step's record is written
         groups = last.pop("groups")
         results.together(functools.partial(
-            on_step, iteration, groups.prompts, groups.responses,
+            on_step, s, groups.prompts, groups.responses,
             {k: np.stack(v) for k, v in groups.values.items()}),
-            f"step {iteration}: on_step")
+            f"step {s}: on_step")
 
     state = scaffold.run(
         state, step, scaffold.Schedule(config.steps, config.checkpoint_every,
