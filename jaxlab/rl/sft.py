@@ -157,9 +157,13 @@ def _step(state: train.TrainState, data, *, graphdef, loss_fn, config: train.Opt
     if split is not None:                                 # [microbatches, batch / m, ...]
         parts = jax.lax.with_sharding_constraint(parts, split)
 
-    def weighted(params, part):
+    def grads_and_metrics(params, part):
         (_, metrics), grads = jax.value_and_grad(
             lambda p: loss_fn(nnx.merge(graphdef, p), part), has_aux=True)(params)
+        return grads, metrics
+
+    def weighted(params, part):
+        grads, metrics = grads_and_metrics(params, part)
         weight = jnp.asarray(metrics.pop(WEIGHT, 1.0), jnp.float32)
         return jax.tree.map(lambda x: weight * x, (grads, metrics)), weight
 
@@ -167,9 +171,13 @@ def _step(state: train.TrainState, data, *, graphdef, loss_fn, config: train.Opt
         return jax.tree.map(jnp.add, total, weighted(state.params, part)), None
 
     first = jax.tree.map(lambda x: x[0], parts)
-    ((grads, metrics), weight), _ = jax.lax.scan(
-        accumulate, weighted(state.params, first), jax.tree.map(lambda x: x[1:], parts))
-    grads, metrics = jax.tree.map(lambda x: x / weight, (grads, metrics))
+    if microbatches == 1:  # the batch's own gradient, unscaled
+        grads, metrics = grads_and_metrics(state.params, first)
+        metrics.pop(WEIGHT, None)
+    else:
+        ((grads, metrics), weight), _ = jax.lax.scan(
+            accumulate, weighted(state.params, first), jax.tree.map(lambda x: x[1:], parts))
+        grads, metrics = jax.tree.map(lambda x: x / weight, (grads, metrics))
     finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x))
                                   for x in jax.tree.leaves((grads, metrics))]))
     state = train.apply_if_finite(state, grads, config, finite)
