@@ -65,6 +65,7 @@ from jaxlab import results
 from jaxlab.models import hf, zoo
 from jaxlab.models.attention import DECODE_KERNELS
 from jaxlab.sampling import sampler
+from jaxlab.sampling.memory import decode_memory, kv_cache_bytes
 from jaxlab.sampling.sampler import SamplingConfig
 
 # cpu: a small Qwen3; gpu: the released Qwen3-0.6B shape in bfloat16.
@@ -218,7 +219,7 @@ def bench_prompt(model, prompt_length: int = 1024, ns=(1, 4, 16, 64),
                                                  config).tokens)
 
         short, long = (timed(t) for t in steps)
-        memory = sampler.decode_memory(c, 1, prompt_length, SamplingConfig(
+        memory = decode_memory(c, 1, prompt_length, SamplingConfig(
             max_new_tokens=steps[1], n=n))
         ideal = per_token * (prompt_length + n * steps[1])
         rows.append({"n": n, "kv_bytes": memory.prefix + memory.generated,
@@ -236,7 +237,7 @@ def bench_memory(dtype: str = "bfloat16", prompts: int = 256, prompt_length: int
     from jaxlab.models.decoder import DecoderConfig
 
     c = DecoderConfig.from_hf(zoo.hf_config("qwen3", "released"), param_dtype=dtype)
-    m = sampler.decode_memory(c, prompts, prompt_length, SamplingConfig(
+    m = decode_memory(c, prompts, prompt_length, SamplingConfig(
         max_new_tokens=new_tokens, n=1))
     floor = m.weights + m.prefix + m.generated + m.samples
     return {"dtype": dtype, "prompts": prompts, "prompt_length": prompt_length,
@@ -256,8 +257,8 @@ def bench_paged(model, prompt, dtypes=("bfloat16", "float32")) -> dict:
     for dtype in dtypes:
         c = DecoderConfig.from_hf(zoo.hf_config("qwen3", "released"), param_dtype=dtype)
         for name, pages in (("slots", None), ("paged", 1 + 64 * 4096 // 128)):
-            m = sampler.decode_memory(c, 1, 1024, SamplingConfig(max_new_tokens=32768, n=64,
-                                                                 kv_pages=pages))
+            m = decode_memory(c, 1, 1024, SamplingConfig(max_new_tokens=32768, n=64,
+                                                         kv_pages=pages))
             floor = m.weights + m.prefix + m.generated + m.samples
             memory[f"{name} {dtype}"] = {
                 "kv_pages": pages, "generated": m.generated, "prefix": m.prefix,
@@ -316,8 +317,8 @@ def bench_layers(size: dict, depths=(2, 8, 28), batch: int = 16, new_tokens: int
     for dtype in ("float32", "bfloat16"):
         c = DecoderConfig.from_hf(zoo.hf_config("qwen3", "released"), param_dtype=dtype)
         for scan in (False, True):
-            m = sampler.decode_memory(c, 256, 128, SamplingConfig(max_new_tokens=256,
-                                                                  scan_layers=scan))
+            m = decode_memory(c, 256, 128, SamplingConfig(max_new_tokens=256,
+                                                          scan_layers=scan))
             memory[f"{'scanned' if scan else 'unrolled'} {dtype}"] = {
                 "loop_peak": m.loop, "weights": m.weights,
                 "ratio": m.loop / (m.weights + m.prefix + m.generated + m.samples)}
@@ -567,8 +568,8 @@ def main() -> None:
                    "ours_tok_s_per_kernel": per_kernel,
                    "generate_tok_s": theirs, "ratio": ours / theirs,
                    "confidence_overhead": plain / ours - 1,
-                   "kv_bytes": sampler.kv_cache_bytes(model.config, batch, size["prompt"],
-                                                      SamplingConfig(args.new_tokens))}
+                   "kv_bytes": kv_cache_bytes(model.config, batch, size["prompt"],
+                                              SamplingConfig(args.new_tokens))}
             if bandwidth:
                 context = size["prompt"] + args.new_tokens // 2
                 row["roofline_fraction"] = ours / roofline_tokens_per_s(model, batch, context,

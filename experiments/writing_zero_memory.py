@@ -10,7 +10,7 @@ MICROBATCHES parts and the decoder layers under the `--remat` policy (as the GPU
   policy  one `train.train_step` (GenRM GRPO / writer), B rows x (prompt + response)
   shared  the same step with each group of G rows' prompt run once (`train.SharedPrompts`, as
           `loop.run` passes it): 2,048 + G x 1,024 tokens per group instead of G x 3,072
-  kv      the sampler's KV cache for the rollouts (`sampler.kv_cache_bytes`, bfloat16)
+  kv      the sampler's KV cache for the rollouts (`sampling.memory.kv_cache_bytes`, bfloat16)
 Each step is lowered on `jax.ShapeDtypeStruct`s and compiled for the default backend;
 reported: arguments + outputs - aliased + temporaries (`compile().memory_analysis()`), GiB.
 """
@@ -30,7 +30,7 @@ from jaxlab import parallel
 from jaxlab.models import zoo
 from jaxlab.models.decoder import REMAT_POLICIES, Decoder, DecoderConfig
 from jaxlab.rl import reward_model, sft, train
-from jaxlab.sampling import sampler
+from jaxlab.sampling import memory, sampler
 
 # the Qwen3 sizes measured by default (any of `zoo.QWEN3_SIZES` can be asked for)
 SIZES = ("0.6B", "1.7B", "4B")
@@ -96,7 +96,7 @@ def job_memory(size: str, remat: str) -> dict[str, float]:
         "policy": gib(policy().compile()),
         "shared": gib(policy(shared=train.SharedPrompts(
             ROLLOUT["n"], ROLLOUT["prompt_length"])).compile()),
-        "kv": sampler.kv_cache_bytes(c, ROLLOUT["prompts"], ROLLOUT["prompt_length"],
+        "kv": memory.kv_cache_bytes(c, ROLLOUT["prompts"], ROLLOUT["prompt_length"],
                                      sampling) / 2 ** 30,
     }
 

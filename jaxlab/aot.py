@@ -5,10 +5,10 @@ before a device is rented (`experiments/compile_for.py`; the targets: `jaxlab.ta
     result = compile_for("tpu-v5e-8", ("decode", "train"), JobSizes(model="qwen3-0.6b"))
 
 Jobs (each compiled on its own; one failing is recorded, not raised):
-  decode   the sampler's decode loop (`sampler._decode`): P prompts x n slots, each prompt's KV
+  decode   the sampler's decode loop (`sampler.decode_loop`): P prompts x n slots, each prompt's KV
            once, T new tokens; slots split over every device of the target (weights
            replicated, or with `decode_split="fsdp"` split over the devices too)
-  prefill  the sampler's prefill (`sampler._prefill`) of the same P prompts, placed alike
+  prefill  the sampler's prefill (`sampler.prefill`) of the same P prompts, placed alike
   train    the policy-gradient step (`train.train_step`): rows x width tokens, float32 master
            weights + AdamW, bfloat16 compute, parameters and Adam moments split over fsdp x
            tensor = every device, layers rematerialized
@@ -53,6 +53,7 @@ from jaxlab.models.decoder import REMAT_POLICIES, Decoder, DecoderConfig
 from jaxlab.models.kv_cache import DECODE_BLOCK
 from jaxlab.rl import train
 from jaxlab.sampling import sampler
+from jaxlab.sampling.memory import abstract_on, lower_decode
 
 JOBS = ("decode", "prefill", "train", "pallas", "pallas_paged")
 # A Pallas kernel's custom call in compiled HLO -> the kernel's compiler.
@@ -145,8 +146,8 @@ def abstract_train_inputs(config: DecoderConfig, train_config: train.TrainConfig
         old_logp=sds(rows, jnp.float32), ref_logp=sds(rows, jnp.float32),
         advantages=sds((batch,), jnp.float32))
     if mesh is not None:
-        state = sampler.abstract_on(state, parallel.tree_shardings(state, mesh))
-        policy_batch = sampler.abstract_on(policy_batch, parallel.batch_sharding(mesh))
+        state = abstract_on(state, parallel.tree_shardings(state, mesh))
+        policy_batch = abstract_on(policy_batch, parallel.batch_sharding(mesh))
     return graphdef, state, policy_batch
 
 
@@ -157,9 +158,9 @@ def abstract_train_inputs(config: DecoderConfig, train_config: train.TrainConfig
 def lower_decode_job(job: str, devices: Sequence[jax.Device], sizes: JobSizes):
     """The decode loop ("decode") or the prefill ("prefill") on the sampler's mesh."""
     mesh = decode_mesh(devices, sizes)
-    programs = sampler.lower_decode(decoder_config(sizes, training=False), sizes.prompts,
-                                    sizes.prompt_length, sampling_config(sizes), mesh,
-                                    backend_policy(list(mesh.devices.flat)))
+    programs = lower_decode(decoder_config(sizes, training=False), sizes.prompts,
+                            sizes.prompt_length, sampling_config(sizes), mesh,
+                            backend_policy(list(mesh.devices.flat)))
     lowered = programs.loop if job == "decode" else programs.prefill
     return lowered, dict(mesh.shape), dict(decode_kernel=programs.decode_kernel)
 

@@ -379,7 +379,7 @@ class Decoder(nnx.Module):
         """
         require(remat in REMAT_POLICIES,
                 f"remat={remat!r} is not a remat policy; choose one of {list(REMAT_POLICIES)}")
-        self._check_tokens(input_ids)
+        self.check_tokens(input_ids)
         mask = self._mask(input_ids, attention_mask)
         visible = _causal(mask)
 
@@ -407,7 +407,7 @@ class Decoder(nnx.Module):
         p, g, t = response_ids.shape
         length = prompt_ids.shape[1]
         for ids in (prompt_ids, response_ids):
-            self._check_tokens(ids)
+            self.check_tokens(ids)
         prompt = jnp.asarray(prompt_mask).astype(bool)                          # [P, L]
         response = jnp.asarray(response_mask).astype(bool)                      # [P, G, T]
         causal = _causal(prompt)                                                 # [P, L, L]
@@ -478,7 +478,7 @@ class Decoder(nnx.Module):
         require(cache_size <= self.config.max_position_embeddings,
                 f"cache_size={cache_size} exceeds max_position_embeddings="
                 f"{self.config.max_position_embeddings}")
-        self._check_tokens(input_ids)
+        self.check_tokens(input_ids)
         mask = self._mask(input_ids, attention_mask)
         if not isinstance(mask, jax.core.Tracer):
             late = np.flatnonzero(np.any(np.diff(np.asarray(mask, np.int8), axis=1) < 0, axis=1))
@@ -512,7 +512,7 @@ class Decoder(nnx.Module):
         per key/value head read the prefix once, batched (cascade attention: the two parts are
         merged by their log-sum-exps, `attention.merge`). The prefix is read, never written.
         """
-        self._check_tokens(tokens)
+        self.check_tokens(tokens)
         if not isinstance(cache.index, jax.core.Tracer):
             require(int(jnp.max(cache.index)) < cache.size,
                     f"the cache is full ({cache.size} slots)")
@@ -650,7 +650,7 @@ class Decoder(nnx.Module):
                                      (stack.params, jnp.arange(len(self.layers))))
         return self.norm(x), carry
 
-    def _check_tokens(self, ids) -> None:
+    def check_tokens(self, ids) -> None:
         """Token ids outside the vocabulary are an error (checked when the ids are concrete)."""
         if isinstance(ids, jax.core.Tracer):
             return

@@ -3,19 +3,35 @@ as it goes, stops weak traces, and refills their slots (section 1 of `papers/dee
 
     samples = sample(model, prompts, key, SamplingConfig(n=16, budget=64, stop_threshold=12.0))
 
-One jitted prefill runs each prompt once and keeps its KV once ([P, ...], the prefix). One jitted
-`lax.while_loop` then decodes every slot until all traces are done; slot b = p n + i continues
-prompt p, and its attention reads the prompt's KV together with the other n - 1 slots of that
-prompt (their queries batched, cascade attention, `Decoder.decode(prefix=)`) and its own
-generated KV, only up to the longest live trace (`attention.decode_attention`: the Pallas kernel
-on a GPU, flash-decoding in blocks elsewhere), in slots of `max_new_tokens` each or in pages of a
-shared pool handed out as traces grow (`kv_pages`, `paging`). Each step is a
-chain of small pure steps: the next token, its log-prob and its token confidence from one top-k
-search (`draw`, through `strategies.Nucleus`), the group window and the tail
-(`update_confidence`), the output row (`record`), whether the trace ends (`finish`,
-`record_final`), and the slots that start a new trace of their prompt while its budget is not
-spent (`refill`; the prompt KV stays in place, the slot's generated KV is overwritten from slot
-0), so stopping early saves wall-clock time, not only tokens.
+One jitted prefill runs each prompt once and keeps its KV once ([P, ...], the prefix,
+`prefill`). One jitted `lax.while_loop` then decodes every slot until all traces are done
+(`decode_loop`); slot b = p n + i continues prompt p, and its attention reads the prompt's KV
+together with the other n - 1 slots of that prompt (their queries batched, cascade attention,
+`Decoder.decode(prefix=)`) and its own generated KV, only up to the longest live trace
+(`attention.decode_attention`: the Pallas kernel on a GPU, flash-decoding in blocks elsewhere),
+in slots of `max_new_tokens` each or in pages of a shared pool handed out as traces grow
+(`kv_pages`, `paging`).
+
+The loop's body is one pure function of its state, `decode_step(state, params, shape) -> state`:
+
+    state   `DecodeState`, a pytree: what changes per step (the generated cache, each slot's
+            logits, confidence windows and output row, the outputs, the step, the free pages)
+            and the `Request`, what the call fixes for the whole loop, traced (the prompts' KV
+            and last logits, the key, the strategy's temperature and top-p, the thresholds
+            and budgets per prompt); `init_state` builds the first one
+    params  `DecodeParams`: the model and, for stacked layers, their stacked weights
+    shape   `DecodeShape`, static and hashable: slots per prompt, output capacity, T, stop ids,
+            window and tail sizes, early stop on or off, the decode kernel
+
+A step is a chain of sub-steps, each pure: pages for the slots starting one, evicting a trace
+when every live slot waits (`page_in`); the next token, its log-prob and its token confidence
+from one top-k search (`draw`, through `strategies.Nucleus`), the group window and the tail
+(`update_confidence`), the output row (`record`) and whether the trace ends (`finish`,
+`record_final`), together `advance`; the tokens through the model (`feed`); the ended traces'
+pages back (`release_pages`); and the slots that start a new trace of their prompt while its
+budget is not spent (`restart_slots`, `refill`; the prompt KV stays in place, the slot's
+generated KV is overwritten from slot 0), so stopping early saves wall-clock time, not only
+tokens.
 
 No recompiles for what a user sweeps: prompt lengths are padded up to a multiple of
 `SamplingConfig.prompt_bucket`, and the early-stop threshold and the budget, one of each per
@@ -28,8 +44,8 @@ p comes from `fold_in(fold_in(keys[p], j), t)`), so a prompt's traces do not dep
 prompts of the call, on the slot count or on when a slot was refilled: DeepConf online runs many
 problems in one call and gets what it gets one problem at a time (`deepconf.online.solve_many`).
 
-`decode_memory` asks the compiled loop how much device memory a request needs, without
-allocating it.
+How much device memory a request needs, asked of the compiled programs without allocating
+it, is `jaxlab.sampling.memory`'s question.
 
 Shapes: P prompts, L padded prompt length, n slots per prompt, B = P x n slots, N = P x budget
 traces (the sum of the per-prompt budgets when given), T = max_new_tokens (the generated KV holds
@@ -54,8 +70,7 @@ from jaxlab import parallel
 from jaxlab.config import require, require_positive_ints
 from jaxlab.models import attention, backend
 from jaxlab.models.backend import BackendPolicy
-from jaxlab.models.backend import resolve as resolve_policy
-from jaxlab.models.decoder import Decoder, DecoderConfig
+from jaxlab.models.decoder import Decoder, LayerStack
 from jaxlab.models.kv_cache import DECODE_BLOCK, KVCache
 from jaxlab.sampling import paging, strategies
 from jaxlab.sampling.confidence import GroupWindow
@@ -66,7 +81,8 @@ STOP, LENGTH, LOW_CONFIDENCE = 1, 2, 3
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """How to sample (hashable: a static argument of the compiled loop)."""
+    """How to sample (hashable). The compiled loop's static settings are drawn from it
+    (`DecodeShape.of`), its traced values too (`sampling_strategy`, thresholds, budgets)."""
 
     max_new_tokens: int = 256
     temperature: float = 0.6        # below strategies.TEMPERATURE_FLOOR (1e-5): greedy
@@ -181,19 +197,19 @@ def sampling_strategy(config: SamplingConfig) -> strategies.Nucleus:
 
 
 # --------------------------------------------------------------------------------------------
-# The steps of the decode loop, each pure: [B] is one entry per slot
+# The pieces of a decode step, each pure: [B] is one entry per slot
 
 
 def draw(logits: jax.Array, key: jax.Array, strategy: strategies.Nucleus,
-         config: SamplingConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+         confidence_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The next tokens int32 [B] drawn by `strategy` from logits [B, V], their log-probs float32
     [B] under softmax(logits / temperature) (the raw logits when greedy) before truncation, and
-    their token confidence C float32 [B] from the same top-k search (0 without
-    `config.confidence`)."""
+    their token confidence C float32 [B] over the top `confidence_k` log-probs from the same
+    top-k search (0 when `confidence_k` is 0: no confidence)."""
     d = strategy(logits, key)
-    if config.confidence:
+    if confidence_k:
         conf = strategies.token_confidence_from_top(d.top_logits, d.log_normalizer,
-                                                    config.confidence_k)
+                                                    confidence_k)
     else:
         conf = jnp.zeros(logits.shape[:1], jnp.float32)
     return d.tokens, d.logprobs, conf
@@ -295,11 +311,75 @@ def draw_keys(key: jax.Array, step: jax.Array, prompt: jax.Array, trace: jax.Arr
 
 
 # --------------------------------------------------------------------------------------------
-# The compiled prefill and decode loop
+# The decode loop: a state pytree and one pure step over it, [B] one entry per slot, [P] per
+# prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeShape:
+    """What fixes the compiled decode loop: shapes, loop bounds and switches (hashable: the
+    static argument of `decode_loop`). What a user sweeps is traced and lives in `Request`
+    instead: the temperature and top-p (in the strategy), the early-stop thresholds and the
+    budgets, so a new value does not recompile. Int8 storage, paging and stacked layers are
+    the generated cache's structure (`init_generated`) and top-k a static field of the
+    strategy: they too select the compiled program, and are not repeated here."""
+
+    n: int                      # slots per prompt (slot b = p n + i continues prompt p)
+    capacity: int               # output rows per prompt: the traces per prompt rounded up to a
+    #                             power of two (a smaller budget, traced, uses fewer of them)
+    max_new_tokens: int         # T: a trace ends at this length
+    stop_ids: tuple[int, ...]   # tokens that end a trace (kept in it)
+    confidence_k: int           # C_i averages the top-k log-probs (0: no confidence measured)
+    window: int                 # W: the group window's tokens
+    tail: int                   # S = min(tail, T): the tail ring's tokens (no trace is longer
+    #                             than T, so a longer ring would hold the same tokens)
+    early_stop: bool            # a trace stops once its full window's mean < its threshold
+    decode_kernel: str          # decode attention (`attention.DECODE_KERNELS`)
+
+    @classmethod
+    def of(cls, config: SamplingConfig, early_stop: bool = False) -> DecodeShape:
+        """The loop's static settings for `config`; early stop on when `early_stop` (thresholds
+        given per prompt) or `config.stop_threshold` is set."""
+        return cls(n=config.n, capacity=1 << (config.traces_per_prompt - 1).bit_length(),
+                   max_new_tokens=config.max_new_tokens, stop_ids=config.stop_ids,
+                   confidence_k=config.confidence_k if config.confidence else 0,
+                   window=config.window, tail=min(config.tail, config.max_new_tokens),
+                   early_stop=early_stop or config.stop_threshold is not None,
+                   decode_kernel=config.decode_kernel)
+
+
+@struct.dataclass
+class Request:
+    """What one request fixes for the whole loop, traced (new values do not recompile)."""
+
+    prefix: KVCache               # [P, ..., L] each prompt's KV, read by its n slots, never
+    #                               written
+    prompt_logits: jax.Array      # float32 [P, V], each prompt's last logits
+    prompt: jax.Array             # int32 [B], the prompt a slot continues: b // n
+    prompt_positions: jax.Array   # int32 [B], the position of its prompt's first new token
+    key: jax.Array                # key [] (one stream per step) or [P] (one per trace)
+    strategy: strategies.Nucleus  # how tokens are drawn (temperature and top-p traced)
+    threshold: jax.Array | None   # float32 [B], early-stop threshold of the slot's prompt
+    #                               (None: no early stop)
+    budget: jax.Array             # int32 [P], traces per prompt, 0 to DecodeShape.capacity
+
+    @classmethod
+    def create(cls, prefix: KVCache, prompt_logits: jax.Array, key: jax.Array,
+               strategy: strategies.Nucleus, threshold: jax.Array, budget: jax.Array,
+               shape: DecodeShape) -> Request:
+        """The request of P prompts (`prefill`'s prefix [P, ...] and logits [P, V]), one
+        threshold float32 [P] (read when `shape.early_stop`) and budget int32 [P] per prompt,
+        spread over their P x n slots."""
+        prompt = jnp.arange(prompt_logits.shape[0] * shape.n) // shape.n               # [B]
+        return cls(prefix=prefix, prompt_logits=prompt_logits, prompt=prompt,
+                   prompt_positions=prefix.positions[prompt], key=key, strategy=strategy,
+                   threshold=threshold[prompt] if shape.early_stop else None, budget=budget)
 
 
 @struct.dataclass
 class DecodeState:
+    """The decode loop's carry: what changes per step, and the request it serves."""
+
     cache: KVCache            # each slot's generated tokens (T_gen slots, or pages); index =
     #                           length
     logits: jax.Array         # float32 [B, V], each slot's next-token logits
@@ -311,10 +391,158 @@ class DecodeState:
     out: Samples              # [P x capacity, ...]
     step: jax.Array           # int32 []
     free: paging.FreeList | None  # the free pages of a paged cache (else None)
+    request: Request          # fixed for the whole loop
+
+    @property
+    def live(self) -> jax.Array:
+        """bool [B]: the slot decodes a trace (not idle)."""
+        return self.trace >= 0
+
+    @property
+    def rows(self) -> int:
+        """P x capacity: the output rows (a row index past them is dropped)."""
+        return self.out.lengths.shape[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeParams:
+    """What the model contributes to a step: the model (`nnx.merge` of the graph and state
+    `decode_loop` is given) and, for a stacked cache, one stacked copy of its layers' weights
+    (`Decoder.layer_stack`), made once before the loop rather than at every step."""
+
+    model: Decoder
+    stack: LayerStack | None = None
+
+
+def init_state(request: Request, cache: KVCache, out: Samples, shape: DecodeShape,
+               ) -> DecodeState:
+    """The loop's first state over an empty generated cache (`init_generated`) and empty outputs
+    (`Samples.empty`): slot i of prompt p starts trace i (output row p capacity + i) if
+    i < budget[p], else sits idle; launched[p] = min(budget[p], n); every slot's logits are its
+    prompt's last ones and its cache starts at its prompt's end."""
+    num_slots, prompt = request.prompt.shape[0], request.prompt
+    slot = jnp.arange(num_slots) % shape.n                                    # [B]
+    return DecodeState(
+        cache=cache.replace(positions=request.prompt_positions),
+        logits=request.prompt_logits[prompt],
+        window=GroupWindow.create(num_slots, shape.window),
+        tail=GroupWindow.create(num_slots, shape.tail),
+        lowest=jnp.full(num_slots, jnp.inf),
+        trace=jnp.where(slot < request.budget[prompt], prompt * shape.capacity + slot, -1),
+        launched=jnp.minimum(request.budget, shape.n).astype(jnp.int32),
+        out=out, step=jnp.zeros((), jnp.int32),
+        free=None if cache.pages is None else paging.FreeList.full(cache.rows),
+        request=request)
+
+
+def page_in(state: DecodeState) -> tuple[DecodeState, jax.Array, jax.Array]:
+    """A paged cache's pages for this step (`paging`): each live slot about to write the first
+    token of a page takes one (`paging.allocate`) or waits; when every live slot waits, the
+    shortest trace holding pages gives them back and starts over (`paging.evict`), its output
+    row cleared (`clear_rows`). Returns (state, waiting bool [B], evicted bool [B]); both all
+    False for an unpaged cache, which passes through."""
+    live, cache, free = state.live, state.cache, state.free
+    if free is None:
+        return state, jnp.zeros_like(live), jnp.zeros_like(live)
+    need = live & (cache.index % cache.block == 0)
+    pages, free, granted = paging.allocate(cache.pages, free, need, cache.index, cache.block)
+    waiting = need & ~granted
+    stuck = jnp.any(waiting) & ~jnp.any(live & ~waiting)
+    pages, free, evicted = paging.evict(pages, free, stuck, live, cache.index, cache.block)
+    return (state.replace(cache=cache.replace(pages=pages), free=free,
+                          out=clear_rows(state.out, state.trace, evicted)), waiting, evicted)
+
+
+def advance(state: DecodeState, active: jax.Array, shape: DecodeShape,
+            ) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array]:
+    """The active slots' (bool [B]) next tokens from their logits (`draw_keys`, `draw`), their
+    confidence pushed into the window and tail (`update_confidence`), written at [trace,
+    length] of the outputs (`record`), and the traces that end with them written whole
+    (`finish`, `record_final`). The cache and logits are left for `feed`. Returns (state,
+    token int32 [B], length int32 [B] = tokens of the trace with this one, finishing bool
+    [B])."""
+    r, length = state.request, state.cache.index                              # [B]
+    keys = draw_keys(r.key, state.step, r.prompt, state.trace, length, shape.capacity)
+    token, logp, conf = draw(state.logits, keys, r.strategy, shape.confidence_k)
+    window, tail, group, lowest = update_confidence(conf, state.window, state.tail,
+                                                    state.lowest, active)
+    row = jnp.where(active, state.trace, state.rows)
+    out = record(state.out, row, length, token, logp, conf, group)
+    length = length + 1
+    stop_ids = jnp.asarray(shape.stop_ids or (-1,), jnp.int32)
+    finishing, reason = finish(token, length, window, active, stop_ids, r.threshold,
+                               shape.max_new_tokens)
+    out = record_final(out, row, finishing, length, reason, window, tail, lowest)
+    return (state.replace(window=window, tail=tail, lowest=lowest, out=out), token, length,
+            finishing)
+
+
+def feed(state: DecodeState, params: DecodeParams, token: jax.Array, waiting: jax.Array,
+         shape: DecodeShape) -> DecodeState:
+    """Every slot's token int32 [B] through the model (`Decoder.decode` with the prompts'
+    `prefix`): its KV written into the cache, the next logits [B, V]. A waiting slot (bool [B])
+    keeps its place: its cache index, position and logits stay, and its step is redone once it
+    has a page."""
+    cache = state.cache
+    logits, stepped = params.model.decode(token, cache, state.request.prefix,
+                                          shape.decode_kernel, params.stack)
+    cache = stepped.replace(index=jnp.where(waiting, cache.index, stepped.index),
+                            positions=jnp.where(waiting, cache.positions, stepped.positions))
+    return state.replace(cache=cache, logits=jnp.where(waiting[:, None], state.logits, logits))
+
+
+def release_pages(state: DecodeState, finishing: jax.Array, length: jax.Array) -> DecodeState:
+    """The pages of the finishing slots' traces (bool [B], of `length` int32 [B] tokens) back on
+    the free list (`paging.release`); an unpaged cache passes through."""
+    if state.free is None:
+        return state
+    pages, free = paging.release(state.cache.pages, state.free, finishing, length,
+                                 state.cache.block)
+    return state.replace(cache=state.cache.replace(pages=pages), free=free)
+
+
+def restart_slots(state: DecodeState, live: jax.Array, finishing: jax.Array,
+                  evicted: jax.Array, shape: DecodeShape) -> DecodeState:
+    """The finishing slots take their prompt's next traces while its budget lasts, or go idle
+    (`refill`). A slot that starts over (a new trace, or its own trace again when evicted) or
+    sits idle (not `live` at the step's start) goes back to the end of its prompt: its
+    generated KV is rewritten from slot 0, its logits are the prompt's last ones; a slot that
+    starts over also gets an empty window and tail and lowest = inf."""
+    r = state.request
+    trace, launched, _ = refill(finishing, r.prompt, state.trace, state.launched, r.budget,
+                                shape.capacity)
+    fresh = finishing | evicted
+    restart = fresh | ~live
+    cache = state.cache.replace(
+        index=jnp.where(restart, 0, state.cache.index),
+        positions=jnp.where(restart, r.prompt_positions, state.cache.positions))
+    return state.replace(
+        cache=cache, logits=jnp.where(restart[:, None], r.prompt_logits[r.prompt], state.logits),
+        window=state.window.reset(fresh), tail=state.tail.reset(fresh),
+        lowest=jnp.where(fresh, jnp.inf, state.lowest), trace=trace, launched=launched)
+
+
+def decode_step(state: DecodeState, params: DecodeParams, shape: DecodeShape) -> DecodeState:
+    """One step of the decode loop, pure: pages for the slots that need one (`page_in`), a
+    token for every active slot (live, not waiting for a page) with its confidence and output
+    (`advance`), the tokens through the model (`feed`), the pages of the ending traces back
+    (`release_pages`), and the slots whose trace ended, was evicted or that sat idle started
+    again (`restart_slots`). `decode_loop` runs it while any slot is live."""
+    live = state.live                                                         # [B]
+    state, waiting, evicted = page_in(state)
+    state, token, length, finishing = advance(state, live & ~waiting, shape)
+    state = feed(state, params, token, waiting, shape)
+    state = release_pages(state, finishing, length)
+    state = restart_slots(state, live, finishing, evicted, shape)
+    return state.replace(step=state.step + 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The compiled prefill and decode loop
 
 
 @functools.partial(jax.jit, static_argnames=("int8_cache", "stacked"))
-def _prefill(graphdef, state, ids, mask, *, int8_cache: bool, stacked: bool = False):
+def prefill(graphdef, state, ids, mask, *, int8_cache: bool, stacked: bool = False):
     """Each prompt once: its KV cache [P, ..., L] (the prefix every slot of it reads, never
     writes; the layers stacked and run in a scan if `stacked`) and its last logits [P, V].
 
@@ -337,93 +565,26 @@ def generated_slots(max_new_tokens: int) -> int:
 
 # The generated KV and the outputs are donated: the loop updates them in place and returns them.
 # (Built inside the program instead, XLA's CPU backend copies them at every step.)
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache", "out"))
-def _decode(graphdef, state, prefix: KVCache, prompt_logits, cache: KVCache, out: Samples, key,
-            strategy: strategies.Nucleus, threshold, budget, *, config: SamplingConfig):
-    """The decode loop over an empty generated cache (`init_generated`: T_gen slots per slot,
-    or a page table over a pool) and
-    empty outputs (`Samples.empty`): (outputs, cache). The strategy's temperature and top-p,
-    `threshold` float32 [P] (early stop when config.stop_threshold is not None) and `budget`
-    int32 [P] (traces per prompt, 0 to config.budget, the capacity of the output rows) are
-    traced: new values do not recompile. `key` is one key [] or one per prompt [P]
-    (`draw_keys`). A stacked cache (`config.scan_layers`) runs the layers in a scan over one
-    stacked copy of their weights, made here before the loop."""
+@functools.partial(jax.jit, static_argnames=("shape",), donate_argnames=("cache", "out"))
+def decode_loop(graphdef, state, prefix: KVCache, prompt_logits: jax.Array, cache: KVCache,
+                out: Samples, key: jax.Array, strategy: strategies.Nucleus, threshold: jax.Array,
+                budget: jax.Array, *, shape: DecodeShape) -> tuple[Samples, KVCache]:
+    """`decode_step` in a `lax.while_loop` from `init_state` until no slot is live, over an
+    empty generated cache (`init_generated`: T_gen slots per slot, or a page table over a pool)
+    and empty outputs (`Samples.empty` with `shape.capacity` rows per prompt): (outputs,
+    cache). The model is `nnx.merge(graphdef, state)`; the prompts' `prefix` and
+    `prompt_logits` come from `prefill`. The strategy's temperature and top-p, `threshold`
+    float32 [P] (read when `shape.early_stop`) and `budget` int32 [P] (traces per prompt, 0 to
+    `shape.capacity`) are traced: new values do not recompile. `key` is one key [] or one per
+    prompt [P] (`draw_keys`). A stacked cache (`SamplingConfig.scan_layers`) runs the layers in
+    a scan over one stacked copy of their weights, made here before the loop."""
     model = nnx.merge(graphdef, state)
-    stack = model.layer_stack() if cache.stacked else None
-    num_prompts = prompt_logits.shape[0]
-    num_slots = num_prompts * config.n
-    capacity, t_max = config.traces_per_prompt, config.max_new_tokens
-    rows = num_prompts * capacity
-    prompt = jnp.arange(num_slots) // config.n                                # [B]
-    prompt_positions = prefix.positions[prompt]                               # [B]
-    stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
-    early = None if config.stop_threshold is None else threshold[prompt]     # [B]
-    cache = cache.replace(positions=prompt_positions)
-    slot = jnp.arange(num_slots) % config.n                                   # [B]
-    loop = DecodeState(
-        cache=cache, logits=prompt_logits[prompt],
-        window=GroupWindow.create(num_slots, config.window),
-        tail=GroupWindow.create(num_slots, tail_slots(config)),
-        lowest=jnp.full(num_slots, jnp.inf),
-        trace=jnp.where(slot < budget[prompt], prompt * capacity + slot, -1),
-        launched=jnp.minimum(budget, config.n).astype(jnp.int32),
-        out=out, step=jnp.zeros((), jnp.int32),
-        free=None if cache.pages is None else paging.FreeList.full(cache.rows))
-
-    def body(s: DecodeState) -> DecodeState:
-        live = s.trace >= 0                                                   # [B]
-        cache, free, out = s.cache, s.free, s.out
-        waiting = evicted = jnp.zeros_like(live)
-        if free is not None:  # a slot starting a page takes one, or waits; none left: evict
-            need = live & (cache.index % cache.block == 0)
-            pages, free, granted = paging.allocate(cache.pages, free, need, cache.index,
-                                                   cache.block)
-            waiting = need & ~granted
-            stuck = jnp.any(waiting) & ~jnp.any(live & ~waiting)
-            pages, free, evicted = paging.evict(pages, free, stuck, live, cache.index,
-                                                cache.block)
-            cache, out = cache.replace(pages=pages), clear_rows(out, s.trace, evicted)
-        active = live & ~waiting
-        length = cache.index                                                  # [B]
-        keys = draw_keys(key, s.step, prompt, s.trace, length, capacity)
-        token, logp, conf = draw(s.logits, keys, strategy, config)
-        window, tail, group, lowest = update_confidence(conf, s.window, s.tail, s.lowest,
-                                                        active)
-        row = jnp.where(active, s.trace, rows)
-        out = record(out, row, length, token, logp, conf, group)
-        length = length + 1
-        finishing, reason = finish(token, length, window, active, stop_ids, early, t_max)
-        out = record_final(out, row, finishing, length, reason, window, tail, lowest)
-        logits, stepped = model.decode(token, cache, prefix, config.decode_kernel, stack)
-        # A waiting slot keeps its place: its step is redone once it has a page.
-        cache = stepped.replace(index=jnp.where(waiting, cache.index, stepped.index),
-                                positions=jnp.where(waiting, cache.positions, stepped.positions))
-        logits = jnp.where(waiting[:, None], s.logits, logits)
-        if free is not None:
-            pages, free = paging.release(cache.pages, free, finishing, length, cache.block)
-            cache = cache.replace(pages=pages)
-        trace, launched, _ = refill(finishing, prompt, s.trace, s.launched, budget, capacity)
-        # A slot that starts over (a new trace, or its own trace again when evicted) or sits
-        # idle goes back to the end of its prompt: its generated KV is rewritten from slot 0,
-        # its logits are the prompt's last ones.
-        fresh = finishing | evicted
-        restart = fresh | ~live
-        cache = cache.replace(index=jnp.where(restart, 0, cache.index),
-                              positions=jnp.where(restart, prompt_positions, cache.positions))
-        return DecodeState(
-            cache=cache, logits=jnp.where(restart[:, None], prompt_logits[prompt], logits),
-            window=window.reset(fresh), tail=tail.reset(fresh),
-            lowest=jnp.where(fresh, jnp.inf, lowest),
-            trace=trace, launched=launched, out=out, step=s.step + 1, free=free)
-
-    final = jax.lax.while_loop(lambda s: jnp.any(s.trace >= 0), body, loop)
+    params = DecodeParams(model, model.layer_stack() if cache.stacked else None)
+    request = Request.create(prefix, prompt_logits, key, strategy, threshold, budget, shape)
+    final = jax.lax.while_loop(lambda s: jnp.any(s.live),
+                               functools.partial(decode_step, params=params, shape=shape),
+                               init_state(request, cache, out, shape))
     return final.out.replace(steps=final.step), final.cache
-
-
-def tail_slots(config: SamplingConfig) -> int:
-    """S: the tail ring's size, min(tail, max_new_tokens) (no trace is longer than T, so a
-    longer ring would hold the same tokens)."""
-    return min(config.tail, config.max_new_tokens)
 
 
 def init_generated(model: Decoder, prompts: int, config: SamplingConfig) -> KVCache:
@@ -478,192 +639,6 @@ def padded_length(longest: int, config: SamplingConfig) -> int:
     return -(-longest // config.prompt_bucket) * config.prompt_bucket
 
 
-def generated_tokens(prompts: int, config: SamplingConfig) -> int:
-    """Tokens of generated KV `sample` holds for `prompts` prompts: P n T_gen, or the pool's
-    kv_pages x page when paged."""
-    if config.kv_pages is not None:
-        return config.kv_pages * config.kv_page_slots
-    return prompts * config.n * generated_slots(config.max_new_tokens)
-
-
-def kv_cache_bytes(c: DecoderConfig, prompts: int, prompt_length: int,
-                   config: SamplingConfig) -> int:
-    """Bytes of the KV `sample` holds for `prompts` prompts of up to `prompt_length` tokens on a
-    model of architecture `c`, from shapes: each prompt's KV once (L = `padded_length` slots)
-    and every slot's generated KV (T_gen = `generated_slots`), keys and values of every layer:
-    2 layers K (P L + P n T_gen, or P L + kv_pages x page when paged) x (D x itemsize, or
-    D + 4 for int8). Equal to `decode_memory`'s
-    prefix + generated (tested), which also gives the compiled programs' peak."""
-    per_head = c.head_dim + 4 if config.int8_cache else c.head_dim * jnp.dtype(c.dtype).itemsize
-    tokens = prompts * padded_length(prompt_length, config) + generated_tokens(prompts, config)
-    return 2 * c.num_layers * c.num_kv_heads * per_head * tokens
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeMemory:
-    """Device bytes of one `sample` request, from XLA's analysis of the compiled prefill and
-    decode loop (`compiled.memory_analysis()`; per device when the slots are sharded)."""
-
-    weights: int       # the model's parameters
-    prefix: int        # the prompts' KV, once per prompt (an argument of the loop)
-    generated: int     # every slot's generated KV (T_gen slots each, or the pool of pages), a
-    #                    donated argument of the loop
-    samples: int       # the `Samples` buffers (at the output capacity)
-    outputs: int       # the loop's outputs (the samples and the generated KV)
-    temporaries: int   # XLA's temporaries of the loop
-    arguments: int     # the loop's arguments (weights, prefix, generated KV, outputs, ...)
-    aliased: int       # outputs written into donated arguments (generated KV, outputs)
-    prefill: int       # peak of the prefill program (arguments + outputs + temporaries)
-
-    @property
-    def loop(self) -> int:
-        """Peak of the decode loop: arguments + outputs + temporaries - aliased."""
-        return self.arguments + self.outputs + self.temporaries - self.aliased
-
-    @property
-    def peak(self) -> int:
-        """What the request needs at once: the larger of the two programs' peaks."""
-        return max(self.loop, self.prefill)
-
-
-def decode_memory(c: DecoderConfig, prompts: int, prompt_length: int, config: SamplingConfig,
-                  mesh: Mesh | None = None,
-                  backend: BackendPolicy | str | None = None) -> DecodeMemory:
-    """The memory `sample` needs for `prompts` prompts of up to `prompt_length` tokens on a model
-    of architecture `c`: both programs lowered from abstract shapes and compiled (nothing is
-    allocated; the compile takes seconds for a full-size model, so answers are remembered).
-    Compiled for the devices of `mesh` (the slots split over it as `sample` splits them;
-    compile-only devices of a TPU or GPU target work too) or the default device, under
-    `backend` (default: those devices' policy, `backend_policy`)."""
-    devices = None if mesh is None else list(mesh.devices.flat)
-    return _decode_memory(c, prompts, prompt_length, config, mesh,
-                          resolve_policy(backend, devices))
-
-
-@functools.lru_cache(maxsize=64)
-def _decode_memory(c: DecoderConfig, prompts: int, prompt_length: int, config: SamplingConfig,
-                   mesh: Mesh | None, policy: BackendPolicy) -> DecodeMemory:
-    programs = lower_decode(c, prompts, prompt_length, config, mesh, policy)
-    a = programs.loop.compile().memory_analysis()
-    b = programs.prefill.compile().memory_analysis()
-    return DecodeMemory(
-        weights=programs.weights, prefix=programs.prefix, generated=programs.generated,
-        samples=programs.samples, outputs=a.output_size_in_bytes,
-        temporaries=a.temp_size_in_bytes, arguments=a.argument_size_in_bytes,
-        aliased=a.alias_size_in_bytes,
-        prefill=(b.argument_size_in_bytes + b.output_size_in_bytes + b.temp_size_in_bytes))
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodePrograms:
-    """The prefill and the decode loop of one `sample` request, lowered from abstract inputs
-    (nothing allocated) for a mesh's devices; `.compile()` each. Bytes are of whole arrays
-    (all devices together)."""
-
-    prefill: jax.stages.Lowered  # `_prefill` of P prompts of L tokens
-    loop: jax.stages.Lowered     # `_decode`, the while loop over every slot
-    decode_kernel: str           # the loop's SamplingConfig.decode_kernel (`mesh_decode_kernel`)
-    weights: int                 # the model's parameters
-    prefix: int                  # the prompts' KV, once per prompt
-    generated: int               # every slot's generated KV (or the pool of pages)
-    samples: int                 # the `Samples` buffers (at the output capacity)
-
-
-def lower_decode(c: DecoderConfig, prompts: int, prompt_length: int, config: SamplingConfig,
-                 mesh: Mesh | None, policy: BackendPolicy) -> DecodePrograms:
-    """`sample`'s two programs for `prompts` prompts of up to `prompt_length` tokens on a model
-    of architecture `c` under `policy`, lowered on abstract inputs placed as `sample` places
-    them on `mesh` (slots split over its batch axes, weights in their `parallel.tree_shardings`;
-    compile-only devices of a TPU or GPU target work too), or for the default device."""
-    require(prompts > 0 and prompt_length > 0,
-            f"prompts={prompts} and prompt_length={prompt_length} must be positive")
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(c, nnx.Rngs(0), policy)))
-    length = padded_length(prompt_length, config)
-    ids = jax.ShapeDtypeStruct((prompts, length), jnp.int32)
-    settings = dict(int8_cache=config.int8_cache, stacked=config.scan_layers)
-    prefix, logits = jax.eval_shape(functools.partial(_prefill, **settings), graphdef, state,
-                                    ids, ids)
-    static = _static(config)
-    generated = jax.eval_shape(lambda: init_generated(nnx.merge(graphdef, state), prompts,
-                                                      config))
-    out = jax.eval_shape(lambda: Samples.empty(prompts, static.budget, config.max_new_tokens))
-    per_prompt = functools.partial(jax.ShapeDtypeStruct, (prompts,))
-    key = jax.eval_shape(jax.random.key, 0)
-    strategy = jax.eval_shape(lambda: sampling_strategy(config))  # traced values: abstract
-    scalars = (per_prompt(jnp.float32), per_prompt(jnp.int32))
-    sizes = dict(weights=nbytes(state), prefix=nbytes(prefix.fields),
-                 generated=nbytes(generated.fields), samples=nbytes(out))
-    if mesh is not None:  # placed as `sample` places them
-        check_mesh(prompts, config, mesh)
-        static = mesh_decode_kernel(static, policy, mesh)
-        state = abstract_on(state, parallel.tree_shardings(state, mesh))
-        generated = abstract_on(generated, cache_sharding(generated, mesh))
-        ids, prefix, logits, out, key, strategy, scalars = abstract_on(
-            (ids, prefix, logits, out, key, strategy, scalars), parallel.replicated(mesh))
-    with jax.default_device(policy_device(mesh)):
-        prefill = _prefill.lower(graphdef, state, ids, ids, **settings)
-        loop = _decode.lower(graphdef, state, prefix, logits, generated, out, key, strategy,
-                             *scalars, config=static)
-    return DecodePrograms(prefill=prefill, loop=loop, decode_kernel=static.decode_kernel,
-                          **sizes)
-
-
-def nbytes(tree) -> int:
-    """Bytes of a tree of arrays or ShapeDtypeStructs (whole arrays)."""
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-def require_fits(c: DecoderConfig, prompts: int, prompt_length: int, config: SamplingConfig,
-                 device_bytes: int, mesh: Mesh | None = None,
-                 backend: BackendPolicy | str | None = None) -> DecodeMemory:
-    """`decode_memory` of the request, or a ValueError saying how much it needs and which
-    smaller requests fit in `device_bytes`: an int8 cache, fewer slots (n halved), a shorter
-    `max_new_tokens` (halved), a paged cache of as many pages as the memory left holds (halved
-    until it fits), each checked by compiling it (for `mesh`'s devices under `backend`, as
-    `decode_memory`)."""
-    need = decode_memory(c, prompts, prompt_length, config, mesh, backend)
-    if need.peak <= device_bytes:
-        return need
-
-    def fits(**change):
-        return decode_memory(c, prompts, prompt_length, dataclasses.replace(config, **change),
-                             mesh, backend).peak <= device_bytes
-
-    def largest(name):
-        value = getattr(config, name) // 2
-        while value >= 1 and not fits(**{name: value}):
-            value //= 2
-        return value
-
-    options = []
-    if not config.int8_cache and fits(int8_cache=True):
-        options.append("int8_cache=True")
-    for name in ("n", "max_new_tokens"):
-        value = largest(name)
-        if value >= 1:
-            options.append(f"{name}={value}")
-    # A pool of fewer pages: as many as the bytes left beside everything else hold (the
-    # generated KV is linear in the pages), halved until the compiled loop fits.
-    per_trace = config.pages_per_trace
-    now = generated_tokens(prompts, config) // config.kv_page_slots + (config.kv_pages is None)
-    pages = min(now - 1, int((device_bytes - need.peak + need.generated) * now
-                             // max(need.generated, 1)))
-    while pages > per_trace and not fits(kv_pages=pages):
-        pages //= 2
-    if pages > per_trace:
-        options.append(f"kv_pages={pages} (pages of {config.kv_page_slots} tokens)")
-    gib = 2**30
-    raise ValueError(
-        f"sampling {prompts} prompt(s) of {prompt_length} tokens with n={config.n}, "
-        f"max_new_tokens={config.max_new_tokens}, int8_cache={config.int8_cache}, "
-        f"kv_pages={config.kv_pages} needs "
-        f"{need.peak / gib:.2f} GiB (weights {need.weights / gib:.2f}, prompt KV "
-        f"{need.prefix / gib:.2f}, generated KV {need.generated / gib:.2f}, outputs "
-        f"{need.samples / gib:.2f}, loop temporaries {need.temporaries / gib:.2f}) but "
-        f"{device_bytes / gib:.2f} GiB are available; "
-        + ("would fit: " + ", or ".join(options) if options else "no smaller setting fits"))
-
-
 def check_mesh(prompts: int, config: SamplingConfig, mesh: Mesh) -> None:
     """What `sample` needs of a mesh: the P x n slots split evenly over its devices, and a paged
     cache on one device only (its pool of pages is not split)."""
@@ -674,44 +649,18 @@ def check_mesh(prompts: int, config: SamplingConfig, mesh: Mesh) -> None:
             f"divide evenly over {mesh.size} devices")
 
 
-def mesh_decode_kernel(config: SamplingConfig, policy: BackendPolicy,
-                       mesh: Mesh) -> SamplingConfig:
-    """`config` for a decode loop split over `mesh`: the TPU policy's Pallas kernel runs on one
+def mesh_decode_kernel(shape: DecodeShape, policy: BackendPolicy, mesh: Mesh) -> DecodeShape:
+    """`shape` for a decode loop split over `mesh`: the TPU policy's Pallas kernel runs on one
     device only (XLA cannot split a Mosaic kernel over a mesh), so "auto" becomes "portable"
     there (logged) and "pallas" is an error."""
     if policy.decode_kernel != "pallas_tpu" or mesh.size == 1:
-        return config
-    require(config.decode_kernel != "pallas",
+        return shape
+    require(shape.decode_kernel != "pallas",
             "decode_kernel='pallas' under the tpu policy runs on one device: XLA cannot "
             "split a Mosaic kernel over a mesh (use 'auto' or 'portable' with a mesh)")
     backend.explain(policy, "decode attention over a mesh", "portable",
                     f"XLA cannot split a Mosaic kernel over {mesh.size} devices")
-    return dataclasses.replace(config, decode_kernel="portable")
-
-
-def abstract_on(tree, shardings):
-    """Abstract arrays (ShapeDtypeStructs) of `tree`'s arrays placed by `shardings` (one
-    sharding for every leaf, or a tree of them): what `jit(...).lower` compiles for the
-    shardings' devices, which may be compile-only devices of another platform."""
-    if isinstance(shardings, jax.sharding.Sharding):
-        shardings = jax.tree.map(lambda _: shardings, tree)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
-
-
-def policy_device(mesh: Mesh | None) -> jax.Device:
-    """The device to lower under (`jax.default_device`): the mesh's first, else the default."""
-    return jax.devices()[0] if mesh is None else mesh.devices.flat[0]
-
-
-def _static(config: SamplingConfig, early: bool = False) -> SamplingConfig:
-    """The loop's static settings: the traced values (threshold, budget, temperature, top-p)
-    replaced by what fixes the compiled program (early stop on or off; the output capacity, a
-    power of two; placeholders for the sampling settings, which `sampling_strategy` carries)."""
-    return dataclasses.replace(
-        config, budget=1 << (config.traces_per_prompt - 1).bit_length(),
-        stop_threshold=None if config.stop_threshold is None and not early else 0.0,
-        temperature=1.0, top_p=1.0)  # read from the traced strategy instead
+    return dataclasses.replace(shape, decode_kernel="portable")
 
 
 def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
@@ -750,7 +699,7 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
                 f"({c.vocab_size})")
     bad = [t for t in config.stop_ids if not 0 <= t < c.vocab_size]
     require(not bad, f"stop_ids {bad} are outside the vocabulary [0, {c.vocab_size})")
-    model._check_tokens(ids)
+    model.check_tokens(ids)
     key = prompt_keys(key, count)
     if stop_thresholds is None:
         threshold = np.full(count, config.stop_threshold or 0.0, np.float32)
@@ -766,22 +715,22 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
             f"budgets must be {count} integers in [0, traces_per_prompt={capacity}], got "
             f"{budgets!r}")
     graphdef, state = nnx.split(model)
-    static = _static(config, early=stop_thresholds is not None)
+    shape = DecodeShape.of(config, early_stop=stop_thresholds is not None)
     if mesh is not None:
         check_mesh(count, config, mesh)
-        static = mesh_decode_kernel(static, model.backend, mesh)
+        shape = mesh_decode_kernel(shape, model.backend, mesh)
     cache, out = init_generated(model, count, config), Samples.empty(
-        count, static.budget, config.max_new_tokens)
+        count, shape.capacity, config.max_new_tokens)
     if mesh is not None:
         state = jax.device_put(state, parallel.tree_shardings(state, mesh))
         cache = jax.device_put(cache, cache_sharding(cache, mesh))
         out = jax.device_put(out, parallel.replicated(mesh))
-    prefix, prompt_logits = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
-                                     int8_cache=config.int8_cache, stacked=config.scan_layers)
-    out, _ = _decode(graphdef, state, prefix, prompt_logits, cache, out, key,
-                     sampling_strategy(config), jnp.asarray(threshold),
-                     jnp.asarray(budget, jnp.int32), config=static)
-    keep = np.concatenate([p * static.budget + np.arange(b)
+    prefix, prompt_logits = prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
+                                    int8_cache=config.int8_cache, stacked=config.scan_layers)
+    out, _ = decode_loop(graphdef, state, prefix, prompt_logits, cache, out, key,
+                         sampling_strategy(config), jnp.asarray(threshold),
+                         jnp.asarray(budget, jnp.int32), shape=shape)
+    keep = np.concatenate([p * shape.capacity + np.arange(b)
                            for p, b in enumerate(budget)]).astype(np.int64)  # [N]
     steps = out.steps
     return jax.tree.map(lambda x: x[keep], out.replace(steps=None)).replace(steps=steps)

@@ -26,6 +26,7 @@ from jaxlab import aot, parallel, targets
 from jaxlab.models.backend import POLICIES
 from jaxlab.models.decoder import Decoder
 from jaxlab.sampling import sampler
+from jaxlab.sampling.memory import lower_decode
 
 TPU, GPU = "tpu-v5e-8", "h100-8"
 # 32 prompts x n = 8: 256 slots; short prompts and traces (the program is the same for any
@@ -121,11 +122,11 @@ def test_the_cpu_policy_would_hold_the_cache_as_bits():
     holds its bfloat16 cache as uint16 bits."""
     devices = targets.devices(TPU)
     mesh = aot.decode_mesh(devices, SIZES)
-    programs = sampler.lower_decode(aot.decoder_config(SIZES, training=False), 32, 64,
-                                    aot.sampling_config(SIZES), mesh, POLICIES["cpu"])
+    programs = lower_decode(aot.decoder_config(SIZES, training=False), 32, 64,
+                            aot.sampling_config(SIZES), mesh, POLICIES["cpu"])
     dtypes = {jax.tree_util.keystr(path): leaf.dtype
               for path, leaf in jax.tree_util.tree_leaves_with_path(programs.loop.args_info)}
-    # `_decode`'s argument 4, the generated KV (the prefix of one block is read as floats)
+    # `decode_loop`'s argument 4, the generated KV (the prefix of one block is read as floats)
     cache = {k: v for k, v in dtypes.items() if re.match(r"\[0\]\[4\]\.(keys|values)", k)}
     layers = aot.decoder_config(SIZES, training=False).num_layers
     assert len(cache) == 2 * layers and {str(v) for v in cache.values()} == {"uint16"}

@@ -141,13 +141,13 @@ def test_sampling_with_split_parameters_equals_replicated(data, fsdp, tensor, sc
     config = sampler.SamplingConfig(max_new_tokens=8, n=4, temperature=1.0, confidence=True)
     one = jax.device_get(sampler.sample(model, prompts, jax.random.key(3), config))
     seen = {}
-    decode = sampler._decode
+    decode = sampler.decode_loop
 
     def spy(graphdef, state, *args, **kwargs):
         seen["q_proj"] = state["layers"][0]["self_attn"]["q_proj"]["kernel"][...].sharding
         return decode(graphdef, state, *args, **kwargs)
 
-    monkeypatch.setattr(sampler, "_decode", spy)
+    monkeypatch.setattr(sampler, "decode_loop", spy)
     mesh = parallel.make_train_mesh(data, fsdp, tensor)
     many = jax.device_get(sampler.sample(
         model, prompts, jax.random.key(3),

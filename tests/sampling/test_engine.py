@@ -12,6 +12,7 @@ import pytest
 from jaxlab.models import hf, zoo
 from jaxlab.sampling import sampler
 from jaxlab.sampling.confidence import GroupWindow
+from jaxlab.sampling.memory import decode_memory, require_fits
 from jaxlab.sampling.sampler import SamplingConfig
 
 
@@ -89,24 +90,24 @@ def test_a_prompt_length_in_the_same_bucket_a_new_threshold_and_budget_do_not_re
     config = SamplingConfig(max_new_tokens=6, n=2, budget=3, temperature=1.0,
                             stop_threshold=5.0, prompt_bucket=16)
     sampler.sample(model, [[1, 2, 3]], jax.random.key(0), config)
-    before = sampler._decode._cache_size(), sampler._prefill._cache_size()
+    before = sampler.decode_loop._cache_size(), sampler.prefill._cache_size()
     again = sampler.sample(model, [list(range(1, 12))], jax.random.key(1),
                            dataclasses.replace(config, stop_threshold=6.5, budget=4))
-    assert (sampler._decode._cache_size(), sampler._prefill._cache_size()) == before
+    assert (sampler.decode_loop._cache_size(), sampler.prefill._cache_size()) == before
     assert again.tokens.shape == (4, 6) and (np.asarray(again.finish_reason) > 0).all()
     sampler.sample(model, [list(range(1, 18))], jax.random.key(1), config)  # the next bucket
-    assert sampler._prefill._cache_size() == before[1] + 1
+    assert sampler.prefill._cache_size() == before[1] + 1
 
 
 def test_a_request_that_does_not_fit_says_what_it_needs_and_what_would_fit(model):
     config = SamplingConfig(max_new_tokens=64, n=8, prompt_bucket=8)
-    need = sampler.decode_memory(model.config, 1, 8, config)
-    smaller = sampler.decode_memory(model.config, 1, 8, dataclasses.replace(config, n=4))
-    assert sampler.require_fits(model.config, 1, 8, config, need.peak) == need
+    need = decode_memory(model.config, 1, 8, config)
+    smaller = decode_memory(model.config, 1, 8, dataclasses.replace(config, n=4))
+    assert require_fits(model.config, 1, 8, config, need.peak) == need
     budget = (need.peak + smaller.peak) // 2
     with pytest.raises(ValueError, match=r"needs .* GiB .* would fit: .*n=4") as error:
-        sampler.require_fits(model.config, 1, 8, config, budget)
+        require_fits(model.config, 1, 8, config, budget)
     assert "max_new_tokens=" in str(error.value)
     pages = int(re.search(r"kv_pages=(\d+) \(pages of 64 tokens\)", str(error.value))[1])
-    assert pages < 9 and sampler.decode_memory(model.config, 1, 8, dataclasses.replace(
+    assert pages < 9 and decode_memory(model.config, 1, 8, dataclasses.replace(
         config, kv_pages=pages)).peak <= budget  # fewer pages than 8 slots x 64 tokens + 1

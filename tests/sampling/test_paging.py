@@ -11,6 +11,7 @@ import pytest
 from jaxlab import parallel
 from jaxlab.models import attention, hf, zoo
 from jaxlab.sampling import paging, sampler
+from jaxlab.sampling.memory import decode_memory, kv_cache_bytes
 from jaxlab.sampling.sampler import SamplingConfig
 
 RNG = np.random.default_rng(0)
@@ -198,11 +199,11 @@ def test_when_every_slot_waits_the_shortest_trace_starts_over_and_the_traces_sta
 
 def test_decode_memory_of_a_paged_loop_holds_the_pool_not_the_slots(model):
     config = SamplingConfig(max_new_tokens=1000, n=16, kv_pages=20, prompt_bucket=8)
-    memory = sampler.decode_memory(model.config, 1, 5, config)
+    memory = decode_memory(model.config, 1, 5, config)
     pool = model.init_paged_cache(16, 1024, 20, 128)
     assert memory.generated == pool.nbytes       # 20 pages of 128 tokens, not 16 x 1024
-    assert sampler.kv_cache_bytes(model.config, 1, 5, config) == memory.prefix + memory.generated
-    unpaged = sampler.decode_memory(model.config, 1, 5, SamplingConfig(
+    assert kv_cache_bytes(model.config, 1, 5, config) == memory.prefix + memory.generated
+    unpaged = decode_memory(model.config, 1, 5, SamplingConfig(
         max_new_tokens=1000, n=16, prompt_bucket=8))
     assert memory.loop < unpaged.loop - (unpaged.generated - memory.generated) / 2
 

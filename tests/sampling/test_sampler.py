@@ -11,6 +11,7 @@ from jaxlab.models import hf, zoo
 from jaxlab.models.decoder import Decoder
 from jaxlab.sampling import confidence as cf
 from jaxlab.sampling import sampler
+from jaxlab.sampling.memory import decode_memory, kv_cache_bytes
 from jaxlab.sampling.sampler import SamplingConfig
 
 PROMPTS = [[5, 9, 17, 3, 44], [7, 8], [100, 200, 300]]
@@ -225,11 +226,11 @@ def test_sharded_sampling_equals_single_device(model, data_mesh8, scan_layers):
 def test_no_recompilation_for_the_same_shapes(model):
     config = SamplingConfig(max_new_tokens=6, n=2, temperature=1.0, stop_threshold=5.0)
     sampler.sample(model, PROMPTS, jax.random.key(7), config)
-    before = sampler._decode._cache_size(), sampler._prefill._cache_size()
+    before = sampler.decode_loop._cache_size(), sampler.prefill._cache_size()
     other = [[1, 2, 3, 4, 5], [9], [4, 4]]  # same padded length, another threshold
     sampler.sample(model, other, jax.random.key(8),
                    dataclasses.replace(config, stop_threshold=6.5))
-    assert (sampler._decode._cache_size(), sampler._prefill._cache_size()) == before
+    assert (sampler.decode_loop._cache_size(), sampler.prefill._cache_size()) == before
 
 
 @pytest.mark.parametrize("int8", [False, True])
@@ -250,15 +251,15 @@ def test_scanned_layers_sample_the_same_traces_and_compile_one_layer(model, int8
         config = SamplingConfig(**base, scan_layers=scan_layers)
         graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(c, nnx.Rngs(0))))
         prefix, logits = jax.eval_shape(functools.partial(
-            sampler._prefill, int8_cache=int8, stacked=scan_layers), graphdef, state,
+            sampler.prefill, int8_cache=int8, stacked=scan_layers), graphdef, state,
             *[jax.ShapeDtypeStruct((3, 8), jnp.int32)] * 2)
-        text = sampler._decode.lower(
+        text = sampler.decode_loop.lower(
             graphdef, state, prefix, logits,
             jax.eval_shape(lambda: sampler.init_generated(nnx.merge(graphdef, state), 3,
                                                           config)),
             jax.eval_shape(lambda: sampler.Samples.empty(3, 4, 10)), jax.random.key(0),
             sampler.sampling_strategy(config), jnp.zeros(3), jnp.full(3, 3, jnp.int32),
-            config=sampler._static(config)).as_text()
+            shape=sampler.DecodeShape.of(config)).as_text()
         return text.count("dot_general")
 
     assert products(2, True) == products(6, True)       # one layer's program, whatever the depth
@@ -268,11 +269,11 @@ def test_scanned_layers_sample_the_same_traces_and_compile_one_layer(model, int8
 @pytest.mark.parametrize("int8", [False, True])
 def test_decode_memory_counts_the_prompt_once_and_the_generated_kv_the_loop_builds(model, int8):
     config = SamplingConfig(max_new_tokens=10, n=4, int8_cache=int8, prompt_bucket=8)
-    memory = sampler.decode_memory(model.config, 3, 5, config)
+    memory = decode_memory(model.config, 3, 5, config)
     # 3 prompts x 8 padded tokens once; 3 x n slots x 16 generated slots (10 rounded up)
     assert memory.prefix == model.init_cache(3, 8, int8).nbytes
     assert memory.generated == model.init_cache(3 * 4, 16, int8).nbytes
-    assert sampler.kv_cache_bytes(model.config, 3, 5, config) == memory.prefix + memory.generated
+    assert kv_cache_bytes(model.config, 3, 5, config) == memory.prefix + memory.generated
     weights = sum(x.nbytes for x in jax.tree.leaves(model))
     assert memory.weights == weights
     assert memory.samples == 3 * 4 * (10 * 4 * 4 + 5 * 4) + 4  # capacity 4 = n traces; steps
@@ -337,8 +338,7 @@ def test_the_decode_loop_at_the_qwen3_0_6b_shape_peaks_near_its_weights_kv_and_o
     config = SamplingConfig(max_new_tokens=256)
 
     def held(layers):
-        m = sampler.decode_memory(dataclasses.replace(c, num_layers=layers), prompts, length,
-                                  config)
+        m = decode_memory(dataclasses.replace(c, num_layers=layers), prompts, length, config)
         return m.loop, m.weights + m.prefix + m.generated + m.samples
 
     (loop1, floor1), (loop2, floor2) = held(1), held(2)
@@ -356,7 +356,7 @@ def test_a_qwen3_0_6b_with_256_traces_of_2048_tokens_fits_40_gib_with_an_int8_ca
     c = DecoderConfig.from_hf(zoo.hf_config("qwen3", "released"), param_dtype="bfloat16")
     assert c.num_layers == 28
     config = SamplingConfig(max_new_tokens=2048 - 128, n=256, int8_cache=True)
-    one, two = (sampler.decode_memory(dataclasses.replace(c, num_layers=layers), 1, 128, config)
+    one, two = (decode_memory(dataclasses.replace(c, num_layers=layers), 1, 128, config)
                 for layers in (1, 2))
     assert two.generated == 2 * one.generated == 2 * 256 * 1920 * 8 * (128 + 4) * 2
     int8 = one.peak + 27 * (two.peak - one.peak)

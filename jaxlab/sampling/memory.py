@@ -1,0 +1,235 @@
+"""How much device memory a `sampler.sample` request needs, answered before anything is
+allocated: both of its programs (the prefill and the decode loop) are lowered from abstract
+shapes (`jax.ShapeDtypeStruct`s, placed on a mesh's devices as `sample` places them) and
+compiled, and XLA's `compiled.memory_analysis()` gives their arguments, outputs, temporaries and
+the bytes written in place into donated arguments (`decode_memory`). The devices may be
+compile-only devices of another platform, so a TPU or GPU request can be planned on a CPU
+(`jaxlab.aot`).
+
+    need = decode_memory(model.config, prompts=4, prompt_length=512, config=config)
+    require_fits(model.config, 4, 512, config, device_bytes=16 * 2**30)  # or what would fit
+
+`kv_cache_bytes` counts the KV alone from shapes (no compile); `require_fits` turns an answer
+over a device's memory into an error that names the smaller requests that fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxlab import parallel
+from jaxlab.config import require
+from jaxlab.models.backend import BackendPolicy
+from jaxlab.models.backend import resolve as resolve_policy
+from jaxlab.models.decoder import Decoder, DecoderConfig
+from jaxlab.sampling import sampler
+from jaxlab.sampling.sampler import SamplingConfig, generated_slots, padded_length
+
+
+def generated_tokens(prompts: int, config: SamplingConfig) -> int:
+    """Tokens of generated KV `sample` holds for `prompts` prompts: P n T_gen, or the pool's
+    kv_pages x page when paged."""
+    if config.kv_pages is not None:
+        return config.kv_pages * config.kv_page_slots
+    return prompts * config.n * generated_slots(config.max_new_tokens)
+
+
+def kv_cache_bytes(c: DecoderConfig, prompts: int, prompt_length: int,
+                   config: SamplingConfig) -> int:
+    """Bytes of the KV `sample` holds for `prompts` prompts of up to `prompt_length` tokens on a
+    model of architecture `c`, from shapes: each prompt's KV once (L = `padded_length` slots)
+    and every slot's generated KV (T_gen = `generated_slots`), keys and values of every layer:
+    2 layers K (P L + P n T_gen, or P L + kv_pages x page when paged) x (D x itemsize, or
+    D + 4 for int8). Equal to `decode_memory`'s
+    prefix + generated (tested), which also gives the compiled programs' peak."""
+    per_head = c.head_dim + 4 if config.int8_cache else c.head_dim * jnp.dtype(c.dtype).itemsize
+    tokens = prompts * padded_length(prompt_length, config) + generated_tokens(prompts, config)
+    return 2 * c.num_layers * c.num_kv_heads * per_head * tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeMemory:
+    """Device bytes of one `sample` request, from XLA's analysis of the compiled prefill and
+    decode loop (`compiled.memory_analysis()`; per device when the slots are sharded)."""
+
+    weights: int       # the model's parameters
+    prefix: int        # the prompts' KV, once per prompt (an argument of the loop)
+    generated: int     # every slot's generated KV (T_gen slots each, or the pool of pages), a
+    #                    donated argument of the loop
+    samples: int       # the `Samples` buffers (at the output capacity)
+    outputs: int       # the loop's outputs (the samples and the generated KV)
+    temporaries: int   # XLA's temporaries of the loop
+    arguments: int     # the loop's arguments (weights, prefix, generated KV, outputs, ...)
+    aliased: int       # outputs written into donated arguments (generated KV, outputs)
+    prefill: int       # peak of the prefill program (arguments + outputs + temporaries)
+
+    @property
+    def loop(self) -> int:
+        """Peak of the decode loop: arguments + outputs + temporaries - aliased."""
+        return self.arguments + self.outputs + self.temporaries - self.aliased
+
+    @property
+    def peak(self) -> int:
+        """What the request needs at once: the larger of the two programs' peaks."""
+        return max(self.loop, self.prefill)
+
+
+def decode_memory(c: DecoderConfig, prompts: int, prompt_length: int, config: SamplingConfig,
+                  mesh: Mesh | None = None,
+                  backend: BackendPolicy | str | None = None) -> DecodeMemory:
+    """The memory `sample` needs for `prompts` prompts of up to `prompt_length` tokens on a model
+    of architecture `c`: both programs lowered from abstract shapes and compiled (nothing is
+    allocated; the compile takes seconds for a full-size model, so answers are remembered).
+    Compiled for the devices of `mesh` (the slots split over it as `sample` splits them;
+    compile-only devices of a TPU or GPU target work too) or the default device, under
+    `backend` (default: those devices' policy, `backend_policy`)."""
+    devices = None if mesh is None else list(mesh.devices.flat)
+    return _decode_memory(c, prompts, prompt_length, config, mesh,
+                          resolve_policy(backend, devices))
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_memory(c: DecoderConfig, prompts: int, prompt_length: int, config: SamplingConfig,
+                   mesh: Mesh | None, policy: BackendPolicy) -> DecodeMemory:
+    programs = lower_decode(c, prompts, prompt_length, config, mesh, policy)
+    a = programs.loop.compile().memory_analysis()
+    b = programs.prefill.compile().memory_analysis()
+    return DecodeMemory(
+        weights=programs.weights, prefix=programs.prefix, generated=programs.generated,
+        samples=programs.samples, outputs=a.output_size_in_bytes,
+        temporaries=a.temp_size_in_bytes, arguments=a.argument_size_in_bytes,
+        aliased=a.alias_size_in_bytes,
+        prefill=(b.argument_size_in_bytes + b.output_size_in_bytes + b.temp_size_in_bytes))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePrograms:
+    """The prefill and the decode loop of one `sample` request, lowered from abstract inputs
+    (nothing allocated) for a mesh's devices; `.compile()` each. Bytes are of whole arrays
+    (all devices together)."""
+
+    prefill: jax.stages.Lowered  # `sampler.prefill` of P prompts of L tokens
+    loop: jax.stages.Lowered     # `sampler.decode_loop`, the while loop over every slot
+    decode_kernel: str           # the loop's DecodeShape.decode_kernel (`mesh_decode_kernel`)
+    weights: int                 # the model's parameters
+    prefix: int                  # the prompts' KV, once per prompt
+    generated: int               # every slot's generated KV (or the pool of pages)
+    samples: int                 # the `Samples` buffers (at the output capacity)
+
+
+def lower_decode(c: DecoderConfig, prompts: int, prompt_length: int, config: SamplingConfig,
+                 mesh: Mesh | None, policy: BackendPolicy) -> DecodePrograms:
+    """`sample`'s two programs for `prompts` prompts of up to `prompt_length` tokens on a model
+    of architecture `c` under `policy`, lowered on abstract inputs placed as `sample` places
+    them on `mesh` (slots split over its batch axes, weights in their `parallel.tree_shardings`;
+    compile-only devices of a TPU or GPU target work too), or for the default device."""
+    require(prompts > 0 and prompt_length > 0,
+            f"prompts={prompts} and prompt_length={prompt_length} must be positive")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(c, nnx.Rngs(0), policy)))
+    length = padded_length(prompt_length, config)
+    ids = jax.ShapeDtypeStruct((prompts, length), jnp.int32)
+    settings = dict(int8_cache=config.int8_cache, stacked=config.scan_layers)
+    prefix, logits = jax.eval_shape(functools.partial(sampler.prefill, **settings), graphdef,
+                                    state, ids, ids)
+    shape = sampler.DecodeShape.of(config)
+    generated = jax.eval_shape(lambda: sampler.init_generated(nnx.merge(graphdef, state),
+                                                              prompts, config))
+    out = jax.eval_shape(lambda: sampler.Samples.empty(prompts, shape.capacity,
+                                                       config.max_new_tokens))
+    per_prompt = functools.partial(jax.ShapeDtypeStruct, (prompts,))
+    key = jax.eval_shape(jax.random.key, 0)
+    # traced values: abstract
+    strategy = jax.eval_shape(lambda: sampler.sampling_strategy(config))
+    scalars = (per_prompt(jnp.float32), per_prompt(jnp.int32))
+    sizes = dict(weights=nbytes(state), prefix=nbytes(prefix.fields),
+                 generated=nbytes(generated.fields), samples=nbytes(out))
+    if mesh is not None:  # placed as `sample` places them
+        sampler.check_mesh(prompts, config, mesh)
+        shape = sampler.mesh_decode_kernel(shape, policy, mesh)
+        state = abstract_on(state, parallel.tree_shardings(state, mesh))
+        generated = abstract_on(generated, sampler.cache_sharding(generated, mesh))
+        ids, prefix, logits, out, key, strategy, scalars = abstract_on(
+            (ids, prefix, logits, out, key, strategy, scalars), parallel.replicated(mesh))
+    with jax.default_device(policy_device(mesh)):
+        prefill = sampler.prefill.lower(graphdef, state, ids, ids, **settings)
+        loop = sampler.decode_loop.lower(graphdef, state, prefix, logits, generated, out, key,
+                                         strategy, *scalars, shape=shape)
+    return DecodePrograms(prefill=prefill, loop=loop, decode_kernel=shape.decode_kernel,
+                          **sizes)
+
+
+def nbytes(tree) -> int:
+    """Bytes of a tree of arrays or ShapeDtypeStructs (whole arrays)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def require_fits(c: DecoderConfig, prompts: int, prompt_length: int, config: SamplingConfig,
+                 device_bytes: int, mesh: Mesh | None = None,
+                 backend: BackendPolicy | str | None = None) -> DecodeMemory:
+    """`decode_memory` of the request, or a ValueError saying how much it needs and which
+    smaller requests fit in `device_bytes`: an int8 cache, fewer slots (n halved), a shorter
+    `max_new_tokens` (halved), a paged cache of as many pages as the memory left holds (halved
+    until it fits), each checked by compiling it (for `mesh`'s devices under `backend`, as
+    `decode_memory`)."""
+    need = decode_memory(c, prompts, prompt_length, config, mesh, backend)
+    if need.peak <= device_bytes:
+        return need
+
+    def fits(**change):
+        return decode_memory(c, prompts, prompt_length, dataclasses.replace(config, **change),
+                             mesh, backend).peak <= device_bytes
+
+    def largest(name):
+        value = getattr(config, name) // 2
+        while value >= 1 and not fits(**{name: value}):
+            value //= 2
+        return value
+
+    options = []
+    if not config.int8_cache and fits(int8_cache=True):
+        options.append("int8_cache=True")
+    for name in ("n", "max_new_tokens"):
+        value = largest(name)
+        if value >= 1:
+            options.append(f"{name}={value}")
+    # A pool of fewer pages: as many as the bytes left beside everything else hold (the
+    # generated KV is linear in the pages), halved until the compiled loop fits.
+    per_trace = config.pages_per_trace
+    now = generated_tokens(prompts, config) // config.kv_page_slots + (config.kv_pages is None)
+    pages = min(now - 1, int((device_bytes - need.peak + need.generated) * now
+                             // max(need.generated, 1)))
+    while pages > per_trace and not fits(kv_pages=pages):
+        pages //= 2
+    if pages > per_trace:
+        options.append(f"kv_pages={pages} (pages of {config.kv_page_slots} tokens)")
+    gib = 2**30
+    raise ValueError(
+        f"sampling {prompts} prompt(s) of {prompt_length} tokens with n={config.n}, "
+        f"max_new_tokens={config.max_new_tokens}, int8_cache={config.int8_cache}, "
+        f"kv_pages={config.kv_pages} needs "
+        f"{need.peak / gib:.2f} GiB (weights {need.weights / gib:.2f}, prompt KV "
+        f"{need.prefix / gib:.2f}, generated KV {need.generated / gib:.2f}, outputs "
+        f"{need.samples / gib:.2f}, loop temporaries {need.temporaries / gib:.2f}) but "
+        f"{device_bytes / gib:.2f} GiB are available; "
+        + ("would fit: " + ", or ".join(options) if options else "no smaller setting fits"))
+
+
+def abstract_on(tree, shardings):
+    """Abstract arrays (ShapeDtypeStructs) of `tree`'s arrays placed by `shardings` (one
+    sharding for every leaf, or a tree of them): what `jit(...).lower` compiles for the
+    shardings' devices, which may be compile-only devices of another platform."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def policy_device(mesh: Mesh | None) -> jax.Device:
+    """The device to lower under (`jax.default_device`): the mesh's first, else the default."""
+    return jax.devices()[0] if mesh is None else mesh.devices.flat[0]
