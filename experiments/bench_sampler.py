@@ -59,7 +59,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import best_of
 
 from jaxlab import results
 from jaxlab.models import hf, zoo
@@ -67,6 +66,7 @@ from jaxlab.models.attention import DECODE_KERNELS
 from jaxlab.sampling import sampler
 from jaxlab.sampling.memory import decode_memory, kv_cache_bytes
 from jaxlab.sampling.sampler import SamplingConfig
+from jaxlab.timing import best_of
 
 # cpu: a small Qwen3; gpu: the released Qwen3-0.6B shape in bfloat16.
 SIZES = {

@@ -121,7 +121,7 @@ def bench_torch(path: pathlib.Path, batch: train.PolicyBatch, compute: str, repe
         path, dtype=torch.float32).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=CONFIG.optimizer.learning_rate,
                                   betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=CONFIG.weight_decay)
+                                  weight_decay=CONFIG.optimizer.weight_decay)
     b = {k: torch.from_numpy(np.array(v)).to(device) for k, v in batch._asdict().items()}
     ids, attention = b["tokens"].long(), b["mask"].long()
     targets, mask = ids[:, 1:], b["loss_mask"][:, 1:]                        # [B, T-1]
@@ -141,7 +141,7 @@ def bench_torch(path: pathlib.Path, batch: train.PolicyBatch, compute: str, repe
             entropy = (entropy * mask).sum() / mask.sum().clamp(min=1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CONFIG.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CONFIG.optimizer.max_grad_norm)
         optimizer.step()
         if device == "cuda":
             torch.cuda.synchronize()

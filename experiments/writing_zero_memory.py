@@ -44,15 +44,6 @@ def decoder_config(size: str) -> DecoderConfig:
     return zoo.qwen3(size, param_dtype="float32", dtype="bfloat16")
 
 
-def abstract_state(module_fn, config: train.TrainConfig):
-    """(graphdef, abstract TrainState) of the module `module_fn()` builds."""
-    graphdef, params, _ = nnx.split(nnx.eval_shape(module_fn), nnx.Param, ...)
-    state = jax.eval_shape(lambda p: train.TrainState(
-        params=p, opt_state=train.make_optimizer(config).init(p),
-        step=jnp.zeros((), jnp.int32), key=jax.random.key(0)), params)
-    return graphdef, state
-
-
 def gib(compiled) -> float:
     m = compiled.memory_analysis()
     return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
@@ -60,12 +51,10 @@ def gib(compiled) -> float:
 
 
 def fit_step_gib(module_fn, loss_fn, data: dict, remat: str) -> float:
-    config = sft.FitConfig().optimizer
-    graphdef, state = abstract_state(module_fn, config)
-    batch = next(iter(data.values())).shape[0]
-    return gib(sft._step.lower(state, data, graphdef=graphdef,
-                               loss_fn=functools.partial(loss_fn, remat=remat), config=config,
-                               batch_size=batch, microbatches=MICROBATCHES).compile())
+    config = sft.FitConfig(batch_size=next(iter(data.values())).shape[0],
+                           microbatches=MICROBATCHES, remat=remat)
+    graphdef, state = train.abstract_train_state(module_fn, config.optimizer)
+    return gib(sft.lower_step(graphdef, state, data, loss_fn, config).compile())
 
 
 def job_memory(size: str, remat: str) -> dict[str, float]:
@@ -79,7 +68,8 @@ def job_memory(size: str, remat: str) -> dict[str, float]:
                for kind in ("tokens", "mask")}
     sft_data = {"tokens": rows(SFT), "mask": rows(SFT), "loss_mask": rows(SFT, jnp.float32)}
     policy_config = train.TrainConfig(microbatches=MICROBATCHES, logprob_chunk=512, remat=remat)
-    graphdef, state = abstract_state(lambda: Decoder(c, nnx.Rngs(0)), policy_config)
+    graphdef, state = train.abstract_train_state(lambda: Decoder(c, nnx.Rngs(0)),
+                                                 policy_config.optimizer)
     batch = train.PolicyBatch(tokens=rows(POLICY), mask=rows(POLICY),
                               loss_mask=rows(POLICY, jnp.float32),
                               old_logp=rows(POLICY, jnp.float32),

@@ -134,11 +134,8 @@ def abstract_train_inputs(config: DecoderConfig, train_config: train.TrainConfig
     on `mesh`, carrying the shardings the step runs with (the state's
     `parallel.tree_shardings`, the batch's `parallel.batch_sharding`). Nothing is allocated."""
     devices = None if mesh is None else list(mesh.devices.flat)
-    model = nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(0), backend, devices))
-    graphdef, params, _ = nnx.split(model, nnx.Param, ...)  # as init_train_state splits
-    state = jax.eval_shape(lambda p: train.TrainState(
-        params=p, opt_state=train.make_optimizer(train_config).init(p),
-        step=jnp.zeros((), jnp.int32), key=jax.random.key(0)), params)
+    graphdef, state = train.abstract_train_state(
+        lambda: Decoder(config, nnx.Rngs(0), backend, devices), train_config.optimizer)
     sds = jax.ShapeDtypeStruct
     rows = (batch, seq)
     policy_batch = train.PolicyBatch(

@@ -16,7 +16,7 @@ CONFIG = DecoderConfig(family="qwen3", vocab_size=256, hidden_size=64, intermedi
 
 
 def _state():
-    return train.init_train_state(Decoder(CONFIG, nnx.Rngs(0)), train.TrainConfig(),
+    return train.init_train_state(Decoder(CONFIG, nnx.Rngs(0)), train.OptimizerConfig(),
                                   jax.random.key(0))[1]
 
 
@@ -99,10 +99,11 @@ def test_split_model_step_equals_the_single_device_step(data, fsdp, tensor, rema
     from tests.rl.test_train import assert_params_close, make_batch
 
     config = train.TrainConfig(
-        learning_rate=1e-2, microbatches=2,
+        optimizer=train.OptimizerConfig(learning_rate=1e-2), microbatches=2,
         loss=losses.PolicyLossConfig(kl_coef=0.1, entropy_coef=0.01))
     graphdef, _ = nnx.split(Decoder(CONFIG, nnx.Rngs(0)))
-    state = train.init_train_state(Decoder(CONFIG, nnx.Rngs(0)), config, jax.random.key(0))[1]
+    state = train.init_train_state(Decoder(CONFIG, nnx.Rngs(0)), config.optimizer,
+                                   jax.random.key(0))[1]
     batch = make_batch(graphdef, state.params, num=16)
     single = parallel.single_device_mesh()
     want, want_metrics = train.train_step(jax.device_put(state, parallel.replicated(single)),
@@ -110,7 +111,7 @@ def test_split_model_step_equals_the_single_device_step(data, fsdp, tensor, rema
     config = dataclasses.replace(config, remat=remat)
     mesh = parallel.make_train_mesh(data, fsdp, tensor)
     split = parallel.init_sharded(
-        lambda: train.init_train_state(Decoder(CONFIG, nnx.Rngs(0)), config,
+        lambda: train.init_train_state(Decoder(CONFIG, nnx.Rngs(0)), config.optimizer,
                                        jax.random.key(0))[1], mesh)
     got, metrics = train.train_step(split, jax.device_put(batch, parallel.batch_sharding(mesh)),
                                     graphdef=graphdef, config=config, mesh=mesh)
@@ -122,7 +123,7 @@ def test_split_model_step_equals_the_single_device_step(data, fsdp, tensor, rema
                if ".mu" in jax.tree_util.keystr(path)]
     for x, y in zip(mu, want_mu, strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-8)
-    assert_params_close(got.params, want.params, config.learning_rate)
+    assert_params_close(got.params, want.params, config.optimizer.learning_rate)
     for got_leaf, born in zip(jax.tree.leaves(got), jax.tree.leaves(split), strict=False):
         assert got_leaf.sharding.is_equivalent_to(born.sharding, got_leaf.ndim)
 
