@@ -20,5 +20,5 @@ timeout "${SAMPLER_SECONDS:-420}" python3 experiments/bench_sampler.py --size gp
     2>&1 | grep -v "^Loading weights" | tee "$out/sampler.log"
 timeout "${STEP_SECONDS:-150}" python3 experiments/bench_train_step.py --size gpu \
     --out "$out/train_step.json" 2>&1 | grep -v "^Loading weights" | tee "$out/train_step.log"
-timeout "${RL_SECONDS:-240}" python3 experiments/bench_rl_step.py --size gpu --iterations 20 \
+timeout "${RL_SECONDS:-240}" python3 experiments/bench_rl_step.py --size gpu --steps 20 \
     --out "$out/rl_step.json" 2>&1 | grep -v "^Loading weights" | tee "$out/rl_step.log"

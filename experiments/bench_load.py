@@ -6,7 +6,7 @@ Loading. A Qwen3-0.6B-shaped checkpoint (random weights, one model.safetensors, 
 released model unless --checkpoint-dtype says otherwise) is written once by `zoo.create` to DIR and
 reused when present. Each load runs in a fresh Python process on the CPU, so that peaks are
 independent:
-  ours:          jaxlab.models.hf.load_pretrained(DIR, dtype=...)
+  ours:          jaxlab.models.hf.load_pretrained(DIR, param_dtype=...)
   transformers:  AutoModelForCausalLM.from_pretrained(DIR, dtype=...)
 with bfloat16 and with float32 parameters. Measured inside that process, after its imports:
   call s     the loading call;
@@ -68,7 +68,7 @@ def _ours():
         params = jax.block_until_ready(jax.tree.leaves(nnx.state(model, nnx.Param)))
         return sum(int(p.size) for p in params)
 
-    return (lambda path, dtype: hf.load_pretrained(path, dtype=dtype)), ready
+    return (lambda path, dtype: hf.load_pretrained(path, param_dtype=dtype)), ready
 
 
 def _transformers():
@@ -136,7 +136,7 @@ def ensure_checkpoint(folder: pathlib.Path, dtype: str) -> pathlib.Path:
 
     partial = folder.with_name(folder.name + ".partial")
     print(f"writing a Qwen3-0.6B-shaped {dtype} checkpoint to {folder} ...", flush=True)
-    zoo.create("qwen3", partial, size="released", dtype=dtype)
+    zoo.create("qwen3", partial, size="released", param_dtype=dtype)
     partial.rename(folder)
     return folder
 
@@ -227,7 +227,7 @@ def logit_errors(root: pathlib.Path) -> list[dict]:
         path = zoo.create(family, root / family)
         vocab = hf.load_decoder_config(path).vocab_size
         ids = np.random.default_rng(0).integers(0, vocab, TOKENS_SHAPE)
-        ours = {d: np.asarray(hf.load_pretrained(path, dtype=d)(jnp.asarray(ids)))
+        ours = {d: np.asarray(hf.load_pretrained(path, param_dtype=d)(jnp.asarray(ids)))
                 for d in DTYPES}
         theirs = {d: _torch_logits(path, d, ids) for d in DTYPES}
         rows.append({"family": family, "max_abs_logit": float(np.abs(ours["float32"]).max()),

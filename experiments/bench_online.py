@@ -65,7 +65,7 @@ def main() -> None:
 
     model, tokenizer, ids, _ = _model_and_prompts(pathlib.Path(args.model), args.problems)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.6, top_p=0.95,
-                              n=args.slots, stop_ids=(tokenizer.eos_token_id,),
+                              group_size=args.slots, stop_ids=(tokenizer.eos_token_id,),
                               window=args.window, tail=args.tail)
     config = online.OnlineConfig(rule=args.rule, warmup=args.warmup, budget=args.budget,
                                  batch=args.batch, consensus=args.consensus)
@@ -81,7 +81,7 @@ def main() -> None:
 
     def all_at_once():
         return online.solve_many(model, ids, keys, sampling, config, decode,
-                                 prompt_length=longest)
+                                 max_prompt_tokens=longest)
 
     alone, alone_s = best_of(one_at_a_time, args.repeats)
     many, many_s = best_of(all_at_once, args.repeats)

@@ -105,7 +105,7 @@ def run_ours(path: pathlib.Path, problems, steps: int, compute: str,
     """(metrics.jsonl records of `steps` steps of loop.run, the run's wall seconds
     from loading the model)."""
     start = time.perf_counter()
-    policy = hf.load_pretrained(path, dtype="float32", activation_dtype=compute)
+    policy = hf.load_pretrained(path, param_dtype="float32", compute_dtype=compute)
     calls = itertools.count()
 
     def prompt_fn(key, count):  # the next `count` problems (no refills: one call a step)
@@ -229,7 +229,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         work = pathlib.Path(work)
         if size["model"] is None:
-            path = zoo.create("qwen3", work / "model", size="released", dtype="float32")
+            path = zoo.create("qwen3", work / "model", size="released", param_dtype="float32")
             arithmetic.save_tokenizer(path)
         else:
             path = pathlib.Path(size["model"])

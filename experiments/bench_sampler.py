@@ -153,10 +153,12 @@ def bench_refill(model, prompt, slots: int, new_tokens: int, rounds: int = 4) ->
     early: `rounds` static batches of `slots` (each waits for its longest trace) vs one call that
     refills finished slots."""
     base = dict(max_new_tokens=new_tokens, temperature=1.0, window=8)
-    free = sampler.sample(model, [prompt], jax.random.key(1), SamplingConfig(n=slots, **base))
+    free = sampler.sample(model, [prompt], jax.random.key(1), SamplingConfig(group_size=slots,
+                                                                             **base))
     threshold = float(np.median(np.asarray(free.lowest_group_confidence)))
-    static = SamplingConfig(n=slots, stop_threshold=threshold, **base)
-    refill = SamplingConfig(n=slots, budget=rounds * slots, stop_threshold=threshold, **base)
+    static = SamplingConfig(group_size=slots, stop_threshold=threshold, **base)
+    refill = SamplingConfig(group_size=slots, budget=rounds * slots, stop_threshold=threshold,
+                            **base)
 
     def static_batches():
         return [sampler.sample(model, [prompt], jax.random.key(2 + r), static)
@@ -186,7 +188,7 @@ def bench_allocation(model, prompt, slots: int = 64, budget: int = 256,
     stop_ids = tuple(range(1, 1 + v // 32))
     rows = []
     for allocation in allocations:
-        config = SamplingConfig(max_new_tokens=allocation, temperature=1.0, n=slots,
+        config = SamplingConfig(max_new_tokens=allocation, temperature=1.0, group_size=slots,
                                 budget=budget, stop_ids=stop_ids, confidence=True)
         out, seconds = best_of(lambda c=config: sampler.sample(model, [prompt],
                                                                jax.random.key(3), c), REPEATS)
@@ -202,15 +204,15 @@ def bench_allocation(model, prompt, slots: int = 64, budget: int = 256,
             "ratio": rows[-1]["tok_s"] / rows[0]["tok_s"]}
 
 
-def bench_prompt(model, prompt_length: int = 1024, ns=(1, 4, 16, 64),
+def bench_prompt(model, max_prompt_tokens: int = 1024, ns=(1, 4, 16, 64),
                  steps=(16, 64)) -> list[dict]:
-    """One `prompt_length`-token prompt and n traces of exactly steps[1] tokens: KV bytes of
+    """One `max_prompt_tokens`-token prompt and n traces of exactly steps[1] tokens: KV bytes of
     the compiled loop (`decode_memory`) against the prompt once + generated tokens and against a
     copy of the prompt per trace, and seconds per decode step per trace, (t(steps[1]) -
     t(steps[0])) / (steps[1] - steps[0]) / n (prefill cancels out)."""
     c = model.config
     per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * jnp.dtype(c.dtype).itemsize
-    prompt = np.random.default_rng(1).integers(1, c.vocab_size, prompt_length).tolist()
+    prompt = np.random.default_rng(1).integers(1, c.vocab_size, max_prompt_tokens).tolist()
     rows = []
     for n in ns:
         def timed(t, n=n):
@@ -219,28 +221,28 @@ def bench_prompt(model, prompt_length: int = 1024, ns=(1, 4, 16, 64),
                                                  config).tokens)
 
         short, long = (timed(t) for t in steps)
-        memory = decode_memory(c, 1, prompt_length, SamplingConfig(
+        memory = decode_memory(c, 1, max_prompt_tokens, SamplingConfig(
             max_new_tokens=steps[1], n=n))
-        ideal = per_token * (prompt_length + n * steps[1])
+        ideal = per_token * (max_prompt_tokens + n * steps[1])
         rows.append({"n": n, "kv_bytes": memory.prefix + memory.generated,
                      "ideal_kv_bytes": ideal,
-                     "copied_kv_bytes": per_token * n * (prompt_length + steps[1]),
+                     "copied_kv_bytes": per_token * n * (max_prompt_tokens + steps[1]),
                      "loop_peak_bytes": memory.loop,
                      "ms_per_step_per_trace": 1000 * (long - short) / (steps[1] - steps[0]) / n})
     return rows
 
 
-def bench_memory(dtype: str = "bfloat16", prompts: int = 256, prompt_length: int = 128,
+def bench_memory(dtype: str = "bfloat16", prompts: int = 256, max_prompt_tokens: int = 128,
                  new_tokens: int = 256) -> dict:
     """`decode_memory` of the Qwen3-0.6B shape: the compiled programs' peak against weights + KV
     (prompt + generated) + outputs."""
     from jaxlab.models.decoder import DecoderConfig
 
     c = DecoderConfig.from_hf(zoo.hf_config("qwen3", "released"), param_dtype=dtype)
-    m = decode_memory(c, prompts, prompt_length, SamplingConfig(
-        max_new_tokens=new_tokens, n=1))
+    m = decode_memory(c, prompts, max_prompt_tokens, SamplingConfig(
+        max_new_tokens=new_tokens, group_size=1))
     floor = m.weights + m.prefix + m.generated + m.samples
-    return {"dtype": dtype, "prompts": prompts, "prompt_length": prompt_length,
+    return {"dtype": dtype, "prompts": prompts, "max_prompt_tokens": max_prompt_tokens,
             "new_tokens": new_tokens,
             **dataclasses.asdict(m), "loop_peak": m.loop, "peak": m.peak,
             "weights_kv_outputs": floor, "ratio": m.peak / floor}
@@ -257,7 +259,7 @@ def bench_paged(model, prompt, dtypes=("bfloat16", "float32")) -> dict:
     for dtype in dtypes:
         c = DecoderConfig.from_hf(zoo.hf_config("qwen3", "released"), param_dtype=dtype)
         for name, pages in (("slots", None), ("paged", 1 + 64 * 4096 // 128)):
-            m = decode_memory(c, 1, 1024, SamplingConfig(max_new_tokens=32768, n=64,
+            m = decode_memory(c, 1, 1024, SamplingConfig(max_new_tokens=32768, group_size=64,
                                                          kv_pages=pages))
             floor = m.weights + m.prefix + m.generated + m.samples
             memory[f"{name} {dtype}"] = {
@@ -267,7 +269,7 @@ def bench_paged(model, prompt, dtypes=("bfloat16", "float32")) -> dict:
     v = model.config.vocab_size
     speed = {}
     for name, pages in (("slots", None), ("paged", 65)):
-        config = SamplingConfig(max_new_tokens=4096, temperature=1.0, n=64, budget=256,
+        config = SamplingConfig(max_new_tokens=4096, temperature=1.0, group_size=64, budget=256,
                                 stop_ids=tuple(range(1, 1 + v // 32)), kv_pages=pages)
         out, seconds = best_of(lambda c=config: sampler.sample(model, [prompt],
                                                                jax.random.key(3)[None], c),
@@ -290,9 +292,9 @@ def bench_layers(size: dict, depths=(2, 8, 28), batch: int = 16, new_tokens: int
     rows = []
     for depth in depths:
         with tempfile.TemporaryDirectory() as folder:
-            path = zoo.create("qwen3", folder, size=size["size"], dtype=size["dtype"],
+            path = zoo.create("qwen3", folder, size=size["size"], param_dtype=size["dtype"],
                               **{**size["overrides"], "num_hidden_layers": depth})
-            model = hf.load_pretrained(path, dtype=size["dtype"])
+            model = hf.load_pretrained(path, param_dtype=size["dtype"])
         prompts = np.random.default_rng(depth).integers(
             1, model.config.vocab_size, (batch, size["prompt"])).tolist()
         row = {"layers": depth}
@@ -385,7 +387,7 @@ def bench_deepconf(model, prompt, slots: int = 64, traces: int = 512, warmup: in
     All three calls run one compiled loop (per-prompt budget and threshold are traced)."""
     v = model.config.vocab_size
     config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.6, top_p=0.95,
-                            top_k=20, n=slots, budget=traces - warmup, window=window,
+                            top_k=20, group_size=slots, budget=traces - warmup, window=window,
                             stop_ids=tuple(range(1, 1 + v // mean_length)),
                             decode_kernel=kernel)
     never = [-1e30]
@@ -504,7 +506,8 @@ def print_engine(report: dict) -> None:
     for m in report.get("memory", ()):
         gib = 2**30
         print(f"memory (compiled, Qwen3-0.6B shape, {m['dtype']}, {m['prompts']} prompts x "
-              f"{m['prompt_length']} + {m['new_tokens']} new tokens): peak {m['peak'] / gib:.2f} "
+              f"{m['max_prompt_tokens']} + {m['new_tokens']} new tokens): peak "
+              f"{m['peak'] / gib:.2f} "
               f"GiB (loop {m['loop_peak'] / gib:.2f}, prefill {m['prefill'] / gib:.2f}) vs "
               f"weights {m['weights'] / gib:.2f} + KV {(m['prefix'] + m['generated']) / gib:.2f}"
               f" + outputs {m['samples'] / gib:.2f} = {m['weights_kv_outputs'] / gib:.2f} GiB: "
@@ -533,9 +536,9 @@ def main() -> None:
     device = jax.devices()[0].device_kind
     report = {"device": device, "size": name, "baseline": "static" if static else "dynamic"}
     with tempfile.TemporaryDirectory() as folder:
-        path = zoo.create("qwen3", folder, size=size["size"], dtype=size["dtype"],
+        path = zoo.create("qwen3", folder, size=size["size"], param_dtype=size["dtype"],
                           **size["overrides"])
-        model = hf.load_pretrained(path, dtype=size["dtype"])
+        model = hf.load_pretrained(path, param_dtype=size["dtype"])
         rng = np.random.default_rng(0)
         prompt = rng.integers(1, model.config.vocab_size, size["prompt"]).tolist()
         bandwidth = hbm_bandwidth()

@@ -12,7 +12,7 @@ Speed: both sides load one random-init Qwen3 folder (`zoo.create`; `hf.load_pret
 PPO-clip (epsilon 0.2) over the response tokens, global-norm clipping at 1, AdamW. cpu: a small
 Qwen3 (4 layers, width 256, vocabulary 8192), 8 x 256 tokens, float32; PyTorch with one thread
 per core and with one thread, the faster being the baseline. gpu: the Qwen3-0.6B shape, 8 x 1024
-tokens, float32 master weights with bfloat16 compute (ours: activation_dtype; PyTorch:
+tokens, float32 master weights with bfloat16 compute (ours: compute_dtype; PyTorch:
 autocast). Before anything is timed the first-step losses, gradient norms and second-step
 losses (after one AdamW update) of the two sides must agree, or the run stops. Reported:
 trained tokens per second (batch x sequence per step, `timing.best_of`), the ratio ours /
@@ -186,9 +186,9 @@ def speed(name: str, repeats: int, threads: list[int], out: pathlib.Path) -> Non
     threads = threads[:1] if torch.cuda.is_available() else threads
     tokens = size["batch"] * size["seq"]
     with tempfile.TemporaryDirectory() as folder:
-        path = zoo.create("qwen3", folder, size=size["size"], dtype="float32",
+        path = zoo.create("qwen3", folder, size=size["size"], param_dtype="float32",
                           **size["overrides"])
-        model = hf.load_pretrained(path, dtype="float32", activation_dtype=size["compute"])
+        model = hf.load_pretrained(path, param_dtype="float32", compute_dtype=size["compute"])
         params = nnx.state(model, nnx.Param)
         num_params = sum(x.size for x in jax.tree.leaves(params))
         batch = make_batch(*nnx.split(model), size["batch"], size["seq"],
@@ -260,7 +260,7 @@ def qwen3_config(model: str, layers: int | None = None) -> DecoderConfig:
     """The released Qwen3 shape `model` (a key of `zoo.QWEN3_SIZES`), optionally with `layers`
     layers, float32 master weights and bfloat16 compute."""
     layers = {} if layers is None else dict(num_hidden_layers=layers)
-    return zoo.qwen3(model, param_dtype="float32", dtype="bfloat16", **layers)
+    return zoo.qwen3(model, param_dtype="float32", compute_dtype="bfloat16", **layers)
 
 
 def memory(batch: int, seq: int, out: pathlib.Path, *, model: str = "0.6B",

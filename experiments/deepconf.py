@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import sys
 import time
+from typing import ClassVar
 
 import jax
 import numpy as np
@@ -47,8 +48,9 @@ OFFLINE = (
 class Config:
     out_dir: str = "results/deepconf"
     model: str = "results/arithmetic_model"              # local Hugging Face folder
-    dtype: str = "float32"                               # weights and activations (bfloat16:
-    #                                                      a checkpoint's usual dtype on GPU)
+    param_dtype: str = "float32"                         # weights, and activations computed in
+    #                                                      it (bfloat16: a checkpoint's usual
+    #                                                      dtype on GPU)
     problems: str = "results/arithmetic_model/problems.jsonl"
     limit: int = 0                                       # first N problems (0: all)
     seed: int = 0
@@ -62,7 +64,7 @@ class Config:
     #                                                      template with the paper's instruction
     #                                                      (plain text if it has none: a warning)
     confidence_k: int = 20
-    slots: int = 16                                      # traces decoded at once
+    group_size: int = 16                                 # traces decoded at once per problem
     kv_pages: int | None = None                          # generated KV in a pool of pages
     #                                                      (SamplingConfig.kv_pages; None:
     #                                                      max_new_tokens per slot)
@@ -80,11 +82,14 @@ class Config:
     #                                                      rounding; seconds per problem = the
     #                                                      batch's time / problems)
 
+    # The keys of earlier versions of this config, refused with their new names.
+    RENAMED: ClassVar[dict[str, str]] = {"dtype": "param_dtype", "slots": "group_size"}
+
     def __post_init__(self):
         config_lib.require_positive_ints(self, "max_new_tokens", "window", "tail",
-                                         "confidence_k", "slots", "offline_traces", "warmup",
+                                         "confidence_k", "group_size", "offline_traces", "warmup",
                                          "batch")
-        config_lib.dtype_name(self.dtype, "dtype")
+        config_lib.dtype_name(self.param_dtype, "param_dtype")
         config_lib.require(self.limit >= 0, f"limit must be >= 0, got {self.limit}")
         config_lib.require(all(1 <= k <= self.offline_traces for k in self.ks),
                            f"every K in ks={list(self.ks)} must lie in [1, offline_traces="
@@ -99,7 +104,7 @@ class Config:
 
     def sampling(self, eos: int) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                              top_p=self.top_p, top_k=self.top_k, n=self.slots,
+                              top_p=self.top_p, top_k=self.top_k, group_size=self.group_size,
                               stop_ids=(eos,), window=self.window, tail=self.tail,
                               confidence_k=self.confidence_k, kv_pages=self.kv_pages,
                               decode_kernel=self.decode_kernel, scan_layers=self.scan_layers)
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     every_problem = load_problems(cfg.problems)
     problems = every_problem[:cfg.limit or None]
-    model = hf.load_pretrained(cfg.model, dtype=cfg.dtype)
+    model = hf.load_pretrained(cfg.model, param_dtype=cfg.param_dtype)
     tokenizer = hf.load_tokenizer(cfg.model)
     config_lib.require(tokenizer.eos_token_id is not None,
                        f"the tokenizer in {cfg.model} has no EOS token to end traces with")
@@ -213,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
             solved = online.solve_many(
                 model, [token_ids[p.id] for p in todo],
                 jax.numpy.stack([jax.random.fold_in(problem_keys[p.id], 1) for p in todo]),
-                sampling, cfg.online(rule), decode, prompt_length=longest)
+                sampling, cfg.online(rule), decode, max_prompt_tokens=longest)
             seconds = (time.perf_counter() - start) / len(todo)
             at_once[rule] = {p.id: (r, seconds) for p, r in zip(todo, solved, strict=True)}
     for index, problem in enumerate(tqdm(problems, unit="problem", file=sys.stderr)):

@@ -122,7 +122,7 @@ def evaluate(model, codec: sft.TextCodec, template: genrm.JudgeTemplate, pairs: 
     prompts = [codec.prompt(genrm.judge_prompt(p["prompt"], *order, template)) for p in pairs
                for order in ((p["chosen"], p["rejected"]), (p["rejected"], p["chosen"]))]
     samples = jax.device_get(sampler.sample(model, prompts, jax.random.key(0), greedy,
-                                            prompt_length=cfg.max_prompt_tokens))
+                                            max_prompt_tokens=cfg.max_prompt_tokens))
     texts = [codec.decode(samples.tokens[i, :samples.lengths[i]]) for i in range(len(prompts))]
     if template.text == teacher_lib.TEMPLATE.text:
         return judging.report(pairs, texts[0::2], texts[1::2], cfg.teacher.rubric)
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
                            f"the {name} has more than {limit} tokens")
     longest = max(len(p) + len(t) for p, t in zip(prompts, targets, strict=True))
     data = sft.sft_batch(prompts, targets, -(-longest // 16) * 16)   # few padded columns
-    model = hf.load_pretrained(cfg.model, dtype="float32", activation_dtype=cfg.compute_dtype)
+    model = hf.load_pretrained(cfg.model, param_dtype="float32", compute_dtype=cfg.compute_dtype)
     start = time.perf_counter()
     model = sft.fit(model, sft.sft_loss, data, cfg.sft, out / "sft",
                     key=jax.random.key(cfg.seed), mesh=mesh)

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
                                            [f"out_dir={model_dir}"])
         arithmetic_model.train(model_cfg, results.open_run(model_dir, model_cfg))
         results.open_run(cfg.out_dir, cfg)  # log to this run's folder again
-    policy = hf.load_pretrained(model_dir, dtype="float32", activation_dtype=cfg.compute_dtype)
+    policy = hf.load_pretrained(model_dir, param_dtype="float32", compute_dtype=cfg.compute_dtype)
     missing = [name for name in arithmetic.HELD_OUT_FILES.values()
                if not (model_dir / name).exists()]
     config_lib.require(not missing, f"{model_dir} has no {' or '.join(missing)}: the held-out "

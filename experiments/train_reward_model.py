@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     pairs = reward_model.read_pairs(cfg.pairs)          # every file is checked before training
     held_out = {name: reward_model.read_pairs(path) for name, path in cfg.eval.items()}
     data = pair_data(pairs, encoder, cfg.length)
-    backbone = hf.load_pretrained(cfg.backbone, dtype="float32",
-                                  activation_dtype=cfg.compute_dtype)
+    backbone = hf.load_pretrained(cfg.backbone, param_dtype="float32",
+                                  compute_dtype=cfg.compute_dtype)
     model = reward_model.ScalarRewardModel(backbone, backbone.config.hidden_size,
                                            rngs=nnx.Rngs(cfg.seed))
     start = time.perf_counter()

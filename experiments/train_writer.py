@@ -119,7 +119,7 @@ class Config:
 
     @property
     def load_options(self) -> dict:
-        return {"dtype": "float32", "activation_dtype": self.compute_dtype}
+        return {"param_dtype": "float32", "compute_dtype": self.compute_dtype}
 
     def method_loop(self, method: str) -> loop.LoopConfig:
         """BRPO takes the rewards as advantages (its outlier filter replaces dynamic
@@ -177,7 +177,7 @@ class Rewards:
             max_prompt_tokens=cfg.judge_max_prompt_tokens,
             sampling=sampler.SamplingConfig(
                 max_new_tokens=cfg.judge_max_new_tokens, temperature=cfg.judge_temperature,
-                n=cfg.votes, stop_ids=(codec.eos_id,), confidence=False))
+                group_size=cfg.votes, stop_ids=(codec.eos_id,), confidence=False))
         self.scalar = reward_model.scalar_reward_fn(self.rm, self.rm_input, cfg.rm_length)
 
     def rm_input(self, prompt: loop.Prompt, response: list[int]) -> list[int]:
@@ -261,10 +261,10 @@ def evaluate(model, rewards: Rewards, prompts: list[loop.Prompt],
     in both orders)."""
     config = sampler.SamplingConfig(
         max_new_tokens=cfg.loop.max_new_tokens, temperature=cfg.loop.temperature,
-        n=cfg.eval_samples, stop_ids=cfg.loop.stop_ids, confidence=False)
+        group_size=cfg.eval_samples, stop_ids=cfg.loop.stop_ids, confidence=False)
     key = jax.random.key(cfg.seed + (2 if reference is not None else 1))
     s = jax.device_get(sampler.sample(model, [p.tokens for p in prompts], key, config,
-                                      prompt_length=cfg.loop.max_prompt_tokens))
+                                      max_prompt_tokens=cfg.loop.max_prompt_tokens))
     responses = [s.tokens[i, :s.lengths[i]].tolist() for i in range(len(s.lengths))]
     groups = [responses[i * cfg.eval_samples:(i + 1) * cfg.eval_samples]
               for i in range(len(prompts))]

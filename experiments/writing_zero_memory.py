@@ -37,11 +37,11 @@ SIZES = ("0.6B", "1.7B", "4B")
 # (batch, length) per job, as the GPU configs set them
 RM, SFT, POLICY = (32, 1024), (16, 3072), (32, 3072)
 MICROBATCHES = 4
-ROLLOUT = dict(prompts=16, n=8, prompt_length=2048, max_new_tokens=1024)
+ROLLOUT = dict(prompts=16, group_size=8, max_prompt_tokens=2048, max_new_tokens=1024)
 
 
 def decoder_config(size: str) -> DecoderConfig:
-    return zoo.qwen3(size, param_dtype="float32", dtype="bfloat16")
+    return zoo.qwen3(size, param_dtype="float32", compute_dtype="bfloat16")
 
 
 def gib(compiled) -> float:
@@ -75,7 +75,8 @@ def job_memory(size: str, remat: str) -> dict[str, float]:
                               old_logp=rows(POLICY, jnp.float32),
                               ref_logp=rows(POLICY, jnp.float32),
                               advantages=rows(POLICY[:1], jnp.float32))
-    sampling = sampler.SamplingConfig(max_new_tokens=ROLLOUT["max_new_tokens"], n=ROLLOUT["n"])
+    sampling = sampler.SamplingConfig(max_new_tokens=ROLLOUT["max_new_tokens"],
+                                      group_size=ROLLOUT["group_size"])
     policy = functools.partial(train.train_step.lower, state, batch, graphdef=graphdef,
                                config=policy_config, mesh=parallel.single_device_mesh())
     return {
@@ -85,8 +86,8 @@ def job_memory(size: str, remat: str) -> dict[str, float]:
         "sft": fit_step_gib(lambda: Decoder(c, nnx.Rngs(0)), sft.sft_loss, sft_data, remat),
         "policy": gib(policy().compile()),
         "shared": gib(policy(shared=train.SharedPrompts(
-            ROLLOUT["n"], ROLLOUT["prompt_length"])).compile()),
-        "kv": memory.kv_cache_bytes(c, ROLLOUT["prompts"], ROLLOUT["prompt_length"],
+            ROLLOUT["group_size"], ROLLOUT["max_prompt_tokens"])).compile()),
+        "kv": memory.kv_cache_bytes(c, ROLLOUT["prompts"], ROLLOUT["max_prompt_tokens"],
                                      sampling) / 2 ** 30,
     }
 
@@ -102,7 +103,8 @@ def main() -> None:
     print(f"GiB per device on {jax.devices()[0].device_kind} ({jax.default_backend()}): rm "
           f"{RM[0]} pairs x {RM[1]}, sft {SFT[0]} x {SFT[1]}, policy {POLICY[0]} x {POLICY[1]} "
           f"({MICROBATCHES} micro-batches each, remat {args.remat}), kv {ROLLOUT['prompts']} x "
-          f"{ROLLOUT['n']} slots x {ROLLOUT['prompt_length'] + ROLLOUT['max_new_tokens']}")
+          f"{ROLLOUT['group_size']} slots x "
+          f"{ROLLOUT['max_prompt_tokens'] + ROLLOUT['max_new_tokens']}")
     for size in args.sizes:
         table[size] = job_memory(size, args.remat)
         print(f"Qwen3-{size}: " + "  ".join(f"{k} {v:.1f}" for k, v in table[size].items()),

@@ -5,7 +5,7 @@ before a device is rented (`experiments/compile_for.py`; the targets: `jaxlab.ta
     result = compile_for("tpu-v5e-8", ("decode", "train"), JobSizes(model="qwen3-0.6b"))
 
 Jobs (each compiled on its own; one failing is recorded, not raised):
-  decode   the sampler's decode loop (`sampler.decode_loop`): P prompts x n slots, each prompt's KV
+  decode   the sampler's decode loop (`sampler.decode_loop`): P prompts x G slots, each prompt's KV
            once, T new tokens; slots split over every device of the target (weights
            replicated, or with `decode_split="fsdp"` split over the devices too)
   prefill  the sampler's prefill (`sampler.prefill`) of the same P prompts, placed alike
@@ -13,7 +13,7 @@ Jobs (each compiled on its own; one failing is recorded, not raised):
            weights + AdamW, bfloat16 compute, parameters and Adam moments split over fsdp x
            tensor = every device, layers rematerialized
   pallas   the policy's Pallas decode-attention kernel alone on one device, as
-           `attention.decode_attention(..., kernel="pallas")` calls it
+           `attention.decode_attention(..., decode_kernel="pallas")` calls it
            (`attention.pallas_gpu_attention`, Triton; `attention.pallas_tpu_attention`, Mosaic)
            for one layer of the decode loop's slots
   pallas_paged  the same for a paged cache: one layer of a pool of pages (every slot's
@@ -68,9 +68,9 @@ class JobSizes:
     layers: int | None = None       # that many layers instead of the model's (smaller compiles)
     # decode, prefill, pallas: bfloat16 weights and compute
     prompts: int = 32               # P
-    n: int = 8                      # slots per prompt (P x n slots decoded at once)
+    group_size: int = 8             # G, slots per prompt (P x G slots decoded at once)
     budget: int | None = None       # traces per prompt (> n refills finished slots)
-    prompt_length: int = 1024       # L, tokens per prompt
+    max_prompt_tokens: int = 1024       # L, tokens per prompt
     max_new_tokens: int = 1024      # T
     int8_cache: bool = False        # keys and values in int8 with per-token scales
     kv_pages: int | None = None     # the generated KV in a pool of pages (one device only)
@@ -90,7 +90,8 @@ class JobSizes:
                 f"JobSizes.decode_split {self.decode_split!r} is not 'data' or 'fsdp'")
         require(self.remat in REMAT_POLICIES,
                 f"JobSizes.remat {self.remat!r} is not one of {list(REMAT_POLICIES)}")
-        for name in ("prompts", "n", "prompt_length", "max_new_tokens", "rows", "width",
+        for name in ("prompts", "group_size", "max_prompt_tokens", "max_new_tokens", "rows",
+                     "width",
                      "tensor", "microbatches", "logprob_chunk"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1,
@@ -106,7 +107,7 @@ def decoder_config(sizes: JobSizes, training: bool) -> DecoderConfig:
 
 
 def sampling_config(sizes: JobSizes) -> sampler.SamplingConfig:
-    return sampler.SamplingConfig(max_new_tokens=sizes.max_new_tokens, n=sizes.n,
+    return sampler.SamplingConfig(max_new_tokens=sizes.max_new_tokens, group_size=sizes.group_size,
                                   budget=sizes.budget, int8_cache=sizes.int8_cache,
                                   kv_pages=sizes.kv_pages, scan_layers=sizes.scan_layers)
 
@@ -156,7 +157,7 @@ def lower_decode_job(job: str, devices: Sequence[jax.Device], sizes: JobSizes):
     """The decode loop ("decode") or the prefill ("prefill") on the sampler's mesh."""
     mesh = decode_mesh(devices, sizes)
     programs = lower_decode(decoder_config(sizes, training=False), sizes.prompts,
-                            sizes.prompt_length, sampling_config(sizes), mesh,
+                            sizes.max_prompt_tokens, sampling_config(sizes), mesh,
                             backend_policy(list(mesh.devices.flat)))
     lowered = programs.loop if job == "decode" else programs.prefill
     return lowered, dict(mesh.shape), dict(decode_kernel=programs.decode_kernel)
@@ -178,13 +179,13 @@ def lower_train_job(devices: Sequence[jax.Device], sizes: JobSizes):
 
 def lower_pallas_job(devices: Sequence[jax.Device], sizes: JobSizes, paged: bool = False):
     """The policy's Pallas decode kernel on the first device, for one layer of the decode
-    loop: q [B, K, G, D] of the P x n slots, a bfloat16 cache [B, K, T_gen, D]; `paged`: a pool
+    loop: q [B, K, G, D] of the P x G slots, a bfloat16 cache [B, K, T_gen, D]; `paged`: a pool
     [B T_gen / P, K, P, D] of pages of P = block slots and a page table [B, T_gen / P]."""
     device = devices[0]
     policy = backend_policy([device])
     require(policy.pallas is not None, f"the {policy.name} policy has no Pallas kernel")
     c = decoder_config(sizes, training=False)
-    b, k, d = sizes.prompts * sizes.n, c.num_kv_heads, c.head_dim
+    b, k, d = sizes.prompts * sizes.group_size, c.num_kv_heads, c.head_dim
     size = sampler.generated_slots(sizes.max_new_tokens)
     block = min(DECODE_BLOCK, size)
     placed = SingleDeviceSharding(device)
@@ -200,7 +201,8 @@ def lower_pallas_job(devices: Sequence[jax.Device], sizes: JobSizes, paged: bool
 
     def attend(q, keys, values, start, end, *table):  # the decode loop's routing, forced
         return attention.decode_attention(q, keys, values, None, None, start, end, block=block,
-                                          key_layout="slots", policy=policy, kernel="pallas",
+                                          key_layout="slots", policy=policy,
+                                          decode_kernel="pallas",
                                           pages=table[0] if table else None)
 
     with jax.default_device(device):

@@ -139,7 +139,7 @@ def solve(model: Decoder, prompt: Sequence[int], key: jax.Array, sampling: Sampl
 def solve_many(model: Decoder, prompts: Sequence[Sequence[int]], keys: jax.Array,
                sampling: SamplingConfig, online: OnlineConfig,
                decode: Callable[[np.ndarray], str],
-               prompt_length: int | None = None) -> list[OnlineResult]:
+               max_prompt_tokens: int | None = None) -> list[OnlineResult]:
     """DeepConf online for many tokenized prompts at once, a key each (`keys` [P]); equal,
     problem by problem, to `solve(model, prompts[p], keys[p], ...)` (floats to rounding).
 
@@ -147,8 +147,8 @@ def solve_many(model: Decoder, prompts: Sequence[Sequence[int]], keys: jax.Array
     sampling (fewer traces than the budget and a consensus below tau), each with its threshold
     and its count of traces (the batch, or what is left of the budget). Problem p's warmup uses
     its key split(keys[p], 1 + budget)[0], its round r the key [r + 1], as `solve` does alone.
-    `sampling.n` slots per problem; prompts are padded to `prompt_length` (default: the longest)
-    in every call, so the rounds reuse one compiled prefill.
+    `sampling.group_size` slots per problem; prompts are padded to `max_prompt_tokens` (default: the
+    longest) in every call, so the rounds reuse one compiled prefill.
     """
     count = len(prompts)
     empty = [p for p, prompt in enumerate(prompts) if len(prompt) == 0]
@@ -157,10 +157,11 @@ def solve_many(model: Decoder, prompts: Sequence[Sequence[int]], keys: jax.Array
     require(keys.shape == (count,), f"keys has shape {keys.shape}: want one per prompt "
                                     f"({count},)")
     round_keys = jax.vmap(lambda k: jax.random.split(k, 1 + online.budget))(keys)  # [P, R]
-    length = prompt_length or max(len(p) for p in prompts)
-    warm = dataclasses.replace(sampling, n=min(sampling.n, online.warmup), budget=online.warmup,
+    length = max_prompt_tokens or max(len(p) for p in prompts)
+    warm = dataclasses.replace(sampling, group_size=min(sampling.group_size, online.warmup),
+                               budget=online.warmup,
                                stop_threshold=None)
-    samples = sampler.sample(model, prompts, round_keys[:, 0], warm, prompt_length=length)
+    samples = sampler.sample(model, prompts, round_keys[:, 0], warm, max_prompt_tokens=length)
     traces = Traces.from_samples(samples, decode).by_prompt(
         np.asarray(samples.prompt_index), count)
     thresholds = [float(voting.threshold_for(online.rule, t.lowest)) for t in traces]
@@ -173,12 +174,13 @@ def solve_many(model: Decoder, prompts: Sequence[Sequence[int]], keys: jax.Array
             break
         counts = [min(online.batch, online.budget - len(traces[p].texts)) for p in active]
         most = max(counts)
-        config = dataclasses.replace(sampling, n=min(sampling.n, most), budget=most,
+        config = dataclasses.replace(sampling, group_size=min(sampling.group_size, most),
+                                     budget=most,
                                      stop_threshold=None)
         samples = sampler.sample(
             model, [prompts[p] for p in active],
             round_keys[np.asarray(active), np.asarray([rounds[p] + 1 for p in active])], config,
-            prompt_length=length, stop_thresholds=[thresholds[p] for p in active],
+            max_prompt_tokens=length, stop_thresholds=[thresholds[p] for p in active],
             budgets=counts)
         new = Traces.from_samples(samples, decode).by_prompt(
             np.asarray(samples.prompt_index), len(active))

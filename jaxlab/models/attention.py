@@ -493,19 +493,20 @@ def _first_reason(*checks) -> str:
 
 
 def decode_attention(q, keys, values, key_scale, value_scale, start, end, *, block: int,
-                     key_layout: str, policy: BackendPolicy, kernel: str = "auto", pages=None,
+                     key_layout: str, policy: BackendPolicy, decode_kernel: str = "auto",
+                     pages=None,
                      layer=None):
-    """`block_attention`'s contract through the kernel `kernel` names (`DECODE_KERNELS`):
+    """`block_attention`'s contract through the kernel `decode_kernel` names (`DECODE_KERNELS`):
     "portable" (`block_attention`), "pallas" (the policy's Pallas kernel:
     under the GPU policy `pallas_gpu_attention`, or `pallas_gpu_paged_attention` for a paged
     or stacked cache; `pallas_tpu_attention` under the TPU policy;
     an error naming what it cannot take), or "auto": `policy.decode_kernel` where it can take
     the cache, else the portable path, the reason logged once (`backend.explain`). Under a
     policy of another platform the kernels run in interpret mode (`policy.interpret`)."""
-    require(kernel in DECODE_KERNELS, f"decode kernel {kernel!r} is not one of "
+    require(decode_kernel in DECODE_KERNELS, f"decode_kernel={decode_kernel!r} is not one of "
             f"{DECODE_KERNELS}")
     unfit, choice = "", {"auto": policy.decode_kernel, "portable": "portable",
-                         "pallas": policy.pallas}[kernel]
+                         "pallas": policy.pallas}[decode_kernel]
     require(choice is not None, f"decode_kernel='pallas' under the {policy.name} policy: it "
             "has no Pallas decode kernel (JAXLAB_POLICY=gpu or tpu runs one, in interpret "
             "mode off its platform)")
@@ -513,10 +514,10 @@ def decode_attention(q, keys, values, key_scale, value_scale, start, end, *, blo
     if choice != "portable":
         unfit = (pallas_gpu_unfit if choice == "pallas_gpu" else pallas_tpu_unfit)(
             q, values, key_scale, **settings)
-        require(not unfit or kernel == "auto", f"decode_kernel='pallas' under the "
+        require(not unfit or decode_kernel == "auto", f"decode_kernel='pallas' under the "
                 f"{policy.name} policy cannot take {unfit}")
         choice = "portable" if unfit else choice
-    if kernel == "auto":
+    if decode_kernel == "auto":
         backend.explain(policy, "decode attention", choice, unfit)
     if choice == "portable":
         return block_attention(q, keys, values, key_scale, value_scale, start, end, **settings)

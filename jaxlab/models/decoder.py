@@ -108,8 +108,8 @@ class DecoderConfig:
     mlp_bias: bool = False         # biases in the MLP (Llama mlp_bias)
     qk_norm: bool = False          # per-head RMSNorm of q and k before RoPE (Qwen3)
     tie_word_embeddings: bool = False
-    param_dtype: str = "float32"   # dtype the weights are stored in
-    dtype: str = "float32"         # dtype activations are computed in (softmax/norms in float32)
+    param_dtype: str = "float32"    # dtype the weights are stored in
+    compute_dtype: str = "float32"  # dtype activations are computed in (softmax/norms in float32)
 
     def __post_init__(self):
         require(self.family in FAMILIES,
@@ -121,12 +121,12 @@ class DecoderConfig:
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads="
                 f"{self.num_kv_heads}")
         require(self.head_dim % 2 == 0, f"head_dim must be even for RoPE, got {self.head_dim}")
-        for name in ("param_dtype", "dtype"):
+        for name in ("param_dtype", "compute_dtype"):
             object.__setattr__(self, name, dtype_name(getattr(self, name), name))
 
     @classmethod
     def from_hf(cls, hf: Any, *, param_dtype: str = "float32",
-                dtype: str | None = None) -> DecoderConfig:
+                compute_dtype: str | None = None) -> DecoderConfig:
         """From a transformers config of the Qwen3, Qwen2 or Llama family.
 
         Settings the model cannot honour (another architecture, activation, RoPE scaling,
@@ -174,7 +174,7 @@ class DecoderConfig:
             o_bias=False if family == "qwen2" else attention_bias,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)), qk_norm=family == "qwen3",
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-            param_dtype=param_dtype, dtype=dtype or param_dtype)
+            param_dtype=param_dtype, compute_dtype=compute_dtype or param_dtype)
 
 
 @struct.dataclass
@@ -314,7 +314,8 @@ def _product(policy: BackendPolicy):
 
 def _linear_factory(c: DecoderConfig, rngs: nnx.Rngs, policy: BackendPolicy):
     def linear(n_in, n_out, bias):
-        return nnx.Linear(n_in, n_out, use_bias=bias, dtype=c.dtype, param_dtype=c.param_dtype,
+        return nnx.Linear(n_in, n_out, use_bias=bias, dtype=c.compute_dtype,
+                          param_dtype=c.param_dtype,
                           kernel_init=nnx.initializers.normal(0.02),
                           dot_general=_product(policy), rngs=rngs)
     return linear
@@ -334,13 +335,14 @@ class Decoder(nnx.Module):
                  devices: Sequence[jax.Device] | None = None):
         c = self.config = config
         self.backend = policy = resolve_policy(backend, devices)
-        self.embed_tokens = nnx.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype,
+        self.embed_tokens = nnx.Embed(c.vocab_size, c.hidden_size, dtype=c.compute_dtype,
                                       param_dtype=c.param_dtype,
                                       embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
         self.layers = nnx.List([Block(c, rngs, policy) for _ in range(c.num_layers)])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.param_dtype)
         if not c.tie_word_embeddings:
-            self.lm_head = nnx.Linear(c.hidden_size, c.vocab_size, use_bias=False, dtype=c.dtype,
+            self.lm_head = nnx.Linear(c.hidden_size, c.vocab_size, use_bias=False,
+                                      dtype=c.compute_dtype,
                                       param_dtype=c.param_dtype,
                                       kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
@@ -365,7 +367,7 @@ class Decoder(nnx.Module):
 
     def hidden(self, input_ids, attention_mask=None, *, remat: str = "none",
                sharding: jax.sharding.Sharding | None = None):
-        """The final (normed) hidden states [B, T, E], in the activation dtype, of a full
+        """The final (normed) hidden states [B, T, E], in the compute dtype, of a full
         forward pass without a cache: what the output head, a reward head or a value head reads.
 
         Padding may sit anywhere (left of a prompt, right of a response): positions count the
@@ -463,11 +465,11 @@ class Decoder(nnx.Module):
         return self.lm_head.kernel[...], 0
 
     def prefill(self, input_ids, attention_mask=None, *, cache_size: int, int8_cache=False,
-                last_only=False, key_layout: str | None = None, stacked: bool = False):
+                last_only=False, key_layout: str | None = None, scan_layers: bool = False):
         """Runs a left-padded prompt batch and returns (logits float32 [B, T, V], or [B, V] of
         the last position only if `last_only`; KVCache of `cache_size` slots with the prompt in
         slots 0..T-1, int8 if `int8_cache`, keys in `key_layout`, the layers' arrays stacked if
-        `stacked` (`init_cache`); a stacked cache runs the layers in one scan).
+        `scan_layers` (`init_cache`); a stacked cache runs the layers in one scan).
 
         The prompt attends to its own keys and values (`attention.full_attention`, before any
         int8 rounding); the cache keeps them for the decode steps.
@@ -484,7 +486,7 @@ class Decoder(nnx.Module):
             late = np.flatnonzero(np.any(np.diff(np.asarray(mask, np.int8), axis=1) < 0, axis=1))
             require(late.size == 0, f"attention_mask rows {late[:5].tolist()} are not "
                     "left-padded (a padding token follows a real one)")
-        cache = self.init_cache(b, cache_size, int8_cache, key_layout, stacked)
+        cache = self.init_cache(b, cache_size, int8_cache, key_layout, scan_layers)
         lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)
         visible = _causal(mask)
         zero = jnp.zeros((b,), jnp.int32)
@@ -494,18 +496,18 @@ class Decoder(nnx.Module):
                     kv_cache.write_layer(fields, i, k, v, zero, cache.key_layout))
 
         x, fields = self._layers(input_ids, positions_of(mask), attend, cache.fields,
-                                 stack=self.layer_stack() if stacked else None)
+                                 layer_stack=self.layer_stack() if scan_layers else None)
         cache = kv_cache.with_fields(cache, fields).replace(
             start=t - lengths, positions=lengths, index=zero + t)
         return self.logits(x[:, -1] if last_only else x), cache
 
     def decode(self, tokens, cache: KVCache, prefix: KVCache | None = None,
-               kernel: str = "auto", stack: LayerStack | None = None):
+               decode_kernel: str = "auto", layer_stack: LayerStack | None = None):
         """One new token per row (tokens int [B]) at slots cache.index, position
         cache.positions: (logits float32 [B, V], cache with the token's keys and values).
-        `kernel` picks the attention kernel (`attention.decode_attention`). A stacked cache
-        runs the layers in one scan over `stack` (default: `layer_stack()`, a copy of the
-        weights made here: a loop of decode steps makes it once and passes it).
+        `decode_kernel` picks the attention kernel (`attention.decode_attention`). A stacked
+        cache runs the layers in one scan over `layer_stack` (default: `self.layer_stack()`, a
+        copy of the weights made here: a loop of decode steps makes it once and passes it).
 
         With a `prefix` of P rows (P divides B), rows p n .. p n + n - 1 (n = B / P) continue
         prefix row p: they attend to its live slots and to their own, and their n x G queries
@@ -520,25 +522,27 @@ class Decoder(nnx.Module):
         if prefix is not None:
             require(b % prefix.start.shape[0] == 0, f"the prefix's {prefix.start.shape[0]} rows "
                     f"must divide the batch of {b} rows")
-        require(stack is None or cache.stacked, "a layer stack runs a stacked cache only")
+        require(layer_stack is None or cache.stacked,
+                "a layer stack runs a stacked cache only")
         require(prefix is None or prefix.stacked or not cache.stacked,
-                "a stacked cache needs a stacked prefix (prefill(..., stacked=True))")
+                "a stacked cache needs a stacked prefix (prefill(..., scan_layers=True))")
         written = cache.replace(index=cache.index + 1)
 
         def attend(i, q, k_new, v_new, fields):
             fields = kv_cache.write_layer(fields, i, k_new, v_new, cache.index,
                                           cache.key_layout, cache.pages)
             q = _grouped(q, k)                                                    # [B, K, G, D]
-            out, lse = kv_cache.with_fields(written, fields).attend(i, q, self.backend, kernel)
+            out, lse = kv_cache.with_fields(written, fields).attend(i, q, self.backend,
+                                                                    decode_kernel)
             if prefix is not None:
-                shared = kv_cache.shared_attention(prefix, i, q, self.backend, kernel)
+                shared = kv_cache.shared_attention(prefix, i, q, self.backend, decode_kernel)
                 out, lse = attention.merge((out, lse), shared)
             return out.astype(q.dtype).reshape(b, 1, -1, q.shape[-1]), fields
 
-        if cache.stacked and stack is None:
-            stack = self.layer_stack()
+        if cache.stacked and layer_stack is None:
+            layer_stack = self.layer_stack()
         x, fields = self._layers(tokens[:, None], cache.positions[:, None], attend,
-                                 cache.fields, stack=stack)
+                                 cache.fields, layer_stack=layer_stack)
         cache = kv_cache.with_fields(written, fields).replace(positions=cache.positions + 1)
         return self.logits(x[:, 0]), cache
 
@@ -550,26 +554,26 @@ class Decoder(nnx.Module):
                                 *(nnx.state(layer) for layer in self.layers)),
             graphdef=nnx.graphdef(self.layers[0]))
 
-    def init_cache(self, batch: int, size: int, int8: bool = False,
-                   key_layout: str | None = None, stacked: bool = False) -> KVCache:
+    def init_cache(self, batch: int, size: int, int8_cache: bool = False,
+                   key_layout: str | None = None, scan_layers: bool = False) -> KVCache:
         """An empty cache (16-bit floats held as their bits under the CPU policy:
-        `attention.stored_dtype`); `int8` stores keys and values as int8 with float32 scales
+        `attention.stored_dtype`); `int8_cache` stores keys and values as int8 with float32 scales
         per token and head (D + 4 bytes instead of 2 D or 4 D per token, head and tensor); keys in
         `key_layout` (default: the backend policy's); each field one array per layer, or one
-        stack [L, ...] if `stacked`."""
+        stack [L, ...] if `scan_layers`."""
         key_layout = key_layout or self.backend.key_layout
         attention.slot_axis(key_layout)  # checks it
         c = self.config
         values = (batch, c.num_kv_heads, size, c.head_dim)
-        dtype = jnp.int8 if int8 else attention.stored_dtype(c.dtype, self.backend)
+        dtype = jnp.int8 if int8_cache else attention.stored_dtype(c.compute_dtype, self.backend)
 
         def per_layer(shape, dtype):
-            if stacked:
+            if scan_layers:
                 return jnp.zeros((c.num_layers, *shape), dtype)
             return tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))
 
         def scale():
-            return per_layer(values[:-1], jnp.float32) if int8 else None
+            return per_layer(values[:-1], jnp.float32) if int8_cache else None
 
         def zero():  # one buffer per field, so that a jitted loop may donate each of them
             return jnp.zeros((batch,), jnp.int32)
@@ -577,21 +581,23 @@ class Decoder(nnx.Module):
         keys = values if key_layout == "slots" else (batch, c.num_kv_heads, c.head_dim, size)
         return KVCache(keys=per_layer(keys, dtype), values=per_layer(values, dtype),
                        key_scale=scale(), value_scale=scale(), start=zero(), positions=zero(),
-                       index=zero(), key_layout=key_layout, dtype=jnp.dtype(c.dtype).name)
+                       index=zero(), key_layout=key_layout, dtype=jnp.dtype(c.compute_dtype).name)
 
-    def init_paged_cache(self, batch: int, size: int, pages: int, page: int,
-                         int8: bool = False, key_layout: str | None = None,
-                         stacked: bool = False) -> KVCache:
-        """An empty paged cache of `batch` rows of `size` slots over a pool of `pages` pages of
-        `page` slots (per layer, values [pages, K, page, D] and keys in `key_layout`, as
-        `init_cache` lays out a row; the layers' arrays stacked if `stacked`);
+    def init_paged_cache(self, batch: int, size: int, kv_pages: int, kv_page_slots: int,
+                         int8_cache: bool = False, key_layout: str | None = None,
+                         scan_layers: bool = False) -> KVCache:
+        """An empty paged cache of `batch` rows of `size` slots over a pool of `kv_pages` pages
+        of `kv_page_slots` slots (per layer, values [kv_pages, K, kv_page_slots, D] and keys in
+        `key_layout`, as `init_cache` lays out a row; the layers' arrays stacked if
+        `scan_layers`);
         every entry of the page table is page 0, which whoever fills the table keeps as
         scratch (`jaxlab.sampling.paging`)."""
-        require(size % page == 0, f"the cache size {size} must be a multiple of the page {page}")
-        pool = self.init_cache(pages, page, int8, key_layout, stacked)
+        require(size % kv_page_slots == 0, f"the cache size {size} must be a multiple of the "
+                f"page size kv_page_slots={kv_page_slots}")
+        pool = self.init_cache(kv_pages, kv_page_slots, int8_cache, key_layout, scan_layers)
         zero = functools.partial(jnp.zeros, (batch,), jnp.int32)
         return pool.replace(start=zero(), positions=zero(), index=zero(),
-                            pages=jnp.zeros((batch, size // page), jnp.int32))
+                            pages=jnp.zeros((batch, size // kv_page_slots), jnp.int32))
 
     # ---------------------------------------------------------------- internals
 
@@ -603,13 +609,13 @@ class Decoder(nnx.Module):
         return jnp.asarray(attention_mask).astype(bool)
 
     def _layers(self, input_ids, positions, attend, carry=None, *,
-                stack: LayerStack | None = None, remat: str = "none",
+                layer_stack: LayerStack | None = None, remat: str = "none",
                 sharding: jax.sharding.Sharding | None = None):
         """The layer stack and final norm over input_ids [B, T] at positions [B, T]:
         (hidden [B, T, E], carry). Layer i's attention calls attend(i, q, k, v, carry) ->
         (attended, carry): the carry (a cache's arrays, or None) threads through the layers.
 
-        Unrolled, layer by layer (i a Python int), unless a `stack` (`layer_stack`) is given or
+        Unrolled, layer by layer (i a Python int), unless a `layer_stack` is given or
         remat is not "none": then the layers run in one `lax.scan` over the stacked parameters
         (i traced; compiled once whatever the depth), each step under the
         `REMAT_POLICIES[remat]` checkpoint policy. The scan is also what bounds a checkpointed
@@ -620,8 +626,8 @@ class Decoder(nnx.Module):
         inv_freq = jnp.asarray(self.config.rope.inv_freq(self.config.head_dim), jnp.float32)
         angles = positions[..., None].astype(jnp.float32) * inv_freq             # [B, T, D/2]
         angles = jnp.concatenate([angles, angles], axis=-1)
-        cos, sin = (jnp.cos(angles).astype(self.config.dtype),
-                    jnp.sin(angles).astype(self.config.dtype))
+        cos, sin = (jnp.cos(angles).astype(self.config.compute_dtype),
+                    jnp.sin(angles).astype(self.config.compute_dtype))
 
         def constrain(x):
             return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
@@ -633,21 +639,21 @@ class Decoder(nnx.Module):
             return constrain(x), carry
 
         x = constrain(self.embed_tokens(input_ids))
-        if stack is None and remat == "none":
+        if layer_stack is None and remat == "none":
             for i, layer in enumerate(self.layers):
                 x, carry = run(layer, i, x, carry)
             return self.norm(x), carry
-        if stack is None:
-            stack = self.layer_stack()
+        if layer_stack is None:
+            layer_stack = self.layer_stack()
 
         def step(state, layer_params):
             params, i = layer_params
-            return run(nnx.merge(stack.graphdef, params), i, *state), None
+            return run(nnx.merge(layer_stack.graphdef, params), i, *state), None
 
         if remat != "none":
             step = jax.checkpoint(step, policy=REMAT_POLICIES[remat])
         (x, carry), _ = jax.lax.scan(step, (x, carry),
-                                     (stack.params, jnp.arange(len(self.layers))))
+                                     (layer_stack.params, jnp.arange(len(self.layers))))
         return self.norm(x), carry
 
     def check_tokens(self, ids) -> None:

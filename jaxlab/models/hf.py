@@ -10,7 +10,7 @@ naming the file and the tensor (`allow_nonfinite=True` turns the last into a war
 tensor lazily, and with a mesh each device reads only its slice. Nothing is initialized at random:
 models are built abstractly (`nnx.eval_shape`) and every parameter comes from the files.
 
-    model = load_pretrained("path/to/Qwen3-0.6B", dtype="bfloat16")   # Qwen3, Qwen2, Llama
+    model = load_pretrained("path/to/Qwen3-0.6B", param_dtype="bfloat16")   # Qwen3, Qwen2, Llama
     save_pretrained(model, "path/to/out")      # transformers' from_pretrained loads it back
     tokenizer = load_tokenizer("path/to/Qwen3-0.6B")
     encoder = load_sentence_encoder()          # all-MiniLM-L6-v2 from its package (the limit extra)
@@ -312,35 +312,36 @@ def decoder_tensor_names(config: DecoderConfig) -> dict[str, tuple[tuple, bool]]
     return names
 
 
-def load_decoder_config(path: str | pathlib.Path, *, dtype: DTypeLike = "float32",
-                        activation_dtype: DTypeLike | None = None) -> DecoderConfig:
+def load_decoder_config(path: str | pathlib.Path, *, param_dtype: DTypeLike = "float32",
+                        compute_dtype: DTypeLike | None = None) -> DecoderConfig:
     """The DecoderConfig of a local Hugging Face folder's config.json.
 
-    dtype (of the parameters) and activation_dtype (default: dtype) are float32, bfloat16 or
-    float16, written as a name ("bfloat16") or a NumPy or JAX dtype (jnp.bfloat16); another value
-    is a ValueError naming the argument.
+    param_dtype (of the parameters) and compute_dtype (of the activations; default:
+    param_dtype) are float32, bfloat16 or float16, written as a name ("bfloat16") or a NumPy or
+    JAX dtype (jnp.bfloat16); another value is a ValueError naming the argument.
     """
-    dtype = dtype_name(dtype, "dtype")
-    activation_dtype = (dtype if activation_dtype is None
-                        else dtype_name(activation_dtype, "activation_dtype"))
+    param_dtype = dtype_name(param_dtype, "param_dtype")
+    compute_dtype = (param_dtype if compute_dtype is None
+                     else dtype_name(compute_dtype, "compute_dtype"))
     path = pathlib.Path(path)
     config = hf_config(path)
     try:
-        return DecoderConfig.from_hf(config, param_dtype=dtype, dtype=activation_dtype)
+        return DecoderConfig.from_hf(config, param_dtype=param_dtype, compute_dtype=compute_dtype)
     except ValueError as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
 
 
-def load_pretrained(path: str | pathlib.Path, *, dtype: DTypeLike = "float32",
-                    activation_dtype: DTypeLike | None = None, mesh: Mesh | None = None,
+def load_pretrained(path: str | pathlib.Path, *, param_dtype: DTypeLike = "float32",
+                    compute_dtype: DTypeLike | None = None, mesh: Mesh | None = None,
                     allow_nonfinite: bool = False,
                     backend: BackendPolicy | str | None = None) -> Decoder:
     """A `Decoder` with every weight read from the local Hugging Face folder `path`.
 
     Args:
-      dtype: the parameters' dtype (tensors are cast to it): float32, bfloat16 or float16, as a
-        name ("bfloat16") or a NumPy or JAX dtype (jnp.bfloat16).
-      activation_dtype: the dtype activations are computed in (same choices); default: dtype.
+      param_dtype: the parameters' dtype (tensors are cast to it): float32, bfloat16 or
+        float16, as a name ("bfloat16") or a NumPy or JAX dtype (jnp.bfloat16).
+      compute_dtype: the dtype activations are computed in (same choices); default:
+        param_dtype.
       mesh: place parameters sharded over this mesh (`parallel.param_sharding`); each device
         reads only its own slice from the files.
       allow_nonfinite: load tensors holding NaN or infinity with a warning instead of refusing.
@@ -353,7 +354,7 @@ def load_pretrained(path: str | pathlib.Path, *, dtype: DTypeLike = "float32",
         listed at once), or that hold NaN or infinity (each named with its file).
     """
     path = pathlib.Path(path)
-    config = load_decoder_config(path, dtype=dtype, activation_dtype=activation_dtype)
+    config = load_decoder_config(path, param_dtype=param_dtype, compute_dtype=compute_dtype)
     devices = None if mesh is None else list(mesh.devices.flat)
     abstract = nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(0), backend, devices))
     graphdef, state = nnx.split(abstract)

@@ -102,7 +102,7 @@ class KVCache:
         return self.replace(keys=jax.tree.map(view, self.keys),
                             values=jax.tree.map(view, self.values))
 
-    def attend(self, i, q, policy: BackendPolicy, kernel: str = "auto"):
+    def attend(self, i, q, policy: BackendPolicy, decode_kernel: str = "auto"):
         """Layer i's attention of grouped queries q [B, K, Q, D] (in `dtype`) over the live
         slots: (out float32 [B, K, Q, D], lse float32 [B, K, Q])
         (`attention.decode_attention`, under `policy`)."""
@@ -111,7 +111,8 @@ class KVCache:
         fields, layer = layer_of(self.fields, i)
         return attention.decode_attention(q, *fields, self.start, self.index, block=self.block,
                                           key_layout=self.key_layout, policy=policy,
-                                          kernel=kernel, pages=self.pages, layer=layer)
+                                          decode_kernel=decode_kernel, pages=self.pages,
+                                          layer=layer)
 
 
 def write_slots(cache, new, index, axis, rows=None, layer=None):
@@ -172,14 +173,14 @@ def quantize(x):
     return jnp.round(x / scale[..., None]).astype(jnp.int8), scale
 
 
-def shared_attention(prefix: KVCache, i, q, policy: BackendPolicy, kernel: str):
+def shared_attention(prefix: KVCache, i, q, policy: BackendPolicy, decode_kernel: str):
     """Layer i's attention of grouped queries q [B, K, G, D] over a prefix of P rows shared by
     n = B / P consecutive rows each: their n x G queries per head in one product,
     [P, K, n G, D], against the prefix row once. Returns (out [B, K, G, D], lse [B, K, G])."""
     b, k, g, d = q.shape
     p = prefix.start.shape[0]
     batched = q.reshape(p, b // p, k, g, d).transpose(0, 2, 1, 3, 4).reshape(p, k, -1, d)
-    out, lse = prefix.attend(i, batched, policy, kernel)
+    out, lse = prefix.attend(i, batched, policy, decode_kernel)
 
     def per_row(x):                                    # [P, K, n G, ...] -> [B, K, G, ...]
         x = x.reshape(p, k, b // p, g, *x.shape[3:])

@@ -69,30 +69,31 @@ def hf_config(family: str, size: str = "tiny", **overrides):
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
-def qwen3(size: str, *, param_dtype: str = "float32", dtype: str | None = None,
+def qwen3(size: str, *, param_dtype: str = "float32", compute_dtype: str | None = None,
           **overrides) -> DecoderConfig:
     """The architecture of the released Qwen3 model `size` (a key of `QWEN3_SIZES`, e.g. "8B";
-    "qwen3-8b" also works), weights in `param_dtype`, compute in `dtype` (default: the
+    "qwen3-8b" also works), weights in `param_dtype`, compute in `compute_dtype` (default: the
     weights'), any field overridden (e.g. num_hidden_layers)."""
     name = size.removeprefix("qwen3-").removeprefix("Qwen3-").upper()
     name = {key.upper(): key for key in QWEN3_SIZES}.get(name)
     if name is None:
         raise ValueError(f"unknown Qwen3 size {size!r}; sizes: {list(QWEN3_SIZES)}")
     return DecoderConfig.from_hf(hf_config("qwen3", "released", **QWEN3_SIZES[name], **overrides),
-                                 param_dtype=param_dtype, dtype=dtype)
+                                 param_dtype=param_dtype, compute_dtype=compute_dtype)
 
 
 def create(family: str, path: str | pathlib.Path, *, size: str = "tiny", seed: int = 0,
-           dtype: DTypeLike = "float32", **overrides) -> pathlib.Path:
+           param_dtype: DTypeLike = "float32", **overrides) -> pathlib.Path:
     """Writes a random-init checkpoint folder (config.json + model.safetensors) and returns it.
 
-    dtype: the stored parameters' dtype, float32, bfloat16 or float16, as a name or a NumPy or JAX
-    dtype; another value is a ValueError naming `dtype`, raised before anything is written.
+    param_dtype: the stored parameters' dtype, float32, bfloat16 or float16, as a name or a
+    NumPy or JAX dtype; another value is a ValueError naming `param_dtype`, raised before
+    anything is written.
     """
-    dtype = dtype_name(dtype, "dtype")
+    param_dtype = dtype_name(param_dtype, "param_dtype")
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     hf_config(family, size, **overrides).save_pretrained(path)
-    model = Decoder(load_decoder_config(path, dtype=dtype), nnx.Rngs(seed))
+    model = Decoder(load_decoder_config(path, param_dtype=param_dtype), nnx.Rngs(seed))
     save_pretrained(model, path)
     return path

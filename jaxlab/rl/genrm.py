@@ -390,16 +390,16 @@ class Judge:
 
     def verdicts(self, prompts: list[list[int]], key: jax.Array
                  ) -> tuple[np.ndarray, np.ndarray, int]:
-        """Every prompt judged `sampling.n` times in one sampler call: scores float32
+        """Every prompt judged `sampling.group_size` times in one sampler call: scores float32
         [P, votes, 2], valid bool [P, votes], and the judge tokens generated."""
         from jaxlab.sampling import sampler
 
         samples = jax.device_get(sampler.sample(self.model, prompts, key, self.sampling,
-                                                prompt_length=self.max_prompt_tokens))
+                                                max_prompt_tokens=self.max_prompt_tokens))
         texts = [self.decode(samples.tokens[i, :samples.lengths[i]])
                  for i in range(len(samples.lengths))]
         scores, valid = scores_array([parse_scores(t) for t in texts])
-        votes = self.sampling.n
+        votes = self.sampling.group_size
         return (scores.reshape(len(prompts), votes, 2), valid.reshape(len(prompts), votes),
                 int(samples.lengths.sum()))
 

@@ -118,7 +118,7 @@ class LoopConfig:
     def sampling(self) -> sampler.SamplingConfig:
         return sampler.SamplingConfig(
             max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-            top_k=self.top_k, top_p=self.top_p, n=self.group_size, stop_ids=self.stop_ids,
+            top_k=self.top_k, top_p=self.top_p, group_size=self.group_size, stop_ids=self.stop_ids,
             confidence=False)
 
 
@@ -230,7 +230,7 @@ def _rollouts(model: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: 
                           f"longer than LoopConfig.max_prompt_tokens={config.max_prompt_tokens}")
         samples = sampler.sample(model, [p.tokens for p in prompts],
                                  jax.random.fold_in(round_key, 1), config.sampling, mesh=mesh,
-                                 prompt_length=config.max_prompt_tokens)
+                                 max_prompt_tokens=config.max_prompt_tokens)
         tokens, lengths = (parallel.host_array(x) for x in (samples.tokens, samples.lengths))
         kept.tokens += int(lengths.sum())
         responses = [[tokens[i * g + j, :lengths[i * g + j]].tolist() for j in range(g)]
@@ -352,7 +352,7 @@ def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopC
         f"must split evenly over the mesh's {shards} data devices (data x fsdp) x "
         f"train.microbatches={config.train.microbatches}")
     graphdef, state = scaffold.init_state(policy, config.train.optimizer, key, mesh)  # copies
-    dtype = jnp.dtype(policy.config.dtype)
+    dtype = jnp.dtype(policy.config.compute_dtype)
     reference = _cast(nnx.state(policy, nnx.Param), dtype)
     reference = nnx.merge(graphdef, parallel.put(reference, _placement(reference, mesh)))
 

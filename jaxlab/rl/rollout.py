@@ -63,7 +63,7 @@ def _assemble(graphdef, ref_params, prompt_ids, prompt_mask, tokens, lengths, lo
 
 
 def policy_batch(prompts: Sequence[Sequence[int]], samples: sampler.Samples,
-                 rows: np.ndarray, prompt_length: int, reference: nnx.Module,
+                 rows: np.ndarray, max_prompt_tokens: int, reference: nnx.Module,
                  config: train.TrainConfig, temperature: float,
                  widths: tuple[int, int] | None = None, group_size: int | None = None,
                  ) -> train.PolicyBatch:
@@ -73,7 +73,7 @@ def policy_batch(prompts: Sequence[Sequence[int]], samples: sampler.Samples,
       prompts: the P prompts the samples came from (token lists).
       samples: the sampler's output for them (N traces).
       rows: int [B, 2], (prompt index, trace index) of each row of the batch, in order.
-      prompt_length: L, the padded prompt length (the sampler's).
+      max_prompt_tokens: L, the padded prompt length (the sampler's).
       reference: the frozen reference policy; `ref_logp` is its log-probs (0 off the response).
       config: the step's settings (the log-prob chunk, whether the loss has a KL term).
       temperature: the sampling temperature T (the reference's log-probs are under pi_T).
@@ -89,8 +89,8 @@ def policy_batch(prompts: Sequence[Sequence[int]], samples: sampler.Samples,
             f"groups of {group_size} consecutive rows")
     width, steps = widths or batch_widths(
         [len(prompts[p]) for p in rows[:, 0]], parallel.host_array(samples.lengths)[rows[:, 1]],
-        prompt_length, samples.tokens.shape[1])
-    ids, mask = sampler.left_pad(prompts, width=prompt_length)
+        max_prompt_tokens, samples.tokens.shape[1])
+    ids, mask = sampler.left_pad(prompts, width=max_prompt_tokens)
     graphdef, params = nnx.split(reference)
     return _assemble(graphdef, params, jnp.asarray(ids[:, -width:]),
                      jnp.asarray(mask[:, -width:]), samples.tokens[:, :steps], samples.lengths,
@@ -113,10 +113,10 @@ def bucket(size: int, limit: int) -> int:
 
 
 def batch_widths(prompt_lengths: Sequence[int], response_lengths: Sequence[int],
-                 prompt_length: int, max_new_tokens: int) -> tuple[int, int]:
+                 max_prompt_tokens: int, max_new_tokens: int) -> tuple[int, int]:
     """(L', T'): the columns a batch of these rows uses, the prompt's last L' of L and the
     response's first T' of T, each the longest one's `bucket` (few compiled shapes)."""
-    return (bucket(max(prompt_lengths), prompt_length),
+    return (bucket(max(prompt_lengths), max_prompt_tokens),
             bucket(max(response_lengths), max_new_tokens))
 
 

@@ -4,8 +4,8 @@
 The policy is a `jaxlab.models.Decoder` (any Flax NNX module with its `hidden(ids, mask)` and
 `unembedding()`). It enters compiled code as its `nnx.split` graph definition (static) and
 parameters (a pytree in the state). Master parameters and the optimizer state are float32;
-compute runs in the model's activation dtype (load with `dtype="float32",
-activation_dtype="bfloat16"` for bf16 compute: each matmul casts the float32 weights, and the
+compute runs in the model's compute dtype (load with `param_dtype="float32",
+compute_dtype="bfloat16"` for bf16 compute: each matmul casts the float32 weights, and the
 gradients and updates stay float32, so updates of 1e-6 are not rounded away).
 
 On a mesh with only a `parallel.DATA` axis the step runs under `jax.shard_map`: every device
@@ -164,7 +164,7 @@ def init_train_state(model: nnx.Module, config: OptimizerConfig, key: jax.Array,
            for path, x in jax.tree_util.tree_leaves_with_path(params) if x.dtype != jnp.float32]
     require(not low, f"master parameters must be float32, got {low[:3]}: AdamW updates of "
                      f"1e-6 vanish in bfloat16 weights. For bfloat16 compute load the model with "
-                     f"dtype='float32', activation_dtype='bfloat16'")
+                     f"param_dtype='float32', compute_dtype='bfloat16'")
     params, key = jax.tree.map(jnp.copy, (params, key))
     state = TrainState(params=params, opt_state=make_optimizer(config).init(params),
                        step=jnp.zeros((), jnp.int32), key=key)

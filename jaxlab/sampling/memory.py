@@ -6,7 +6,7 @@ the bytes written in place into donated arguments (`decode_memory`). The devices
 compile-only devices of another platform, so a TPU or GPU request can be planned on a CPU
 (`jaxlab.aot`).
 
-    need = decode_memory(model.config, prompts=4, prompt_length=512, config=config)
+    need = decode_memory(model.config, prompts=4, max_prompt_tokens=512, config=config)
     require_fits(model.config, 4, 512, config, device_bytes=16 * 2**30)  # or what would fit
 
 `kv_cache_bytes` counts the KV alone from shapes (no compile); `require_fits` turns an answer
@@ -33,23 +33,24 @@ from jaxlab.sampling.sampler import SamplingConfig, generated_slots, padded_leng
 
 
 def generated_tokens(prompts: int, config: SamplingConfig) -> int:
-    """Tokens of generated KV `sample` holds for `prompts` prompts: P n T_gen, or the pool's
+    """Tokens of generated KV `sample` holds for `prompts` prompts: P G T_gen, or the pool's
     kv_pages x page when paged."""
     if config.kv_pages is not None:
         return config.kv_pages * config.kv_page_slots
-    return prompts * config.n * generated_slots(config.max_new_tokens)
+    return prompts * config.group_size * generated_slots(config.max_new_tokens)
 
 
-def kv_cache_bytes(c: DecoderConfig, prompts: int, prompt_length: int,
+def kv_cache_bytes(c: DecoderConfig, prompts: int, max_prompt_tokens: int,
                    config: SamplingConfig) -> int:
-    """Bytes of the KV `sample` holds for `prompts` prompts of up to `prompt_length` tokens on a
+    """Bytes of the KV `sample` holds for `prompts` prompts of up to `max_prompt_tokens` tokens on a
     model of architecture `c`, from shapes: each prompt's KV once (L = `padded_length` slots)
     and every slot's generated KV (T_gen = `generated_slots`), keys and values of every layer:
-    2 layers K (P L + P n T_gen, or P L + kv_pages x page when paged) x (D x itemsize, or
+    2 layers K (P L + P G T_gen, or P L + kv_pages x page when paged) x (D x itemsize, or
     D + 4 for int8). Equal to `decode_memory`'s
     prefix + generated (tested), which also gives the compiled programs' peak."""
-    per_head = c.head_dim + 4 if config.int8_cache else c.head_dim * jnp.dtype(c.dtype).itemsize
-    tokens = prompts * padded_length(prompt_length, config) + generated_tokens(prompts, config)
+    per_head = (c.head_dim + 4 if config.int8_cache
+                else c.head_dim * jnp.dtype(c.compute_dtype).itemsize)
+    tokens = prompts * padded_length(max_prompt_tokens, config) + generated_tokens(prompts, config)
     return 2 * c.num_layers * c.num_kv_heads * per_head * tokens
 
 
@@ -80,24 +81,24 @@ class DecodeMemory:
         return max(self.loop, self.prefill)
 
 
-def decode_memory(c: DecoderConfig, prompts: int, prompt_length: int, config: SamplingConfig,
+def decode_memory(c: DecoderConfig, prompts: int, max_prompt_tokens: int, config: SamplingConfig,
                   mesh: Mesh | None = None,
                   backend: BackendPolicy | str | None = None) -> DecodeMemory:
-    """The memory `sample` needs for `prompts` prompts of up to `prompt_length` tokens on a model
-    of architecture `c`: both programs lowered from abstract shapes and compiled (nothing is
+    """The memory `sample` needs for `prompts` prompts of up to `max_prompt_tokens` tokens on a
+    model of architecture `c`: both programs lowered from abstract shapes and compiled (nothing is
     allocated; the compile takes seconds for a full-size model, so answers are remembered).
     Compiled for the devices of `mesh` (the slots split over it as `sample` splits them;
     compile-only devices of a TPU or GPU target work too) or the default device, under
     `backend` (default: those devices' policy, `backend_policy`)."""
     devices = None if mesh is None else list(mesh.devices.flat)
-    return _decode_memory(c, prompts, prompt_length, config, mesh,
+    return _decode_memory(c, prompts, max_prompt_tokens, config, mesh,
                           resolve_policy(backend, devices))
 
 
 @functools.lru_cache(maxsize=64)
-def _decode_memory(c: DecoderConfig, prompts: int, prompt_length: int, config: SamplingConfig,
+def _decode_memory(c: DecoderConfig, prompts: int, max_prompt_tokens: int, config: SamplingConfig,
                    mesh: Mesh | None, policy: BackendPolicy) -> DecodeMemory:
-    programs = lower_decode(c, prompts, prompt_length, config, mesh, policy)
+    programs = lower_decode(c, prompts, max_prompt_tokens, config, mesh, policy)
     a = programs.loop.compile().memory_analysis()
     b = programs.prefill.compile().memory_analysis()
     return DecodeMemory(
@@ -123,18 +124,18 @@ class DecodePrograms:
     samples: int                 # the `Samples` buffers (at the output capacity)
 
 
-def lower_decode(c: DecoderConfig, prompts: int, prompt_length: int, config: SamplingConfig,
+def lower_decode(c: DecoderConfig, prompts: int, max_prompt_tokens: int, config: SamplingConfig,
                  mesh: Mesh | None, policy: BackendPolicy) -> DecodePrograms:
-    """`sample`'s two programs for `prompts` prompts of up to `prompt_length` tokens on a model
+    """`sample`'s two programs for `prompts` prompts of up to `max_prompt_tokens` tokens on a model
     of architecture `c` under `policy`, lowered on abstract inputs placed as `sample` places
     them on `mesh` (slots split over its batch axes, weights in their `parallel.tree_shardings`;
     compile-only devices of a TPU or GPU target work too), or for the default device."""
-    require(prompts > 0 and prompt_length > 0,
-            f"prompts={prompts} and prompt_length={prompt_length} must be positive")
+    require(prompts > 0 and max_prompt_tokens > 0,
+            f"prompts={prompts} and max_prompt_tokens={max_prompt_tokens} must be positive")
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(c, nnx.Rngs(0), policy)))
-    length = padded_length(prompt_length, config)
+    length = padded_length(max_prompt_tokens, config)
     ids = jax.ShapeDtypeStruct((prompts, length), jnp.int32)
-    settings = dict(int8_cache=config.int8_cache, stacked=config.scan_layers)
+    settings = dict(int8_cache=config.int8_cache, scan_layers=config.scan_layers)
     prefix, logits = jax.eval_shape(functools.partial(sampler.prefill, **settings), graphdef,
                                     state, ids, ids)
     shape = sampler.DecodeShape.of(config)
@@ -169,20 +170,20 @@ def nbytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def require_fits(c: DecoderConfig, prompts: int, prompt_length: int, config: SamplingConfig,
+def require_fits(c: DecoderConfig, prompts: int, max_prompt_tokens: int, config: SamplingConfig,
                  device_bytes: int, mesh: Mesh | None = None,
                  backend: BackendPolicy | str | None = None) -> DecodeMemory:
     """`decode_memory` of the request, or a ValueError saying how much it needs and which
-    smaller requests fit in `device_bytes`: an int8 cache, fewer slots (n halved), a shorter
-    `max_new_tokens` (halved), a paged cache of as many pages as the memory left holds (halved
-    until it fits), each checked by compiling it (for `mesh`'s devices under `backend`, as
+    smaller requests fit in `device_bytes`: an int8 cache, fewer slots (group_size halved), a
+    shorter `max_new_tokens` (halved), a paged cache of as many pages as the memory left holds
+    (halved until it fits), each checked by compiling it (for `mesh`'s devices under `backend`, as
     `decode_memory`)."""
-    need = decode_memory(c, prompts, prompt_length, config, mesh, backend)
+    need = decode_memory(c, prompts, max_prompt_tokens, config, mesh, backend)
     if need.peak <= device_bytes:
         return need
 
     def fits(**change):
-        return decode_memory(c, prompts, prompt_length, dataclasses.replace(config, **change),
+        return decode_memory(c, prompts, max_prompt_tokens, dataclasses.replace(config, **change),
                              mesh, backend).peak <= device_bytes
 
     def largest(name):
@@ -194,7 +195,7 @@ def require_fits(c: DecoderConfig, prompts: int, prompt_length: int, config: Sam
     options = []
     if not config.int8_cache and fits(int8_cache=True):
         options.append("int8_cache=True")
-    for name in ("n", "max_new_tokens"):
+    for name in ("group_size", "max_new_tokens"):
         value = largest(name)
         if value >= 1:
             options.append(f"{name}={value}")
@@ -210,7 +211,8 @@ def require_fits(c: DecoderConfig, prompts: int, prompt_length: int, config: Sam
         options.append(f"kv_pages={pages} (pages of {config.kv_page_slots} tokens)")
     gib = 2**30
     raise ValueError(
-        f"sampling {prompts} prompt(s) of {prompt_length} tokens with n={config.n}, "
+        f"sampling {prompts} prompt(s) of {max_prompt_tokens} tokens with group_size="
+        f"{config.group_size}, "
         f"max_new_tokens={config.max_new_tokens}, int8_cache={config.int8_cache}, "
         f"kv_pages={config.kv_pages} needs "
         f"{need.peak / gib:.2f} GiB (weights {need.weights / gib:.2f}, prompt KV "

@@ -1,12 +1,13 @@
 """Sampling many traces per prompt in one compiled decode loop that measures DeepConf confidence
 as it goes, stops weak traces, and refills their slots (section 1 of `papers/deepconf.md`).
 
-    samples = sample(model, prompts, key, SamplingConfig(n=16, budget=64, stop_threshold=12.0))
+    samples = sample(model, prompts, key, SamplingConfig(group_size=16, budget=64,
+                                                         stop_threshold=12.0))
 
 One jitted prefill runs each prompt once and keeps its KV once ([P, ...], the prefix,
 `prefill`). One jitted `lax.while_loop` then decodes every slot until all traces are done
-(`decode_loop`); slot b = p n + i continues prompt p, and its attention reads the prompt's KV
-together with the other n - 1 slots of that prompt (their queries batched, cascade attention,
+(`decode_loop`); slot b = p G + i continues prompt p, and its attention reads the prompt's KV
+together with the other G - 1 slots of that prompt (their queries batched, cascade attention,
 `Decoder.decode(prefix=)`) and its own generated KV, only up to the longest live trace
 (`attention.decode_attention`: the Pallas kernel on a GPU, flash-decoding in blocks elsewhere),
 in slots of `max_new_tokens` each or in pages of a shared pool handed out as traces grow
@@ -19,7 +20,7 @@ The loop's body is one pure function of its state, `decode_step(state, params, s
             and the `Request`, what the call fixes for the whole loop, traced (the prompts' KV
             and last logits, the key, the strategy's temperature and top-p, the thresholds
             and budgets per prompt); `init_state` builds the first one
-    params  `DecodeParams`: the model and, for stacked layers, their stacked weights
+    params  `DecodeParams`: the model and, with scan_layers, its layers' stacked weights
     shape   `DecodeShape`, static and hashable: slots per prompt, output capacity, T, stop ids,
             window and tail sizes, early stop on or off, the decode kernel
 
@@ -47,11 +48,11 @@ problems in one call and gets what it gets one problem at a time (`deepconf.onli
 How much device memory a request needs, asked of the compiled programs without allocating
 it, is `jaxlab.sampling.memory`'s question.
 
-Shapes: P prompts, L padded prompt length, n slots per prompt, B = P x n slots, N = P x budget
-traces (the sum of the per-prompt budgets when given), T = max_new_tokens (the generated KV holds
-T_gen >= T slots), V vocabulary, W window, S = min(tail, T) tail. The confidence state is two
-ring buffers of float32, B x (W + S) x 4 bytes (256 slots with W = S = 2048: 4 MiB), updated in
-O(1) per token.
+Shapes: P prompts, L padded prompt length, G = group_size slots per prompt, B = P x G slots,
+N = P x budget traces (the sum of the per-prompt budgets when given), T = max_new_tokens (the
+generated KV holds T_gen >= T slots), V vocabulary, W window, S = min(tail, T) tail. The
+confidence state is two ring buffers of float32, B x (W + S) x 4 bytes (256 slots with W = S =
+2048: 4 MiB), updated in O(1) per token.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class SamplingConfig:
     temperature: float = 0.6        # below strategies.TEMPERATURE_FLOOR (1e-5): greedy
     top_k: int = 0                  # keep the k most likely tokens (0: all)
     top_p: float = 1.0              # keep the smallest set of tokens with this much mass
-    n: int = 1                      # traces decoded at once per prompt (slots)
+    group_size: int = 1             # G: traces decoded at once per prompt (slots)
     budget: int | None = None       # traces per prompt in all; > n refills finished slots
     stop_ids: tuple[int, ...] = ()  # EOS and any other token that ends a trace (kept in it)
     confidence: bool = True         # measure token and group confidence while decoding
@@ -113,15 +114,15 @@ class SamplingConfig:
     #                                 depth (docs/deepconf.md)
 
     def __post_init__(self):
-        require_positive_ints(self, "max_new_tokens", "n", "confidence_k", "window", "tail",
-                              "prompt_bucket")
+        require_positive_ints(self, "max_new_tokens", "group_size", "confidence_k", "window",
+                              "tail", "prompt_bucket")
         require(self.temperature >= 0,
                 f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
         require(0 < self.top_p <= 1, f"SamplingConfig.top_p must lie in (0, 1], got {self.top_p}")
         require(isinstance(self.top_k, int) and self.top_k >= 0,
                 f"SamplingConfig.top_k must be an integer >= 0, got {self.top_k!r}")
-        require(self.budget is None or self.budget >= self.n,
-                f"SamplingConfig.budget={self.budget} must be >= n={self.n}")
+        require(self.budget is None or self.budget >= self.group_size,
+                f"SamplingConfig.budget={self.budget} must be >= group_size={self.group_size}")
         require(self.stop_threshold is None or self.confidence,
                 "SamplingConfig.stop_threshold needs confidence=True")
         if self.kv_pages is not None:
@@ -139,7 +140,7 @@ class SamplingConfig:
 
     @property
     def traces_per_prompt(self) -> int:
-        return self.n if self.budget is None else self.budget
+        return self.group_size if self.budget is None else self.budget
 
     @property
     def kv_page_slots(self) -> int:
@@ -282,7 +283,7 @@ def refill(finishing: jax.Array, prompt: jax.Array, trace: jax.Array, launched: 
            budget: jax.Array, capacity: int):
     """Finishing slots start the next traces of their prompt while its budget is not spent.
 
-    A prompt's slots are consecutive (slot b = p n + i). Finishing slots of one prompt are
+    A prompt's slots are consecutive (slot b = p G + i). Finishing slots of one prompt are
     ranked by slot; rank r takes trace number launched[p] + r if that is below `budget` (traced,
     [] or one per prompt [P]), as output row p x capacity + number; the others go idle (trace
     -1). O(B): the rank is a running count of finishing slots minus its value at the prompt's
@@ -324,7 +325,7 @@ class DecodeShape:
     the generated cache's structure (`init_generated`) and top-k a static field of the
     strategy: they too select the compiled program, and are not repeated here."""
 
-    n: int                      # slots per prompt (slot b = p n + i continues prompt p)
+    group_size: int             # G, slots per prompt (slot b = p G + i continues prompt p)
     capacity: int               # output rows per prompt: the traces per prompt rounded up to a
     #                             power of two (a smaller budget, traced, uses fewer of them)
     max_new_tokens: int         # T: a trace ends at this length
@@ -340,7 +341,8 @@ class DecodeShape:
     def of(cls, config: SamplingConfig, early_stop: bool = False) -> DecodeShape:
         """The loop's static settings for `config`; early stop on when `early_stop` (thresholds
         given per prompt) or `config.stop_threshold` is set."""
-        return cls(n=config.n, capacity=1 << (config.traces_per_prompt - 1).bit_length(),
+        return cls(group_size=config.group_size,
+                   capacity=1 << (config.traces_per_prompt - 1).bit_length(),
                    max_new_tokens=config.max_new_tokens, stop_ids=config.stop_ids,
                    confidence_k=config.confidence_k if config.confidence else 0,
                    window=config.window, tail=min(config.tail, config.max_new_tokens),
@@ -352,7 +354,7 @@ class DecodeShape:
 class Request:
     """What one request fixes for the whole loop, traced (new values do not recompile)."""
 
-    prefix: KVCache               # [P, ..., L] each prompt's KV, read by its n slots, never
+    prefix: KVCache               # [P, ..., L] each prompt's KV, read by its G slots, never
     #                               written
     prompt_logits: jax.Array      # float32 [P, V], each prompt's last logits
     prompt: jax.Array             # int32 [B], the prompt a slot continues: b // n
@@ -369,8 +371,9 @@ class Request:
                shape: DecodeShape) -> Request:
         """The request of P prompts (`prefill`'s prefix [P, ...] and logits [P, V]), one
         threshold float32 [P] (read when `shape.early_stop`) and budget int32 [P] per prompt,
-        spread over their P x n slots."""
-        prompt = jnp.arange(prompt_logits.shape[0] * shape.n) // shape.n               # [B]
+        spread over their P x G slots."""
+        prompt = (jnp.arange(prompt_logits.shape[0] * shape.group_size)
+                  // shape.group_size)                                            # [B]
         return cls(prefix=prefix, prompt_logits=prompt_logits, prompt=prompt,
                    prompt_positions=prefix.positions[prompt], key=key, strategy=strategy,
                    threshold=threshold[prompt] if shape.early_stop else None, budget=budget)
@@ -411,17 +414,17 @@ class DecodeParams:
     (`Decoder.layer_stack`), made once before the loop rather than at every step."""
 
     model: Decoder
-    stack: LayerStack | None = None
+    layer_stack: LayerStack | None = None
 
 
 def init_state(request: Request, cache: KVCache, out: Samples, shape: DecodeShape,
                ) -> DecodeState:
     """The loop's first state over an empty generated cache (`init_generated`) and empty outputs
     (`Samples.empty`): slot i of prompt p starts trace i (output row p capacity + i) if
-    i < budget[p], else sits idle; launched[p] = min(budget[p], n); every slot's logits are its
+    i < budget[p], else sits idle; launched[p] = min(budget[p], G); every slot's logits are its
     prompt's last ones and its cache starts at its prompt's end."""
     num_slots, prompt = request.prompt.shape[0], request.prompt
-    slot = jnp.arange(num_slots) % shape.n                                    # [B]
+    slot = jnp.arange(num_slots) % shape.group_size                                    # [B]
     return DecodeState(
         cache=cache.replace(positions=request.prompt_positions),
         logits=request.prompt_logits[prompt],
@@ -429,7 +432,7 @@ def init_state(request: Request, cache: KVCache, out: Samples, shape: DecodeShap
         tail=GroupWindow.create(num_slots, shape.tail),
         lowest=jnp.full(num_slots, jnp.inf),
         trace=jnp.where(slot < request.budget[prompt], prompt * shape.capacity + slot, -1),
-        launched=jnp.minimum(request.budget, shape.n).astype(jnp.int32),
+        launched=jnp.minimum(request.budget, shape.group_size).astype(jnp.int32),
         out=out, step=jnp.zeros((), jnp.int32),
         free=None if cache.pages is None else paging.FreeList.full(cache.rows),
         request=request)
@@ -485,7 +488,7 @@ def feed(state: DecodeState, params: DecodeParams, token: jax.Array, waiting: ja
     has a page."""
     cache = state.cache
     logits, stepped = params.model.decode(token, cache, state.request.prefix,
-                                          shape.decode_kernel, params.stack)
+                                          shape.decode_kernel, params.layer_stack)
     cache = stepped.replace(index=jnp.where(waiting, cache.index, stepped.index),
                             positions=jnp.where(waiting, cache.positions, stepped.positions))
     return state.replace(cache=cache, logits=jnp.where(waiting[:, None], state.logits, logits))
@@ -541,18 +544,18 @@ def decode_step(state: DecodeState, params: DecodeParams, shape: DecodeShape) ->
 # The compiled prefill and decode loop
 
 
-@functools.partial(jax.jit, static_argnames=("int8_cache", "stacked"))
-def prefill(graphdef, state, ids, mask, *, int8_cache: bool, stacked: bool = False):
+@functools.partial(jax.jit, static_argnames=("int8_cache", "scan_layers"))
+def prefill(graphdef, state, ids, mask, *, int8_cache: bool, scan_layers: bool = False):
     """Each prompt once: its KV cache [P, ..., L] (the prefix every slot of it reads, never
-    writes; the layers stacked and run in a scan if `stacked`) and its last logits [P, V].
+    writes; the layers stacked and run in a scan if `scan_layers`) and its last logits [P, V].
 
     A prefix of one block per layer, which the decode loop reads whole, is returned as floats
     (`KVCache.as_floats`); one read in blocks, or a layer at a time from a stack, as the cache
     holds it (bits of 16-bit floats on the CPU: `attention.stored_dtype`)."""
     model = nnx.merge(graphdef, state)
     logits, cache = model.prefill(ids, mask, cache_size=ids.shape[1], int8_cache=int8_cache,
-                                  last_only=True, stacked=stacked)
-    return (cache.as_floats() if cache.size == cache.block and not stacked else cache), logits
+                                  last_only=True, scan_layers=scan_layers)
+    return (cache.as_floats() if cache.size == cache.block and not scan_layers else cache), logits
 
 
 def generated_slots(max_new_tokens: int) -> int:
@@ -588,13 +591,13 @@ def decode_loop(graphdef, state, prefix: KVCache, prompt_logits: jax.Array, cach
 
 
 def init_generated(model: Decoder, prompts: int, config: SamplingConfig) -> KVCache:
-    """The empty generated KV of P x n slots of T_gen tokens each (`generated_slots`), or their
+    """The empty generated KV of P x G slots of T_gen tokens each (`generated_slots`), or their
     page table over a pool of `config.kv_pages` pages."""
-    slots, size = prompts * config.n, generated_slots(config.max_new_tokens)
+    slots, size = prompts * config.group_size, generated_slots(config.max_new_tokens)
     if config.kv_pages is not None:
         return model.init_paged_cache(slots, size, config.kv_pages, config.kv_page_slots,
-                                      config.int8_cache, stacked=config.scan_layers)
-    return model.init_cache(slots, size, config.int8_cache, stacked=config.scan_layers)
+                                      config.int8_cache, scan_layers=config.scan_layers)
+    return model.init_cache(slots, size, config.int8_cache, scan_layers=config.scan_layers)
 
 
 def cache_sharding(cache: KVCache, mesh: Mesh) -> KVCache:
@@ -640,12 +643,13 @@ def padded_length(longest: int, config: SamplingConfig) -> int:
 
 
 def check_mesh(prompts: int, config: SamplingConfig, mesh: Mesh) -> None:
-    """What `sample` needs of a mesh: the P x n slots split evenly over its devices, and a paged
+    """What `sample` needs of a mesh: the P x G slots split evenly over its devices, and a paged
     cache on one device only (its pool of pages is not split)."""
     require(config.kv_pages is None or mesh.size == 1,
             f"a paged KV cache (kv_pages) is not split over a mesh: {mesh.size} devices")
-    slots = prompts * config.n
-    require(slots % mesh.size == 0, f"{prompts} prompts x n={config.n} = {slots} slots must "
+    slots = prompts * config.group_size
+    require(slots % mesh.size == 0,
+            f"{prompts} prompts x group_size={config.group_size} = {slots} slots must "
             f"divide evenly over {mesh.size} devices")
 
 
@@ -665,14 +669,14 @@ def mesh_decode_kernel(shape: DecodeShape, policy: BackendPolicy, mesh: Mesh) ->
 
 def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
            config: SamplingConfig, mesh: Mesh | None = None,
-           prompt_length: int | None = None, *,
+           max_prompt_tokens: int | None = None, *,
            stop_thresholds: Sequence[float] | None = None,
            budgets: Sequence[int] | None = None) -> Samples:
     """Samples `config.traces_per_prompt` traces for each prompt (lists of token ids).
 
-    Prompts are left-padded to `prompt_length` (default: the longest prompt; a prompt longer
+    Prompts are left-padded to `max_prompt_tokens` (default: the longest prompt; a prompt longer
     than it is an error), rounded up to a multiple of `config.prompt_bucket`. With a mesh, the
-    slots are split over its first axis (P x n must divide evenly) and the weights held in their
+    slots are split over its first axis (P x G must divide evenly) and the weights held in their
     `parallel.tree_shardings` (split over fsdp x tensor on a `make_train_mesh` mesh, as the train
     step holds them: tensor-parallel decode; replicated on a mesh without those axes).
     Bad settings raise ValueError before anything is compiled.
@@ -684,7 +688,7 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
     the traces of prompt 0, then of prompt 1, ..., budgets[p] of them for prompt p.
     """
     count = len(prompts)
-    ids, mask = left_pad(prompts, width=prompt_length)
+    ids, mask = left_pad(prompts, width=max_prompt_tokens)
     more = ((0, 0), (padded_length(ids.shape[1], config) - ids.shape[1], 0))
     ids, mask = np.pad(ids, more), np.pad(mask, more)                        # [P, L]
     longest = max(len(p) for p in prompts)
@@ -726,7 +730,7 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
         cache = jax.device_put(cache, cache_sharding(cache, mesh))
         out = jax.device_put(out, parallel.replicated(mesh))
     prefix, prompt_logits = prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
-                                    int8_cache=config.int8_cache, stacked=config.scan_layers)
+                                    int8_cache=config.int8_cache, scan_layers=config.scan_layers)
     out, _ = decode_loop(graphdef, state, prefix, prompt_logits, cache, out, key,
                          sampling_strategy(config), jnp.asarray(threshold),
                          jnp.asarray(budget, jnp.int32), shape=shape)

@@ -31,7 +31,7 @@ from jaxlab.sampling.memory import lower_decode
 TPU, GPU = "tpu-v5e-8", "h100-8"
 # 32 prompts x n = 8: 256 slots; short prompts and traces (the program is the same for any
 # length; only its buffers grow). The policy step: 8 rows x 2,048 tokens, remat full.
-SIZES = aot.JobSizes(model="qwen3-0.6b", layers=4, prompts=32, n=8, prompt_length=64,
+SIZES = aot.JobSizes(model="qwen3-0.6b", layers=4, prompts=32, group_size=8, max_prompt_tokens=64,
                      max_new_tokens=128, rows=8, width=2048, remat="full")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -162,7 +162,8 @@ def test_the_gpu_decode_loop_runs_the_triton_kernel(gpu):
 def test_the_gpu_decode_loop_reads_paged_and_stacked_caches_with_the_paged_kernel(paging):
     # one device (a paged cache is not split over a mesh), 2 layers: the loop's program is the
     # same at any depth
-    sizes = aot.JobSizes(prompts=4, n=2, prompt_length=64, max_new_tokens=256, layers=2,
+    sizes = aot.JobSizes(prompts=4, group_size=2, max_prompt_tokens=64, max_new_tokens=256,
+                         layers=2,
                          decode_devices=1, **paging)
     r = aot.compile_job("decode", GPU, sizes)
     assert r["compiled"] and r["fits"] and r["decode_kernel"] == "auto", r
@@ -173,7 +174,8 @@ def test_the_gpu_decode_loop_reads_paged_and_stacked_caches_with_the_paged_kerne
 # Programs larger than HBM; Pallas kernels; failures recorded
 
 
-BIG = aot.JobSizes(prompts=32, n=8, prompt_length=64, max_new_tokens=32768, decode_devices=1)
+BIG = aot.JobSizes(prompts=32, group_size=8, max_prompt_tokens=64, max_new_tokens=32768,
+                   decode_devices=1)
 
 
 def test_a_tpu_program_larger_than_hbm_is_refused_and_reported():
@@ -190,7 +192,7 @@ def test_a_gpu_program_larger_than_hbm_compiles_but_does_not_fit():
 
 
 def test_the_tpu_kernel_compiles_and_a_failing_job_is_recorded_not_raised():
-    sizes = aot.JobSizes(prompts=4, n=1, max_new_tokens=1024)
+    sizes = aot.JobSizes(prompts=4, group_size=1, max_new_tokens=1024)
     result = aot.compile_for(TPU, ("decode", "pallas", "pallas_paged"), sizes)
     decode = result["jobs"]["decode"]
     assert not decode["compiled"] and "must divide evenly over 8 devices" in decode["error"]

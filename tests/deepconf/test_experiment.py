@@ -31,8 +31,8 @@ def _run(folder, out, *overrides):
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "experiments", "deepconf.py"), f"model={folder}",
          f"problems={folder / 'problems.jsonl'}", f"out_dir={out}", "max_new_tokens=8",
-         "slots=4", "offline_traces=8", "ks=[4,8]", "warmup=4", "batch=4", "window=3", "tail=5",
-         *overrides], capture_output=True, text=True, timeout=600,
+         "group_size=4", "offline_traces=8", "ks=[4,8]", "warmup=4", "batch=4", "window=3",
+         "tail=5", *overrides], capture_output=True, text=True, timeout=600,
         env=dict(os.environ, PYTHONPATH=os.path.abspath(ROOT)))
 
 

@@ -9,7 +9,7 @@ from jaxlab.models import hf, zoo
 from jaxlab.sampling import sampler
 from jaxlab.sampling.sampler import SamplingConfig
 
-SAMPLING = SamplingConfig(max_new_tokens=12, n=4, window=3, temperature=1.0)
+SAMPLING = SamplingConfig(max_new_tokens=12, group_size=4, window=3, temperature=1.0)
 PROMPT = [5, 9, 17, 3]
 
 

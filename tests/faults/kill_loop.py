@@ -50,7 +50,7 @@ def job_args(job: str, work: pathlib.Path) -> list[str]:
                 "loop.max_new_tokens=24", "loop.stop_ids=[1]", "loop.checkpoint_every=1"]
     if job == "deepconf":
         return ["deepconf.py", f"model={model}", f"problems={model / 'problems.jsonl'}",
-                "max_new_tokens=24", "slots=4", "offline_traces=8", "ks=[4,8]", "warmup=4",
+                "max_new_tokens=24", "group_size=4", "offline_traces=8", "ks=[4,8]", "warmup=4",
                 "batch=4", "window=4"]
     if job == "critical_n":
         return ["critical_n.py", "d_min=2", "d_max=5", "start_n=3", "seeds=2", "window=2",

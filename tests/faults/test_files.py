@@ -90,12 +90,12 @@ def test_nonfinite_weights_are_refused_or_warned(model_copy, caplog):          #
 
 
 def test_dtype_errors_name_the_argument(decoder_folder):                        # case 13
-    model = hf.load_pretrained(decoder_folder, dtype=jnp.bfloat16)
+    model = hf.load_pretrained(decoder_folder, param_dtype=jnp.bfloat16)
     assert model.config.param_dtype == "bfloat16"
-    with pytest.raises(ValueError, match=r"^dtype must be .*got int8"):
-        hf.load_pretrained(decoder_folder, dtype=jnp.int8)
-    with pytest.raises(ValueError, match=r"^activation_dtype must be .*got 'bf16'"):
-        hf.load_pretrained(decoder_folder, activation_dtype="bf16")
+    with pytest.raises(ValueError, match=r"^param_dtype must be .*got int8"):
+        hf.load_pretrained(decoder_folder, param_dtype=jnp.int8)
+    with pytest.raises(ValueError, match=r"^compute_dtype must be .*got 'bf16'"):
+        hf.load_pretrained(decoder_folder, compute_dtype="bf16")
 
 
 def test_partial_last_line_is_dropped_with_a_warning(tmp_path, caplog):         # case 23

@@ -52,7 +52,7 @@ def test_train_arithmetic_resumes_exactly_past_a_damaged_checkpoint(            
 def test_deepconf_partial_line_and_smaller_limit(tmp_path, decoder_folder, caplog):  # 23, 28
     out = tmp_path / "run"
     argv = [f"out_dir={out}", f"model={decoder_folder}",
-            f"problems={decoder_folder / 'problems.jsonl'}", "max_new_tokens=4", "slots=2",
+            f"problems={decoder_folder / 'problems.jsonl'}", "max_new_tokens=4", "group_size=2",
             "offline_traces=2", "ks=[2]", "warmup=2", "batch=2", "window=2",
             "rules=[deepconf-low]"]
     deepconf.main([*argv, "limit=2"])

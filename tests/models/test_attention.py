@@ -268,17 +268,18 @@ def test_pallas_tpu_kernel_over_several_compute_blocks_and_its_routing(monkeypat
     assert tpu.interpret  # the TPU policy on CPU devices
     for request in ("pallas", "auto"):
         got = attention.decode_attention(q, keys, values, None, None, start, end, block=128,
-                                         key_layout="slots", policy=tpu, kernel=request)
+                                         key_layout="slots", policy=tpu, decode_kernel=request)
         np.testing.assert_allclose(got[0], want[0], atol=1e-5)
         np.testing.assert_allclose(got[1], want[1], atol=1e-5)
     assert len(calls) == 2 and all(c["interpret"] for c in calls)
     attention.decode_attention(q, keys, values, None, None, start, end, block=128,
-                               key_layout="slots", policy=tpu, kernel="portable")
+                               key_layout="slots", policy=tpu, decode_kernel="portable")
     assert len(calls) == 2
     with pytest.raises(ValueError, match="tpu policy cannot take an int8 cache"):
         attention.decode_attention(q, keys.astype(np.int8), values.astype(np.int8),
                                    *[np.ones(keys.shape[:-1], np.float32)] * 2, start, end,
-                                   block=128, key_layout="slots", policy=tpu, kernel="pallas")
+                                   block=128, key_layout="slots", policy=tpu,
+                                   decode_kernel="pallas")
 
 
 @pytest.mark.parametrize("size,want", [(384, (8, 16)), (4096, (16, 128)), (128, (8, 16)),
@@ -324,7 +325,7 @@ def test_auto_decode_kernel_is_the_policys_where_it_applies_and_a_forced_one_nam
                  f"{name} policy cannot take " + ("an int8 cache" if int8 else "head dim 16"))
         with pytest.raises(ValueError, match=match):
             attention.decode_attention(q, keys, values, ks, vs, start, end, block=32,
-                                       key_layout="slots", policy=policy, kernel="pallas")
+                                       key_layout="slots", policy=policy, decode_kernel="pallas")
 
 
 @pytest.fixture(scope="module")

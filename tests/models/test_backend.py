@@ -87,15 +87,15 @@ def test_each_policy_prefills_and_decodes_the_pytorch_models_logits(pair, name, 
     want = _torch_logits(reference, ids)
     np.testing.assert_allclose(model(jnp.asarray(ids)), want, atol=1e-4)
     logits, prefix = model.prefill(jnp.asarray(ids[:, :8]), cache_size=8,
-                                   stacked=cache == "stacked")
+                                   scan_layers=cache == "stacked")
     np.testing.assert_allclose(logits[:, -1], want[:, 7], atol=1e-4)
     assert prefix.key_layout == model.backend.key_layout
     # the tokens after the prompt go to a cache of their own, read with the prompt's (cascade)
     if cache == "paged":
-        own = model.init_paged_cache(2, 16, pages=5, page=8)  # page 0: scratch
+        own = model.init_paged_cache(2, 16, kv_pages=5, kv_page_slots=8)  # page 0: scratch
         own = own.replace(pages=jnp.asarray([[3, 1], [2, 4]], jnp.int32))
     else:
-        own = model.init_cache(2, 16, stacked=cache == "stacked")
+        own = model.init_cache(2, 16, scan_layers=cache == "stacked")
     own = own.replace(positions=prefix.positions)
     step = jax.jit(lambda tokens, own: model.decode(tokens, own, prefix))
     for t in range(8, 14):
@@ -106,8 +106,8 @@ def test_each_policy_prefills_and_decodes_the_pytorch_models_logits(pair, name, 
 @pytest.mark.parametrize("name", NAMES)
 def test_a_bfloat16_cache_is_bits_under_the_cpu_policy_only_and_decodes_alike(pair, name):
     path, _ = pair
-    model = hf.load_pretrained(path, dtype="bfloat16", backend=name)
-    cpu = hf.load_pretrained(path, dtype="bfloat16", backend="cpu")
+    model = hf.load_pretrained(path, param_dtype="bfloat16", backend=name)
+    cpu = hf.load_pretrained(path, param_dtype="bfloat16", backend="cpu")
     ids = jnp.asarray(np.random.default_rng(2).integers(0, 512, (2, 12)))
     _, cache = model.prefill(ids[:, :6], cache_size=16)
     _, reference = cpu.prefill(ids[:, :6], cache_size=16)
@@ -139,7 +139,7 @@ def _dots(model, ids):
 def test_linear_layers_multiply_as_written_off_the_cpu_and_as_rows_on_it(pair):
     path, _ = pair
     ids = jnp.zeros((2, 5), jnp.int32)
-    model = hf.load_pretrained(path, dtype="bfloat16", backend="gpu")
+    model = hf.load_pretrained(path, param_dtype="bfloat16", backend="gpu")
     plain = _dots(model, ids)
     # 7 projections per layer and the head, on [B, T, E] in bfloat16 (attention's products
     # are dot_product_attention's, batched over heads: 4-d)

@@ -87,7 +87,7 @@ def test_prefill_then_decode_equals_full_forward(pair, key_layout, stacked):
     mask[0, :5] = 0
     full = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
     logits, cache = model.prefill(jnp.asarray(ids[:, :10]), jnp.asarray(mask[:, :10]),
-                                  cache_size=32, key_layout=key_layout, stacked=stacked)
+                                  cache_size=32, key_layout=key_layout, scan_layers=stacked)
     assert cache.stacked == stacked
     real = mask[:, :10].astype(bool)  # padding positions hold no meaningful logits
     np.testing.assert_allclose(np.asarray(logits)[real], full[:, :10][real], atol=1e-5)
@@ -104,10 +104,10 @@ def test_a_16_bit_cache_holds_bits_and_decodes_as_a_cache_of_floats(pair, stacke
     # loop writes in place: its steps are those of the same cache held as floats, and near the
     # full forward
     _, path, _, _ = pair
-    half = hf.load_pretrained(path, dtype=dtype).set_backend("cpu")
+    half = hf.load_pretrained(path, param_dtype=dtype).set_backend("cpu")
     ids = jnp.asarray(_ids(2, 14, seed=3))
     full = np.asarray(half(ids))
-    _, bits = half.prefill(ids[:, :8], cache_size=16, stacked=stacked)
+    _, bits = half.prefill(ids[:, :8], cache_size=16, scan_layers=stacked)
     floats = bits.as_floats()
     assert {x.dtype for x in jax.tree.leaves(bits.fields)} == {jnp.dtype(jnp.uint16)}
     assert {x.dtype for x in jax.tree.leaves(floats.fields)} == {jnp.dtype(dtype)}
@@ -213,7 +213,7 @@ def test_sharded_load_equals_single_device_load(pair, data_mesh8):
 
 def test_bfloat16_stays_near_float32(pair):
     _, path, _, model = pair
-    half = hf.load_pretrained(path, dtype="bfloat16")
+    half = hf.load_pretrained(path, param_dtype="bfloat16")
     assert half.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
     ids = jnp.asarray(_ids(2, 16, seed=6))
     error = np.max(np.abs(np.asarray(half(ids)) - np.asarray(model(ids))))

@@ -26,18 +26,18 @@ def by_name(tmp_path_factory):
     """Per dtype name: the model that zoo.create + load_pretrained give for the string."""
     models = {}
     for name in SPELLINGS:
-        path = zoo.create("qwen3", tmp_path_factory.mktemp(name), seed=3, dtype=name)
-        models[name] = hf.load_pretrained(path, dtype=name)
+        path = zoo.create("qwen3", tmp_path_factory.mktemp(name), seed=3, param_dtype=name)
+        models[name] = hf.load_pretrained(path, param_dtype=name)
     return models
 
 
 @pytest.mark.parametrize("name, spelling", CASES, ids=[f"{n}-{s!r}" for n, s in CASES])
 def test_dtype_objects_load_the_same_model_as_names(by_name, tmp_path, name, spelling):
     assert dtype_name(spelling, "dtype") == name
-    path = zoo.create("qwen3", tmp_path, seed=3, dtype=spelling)
-    model, expected = hf.load_pretrained(path, dtype=spelling), by_name[name]
+    path = zoo.create("qwen3", tmp_path, seed=3, param_dtype=spelling)
+    model, expected = hf.load_pretrained(path, param_dtype=spelling), by_name[name]
     assert model.config == expected.config and hash(model.config) == hash(expected.config)
-    assert model.config.param_dtype == model.config.dtype == name
+    assert model.config.param_dtype == model.config.compute_dtype == name
     ours, theirs = _params(model), _params(expected)
     assert ours.keys() == theirs.keys()
     for path_, value in ours.items():
@@ -46,15 +46,15 @@ def test_dtype_objects_load_the_same_model_as_names(by_name, tmp_path, name, spe
                                       np.asarray(theirs[path_], np.float32), err_msg=str(path_))
 
 
-def test_activation_dtype_and_config_fields_take_objects(by_name, tmp_path):
+def test_compute_dtype_and_config_fields_take_objects(by_name, tmp_path):
     path = zoo.create("qwen3", tmp_path, seed=3)
-    model = hf.load_pretrained(path, dtype=np.float32, activation_dtype=jnp.bfloat16)
-    assert (model.config.param_dtype, model.config.dtype) == ("float32", "bfloat16")
+    model = hf.load_pretrained(path, param_dtype=np.float32, compute_dtype=jnp.bfloat16)
+    assert (model.config.param_dtype, model.config.compute_dtype) == ("float32", "bfloat16")
     config = DecoderConfig.from_hf(zoo.hf_config("qwen3"), param_dtype=jnp.bfloat16,
-                                   dtype=np.dtype("float16"))
-    assert (config.param_dtype, config.dtype) == ("bfloat16", "float16")
+                                   compute_dtype=np.dtype("float16"))
+    assert (config.param_dtype, config.compute_dtype) == ("bfloat16", "float16")
     assert config == DecoderConfig.from_hf(zoo.hf_config("qwen3"), param_dtype="bfloat16",
-                                           dtype="float16")
+                                           compute_dtype="float16")
     assert isinstance(hash(config), int)  # hashable: usable as a static argument
 
 
@@ -71,10 +71,10 @@ def test_bad_dtypes_name_the_argument_and_the_value(value, shown):
 def test_load_pretrained_blames_the_argument_not_the_checkpoint(tmp_path):
     path = zoo.create("qwen3", tmp_path / "model", seed=3)
     for kwargs, error in [
-        (dict(dtype="bf16"), "dtype must be float32, bfloat16 or float16, got 'bf16'"),
-        (dict(dtype=jnp.int8), "dtype must be float32, bfloat16 or float16, got int8"),
-        (dict(activation_dtype=np.float64),
-         "activation_dtype must be float32, bfloat16 or float16, got float64"),
+        (dict(param_dtype="bf16"), "param_dtype must be float32, bfloat16 or float16, got 'bf16'"),
+        (dict(param_dtype=jnp.int8), "param_dtype must be float32, bfloat16 or float16, got int8"),
+        (dict(compute_dtype=np.float64),
+         "compute_dtype must be float32, bfloat16 or float16, got float64"),
     ]:
         with pytest.raises(ValueError) as info:
             hf.load_pretrained(path, **kwargs)
@@ -82,6 +82,6 @@ def test_load_pretrained_blames_the_argument_not_the_checkpoint(tmp_path):
         assert not isinstance(info.value, hf.CheckpointError)
     with pytest.raises(ValueError, match=r"^param_dtype must be .*, got int8$"):
         DecoderConfig.from_hf(zoo.hf_config("qwen3"), param_dtype=jnp.int8)
-    with pytest.raises(ValueError, match=r"^dtype must be .*, got 'half'$"):
-        zoo.create("qwen3", tmp_path / "never", dtype="half")
+    with pytest.raises(ValueError, match=r"^param_dtype must be .*, got 'half'$"):
+        zoo.create("qwen3", tmp_path / "never", param_dtype="half")
     assert not (tmp_path / "never").exists()  # refused before anything is written

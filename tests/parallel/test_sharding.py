@@ -139,7 +139,8 @@ def test_sampling_with_split_parameters_equals_replicated(data, fsdp, tensor, sc
 
     model = Decoder(CONFIG, nnx.Rngs(0))
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
-    config = sampler.SamplingConfig(max_new_tokens=8, n=4, temperature=1.0, confidence=True)
+    config = sampler.SamplingConfig(max_new_tokens=8, group_size=4, temperature=1.0,
+                                    confidence=True)
     one = jax.device_get(sampler.sample(model, prompts, jax.random.key(3), config))
     seen = {}
     decode = sampler.decode_loop

@@ -36,12 +36,12 @@ def test_on_policy_ratio_is_one_on_a_left_padded_sampled_batch(dtype):
     log-probs of the same left-padded rows: the PPO ratio is 1 to 1e-6 in float32 (to 1e-2 with
     bfloat16 compute, where the decode and full-forward paths round differently), and the
     batch's layout (mask, loss mask, positions) follows the sampler's."""
-    model = Decoder(dataclasses.replace(loop_job.CONFIG, dtype=dtype), nnx.Rngs(0))
+    model = Decoder(dataclasses.replace(loop_job.CONFIG, compute_dtype=dtype), nnx.Rngs(0))
     prompts = [[3, 4, 5], [7, 8, 9, 10], [5]]
     config = train.TrainConfig(logprob_chunk=3, loss=losses.PolicyLossConfig(kl_coef=0.1))
-    sampling = sampler.SamplingConfig(max_new_tokens=6, temperature=0.8, top_p=0.9, n=2,
+    sampling = sampler.SamplingConfig(max_new_tokens=6, temperature=0.8, top_p=0.9, group_size=2,
                                       stop_ids=(2,), confidence=False)
-    samples = sampler.sample(model, prompts, jax.random.key(1), sampling, prompt_length=5)
+    samples = sampler.sample(model, prompts, jax.random.key(1), sampling, max_prompt_tokens=5)
     rows = np.asarray([(i // 2, i) for i in range(6)])
     batch = rollout.policy_batch(prompts, samples, rows, 5, model, config, 0.8)
     graphdef, params = nnx.split(model)
@@ -202,8 +202,8 @@ def test_long_prompts_and_low_precision_masters_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"step 0: .*\(0, 5\).*max_prompt_tokens=4"):
         _run(tmp_path / "a", prompt_fn=long)
     path = zoo.create("qwen3", tmp_path / "model", vocab_size=16)
-    with pytest.raises(ValueError, match=r"master parameters must be float32.*activation_dtype"):
-        train.init_train_state(hf.load_pretrained(path, dtype="bfloat16"),
+    with pytest.raises(ValueError, match=r"master parameters must be float32.*compute_dtype"):
+        train.init_train_state(hf.load_pretrained(path, param_dtype="bfloat16"),
                                train.OptimizerConfig(), jax.random.key(0))
     with pytest.raises(ValueError, match="temperature must be > 0"):
         loop.LoopConfig(temperature=0.0)
@@ -211,7 +211,7 @@ def test_long_prompts_and_low_precision_masters_are_refused(tmp_path):
 
 def test_a_bf16_compute_step_at_lr_1e6_changes_the_float32_master_weights(tmp_path):
     path = zoo.create("qwen3", tmp_path, vocab_size=16)
-    model = hf.load_pretrained(path, dtype="float32", activation_dtype="bfloat16")
+    model = hf.load_pretrained(path, param_dtype="float32", compute_dtype="bfloat16")
     config = train.TrainConfig(optimizer=train.OptimizerConfig(learning_rate=1e-6))
     graphdef, state = train.init_train_state(model, config.optimizer, jax.random.key(0))
     before = jax.tree.map(np.asarray, state.params)

@@ -57,7 +57,7 @@ def test_grpo_experiment_end_to_end_and_resume(tmp_path):
     assert summary["optimizer_steps"] == 2
     assert json.loads((run / "summary.json").read_text()) == summary
     # The policy is a Hugging Face folder that jaxlab reloads to the trained parameters.
-    policy = hf.load_pretrained(run / "policy", dtype="float32")
+    policy = hf.load_pretrained(run / "policy", param_dtype="float32")
     assert arithmetic.greedy_accuracy(policy, load_problems(tmp_path / "model" / "problems.jsonl"),
                                       24) == summary["after"]["test"]
     # ... and that transformers reads as the same model, with its tokenizer

@@ -25,7 +25,7 @@ def start(model, config: SamplingConfig, key, budgets):
     ids, mask = sampler.left_pad(PROMPTS)
     graphdef, state = nnx.split(model)
     prefix, logits = sampler.prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
-                                     int8_cache=config.int8_cache, stacked=config.scan_layers)
+                                     int8_cache=config.int8_cache, scan_layers=config.scan_layers)
     shape = sampler.DecodeShape.of(config)
     request = sampler.Request.create(
         prefix, logits, sampler.prompt_keys(key, len(PROMPTS)),
@@ -41,7 +41,7 @@ def test_one_step_writes_each_live_slots_first_token_as_a_full_forward_pass_give
     # greedy: slot i of prompt p writes row p x capacity + i, token argmax of the logits after
     # the prompt, its confidence from the full distribution; prompt 1's budget of 1 leaves its
     # second slot idle
-    config = SamplingConfig(max_new_tokens=6, n=2, budget=2, temperature=0.0)
+    config = SamplingConfig(max_new_tokens=6, group_size=2, budget=2, temperature=0.0)
     state, params, shape = start(model, config, jax.random.key(0), budgets=[2, 1, 2])
     after = jax.jit(lambda s: sampler.decode_step(s, params, shape))(state)
     np.testing.assert_array_equal(state.trace, [0, 1, 2, -1, 4, 5])
@@ -65,7 +65,7 @@ def test_one_step_writes_each_live_slots_first_token_as_a_full_forward_pass_give
 
 def test_the_step_run_from_python_until_every_slot_is_idle_is_the_compiled_loop(model):
     # refills (budget 3 > n = 2), stop tokens, a key per prompt: the step is the whole loop
-    config = SamplingConfig(max_new_tokens=10, n=2, budget=3, temperature=1.0, window=3,
+    config = SamplingConfig(max_new_tokens=10, group_size=2, budget=3, temperature=1.0, window=3,
                             stop_ids=(3, 4, 5, 6, 7))
     keys = jax.random.split(jax.random.key(4), len(PROMPTS))
     state, params, shape = start(model, config, keys, budgets=[3, 3, 3])

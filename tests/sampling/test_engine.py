@@ -87,7 +87,7 @@ def test_record_writes_each_active_slot_at_its_length_and_drops_idle_ones():
 
 
 def test_a_prompt_length_in_the_same_bucket_a_new_threshold_and_budget_do_not_recompile(model):
-    config = SamplingConfig(max_new_tokens=6, n=2, budget=3, temperature=1.0,
+    config = SamplingConfig(max_new_tokens=6, group_size=2, budget=3, temperature=1.0,
                             stop_threshold=5.0, prompt_bucket=16)
     sampler.sample(model, [[1, 2, 3]], jax.random.key(0), config)
     before = sampler.decode_loop._cache_size(), sampler.prefill._cache_size()
@@ -100,12 +100,12 @@ def test_a_prompt_length_in_the_same_bucket_a_new_threshold_and_budget_do_not_re
 
 
 def test_a_request_that_does_not_fit_says_what_it_needs_and_what_would_fit(model):
-    config = SamplingConfig(max_new_tokens=64, n=8, prompt_bucket=8)
+    config = SamplingConfig(max_new_tokens=64, group_size=8, prompt_bucket=8)
     need = decode_memory(model.config, 1, 8, config)
-    smaller = decode_memory(model.config, 1, 8, dataclasses.replace(config, n=4))
+    smaller = decode_memory(model.config, 1, 8, dataclasses.replace(config, group_size=4))
     assert require_fits(model.config, 1, 8, config, need.peak) == need
     budget = (need.peak + smaller.peak) // 2
-    with pytest.raises(ValueError, match=r"needs .* GiB .* would fit: .*n=4") as error:
+    with pytest.raises(ValueError, match=r"needs .* GiB .* would fit: .*group_size=4") as error:
         require_fits(model.config, 1, 8, config, budget)
     assert "max_new_tokens=" in str(error.value)
     pages = int(re.search(r"kv_pages=(\d+) \(pages of 64 tokens\)", str(error.value))[1])

@@ -23,13 +23,13 @@ def test_allocate_and_release_keep_every_page_held_once_or_free():
     b, m, page, pages = 6, 8, 4, 12
     table, free = jnp.zeros((b, m), jnp.int32), paging.FreeList.full(pages)
     length = np.zeros(b, np.int64)
-    allocate = jax.jit(paging.allocate, static_argnames="page")
-    release = jax.jit(paging.release, static_argnames="page")
+    allocate = jax.jit(paging.allocate, static_argnames="kv_page_slots")
+    release = jax.jit(paging.release, static_argnames="kv_page_slots")
     for _ in range(200):
         need = (length % page == 0) & (length < m * page)
         count = int(free.count)
         table, free, granted = allocate(table, free, jnp.asarray(need),
-                                        jnp.asarray(length, jnp.int32), page=page)
+                                        jnp.asarray(length, jnp.int32), kv_page_slots=page)
         granted = np.asarray(granted)
         # the longest traces first (ties: lower slot first) while pages last
         want = sorted(np.flatnonzero(need), key=lambda i: (-length[i], i))[:count]
@@ -37,7 +37,7 @@ def test_allocate_and_release_keep_every_page_held_once_or_free():
         length[granted | ((length % page != 0) & (length < m * page))] += 1
         finishing = RNG.random(b) < 0.1
         table, free = release(table, free, jnp.asarray(finishing),
-                              jnp.asarray(length, jnp.int32), page=page)
+                              jnp.asarray(length, jnp.int32), kv_page_slots=page)
         length[finishing] = 0
         held = np.concatenate([np.asarray(table)[i, :-(-length[i] // page)] for i in range(b)])
         listed = np.asarray(free.ids)[:int(free.count)]
@@ -128,7 +128,7 @@ def test_decode_steps_on_a_shuffled_page_table_equal_decode_steps_on_rows(model,
     ids = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12], [1, 2, 3, 4]])
     _, prefix = model.prefill(ids, cache_size=4, int8_cache=int8, key_layout=layout)
     _, stacked_prefix = model.prefill(ids, cache_size=4, int8_cache=int8, key_layout=layout,
-                                      stacked=stacked)
+                                      scan_layers=stacked)
     rows = model.init_cache(3, 64, int8, layout).replace(positions=prefix.positions)
     paged = model.init_paged_cache(3, 64, 16, 16, int8, layout, stacked).replace(
         positions=prefix.positions,
@@ -144,7 +144,7 @@ def test_decode_steps_on_a_shuffled_page_table_equal_decode_steps_on_rows(model,
 
 def test_a_stacked_cache_with_a_prefix_of_one_array_per_layer_is_refused(model):
     _, prefix = model.prefill(jnp.asarray([[5, 6, 7, 8]]), cache_size=4)
-    cache = model.init_cache(1, 16, stacked=True).replace(positions=prefix.positions)
+    cache = model.init_cache(1, 16, scan_layers=True).replace(positions=prefix.positions)
     with pytest.raises(ValueError, match="stacked cache needs a stacked prefix"):
         model.decode(jnp.asarray([3]), cache, prefix)
 
@@ -155,7 +155,7 @@ def test_a_small_pool_gives_the_same_traces_as_unpaged_slots(model, scan_layers)
     # pages) on a pool of 6 usable pages: slots wait for pages, and with a key per prompt every
     # trace is the same token for token (also with the pool stacked over the layers, scanned).
     v = model.config.vocab_size
-    base = dict(max_new_tokens=300, n=3, budget=8, temperature=1.0,
+    base = dict(max_new_tokens=300, group_size=3, budget=8, temperature=1.0,
                 stop_ids=tuple(range(3, 3 + v // 100)), window=16)
     keys = jax.random.split(jax.random.key(1), 2)
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
@@ -182,7 +182,7 @@ def test_when_every_slot_waits_the_shortest_trace_starts_over_and_the_traces_sta
     # two hold the pages and both need a second one, so every slot waits. The shortest holder
     # gives its page back and redoes its trace later; nothing stalls and, with a key per
     # prompt, every trace equals the unpaged one.
-    base = dict(max_new_tokens=200, n=3, temperature=1.0)
+    base = dict(max_new_tokens=200, group_size=3, temperature=1.0)
     keys = jax.random.key(2)[None]
     dense = sampler.sample(model, [[5, 6, 7]], keys, SamplingConfig(**base))
     paged = sampler.sample(model, [[5, 6, 7]], keys, SamplingConfig(**base, kv_pages=3))
@@ -192,19 +192,19 @@ def test_when_every_slot_waits_the_shortest_trace_starts_over_and_the_traces_sta
     np.testing.assert_allclose(paged.lowest_group_confidence, dense.lowest_group_confidence,
                                atol=1e-5)
     with pytest.raises(ValueError, match="needs at least 3 pages of 128 tokens"):
-        SamplingConfig(max_new_tokens=200, n=2, kv_pages=2)
+        SamplingConfig(max_new_tokens=200, group_size=2, kv_pages=2)
     with pytest.raises(ValueError, match="'pallas' takes a float cache, not int8"):
         SamplingConfig(max_new_tokens=200, decode_kernel="pallas", kv_pages=5, int8_cache=True)
 
 
 def test_decode_memory_of_a_paged_loop_holds_the_pool_not_the_slots(model):
-    config = SamplingConfig(max_new_tokens=1000, n=16, kv_pages=20, prompt_bucket=8)
+    config = SamplingConfig(max_new_tokens=1000, group_size=16, kv_pages=20, prompt_bucket=8)
     memory = decode_memory(model.config, 1, 5, config)
     pool = model.init_paged_cache(16, 1024, 20, 128)
     assert memory.generated == pool.nbytes       # 20 pages of 128 tokens, not 16 x 1024
     assert kv_cache_bytes(model.config, 1, 5, config) == memory.prefix + memory.generated
     unpaged = decode_memory(model.config, 1, 5, SamplingConfig(
-        max_new_tokens=1000, n=16, prompt_bucket=8))
+        max_new_tokens=1000, group_size=16, prompt_bucket=8))
     assert memory.loop < unpaged.loop - (unpaged.generated - memory.generated) / 2
 
 
@@ -213,7 +213,7 @@ def test_online_deepconf_on_a_small_pool_equals_unpaged(model):
     # DeepConf online wait for pages and reach the same answers from the same traces
     from jaxlab.deepconf import online
 
-    sampling = SamplingConfig(max_new_tokens=12, n=4, window=3, temperature=1.0)
+    sampling = SamplingConfig(max_new_tokens=12, group_size=4, window=3, temperature=1.0)
     config = online.OnlineConfig(rule="deepconf-low", warmup=4, budget=10, batch=4,
                                  consensus=0.6)
     prompts = [[5, 9, 17, 3], [7, 8]]

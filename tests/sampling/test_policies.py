@@ -17,10 +17,10 @@ from jaxlab.sampling.sampler import SamplingConfig
 PROMPTS = [[5, 9, 17, 3, 44], [7, 8], [100, 200, 300]]
 # head dim 128: the TPU kernel's (the GPU kernel takes any power of two from 16)
 CASES = {
-    "greedy": SamplingConfig(max_new_tokens=12, n=2, window=4, tail=5, temperature=0.0),
-    "greedy-paged-scanned": SamplingConfig(max_new_tokens=24, n=2, temperature=0.0,
+    "greedy": SamplingConfig(max_new_tokens=12, group_size=2, window=4, tail=5, temperature=0.0),
+    "greedy-paged-scanned": SamplingConfig(max_new_tokens=24, group_size=2, temperature=0.0,
                                            kv_pages=9, scan_layers=True),
-    "nucleus-refill-early-stop": SamplingConfig(max_new_tokens=12, n=2, budget=5,
+    "nucleus-refill-early-stop": SamplingConfig(max_new_tokens=12, group_size=2, budget=5,
                                                 temperature=0.8, top_p=0.9, window=3),
 }
 
@@ -69,7 +69,7 @@ def test_sampling_under_an_accelerator_policy_gives_the_cpu_policys_traces(model
 
 
 def test_deepconf_online_under_the_gpu_policy_gives_the_cpu_policys_result(models):
-    sampling = SamplingConfig(max_new_tokens=12, n=4, window=3, temperature=1.0)
+    sampling = SamplingConfig(max_new_tokens=12, group_size=4, window=3, temperature=1.0)
     config = online.OnlineConfig(rule="deepconf-low", warmup=8, budget=16, batch=4)
 
     def decode(ids):  # a stand-in for reading a trace: its first token mod 3

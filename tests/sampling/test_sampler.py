@@ -28,7 +28,7 @@ def _full_logits(model, prompt, tokens):
 
 
 def test_in_loop_confidence_equals_full_forward_reference(model):
-    config = SamplingConfig(max_new_tokens=12, n=2, window=4, tail=7, temperature=0.7)
+    config = SamplingConfig(max_new_tokens=12, group_size=2, window=4, tail=7, temperature=0.7)
     s = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(0), config))
     for i in range(len(s.lengths)):
         length = s.lengths[i]
@@ -57,7 +57,7 @@ def test_early_stop_fires_exactly_when_the_full_window_drops_below_threshold(mod
     # their stop): the median of their lowest full-window group confidences.
     # A tail of 5 apart from the window of 3: traces stopped at lengths 3 and 4 have a tail
     # shorter than 5 (their mean), longer ones their last 5 tokens.
-    window, base = 3, dict(max_new_tokens=20, n=4, window=3, tail=5, temperature=1.0)
+    window, base = 3, dict(max_new_tokens=20, group_size=4, window=3, tail=5, temperature=1.0)
     free = sampler.sample(model, PROMPTS, jax.random.key(1), SamplingConfig(**base))
     threshold = float(np.median(free.lowest_group_confidence))
     config = SamplingConfig(stop_threshold=threshold, **base)
@@ -79,7 +79,8 @@ def test_early_stop_fires_exactly_when_the_full_window_drops_below_threshold(mod
 
 
 def test_refill_spends_exactly_the_budget_and_returns_every_trace_once(model):
-    config = SamplingConfig(max_new_tokens=10, n=2, budget=5, window=2, stop_threshold=5.875,
+    config = SamplingConfig(max_new_tokens=10, group_size=2, budget=5, window=2,
+                            stop_threshold=5.875,
                             temperature=1.0)
     s = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(2), config))
     assert s.tokens.shape == (15, 10)
@@ -96,9 +97,9 @@ def test_refill_spends_exactly_the_budget_and_returns_every_trace_once(model):
 def test_refill_turns_early_stops_into_fewer_steps(model):
     base = dict(max_new_tokens=16, window=2, stop_threshold=5.875, temperature=1.0)
     all_at_once = sampler.sample(model, PROMPTS, jax.random.key(3),
-                                 SamplingConfig(n=8, **base))
+                                 SamplingConfig(group_size=8, **base))
     refilled = sampler.sample(model, PROMPTS, jax.random.key(3),
-                              SamplingConfig(n=2, budget=8, **base))
+                              SamplingConfig(group_size=2, budget=8, **base))
     assert refilled.tokens.shape == all_at_once.tokens.shape
     # Same traces' worth of work with a quarter of the slots: the loop needs more steps than one
     # round but far fewer than four rounds of full-length traces.
@@ -120,7 +121,7 @@ def test_greedy_equals_argmax_decoding(model, temperature):
 
 
 def test_same_key_same_output_and_stop_ids_end_traces(model):
-    config = SamplingConfig(max_new_tokens=15, n=3, temperature=1.0)
+    config = SamplingConfig(max_new_tokens=15, group_size=3, temperature=1.0)
     a = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(4), config))
     b = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(4), config))
     c = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(5), config))
@@ -128,7 +129,8 @@ def test_same_key_same_output_and_stop_ids_end_traces(model):
     assert (a.tokens != c.tokens).any()
     stop = int(a.tokens[0, 4])  # a token the first trace emits at step 5
     s = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(4),
-                                      SamplingConfig(max_new_tokens=15, n=3, temperature=1.0,
+                                      SamplingConfig(max_new_tokens=15, group_size=3,
+                                                     temperature=1.0,
                                                      stop_ids=(stop,))))
     first = list(a.tokens[0]).index(stop)
     assert s.lengths[0] == first + 1 and s.finish_reason[0] == sampler.STOP
@@ -142,14 +144,14 @@ def test_a_key_per_prompt_makes_each_prompts_traces_its_own(model):
     keys = jax.random.split(jax.random.key(12), 3)
     base = dict(max_new_tokens=10, window=2, temperature=1.0, stop_threshold=0.0)
     together = jax.device_get(sampler.sample(
-        model, PROMPTS, keys, SamplingConfig(n=2, budget=5, **base),
+        model, PROMPTS, keys, SamplingConfig(group_size=2, budget=5, **base),
         stop_thresholds=[5.875, 0.0, 5.9], budgets=[5, 3, 0]))
     np.testing.assert_array_equal(together.prompt_index, [0] * 5 + [1] * 3)
     assert (together.finish_reason != 0).all()
     for p, threshold, budget in ((0, 5.875, 5), (1, 0.0, 3)):
         alone = jax.device_get(sampler.sample(
             model, PROMPTS[p:p + 1], keys[p:p + 1],
-            SamplingConfig(n=3, budget=budget, **{**base, "stop_threshold": threshold})))
+            SamplingConfig(group_size=3, budget=budget, **{**base, "stop_threshold": threshold})))
         rows = together.prompt_index == p
         np.testing.assert_array_equal(together.tokens[rows], alone.tokens)
         np.testing.assert_array_equal(together.lengths[rows], alone.lengths)
@@ -158,7 +160,7 @@ def test_a_key_per_prompt_makes_each_prompts_traces_its_own(model):
                                    rtol=1e-5)
     assert (together.finish_reason[:5] == sampler.LOW_CONFIDENCE).any()  # the threshold acted
     with pytest.raises(ValueError, match="budgets"):
-        sampler.sample(model, PROMPTS, keys, SamplingConfig(n=2, budget=5, **base),
+        sampler.sample(model, PROMPTS, keys, SamplingConfig(group_size=2, budget=5, **base),
                        budgets=[6, 1, 1])
     with pytest.raises(ValueError, match="stop_thresholds"):
         sampler.sample(model, PROMPTS, keys, SamplingConfig(**base), stop_thresholds=[1.0])
@@ -212,7 +214,8 @@ def test_draws_follow_the_truncated_distribution():
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
 def test_sharded_sampling_equals_single_device(model, data_mesh8, scan_layers):
     # the reference: one device, the layers unrolled
-    config = SamplingConfig(max_new_tokens=8, n=8, budget=10, window=2, stop_threshold=5.875,
+    config = SamplingConfig(max_new_tokens=8, group_size=8, budget=10, window=2,
+                            stop_threshold=5.875,
                             temperature=1.0)
     one = jax.device_get(sampler.sample(model, PROMPTS[:2], jax.random.key(6), config))
     many = jax.device_get(sampler.sample(
@@ -224,7 +227,7 @@ def test_sharded_sampling_equals_single_device(model, data_mesh8, scan_layers):
 
 
 def test_no_recompilation_for_the_same_shapes(model):
-    config = SamplingConfig(max_new_tokens=6, n=2, temperature=1.0, stop_threshold=5.0)
+    config = SamplingConfig(max_new_tokens=6, group_size=2, temperature=1.0, stop_threshold=5.0)
     sampler.sample(model, PROMPTS, jax.random.key(7), config)
     before = sampler.decode_loop._cache_size(), sampler.prefill._cache_size()
     other = [[1, 2, 3, 4, 5], [9], [4, 4]]  # same padded length, another threshold
@@ -235,7 +238,7 @@ def test_no_recompilation_for_the_same_shapes(model):
 
 @pytest.mark.parametrize("int8", [False, True])
 def test_scanned_layers_sample_the_same_traces_and_compile_one_layer(model, int8):
-    base = dict(max_new_tokens=10, n=2, budget=3, temperature=1.0, int8_cache=int8,
+    base = dict(max_new_tokens=10, group_size=2, budget=3, temperature=1.0, int8_cache=int8,
                 stop_ids=(3, 4, 5))
     unrolled = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(3),
                                              SamplingConfig(**base)))
@@ -251,7 +254,7 @@ def test_scanned_layers_sample_the_same_traces_and_compile_one_layer(model, int8
         config = SamplingConfig(**base, scan_layers=scan_layers)
         graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(c, nnx.Rngs(0))))
         prefix, logits = jax.eval_shape(functools.partial(
-            sampler.prefill, int8_cache=int8, stacked=scan_layers), graphdef, state,
+            sampler.prefill, int8_cache=int8, scan_layers=scan_layers), graphdef, state,
             *[jax.ShapeDtypeStruct((3, 8), jnp.int32)] * 2)
         text = sampler.decode_loop.lower(
             graphdef, state, prefix, logits,
@@ -268,7 +271,7 @@ def test_scanned_layers_sample_the_same_traces_and_compile_one_layer(model, int8
 
 @pytest.mark.parametrize("int8", [False, True])
 def test_decode_memory_counts_the_prompt_once_and_the_generated_kv_the_loop_builds(model, int8):
-    config = SamplingConfig(max_new_tokens=10, n=4, int8_cache=int8, prompt_bucket=8)
+    config = SamplingConfig(max_new_tokens=10, group_size=4, int8_cache=int8, prompt_bucket=8)
     memory = decode_memory(model.config, 3, 5, config)
     # 3 prompts x 8 padded tokens once; 3 x n slots x 16 generated slots (10 rounded up)
     assert memory.prefix == model.init_cache(3, 8, int8).nbytes
@@ -297,7 +300,7 @@ def test_bad_requests_are_refused_before_compiling(model, prompts, config, match
 def test_a_tail_and_window_longer_than_the_trace_cover_the_whole_trace(model):
     # window and tail beyond max_new_tokens are allowed: one group (no window is ever full, so
     # no early stop), and the tail is the whole trace
-    config = SamplingConfig(max_new_tokens=6, n=2, window=50, tail=4096, temperature=1.0,
+    config = SamplingConfig(max_new_tokens=6, group_size=2, window=50, tail=4096, temperature=1.0,
                             stop_threshold=1e9)
     s = jax.device_get(sampler.sample(model, PROMPTS[:2], jax.random.key(11), config))
     assert (s.lengths == 6).all() and (s.finish_reason == sampler.LENGTH).all()
@@ -308,14 +311,14 @@ def test_a_tail_and_window_longer_than_the_trace_cover_the_whole_trace(model):
 
 @pytest.mark.parametrize("field,value", [("top_p", 0.0), ("top_p", 1.5), ("temperature", -1.0),
                                           ("window", 0), ("tail", 0), ("tail", -3),
-                                          ("n", 0), ("top_k", -1)])
+                                          ("group_size", 0), ("top_k", -1)])
 def test_bad_settings_are_named(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingConfig(**{field: value})
 
 
 def test_int8_cache_samples_like_the_float_cache(model):
-    base = dict(max_new_tokens=10, n=2, temperature=0.0)
+    base = dict(max_new_tokens=10, group_size=2, temperature=0.0)
     exact = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(9),
                                           SamplingConfig(**base)))
     small = jax.device_get(sampler.sample(model, PROMPTS, jax.random.key(9),
@@ -355,7 +358,7 @@ def test_a_qwen3_0_6b_with_256_traces_of_2048_tokens_fits_40_gib_with_an_int8_ca
 
     c = DecoderConfig.from_hf(zoo.hf_config("qwen3", "released"), param_dtype="bfloat16")
     assert c.num_layers == 28
-    config = SamplingConfig(max_new_tokens=2048 - 128, n=256, int8_cache=True)
+    config = SamplingConfig(max_new_tokens=2048 - 128, group_size=256, int8_cache=True)
     one, two = (decode_memory(dataclasses.replace(c, num_layers=layers), 1, 128, config)
                 for layers in (1, 2))
     assert two.generated == 2 * one.generated == 2 * 256 * 1920 * 8 * (128 + 4) * 2
