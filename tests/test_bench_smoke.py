@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
     import json, sys
-    sys.path.insert(0, "experiments")   # bench_train_step imports timing.py
+    sys.path.insert(0, "experiments")   # bench_train_step.py, a script
     import bench_train_step as bench
     from flax import nnx
     from jaxlab.models import hf, zoo

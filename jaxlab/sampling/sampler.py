@@ -357,7 +357,7 @@ class Request:
     prefix: KVCache               # [P, ..., L] each prompt's KV, read by its G slots, never
     #                               written
     prompt_logits: jax.Array      # float32 [P, V], each prompt's last logits
-    prompt: jax.Array             # int32 [B], the prompt a slot continues: b // n
+    prompt: jax.Array             # int32 [B], the prompt a slot continues: b // G
     prompt_positions: jax.Array   # int32 [B], the position of its prompt's first new token
     key: jax.Array                # key [] (one stream per step) or [P] (one per trace)
     strategy: strategies.Nucleus  # how tokens are drawn (temperature and top-p traced)
@@ -424,7 +424,7 @@ def init_state(request: Request, cache: KVCache, out: Samples, shape: DecodeShap
     i < budget[p], else sits idle; launched[p] = min(budget[p], G); every slot's logits are its
     prompt's last ones and its cache starts at its prompt's end."""
     num_slots, prompt = request.prompt.shape[0], request.prompt
-    slot = jnp.arange(num_slots) % shape.group_size                                    # [B]
+    slot = jnp.arange(num_slots) % shape.group_size                           # [B]
     return DecodeState(
         cache=cache.replace(positions=request.prompt_positions),
         logits=request.prompt_logits[prompt],
