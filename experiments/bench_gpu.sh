@@ -3,7 +3,7 @@
 # results/bench_gpu): the sampler against transformers (static cache + torch.compile), the decode
 # kernels, DeepConf's workload, the compiled decode loop's memory on this backend (unpaged and
 # paged), the policy step against PyTorch, and a 20-iteration GRPO run against TRL (needs trl;
-# bench_rl_step.py's own default is 50 iterations).
+# bench_rl_step.py's own default is 50 steps).
 #
 #     bash experiments/bench_gpu.sh [OUT_DIR]
 set -uo pipefail

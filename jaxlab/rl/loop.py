@@ -164,7 +164,7 @@ def per_response(score: Callable[[Prompt, list[int], bool], float | Mapping[str,
 
 
 def checked_rewards(reward_fn: RewardFn, prompts: Sequence[Prompt],
-                    responses: list[list[list[int]]], truncated: np.ndarray, iteration: int,
+                    responses: list[list[list[int]]], truncated: np.ndarray, step: int,
                     ) -> dict[str, np.ndarray]:
     """reward_fn's output as {"reward": [groups, G], ...}; raises naming the step, and the
     prompt and response of the first bad value."""
@@ -172,19 +172,19 @@ def checked_rewards(reward_fn: RewardFn, prompts: Sequence[Prompt],
     try:
         out = reward_fn(prompts, responses, truncated)
     except Exception as e:
-        raise RuntimeError(f"step {iteration}: the reward function raised on a batch of "
+        raise RuntimeError(f"step {step}: the reward function raised on a batch of "
                            f"{shape[0]} prompts x {shape[1]} responses: {e!r}") from e
     out = dict(out) if isinstance(out, Mapping) else {"reward": out}
-    require("reward" in out, f"step {iteration}: the reward function returned keys "
+    require("reward" in out, f"step {step}: the reward function returned keys "
                              f"{sorted(out)} without 'reward'")
     for name, value in out.items():
         value = np.asarray(value, np.float64)
-        require(value.shape == shape, f"step {iteration}: the reward function's {name!r} "
+        require(value.shape == shape, f"step {step}: the reward function's {name!r} "
                 f"has shape {value.shape}, expected [prompts, G] = {shape}")
         bad = np.argwhere(~np.isfinite(value))
         if len(bad):
             i, j = (int(x) for x in bad[0])
-            raise ValueError(f"step {iteration}: the reward function's {name!r} is "
+            raise ValueError(f"step {step}: the reward function's {name!r} is "
                              f"{value[i, j]} for prompt {i}, response {j} (prompt tokens "
                              f"{list(prompts[i].tokens)[:20]}, response {responses[i][j][:20]})")
         out[name] = value
@@ -211,7 +211,7 @@ class _Groups:
 
 
 def _rollouts(model: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopConfig,
-              key: jax.Array, iteration: int, mesh: Mesh | None) -> _Groups:
+              key: jax.Array, step: int, mesh: Mesh | None) -> _Groups:
     """Samples and scores groups until `config.prompts` have reward variance (dynamic sampling)
     or `max_refills` extra rounds are spent; then fills up with the groups dropped last."""
     g = config.group_size
@@ -221,12 +221,12 @@ def _rollouts(model: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: 
         round_key = jax.random.fold_in(key, round_)
         prompts = list(results.together(functools.partial(
             prompt_fn, jax.random.fold_in(round_key, 0), config.prompts),
-            f"step {iteration}: prompt_fn"))
-        require(len(prompts) == config.prompts, f"step {iteration}: prompt_fn returned "
+            f"step {step}: prompt_fn"))
+        require(len(prompts) == config.prompts, f"step {step}: prompt_fn returned "
                 f"{len(prompts)} prompts, expected {config.prompts}")
         long = [(i, len(p.tokens)) for i, p in enumerate(prompts)
                 if len(p.tokens) > config.max_prompt_tokens]
-        require(not long, f"step {iteration}: prompts (index, tokens) {long[:5]} are "
+        require(not long, f"step {step}: prompts (index, tokens) {long[:5]} are "
                           f"longer than LoopConfig.max_prompt_tokens={config.max_prompt_tokens}")
         samples = sampler.sample(model, [p.tokens for p in prompts],
                                  jax.random.fold_in(round_key, 1), config.sampling, mesh=mesh,
@@ -237,8 +237,8 @@ def _rollouts(model: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: 
                      for i in range(len(prompts))]
         truncated = rollout.truncated(samples).reshape(-1, g)
         values = results.together(functools.partial(checked_rewards, reward_fn, prompts, responses,
-                                            truncated, iteration),
-                          f"step {iteration}: the reward function")
+                                            truncated, step),
+                          f"step {step}: the reward function")
         varied = np.asarray(adv.has_variance(jnp.asarray(values["reward"])))
         kept.samples.append(samples)
         kept.rounds += 1

@@ -356,7 +356,7 @@ def apply_if_finite(state: TrainState, grads, config: OptimizerConfig, finite: j
     ([] bool) holds and the loss is not `empty` ([] bool: its mask covers no token, e.g. every
     BRPO group was dropped). Not finite: the state comes back unchanged, its step count
     included (the run stops). Empty: parameters and optimizer moments come back unchanged (no
-    AdamW momentum step either) and the step is counted, as the iteration took place."""
+    AdamW momentum step either) and the step is counted, as the RL step took place."""
     updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     apply = finite & ~jnp.asarray(empty)
