@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--consensus", type=float, default=0.95)
-    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--group-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--tail", type=int, default=8)
@@ -65,7 +65,7 @@ def main() -> None:
 
     model, tokenizer, ids, _ = _model_and_prompts(pathlib.Path(args.model), args.problems)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.6, top_p=0.95,
-                              group_size=args.slots, stop_ids=(tokenizer.eos_token_id,),
+                              group_size=args.group_size, stop_ids=(tokenizer.eos_token_id,),
                               window=args.window, tail=args.tail)
     config = online.OnlineConfig(rule=args.rule, warmup=args.warmup, budget=args.budget,
                                  batch=args.batch, consensus=args.consensus)
@@ -90,7 +90,7 @@ def main() -> None:
     report = {
         "problems": len(ids), "rule": args.rule, "model": args.model,
         "device": jax.devices()[0].device_kind, "sampling": {
-            "max_new_tokens": args.max_new_tokens, "slots": args.slots,
+            "max_new_tokens": args.max_new_tokens, "group_size": args.group_size,
             "window": args.window, "tail": args.tail},
         "online": {"warmup": args.warmup, "budget": args.budget, "batch": args.batch,
                    "consensus": args.consensus},

@@ -144,7 +144,7 @@ def roofline_tokens_per_s(model, batch: int, context: int, bandwidth: float) -> 
     weights = sum(x.nbytes for x in jax.tree.leaves(model))
     c = model.config
     kv = 2 * c.num_layers * batch * context * c.num_kv_heads * c.head_dim * jnp.dtype(
-        c.dtype).itemsize
+        c.compute_dtype).itemsize
     return batch * bandwidth / (weights + kv)
 
 
@@ -211,18 +211,19 @@ def bench_prompt(model, max_prompt_tokens: int = 1024, ns=(1, 4, 16, 64),
     copy of the prompt per trace, and seconds per decode step per trace, (t(steps[1]) -
     t(steps[0])) / (steps[1] - steps[0]) / n (prefill cancels out)."""
     c = model.config
-    per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * jnp.dtype(c.dtype).itemsize
+    per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * jnp.dtype(c.compute_dtype).itemsize
     prompt = np.random.default_rng(1).integers(1, c.vocab_size, max_prompt_tokens).tolist()
     rows = []
     for n in ns:
         def timed(t, n=n):
-            config = SamplingConfig(max_new_tokens=t, temperature=1.0, n=n, confidence=True)
+            config = SamplingConfig(max_new_tokens=t, temperature=1.0, group_size=n,
+                                    confidence=True)
             return _timed(lambda: sampler.sample(model, [prompt], jax.random.key(4),
                                                  config).tokens)
 
         short, long = (timed(t) for t in steps)
         memory = decode_memory(c, 1, max_prompt_tokens, SamplingConfig(
-            max_new_tokens=steps[1], n=n))
+            max_new_tokens=steps[1], group_size=n))
         ideal = per_token * (max_prompt_tokens + n * steps[1])
         rows.append({"n": n, "kv_bytes": memory.prefix + memory.generated,
                      "ideal_kv_bytes": ideal,
@@ -341,7 +342,7 @@ def bench_kernels(c, rows: int = 256, size: int = 4096, live: int = 512) -> list
     k, g, d = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
 
     def case(slots, live):
-        q, keys, values = (jnp.asarray(rng.normal(size=shape), c.dtype) for shape in (
+        q, keys, values = (jnp.asarray(rng.normal(size=shape), c.compute_dtype) for shape in (
             (rows, k, g, d), (rows, k, slots, d), (rows, k, slots, d)))
         start = jnp.asarray(rng.integers(0, slots - live + 1, rows), jnp.int32)
         return q, keys, values, start, start + live

@@ -99,7 +99,8 @@ def bench_ours(model: Decoder, batch: train.PolicyBatch, repeats: int) -> dict:
 
     def step():
         box["state"], metrics = train.train_step(box["state"], batch, graphdef=graphdef,
-                                                 config=CONFIG, mesh=mesh)
+                                                 config=CONFIG, mesh=mesh,
+                                                 temperature=TEMPERATURE)
         return metrics
 
     first, second = jax.device_get(step()), jax.device_get(step())
@@ -176,9 +177,9 @@ def speed(name: str, repeats: int, threads: list[int], out: pathlib.Path) -> Non
     size = SIZES[name]
     if name == "gpu" and jax.default_backend() != "gpu":
         config = DecoderConfig.from_hf(zoo.hf_config("qwen3", size["size"], **size["overrides"]),
-                                       param_dtype="float32", dtype=size["compute"])
+                                       param_dtype="float32", compute_dtype=size["compute"])
         print(f"--size gpu needs a GPU (JAX backend: {jax.default_backend()}); built its config "
-              f"({config.num_layers} layers, width {config.hidden_size}, {config.dtype} "
+              f"({config.num_layers} layers, width {config.hidden_size}, {config.compute_dtype} "
               f"compute, batch {size['batch']} x {size['seq']}); skipped")
         return
     import torch
@@ -244,7 +245,8 @@ def step_memory(config: DecoderConfig, train_config: train.TrainConfig, batch: i
                                                                seq, mesh)
     start = time.perf_counter()
     compiled = train.train_step.lower(state, policy_batch, graphdef=graphdef,
-                                      config=train_config, mesh=mesh).compile()
+                                      config=train_config, mesh=mesh,
+                                      temperature=TEMPERATURE).compile()
     seconds = time.perf_counter() - start
     analysis = compiled.memory_analysis()
     fields = ("temp", "argument", "output", "alias", "generated_code")

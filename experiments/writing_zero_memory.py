@@ -78,7 +78,8 @@ def job_memory(size: str, remat: str) -> dict[str, float]:
     sampling = sampler.SamplingConfig(max_new_tokens=ROLLOUT["max_new_tokens"],
                                       group_size=ROLLOUT["group_size"])
     policy = functools.partial(train.train_step.lower, state, batch, graphdef=graphdef,
-                               config=policy_config, mesh=parallel.single_device_mesh())
+                               config=policy_config, mesh=parallel.single_device_mesh(),
+                               temperature=1.0)
     return {
         "rm": fit_step_gib(lambda: reward_model.ScalarRewardModel(
             Decoder(c, nnx.Rngs(0)), c.hidden_size, rngs=nnx.Rngs(0)),

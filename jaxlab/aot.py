@@ -69,8 +69,8 @@ class JobSizes:
     # decode, prefill, pallas: bfloat16 weights and compute
     prompts: int = 32               # P
     group_size: int = 8             # G, slots per prompt (P x G slots decoded at once)
-    budget: int | None = None       # traces per prompt (> n refills finished slots)
-    max_prompt_tokens: int = 1024       # L, tokens per prompt
+    budget: int | None = None       # traces per prompt (> group_size refills slots)
+    max_prompt_tokens: int = 1024   # L, tokens per prompt
     max_new_tokens: int = 1024      # T
     int8_cache: bool = False        # keys and values in int8 with per-token scales
     kv_pages: int | None = None     # the generated KV in a pool of pages (one device only)
@@ -103,7 +103,7 @@ def decoder_config(sizes: JobSizes, training: bool) -> DecoderConfig:
     sample; bfloat16 compute."""
     layers = {} if sizes.layers is None else dict(num_hidden_layers=sizes.layers)
     return zoo.qwen3(sizes.model, param_dtype="float32" if training else "bfloat16",
-                     dtype="bfloat16", **layers)
+                     compute_dtype="bfloat16", **layers)
 
 
 def sampling_config(sizes: JobSizes) -> sampler.SamplingConfig:
@@ -172,7 +172,7 @@ def lower_train_job(devices: Sequence[jax.Device], sizes: JobSizes):
                                                    train_config, sizes.rows, sizes.width, mesh)
     with jax.default_device(mesh.devices.flat[0]):
         lowered = train.train_step.lower(state, batch, graphdef=graphdef, config=train_config,
-                                         mesh=mesh)
+                                         mesh=mesh, temperature=1.0)
     params = sum(x.size for x in jax.tree.leaves(state.params))
     return lowered, dict(mesh.shape), dict(params=params)
 

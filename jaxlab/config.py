@@ -59,10 +59,11 @@ def renamed(schema: type, key: str) -> str | None:
 
 def _check_renamed(schema: type, base, layer, source: str) -> None:
     """ConfigError naming the first key of `layer` that `schema` does not have and that was
-    renamed, with its new name."""
+    renamed to a key it has, with its new name (keys of free-form mappings are left to them)."""
     for key in _flatten_keys(OmegaConf.to_container(layer)):
         new = renamed(schema, key)
-        if new is not None and OmegaConf.select(base, key, default=_ABSENT) is _ABSENT:
+        if (new is not None and OmegaConf.select(base, key, default=_ABSENT) is _ABSENT
+                and OmegaConf.select(base, new, default=_ABSENT) is not _ABSENT):
             raise ConfigError(f"{source}: {key!r} was renamed {new!r}")
 
 

@@ -77,7 +77,6 @@ def together(fn: Callable[[], T], what: str) -> T:
     return value
 
 
-
 def wait_for_all(what: str) -> None:
     """With several processes, returns once every one has called it (with the same `what`):
     e.g. once all have read a file that process 0 is about to change."""
@@ -165,7 +164,7 @@ def open_run(out_dir: str | pathlib.Path, config: Any, may_change: Sequence[str]
         if before != now:
             before, now = _flatten(before), _flatten(now)
             changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-            moved = {k: renamed(type(config), k) for k in before.keys() - now.keys()}
+            moved = {k: renamed(type(config), k) for k in sorted(before.keys() - now.keys())}
             moved = [f"{k} is now {new}" for k, new in moved.items() if new is not None]
             raise ConfigError(
                 f"{out} holds results of a different config ({saved}: {changed} differ"

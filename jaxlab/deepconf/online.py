@@ -129,7 +129,7 @@ def solve(model: Decoder, prompt: Sequence[int], key: jax.Array, sampling: Sampl
     """DeepConf online for one tokenized prompt (see the module docstring): `solve_many` of one
     problem.
 
-    `sampling` sets how tokens are drawn (its `n` is the number of slots); `decode` turns a
+    `sampling` sets how tokens are drawn (its `group_size` is the number of slots); `decode` turns a
     trace's token ids into text.
     """
     return solve_many(model, [prompt], sampler.prompt_keys(key, 1)[None], sampling, online,

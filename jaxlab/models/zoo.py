@@ -13,7 +13,7 @@ import pathlib
 from flax import nnx
 from jax.typing import DTypeLike
 
-from jaxlab.config import dtype_name
+from jaxlab.config import dtype_name, require
 from jaxlab.models.decoder import Decoder, DecoderConfig
 from jaxlab.models.hf import load_decoder_config, save_pretrained
 
@@ -74,6 +74,7 @@ def qwen3(size: str, *, param_dtype: str = "float32", compute_dtype: str | None 
     """The architecture of the released Qwen3 model `size` (a key of `QWEN3_SIZES`, e.g. "8B";
     "qwen3-8b" also works), weights in `param_dtype`, compute in `compute_dtype` (default: the
     weights'), any field overridden (e.g. num_hidden_layers)."""
+    _refuse_dtype(overrides, "qwen3")
     name = size.removeprefix("qwen3-").removeprefix("Qwen3-").upper()
     name = {key.upper(): key for key in QWEN3_SIZES}.get(name)
     if name is None:
@@ -90,6 +91,7 @@ def create(family: str, path: str | pathlib.Path, *, size: str = "tiny", seed: i
     NumPy or JAX dtype; another value is a ValueError naming `param_dtype`, raised before
     anything is written.
     """
+    _refuse_dtype(overrides, "create")
     param_dtype = dtype_name(param_dtype, "param_dtype")
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -97,3 +99,11 @@ def create(family: str, path: str | pathlib.Path, *, size: str = "tiny", seed: i
     model = Decoder(load_decoder_config(path, param_dtype=param_dtype), nnx.Rngs(seed))
     save_pretrained(model, path)
     return path
+
+
+def _refuse_dtype(overrides: dict, where: str) -> None:
+    """A `dtype` among the architecture overrides would be a transformers config field that
+    builds nothing: refused, naming the arguments that choose the dtypes."""
+    given = sorted({"dtype", "torch_dtype"} & overrides.keys())
+    require(not given, f"zoo.{where}: {given} is not an architecture setting; the weights' dtype "
+                       f"is param_dtype= and the activations' compute_dtype=")

@@ -85,24 +85,23 @@ def run(state: train.TrainState, step_fn: StepFn, schedule: Schedule,
                      int(state.step) // schedule.updates_per_step, checkpointer.directory)
         start = int(state.step) // schedule.updates_per_step
         jsonl.truncate_records(metrics, start, schedule.unit)
-        bar = tqdm(range(start, schedule.steps), initial=start, total=schedule.steps,
-                   unit=schedule.unit, file=sys.stderr, dynamic_ncols=True)
-        for step in bar:
-            try:
-                state, record = step_fn(state, step)
-            except NonFinite as e:
-                raise FloatingPointError(
-                    f"{schedule.unit} {step}: {e}; the step was not applied and the run stops "
-                    f"(last checkpoint: step {checkpointer.latest_step()} in "
-                    f"{checkpointer.directory})") from None
-            if record is not None:
-                jsonl.append_record(metrics, {schedule.unit: step, **record})
-                bar.set_postfix(**postfix(record))
-            if after is not None:
-                after(step)
-            if (step + 1) % schedule.checkpoint_every == 0 or step + 1 == schedule.steps:
-                checkpointer.save(int(state.step), state)
-        bar.close()
+        with tqdm(range(start, schedule.steps), initial=start, total=schedule.steps,
+                  unit=schedule.unit, file=sys.stderr, dynamic_ncols=True) as bar:
+            for step in bar:
+                try:
+                    state, record = step_fn(state, step)
+                except NonFinite as e:
+                    raise FloatingPointError(
+                        f"{schedule.unit} {step}: {e}; the step was not applied, nothing of it is "
+                        f"saved, and the run stops (last checkpoint: step "
+                        f"{checkpointer.latest_step()} in {checkpointer.directory})") from None
+                if record is not None:
+                    jsonl.append_record(metrics, {schedule.unit: step, **record})
+                    bar.set_postfix(**postfix(record))
+                if after is not None:
+                    after(step)
+                if (step + 1) % schedule.checkpoint_every == 0 or step + 1 == schedule.steps:
+                    checkpointer.save(int(state.step), state)
         checkpointer.wait()
     return state
 

@@ -370,7 +370,7 @@ def apply_if_finite(state: TrainState, grads, config: OptimizerConfig, finite: j
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "mesh", "temperature",
                                              "shared"), donate_argnames="state")
 def train_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef,
-               config: TrainConfig, mesh: Mesh, temperature: float = 1.0,
+               config: TrainConfig, mesh: Mesh, temperature: float,
                shared: SharedPrompts | None = None,
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One policy-gradient step on the whole batch: data-parallel over `mesh`'s DATA axis, or,

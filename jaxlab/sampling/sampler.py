@@ -90,7 +90,7 @@ class SamplingConfig:
     top_k: int = 0                  # keep the k most likely tokens (0: all)
     top_p: float = 1.0              # keep the smallest set of tokens with this much mass
     group_size: int = 1             # G: traces decoded at once per prompt (slots)
-    budget: int | None = None       # traces per prompt in all; > n refills finished slots
+    budget: int | None = None       # traces per prompt in all; > group_size refills slots
     stop_ids: tuple[int, ...] = ()  # EOS and any other token that ends a trace (kept in it)
     confidence: bool = True         # measure token and group confidence while decoding
     confidence_k: int = 20          # C_i averages the top-k log-probs
@@ -162,7 +162,7 @@ class Samples:
     logprobs: jax.Array                 # float32 [N, T], log-prob of each sampled token under
     #                                     softmax(logits / temperature) (raw logits when greedy),
     #                                     before top-k/top-p truncation: the policy an RL step
-    #                                     evaluates (`jaxlab.rl.train.TrainConfig.temperature`)
+    #                                     evaluates (`train_step`'s `temperature`)
     confidence: jax.Array               # float32 [N, T], token confidence C_i
     group_confidence: jax.Array         # float32 [N, T], mean C over the last min(i + 1, W)
     lowest_group_confidence: jax.Array  # float32 [N], min over full windows (mean if shorter)

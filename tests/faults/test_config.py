@@ -117,3 +117,14 @@ def test_renamed_keys_are_refused_with_their_new_names(key, new):
         load_config(schema, None, [f"{key}=1"])
     assert load_config(critical_n.Config, None, ["solver.learning_rate=0.5"]
                        ).solver.learning_rate == 0.5
+
+
+def test_keys_of_free_form_sections_are_never_taken_for_renamed_ones(capsys):
+    """writing_zero.py's stage sections are free mappings: a current key there is left alone
+    even when another key of the same override fails (only that one is named)."""
+    import writing_zero
+
+    with pytest.raises(ConfigError) as error:
+        load_config(writing_zero.Config, None,
+                    ["writer.loop.train.optimizer.learning_rate=1e-5", "seeds=x"])
+    assert "seeds='x'" in str(error.value) and "renamed" not in str(error.value)

@@ -85,3 +85,15 @@ def test_load_pretrained_blames_the_argument_not_the_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"^param_dtype must be .*, got 'half'$"):
         zoo.create("qwen3", tmp_path / "never", param_dtype="half")
     assert not (tmp_path / "never").exists()  # refused before anything is written
+
+
+def test_a_dtype_among_architecture_overrides_is_refused_naming_the_arguments(tmp_path):
+    """`dtype=` would be a transformers config field that builds nothing (the weights would be
+    float32 whatever it says): refused, pointing at param_dtype and compute_dtype."""
+    for build in (lambda: zoo.qwen3("0.6B", dtype="bfloat16"),
+                  lambda: zoo.create("qwen3", tmp_path / "never", torch_dtype="bfloat16")):
+        with pytest.raises(ValueError, match=r"is not an architecture setting.*param_dtype="
+                                             r".*compute_dtype="):
+            build()
+    assert not (tmp_path / "never").exists()
+    assert zoo.qwen3("0.6B", compute_dtype="bfloat16").compute_dtype == "bfloat16"

@@ -107,14 +107,15 @@ def test_split_model_step_equals_the_single_device_step(data, fsdp, tensor, rema
     batch = make_batch(graphdef, state.params, num=16)
     single = parallel.single_device_mesh()
     want, want_metrics = train.train_step(jax.device_put(state, parallel.replicated(single)),
-                                          batch, graphdef=graphdef, config=config, mesh=single)
+                                          batch, graphdef=graphdef, config=config, mesh=single,
+                                          temperature=1.0)
     config = dataclasses.replace(config, remat=remat)
     mesh = parallel.make_train_mesh(data, fsdp, tensor)
     split = parallel.init_sharded(
         lambda: train.init_train_state(Decoder(CONFIG, nnx.Rngs(0)), config.optimizer,
                                        jax.random.key(0))[1], mesh)
     got, metrics = train.train_step(split, jax.device_put(batch, parallel.batch_sharding(mesh)),
-                                    graphdef=graphdef, config=config, mesh=mesh)
+                                    graphdef=graphdef, config=config, mesh=mesh, temperature=1.0)
     for name in ("loss", "grad_norm", "kl", "entropy"):
         np.testing.assert_allclose(metrics[name], want_metrics[name], rtol=1e-5, err_msg=name)
     mu = [x for path, x in jax.tree_util.tree_leaves_with_path(got.opt_state)

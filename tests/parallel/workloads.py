@@ -50,7 +50,8 @@ def policy_step(checkpoints: str | None = None) -> dict[str, np.ndarray]:
         advantages=rng.choice([-1.0, 1.0], 16).astype(np.float32))
     state = parallel.put(state, parallel.replicated(mesh))
     batch = parallel.put(batch, parallel.batch_sharding(mesh))
-    state, metrics = train.train_step(state, batch, graphdef=graphdef, config=CONFIG, mesh=mesh)
+    state, metrics = train.train_step(state, batch, graphdef=graphdef, config=CONFIG, mesh=mesh,
+                                      temperature=1.0)
     params = {"/".join(map(str, path)): parallel.host_array(leaf)
               for path, leaf in jax.tree_util.tree_leaves_with_path(
                   nnx.to_pure_dict(state.params))}

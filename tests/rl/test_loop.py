@@ -220,7 +220,8 @@ def test_a_bf16_compute_step_at_lr_1e6_changes_the_float32_master_weights(tmp_pa
                               loss_mask=jnp.ones((4, 8)), old_logp=jnp.zeros((4, 8)) - 2.8,
                               ref_logp=jnp.zeros((4, 8)), advantages=jnp.asarray([1., -1, 1, -1]))
     mesh = parallel.single_device_mesh()
-    state, metrics = train.train_step(state, batch, graphdef=graphdef, config=config, mesh=mesh)
+    state, metrics = train.train_step(state, batch, graphdef=graphdef, config=config, mesh=mesh,
+                                      temperature=1.0)
     changed = [np.mean(np.asarray(a) != b) for a, b in zip(jax.tree.leaves(state.params),
                                                           jax.tree.leaves(before), strict=True)]
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))

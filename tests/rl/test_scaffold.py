@@ -58,7 +58,7 @@ def test_records_of_steps_the_checkpoint_had_not_reached_are_dropped(tmp_path):
 
 
 def test_a_non_finite_step_stops_naming_it_and_keeps_the_last_good_checkpoint(tmp_path):
-    with pytest.raises(FloatingPointError, match=r"step 3: loss nan; the step was not applied "
+    with pytest.raises(FloatingPointError, match=r"step 3: loss nan; the step was not applied"
                                                  r".*last checkpoint: step 2"):
         scaffold.run(_state(), lambda state, s: _step(state, s, fail_at=3),
                      scaffold.Schedule(5, checkpoint_every=2, keep_checkpoints=2), tmp_path)

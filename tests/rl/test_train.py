@@ -165,7 +165,8 @@ def test_sharded_accumulated_step_equals_single_device_step(data_mesh8):
         s, b = on(mesh, fresh(config)[1], batch)
         history = []
         for _ in range(3):
-            s, metrics = train.train_step(s, b, graphdef=graphdef, config=config, mesh=mesh)
+            s, metrics = train.train_step(s, b, graphdef=graphdef, config=config, mesh=mesh,
+                                          temperature=1.0)
             history.append(metrics)
         results.append((s, history))
     (s1, h1), (s8, h8) = results
@@ -326,7 +327,8 @@ def test_bad_batches_are_named():
     for wrong, match in bad:
         with pytest.raises(ValueError, match=match):
             train.train_step(state, wrong, graphdef=graphdef,
-                             config=train.TrainConfig(microbatches=2), mesh=mesh)
+                             config=train.TrainConfig(microbatches=2), mesh=mesh,
+                             temperature=1.0)
     with pytest.raises(ValueError, match="'data' axis"):
         train.train_step(state, batch, graphdef=graphdef, config=PLAIN, temperature=TEMPERATURE,
                          mesh=parallel.make_mesh(parallel.RUNS, jax.devices()[:1]))
