@@ -60,7 +60,7 @@ def renamed(schema: type, key: str) -> str | None:
 def _check_renamed(schema: type, base, layer, source: str) -> None:
     """ConfigError naming the first key of `layer` that `schema` does not have and that was
     renamed to a key it has, with its new name (keys of free-form mappings are left to them)."""
-    for key in _flatten_keys(OmegaConf.to_container(layer)):
+    for key in flatten(OmegaConf.to_container(layer)):
         new = renamed(schema, key)
         if (new is not None and OmegaConf.select(base, key, default=_ABSENT) is _ABSENT
                 and OmegaConf.select(base, new, default=_ABSENT) is not _ABSENT):
@@ -70,15 +70,15 @@ def _check_renamed(schema: type, base, layer, source: str) -> None:
 _ABSENT = object()
 
 
-def _flatten_keys(tree: Any, prefix: str = "") -> list[str]:
-    """The dotted paths of a nested mapping's keys, parents before their children."""
-    if not isinstance(tree, dict):
-        return []
-    keys = []
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested settings named by their dotted keys."""
+    flat = {}
     for key, value in tree.items():
-        keys.append(f"{prefix}{key}")
-        keys.extend(_flatten_keys(value, f"{prefix}{key}."))
-    return keys
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def load_config(schema: type[T], path: str | pathlib.Path | None = None,

@@ -24,7 +24,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from jaxlab import parallel
-from jaxlab.config import ConfigError, read_yaml, renamed, to_yaml
+from jaxlab.config import ConfigError, flatten, read_yaml, renamed, to_yaml
 
 T = TypeVar("T")
 
@@ -162,7 +162,7 @@ def open_run(out_dir: str | pathlib.Path, config: Any, may_change: Sequence[str]
         before, now = ({k: v for k, v in OmegaConf.to_container(tree).items() if k not in ignored}
                        for tree in (read_yaml(saved), OmegaConf.create(resolved)))
         if before != now:
-            before, now = _flatten(before), _flatten(now)
+            before, now = flatten(before), flatten(now)
             changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
             moved = {k: renamed(type(config), k) for k in sorted(before.keys() - now.keys())}
             moved = [f"{k} is now {new}" for k, new in moved.items() if new is not None]
@@ -185,14 +185,3 @@ def open_run(out_dir: str | pathlib.Path, config: Any, may_change: Sequence[str]
         handler.setFormatter(logging.Formatter(form, "%H:%M:%S"))
         logger.addHandler(handler)
     return out
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}: nested settings named by their dotted keys."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

@@ -57,7 +57,6 @@ class Schedule:
     checkpoint_every: int = 100   # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 1     # the latest this many are kept
     updates_per_step: int = 1     # optimizer steps (`TrainState.step`) per step of the loop
-    unit: str = "step"            # the metrics records' key for the step, and the bar's unit
 
     def __post_init__(self):
         require_positive_ints(self, "steps", "checkpoint_every", "keep_checkpoints",
@@ -81,22 +80,22 @@ def run(state: train.TrainState, step_fn: StepFn, schedule: Schedule,
             keep_checkpoints=schedule.keep_checkpoints, best_metric=None)) as checkpointer:
         if checkpointer.latest_step() is not None:
             state = checkpointer.restore(state)  # placed as `state` is
-            log.info("resuming from %s %d (%s)", schedule.unit,
+            log.info("resuming from step %d (%s)",
                      int(state.step) // schedule.updates_per_step, checkpointer.directory)
         start = int(state.step) // schedule.updates_per_step
-        jsonl.truncate_records(metrics, start, schedule.unit)
+        jsonl.truncate_records(metrics, start, "step")
         with tqdm(range(start, schedule.steps), initial=start, total=schedule.steps,
-                  unit=schedule.unit, file=sys.stderr, dynamic_ncols=True) as bar:
+                  unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
             for step in bar:
                 try:
                     state, record = step_fn(state, step)
                 except NonFinite as e:
                     raise FloatingPointError(
-                        f"{schedule.unit} {step}: {e}; the step was not applied, nothing of it is "
+                        f"step {step}: {e}; the step was not applied, nothing of it is "
                         f"saved, and the run stops (last checkpoint: step "
                         f"{checkpointer.latest_step()} in {checkpointer.directory})") from None
                 if record is not None:
-                    jsonl.append_record(metrics, {schedule.unit: step, **record})
+                    jsonl.append_record(metrics, {"step": step, **record})
                     bar.set_postfix(**postfix(record))
                 if after is not None:
                     after(step)
