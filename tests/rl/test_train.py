@@ -365,3 +365,27 @@ def test_the_causal_lm_trains_sharded_as_on_one_device(tmp_path, data_mesh8):
     # the float32 reduction order over 8 shards can flip it. Every entry stays within the 2 lr
     # such a flip allows, and all but a few agree to 1e-6.
     assert_params_close(many.params, one.params, PLAIN.optimizer.learning_rate)
+
+
+@pytest.mark.parametrize("config,reference", [
+    (train.OptimizerConfig(learning_rate=0.1, warmup_steps=2, decay_steps=6, weight_decay=0.01,
+                           max_grad_norm=0.0),
+     lambda: optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 0.1, 2, 6),
+                         weight_decay=0.01)),
+    (train.OptimizerConfig(learning_rate=0.1, warmup_steps=3, max_grad_norm=0.5),
+     lambda: optax.chain(optax.clip_by_global_norm(0.5),
+                         optax.adamw(optax.linear_schedule(0.0, 0.1, 3), weight_decay=0.0))),
+])
+def test_the_optimizer_is_the_schedule_and_clipping_it_names(config, reference):
+    """make_optimizer(OptimizerConfig) against optax composed by hand: the same updates over
+    eight steps (warmup, cosine decay to 0 and past its end, or constant after the warmup)."""
+    params = {"w": jnp.ones(3)}
+    grads = [{"w": jnp.asarray(np.random.default_rng(s).normal(size=3), jnp.float32)}
+             for s in range(8)]
+    ours, theirs = train.make_optimizer(config), reference()
+    a, b = ours.init(params), theirs.init(params)
+    for g in grads:
+        (u, a), (v, b) = ours.update(g, a, params), theirs.update(g, b, params)
+        np.testing.assert_array_equal(u["w"], v["w"])
+    with pytest.raises(ValueError, match="decay_steps must be None or an integer > warmup_steps"):
+        train.OptimizerConfig(warmup_steps=5, decay_steps=5)
