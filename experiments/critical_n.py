@@ -23,8 +23,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tqdm import tqdm
 
+from jaxlab import cli, parallel, results
 from jaxlab import config as config_lib
-from jaxlab import parallel, results
 from jaxlab.limit import critical_n
 from jaxlab.limit.free_embedding import SolverConfig
 
@@ -182,4 +182,4 @@ def _plot(path, answers, fit) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

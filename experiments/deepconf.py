@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxlab import arrays, jsonl, results
+from jaxlab import arrays, cli, jsonl, results
 from jaxlab import config as config_lib
 from jaxlab.deepconf import answers, online, plots, prompts, voting
 from jaxlab.deepconf.problems import load_problems
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     config_lib.require(tokenizer.eos_token_id is not None,
                        f"the tokenizer in {cfg.model} has no EOS token to end traces with")
     out = results.open_run(cfg.out_dir, cfg, may_change=("limit", "online_at_once"))
+    results.check_inputs(out, model=cfg.model, problems=cfg.problems)
     path = out / "problems.jsonl"
     done = {record["id"] for record in jsonl.resume_records(path)}
     sampling = cfg.sampling(tokenizer.eos_token_id)
@@ -323,4 +324,4 @@ def table(summary: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

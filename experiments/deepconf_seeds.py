@@ -23,8 +23,8 @@ import pathlib
 import subprocess
 import sys
 
+from jaxlab import cli, results
 from jaxlab import config as config_lib
-from jaxlab import results
 from jaxlab.deepconf import plots
 from jaxlab.results import spread
 
@@ -127,4 +127,4 @@ def table(summary: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -25,7 +25,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from jaxlab import results
+from jaxlab import cli, results
 from jaxlab.results import spread
 
 SCRIPT = pathlib.Path(__file__).with_name("train_grpo.py")
@@ -111,4 +111,4 @@ def table(summary: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tqdm import tqdm
 
-from jaxlab import arrays, parallel, results
+from jaxlab import arrays, cli, parallel, results
 from jaxlab import config as config_lib
 from jaxlab.limit import data, retrieval
 from jaxlab.limit.free_embedding import SolverConfig
@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     _check_ks(cfg)
     out = results.open_run(cfg.out_dir, cfg)
+    results.check_inputs(out, minilm_folder=cfg.minilm_folder,
+                         **{f"dataset.{d.name}": d.path for d in cfg.datasets})
     metrics = results.read_json(out / "metrics.json", default={})
     details = results.read_json(out / "details.json", default={})
     mesh = parallel.make_mesh(parallel.DATA)
@@ -305,4 +307,4 @@ def _plot(path: pathlib.Path, metrics: dict, names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 
+from jaxlab import cli, results
 from jaxlab import config as config_lib
-from jaxlab import results
 from jaxlab.deepconf import arithmetic_model
 from jaxlab.deepconf.arithmetic_model import Config
 
@@ -36,4 +36,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

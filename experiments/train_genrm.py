@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlab import cli, parallel, results
 from jaxlab import config as config_lib
-from jaxlab import parallel, results
 from jaxlab.jsonl import Field, read_jsonl
 from jaxlab.models import hf
 from jaxlab.rl import genrm, loop, reward_model, sft
@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     mesh = cfg.mesh.build()  # before any work: an error if the devices are not there
     out = results.open_run(cfg.out_dir, cfg)
+    results.check_inputs(out, model=cfg.model, traces=cfg.traces, rl_pairs=cfg.rl_pairs,
+                         teacher_pairs="" if cfg.traces else cfg.teacher_pairs,
+                         eval_pairs=cfg.eval_pairs)
     codec, template = sft.TextCodec(cfg.model), genrm.JudgeTemplate(cfg.template)
     config_lib.require(codec.eos_id in cfg.loop.stop_ids, f"loop.stop_ids {cfg.loop.stop_ids} "
                        f"must hold the checkpoint's EOS id {codec.eos_id}")
@@ -228,4 +231,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

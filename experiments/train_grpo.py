@@ -24,8 +24,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxlab import cli, jsonl, parallel, results
 from jaxlab import config as config_lib
-from jaxlab import jsonl, parallel, results
 from jaxlab.deepconf import arithmetic, arithmetic_model
 from jaxlab.deepconf.problems import load_problems
 from jaxlab.models import hf
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
                                     f"sets that experiments/train_arithmetic.py writes (a model "
                                     f"trained before they were split into validation and test "
                                     f"must be trained again)")
+    results.check_inputs(out, model=model_dir, **{split: model_dir / name for split, name
+                                                  in arithmetic.HELD_OUT_FILES.items()})
     held_out = {split: load_problems(model_dir / name)
                 for split, name in arithmetic.HELD_OUT_FILES.items()}
     summary = results.read_json(out / "summary.json", {})
@@ -177,4 +179,4 @@ def error_reduction(before: float, after: float) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

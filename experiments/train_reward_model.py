@@ -27,8 +27,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxlab import cli, parallel, results
 from jaxlab import config as config_lib
-from jaxlab import parallel, results
 from jaxlab.models import hf
 from jaxlab.rl import reward_model, sft
 
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     mesh = cfg.mesh.build()  # before any work: an error if the devices are not there
     out = results.open_run(cfg.out_dir, cfg)
+    results.check_inputs(out, backbone=cfg.backbone, pairs=cfg.pairs,
+                         **{f"eval.{name}": path for name, path in cfg.eval.items()})
     encoder = sft.TextCodec(cfg.backbone)
     pairs = reward_model.read_pairs(cfg.pairs)          # every file is checked before training
     held_out = {name: reward_model.read_pairs(path) for name, path in cfg.eval.items()}
@@ -108,4 +110,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -46,8 +46,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxlab import cli, parallel, results
 from jaxlab import config as config_lib
-from jaxlab import parallel, results
 from jaxlab.models import hf
 from jaxlab.rl import genrm, loop, reward_model, sft, train
 from jaxlab.sampling import sampler
@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
     genrm.check_same_tokenizer(cfg.genrm, cfg.writer)
     genrm.check_same_tokenizer(cfg.rm, cfg.writer)
     out = results.open_run(cfg.out_dir, cfg)
+    results.check_inputs(out, writer=cfg.writer, genrm=cfg.genrm, rm=cfg.rm, prompts=cfg.prompts)
     codec = sft.TextCodec(cfg.writer)
     config_lib.require(cfg.loop.stop_ids == (codec.eos_id,),
                        f"loop.stop_ids must be [{codec.eos_id}] (the writer's EOS)")
@@ -352,4 +353,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

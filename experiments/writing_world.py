@@ -34,8 +34,8 @@ import logging
 import jax
 from flax import nnx
 
+from jaxlab import cli, results
 from jaxlab import config as config_lib
-from jaxlab import results
 from jaxlab.models.decoder import Decoder
 from jaxlab.rl import sft
 from jaxlab.writing import teacher as teacher_lib
@@ -102,4 +102,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

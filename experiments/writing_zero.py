@@ -59,8 +59,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from jaxlab import cli, jsonl, results
 from jaxlab import config as config_lib
-from jaxlab import jsonl, results
 from jaxlab.rl import reward_model
 from jaxlab.writing import judging, teacher, world
 
@@ -296,4 +296,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

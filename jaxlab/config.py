@@ -155,6 +155,9 @@ def from_command_line(schema: type[T], argv: Sequence[str] | None = None,
     parser.add_argument("--config", help="YAML file (see configs/)")
     parser.add_argument("--check", action="store_true",
                         help="check the config (keys, values) and exit without running")
+    parser.add_argument("--debug", action="store_true",
+                        help="print an error's traceback here, not only its message "
+                             "(jaxlab.cli.run)")
     parser.add_argument("overrides", nargs="*", help="key=value; dotted keys for nested fields")
     args = parser.parse_args(argv)
     try:

@@ -3,6 +3,10 @@
 Writes are atomic (a temporary file renamed into place), so an interrupted run never leaves a
 truncated JSON behind and a rerun resumes from what was finished.
 
+One run works in a folder at a time: `open_run` takes an advisory lock on `out_dir/run.lock`
+(`fcntl.flock`, held until the process ends), and a second run is refused naming the process
+that holds it. A lock file left by a process that died is taken over with a warning.
+
 An experiment may run as several processes (`join_processes`, its first call): every process
 computes the same results, process 0 alone writes them and the log, and every process waits for
 each write, so that any of them may read back what was written.
@@ -10,10 +14,15 @@ each write, so that any of them may read back what was written.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
 import pathlib
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -147,6 +156,8 @@ def open_run(out_dir: str | pathlib.Path, config: Any, may_change: Sequence[str]
     """Creates (or reopens, to resume) `out_dir`, records the resolved config in `config.yaml`,
     and sends log lines to the console and `log.txt`.
 
+    The folder is locked for this process (`lock_run`): a second run in it is refused.
+
     Resuming with a different config would mix results of two experiments, so it is an error,
     except for `out_dir` and the top-level fields named in `may_change` (such as how many items
     to run, which only extends the results).
@@ -171,12 +182,13 @@ def open_run(out_dir: str | pathlib.Path, config: Any, may_change: Sequence[str]
                 + (f"; written by an earlier version: {', '.join(moved)}" if moved else "")
                 + "); choose another out_dir or delete it to start over")
     write_once(lambda: out.mkdir(parents=True, exist_ok=True), out)
+    write_once(lambda: lock_run(out), out / LOCK)
     write_text(saved, resolved)
     logger = logging.getLogger("jaxlab")
     logger.setLevel(logging.INFO if is_writer() else logging.WARNING)
     logger.handlers.clear()
     if is_writer():
-        handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(out / "log.txt")]
+        handlers = [logging.StreamHandler(sys.stderr), LogFile(out / "log.txt")]
         form = "%(asctime)s %(message)s"
     else:
         handlers = [logging.StreamHandler(sys.stderr)]
@@ -185,3 +197,88 @@ def open_run(out_dir: str | pathlib.Path, config: Any, may_change: Sequence[str]
         handler.setFormatter(logging.Formatter(form, "%H:%M:%S"))
         logger.addHandler(handler)
     return out
+
+
+class LogFile(logging.FileHandler):
+    """The run's log.txt; a line that cannot be written (a full disk) is dropped quietly (the
+    terminal still shows it), not reported with a traceback of its own."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
+INPUTS = "inputs.json"
+
+
+def check_inputs(out: pathlib.Path, **sources: str | pathlib.Path) -> None:
+    """Records what the run in `out` is started from (each named input: a model folder, a data
+    folder or a file; `jaxlab.fingerprint`) in `out/inputs.json`, or, when resuming, refuses
+    (ConfigError) if any input recorded there changed, naming it and what changed. An input
+    first named by a rerun is added, one given as None or "" is not recorded. Call it once
+    the inputs exist, before any work uses them.
+    """
+    from jaxlab import fingerprint
+
+    record = pathlib.Path(out) / INPUTS
+    saved = read_json(record, {})
+    sources = {name: path for name, path in sources.items() if path}
+    now = {name: fingerprint.of_path(path) for name, path in sources.items()}
+    fingerprint.check_unchanged({k: v["fingerprint"] for k, v in saved.items()}, now, sources,
+                                record)
+    merged = {**saved, **{name: {"path": str(sources[name]), "fingerprint": now[name]}
+                          for name in now}}
+    if merged != saved:
+        write_json(record, merged)
+
+
+LOCK = "run.lock"
+_held: dict[pathlib.Path, int] = {}   # folder -> descriptor of its locked run.lock
+
+
+class RunLocked(RuntimeError):
+    """Another process is running in a results folder."""
+
+
+def lock_run(out: pathlib.Path) -> None:
+    """Takes the advisory lock of results folder `out` for this process (`out/run.lock`, which
+    then holds `pid host`), until the process ends; again in the same process, nothing. Raises
+    RunLocked naming the process that holds it; a lock file naming a process that is gone (one
+    that was killed) is taken over with a warning."""
+    out = pathlib.Path(out).resolve()
+    if out in _held:
+        return
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = _holder(fd) or "unknown"
+        os.close(fd)
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        raise RunLocked(f"{out} is in use by another run (process {holder}, from "
+                        f"{out / LOCK}); wait for it to end, stop it, or choose another out_dir"
+                        ) from None
+    left = _holder(fd)
+    if left:
+        logging.getLogger("jaxlab").warning(
+            "%s: taking over the lock of process %s, which ended without releasing it",
+            out / LOCK, left)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    _held[out] = fd
+
+
+def _holder(fd: int) -> str:
+    """The process a run.lock names ("<pid> on <host>"; empty if none)."""
+    return " on ".join(os.pread(fd, 200, 0).decode(errors="replace").split())
+
+
+@atexit.register
+def _release_locks() -> None:
+    """Empties and unlocks every run.lock this process holds (a normal end: a lock file that
+    still names a process was left by one that was killed)."""
+    for fd in _held.values():
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.close(fd)
+    _held.clear()

@@ -1,0 +1,209 @@
+"""A results folder belongs to one run at a time and to the inputs it was started from; an
+experiment that stops prints one message for people (cause, path, what to do), exits non-zero,
+keeps its traceback in the run's log, and a full disk loses nothing that a rerun needs."""
+
+import errno
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import deepconf
+import pytest
+import train_arithmetic
+from safetensors.numpy import load_file, save_file
+
+from jaxlab import cli, jsonl, results
+from jaxlab.config import ConfigError
+from jaxlab.deepconf import arithmetic
+from jaxlab.models import zoo
+
+from .conftest import TINY_TRAINING, skip_eval, snapshot
+
+HOLD = textwrap.dedent("""
+    import pathlib, sys, time
+    from jaxlab import results
+    results.lock_run(pathlib.Path(sys.argv[1]))
+    print("locked", flush=True)
+    time.sleep(600)
+""")
+
+
+def holding(folder: pathlib.Path) -> subprocess.Popen:
+    """Another process holding `folder`'s run lock (as a running experiment does)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    other = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE,
+                             text=True)
+    assert other.stdout.readline().strip() == "locked"
+    return other
+
+
+def test_a_second_run_in_a_folder_is_refused_naming_the_holder(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    other = holding(out)
+    try:
+        before = snapshot(out)
+        with pytest.raises(SystemExit) as stopped:
+            cli.run(train_arithmetic.main, [f"out_dir={out}", *TINY_TRAINING])
+        assert stopped.value.code == 1
+        err = capsys.readouterr().err
+        assert f"{out} is in use by another run (process {other.pid} on " in err
+        assert "Traceback" not in err
+        assert snapshot(out) == before                      # nothing written or changed
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path, caplog):
+    out = tmp_path / "run"
+    other = holding(out)
+    other.send_signal(signal.SIGKILL)                      # killed: the lock file still names it
+    other.wait()
+    assert (out / results.LOCK).read_text().split()[0] == str(other.pid)
+    with caplog.at_level("WARNING", "jaxlab"):
+        results.lock_run(out)
+    assert f"taking over the lock of process {other.pid} on " in caplog.text
+    assert (out / results.LOCK).read_text().split()[0] == str(os.getpid())
+    results.lock_run(out)                                   # held by this process: nothing
+
+
+def test_a_run_ended_normally_leaves_no_holder(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    other = subprocess.run([sys.executable, "-c", HOLD.replace("time.sleep(600)", ""), str(out)],
+                           capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == "locked"
+    assert (out / results.LOCK).read_text() == ""           # released at exit
+    results.lock_run(out)
+
+
+@pytest.fixture
+def model_copy(tmp_path, decoder_folder):
+    return shutil.copytree(decoder_folder, tmp_path / "model")
+
+
+def test_resuming_from_a_changed_model_is_refused_naming_what_changed(tmp_path, model_copy):
+    out = tmp_path / "run"
+    argv = [f"out_dir={out}", f"model={model_copy}", f"problems={model_copy / 'problems.jsonl'}",
+            "max_new_tokens=4", "group_size=2", "offline_traces=2", "ks=[2]", "warmup=2",
+            "batch=2", "window=2", "rules=[deepconf-low]", "limit=1"]
+    deepconf.main(argv)
+    recorded = json.loads((out / results.INPUTS).read_text())
+    assert sorted(recorded) == ["model", "problems"]
+    width = recorded["model"]["fingerprint"]["config.json:hidden_size"]
+    # The base model replaced under the same path by a narrower one.
+    zoo.create("qwen3", model_copy, vocab_size=len(arithmetic.VOCAB), hidden_size=width // 2)
+    before = snapshot(out)
+    with pytest.raises(ConfigError) as refused:
+        deepconf.main(argv)
+    message = str(refused.value)
+    assert f"{out} was started from other inputs" in message
+    assert f"model ({model_copy}): config.json:hidden_size: {width} -> {width // 2}" in message
+    assert "problems" not in message.split("\n", 1)[1]      # the problems did not change
+    assert snapshot(out) == before                          # kept as it was
+
+
+def test_inputs_name_each_change(tmp_path, model_copy):
+    out = tmp_path / "run"
+    out.mkdir()
+    problems = model_copy / "problems.jsonl"
+    results.check_inputs(out, model=model_copy, problems=problems)
+    results.check_inputs(out, model=model_copy, problems=problems)      # unchanged: resumes
+    tokenizer = model_copy / "tokenizer.json"
+    text = tokenizer.read_text()
+    assert '"<eos>"' in text
+    tokenizer.write_text(text.replace('"<eos>"', '"<end>"'))
+    with problems.open("a") as f:
+        f.write('{"id": "x", "prompt": "1+1=", "answer": "2"}\n')
+    weights = model_copy / "model.safetensors"
+    tensors = load_file(weights)
+    name = "model.layers.0.mlp.up_proj.weight"               # [intermediate, hidden]
+    shape = list(tensors[name].shape)
+    tensors[name] = tensors[name][:-1]                       # one row fewer, config unchanged
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ConfigError) as refused:
+        results.check_inputs(out, model=model_copy, problems=problems)
+    lines = str(refused.value).splitlines()
+    assert lines[0].startswith(f"{out} was started from other inputs")
+    assert lines[1] == (f"  model ({model_copy}): tensor:{name}: F32{shape} -> "
+                        f"F32{[shape[0] - 1, shape[1]]}; tokenizer.json: "
+                        + lines[1].split("tokenizer.json: ")[1])
+    assert lines[2].startswith(f"  problems ({problems}): sha256: ")
+    assert "size: " in lines[2]
+    results.check_inputs(out, other=problems)               # a new input is added
+    assert "other" in json.loads((out / results.INPUTS).read_text())
+
+
+def test_an_error_is_one_message_and_its_traceback_goes_to_the_log(tmp_path, trained, capsys):
+    argv, _ = trained
+    out = tmp_path / "run"
+    bad = tmp_path / "problems.jsonl"
+    bad.write_text('{"id": "a", "prompt": "1+1=", "answer": "2"}\n{"id": "b", "prompt": 3}\n')
+    deepconf_argv = [f"out_dir={out}", f"model={trained[1]}", f"problems={bad}"]
+    with pytest.raises(SystemExit) as stopped:             # before the run's folder exists
+        cli.run(deepconf.main, deepconf_argv)
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}:2: ") and "--debug prints the traceback" in err
+    assert "Traceback" not in err
+    with pytest.raises(SystemExit):
+        cli.run(deepconf.main, [*deepconf_argv, "--debug"])
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(train_arithmetic.main, [*argv[1:], f"out_dir={out}", "fit.steps=0"])
+    assert stopped.value.code == 2                          # a bad value: a usage error
+    assert "FitConfig.steps must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_full_disk_loses_nothing_and_a_rerun_resumes(tmp_path, monkeypatch, trained, capsys):
+    _, whole = trained                                      # the uninterrupted run
+    skip_eval(monkeypatch)
+    out = tmp_path / "run"
+    metrics = out / "metrics.jsonl"
+    append = jsonl.append_record
+
+    def full_at_step_5(path, record):
+        if record.get("step") == 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        append(path, record)
+
+    monkeypatch.setattr(jsonl, "append_record", full_at_step_5)
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(train_arithmetic.main, [f"out_dir={out}", *TINY_TRAINING])
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert f"error: no space left to write {metrics} (No space left on device)" in err
+    assert "Traceback" not in err and "OSError" in (out / "log.txt").read_text()
+    every = jsonl.resume_records(whole / "metrics.jsonl")
+    assert every[-1]["step"] == 5                           # the record that did not fit
+    assert jsonl.resume_records(metrics) == every[:-1]      # every one before it is kept
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "4"]
+    monkeypatch.setattr(jsonl, "append_record", append)     # space again
+    cli.run(train_arithmetic.main, [f"out_dir={out}", *TINY_TRAINING])
+    assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    assert ((out / "train_metrics.json").read_text()
+            == (whole / "train_metrics.json").read_text())
+
+
+def test_no_permission_is_named_with_what_to_do(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "read_only" / "run"
+    mkdir = pathlib.Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self == out:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(train_arithmetic.main, [f"out_dir={out}", *TINY_TRAINING])
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert f"error: no permission to write {out} (Permission denied): choose an out_dir" in err
+    assert "Traceback" not in err
