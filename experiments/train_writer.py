@@ -194,8 +194,8 @@ class Rewards:
 
     def world_reward(self, score):
         """A per-response reward from `score(required words, response text)`."""
-        return loop.per_response(lambda prompt, response, truncated: float(score(
-            world.required_words(prompt.data), self.codec.decode(response))))
+        return loop.per_response(lambda prompt, response, truncated: score(
+            world.required_words(prompt.data), self.codec.decode(response)))
 
     def base(self, method: str) -> loop.RewardFn:
         """The reward the method trains on."""
@@ -269,7 +269,8 @@ def evaluate(model, rewards: Rewards, prompts: list[loop.Prompt],
     groups = [responses[i * cfg.eval_samples:(i + 1) * cfg.eval_samples]
               for i in range(len(prompts))]
     truncated = np.zeros((len(prompts), cfg.eval_samples), bool)
-    values = rewards.for_method("grpo_scalar_rm")(prompts, groups, truncated)
+    values = loop.checked_rewards(rewards.for_method("grpo_scalar_rm"), prompts, groups,
+                                  truncated, "evaluation")
     table = {name: float(np.mean(values[name])) for name in cfg.measures}
     if initial is not None:
         table["kl"] = kl_from(model, initial, prompts, responses, cfg.eval_samples)

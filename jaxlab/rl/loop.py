@@ -19,9 +19,12 @@ exactly what the uninterrupted one did):
    `checkpoint_every` steps; a rerun of the same out_dir resumes from the latest one (the
    resumable loop of every training job, `jaxlab.rl.scaffold`).
 
-A reward function that raises or returns NaN/inf or the wrong shape, a prompt longer than
-`max_prompt_tokens`, and a non-finite loss or gradient stop the run with an error naming the
-step (and the prompt and response); checkpoints already written are kept.
+Every reward, and every other value a reward function returns, must be a finite real number
+(`finite_real`: an int, float or bool, a NumPy real scalar, a 0-d real array; not a string,
+None, a complex or a list), one per response. A reward function that raises or returns anything
+else, a prompt longer than `max_prompt_tokens`, and a non-finite loss or gradient stop the run
+with an error naming the step (and the prompt and response) before its update; checkpoints
+and metrics already written are kept as they are.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
+import numbers
 import pathlib
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -139,56 +144,149 @@ def group_advantages(rewards: np.ndarray, config: LoopConfig) -> tuple[jax.Array
     return ADVANTAGES[config.advantage](rewards), jnp.ones(rewards.shape[0], bool)
 
 
+class RewardError(ValueError):
+    """A reward, or another value a reward function returns, that is not a finite real number,
+    or a reward function's output of the wrong form; the message names the step, the prompt and
+    the response."""
+
+
+class ResponseError(RuntimeError):
+    """A per-response reward function (`per_response`) that raised; the message names the
+    prompt and response."""
+
+
+# The dtypes of real numbers: bool (0 or 1), integers and floats (bfloat16 included).
+_REAL_DTYPES = (jnp.bool_, jnp.integer, jnp.floating)
+
+
+def _real_dtype(dtype) -> bool:
+    return any(jnp.issubdtype(dtype, kind) for kind in _REAL_DTYPES)
+
+
+def finite_real(value: Any) -> bool:
+    """Whether `value` is one finite real number, as every reward and logged value must be.
+
+    Real numbers: Python int and float, bool (0 or 1: a verdict such as "correct" is a reward),
+    `fractions.Fraction` (any `numbers.Real`), NumPy bool, integer and floating scalars, and 0-d
+    NumPy or JAX arrays of such a dtype. Not: str, bytes, None, complex, `decimal.Decimal` (not
+    a `numbers.Real`), lists, tuples, mappings, or arrays of any other shape. Finite: neither
+    NaN nor infinite as a float64 (an int beyond float64's range is not).
+    """
+    if isinstance(value, np.ndarray | np.generic | jax.Array):
+        real = value.ndim == 0 and _real_dtype(value.dtype)
+    else:
+        real = isinstance(value, numbers.Real)
+    try:
+        return real and math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def finite_reals(value: Any, shape: tuple[int, ...], name: str,
+                 labels: Sequence[str] = ("prompt", "response")) -> np.ndarray:
+    """`value` (an array, nested lists, ...) as float64 [shape], once it is checked to hold one
+    `finite_real` per index: element by element before any conversion, so that no string, None
+    or complex is ever converted. Raises RewardError naming `name` and the first bad element's
+    index, one `labels` word per axis (e.g. "prompt 1, response 2"), its value and its type, or
+    the shape found."""
+    numeric = isinstance(value, np.ndarray | jax.Array) and _real_dtype(value.dtype)
+    cells = np.asarray(value) if numeric else _cells(value, shape)  # else an object array
+    if cells is None or cells.shape != shape:
+        raise RewardError(f"{name} has shape {_shape(value)} ({type(value).__name__}), expected "
+                          f"[{', '.join(f'{label}s' for label in labels)}] = {shape}")
+    if numeric:
+        bad = np.argwhere(~np.isfinite(cells.astype(np.float64)))
+        first = tuple(int(k) for k in bad[0]) if len(bad) else None
+    else:
+        first = next((i for i, cell in np.ndenumerate(cells) if not finite_real(cell)), None)
+    if first is not None:
+        cell = cells[first].item() if numeric else cells[first]
+        kind = cells.dtype.name if numeric else type(cell).__name__
+        where = ", ".join(f"{label} {k}" for label, k in zip(labels, first, strict=True))
+        raise RewardError(f"{name} for {where} is {cell!r} ({kind}), not a finite real number")
+    return cells.astype(np.float64)
+
+
+def _cells(value: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    """`value` as an object array [shape] of what it holds at each index (a number, a string, a
+    list: anything), or None when it is not nested to that shape."""
+    if isinstance(value, np.ndarray | jax.Array):
+        return np.asarray(value).astype(object) if value.shape == shape else None
+    cells = np.empty(shape, object)
+
+    def fill(part, index: tuple[int, ...]) -> bool:
+        if len(index) == len(shape):
+            cells[index] = part
+            return True
+        if (not isinstance(part, Sequence | np.ndarray | jax.Array) or isinstance(part, str | bytes)
+                or len(part) != shape[len(index)]):
+            return False
+        return all(fill(x, (*index, k)) for k, x in enumerate(part))
+
+    return cells if fill(value, ()) else None
+
+
+def _shape(value: Any) -> tuple[int, ...] | str:
+    """`value`'s shape as NumPy reads it, or "ragged"."""
+    try:
+        return np.shape(value)
+    except ValueError:
+        return "ragged"
+
+
 def per_response(score: Callable[[Prompt, list[int], bool], float | Mapping[str, float]],
                  ) -> RewardFn:
     """A batched reward function from one that scores a single response (score(prompt,
-    response tokens, truncated) -> a reward, or a mapping with "reward" and other values to log);
-    an exception names the prompt and response it came from."""
+    response tokens, truncated) -> a reward, or a mapping with "reward" and other values to log).
+    Its values come back as they are (object arrays [prompts, G]) for `checked_rewards` to check;
+    an exception, or keys other than the first response's, name the prompt and response."""
     def batched(prompts, responses, truncated):
-        rows = []
+        cells: dict[str, np.ndarray] = {}
         for i, (prompt, group) in enumerate(zip(prompts, responses, strict=True)):
             for j, response in enumerate(group):
                 try:
                     value = score(prompt, response, bool(truncated[i, j]))
                 except Exception as e:
-                    raise RuntimeError(f"the reward function raised on prompt {i}, response "
-                                       f"{j} (prompt tokens {list(prompt.tokens)[:20]}, "
-                                       f"response {response[:20]}): {e!r}") from e
-                rows.append(value if isinstance(value, Mapping) else {"reward": value})
-        shape, keys = truncated.shape, sorted(rows[0])
-        for n, row in enumerate(rows):
-            require(sorted(row) == keys, f"the reward function returned {sorted(row)} for "
-                    f"prompt {n // shape[1]}, response {n % shape[1]}, and {keys} for the first")
-        return {k: np.asarray([r[k] for r in rows], np.float64).reshape(shape) for k in keys}
+                    raise ResponseError(f"the reward function raised on prompt {i}, response "
+                                        f"{j} (prompt tokens {list(prompt.tokens)[:20]}, "
+                                        f"response {response[:20]}): {e!r}") from e
+                row = dict(value) if isinstance(value, Mapping) else {"reward": value}
+                if cells and set(row) != set(cells):
+                    raise RewardError(f"the reward function returned keys {list(row)} for "
+                                      f"prompt {i}, response {j}, and {list(cells)} for prompt "
+                                      f"0, response 0")
+                for name, x in row.items():
+                    cells.setdefault(name, np.empty(truncated.shape, object))[i, j] = x
+        return cells
     return batched
 
 
 def checked_rewards(reward_fn: RewardFn, prompts: Sequence[Prompt],
-                    responses: list[list[list[int]]], truncated: np.ndarray, step: int,
+                    responses: list[list[list[int]]], truncated: np.ndarray, where: str,
                     ) -> dict[str, np.ndarray]:
-    """reward_fn's output as {"reward": [groups, G], ...}; raises naming the step, and the
-    prompt and response of the first bad value."""
+    """reward_fn's output as {"reward": float64 [groups, G], ...}, every value checked
+    (`reward_values`); an exception or a bad value raises naming `where` (e.g. "step 3"), and
+    the prompt and response where known."""
     shape = truncated.shape
     try:
         out = reward_fn(prompts, responses, truncated)
+    except (RewardError, ResponseError) as e:  # `per_response`'s: they name the response
+        raise type(e)(f"{where}: {e}") from e.__cause__
     except Exception as e:
-        raise RuntimeError(f"step {step}: the reward function raised on a batch of "
+        raise RuntimeError(f"{where}: the reward function raised on a batch of "
                            f"{shape[0]} prompts x {shape[1]} responses: {e!r}") from e
+    return reward_values(out, shape, where)
+
+
+def reward_values(out: Any, shape: tuple[int, int], where: str) -> dict[str, np.ndarray]:
+    """A reward function's output (the rewards, or a mapping with "reward" and other values to
+    log, each [prompts, G]) as {name: float64 [prompts, G]}, each value `finite_reals`."""
     out = dict(out) if isinstance(out, Mapping) else {"reward": out}
-    require("reward" in out, f"step {step}: the reward function returned keys "
-                             f"{sorted(out)} without 'reward'")
-    for name, value in out.items():
-        value = np.asarray(value, np.float64)
-        require(value.shape == shape, f"step {step}: the reward function's {name!r} "
-                f"has shape {value.shape}, expected [prompts, G] = {shape}")
-        bad = np.argwhere(~np.isfinite(value))
-        if len(bad):
-            i, j = (int(x) for x in bad[0])
-            raise ValueError(f"step {step}: the reward function's {name!r} is "
-                             f"{value[i, j]} for prompt {i}, response {j} (prompt tokens "
-                             f"{list(prompts[i].tokens)[:20]}, response {responses[i][j][:20]})")
-        out[name] = value
-    return out
+    if "reward" not in out or not all(isinstance(name, str) for name in out):
+        raise RewardError(f"{where}: the reward function returned the keys {list(out)}: they "
+                          f"must be names (str), 'reward' among them")
+    return {name: finite_reals(value, shape, f"{where}: the reward function's {name!r}")
+            for name, value in out.items()}
 
 
 @dataclasses.dataclass
@@ -216,7 +314,7 @@ def _rollouts(model: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: 
     or `max_refills` extra rounds are spent; then fills up with the groups dropped last."""
     g = config.group_size
     kept = _Groups(prompts=[], samples=[], rows=[], values={})
-    spare = []
+    spare, names = [], None
     for round_ in range(1 + (config.max_refills if config.dynamic_sampling else 0)):
         round_key = jax.random.fold_in(key, round_)
         prompts = list(results.together(functools.partial(
@@ -236,9 +334,14 @@ def _rollouts(model: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: 
         responses = [[tokens[i * g + j, :lengths[i * g + j]].tolist() for j in range(g)]
                      for i in range(len(prompts))]
         truncated = rollout.truncated(samples).reshape(-1, g)
-        values = results.together(functools.partial(checked_rewards, reward_fn, prompts, responses,
-                                            truncated, step),
-                          f"step {step}: the reward function")
+        values = results.together(functools.partial(
+            checked_rewards, reward_fn, prompts, responses, truncated, f"step {step}"),
+            f"step {step}: the reward function")
+        if names is not None and set(values) != names:
+            raise RewardError(f"step {step}: the reward function returned the keys "
+                              f"{list(values)} in sampling round {round_}, and {sorted(names)} "
+                              f"in round 0")
+        names = set(values)
         varied = np.asarray(adv.has_variance(jnp.asarray(values["reward"])))
         kept.samples.append(samples)
         kept.rounds += 1

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxlab.rl import genrm
+from jaxlab.rl import genrm, loop
 from jaxlab.writing import teacher as teacher_lib
 from jaxlab.writing import world
 
@@ -82,10 +82,13 @@ def teacher_texts(pairs: Sequence[dict], seed: int, teacher: teacher_lib.Teacher
 def ideal_rater_accuracy(pairs: Sequence[dict], config: world.WorldConfig) -> float:
     """The share of `pairs` whose chosen response has the higher `world.ideal_rater_reward` (a
     tie is wrong): on true-quality pairs the ideal rater-RM's accuracy, on the rater's own
-    held-out labels the Bayes level of any reward model trained on them."""
-    def reward(pair, key):
-        return world.ideal_rater_reward(world.required_words(pair["prompt"]), pair[key], config)
-    return float(np.mean([reward(p, "chosen") > reward(p, "rejected") for p in pairs]))
+    held-out labels the Bayes level of any reward model trained on them. Each reward must be a
+    finite real number (`loop.finite_reals`; response 0 of a pair is the chosen one)."""
+    rewards = loop.finite_reals(
+        [[world.ideal_rater_reward(world.required_words(p["prompt"]), p[key], config)
+          for key in ("chosen", "rejected")] for p in pairs],
+        (len(pairs), 2), "world.ideal_rater_reward", labels=("pair", "response"))  # [N, 2]
+    return float(np.mean(rewards[:, 0] > rewards[:, 1]))
 
 
 def baselines(pairs: Sequence[dict], config: world.WorldConfig, teacher: teacher_lib.Teacher,

@@ -188,9 +188,10 @@ def test_bad_rewards_are_named(tmp_path):
 
     with pytest.raises(RuntimeError, match=r"raised on prompt \d+, response \d+ .*odd"):
         _run(tmp_path / "a2", loop.per_response(fails_on_odd_first_token))
-    with pytest.raises(ValueError, match="'reward' is nan for prompt 1, response 2"):
+    with pytest.raises(ValueError, match="'reward' for prompt 1, response 2 is nan"):
         _run(tmp_path / "b", nan_at_1_2)
-    with pytest.raises(ValueError, match=r"shape \(4, 3\), expected \[prompts, G\] = \(4, 4\)"):
+    with pytest.raises(ValueError, match=r"shape \(4, 3\) \(ndarray\), expected "
+                                         r"\[prompts, responses\] = \(4, 4\)"):
         _run(tmp_path / "c", lambda p, r, t: np.zeros((4, 3)))
     with pytest.raises(ValueError, match=r"'accuracy' has shape \(4,\)"):
         _run(tmp_path / "d", lambda p, r, t: {"reward": np.zeros((4, 4)),
