@@ -7,14 +7,17 @@ An experiment that stops on bad input, a full disk, a missing permission or anot
 folder prints one message (the cause, the path, what to do) and exits with status 1. Its
 traceback goes to the run's log (`out_dir/log.txt`, once the run has opened its folder), or to
 the terminal with `--debug`. A bad key or value exits with status 2 before any work (argparse's
-usage error); Ctrl-C exits with 130. What was written before the error stays: results files are
-replaced atomically and checkpoints are finalized only when complete, so a rerun resumes.
+usage error); Ctrl-C exits with 130 and SIGTERM with 143, each once the open `with` blocks have
+closed (a checkpoint being written is finished, no thread is left to print at exit). What was
+written before the error stays (results files are replaced atomically, checkpoints finalized
+only when complete), so a rerun resumes.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -25,16 +28,26 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 NO_PERMISSION = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is (as Ctrl-C raises KeyboardInterrupt)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> None:
     """`main(argv)` (default: the command line's arguments); an exception it raises becomes
     one message on stderr and exit status 1, its traceback logged (`--debug`: printed)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _close_run_log()  # the log `main` opens is the one its traceback goes to
+    before = signal.signal(signal.SIGTERM, _terminate)
     try:
         main(argv)
-    except KeyboardInterrupt:
-        print("stopped (Ctrl-C); a rerun resumes from what was written", file=sys.stderr)
-        raise SystemExit(130) from None
+    except (KeyboardInterrupt, Terminated) as e:
+        name, status = (("SIGTERM", 143) if isinstance(e, Terminated) else ("Ctrl-C", 130))
+        print(f"stopped ({name}); a rerun resumes from what was written", file=sys.stderr)
+        raise SystemExit(status) from None
     except Exception as e:
         logged = log_traceback(e)
         print(f"error: {describe(e)}", file=sys.stderr)
@@ -44,6 +57,8 @@ def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> 
             print(f"(the traceback is in {logged}; {DEBUG_FLAG} prints it here)" if logged
                   else f"({DEBUG_FLAG} prints the traceback)", file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def describe(e: BaseException) -> str:

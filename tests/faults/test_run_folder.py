@@ -21,6 +21,7 @@ from jaxlab import cli, jsonl, results
 from jaxlab.config import ConfigError
 from jaxlab.deepconf import arithmetic
 from jaxlab.models import zoo
+from jaxlab.rl import sft
 
 from .conftest import TINY_TRAINING, skip_eval, snapshot
 
@@ -207,3 +208,28 @@ def test_no_permission_is_named_with_what_to_do(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert f"error: no permission to write {out} (Permission denied): choose an out_dir" in err
     assert "Traceback" not in err
+
+
+def test_sigterm_stops_at_a_step_and_a_rerun_resumes(tmp_path, monkeypatch, trained, capsys):
+    _, whole = trained
+    skip_eval(monkeypatch)
+    out = tmp_path / "run"
+    step, calls = sft._step, []
+
+    def terminated_at_step_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)            # as `kill PID` does
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(sft, "_step", terminated_at_step_4)
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(train_arithmetic.main, [f"out_dir={out}", *TINY_TRAINING])
+    assert stopped.value.code == 143
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "stopped (SIGTERM); a rerun resumes from what was written")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # put back
+    monkeypatch.setattr(sft, "_step", step)
+    cli.run(train_arithmetic.main, [f"out_dir={out}", *TINY_TRAINING])
+    assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
