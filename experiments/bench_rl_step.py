@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import pathlib
 import tempfile
@@ -49,6 +48,7 @@ import numpy as np
 
 from jaxlab import results
 from jaxlab.deepconf import arithmetic
+from jaxlab.jsonl import read_records
 from jaxlab.models import hf, zoo
 from jaxlab.rl import loop, losses, train
 
@@ -116,8 +116,7 @@ def run_ours(path: pathlib.Path, problems, steps: int, compute: str,
     loop.run(policy, prompt_fn, exact_reward, loop_config(steps), out_dir,
              key=jax.random.key(0))
     seconds = time.perf_counter() - start
-    return ([json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()],
-            seconds)
+    return read_records(out_dir / "metrics.jsonl"), seconds
 
 
 def run_trl(path: pathlib.Path, problems, steps: int, compute: str, out_dir: pathlib.Path,

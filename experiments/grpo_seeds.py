@@ -19,13 +19,13 @@ sweep); a rerun reuses finished runs. Writes `out/summary.json` and prints the t
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from jaxlab import cli, results
+from jaxlab.jsonl import read_json
 from jaxlab.results import spread
 
 SCRIPT = pathlib.Path(__file__).with_name("train_grpo.py")
@@ -38,13 +38,13 @@ def choose(validation: dict[str, float]) -> str:
 
 def _run(config: str, folder: pathlib.Path, seed: int, overrides: list[str]) -> dict:
     summary = folder / "summary.json"
-    if summary.exists() and "after" in (done := json.loads(summary.read_text())):
+    if summary.exists() and "after" in (done := read_json(summary)):
         return done
     command = [sys.executable, str(SCRIPT), "--config", config, f"out_dir={folder}",
                f"seed={seed}", *overrides]
     print("+", " ".join(command), flush=True)
     subprocess.run(command, check=True)
-    return json.loads(summary.read_text())
+    return read_json(summary)
 
 
 def main(argv: list[str] | None = None) -> dict:

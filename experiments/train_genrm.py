@@ -36,7 +36,7 @@ from flax import nnx
 
 from jaxlab import cli, parallel, results
 from jaxlab import config as config_lib
-from jaxlab.jsonl import Field, read_jsonl
+from jaxlab.jsonl import Field, read_jsonl, read_records
 from jaxlab.models import hf
 from jaxlab.rl import genrm, loop, reward_model, sft
 from jaxlab.sampling import sampler
@@ -219,13 +219,11 @@ def main(argv: list[str] | None = None) -> dict:
     hf.save_tokenizer(codec.tokenizer, out / "genrm")
     summary["after_grpo"] = evaluate(trained, codec, template, eval_pairs, cfg)
     summary["eval_pairs"] = len(eval_pairs)
-    rl_records = [json.loads(line)
-                  for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    rl_records = read_records(out / "grpo" / "metrics.jsonl")
     summary["groups_dropped"] = [r["groups_dropped"] for r in rl_records]
     log.info("after GRPO: %s", summary["after_grpo"])
     results.write_json(out / "summary.json", summary)
-    read = [[json.loads(line) for line in (out / d / "metrics.jsonl").read_text().splitlines()]
-            for d in ("sft", "grpo")]
+    read = [read_records(out / d / "metrics.jsonl") for d in ("sft", "grpo")]
     plot(*read, out / "curves.png")
     return summary
 

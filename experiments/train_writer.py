@@ -37,7 +37,6 @@ policy/ (the trained writer as a Hugging Face folder with its tokenizer); a reru
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pathlib
 import time
@@ -48,6 +47,7 @@ from flax import nnx
 
 from jaxlab import cli, parallel, results
 from jaxlab import config as config_lib
+from jaxlab.jsonl import read_records
 from jaxlab.models import hf
 from jaxlab.rl import genrm, loop, reward_model, sft, train
 from jaxlab.sampling import sampler
@@ -335,8 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
         trained = nnx.merge(graphdef, jax.tree.map(parallel.host_array, state.params))
         hf.save_pretrained(trained, out / method / "policy", eos_token_id=codec.eos_id)
         hf.save_tokenizer(codec.tokenizer, out / method / "policy")
-        rows = [json.loads(line)
-                for line in (out / method / "metrics.jsonl").read_text().splitlines()]
+        rows = read_records(out / method / "metrics.jsonl")
         end, _ = evaluate(trained, rewards, eval_prompts, reference, cfg, initial)
         step_seconds = sum(r["rollout_seconds"] + r["train_seconds"] for r in rows)
         summary[method] = {"end": end, "seconds_this_run": time.perf_counter() - start,
@@ -348,8 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "judge_share_of_step": judge_seconds / step_seconds})
         results.write_json(out / "summary.json", summary)
         log.info("%s: %s", method, summary[method])
-    plot({m: [json.loads(line) for line in (out / m / "metrics.jsonl").read_text().splitlines()]
-          for m in cfg.methods}, out / "curves.png")
+    plot({m: read_records(out / m / "metrics.jsonl") for m in cfg.methods}, out / "curves.png")
     return summary
 
 

@@ -36,6 +36,7 @@ from flax import nnx
 
 from jaxlab import cli, results
 from jaxlab import config as config_lib
+from jaxlab.jsonl import read_records
 from jaxlab.models.decoder import Decoder
 from jaxlab.rl import sft
 from jaxlab.writing import teacher as teacher_lib
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     world.save_model(writer, out / "writer")
     world.save_model(Decoder(cfg.genrm.decoder_config(), nnx.Rngs(cfg.seed + 1)),
                      out / "genrm_init")
-    last = json.loads((out / "writer_sft" / "metrics.jsonl").read_text().splitlines()[-1])
+    last = read_records(out / "writer_sft" / "metrics.jsonl")[-1]
     log.info("wrote %s; the writer's final supervised loss %.4f", out, last["loss"])
     return last
 

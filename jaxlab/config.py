@@ -10,6 +10,7 @@ fields) is refused with its new name.
 from __future__ import annotations
 
 import argparse
+import io
 import pathlib
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -128,19 +129,26 @@ def check_overrides(overrides: Sequence[str]) -> None:
 
 def read_yaml(path: str | pathlib.Path):
     """The YAML mapping at `path` as an OmegaConf config; ConfigError naming `path:line` for a
-    file that is missing, not valid YAML or not a mapping."""
+    file that is not UTF-8 or not valid YAML, and `path` for one that is missing, not a mapping
+    or holds a malformed `${...}` interpolation."""
+    from jaxlab.jsonl import DataError, decode_utf8  # jsonl imports this module (via results)
+
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        config = OmegaConf.load(path)
+        config = OmegaConf.load(io.StringIO(decode_utf8(path.read_bytes(), path)))
+    except DataError as e:
+        raise ConfigError(f"{e}; save the file as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})"
                           ) from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: key {e.full_key}: {_first_line(e)}") from None
+    except OSError as e:  # OmegaConf's error for a file holding one number or boolean
+        raise ConfigError(f"{path}: expected a mapping of keys to values ({e})") from None
     if not OmegaConf.is_dict(config):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got "
                           f"{type(OmegaConf.to_container(config)).__name__}")

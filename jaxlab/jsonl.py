@@ -1,6 +1,6 @@
-"""JSON Lines files of typed records, with errors that name `file:line`, and files that a run
-appends to record by record (`resume_records`, `append_record`): a kill can cut the last line
-short, and the next run drops that line with a warning and goes on."""
+"""JSON Lines files of typed records and JSON files, with errors that name `file:line`, and files
+that a run appends to record by record (`resume_records`, `append_record`): a kill can cut the
+last line short, and the next run drops that line with a warning and goes on."""
 
 from __future__ import annotations
 
@@ -47,10 +47,52 @@ def read_jsonl(path: str | pathlib.Path, fields: Sequence[Field]) -> list[tuple]
     """The records of a JSON Lines file as tuples of `fields`; DataError naming `path:line` for
     a line that is not a JSON object or lacks a field."""
     path = pathlib.Path(path)
+    return [tuple(field_value(record, field, where) for field in fields)
+            for where, record in _records(path, _file_bytes(path).splitlines())]
+
+
+def read_records(path: str | pathlib.Path) -> list[dict]:
+    """Every line of a JSON Lines file as a JSON object; DataError naming `path:line` for a line
+    that is not UTF-8, not JSON or not an object."""
+    path = pathlib.Path(path)
+    return [record for _, record in _records(path, _file_bytes(path).splitlines())]
+
+
+def read_json(path: str | pathlib.Path) -> Any:
+    """The JSON value in the file at `path`; DataError naming `path:line` for a file that is
+    missing, not UTF-8 or not valid JSON."""
+    path = pathlib.Path(path)
+    return parse_json(_file_bytes(path), path)
+
+
+def parse_json(data: bytes, path: str | pathlib.Path, line: int = 1) -> Any:
+    """The JSON value in `data`, the bytes of `path` from line `line` on; DataError naming
+    `path:line` (and the column) where they are not UTF-8 or not valid JSON."""
+    text = decode_utf8(data, path, line)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{line + e.lineno - 1}: not valid JSON ({e.msg}, column "
+                        f"{e.colno})") from None
+
+
+def decode_utf8(data: bytes, path: str | pathlib.Path, line: int = 1) -> str:
+    """`data`, the bytes of `path` from line `line` on, as text; DataError naming `path:line`
+    and the column of the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        row = line + data.count(b"\n", 0, e.start)
+        column = e.start - data.rfind(b"\n", 0, e.start)
+        raise DataError(f"{path}:{row}: not UTF-8 text (byte {data[e.start]:#04x} at column "
+                        f"{column})") from None
+
+
+def _file_bytes(path: pathlib.Path) -> bytes:
+    """The bytes of the file at `path`; DataError when there is none."""
     if not path.is_file():
         raise DataError(f"{path} does not exist")
-    return [tuple(field_value(record, field, where) for field in fields)
-            for where, record in _records(path, path.read_bytes().splitlines())]
+    return path.read_bytes()
 
 
 def _records(path: pathlib.Path, lines: Sequence[bytes]) -> Iterator[tuple[str, dict]]:
@@ -58,13 +100,7 @@ def _records(path: pathlib.Path, lines: Sequence[bytes]) -> Iterator[tuple[str, 
     not UTF-8, not JSON or not an object."""
     for line_no, line in enumerate(lines, 1):
         where = f"{path}:{line_no}"
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{where}: not UTF-8 text (byte {e.object[e.start]:#04x} at column "
-                            f"{e.start + 1})") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+        record = parse_json(line, path, line_no)
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         yield where, record

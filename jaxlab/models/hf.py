@@ -19,10 +19,10 @@ models are built abstractly (`nnx.eval_shape`) and every parameter comes from th
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import pathlib
+import re
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 from jax.typing import DTypeLike
 from safetensors import SafetensorError, safe_open
 
-from jaxlab import parallel
+from jaxlab import jsonl, parallel
 from jaxlab.config import dtype_name
 from jaxlab.extras import require_extra
 from jaxlab.models.backend import BackendPolicy
@@ -93,11 +93,48 @@ def minilm_folder() -> pathlib.Path:
     return pathlib.Path(package.get_model_path())
 
 
+# The JSON files transformers reads from a model folder (config, generation settings, tokenizer):
+# each one present is parsed before transformers reads the folder, so that a damaged file is named
+# with its line.
+JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
+              "special_tokens_map.json", "added_tokens.json", "vocab.json", "chat_template.json")
+_REPLACE = ("replace it with the checkpoint's original file, or write the folder again "
+            "(save_pretrained, save_tokenizer)")
+
+
+def read_json(file: pathlib.Path) -> dict:
+    """The JSON object in `file` of a checkpoint folder; CheckpointError naming `file:line` for a
+    file that is missing, not UTF-8 or not valid JSON, and naming `file` for another value."""
+    try:
+        value = jsonl.read_json(file)
+    except jsonl.DataError as e:
+        raise CheckpointError(f"{e}; {_REPLACE}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(value).__name__}; "
+                              f"{_REPLACE}")
+    return value
+
+
+def check_json_files(folder: str | pathlib.Path) -> pathlib.Path:
+    """`folder`, once each of its `JSON_FILES` that exists holds a JSON object (`read_json`);
+    CheckpointError when there is no such folder."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} does not exist (no such folder)")
+    for name in JSON_FILES:
+        if (folder / name).is_file():
+            read_json(folder / name)
+    return folder
+
+
 def hf_config(folder: str | pathlib.Path):
-    """The transformers config (`PretrainedConfig` subclass) of the checkpoint in `folder`."""
+    """The transformers config (`PretrainedConfig` subclass) of the checkpoint in `folder`;
+    CheckpointError naming config.json (and its line) when it is missing, damaged or of a model
+    type transformers does not know."""
     from transformers import AutoConfig
 
     folder = _existing(folder, "config.json")
+    read_json(folder / "config.json")
     try:
         return AutoConfig.from_pretrained(folder, local_files_only=True)
     except (ValueError, KeyError, OSError) as e:
@@ -111,13 +148,9 @@ def tensor_files(folder: str | pathlib.Path) -> dict[str, pathlib.Path]:
     folder = pathlib.Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{index}:{e.lineno}: not valid JSON ({e.msg})") from None
-        except (KeyError, TypeError):
-            raise CheckpointError(f"{index} has no \"weight_map\" (tensor name -> shard file)"
-                                  ) from None
+        weight_map = read_json(index).get("weight_map")
+        if weight_map is None:
+            raise CheckpointError(f"{index} has no \"weight_map\" (tensor name -> shard file)")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: \"weight_map\" must map tensor names to shard "
                                   f"files, got {type(weight_map).__name__}")
@@ -271,12 +304,11 @@ def load_sentence_encoder(folder: str | pathlib.Path | None = None, batch_size: 
     pooling, the one this encoder implements."""
     folder = minilm_folder() if folder is None else pathlib.Path(folder)
     pooling = folder / "1_Pooling" / "config.json"
-    if pooling.is_file() and not json.loads(pooling.read_text()).get("pooling_mode_mean_tokens"):
+    if pooling.is_file() and not read_json(pooling).get("pooling_mode_mean_tokens"):
         raise CheckpointError(f"{pooling}: only mean pooling is implemented")
-    if max_length is None:
-        settings = folder / "sentence_bert_config.json"
-        max_length = (json.loads(settings.read_text())["max_seq_length"] if settings.is_file()
-                      else None)
+    settings = folder / "sentence_bert_config.json"
+    if max_length is None and settings.is_file():
+        max_length = read_json(settings).get("max_seq_length")
     model = load_encoder(folder)
     return SentenceEncoder(model, load_tokenizer(folder),
                            max_length or model.config.max_position_embeddings,
@@ -488,7 +520,32 @@ def save_tokenizer(tokenizer, path: str | pathlib.Path) -> None:
 
 
 def load_tokenizer(path: str | pathlib.Path):
-    """The tokenizer saved in the same local folder, through transformers."""
+    """The tokenizer saved in the local folder `path`, through transformers. CheckpointError
+    naming the file (and line) for a damaged JSON file (`check_json_files`) or a tokenizer.json
+    that is not a tokenizer, and the folder for anything else transformers cannot read."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(pathlib.Path(path), local_files_only=True)
+    folder = check_json_files(path)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # the tokenizers library raises plain Exceptions
+        raise _tokenizer_error(folder, e) from e
+
+
+def _tokenizer_error(folder: pathlib.Path, error: Exception) -> CheckpointError:
+    """Why transformers could not load `folder`'s tokenizer (`error`): tokenizer.json, with the
+    line the tokenizers library names, when that library cannot read it; else the folder."""
+    from tokenizers import Tokenizer
+
+    file = folder / "tokenizer.json"
+    if file.is_file():
+        try:
+            Tokenizer.from_file(str(file))
+        except Exception as e:
+            line = re.search(r"at line (\d+) column", str(e))
+            return CheckpointError(f"{file}{':' + line[1] if line else ''}: not a tokenizer of "
+                                   f"the tokenizers library ({e}); {_REPLACE}")
+    return CheckpointError(
+        f"{folder}: transformers cannot load a tokenizer from it ({type(error).__name__}: "
+        f"{error}); the folder holds {sorted(p.name for p in folder.iterdir())}, and a tokenizer "
+        f"needs tokenizer.json and tokenizer_config.json as save_tokenizer writes them")

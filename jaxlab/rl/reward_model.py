@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -19,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlab import parallel, results
+from jaxlab import jsonl, parallel, results
 from jaxlab.config import require
+from jaxlab.jsonl import DataError
 
 
 class ScalarRewardModel(nnx.Module):
@@ -116,46 +116,64 @@ def read_records(path: str | pathlib.Path, fields: Sequence[str], what: str,
                  ) -> list[dict[str, str]]:
     """Records with the string `fields` from a JSON Lines file, a parquet file or a Hugging
     Face `datasets` folder (`save_to_disk`), each with its place (`file:line` for JSON Lines,
-    `file: row n` otherwise) under "at". A record that is not an object, or whose field is
-    missing or not a string, is a ValueError naming it; an empty source names `what`."""
+    `file: row n` otherwise) under "at". A file or folder that cannot be read, a record that is
+    not an object, or one whose field is missing or not a string is a DataError naming it; an
+    empty source names `what`."""
     path = pathlib.Path(path)
-    require(path.exists(), f"{what} {path} does not exist")
-    if path.is_dir():
-        import datasets
-        rows, where = datasets.load_from_disk(str(path)), "row"
-    elif path.suffix == ".parquet":
-        import datasets
-        rows, where = datasets.Dataset.from_parquet(str(path)), "row"
+    if not path.exists():
+        raise DataError(f"{what} {path} does not exist")
+    if path.is_dir() or path.suffix == ".parquet":
+        rows = [(f"{path}: row {n}", row) for n, row in enumerate(_table_rows(path), 1)]
     else:
-        rows, where = [], "line"
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-    records = []
-    for number, record in enumerate(rows, 1):
-        at = f"{path}:{number}" if where == "line" else f"{path}: row {number}"
-        require(isinstance(record, dict), f"{at}: expected an object with {tuple(fields)}")
-        for field in fields:
-            require(isinstance(record.get(field), str),
-                    f"{at}: field {field!r} is missing or not a string")
-        records.append({**{k: record[k] for k in fields}, "at": at})
-    require(len(records) > 0, f"{path} holds no {what}")
-    return records
+        rows = [(f"{path}:{n}", row) for n, row in enumerate(jsonl.read_records(path), 1)]
+    for at, row in rows:
+        bad = [field for field in fields if not isinstance(row.get(field), str)]
+        if bad:
+            raise DataError(f"{at}: field {bad[0]!r} is missing or not a string")
+    if not rows:
+        raise DataError(f"{path} holds no {what}")
+    return [{**{field: row[field] for field in fields}, "at": at} for at, row in rows]
+
+
+def _table_rows(path: pathlib.Path) -> list[dict]:
+    """The rows of a parquet file or a `datasets` folder; DataError naming `path` (and a damaged
+    JSON file of the folder with its line) when it cannot be read."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    what = "a datasets folder (Dataset.save_to_disk)" if path.is_dir() else "a parquet file"
+    for file in sorted(path.rglob("*.json")) if path.is_dir() else ():
+        jsonl.read_json(file)  # state.json, dataset_info.json, dataset_dict.json
+    try:
+        if not path.is_dir():
+            return pq.read_table(path).to_pylist()
+        table = datasets.load_from_disk(str(path))
+        if isinstance(table, datasets.DatasetDict):
+            raise DataError(f"{path} holds the splits {sorted(table)} of a DatasetDict; give "
+                            f"the folder of one split, e.g. {path / next(iter(table))}")
+        return table.to_list()
+    except DataError:
+        raise
+    except (OSError, ValueError, pa.ArrowException) as e:
+        held = sorted(p.name for p in path.iterdir()) if path.is_dir() else None
+        raise DataError(f"{path}: not readable as {what} ({type(e).__name__}: {e})"
+                        + (f"; the folder holds {held}" if held is not None else "")
+                        + "; write it again, or restore it from its source") from None
 
 
 def read_pairs(path: str | pathlib.Path) -> list[dict[str, str]]:
     """Preference pairs {prompt, chosen, rejected} (`read_records`). A record with a missing or
-    non-string field, an empty response, or chosen equal to rejected is a ValueError naming it
+    non-string field, an empty response, or chosen equal to rejected is a DataError naming it
     (`file:line` for JSON Lines, `file: row n` otherwise)."""
     pairs = []
     for record in read_records(path, PAIR_FIELDS, "preference pairs"):
         at = record.pop("at")
-        for field in ("chosen", "rejected"):
-            require(record[field].strip() != "", f"{at}: field {field!r} is empty")
-        require(record["chosen"] != record["rejected"],
-                f"{at}: chosen equals rejected ({record['chosen'][:60]!r})")
+        empty = [field for field in ("chosen", "rejected") if not record[field].strip()]
+        if empty:
+            raise DataError(f"{at}: field {empty[0]!r} is empty")
+        if record["chosen"] == record["rejected"]:
+            raise DataError(f"{at}: chosen equals rejected ({record['chosen'][:60]!r})")
         pairs.append(record)
     return pairs
 

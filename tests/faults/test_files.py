@@ -183,3 +183,172 @@ def test_checkpoint_with_nonfinite_values_is_skipped(tmp_path, caplog):
     np.testing.assert_array_equal(restored["w"], jnp.ones(3))
     assert f"checkpoint {tmp_path / '2'} cannot be restored (ValueError: non-finite values in" \
         in caplog.text
+
+
+def _first_key_line(text: str) -> int:
+    """The line of the first `":` of a JSON text (where removing the colon breaks it)."""
+    return text[:text.index('":')].count("\n") + 1
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_damaged_tokenizer_file_names_file_and_line(model_copy, name):
+    file = model_copy / name
+    whole = file.read_text()
+    file.write_text(whole.replace('":', '"', 1))
+    with pytest.raises(CheckpointError,
+                       match=rf"{file}:{_first_key_line(whole)}: not valid JSON \(Expecting ':'"):
+        hf.load_tokenizer(model_copy)
+    file.write_text(whole)                                # corrected: loads
+    assert hf.load_tokenizer(model_copy).encode("1+2")
+
+
+def test_tokenizer_json_that_is_not_a_tokenizer_names_the_file(model_copy):
+    file = model_copy / "tokenizer.json"
+    whole = file.read_text()
+    file.write_text('{"added_tokens": [],\n "model": {"type": "Nope"}}')
+    with pytest.raises(CheckpointError, match=rf"{file}:2: not a tokenizer"):
+        hf.load_tokenizer(model_copy)
+    file.write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=rf"{file}: expected a JSON object, got list"):
+        hf.load_tokenizer(model_copy)
+    file.unlink()                                         # no tokenizer at all: the folder
+    with pytest.raises(CheckpointError, match=rf"{model_copy}: transformers cannot load"):
+        hf.load_tokenizer(model_copy)
+    file.write_text(whole)
+    assert hf.load_tokenizer(model_copy).encode("1+2")
+
+
+def test_damaged_config_json_names_file_and_line(model_copy):
+    file = model_copy / "config.json"
+    whole = file.read_text()
+    file.write_text(whole.replace('":', '"', 1))
+    where = rf"{file}:{_first_key_line(whole)}: not valid JSON"
+    for load in (hf.hf_config, hf.load_pretrained, hf.load_tokenizer):
+        with pytest.raises(CheckpointError, match=where):
+            load(model_copy)
+    file.write_bytes(b"{\n\xff" + whole.encode()[1:])
+    with pytest.raises(CheckpointError, match=rf"{file}:2: not UTF-8 text \(byte 0xff"):
+        hf.hf_config(model_copy)
+    file.write_text(whole)
+    assert hf.hf_config(model_copy).model_type == "qwen3"
+
+
+def test_read_json_names_file_and_line(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text('{\n  "a": 1,\n  "b": [1, 2\n}\n')
+    with pytest.raises(DataError, match=rf"{path}:4: not valid JSON \(Expecting ',' delimiter"):
+        jsonl.read_json(path)
+    with pytest.raises(DataError, match=rf"{tmp_path / 'absent.json'} does not exist"):
+        jsonl.read_json(tmp_path / "absent.json")
+    path.write_text('{\n  "a": 1,\n  "b": [1, 2]\n}\n')
+    assert jsonl.read_json(path) == {"a": 1, "b": [1, 2]}
+
+
+PAIRS = [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad"} for i in range(40)]
+
+
+def test_damaged_parquet_names_the_file_and_a_bad_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jaxlab.rl.reward_model import read_pairs
+
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(PAIRS), path)
+    whole = path.read_bytes()
+    for keep in (0, 10, len(whole) // 2, len(whole) - 4):
+        path.write_bytes(whole[:keep])
+        with pytest.raises(DataError, match=rf"{path}: not readable as a parquet file"):
+            read_pairs(path)
+    pq.write_table(pa.Table.from_pylist([*PAIRS[:2], {**PAIRS[2], "chosen": None}]), path)
+    with pytest.raises(DataError, match=rf"{path}: row 3: field 'chosen' is missing"):
+        read_pairs(path)
+    path.write_bytes(whole)                               # corrected: loads
+    assert len(read_pairs(path)) == len(PAIRS)
+
+
+def test_damaged_datasets_folder_names_the_folder_and_file(tmp_path):
+    import datasets
+
+    from jaxlab.rl.reward_model import read_pairs
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(PAIRS).save_to_disk(str(saved))
+    folder = shutil.copytree(saved, tmp_path / "pairs")
+    arrow = next(folder.glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:100])           # an arrow file cut short
+    with pytest.raises(DataError, match=rf"{folder}: not readable as a datasets folder .*"
+                                        rf"the folder holds \['{arrow.name}'"):
+        read_pairs(folder)
+    shutil.rmtree(folder)
+    shutil.copytree(saved, folder)
+    (folder / "state.json").unlink()                      # incomplete
+    with pytest.raises(DataError, match=rf"{folder}: not readable as a datasets folder"):
+        read_pairs(folder)
+    (folder / "state.json").write_text('{\n  "_data_files": [\n')
+    with pytest.raises(DataError, match=rf"{folder / 'state.json'}:3: not valid JSON"):
+        read_pairs(folder)
+    shutil.rmtree(folder)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(PAIRS)}).save_to_disk(str(folder))
+    with pytest.raises(DataError, match=rf"{folder} holds the splits \['train'\] of a Data"):
+        read_pairs(folder)
+    assert len(read_pairs(folder / "train")) == len(PAIRS)
+    assert len(read_pairs(saved)) == len(PAIRS)
+
+
+def test_yaml_errors_name_file_and_line(tmp_path):
+    from jaxlab.config import ConfigError, read_yaml
+
+    path = tmp_path / "config.yaml"
+    good = "seed: 1\nmodel: m\nsampling:\n  temperature: 0.6\n"
+    path.write_text(good.replace("temperature: 0.6", "temperature: [0.6"))
+    with pytest.raises(ConfigError, match=rf"{path}:5: not valid YAML"):
+        read_yaml(path)
+    path.write_text(good.replace("model: m", "model: m\n  bad: 1"))
+    with pytest.raises(ConfigError, match=rf"{path}:3: not valid YAML"):
+        read_yaml(path)
+    path.write_bytes(good.replace("m\n", "\xe9\n").encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"{path}:2: not UTF-8 text \(byte 0xe9 at column 8"):
+        read_yaml(path)
+    path.write_text(good.replace("m\n", "${oops\n"))
+    with pytest.raises(ConfigError, match=rf"{path}: key model: "):
+        read_yaml(path)
+    path.write_text(good)
+    assert read_yaml(path).sampling.temperature == 0.6
+
+
+@pytest.mark.parametrize("text,where,message", [
+    ("", "", "holds no problems"),
+    ('{"id": "a", "prompt": "p", "answer": "1"}\n\n', ":2", "not valid JSON"),
+    ('{"id": "a", "prompt": "p", "answer": "1"}\n{"id": "b", "answer": "1"}\n', ":2",
+     "missing key 'prompt'"),
+    ('{"id": "a", "prompt": ["p"], "answer": "1"}\n', ":1", "'prompt' must be str, got list"),
+    ('{"id": "a", "prompt": "p", "answer": "1"}\n{"id": "a"\n', ":2", "not valid JSON"),
+    ('[1]\n', ":1", "expected a JSON object"),
+])
+def test_problem_file_errors_name_file_and_line(tmp_path, text, where, message):
+    path = tmp_path / "problems.jsonl"
+    path.write_text(text)
+    with pytest.raises(DataError, match=rf"^{path}{where}: {message}|^{path} {message}"):
+        load_problems(path)
+
+
+@pytest.mark.parametrize("name,line,where,message", [
+    ("corpus.jsonl", None, "", "no records"),
+    ("corpus.jsonl", '{"_id": "x"}', ":7", "missing key 'text'"),
+    ("queries.jsonl", '{"_id": "x", "text": 3}', ":5", "'text' must be str, got int"),
+    ("qrels.jsonl", '{"query-id": "0", "corpus-id": "0", "score": "1"}', ":9",
+     "'score' must be int"),
+    ("qrels.jsonl", '{"query-id": "0", ', ":9", "not valid JSON"),
+])
+def test_dataset_file_errors_name_file_and_line(tmp_path, name, line, where, message):
+    dataset = data.generate(data.GeneratorConfig(num_docs=6, num_queries=4, k=2,
+                                                 attributes_per_doc=4))
+    folder = data.save(dataset, tmp_path / "d")
+    file = folder / name
+    whole = file.read_text()
+    file.write_text("" if line is None else whole + line + "\n")
+    with pytest.raises(DataError, match=rf"^{file}{where}: {message}"):
+        data.load(folder)
+    file.write_text(whole)
+    assert data.load(folder) == dataset
