@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import re
 import signal
 import sys
 import traceback
@@ -41,6 +43,7 @@ def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> 
     one message on stderr and exit status 1, its traceback logged (`--debug`: printed)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _close_run_log()  # the log `main` opens is the one its traceback goes to
+    _one_line_per_message()
     before = signal.signal(signal.SIGTERM, _terminate)
     try:
         main(argv)
@@ -81,14 +84,43 @@ def describe(e: BaseException) -> str:
 
 
 def os_error(e: BaseException | None) -> OSError | None:
-    """`e` if it is an OSError with an errno, else the first such among its causes."""
+    """`e` if it is an OSError with an errno, else the first such among its causes; an error
+    of TensorStore (Orbax's writer), which names the failed call's errno as
+    `[os_error_code='28']` and its folder as `local file "PATH"`, as that OSError."""
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, OSError) and e.errno is not None:
             return e
+        code = re.search(r"os_error_code='(\d+)'", str(e))
+        if code is not None:
+            path = re.search(r'local file "([^"]+)"', str(e))
+            number = int(code.group(1))
+            return OSError(number, os.strerror(number), path.group(1) if path else None)
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
+
+
+def _one_line_per_message() -> None:
+    """Gives the root logger one stderr handler for other libraries' warnings, in place of the
+    plain one that a first `logging.info(...)` call (as Orbax makes) would add: jaxlab's lines
+    show once, through its own handler (`results.open_run`)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if type(h) in (logging.StreamHandler, _Others)]:
+        root.removeHandler(handler)
+    root.addHandler(_Others(sys.stderr))
+
+
+class _Others(logging.StreamHandler):
+    """Warnings and errors of loggers other than jaxlab's once it has handlers of its own."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.setLevel(logging.WARNING)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.name.split(".")[0] == "jaxlab" and logging.getLogger("jaxlab").handlers
+        return not ours and super().filter(record)
 
 
 def _close_run_log() -> None:

@@ -163,7 +163,8 @@ def open_run(out_dir: str | pathlib.Path, config: Any, may_change: Sequence[str]
     to run, which only extends the results).
 
     With several processes, every one checks the config, process 0 alone creates the folder and
-    logs to it, and the others send only warnings and errors to the console.
+    logs to it, and the others send only warnings and errors to the console. Orbax's log lines
+    (the `absl` and `asyncio` loggers) go to `log.txt` alone.
     """
     out = pathlib.Path(out_dir)
     saved = out / "config.yaml"
@@ -196,6 +197,13 @@ def open_run(out_dir: str | pathlib.Path, config: Any, may_change: Sequence[str]
     for handler in handlers:
         handler.setFormatter(logging.Formatter(form, "%H:%M:%S"))
         logger.addHandler(handler)
+    # Orbax's errors and warnings (from its writer threads and their event loops too, with
+    # tracebacks) go to the log file: an error that stops the run is raised and reported once.
+    for name in ("absl", "asyncio"):
+        other = logging.getLogger(name)
+        other.propagate = False
+        other.handlers.clear()
+        other.addHandler(handlers[-1] if is_writer() else logging.NullHandler())
     return out
 
 

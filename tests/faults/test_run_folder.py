@@ -233,3 +233,20 @@ def test_sigterm_stops_at_a_step_and_a_rerun_resumes(tmp_path, monkeypatch, trai
     monkeypatch.setattr(sft, "_step", step)
     cli.run(train_arithmetic.main, [f"out_dir={out}", *TINY_TRAINING])
     assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+
+
+def test_a_full_disk_under_orbax_is_named_with_its_folder():
+    # The error Orbax raises when TensorStore cannot write a checkpoint (its text as written
+    # on a full 7 MiB tmpfs).
+    folder = "/mnt/small/run/checkpoints/10.orbax-checkpoint-tmp/default.orbax-checkpoint-tmp/"
+    error = ValueError(
+        f'RESOURCE_EXHAUSTED: Error writing "key/0" in OCDBT database at local file "{folder}":'
+        f' Failed writing: "{folder}d/f50c71a6": Failed to write 467854 bytes to file 6: No '
+        f"space left on device [os_error_code='28']")
+    assert cli.describe(error) == (
+        f"no space left to write {folder} (No space left on device): free some space, or "
+        f"choose an out_dir on another disk, and rerun; it resumes from what was written")
+    wrapped = RuntimeError("saving failed")
+    wrapped.__cause__ = PermissionError(errno.EROFS, os.strerror(errno.EROFS), "/ro/run")
+    assert cli.describe(wrapped).startswith("no permission to write /ro/run (Read-only file")
+    assert cli.describe(KeyError("x")) == "KeyError: 'x'"
