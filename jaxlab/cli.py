@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import signal
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -66,7 +67,8 @@ def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> 
 
 def describe(e: BaseException) -> str:
     """One message for people: for a full disk or a missing permission (an OSError, or one
-    that caused `e`), the path and what to do; otherwise `e`'s own message (with its type
+    that caused `e`), the path and what to do; for a step run as a process of its own (a
+    CalledProcessError), which one stopped; otherwise `e`'s own message (with its type
     when it comes from outside jaxlab and is not a plain ValueError or RuntimeError)."""
     cause = os_error(e)
     if cause is not None and cause.errno in NO_SPACE + NO_PERMISSION:
@@ -77,6 +79,9 @@ def describe(e: BaseException) -> str:
                     f"written")
         return (f"no permission to write {where} ({cause.strerror}): choose an out_dir you "
                 f"may write to, or change its permissions")
+    if isinstance(e, subprocess.CalledProcessError):
+        step = " ".join(str(part) for part in e.cmd[1:2]) if isinstance(e.cmd, list) else e.cmd
+        return f"{step} stopped with exit status {e.returncode} (its message is above)"
     text = str(e) or type(e).__name__
     if type(e).__module__.startswith("jaxlab") or type(e) in (ValueError, RuntimeError):
         return text

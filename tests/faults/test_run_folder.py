@@ -250,3 +250,6 @@ def test_a_full_disk_under_orbax_is_named_with_its_folder():
     wrapped.__cause__ = PermissionError(errno.EROFS, os.strerror(errno.EROFS), "/ro/run")
     assert cli.describe(wrapped).startswith("no permission to write /ro/run (Read-only file")
     assert cli.describe(KeyError("x")) == "KeyError: 'x'"
+    step = subprocess.CalledProcessError(1, [sys.executable, "experiments/deepconf.py", "a=b"])
+    assert cli.describe(step) == ("experiments/deepconf.py stopped with exit status 1 (its "
+                                  "message is above)")
