@@ -527,9 +527,30 @@ def load_tokenizer(path: str | pathlib.Path):
 
     folder = check_json_files(path)
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # the tokenizers library raises plain Exceptions
         raise _tokenizer_error(folder, e) from e
+    _check_chat_template(folder, tokenizer)
+    return tokenizer
+
+
+def _check_chat_template(folder: pathlib.Path, tokenizer) -> None:
+    """CheckpointError naming the file of the tokenizer's chat template (chat_template.jinja, or
+    tokenizer_config.json) and the template's line when it is not valid Jinja."""
+    import jinja2
+
+    if not getattr(tokenizer, "chat_template", None):
+        return
+    try:  # compiled (and cached) by transformers as it applies it
+        tokenizer.apply_chat_template([{"role": "user", "content": "1"}], tokenize=False,
+                                      add_generation_prompt=True)
+    except jinja2.TemplateSyntaxError as e:
+        file = folder / "chat_template.jinja"
+        where = (f"{file}:{e.lineno}" if file.is_file() else
+                 f"{folder / 'tokenizer_config.json'} (\"chat_template\", line {e.lineno} of the "
+                 f"template)")
+        raise CheckpointError(f"{where}: the chat template is not valid Jinja ({e.message}); "
+                              f"{_REPLACE}") from None
 
 
 def _tokenizer_error(folder: pathlib.Path, error: Exception) -> CheckpointError:

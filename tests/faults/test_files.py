@@ -352,3 +352,13 @@ def test_dataset_file_errors_name_file_and_line(tmp_path, name, line, where, mes
         data.load(folder)
     file.write_text(whole)
     assert data.load(folder) == dataset
+
+
+def test_chat_template_syntax_error_names_file_and_line(model_copy):
+    file = model_copy / "chat_template.jinja"
+    file.write_text("{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+    with pytest.raises(CheckpointError, match=rf"{file}:2: the chat template is not valid Jinja"):
+        hf.load_tokenizer(model_copy)
+    file.write_text("{% for m in messages %}\n{{ m.content }}\n{% endfor %}")
+    assert hf.load_tokenizer(model_copy).apply_chat_template(
+        [{"role": "user", "content": "1+2"}], tokenize=False) == "1+2\n"
