@@ -10,7 +10,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -212,6 +212,100 @@ def device_memory_bytes(device: jax.Device) -> int:
         return known.hbm_bytes
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return available // max(1, len(jax.local_devices(backend=device.platform)))
+
+
+# A shape estimate above this fraction of a device's memory is checked against the compiled
+# program (XLA's `memory_analysis`) before anything is allocated; below it, what the estimate
+# leaves out (XLA's temporaries) has the rest of the device (`jaxlab.sampling.memory`,
+# `jaxlab.rl.train.require_step_fits`).
+SCREEN_FRACTION = 0.5
+
+
+class DoesNotFit(ValueError):
+    """A program needs more device memory than its device has: raised before anything is
+    allocated, with what it needs (GiB, broken down) and which smaller settings fit."""
+
+
+def compiled_parts(compiled: jax.stages.Compiled) -> dict[str, int]:
+    """Device bytes of a compiled program at its peak, per device, by part (XLA's
+    `memory_analysis`); their sum is arguments + outputs + temporaries - outputs written into
+    donated arguments."""
+    m = compiled.memory_analysis()
+    return {"arguments": m.argument_size_in_bytes,
+            "new outputs": m.output_size_in_bytes - m.alias_size_in_bytes,
+            "temporaries": m.temp_size_in_bytes}
+
+
+Parts = dict[str, int]  # bytes by what holds them
+
+
+def check_fits(subject: str, device_bytes: int, estimate: Callable[[dict], Parts],
+               compiled: Callable[[dict], Parts], knobs: Sequence[Sequence[dict]],
+               ) -> int | None:
+    """The memory check of a program before anything is allocated, by its shape estimate E =
+    sum(estimate({})) against the device's memory M = `device_bytes`:
+
+      E <= M / 2   None: it runs, nothing compiled (`SCREEN_FRACTION`)
+      E >  M       `DoesNotFit` at once, nothing compiled (E counts what must be held at
+                   once), naming for each knob its first setting whose E is within M / 2
+      otherwise    the compiled program's peak P = sum(compiled({})): returned when P <= M,
+                   else `DoesNotFit` naming for each knob its first setting whose compiled
+                   peak fits (`first_fitting`; compiled only once its estimate fits)
+
+    `estimate(change)` and `compiled(change)` give the bytes by part of the program with the
+    settings `change` ({} the program as asked); a knob is a sequence of changes, smaller
+    and smaller ({"microbatches": 2}, {"microbatches": 4}, ...). `subject` names the program
+    and its settings in the error."""
+    parts = estimate({})
+    total = sum(parts.values())
+    if total <= SCREEN_FRACTION * device_bytes:
+        return None
+    at_least = total > device_bytes
+    if at_least:
+        def fits(change):
+            return sum(estimate(change).values()) <= SCREEN_FRACTION * device_bytes
+    else:
+        parts = compiled({})
+        total = sum(parts.values())
+        if total <= device_bytes:
+            return total
+
+        def fits(change):
+            return (sum(estimate(change).values()) <= device_bytes
+                    and sum(compiled(change).values()) <= device_bytes)
+    options = [first_fitting(knob, fits) for knob in knobs]
+    options = [", ".join(f"{k}={v!r}" for k, v in change.items()) for change in options if change]
+    raise DoesNotFit(
+        f"{subject} needs {'at least ' if at_least else ''}{gib(total)} per device ("
+        + ", ".join(f"{name} {gib(n)}" for name, n in parts.items())
+        + f") but {gib(device_bytes)} are available; "
+        + ("would fit: " + ", or ".join(options) if options else "no smaller setting fits"))
+
+
+def first_fitting(knob: Sequence[dict], fits: Callable[[dict], bool]) -> dict | None:
+    """The first change of `knob` that `fits`, by bisection (a knob's changes are smaller and
+    smaller, so once one fits the later ones do): about log2(len(knob)) + 1 checks."""
+    if not knob or not fits(knob[-1]):
+        return None
+    low, high = 0, len(knob) - 1
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(knob[middle]) else (middle + 1, high)
+    return knob[low]
+
+
+def shard_bytes(tree, shardings) -> int:
+    """Bytes one device holds of `tree`'s arrays (or ShapeDtypeStructs) placed by `shardings`
+    (one sharding, or a tree of them): the sum of each array's shard."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+    return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+               for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True))
+
+
+def gib(count: int) -> str:
+    """Bytes as GiB to three significant digits: '1.5 GiB', '0.00214 GiB'."""
+    return f"{count / 2**30:.3g} GiB"
 
 
 # --------------------------------------------------------------------------------------------

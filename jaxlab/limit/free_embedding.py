@@ -348,17 +348,23 @@ def available_bytes(mesh: Mesh | None, memory_bytes: int | None = None) -> int:
 
 def check_memory(num_runs: int, num_docs: int, dim: int, k: int, mesh: Mesh | None,
                  memory_bytes: int | None = None, num_queries: int | None = None) -> None:
-    """Raises ValueError, before anything is allocated, if `num_runs` runs of size (n, d) do not
-    fit in `available_bytes(mesh, memory_bytes)` per device."""
+    """Raises `parallel.DoesNotFit` (a ValueError), before anything is allocated, if
+    `num_runs` runs of size (n, d) do not fit in `available_bytes(mesh, memory_bytes)` per
+    device, by `run_bytes`: an upper bound of the compiled loop's own figure (XLA's
+    `memory_analysis`, within a factor 2: tests/limit/test_free_embedding.py), so a batch it
+    admits fits as compiled and nothing is compiled to check it."""
     devices = 1 if mesh is None else mesh.size
     memory_bytes = available_bytes(mesh, memory_bytes)
-    need = math.ceil(num_runs / devices) * run_bytes(num_docs, dim, k, num_queries)
+    per_run = run_bytes(num_docs, dim, k, num_queries)
+    need = math.ceil(num_runs / devices) * per_run
     if need > memory_bytes:
-        raise ValueError(
+        raise parallel.DoesNotFit(
             f"{num_runs} free-embedding runs at n={num_docs}, d={dim}, k={k} need "
-            f"{need / 2**30:.2f} GiB per device ({devices} device(s)) but "
-            f"{memory_bytes / 2**30:.2f} GiB is available; use fewer runs per call (at most "
-            f"{max_runs_per_call(num_docs, dim, k, memory_bytes, devices)}) or a smaller n")
+            f"{need / 2**30:.2f} GiB per device ({devices} device(s): "
+            f"{math.ceil(num_runs / devices)} run(s) of {parallel.gib(per_run)}"
+            f") but {memory_bytes / 2**30:.2f} GiB is available; use fewer runs per call (at "
+            f"most {max_runs_per_call(num_docs, dim, k, memory_bytes, devices)}: fewer seeds or "
+            f"candidate n per call, a smaller critical_n window) or a smaller n")
 
 
 def _split_runs(fn, mesh: Mesh | None, batched_args: tuple[bool, ...]):

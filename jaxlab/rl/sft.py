@@ -12,6 +12,12 @@ step, say). The state (parameters, AdamW state, step, key) is checkpointed with 
 `checkpoint_every` steps by the resumable loop of every training job (`jaxlab.rl.scaffold`), so
 a rerun of the same out_dir resumes and ends with the parameters of a run that never stopped,
 bit for bit.
+
+Before anything is allocated, `fit` checks its step against the device's memory
+(`require_step_fits`: a shape estimate of the state, gradients and data, and the compiled
+step's own figure only when that estimate passes half of the device's memory), refusing a step
+too large with `parallel.DoesNotFit`, which names more `microbatches`, `remat="full"` or a
+smaller `batch_size` where they fit.
 """
 
 from __future__ import annotations
@@ -198,9 +204,72 @@ def lower_step(graphdef: nnx.GraphDef, state: train.TrainState, batch: Mapping[s
                        microbatches=config.microbatches)
 
 
+def require_step_fits(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray],
+                      config: FitConfig, mesh: Mesh, batch_size: int | None,
+                      device_bytes: int | None = None) -> int | None:
+    """Refuses, before anything is allocated, `fit`'s step of `model` on `data` (the dataset,
+    batch_size rows drawn per step; or with `batch_size` None one step's batch) on `mesh` that
+    would not fit in `device_bytes` per device (default: the mesh's first device's free memory,
+    `parallel.device_memory_bytes`): `parallel.check_fits` with the per-device estimate
+
+      S + G + D
+
+    (S the parameters and AdamW moments and G the gradients as placed on `mesh`, D the data,
+    replicated; the loss's activations are left out: a lower estimate), and the compiled
+    step's peak only when that estimate passes half of the memory. The knobs it suggests: more
+    `microbatches`, `remat="full"`, a smaller `batch_size`. Returns the compiled peak when it
+    was compiled, else None."""
+    graphdef, state = train.abstract_train_state(lambda: model, config.optimizer)
+    split_model = parallel.is_split_model(mesh)
+    placed = (parallel.tree_shardings(state, mesh) if split_model
+              else jax.tree.map(lambda _: parallel.replicated(mesh), state))
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         state, placed)
+    data = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype,
+                                    sharding=parallel.replicated(mesh)) for k, v in data.items()}
+    shards = parallel.batch_devices(mesh) if parallel.DATA in mesh.axis_names else 1
+    parts = {"parameters and optimizer state": parallel.shard_bytes(state, placed),
+             "gradients": parallel.shard_bytes(state.params, placed.params),
+             "data": sum(x.size * x.dtype.itemsize for x in data.values())}
+    rows = batch_size or next(iter(data.values())).shape[0]
+
+    def settings(change: dict) -> FitConfig:
+        return dataclasses.replace(config, **{"batch_size": rows, **change})
+
+    def compiled(change: dict) -> parallel.Parts:
+        cfg = settings(change)
+        split = NamedSharding(mesh, PartitionSpec(None, *parallel.batch_sharding(mesh).spec)
+                              ) if shards > 1 else None
+        step_data = data if batch_size is not None else jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct((cfg.batch_size, *x.shape[1:]), x.dtype,
+                                           sharding=x.sharding), data)
+        loss = loss_fn if cfg.remat == "none" else functools.partial(loss_fn, remat=cfg.remat)
+        return parallel.compiled_parts(_step.lower(
+            state, step_data, graphdef=graphdef, loss_fn=loss, config=cfg.optimizer,
+            batch_size=None if batch_size is None else cfg.batch_size,
+            microbatches=cfg.microbatches, split=split,
+            mesh=mesh if split_model else None).compile())
+
+    def divides(cfg: FitConfig) -> bool:
+        return (cfg.batch_size % cfg.microbatches == 0
+                and (cfg.batch_size // cfg.microbatches) % shards == 0)
+
+    knobs = [[{"microbatches": m} for m in (2 ** i for i in range(1, rows.bit_length()))
+              if m > config.microbatches and divides(settings({"microbatches": m}))],
+             [{"remat": "full"}] if config.remat != "full" else [],
+             [{"batch_size": rows >> i} for i in range(1, rows.bit_length())
+              if divides(settings({"batch_size": rows >> i}))]]
+    device_bytes = (parallel.device_memory_bytes(mesh.devices.flat[0]) if device_bytes is None
+                    else device_bytes)
+    return parallel.check_fits(
+        f"the training step on {rows} rows with microbatches={config.microbatches}, "
+        f"remat={config.remat!r}", device_bytes, lambda change: parts, compiled,
+        [k for k in knobs if k])
+
+
 def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray] | Stream,
         config: FitConfig, out_dir: str | pathlib.Path, *, key: jax.Array,
-        mesh: Mesh | None = None) -> nnx.Module:
+        mesh: Mesh | None = None, device_bytes: int | None = None) -> nnx.Module:
     """Trains `model` (float32 parameters) on `loss_fn` over `data` (arrays with a shared
     leading axis N, or a `Stream` of batches); returns the trained model. `out_dir` receives
     metrics.jsonl (step, loss and loss_fn's metrics every `log_every` steps) and checkpoints/;
@@ -213,7 +282,11 @@ def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray] | Str
     checkpoint); the returned model's parameters are then split too. It may span the devices
     of several processes (`results.join_processes`): every
     process then calls `fit` alike, with the same model and data; process 0 alone writes the
-    metrics, every process its shards of the checkpoints (Orbax)."""
+    metrics, every process its shards of the checkpoints (Orbax).
+
+    Before anything is allocated (for a stream: before its first batch is trained on) the step
+    is checked against `device_bytes` per device (default: the free memory of the mesh's first
+    device), `require_step_fits`."""
     stream = callable(data)
     if not stream:
         size = {k: np.shape(v)[0] for k, v in data.items()}
@@ -228,6 +301,10 @@ def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray] | Str
             f"must split evenly over the mesh's {shards} data devices (data x fsdp)")
     split = NamedSharding(mesh, PartitionSpec(None, *parallel.batch_sharding(mesh).spec)
                           ) if shards > 1 else None                # [microbatches, rows, ...]
+    check = functools.partial(require_step_fits, model, loss_fn, config=config, mesh=mesh,
+                              device_bytes=device_bytes)
+    if not stream:
+        check(data, batch_size=config.batch_size)
     if config.remat != "none":
         loss_fn = functools.partial(loss_fn, remat=config.remat)
     graphdef, state = scaffold.init_state(model, config.optimizer, key, mesh)
@@ -237,9 +314,12 @@ def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray] | Str
 
     def step(state: train.TrainState, s: int):
         if stream:
-            if not batches:
+            first = not batches
+            if first:
                 batches.append(iter(data(s)))
             batch = _stream_batch(next(batches[0], None), s, config.batch_size)
+            if first:  # the stream's shapes are known from its first batch
+                check(batch, batch_size=None)
         state, metrics, finite = _step(
             state, on_mesh(batch) if stream else dataset, graphdef=graphdef, loss_fn=loss_fn,
             config=config.optimizer, batch_size=None if stream else config.batch_size,

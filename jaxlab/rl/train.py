@@ -19,6 +19,14 @@ the batch is split over (data, fsdp), and XLA gathers weights and reduce-scatter
 A step whose loss or gradient is not finite leaves the state unchanged and says so in its
 metrics (`finite`).
 
+Memory: `require_step_fits` checks a step's size against the device's memory before anything
+is allocated (the RL loop calls it at its start): a shape estimate (parameters, AdamW moments,
+gradients, the batch, each layer's input and the output head's chunk), and, when that estimate
+passes half of the device's memory, the compiled step's own figure (XLA's `memory_analysis`;
+`parallel.check_fits`). A step too large is refused with `parallel.DoesNotFit`, naming the
+settings that fit: more `microbatches`, a smaller `logprob_chunk`, `remat="full"`, fewer rows.
+Small steps, the many of a test suite, are never compiled twice.
+
 Exact resume: the state holds the step and the run's root key; whatever a run draws from
 `(key, step)` (`batch_indices`, the reference choice of BRPO) is the same after a restart.
 """
@@ -420,3 +428,74 @@ def train_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef,
     return jax.shard_map(local, mesh=mesh, check_vma=False,
                          in_specs=(PartitionSpec(), PartitionSpec(parallel.DATA)),
                          out_specs=(PartitionSpec(), PartitionSpec()))(state, batch)
+
+
+def require_step_fits(model: nnx.Module, rows: int, width: int, config: TrainConfig, mesh: Mesh,
+                      temperature: float, shared: SharedPrompts | None = None,
+                      device_bytes: int | None = None) -> int | None:
+    """Refuses, before anything is allocated, a `train_step` of `model` (a `Decoder`, its
+    parameters float32) on batches of `rows` x `width` tokens on `mesh` that would not fit in
+    `device_bytes` per device (default: the mesh's first device's free memory,
+    `parallel.device_memory_bytes`): `parallel.check_fits` with the per-device estimate
+
+      S + G + 4 (5 T + 1) R / s + a T b layers x itemsize + 8 b min(chunk, T) V
+
+    (S the parameters and AdamW moments and G the gradients as they are placed on `mesh`,
+    R = `rows`, T = `width`, s the batch's devices (data x fsdp), b = R / (s microbatches)
+    rows of one micro-batch: the batch's five [R, T] float32/int32 fields, what each layer
+    keeps for the backward pass, a = E (its input) with remat="full", else about 6 E + 3 I
+    (its projections' outputs), the head's float32 logits and their gradient per chunk), and
+    the compiled step's peak only when that estimate passes half of the memory. The knobs it
+    suggests: more `microbatches`, a smaller `logprob_chunk`, `remat="full"`, fewer rows (the
+    RL loop's rows per step are prompts x group_size / minibatches). Returns the compiled
+    peak when it was compiled, else None."""
+    c, shards = model.config, parallel.batch_devices(mesh)
+    graphdef, state = abstract_train_state(lambda: model, config.optimizer)
+    placed = (parallel.tree_shardings(state, mesh) if parallel.is_split_model(mesh)
+              else jax.tree.map(lambda _: parallel.replicated(mesh), state))
+    held, grads = (parallel.shard_bytes(state, placed),
+                   parallel.shard_bytes(state.params, placed.params))
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         state, placed)
+    itemsize = jnp.dtype(c.compute_dtype).itemsize
+
+    def settings(change: dict) -> tuple[int, TrainConfig]:
+        return change.get("rows", rows), dataclasses.replace(
+            config, **{k: v for k, v in change.items() if k != "rows"})
+
+    def estimate(change: dict) -> parallel.Parts:
+        r, cfg = settings(change)
+        b = r // (shards * cfg.microbatches)
+        return {"parameters and optimizer state": held, "gradients": grads,
+                "batch": 4 * (5 * width + 1) * r // shards,
+                "layer activations": width * b * c.num_layers * itemsize * (
+                    c.hidden_size if cfg.remat == "full"
+                    else 6 * c.hidden_size + 3 * c.intermediate_size),
+                "output head": 8 * b * min(cfg.logprob_chunk, width) * c.vocab_size}
+
+    def compiled(change: dict) -> parallel.Parts:
+        r, cfg = settings(change)
+        rows_on = parallel.batch_sharding(mesh)
+        field = functools.partial(jax.ShapeDtypeStruct, (r, width), sharding=rows_on)
+        batch = PolicyBatch(field(jnp.int32), field(jnp.int32), *(field(jnp.float32),) * 3,
+                            jax.ShapeDtypeStruct((r,), jnp.float32, sharding=rows_on))
+        fit = shared if shared is None or whole_groups(r, shards, cfg.microbatches,
+                                                         shared.group_size) else None
+        return parallel.compiled_parts(train_step.lower(
+            state, batch, graphdef=graphdef, config=cfg, mesh=mesh, temperature=temperature,
+            shared=fit).compile())
+
+    per_device = rows // shards
+    knobs = [[{"microbatches": m} for m in (2 ** i for i in range(1, per_device.bit_length()))
+              if m > config.microbatches and per_device % m == 0],
+             [{"logprob_chunk": config.logprob_chunk >> i}
+              for i in range(1, config.logprob_chunk.bit_length())],
+             [{"remat": "full"}] if config.remat != "full" else [],
+             [{"rows": rows >> i} for i in range(1, rows.bit_length())
+              if (rows >> i) % (shards * config.microbatches) == 0]]
+    device_bytes = (parallel.device_memory_bytes(mesh.devices.flat[0]) if device_bytes is None
+                    else device_bytes)
+    return parallel.check_fits(
+        f"the policy step on {rows} rows x {width} tokens with microbatches="
+        f"{config.microbatches}, logprob_chunk={config.logprob_chunk}, remat={config.remat!r}",
+        device_bytes, estimate, compiled, [k for k in knobs if k])

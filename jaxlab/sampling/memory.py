@@ -10,7 +10,16 @@ compile-only devices of another platform, so a TPU or GPU request can be planned
     require_fits(model.config, 4, 512, config, device_bytes=16 * 2**30)  # or what would fit
 
 `kv_cache_bytes` counts the KV alone from shapes (no compile); `require_fits` turns an answer
-over a device's memory into an error that names the smaller requests that fit.
+over a device's memory into an error (`parallel.DoesNotFit`) that names the smaller requests
+that fit.
+
+Every `sample` call is checked before it allocates (`check_request`), without compiling twice:
+a shape estimate (`estimate_bytes`: weights, prompt and generated KV, outputs, the slots'
+logits) within `parallel.SCREEN_FRACTION` (half) of the device's memory runs as it is; above
+it, the compiled programs decide (`require_fits`, remembered per request shape). The estimate
+is what the loop holds at once and leaves out only XLA's temporaries, which would have to
+exceed the other half to fail; the compile it saves is the one the hundreds of small requests
+of a test suite or a sweep would otherwise pay twice.
 """
 
 from __future__ import annotations
@@ -40,18 +49,86 @@ def generated_tokens(prompts: int, config: SamplingConfig) -> int:
     return prompts * config.group_size * generated_slots(config.max_new_tokens)
 
 
+def kv_token_bytes(c: DecoderConfig, config: SamplingConfig) -> int:
+    """Bytes of one token's KV on a model of architecture `c`: keys and values of every layer,
+    2 layers K (D x itemsize, or D + 4 for int8 with its scale)."""
+    per_head = (c.head_dim + 4 if config.int8_cache
+                else c.head_dim * jnp.dtype(c.compute_dtype).itemsize)
+    return 2 * c.num_layers * c.num_kv_heads * per_head
+
+
 def kv_cache_bytes(c: DecoderConfig, prompts: int, max_prompt_tokens: int,
                    config: SamplingConfig) -> int:
     """Bytes of the KV `sample` holds for `prompts` prompts of up to `max_prompt_tokens` tokens on a
     model of architecture `c`, from shapes: each prompt's KV once (L = `padded_length` slots)
-    and every slot's generated KV (T_gen = `generated_slots`), keys and values of every layer:
-    2 layers K (P L + P G T_gen, or P L + kv_pages x page when paged) x (D x itemsize, or
-    D + 4 for int8). Equal to `decode_memory`'s
-    prefix + generated (tested), which also gives the compiled programs' peak."""
-    per_head = (c.head_dim + 4 if config.int8_cache
-                else c.head_dim * jnp.dtype(c.compute_dtype).itemsize)
+    and every slot's generated KV (T_gen = `generated_slots`): `kv_token_bytes` x (P L + P G
+    T_gen, or P L + kv_pages x page when paged). Equal to `decode_memory`'s prefix + generated
+    (tested), which also gives the compiled programs' peak."""
     tokens = prompts * padded_length(max_prompt_tokens, config) + generated_tokens(prompts, config)
-    return 2 * c.num_layers * c.num_kv_heads * per_head * tokens
+    return kv_token_bytes(c, config) * tokens
+
+
+def estimate_parts(c: DecoderConfig, prompts: int, max_prompt_tokens: int,
+                   config: SamplingConfig, weights: int = 0,
+                   slot_shards: int = 1) -> dict[str, int]:
+    """What `sample`'s decode loop holds at once per device, from shapes (no compile), by part:
+
+      weights + K P L (prompt KV) + K T_gen_tokens / s (generated KV) + outputs
+        + 4 V (P + P G / s) (the prompts' and the slots' float32 logits)
+
+    K = `kv_token_bytes`, T_gen_tokens = `generated_tokens`, outputs the `Samples` buffers
+    (replicated, as is the prompts' KV), s the devices the slots are split over, `weights` the
+    parameters' bytes on one device. XLA's temporaries are left out."""
+    capacity = sampler.DecodeShape.of(config).capacity
+    k = kv_token_bytes(c, config)
+    return {
+        "weights": weights,
+        "prompt KV": k * prompts * padded_length(max_prompt_tokens, config),
+        "generated KV": k * generated_tokens(prompts, config) // slot_shards,
+        "outputs": nbytes(jax.eval_shape(lambda: sampler.Samples.empty(
+            prompts, capacity, config.max_new_tokens))),
+        "logits": 4 * c.vocab_size * (prompts + prompts * config.group_size // slot_shards)}
+
+
+def estimate_bytes(c: DecoderConfig, prompts: int, max_prompt_tokens: int,
+                   config: SamplingConfig, weights: int = 0, slot_shards: int = 1) -> int:
+    """The sum of `estimate_parts`: a lower estimate of `decode_memory`'s peak (it leaves out
+    XLA's temporaries)."""
+    return sum(estimate_parts(c, prompts, max_prompt_tokens, config, weights,
+                              slot_shards).values())
+
+
+def check_request(c: DecoderConfig, prompts: int, max_prompt_tokens: int,
+                  config: SamplingConfig, device_bytes: int, weights: int,
+                  mesh: Mesh | None = None,
+                  backend: BackendPolicy | str | None = None) -> DecodeMemory | None:
+    """The check `sample` makes before it allocates, by the shape estimate E (`estimate_parts`
+    with `weights` bytes of parameters per device) against the device's memory M =
+    `device_bytes`:
+
+      E <= M / 2   None: it runs, nothing compiled (`parallel.SCREEN_FRACTION`)
+      E >  M       `parallel.DoesNotFit` at once, nothing compiled (E is a lower estimate),
+                   naming the largest settings whose E is within M / 2
+      otherwise    `require_fits`: the compiled programs' peak decides (compiled once more)
+    """
+    slots = prompts * config.group_size
+    shards = 1 if mesh is None else slots // parallel.batch_sharding(mesh).shard_shape((slots,))[0]
+
+    def estimate(changed: SamplingConfig) -> dict[str, int]:
+        return estimate_parts(c, prompts, max_prompt_tokens, changed, weights, shards)
+
+    parts = estimate(config)
+    total = sum(parts.values())
+    if total <= parallel.SCREEN_FRACTION * device_bytes:
+        return None
+    if total > device_bytes:
+        options = smaller_settings(
+            prompts, config, device_bytes, total, parts["generated KV"],
+            lambda changed: sum(estimate(changed).values())
+            <= parallel.SCREEN_FRACTION * device_bytes)
+        raise refusal(prompts, max_prompt_tokens, config, parts, device_bytes, options,
+                      at_least=True)
+    return require_fits(c, prompts, max_prompt_tokens, config, device_bytes, mesh, backend)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,52 +250,70 @@ def nbytes(tree) -> int:
 def require_fits(c: DecoderConfig, prompts: int, max_prompt_tokens: int, config: SamplingConfig,
                  device_bytes: int, mesh: Mesh | None = None,
                  backend: BackendPolicy | str | None = None) -> DecodeMemory:
-    """`decode_memory` of the request, or a ValueError saying how much it needs and which
-    smaller requests fit in `device_bytes`: an int8 cache, fewer slots (group_size halved), a
-    shorter `max_new_tokens` (halved), a paged cache of as many pages as the memory left holds
-    (halved until it fits), each checked by compiling it (for `mesh`'s devices under `backend`, as
-    `decode_memory`)."""
+    """`decode_memory` of the request, or `parallel.DoesNotFit` (a ValueError) saying how much it
+    needs and which smaller requests fit in `device_bytes` (`smaller_settings`), each checked
+    by compiling it (for `mesh`'s devices under `backend`, as `decode_memory`) once its KV and
+    outputs alone (`estimate_bytes`, no compile) fit."""
     need = decode_memory(c, prompts, max_prompt_tokens, config, mesh, backend)
     if need.peak <= device_bytes:
         return need
 
-    def fits(**change):
-        return decode_memory(c, prompts, max_prompt_tokens, dataclasses.replace(config, **change),
-                             mesh, backend).peak <= device_bytes
+    def fits(changed: SamplingConfig) -> bool:
+        return (estimate_bytes(c, prompts, max_prompt_tokens, changed,
+                               slot_shards=1 if mesh is None else mesh.size) <= device_bytes
+                and decode_memory(c, prompts, max_prompt_tokens, changed, mesh,
+                                  backend).peak <= device_bytes)
 
+    parts = {"weights": need.weights, "prompt KV": need.prefix, "generated KV": need.generated,
+             "outputs": need.samples, "loop temporaries": need.temporaries}
+    raise refusal(prompts, max_prompt_tokens, config, parts, device_bytes,
+                  smaller_settings(prompts, config, device_bytes, need.peak, need.generated,
+                                   fits), total=need.peak)
+
+
+def smaller_settings(prompts: int, config: SamplingConfig, device_bytes: int, need: int,
+                     generated: int, fits) -> list[str]:
+    """The smaller requests that `fits(config) -> bool` accepts, as 'name=value': an int8
+    cache, fewer slots (group_size halved until it fits), a shorter `max_new_tokens` (halved),
+    a paged cache of as many pages as the bytes left beside everything else hold (`need` bytes
+    in all, `generated` of them the generated KV, linear in the pages), halved until it fits."""
     def largest(name):
         value = getattr(config, name) // 2
-        while value >= 1 and not fits(**{name: value}):
+        while value >= 1 and not fits(dataclasses.replace(config, **{name: value})):
             value //= 2
         return value
 
     options = []
-    if not config.int8_cache and fits(int8_cache=True):
+    if not config.int8_cache and fits(dataclasses.replace(config, int8_cache=True)):
         options.append("int8_cache=True")
     for name in ("group_size", "max_new_tokens"):
         value = largest(name)
         if value >= 1:
             options.append(f"{name}={value}")
-    # A pool of fewer pages: as many as the bytes left beside everything else hold (the
-    # generated KV is linear in the pages), halved until the compiled loop fits.
     per_trace = config.pages_per_trace
     now = generated_tokens(prompts, config) // config.kv_page_slots + (config.kv_pages is None)
-    pages = min(now - 1, int((device_bytes - need.peak + need.generated) * now
-                             // max(need.generated, 1)))
-    while pages > per_trace and not fits(kv_pages=pages):
+    pages = min(now - 1, int((device_bytes - need + generated) * now // max(generated, 1)))
+    while pages > per_trace and not fits(dataclasses.replace(config, kv_pages=pages)):
         pages //= 2
     if pages > per_trace:
         options.append(f"kv_pages={pages} (pages of {config.kv_page_slots} tokens)")
-    gib = 2**30
-    raise ValueError(
+    return options
+
+
+def refusal(prompts: int, max_prompt_tokens: int, config: SamplingConfig,
+            parts: dict[str, int], device_bytes: int, options: list[str],
+            total: int | None = None, at_least: bool = False) -> parallel.DoesNotFit:
+    """The error of a request that needs `total` bytes (default: the sum of `parts`, 'at least'
+    when they are an estimate) where `device_bytes` are available."""
+    gib = parallel.gib
+    total = sum(parts.values()) if total is None else total
+    return parallel.DoesNotFit(
         f"sampling {prompts} prompt(s) of {max_prompt_tokens} tokens with group_size="
-        f"{config.group_size}, "
-        f"max_new_tokens={config.max_new_tokens}, int8_cache={config.int8_cache}, "
-        f"kv_pages={config.kv_pages} needs "
-        f"{need.peak / gib:.2f} GiB (weights {need.weights / gib:.2f}, prompt KV "
-        f"{need.prefix / gib:.2f}, generated KV {need.generated / gib:.2f}, outputs "
-        f"{need.samples / gib:.2f}, loop temporaries {need.temporaries / gib:.2f}) but "
-        f"{device_bytes / gib:.2f} GiB are available; "
+        f"{config.group_size}, max_new_tokens={config.max_new_tokens}, int8_cache="
+        f"{config.int8_cache}, kv_pages={config.kv_pages} needs "
+        f"{'at least ' if at_least else ''}{gib(total)} ("
+        + ", ".join(f"{name} {gib(n)}" for name, n in parts.items())
+        + f") but {gib(device_bytes)} are available; "
         + ("would fit: " + ", or ".join(options) if options else "no smaller setting fits"))
 
 
