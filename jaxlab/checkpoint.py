@@ -13,11 +13,20 @@ metadata), on a filesystem every process sees.
 
 A finished checkpoint can still be damaged later (a file cut short, emptied or edited, a disk that
 filled up). `restore` then skips it with a warning naming its folder and what is wrong, and
-restores the newest checkpoint before it that reads back whole and finite.
+restores the newest checkpoint before it that reads back whole and finite. A checkpoint of
+another model or config (other parameter names, shapes or dtypes than the state restored into)
+is not damage: before reading any array, `restore` compares the stored tree with the target's
+and raises `CheckpointMismatch` naming the parameters, leaving every checkpoint as it is.
+
+A write that fails (a full disk, a folder that cannot be written) raises `SaveError` naming the
+checkpoint's folder, from `save`, `wait` or `close` (a background write's failure shows at the
+next of them); the checkpoints written before it are kept whole. Orbax's own tracebacks of such a
+failure go to the "jaxlab" log at DEBUG level, not to stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import operator
@@ -43,6 +52,15 @@ log = logging.getLogger("jaxlab")
 
 class RestoreError(RuntimeError):
     """No checkpoint of a directory can be restored; the message names each one and why."""
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that holds another tree than the state restored into (parameters of other
+    names, shapes or dtypes: another model or config); it is kept as it is."""
+
+
+class SaveError(RuntimeError):
+    """A checkpoint that could not be written; the message names its folder and the cause."""
 
 BEST_MODES = ("min", "max")
 
@@ -82,8 +100,12 @@ class Checkpointer:
             enable_async_checkpointing=config.async_save,
             cleanup_tmp_directories=True,  # remove what an interrupted write left behind
             create=True)
-        self._open = lambda: ocp.CheckpointManager(self.directory, options=options)
+        self._open = lambda: ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
         self._manager = self._open()
+        self._pending: int | None = None  # the step being written in the background
+        self._quiet = _OrbaxTracebacks()
+        logging.getLogger("absl").addFilter(self._quiet)
 
     def save(self, step: int, state: Any, metrics: Mapping[str, Any] | None = None,
              force: bool = False) -> bool:
@@ -94,8 +116,27 @@ class Checkpointer:
                     f"metrics must contain {self.config.best_metric!r} to rank checkpoints, "
                     f"got {None if metrics is None else sorted(metrics)}")
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-        return self._manager.save(int(step), args=ocp.args.StandardSave(_spread(state)),
-                                  metrics=metrics, force=force)
+        self.wait()  # an earlier background write that failed raises here, naming its step
+        with self._writing(int(step)):
+            saved = self._manager.save(int(step), args=ocp.args.StandardSave(_spread(state)),
+                                       metrics=metrics, force=force)
+        self._pending = int(step) if saved else None
+        return saved
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None):
+        """Raises an error of Orbax's while it writes `step` as one SaveError naming the
+        folder, the cause and the checkpoints kept (Orbax's traceback to the DEBUG log)."""
+        try:
+            yield
+        except Exception as e:
+            log.debug("writing checkpoint %s failed", step, exc_info=True)
+            folder = self.directory if step is None else self.directory / str(step)
+            raise SaveError(
+                f"checkpoint {folder} could not be written ({type(e).__name__}: "
+                f"{_first_line(e)}); the complete checkpoints before it are kept "
+                f"({self.all_steps()} in {self.directory}): make room or fix the folder's "
+                f"permissions, and rerun to go on from the latest") from None
 
     def restore(self, target: State, step: int | None = None, shardings: Any = None) -> State:
         """The state saved at `step` (default: the newest complete checkpoint that restores),
@@ -106,8 +147,10 @@ class Checkpointer:
 
         A checkpoint that cannot be read back or holds non-finite values (on any process) is
         skipped with a warning naming its folder, and the one before it is tried. Raises
-        FileNotFoundError when there is no complete checkpoint (or none at `step`) and
-        RestoreError, naming every checkpoint tried and why it failed, when none restores.
+        FileNotFoundError when there is no complete checkpoint (or none at `step`),
+        RestoreError, naming every checkpoint tried and why it failed, when none restores, and
+        CheckpointMismatch, before any array is read and leaving every checkpoint as it is, when
+        the one tried holds other parameter paths, shapes or dtypes than `target`.
         """
         self.wait()
         steps = self.all_steps()
@@ -122,16 +165,20 @@ class Checkpointer:
                 lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
                                                             sharding=sharding),
                 abstract, shardings)
+        wanted = abstract
         abstract, placed = _spread_targets(abstract)
         failures = []
         for tried in reversed(steps):
             folder = self.directory / str(tried)
             try:
+                self._check_tree(tried, wanted)
                 state = placed(self._manager.restore(tried,
                                                      args=ocp.args.StandardRestore(abstract)))
                 bad = nonfinite_leaves(state)
                 if bad:
                     raise ValueError(f"non-finite values in {bad[:3]}")
+            except CheckpointMismatch:
+                raise
             except Exception as e:  # Orbax, TensorStore and JSON errors alike
                 error = e
             else:
@@ -153,6 +200,22 @@ class Checkpointer:
             return state
         raise RestoreError(f"no checkpoint in {self.directory} can be restored:\n  "
                            + "\n  ".join(failures))
+
+    def _check_tree(self, step: int, target: Any) -> None:
+        """Raises CheckpointMismatch if the tree stored at `step` (its metadata: paths, shapes,
+        dtypes) is not `target`'s; an unreadable metadata file raises as damage does."""
+        stored = self._manager.item_metadata(step)
+        if stored is None:  # no metadata: the read that follows says what is wrong
+            return
+        lines = mismatches(getattr(stored, "tree", stored), target)
+        if lines:
+            shown = "\n  ".join(lines[:8]) + (f"\n  ... and {len(lines) - 8} more"
+                                              if len(lines) > 8 else "")
+            raise CheckpointMismatch(
+                f"checkpoint {self.directory / str(step)} holds another model or config than "
+                f"the state restored into (stored vs requested):\n  {shown}\nThe checkpoint "
+                f"is kept as it is: to go on with it, use the model and config it was "
+                f"trained with; to train this model, use another out_dir")
 
     def _set_aside(self, steps: list[int]) -> None:
         """Renames the folders of damaged `steps` to `<step>.damaged` (kept for inspection, in
@@ -181,17 +244,77 @@ class Checkpointer:
         return self._manager.best_step()
 
     def wait(self) -> None:
-        """Blocks until background writes are complete."""
-        self._manager.wait_until_finished()
+        """Blocks until background writes are complete; raises SaveError if one failed."""
+        step, self._pending = self._pending, None
+        with self._writing(step):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        """Finishes the background writes (SaveError if one failed) and stops Orbax's threads,
+        so that none is left to run, or print, as the interpreter exits."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+            logging.getLogger("absl").removeFilter(self._quiet)
 
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, error, traceback) -> None:
+        """Closes; while an exception (a KeyboardInterrupt too) is already on its way out, a
+        failed write is logged rather than raised over it."""
+        if kind is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except SaveError as e:
+            log.error("%s", e)
+
+
+def mismatches(stored: Any, target: Any) -> list[str]:
+    """How the `target` tree (arrays or `jax.ShapeDtypeStruct`s) differs from a checkpoint's
+    `stored` metadata tree, one line per parameter path, in the target's order: "path: stored
+    float32[29, 64], requested float32[29, 32]", or a path only one of them has. Leaves that are
+    not arrays are compared by path only."""
+    have, want = ocp.tree.to_flat_dict(stored), ocp.tree.to_flat_dict(target)
+    lines = []
+    for path in [*want, *(p for p in have if p not in want)]:
+        name = ".".join(str(k) for k in path)
+        if path not in have:
+            lines.append(f"{name}: not in the checkpoint, requested {_shown(want[path])}")
+        elif path not in want:
+            lines.append(f"{name}: stored {_shown(have[path])}, not in the state")
+        elif None not in (_signature(have[path]), _signature(want[path])) and (
+                _signature(have[path]) != _signature(want[path])):
+            lines.append(f"{name}: stored {_shown(have[path])}, requested {_shown(want[path])}")
+    return lines
+
+
+def _signature(leaf: Any) -> str | None:
+    """"float32[29, 64]" for an array, its metadata or a ShapeDtypeStruct (a PRNG key as the
+    uint32 data Orbax stores); None for a leaf that is not an array."""
+    if not hasattr(leaf, "shape") or getattr(leaf, "dtype", None) is None:
+        return None
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.eval_shape(jax.random.key_data, leaf)
+    return f"{jnp.dtype(leaf.dtype).name}[{', '.join(str(n) for n in leaf.shape)}]"
+
+
+def _shown(leaf: Any) -> str:
+    return _signature(leaf) or type(leaf).__name__
+
+
+class _OrbaxTracebacks(logging.Filter):
+    """Keeps the tracebacks that Orbax's background threads log (through absl) when a write
+    fails off stderr: the failure is raised as one SaveError; they go to the DEBUG log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.exc_info:
+            log.debug("Orbax: %s", record.getMessage(), exc_info=record.exc_info)
+            return False
+        return True
 
 
 def nonfinite_leaves(tree: Any) -> list[str]:
