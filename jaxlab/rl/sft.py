@@ -250,15 +250,14 @@ def require_step_fits(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.
             microbatches=cfg.microbatches, split=split,
             mesh=mesh if split_model else None).compile())
 
-    def divides(cfg: FitConfig) -> bool:
-        return (cfg.batch_size % cfg.microbatches == 0
-                and (cfg.batch_size // cfg.microbatches) % shards == 0)
+    def divides(size: int, parts: int) -> bool:  # `size` rows in `parts` over the shards
+        return size % parts == 0 and (size // parts) % shards == 0
 
     knobs = [[{"microbatches": m} for m in (2 ** i for i in range(1, rows.bit_length()))
-              if m > config.microbatches and divides(settings({"microbatches": m}))],
+              if m > config.microbatches and divides(rows, m)],
              [{"remat": "full"}] if config.remat != "full" else [],
              [{"batch_size": rows >> i} for i in range(1, rows.bit_length())
-              if divides(settings({"batch_size": rows >> i}))]]
+              if divides(rows >> i, config.microbatches)]]
     device_bytes = (parallel.device_memory_bytes(mesh.devices.flat[0]) if device_bytes is None
                     else device_bytes)
     return parallel.check_fits(
