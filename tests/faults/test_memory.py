@@ -112,3 +112,15 @@ def test_free_embedding_runs_over_the_memory_are_refused_as_does_not_fit():
         fe.solve([0, 1], [600, 600], 45, fe.SolverConfig(), memory_bytes=3 * 2**30)
     assert issubclass(parallel.DoesNotFit, ValueError)
     assert np.isfinite(fe.run_bytes(600, 45, 2))
+
+
+def test_the_rl_loop_refuses_a_step_over_the_device_before_it_writes_anything(model, tmp_path):
+    from jaxlab.rl import loop
+
+    config = loop.LoopConfig(steps=1, prompts=1 << 14, group_size=64, max_prompt_tokens=4096,
+                             max_new_tokens=1 << 16)
+    out = tmp_path / "run"
+    message = refused_at_once(lambda: loop.run(
+        model, lambda key, count: [], lambda *a: {}, config, out, key=jax.random.key(0)))
+    assert "would fit" in message and "rows=" in message
+    assert not out.exists()
