@@ -132,7 +132,7 @@ class Config:
 def prompt_fn(cfg: Config, codec: sft.TextCodec):
     """Prompts drawn from the key (a prompt's `data` is its text): fresh world prompts, or
     `count` of the prompt file's (without replacement when the file has that many)."""
-    texts = ([r["prompt"] for r in reward_model.read_records(cfg.prompts, ("prompt",),
+    texts = ([r["prompt"] for r in reward_model.read_table(cfg.prompts, ("prompt",),
                                                              "writing prompts")]
              if cfg.prompts else None)
 

@@ -26,8 +26,10 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jaxlab import results
+
 DEBUG_FLAG = "--debug"
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 NO_PERMISSION = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
@@ -43,7 +45,7 @@ def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> 
     """`main(argv)` (default: the command line's arguments); an exception it raises becomes
     one message on stderr and exit status 1, its traceback logged (`--debug`: printed)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _close_run_log()  # the log `main` opens is the one its traceback goes to
+    results.close_run_log()  # the log `main` opens is the one its traceback goes to
     _one_line_per_message()
     before = signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -66,32 +68,52 @@ def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> 
 
 
 def describe(e: BaseException) -> str:
-    """One message for people: for a full disk or a missing permission (an OSError, or one
-    that caused `e`), the path and what to do; for a step run as a process of its own (a
-    CalledProcessError), which one stopped; otherwise `e`'s own message (with its type
-    when it comes from outside jaxlab and is not a plain ValueError or RuntimeError)."""
+    """One message for people:
+
+    - jaxlab's own errors: their message (it names the cause, the file and what to do), with
+      what to do about a full disk added when one caused them;
+    - a full disk or a missing permission (an OSError, or TensorStore's error for one, raised or
+      causing `e`): the path and what to do;
+    - a step run as a process of its own (CalledProcessError): which one stopped;
+    - a plain ValueError or RuntimeError: its message; anything else: its type and message.
+    """
     cause = os_error(e)
-    if cause is not None and cause.errno in NO_SPACE + NO_PERMISSION:
-        where = cause.filename or "a file"
-        if cause.errno in NO_SPACE:
-            return (f"no space left to write {where} ({cause.strerror}): free some space, or "
-                    f"choose an out_dir on another disk, and rerun; it resumes from what was "
-                    f"written")
-        return (f"no permission to write {where} ({cause.strerror}): choose an out_dir you "
-                f"may write to, or change its permissions")
+    full = cause is not None and cause.errno in NO_SPACE
+    if type(e).__module__.startswith("jaxlab"):
+        return (str(e) or type(e).__name__) + (f" ({cause.strerror}); {FREE_SPACE}" if full
+                                               else "")
+    if full:
+        where = f" to write {cause.filename}" if cause.filename else ""
+        return f"no space left{where} ({cause.strerror}): {FREE_SPACE}"
+    if cause is not None and cause.errno in NO_PERMISSION:
+        where = f" for {cause.filename}" if cause.filename else ""
+        return (f"permission denied{where} ({cause.strerror}): change its permissions, or "
+                f"choose an out_dir you may write to (and inputs you may read)")
     if isinstance(e, subprocess.CalledProcessError):
-        step = " ".join(str(part) for part in e.cmd[1:2]) if isinstance(e.cmd, list) else e.cmd
-        return f"{step} stopped with exit status {e.returncode} (its message is above)"
+        return f"{_command(e.cmd)} stopped with exit status {e.returncode} (its message is above)"
     text = str(e) or type(e).__name__
-    if type(e).__module__.startswith("jaxlab") or type(e) in (ValueError, RuntimeError):
-        return text
-    return f"{type(e).__name__}: {text}"
+    return text if type(e) in (ValueError, RuntimeError) else f"{type(e).__name__}: {text}"
+
+
+FREE_SPACE = ("free some space, or choose an out_dir on another disk, and rerun; it resumes "
+              "from what was written")
+
+
+def _command(cmd) -> str:
+    """The script (or module) a command line runs: `python x.py ...` -> x.py, `python -m m`
+    -> m."""
+    parts = [str(part) for part in cmd] if isinstance(cmd, (list, tuple)) else str(cmd).split()
+    for i, part in enumerate(parts):
+        if part.endswith(".py") or (i and parts[i - 1] == "-m"):
+            return part
+    return " ".join(parts[:3])
 
 
 def os_error(e: BaseException | None) -> OSError | None:
-    """`e` if it is an OSError with an errno, else the first such among its causes; an error
-    of TensorStore (Orbax's writer), which names the failed call's errno as
-    `[os_error_code='28']` and its folder as `local file "PATH"`, as that OSError."""
+    """`e` if it is an OSError with an errno, else the first such among its causes (the
+    context of an exception raised `from None` excluded); an error of TensorStore (Orbax's
+    writer), which names the failed call's errno as `[os_error_code='28']` and its folder as
+    `local file "PATH"`, as that OSError."""
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, OSError) and e.errno is not None:
@@ -102,7 +124,7 @@ def os_error(e: BaseException | None) -> OSError | None:
             number = int(code.group(1))
             return OSError(number, os.strerror(number), path.group(1) if path else None)
         seen.add(id(e))
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
     return None
 
 
@@ -113,27 +135,28 @@ def _one_line_per_message() -> None:
     root = logging.getLogger()
     for handler in [h for h in root.handlers if type(h) in (logging.StreamHandler, _Others)]:
         root.removeHandler(handler)
-    root.addHandler(_Others(sys.stderr))
+    root.addHandler(_Others())
 
 
 class _Others(logging.StreamHandler):
-    """Warnings and errors of loggers other than jaxlab's once it has handlers of its own."""
+    """Warnings and errors of loggers other than jaxlab's once it has handlers of its own, on
+    the `sys.stderr` of the moment (as logging's last-resort handler)."""
 
-    def __init__(self, stream):
-        super().__init__(stream)
+    def __init__(self):
+        super().__init__()
         self.setLevel(logging.WARNING)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
     def filter(self, record: logging.LogRecord) -> bool:
         ours = record.name.split(".")[0] == "jaxlab" and logging.getLogger("jaxlab").handlers
         return not ours and super().filter(record)
-
-
-def _close_run_log() -> None:
-    """Detaches the log file of a run opened earlier in this process (if any)."""
-    logger = logging.getLogger("jaxlab")
-    for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
-        logger.removeHandler(handler)
-        handler.close()
 
 
 def log_traceback(e: BaseException) -> str | None:

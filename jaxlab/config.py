@@ -136,8 +136,9 @@ def read_yaml(path: str | pathlib.Path):
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    data = path.read_bytes()  # an OSError here (a permission) is one of its own
     try:
-        config = OmegaConf.load(io.StringIO(decode_utf8(path.read_bytes(), path)))
+        config = OmegaConf.load(io.StringIO(decode_utf8(data, path)))
     except DataError as e:
         raise ConfigError(f"{e}; save the file as UTF-8") from None
     except yaml.YAMLError as e:

@@ -4,14 +4,15 @@ A run records each of its inputs in `out_dir/inputs.json` (`results.check_inputs
 mapping of what identifies it:
 
 - a model folder (one with a config.json): every value of its config.json, the dtype and shape
-  of every tensor (from the safetensors headers: no weights are read) and the sha256 of each
-  tokenizer file;
+  of every tensor (from the safetensors headers) and the size and sha256 of each tokenizer
+  file. The weights themselves are not hashed (they can be many GiB): a model retrained with
+  the same architecture under the same path is not told apart;
 - any other folder: the size and sha256 of every file in it;
 - a file: its size and sha256.
 
-Resuming with an input that changed under the same path (a retrained or narrower model, an
-edited tokenizer, a longer data file) would mix two experiments, so a rerun compares and is
-refused naming what changed (`changes`).
+Resuming with an input that changed under the same path (a narrower model, an edited
+tokenizer, a longer data file) would mix two experiments, so a rerun compares and is refused
+naming what changed (`check_unchanged`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
-import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +28,6 @@ from jaxlab.config import ConfigError, flatten
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
                    "tokenizer.model", "chat_template.jinja", "chat_template.json")
-
 # config.json keys that a save rewrites without changing the model.
 VOLATILE = ("transformers_version", "_name_or_path")
 
@@ -43,64 +42,33 @@ def of_path(path: str | pathlib.Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: no such file or folder")
     if (path / "config.json").is_file():
         return model_fingerprint(path)
-    return {str(f.relative_to(path)): _size_and_hash(f)
-            for f in sorted(path.rglob("*")) if f.is_file()}
+    return {f"{f.relative_to(path)}:{k}": v for f in sorted(path.rglob("*")) if f.is_file()
+            for k, v in file_fingerprint(f).items()}
 
 
 def file_fingerprint(path: pathlib.Path) -> dict[str, Any]:
-    """{"size": bytes, "sha256": hex digest} of one file."""
-    size, digest = _size_and_hash(path).split(" ")
-    return {"size": int(size), "sha256": digest}
-
-
-def model_fingerprint(folder: pathlib.Path) -> dict[str, Any]:
-    """config.json's values ("config.json:<dotted key>"), each tensor's "<dtype>[shape]"
-    ("tensor:<name>") and each tokenizer file's sha256 ("<file name>")."""
-    from jaxlab.models.hf import CheckpointError
-
-    config_path = folder / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    found = {f"config.json:{k}": v for k, v in flatten(config).items() if k not in VOLATILE}
-    for weights in sorted(folder.glob("*.safetensors")):
-        for name, spec in safetensors_header(weights).items():
-            if name != "__metadata__":
-                found[f"tensor:{name}"] = f"{spec['dtype']}{list(spec['shape'])}"
-    for name in TOKENIZER_FILES:
-        if (folder / name).is_file():
-            found[name] = _size_and_hash(folder / name)
-    return found
-
-
-def safetensors_header(path: pathlib.Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file: {tensor name: {"dtype", "shape", ...}} (a u64
-    little-endian length, then that many bytes of JSON); an error naming the file if it is not
-    one."""
-    from jaxlab.models.hf import CheckpointError
-
-    with path.open("rb") as f:
-        head = f.read(8)
-        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        text = f.read(length) if 0 < length <= 100 * 2**20 else b""
-    try:
-        header = json.loads(text)
-        if isinstance(header, dict):
-            return header
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        pass
-    raise CheckpointError(f"{path}: not a readable safetensors file (its header is cut short "
-                          f"or not JSON); copy the checkpoint again")
-
-
-def _size_and_hash(path: pathlib.Path) -> str:
-    """"<bytes> <sha256>" of a file, read in 1 MiB blocks."""
+    """{"size": bytes, "sha256": hex digest} of one file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(2**20):
             digest.update(block)
-    return f"{path.stat().st_size} {digest.hexdigest()}"
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def model_fingerprint(folder: pathlib.Path) -> dict[str, Any]:
+    """config.json's values ("config.json:<dotted key>"), each tensor's "<dtype>[shape]"
+    ("tensor:<name>") and each tokenizer file's size and sha256 ("<file>:size",
+    "<file>:sha256")."""
+    from jaxlab.models import hf
+
+    config = hf.read_json(folder / "config.json")
+    found = {f"config.json:{k}": v for k, v in flatten(config).items() if k not in VOLATILE}
+    found.update({f"tensor:{name}": spec for name, spec in hf.tensor_specs(folder).items()})
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            found.update({f"{name}:{k}": v
+                          for k, v in file_fingerprint(folder / name).items()})
+    return found
 
 
 def changes(before: Mapping[str, Any], now: Mapping[str, Any], limit: int = 6) -> list[str]:
@@ -121,12 +89,10 @@ def changes(before: Mapping[str, Any], now: Mapping[str, Any], limit: int = 6) -
 
 
 def _short(value: Any) -> str:
-    """A fingerprint value for a message: a digest shortened to 12 characters."""
-    text = json.dumps(value) if not isinstance(value, str) else value
-    size, _, digest = text.partition(" ")
-    if len(digest) == 64:
-        return f"{size} bytes, sha256 {digest[:12]}"
-    return text
+    """A fingerprint value for a message: a sha256 digest shortened to 12 characters."""
+    if isinstance(value, str):
+        return value[:12] if len(value) == 64 else value
+    return json.dumps(value)
 
 
 def check_unchanged(saved: Mapping[str, Mapping[str, Any]], now: Mapping[str, Mapping[str, Any]],

@@ -129,17 +129,21 @@ def _umask() -> int:
 
 
 def write_json(path: pathlib.Path, value: Any) -> None:
-    write_text(path, json.dumps(value, indent=2) + "\n")
+    write_text(path, json_text(value))
+
+
+def json_text(value: Any) -> str:
+    """`value` as the JSON files of a results folder hold it (indented, a final newline)."""
+    return json.dumps(value, indent=2) + "\n"
 
 
 def read_json(path: pathlib.Path, default: Any = None) -> Any:
-    """The JSON at `path`, `default` if there is none; a corrupt file is an error naming it."""
-    if not path.exists():
-        return default
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    """The JSON at `path`, `default` if there is none; a damaged file is a DataError naming
+    `path:line` (`jsonl.read_json`)."""
+    from jaxlab import jsonl  # jsonl writes through this module
+
+    path = pathlib.Path(path)
+    return jsonl.read_json(path) if path.exists() else default
 
 
 def spread(values: Sequence[float]) -> dict:
@@ -183,28 +187,59 @@ def open_run(out_dir: str | pathlib.Path, config: Any, may_change: Sequence[str]
                 + (f"; written by an earlier version: {', '.join(moved)}" if moved else "")
                 + "); choose another out_dir or delete it to start over")
     write_once(lambda: out.mkdir(parents=True, exist_ok=True), out)
-    write_once(lambda: lock_run(out), out / LOCK)
+    left = together(lambda: lock_run(out) if is_writer() else None, f"locking {out / LOCK}")
     write_text(saved, resolved)
+    _log_to(out)
+    if left:
+        logging.getLogger("jaxlab").warning(
+            "%s: taking over the lock of process %s, which ended without releasing it",
+            out / LOCK, left)
+    return out
+
+
+LIBRARY_LOGGERS = ("absl", "asyncio")   # Orbax's, and its writer threads' event loops'
+
+
+def _log_to(out: pathlib.Path) -> None:
+    """jaxlab's log lines to the console and, on process 0, `out/log.txt`; Orbax's (with the
+    tracebacks of its writer threads) to log.txt alone on process 0 (an error that stops the
+    run is raised and reported once), their warnings and errors to the console on the
+    others."""
+    from absl import logging as _  # noqa: F401  (its logger class, before "absl" is created)
+
+    close_run_log()
     logger = logging.getLogger("jaxlab")
     logger.setLevel(logging.INFO if is_writer() else logging.WARNING)
-    logger.handlers.clear()
     if is_writer():
-        handlers = [logging.StreamHandler(sys.stderr), LogFile(out / "log.txt")]
-        form = "%(asctime)s %(message)s"
+        form, log_file = "%(asctime)s %(message)s", LogFile(out / "log.txt")
     else:
-        handlers = [logging.StreamHandler(sys.stderr)]
-        form = f"%(asctime)s process {jax.process_index()}: %(message)s"
-    for handler in handlers:
-        handler.setFormatter(logging.Formatter(form, "%H:%M:%S"))
-        logger.addHandler(handler)
-    # Orbax's errors and warnings (from its writer threads and their event loops too, with
-    # tracebacks) go to the log file: an error that stops the run is raised and reported once.
-    for name in ("absl", "asyncio"):
-        other = logging.getLogger(name)
-        other.propagate = False
-        other.handlers.clear()
-        other.addHandler(handlers[-1] if is_writer() else logging.NullHandler())
-    return out
+        form, log_file = f"%(asctime)s process {jax.process_index()}: %(message)s", None
+    console = logging.StreamHandler(sys.stderr)
+    for handler in (console, log_file):
+        if handler is not None:
+            handler.setFormatter(logging.Formatter(form, "%H:%M:%S"))
+            logger.addHandler(handler)
+    for name in LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        library.propagate = False
+        if log_file is None:
+            library.addHandler(stderr := logging.StreamHandler(sys.stderr))
+            stderr.setLevel(logging.WARNING)
+            stderr.setFormatter(console.formatter)
+        else:
+            library.addHandler(log_file)
+
+
+def close_run_log() -> None:
+    """Undoes `open_run`'s logging: jaxlab's handlers are removed (its log file closed) and
+    Orbax's loggers print as before."""
+    for name in ("jaxlab", *LIBRARY_LOGGERS):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
+        if name != "jaxlab":
+            logger.propagate = True
 
 
 class LogFile(logging.FileHandler):
@@ -223,20 +258,31 @@ def check_inputs(out: pathlib.Path, **sources: str | pathlib.Path) -> None:
     folder or a file; `jaxlab.fingerprint`) in `out/inputs.json`, or, when resuming, refuses
     (ConfigError) if any input recorded there changed, naming it and what changed. An input
     first named by a rerun is added, one given as None or "" is not recorded. Call it once
-    the inputs exist, before any work uses them.
+    the inputs exist, before any work uses them; every process calls it alike, process 0
+    reads the inputs.
     """
     from jaxlab import fingerprint
 
     record = pathlib.Path(out) / INPUTS
-    saved = read_json(record, {})
     sources = {name: path for name, path in sources.items() if path}
-    now = {name: fingerprint.of_path(path) for name, path in sources.items()}
-    fingerprint.check_unchanged({k: v["fingerprint"] for k, v in saved.items()}, now, sources,
-                                record)
-    merged = {**saved, **{name: {"path": str(sources[name]), "fingerprint": now[name]}
-                          for name in now}}
-    if merged != saved:
-        write_json(record, merged)
+
+    def checked() -> dict | None:   # the record to write, None if unchanged
+        saved = read_json(record, {})
+        now = {name: fingerprint.of_path(path) for name, path in sources.items()}
+        fingerprint.check_unchanged({k: v["fingerprint"] for k, v in saved.items()}, now,
+                                    sources, record)
+        merged = {**saved, **{name: {"path": str(sources[name]), "fingerprint": now[name]}
+                              for name in now}}
+        return None if merged == saved else merged
+
+    # Process 0 reads the inputs and decides; a refusal stops every process.
+    merged = together(lambda: checked() if is_writer() else None, f"checking {record}")
+
+    def write() -> None:
+        if merged is not None:
+            _replace(record, lambda f: f.write(json_text(merged).encode()))
+
+    write_once(write, record)
 
 
 LOCK = "run.lock"
@@ -247,14 +293,14 @@ class RunLocked(RuntimeError):
     """Another process is running in a results folder."""
 
 
-def lock_run(out: pathlib.Path) -> None:
+def lock_run(out: pathlib.Path) -> str | None:
     """Takes the advisory lock of results folder `out` for this process (`out/run.lock`, which
     then holds `pid host`), until the process ends; again in the same process, nothing. Raises
-    RunLocked naming the process that holds it; a lock file naming a process that is gone (one
-    that was killed) is taken over with a warning."""
+    RunLocked naming the process that holds it. Returns the process a lock file left unlocked
+    names ("<pid> on <host>": one that was killed), whose lock this takes over, else None."""
     out = pathlib.Path(out).resolve()
     if out in _held:
-        return
+        return None
     fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -267,13 +313,10 @@ def lock_run(out: pathlib.Path) -> None:
                         f"{out / LOCK}); wait for it to end, stop it, or choose another out_dir"
                         ) from None
     left = _holder(fd)
-    if left:
-        logging.getLogger("jaxlab").warning(
-            "%s: taking over the lock of process %s, which ended without releasing it",
-            out / LOCK, left)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
     _held[out] = fd
+    return left or None
 
 
 def _holder(fd: int) -> str:

@@ -102,6 +102,17 @@ _REPLACE = ("replace it with the checkpoint's original file, or write the folder
             "(save_pretrained, save_tokenizer)")
 
 
+def tensor_specs(folder: str | pathlib.Path) -> dict[str, str]:
+    """Each tensor of a checkpoint folder as "<dtype>[shape]" (safetensors' dtype names, e.g.
+    "F32[29, 64]"), read from the files' headers alone."""
+    specs = {}
+    for name, file in tensor_files(folder).items():
+        with _open_tensors(file) as f:
+            part = f.get_slice(name)
+            specs[name] = f"{part.get_dtype()}{list(part.get_shape())}"
+    return specs
+
+
 def read_json(file: pathlib.Path) -> dict:
     """The JSON object in `file` of a checkpoint folder; CheckpointError naming `file:line` for a
     file that is missing, not UTF-8 or not valid JSON, and naming `file` for another value."""
@@ -538,12 +549,18 @@ def _check_chat_template(folder: pathlib.Path, tokenizer) -> None:
     """CheckpointError naming the file of the tokenizer's chat template (chat_template.jinja, or
     tokenizer_config.json) and the template's line when it is not valid Jinja."""
     import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    if not getattr(tokenizer, "chat_template", None):
-        return
-    try:  # compiled (and cached) by transformers as it applies it
-        tokenizer.apply_chat_template([{"role": "user", "content": "1"}], tokenize=False,
-                                      add_generation_prompt=True)
+    templates = getattr(tokenizer, "chat_template", None) or {}
+    if isinstance(templates, str):
+        templates = {"default": templates}
+    # Parsed only (as transformers' environment parses it), not rendered: a template may need
+    # arguments that only its caller gives.
+    environment = ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols])
+    try:
+        for template in templates.values():
+            environment.parse(template)
     except jinja2.TemplateSyntaxError as e:
         file = folder / "chat_template.jinja"
         where = (f"{file}:{e.lineno}" if file.is_file() else

@@ -112,8 +112,8 @@ def filter_pairs(chosen: jax.Array, rejected: jax.Array, config: PairFilter = Pa
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
-def read_records(path: str | pathlib.Path, fields: Sequence[str], what: str,
-                 ) -> list[dict[str, str]]:
+def read_table(path: str | pathlib.Path, fields: Sequence[str], what: str,
+               ) -> list[dict[str, str]]:
     """Records with the string `fields` from a JSON Lines file, a parquet file or a Hugging
     Face `datasets` folder (`save_to_disk`), each with its place (`file:line` for JSON Lines,
     `file: row n` otherwise) under "at". A file or folder that cannot be read, a record that is
@@ -163,11 +163,11 @@ def _table_rows(path: pathlib.Path) -> list[dict]:
 
 
 def read_pairs(path: str | pathlib.Path) -> list[dict[str, str]]:
-    """Preference pairs {prompt, chosen, rejected} (`read_records`). A record with a missing or
+    """Preference pairs {prompt, chosen, rejected} (`read_table`). A record with a missing or
     non-string field, an empty response, or chosen equal to rejected is a DataError naming it
     (`file:line` for JSON Lines, `file: row n` otherwise)."""
     pairs = []
-    for record in read_records(path, PAIR_FIELDS, "preference pairs"):
+    for record in read_table(path, PAIR_FIELDS, "preference pairs"):
         at = record.pop("at")
         empty = [field for field in ("chosen", "rejected") if not record[field].strip()]
         if empty:

@@ -3,6 +3,7 @@ experiment that stops prints one message for people (cause, path, what to do), e
 keeps its traceback in the run's log, and a full disk loses nothing that a rerun needs."""
 
 import errno
+import hashlib
 import json
 import os
 import pathlib
@@ -17,7 +18,7 @@ import pytest
 import train_arithmetic
 from safetensors.numpy import load_file, save_file
 
-from jaxlab import cli, jsonl, results
+from jaxlab import checkpoint, cli, jsonl, results
 from jaxlab.config import ConfigError
 from jaxlab.deepconf import arithmetic
 from jaxlab.models import zoo
@@ -67,10 +68,12 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path, capl
     other.wait()
     assert (out / results.LOCK).read_text().split()[0] == str(other.pid)
     with caplog.at_level("WARNING", "jaxlab"):
-        results.lock_run(out)
+        results.open_run(out, {"a": 1})
     assert f"taking over the lock of process {other.pid} on " in caplog.text
+    assert "taking over" in (out / "log.txt").read_text()    # in the run's own log too
     assert (out / results.LOCK).read_text().split()[0] == str(os.getpid())
-    results.lock_run(out)                                   # held by this process: nothing
+    assert results.lock_run(out) is None                    # held by this process: nothing
+    results.close_run_log()
 
 
 def test_a_run_ended_normally_leaves_no_holder(tmp_path):
@@ -116,11 +119,13 @@ def test_inputs_name_each_change(tmp_path, model_copy):
     results.check_inputs(out, model=model_copy, problems=problems)
     results.check_inputs(out, model=model_copy, problems=problems)      # unchanged: resumes
     tokenizer = model_copy / "tokenizer.json"
+    sha = hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:12]
     text = tokenizer.read_text()
     assert '"<eos>"' in text
     tokenizer.write_text(text.replace('"<eos>"', '"<end>"'))
+    added = '{"id": "x", "prompt": "1+1=", "answer": "2"}\n'
     with problems.open("a") as f:
-        f.write('{"id": "x", "prompt": "1+1=", "answer": "2"}\n')
+        f.write(added)
     weights = model_copy / "model.safetensors"
     tensors = load_file(weights)
     name = "model.layers.0.mlp.up_proj.weight"               # [intermediate, hidden]
@@ -131,11 +136,12 @@ def test_inputs_name_each_change(tmp_path, model_copy):
         results.check_inputs(out, model=model_copy, problems=problems)
     lines = str(refused.value).splitlines()
     assert lines[0].startswith(f"{out} was started from other inputs")
+    now = hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:12]
     assert lines[1] == (f"  model ({model_copy}): tensor:{name}: F32{shape} -> "
-                        f"F32{[shape[0] - 1, shape[1]]}; tokenizer.json: "
-                        + lines[1].split("tokenizer.json: ")[1])
+                        f"F32{[shape[0] - 1, shape[1]]}; tokenizer.json:sha256: {sha} -> {now}")
+    size = problems.stat().st_size
     assert lines[2].startswith(f"  problems ({problems}): sha256: ")
-    assert "size: " in lines[2]
+    assert lines[2].endswith(f"; size: {size - len(added)} -> {size}")
     results.check_inputs(out, other=problems)               # a new input is added
     assert "other" in json.loads((out / results.INPUTS).read_text())
 
@@ -206,7 +212,7 @@ def test_no_permission_is_named_with_what_to_do(tmp_path, monkeypatch, capsys):
         cli.run(train_arithmetic.main, [f"out_dir={out}", *TINY_TRAINING])
     assert stopped.value.code == 1
     err = capsys.readouterr().err
-    assert f"error: no permission to write {out} (Permission denied): choose an out_dir" in err
+    assert f"error: permission denied for {out} (Permission denied): change its" in err
     assert "Traceback" not in err
 
 
@@ -223,13 +229,14 @@ def test_sigterm_stops_at_a_step_and_a_rerun_resumes(tmp_path, monkeypatch, trai
         return step(*args, **kwargs)
 
     monkeypatch.setattr(sft, "_step", terminated_at_step_4)
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stopped:
         cli.run(train_arithmetic.main, [f"out_dir={out}", *TINY_TRAINING])
     assert stopped.value.code == 143
     assert capsys.readouterr().err.splitlines()[-1] == (
         "stopped (SIGTERM); a rerun resumes from what was written")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2"]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # put back
+    assert signal.getsignal(signal.SIGTERM) is handler      # put back
     monkeypatch.setattr(sft, "_step", step)
     cli.run(train_arithmetic.main, [f"out_dir={out}", *TINY_TRAINING])
     assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
@@ -248,8 +255,24 @@ def test_a_full_disk_under_orbax_is_named_with_its_folder():
         f"choose an out_dir on another disk, and rerun; it resumes from what was written")
     wrapped = RuntimeError("saving failed")
     wrapped.__cause__ = PermissionError(errno.EROFS, os.strerror(errno.EROFS), "/ro/run")
-    assert cli.describe(wrapped).startswith("no permission to write /ro/run (Read-only file")
+    assert cli.describe(wrapped).startswith("permission denied for /ro/run (Read-only file")
+    # jaxlab's own error keeps its message, also when raised while handling an OSError.
+    try:
+        try:
+            raise PermissionError(errno.EACCES, "Permission denied", "/x/run.lock")
+        except OSError:
+            raise results.RunLocked("/x is in use by another run (process 7 on h)") from None
+    except results.RunLocked as e:
+        assert cli.describe(e) == "/x is in use by another run (process 7 on h)"
+    saving = checkpoint.SaveError("could not write checkpoint 4 in /x/checkpoints")
+    saving.__cause__ = error
+    assert cli.describe(saving) == (
+        "could not write checkpoint 4 in /x/checkpoints (No space left on device); free some "
+        "space, or choose an out_dir on another disk, and rerun; it resumes from what was "
+        "written")
     assert cli.describe(KeyError("x")) == "KeyError: 'x'"
     step = subprocess.CalledProcessError(1, [sys.executable, "experiments/deepconf.py", "a=b"])
     assert cli.describe(step) == ("experiments/deepconf.py stopped with exit status 1 (its "
                                   "message is above)")
+    step = subprocess.CalledProcessError(2, [sys.executable, "-m", "pytest", "-q"])
+    assert cli.describe(step).startswith("pytest stopped with exit status 2")
