@@ -21,10 +21,11 @@ exactly what the uninterrupted one did):
 
 Every reward, and every other value a reward function returns, must be a finite real number
 (`finite_real`: an int, float or bool, a NumPy real scalar, a 0-d real array; not a string,
-None, a complex or a list), one per response. A reward function that raises or returns anything
-else, a prompt longer than `max_prompt_tokens`, and a non-finite loss or gradient stop the run
-with an error naming the step (and the prompt and response) before its update; checkpoints
-and metrics already written are kept as they are.
+None, a complex or a list), one per response. A reward function that raises
+(`RewardFunctionError`) or returns anything else (`RewardError`), a prompt longer than
+`max_prompt_tokens`, and a non-finite loss or gradient stop the run with an error naming the
+step (and the prompt and response, their first 20 tokens) before its update; checkpoints and
+metrics already written are kept as they are.
 """
 
 from __future__ import annotations
@@ -150,9 +151,9 @@ class RewardError(ValueError):
     the response."""
 
 
-class ResponseError(RuntimeError):
-    """A per-response reward function (`per_response`) that raised; the message names the
-    prompt and response."""
+class RewardFunctionError(RuntimeError):
+    """A reward function that raised (its exception is the cause); the message names the step,
+    and for a per-response one (`per_response`) the prompt and response."""
 
 
 # The dtypes of real numbers: bool (0 or 1), integers and floats (bfloat16 included).
@@ -183,12 +184,14 @@ def finite_real(value: Any) -> bool:
 
 
 def finite_reals(value: Any, shape: tuple[int, ...], name: str,
-                 labels: Sequence[str] = ("prompt", "response")) -> np.ndarray:
+                 labels: Sequence[str] = ("prompt", "response"),
+                 shown: Callable[[tuple[int, ...]], str] | None = None) -> np.ndarray:
     """`value` (an array, nested lists, ...) as float64 [shape], once it is checked to hold one
     `finite_real` per index: element by element before any conversion, so that no string, None
     or complex is ever converted. Raises RewardError naming `name` and the first bad element's
-    index, one `labels` word per axis (e.g. "prompt 1, response 2"), its value and its type, or
-    the shape found."""
+    index, one `labels` word per axis (e.g. "prompt 1, response 2"), its value and its type
+    (then `shown(index)` in parentheses, if given: e.g. the prompt and response), or the shape
+    found."""
     numeric = isinstance(value, np.ndarray | jax.Array) and _real_dtype(value.dtype)
     cells = np.asarray(value) if numeric else _cells(value, shape)  # else an object array
     if cells is None or cells.shape != shape:
@@ -203,7 +206,8 @@ def finite_reals(value: Any, shape: tuple[int, ...], name: str,
         cell = cells[first].item() if numeric else cells[first]
         kind = cells.dtype.name if numeric else type(cell).__name__
         where = ", ".join(f"{label} {k}" for label, k in zip(labels, first, strict=True))
-        raise RewardError(f"{name} for {where} is {cell!r} ({kind}), not a finite real number")
+        raise RewardError(f"{name} for {where} is {cell!r} ({kind}), not a finite real number"
+                          + (f" ({shown(first)})" if shown else ""))
     return cells.astype(np.float64)
 
 
@@ -247,9 +251,9 @@ def per_response(score: Callable[[Prompt, list[int], bool], float | Mapping[str,
                 try:
                     value = score(prompt, response, bool(truncated[i, j]))
                 except Exception as e:
-                    raise ResponseError(f"the reward function raised on prompt {i}, response "
-                                        f"{j} (prompt tokens {list(prompt.tokens)[:20]}, "
-                                        f"response {response[:20]}): {e!r}") from e
+                    raise RewardFunctionError(
+                        f"the reward function raised on prompt {i}, response {j} "
+                        f"({_tokens(prompt, response)}): {e!r}") from e
                 row = dict(value) if isinstance(value, Mapping) else {"reward": value}
                 if cells and set(row) != set(cells):
                     raise RewardError(f"the reward function returned keys {list(row)} for "
@@ -270,23 +274,36 @@ def checked_rewards(reward_fn: RewardFn, prompts: Sequence[Prompt],
     shape = truncated.shape
     try:
         out = reward_fn(prompts, responses, truncated)
-    except (RewardError, ResponseError) as e:  # `per_response`'s: they name the response
+    except (RewardError, RewardFunctionError) as e:  # `per_response`'s: they name the response
         raise type(e)(f"{where}: {e}") from e.__cause__
     except Exception as e:
-        raise RuntimeError(f"{where}: the reward function raised on a batch of "
-                           f"{shape[0]} prompts x {shape[1]} responses: {e!r}") from e
-    return reward_values(out, shape, where)
+        raise RewardFunctionError(f"{where}: the reward function raised on a batch of "
+                                  f"{shape[0]} prompts x {shape[1]} responses: {e!r}") from e
+    return reward_values(out, prompts, responses, shape, where)
 
 
-def reward_values(out: Any, shape: tuple[int, int], where: str) -> dict[str, np.ndarray]:
+def reward_values(out: Any, prompts: Sequence[Prompt], responses: list[list[list[int]]],
+                  shape: tuple[int, int], where: str) -> dict[str, np.ndarray]:
     """A reward function's output (the rewards, or a mapping with "reward" and other values to
-    log, each [prompts, G]) as {name: float64 [prompts, G]}, each value `finite_reals`."""
+    log, each [prompts, G]) as {name: float64 [prompts, G]}, each value `finite_reals`; a bad
+    one is named with its prompt and response (their first 20 tokens)."""
     out = dict(out) if isinstance(out, Mapping) else {"reward": out}
     if "reward" not in out or not all(isinstance(name, str) for name in out):
         raise RewardError(f"{where}: the reward function returned the keys {list(out)}: they "
                           f"must be names (str), 'reward' among them")
-    return {name: finite_reals(value, shape, f"{where}: the reward function's {name!r}")
+
+    def shown(index: tuple[int, ...]) -> str:
+        i, j = index
+        return _tokens(prompts[i], responses[i][j])
+
+    return {name: finite_reals(value, shape, f"{where}: the reward function's {name!r}",
+                               shown=shown)
             for name, value in out.items()}
+
+
+def _tokens(prompt: Prompt, response: list[int]) -> str:
+    """The prompt's and the response's first 20 tokens, as error messages show them."""
+    return f"prompt tokens {list(prompt.tokens)[:20]}, response {list(response)[:20]}"
 
 
 @dataclasses.dataclass

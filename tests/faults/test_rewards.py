@@ -30,6 +30,7 @@ BAD = {  # the value at prompt 1, response 2 -> how the message shows it
     (0.5,): "(0.5,) (tuple)",
 }
 BAD_VALUES = [pytest.param(value, re.escape(shown), id=repr(value)) for value, shown in BAD.items()]
+TOKENS = r" \(prompt tokens \[(\d+, ){0,19}\d+\], response \[((\d+, ){0,19}\d+)?\]\)"  # first 20
 
 
 def _run(out, reward_fn, steps):
@@ -48,13 +49,14 @@ def one_step(tmp_path_factory):
 
 def _stops_at_step_1(one_step, tmp_path, reward_fn, message, error=loop.RewardError):
     """Step 1 of the run with `reward_fn` raises `error` matching `message`, and leaves the run
-    folder as step 0 left it: no metrics line, no checkpoint."""
+    folder as step 0 left it: no metrics line, no checkpoint; returns the error."""
     out = tmp_path / "run"
     shutil.copytree(one_step, out)
     before = snapshot(out)
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as raised:
         _run(out, reward_fn, 2)
     assert snapshot(out) == before
+    return raised.value
 
 
 def _good(prompts, responses, truncated):
@@ -88,14 +90,14 @@ def _per_response_with_bad(value, keyed=False):
 def test_a_bad_batched_value_is_named(one_step, tmp_path, value, shown, name):
     _stops_at_step_1(one_step, tmp_path, _with_bad(value, name),
                      rf"^step 1: the reward function's '{name}' for prompt 1, response 2 is "
-                     rf"{shown}, not a finite real number$")
+                     rf"{shown}, not a finite real number{TOKENS}$")
 
 
 @pytest.mark.parametrize(("value", "shown"), BAD_VALUES)
 def test_a_bad_per_response_value_is_named(one_step, tmp_path, value, shown):
     _stops_at_step_1(one_step, tmp_path, _per_response_with_bad(value),
                      rf"^step 1: the reward function's 'reward' for prompt 1, response 2 is "
-                     rf"{shown}, not a finite real number$")
+                     rf"{shown}, not a finite real number{TOKENS}$")
 
 
 @pytest.mark.parametrize(("reward_fn", "message"), [
@@ -140,14 +142,18 @@ def test_keys_that_change_between_sampling_rounds_are_named(one_step, tmp_path):
                      r"in sampling round 1, and \['reward'\] in round 0$")
 
 
-def test_a_raising_per_response_function_is_named(one_step, tmp_path):
+@pytest.mark.parametrize("batched", [False, True], ids=["per response", "batched"])
+def test_a_raising_reward_function_is_one_error_with_its_cause(one_step, tmp_path, batched):
     def score(prompt, response, truncated):
         raise KeyError("no answer")
 
-    _stops_at_step_1(one_step, tmp_path, loop.per_response(score),
-                     r"^step 1: the reward function raised on prompt 0, response 0 \(prompt "
-                     r"tokens \[.*\], response \[.*\]\): KeyError\('no answer'\)$",
-                     error=loop.ResponseError)
+    reward_fn = (lambda p, r, t: score(p, r, t)) if batched else loop.per_response(score)
+    where = (r"a batch of 4 prompts x 4 responses" if batched else
+             rf"prompt 0, response 0{TOKENS}")
+    error = _stops_at_step_1(one_step, tmp_path, reward_fn, rf"^step 1: the reward function "
+                             rf"raised on {where}: KeyError\('no answer'\)$",
+                             error=loop.RewardFunctionError)
+    assert isinstance(error.__cause__, KeyError)
 
 
 def test_every_kind_of_real_number_is_a_reward(one_step, tmp_path):
