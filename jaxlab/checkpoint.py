@@ -20,8 +20,11 @@ and raises `CheckpointMismatch` naming the parameters, leaving every checkpoint 
 
 A write that fails (a full disk, a folder that cannot be written) raises `SaveError` naming the
 checkpoint's folder, from `save`, `wait` or `close` (a background write's failure shows at the
-next of them); the checkpoints written before it are kept whole. Orbax's own tracebacks of such a
-failure go to the "jaxlab" log at DEBUG level, not to stderr.
+next of them), Orbax's exception its cause; the checkpoints written before it are kept whole.
+The tracebacks that Orbax's writer threads log for such a failure go to the run's log.txt when a
+run has opened one (`results.open_run` gives the `absl` logger that file, on process 0), and are
+otherwise (library use, the other processes) kept off the console, where the SaveError alone
+reports the failure.
 """
 
 from __future__ import annotations
@@ -126,17 +129,17 @@ class Checkpointer:
     @contextlib.contextmanager
     def _writing(self, step: int | None):
         """Raises an error of Orbax's while it writes `step` as one SaveError naming the
-        folder, the cause and the checkpoints kept (Orbax's traceback to the DEBUG log)."""
+        folder, the cause and the checkpoints kept (Orbax's exception, with its traceback, as
+        the SaveError's cause)."""
         try:
             yield
         except Exception as e:
-            log.debug("writing checkpoint %s failed", step, exc_info=True)
             folder = self.directory if step is None else self.directory / str(step)
             raise SaveError(
                 f"checkpoint {folder} could not be written ({type(e).__name__}: "
                 f"{_first_line(e)}); the complete checkpoints before it are kept "
                 f"({self.all_steps()} in {self.directory}): make room or fix the folder's "
-                f"permissions, and rerun to go on from the latest") from None
+                f"permissions, and rerun to go on from the latest") from e
 
     def restore(self, target: State, step: int | None = None, shardings: Any = None) -> State:
         """The state saved at `step` (default: the newest complete checkpoint that restores),
@@ -172,19 +175,31 @@ class Checkpointer:
             folder = self.directory / str(tried)
             try:
                 self._check_tree(tried, wanted)
-                state = placed(self._manager.restore(tried,
-                                                     args=ocp.args.StandardRestore(abstract)))
-                bad = nonfinite_leaves(state)
-                if bad:
-                    raise ValueError(f"non-finite values in {bad[:3]}")
-            except CheckpointMismatch:
-                raise
-            except Exception as e:  # Orbax, TensorStore and JSON errors alike
+            except Exception as e:  # a mismatch, or metadata that cannot be read
                 error = e
             else:
                 error = None
-            # Each process reads its own shards: a step is restored only if every one read it.
-            if _on_any_process(error is not None):
+            # Orbax's read has collectives of its own: before any process reads, every one
+            # learns whether one saw a mismatch (all raise it) or could not read the metadata.
+            mismatch, failed = _on_any_process(isinstance(error, CheckpointMismatch),
+                                               error is not None)
+            if mismatch:
+                raise error if isinstance(error, CheckpointMismatch) else CheckpointMismatch(
+                    f"checkpoint {folder} holds another model or config than the state "
+                    f"restored into, as another process found (its error names the "
+                    f"parameters); the checkpoint is kept as it is")
+            if not failed:
+                try:
+                    state = placed(self._manager.restore(
+                        tried, args=ocp.args.StandardRestore(abstract)))
+                    bad = nonfinite_leaves(state)
+                    if bad:
+                        raise ValueError(f"non-finite values in {bad[:3]}")
+                except Exception as e:  # Orbax, TensorStore and JSON errors alike
+                    error = e
+                # Each process reads its own shards: a step is restored only if every one did.
+                (failed,) = _on_any_process(error is not None)
+            if failed:
                 e = error or RuntimeError("another process could not restore it")
                 # A failed read can leave the manager unable to read the next step: reopen it.
                 self._manager.close()
@@ -308,13 +323,13 @@ def _shown(leaf: Any) -> str:
 
 class _OrbaxTracebacks(logging.Filter):
     """Keeps the tracebacks that Orbax's background threads log (through absl) when a write
-    fails off stderr: the failure is raised as one SaveError; they go to the DEBUG log."""
+    fails off the console: the failure is raised as one SaveError, Orbax's exception its cause.
+    Where a run's log file takes the `absl` logger's lines (`results.open_run`, on process 0),
+    they go on to it; otherwise (library use, or a process without the log) they are dropped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and record.exc_info:
-            log.debug("Orbax: %s", record.getMessage(), exc_info=record.exc_info)
-            return False
-        return True
+        return not (record.levelno >= logging.ERROR and record.exc_info and not any(
+            isinstance(h, logging.FileHandler) for h in logging.getLogger("absl").handlers))
 
 
 def nonfinite_leaves(tree: Any) -> list[str]:
@@ -383,12 +398,13 @@ def _spread_targets(abstract: Any) -> tuple[Any, Any]:
     return targets, placed
 
 
-def _on_any_process(flag: bool) -> bool:
-    """Whether `flag` holds on this process or, in a multi-process run, on any other."""
+def _on_any_process(*flags: bool) -> list[bool]:
+    """For each of `flags`, whether it holds on this process or, in a multi-process run, on any
+    other (one collective for all of them)."""
     if jax.process_count() == 1:
-        return flag
+        return list(flags)
     from jax.experimental import multihost_utils
-    return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
+    return multihost_utils.process_allgather(np.asarray(flags)).any(axis=0).tolist()
 
 
 def _first_line(e: Exception) -> str:

@@ -2,19 +2,27 @@
 naming its parameters and kept, a write that fails (a full disk) is one error naming the
 folder with the earlier checkpoints whole, and no path leaves Orbax threads printing at exit."""
 
+import dataclasses
 import errno
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import traceback
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from orbax.checkpoint._src.serialization import serialization
 
 from jaxlab.checkpoint import CheckpointConfig, Checkpointer, CheckpointMismatch, SaveError
+from jaxlab.models.decoder import Decoder
+from jaxlab.rl import train
+from tests.rl import loop_job
 
 from .conftest import snapshot
 
@@ -93,9 +101,39 @@ def test_resuming_a_narrower_model_exits_with_one_error_and_no_orbax_noise(tmp_p
     _only_traceback(run.stderr, "jaxlab.checkpoint.CheckpointMismatch")
     assert (f"checkpoint {tmp_path / 'checkpoints' / '2'} holds another model or config"
             in run.stderr)
-    assert ("params.embed_tokens.embedding.value: stored float32[16, 16], requested "
-            "float32[16, 8]") in run.stderr
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["2"]  # not set aside
+    # The lines shown, and their count, are those of the leaves whose shapes the hidden size
+    # changes, worked out here from the two states' trees: none for the optimizer's count, the
+    # step or the key, nor for parameters of the same shape (the heads' norms).
+    changed = _changed_shapes(*(jax.eval_shape(lambda h=h: _train_state(h)) for h in (16, 8)))
+    assert "params.embed_tokens.embedding.value: stored float32[16, 16], requested " \
+           "float32[16, 8]" in changed and any(line.startswith("opt_state.") for line in changed)
+    shown = re.findall(r"^  (\S+: stored .*)$", run.stderr, re.MULTILINE)
+    more = re.search(r"^  \.\.\. and (\d+) more$", run.stderr, re.MULTILINE)
+    assert shown and set(shown) <= changed
+    assert len(shown) + (int(more.group(1)) if more else 0) == len(changed)
+
+
+def _train_state(hidden: int) -> train.TrainState:
+    config = dataclasses.replace(loop_job.CONFIG, hidden_size=hidden)
+    return train.init_train_state(Decoder(config, nnx.Rngs(0)), train.OptimizerConfig(),
+                                  jax.random.key(0))[1]
+
+
+def _changed_shapes(stored, requested) -> set[str]:
+    """"path: stored float32[16, 16], requested float32[16, 8]" for each leaf of two trees of
+    one structure whose shapes differ (the path's keys joined by dots)."""
+    def name(path) -> str:
+        return ".".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))))
+                        for k in path)
+
+    def shown(leaf) -> str:
+        return f"{leaf.dtype}[{', '.join(map(str, leaf.shape))}]"
+
+    return {f"{name(path)}: stored {shown(a)}, requested {shown(b)}"
+            for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(stored),
+                                    jax.tree.leaves(requested), strict=True)
+            if a.shape != b.shape}
 
 
 def test_an_interrupt_during_a_background_write_finishes_it_and_exits_cleanly(tmp_path):
@@ -116,8 +154,9 @@ def test_an_interrupt_during_a_background_write_finishes_it_and_exits_cleanly(tm
 
 @pytest.mark.parametrize("async_save", [True, False])
 def test_a_failed_write_is_one_error_naming_its_folder(tmp_path, monkeypatch, capfd, async_save):
-    """A disk that fills up while step 2 is written: SaveError names 2's folder and the cause,
-    no Orbax traceback reaches stderr, and step 1 restores whole."""
+    """A disk that fills up while step 2 is written: SaveError names 2's folder and the cause
+    (chained, with its traceback), no Orbax traceback reaches stderr, and step 1 restores
+    whole."""
     async def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -133,9 +172,45 @@ def test_a_failed_write_is_one_error_naming_its_folder(tmp_path, monkeypatch, ca
         assert str(raised.value).startswith(
             f"checkpoint {tmp_path / '2'} could not be written (OSError: [Errno 28] No space "
             f"left on device); the complete checkpoints before it are kept ([1] in {tmp_path})")
-        assert raised.value.__cause__ is None and raised.value.__suppress_context__
+        cause = raised.value.__cause__
+        assert isinstance(cause, OSError) and cause.errno == errno.ENOSPC
+        assert "full" in [frame.name for frame in traceback.extract_tb(cause.__traceback__)]
     assert "Traceback" not in capfd.readouterr().err
     with Checkpointer(tmp_path, CONFIG) as checkpointer:
         assert checkpointer.all_steps() == [1]
         restored = checkpointer.restore(state(64))
     np.testing.assert_array_equal(restored["params"]["embed"], 1.0)
+
+
+def test_a_failed_write_in_a_run_is_one_message_its_traceback_in_the_log(tmp_path):
+    """The same full disk under `cli.run` with a run folder open: stderr holds one message and
+    no traceback; log.txt holds the SaveError's traceback with Orbax's exception as its cause."""
+    script = """
+        import errno, sys
+        import jax.numpy as jnp
+        from orbax.checkpoint._src.serialization import serialization
+        from jaxlab import cli, results
+        from jaxlab.checkpoint import CheckpointConfig, Checkpointer
+
+        async def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def main(argv):
+            out = results.open_run(sys.argv[1], {"seed": 0})
+            with Checkpointer(out / "checkpoints", CheckpointConfig(best_metric=None)) as c:
+                c.save(1, {"w": jnp.ones(4)})
+                c.wait()
+                serialization.async_serialize_from_host = full
+                c.save(2, {"w": jnp.ones(4)})
+                c.wait()
+
+        cli.run(main, [])
+    """
+    run = _python(tmp_path, script)
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr and run.stderr.count("error: ") == 1, run.stderr
+    assert f"checkpoint {tmp_path / 'checkpoints' / '2'} could not be written" in run.stderr
+    log = (tmp_path / "log.txt").read_text()
+    assert "The above exception was the direct cause of the following exception" in log
+    assert "OSError: [Errno 28] No space left on device" in log and ", in full" in log
+    assert "jaxlab.checkpoint.SaveError: checkpoint" in log

@@ -211,3 +211,30 @@ def test_an_experiment_of_two_processes_writes_once_what_one_process_writes(tmp_
         (single / "fit.json").read_text())
     assert (multi / "config.yaml").read_text() == (single / "config.yaml").read_text().replace(
         f"out_dir: {single}", "out_dir: run")
+
+
+MISMATCH_JOB = """
+import sys
+from jaxlab import parallel
+parallel.initialize_processes(timeout_s=60)
+import jax, jax.numpy as jnp
+from jaxlab.checkpoint import CheckpointConfig, Checkpointer, CheckpointMismatch
+config = CheckpointConfig(best_metric=None, async_save=False)
+with Checkpointer(sys.argv[1], config) as checkpointer:
+    checkpointer.save(1, {"w": jnp.ones(4)})
+    try:
+        checkpointer.restore({"w": jnp.zeros(8 if jax.process_index() == 1 else 4)})
+    except CheckpointMismatch as e:
+        print("CheckpointMismatch:", str(e).splitlines()[0])
+"""
+
+
+def test_a_mismatch_seen_by_one_process_stops_every_one(tmp_path):
+    """Process 1 restores into a wider state than the one saved, process 0 into the same: both
+    raise CheckpointMismatch (process 0 naming the other's finding), neither reads or waits."""
+    (zero, first), (one, second) = _launch_command(
+        [sys.executable, "-c", MISMATCH_JOB, str(tmp_path)], devices=1, wait_s=180)
+    assert zero == one == 0, first + second
+    assert (f"CheckpointMismatch: checkpoint {tmp_path / '1'} holds another model or config than "
+            f"the state restored into (stored vs requested):") in second
+    assert "the state restored into, as another process found" in first
