@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = hf.load_pretrained(cfg.model, param_dtype="float32", compute_dtype=cfg.compute_dtype)
     start = time.perf_counter()
     model = sft.fit(model, sft.sft_loss, data, cfg.sft, out / "sft",
-                    key=jax.random.key(cfg.seed), mesh=mesh)
+                    key=jax.random.key(cfg.seed), mesh=mesh, where="sft.")
     sft_seconds = time.perf_counter() - start
     hf.save_pretrained(model, out / "cold_start", eos_token_id=codec.eos_id)
     hf.save_tokenizer(codec.tokenizer, out / "cold_start")

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
                                            rngs=nnx.Rngs(cfg.seed))
     start = time.perf_counter()
     model = sft.fit(model, reward_model.pair_loss, data, cfg.fit, out,
-                    key=jax.random.key(cfg.seed), mesh=mesh)
+                    key=jax.random.key(cfg.seed), mesh=mesh, where="fit.")
     summary = {"pairs": len(pairs), "train_seconds": time.perf_counter() - start}
     for name, rows in held_out.items():
         chosen, rejected = pair_rewards(model, pair_data(rows, encoder, cfg.length))

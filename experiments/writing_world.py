@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
                          cfg.length)
     writer = Decoder(cfg.writer.decoder_config(), nnx.Rngs(cfg.seed))
     writer = sft.fit(writer, sft.sft_loss, data, cfg.fit, out / "writer_sft",
-                     key=jax.random.key(cfg.seed))
+                     key=jax.random.key(cfg.seed), where="fit.")
     world.save_model(writer, out / "writer")
     world.save_model(Decoder(cfg.genrm.decoder_config(), nnx.Rngs(cfg.seed + 1)),
                      out / "genrm_init")

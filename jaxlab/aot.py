@@ -336,10 +336,8 @@ def compile_for(target: str | targets.Target, jobs: Sequence[str] = JOBS,
 
 def table(result: dict) -> str:
     """A readable table of `compile_for`'s result (GiB per device)."""
-    gib = 2**30
-
     def size(value):
-        return "-" if value is None else f"{value / gib:.2f}"
+        return "-" if value is None else f"{value / parallel.GIB:.2f}"
 
     lines = [f"{result['target']}: {result['devices']} x {result['device_kind']}, "
              f"{result['sizes']['model']} (GiB per device)",

@@ -192,7 +192,8 @@ def padded_size(size: int, mesh: Mesh) -> int:
 
 
 def device_memory_bytes(device: jax.Device) -> int:
-    """Memory one device may use: the allocator limit on GPU/TPU; on a compile-only device of a
+    """Memory one device may use: the allocator limit less the bytes in use on GPU/TPU (for the
+    devices of a mesh, with several processes: `free_bytes`); on a compile-only device of a
     target (`jaxlab.targets`, which has no allocator), its HBM from the targets table; on CPU,
     the host's available memory shared by every CPU device of this process. ValueError for
     another device with neither."""
@@ -214,10 +215,26 @@ def device_memory_bytes(device: jax.Device) -> int:
     return available // max(1, len(jax.local_devices(backend=device.platform)))
 
 
-# A shape estimate above this fraction of a device's memory is checked against the compiled
-# program (XLA's `memory_analysis`) before anything is allocated; below it, what the estimate
-# leaves out (XLA's temporaries) has the rest of the device (`jaxlab.sampling.memory`,
-# `jaxlab.rl.train.require_step_fits`).
+def free_bytes(mesh: Mesh | None = None, held=None) -> int:
+    """Bytes one device of `mesh` (default: this process's first device) may use for a program:
+    `device_memory_bytes` of this process's first device of the mesh, plus what `held` (a tree
+    of arrays the program replaces or reuses, e.g. the weights or a train state already placed)
+    holds on that device; with several processes, the least of every process's answer in whole
+    KiB (`multihost_utils.process_allgather`, of int32 as JAX holds integers without x64), so
+    that every process decides alike (each must call it: a collective)."""
+    device = (jax.local_devices() if mesh is None else mesh.local_devices)[0]
+    free = device_memory_bytes(device) + (0 if held is None
+                                          else bytes_per_device(held).get(device, 0))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        kib = np.int32(min(free // 1024, np.iinfo(np.int32).max))
+        free = 1024 * int(np.min(multihost_utils.process_allgather(kib)))
+    return free
+
+
+# A shape estimate within this fraction of a device's memory runs without compiling anything to
+# check it: what the estimate leaves out (XLA's temporaries) has the rest of the device. Above
+# it, the compiled program's own figure (XLA's `memory_analysis`) decides (`require_fits`).
 SCREEN_FRACTION = 0.5
 
 
@@ -239,47 +256,64 @@ def compiled_parts(compiled: jax.stages.Compiled) -> dict[str, int]:
 Parts = dict[str, int]  # bytes by what holds them
 
 
-def check_fits(subject: str, device_bytes: int, estimate: Callable[[dict], Parts],
-               compiled: Callable[[dict], Parts], knobs: Sequence[Sequence[dict]],
-               ) -> int | None:
-    """The memory check of a program before anything is allocated, by its shape estimate E =
-    sum(estimate({})) against the device's memory M = `device_bytes`:
+def require_fits(subject: str, device_bytes: int, estimate: Callable[[dict], Parts],
+                 compiled: Callable[[dict], Parts], knobs: Sequence[Sequence[dict]],
+                 certain: Sequence[str], name: Callable[[dict], str] | None = None,
+                 ) -> int | None:
+    """The memory check of a program before anything is allocated. `estimate(change)` gives
+    the per-device bytes by part of the program with the settings `change` ({}: as asked) from
+    shapes; the parts named in `certain` (e.g. parameters, optimizer state, gradients, the
+    batch) are held at once for sure, so their sum C is a lower bound, while the others are
+    approximate. With E the sum of every part and M = `device_bytes`:
 
+      C >  M       `DoesNotFit` at once, nothing compiled ("needs at least C"), naming for
+                   each knob its first setting with C <= M and E <= M / 2
       E <= M / 2   None: it runs, nothing compiled (`SCREEN_FRACTION`)
-      E >  M       `DoesNotFit` at once, nothing compiled (E counts what must be held at
-                   once), naming for each knob its first setting whose E is within M / 2
       otherwise    the compiled program's peak P = sum(compiled({})): returned when P <= M,
-                   else `DoesNotFit` naming for each knob its first setting whose compiled
-                   peak fits (`first_fitting`; compiled only once its estimate fits)
+                   else `DoesNotFit` ("needs P") naming for each knob its first setting that
+                   passes this same check (compiled only past M / 2)
 
-    `estimate(change)` and `compiled(change)` give the bytes by part of the program with the
-    settings `change` ({} the program as asked); a knob is a sequence of changes, smaller
-    and smaller ({"microbatches": 2}, {"microbatches": 4}, ...). `subject` names the program
-    and its settings in the error."""
-    parts = estimate({})
-    total = sum(parts.values())
-    if total <= SCREEN_FRACTION * device_bytes:
+    A knob is a sequence of changes, smaller and smaller ({"microbatches": 2},
+    {"microbatches": 4}, ...; `first_fitting`); `name(change)` writes one as the user sets it
+    (default 'key=value, ...'). `subject` names the program and its settings."""
+    def sums(change: dict) -> tuple[Parts, int, int]:
+        parts = estimate(change)
+        return parts, sum(parts[k] for k in certain), sum(parts.values())
+
+    def passes(change: dict, compile: bool) -> bool:
+        _, low, total = sums(change)
+        return low <= device_bytes and (total <= SCREEN_FRACTION * device_bytes or (
+            compile and sum(compiled(change).values()) <= device_bytes))
+
+    parts, low, total = sums({})
+    if low > device_bytes:
+        rest = {k: n for k, n in parts.items() if k not in certain}
+        need = (f"at least {gib(low)} per device ("
+                + ", ".join(f"{k} {gib(parts[k])}" for k in certain)
+                + (f"; and about {gib(sum(rest.values()))} more: " + ", ".join(
+                    f"{k} {gib(n)}" for k, n in rest.items()) if rest else "") + ")")
+        compile = False
+    elif total <= SCREEN_FRACTION * device_bytes:
         return None
-    at_least = total > device_bytes
-    if at_least:
-        def fits(change):
-            return sum(estimate(change).values()) <= SCREEN_FRACTION * device_bytes
     else:
         parts = compiled({})
-        total = sum(parts.values())
-        if total <= device_bytes:
-            return total
+        peak = sum(parts.values())
+        if peak <= device_bytes:
+            return peak
+        need = (f"{gib(peak)} per device as compiled ("
+                + ", ".join(f"{k} {gib(n)}" for k, n in parts.items()) + ")")
+        compile = True
+    name = name or (lambda change: ", ".join(f"{k}={v!r}" for k, v in change.items()))
+    options = [first_fitting(knob, lambda change: passes(change, compile)) for knob in knobs]
+    options = [name(change) for change in options if change]
+    raise DoesNotFit(f"{subject} needs {need} but {gib(device_bytes)} are available; "
+                     + ("would fit: " + ", or ".join(options) if options
+                        else "no smaller setting fits" + ("" if compile else " by its estimate")))
 
-        def fits(change):
-            return (sum(estimate(change).values()) <= device_bytes
-                    and sum(compiled(change).values()) <= device_bytes)
-    options = [first_fitting(knob, fits) for knob in knobs]
-    options = [", ".join(f"{k}={v!r}" for k, v in change.items()) for change in options if change]
-    raise DoesNotFit(
-        f"{subject} needs {'at least ' if at_least else ''}{gib(total)} per device ("
-        + ", ".join(f"{name} {gib(n)}" for name, n in parts.items())
-        + f") but {gib(device_bytes)} are available; "
-        + ("would fit: " + ", or ".join(options) if options else "no smaller setting fits"))
+
+def halvings(n: int) -> list[int]:
+    """n // 2, n // 4, ..., 1: a knob's smaller and smaller settings."""
+    return [n >> i for i in range(1, n.bit_length())]
 
 
 def first_fitting(knob: Sequence[dict], fits: Callable[[dict], bool]) -> dict | None:
@@ -303,9 +337,12 @@ def shard_bytes(tree, shardings) -> int:
                for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True))
 
 
+GIB = 2**30
+
+
 def gib(count: int) -> str:
     """Bytes as GiB to three significant digits: '1.5 GiB', '0.00214 GiB'."""
-    return f"{count / 2**30:.3g} GiB"
+    return f"{count / GIB:.3g} GiB"
 
 
 # --------------------------------------------------------------------------------------------

@@ -126,7 +126,7 @@ def train(cfg: Config, out: str | pathlib.Path) -> dict:
     out = pathlib.Path(out)
     model = sft.fit(Decoder(decoder_config(cfg), nnx.Rngs(cfg.seed)), sft.sft_loss,
                     lambda start: batches(cfg, start), cfg.fit, out,
-                    key=jax.random.key(cfg.seed))
+                    key=jax.random.key(cfg.seed), where="fit.")
     hf.save_pretrained(model, out, eos_token_id=arithmetic.VOCAB.index(arithmetic.EOS),
                        pad_token_id=arithmetic.VOCAB.index(arithmetic.PAD))
     arithmetic.save_tokenizer(out)

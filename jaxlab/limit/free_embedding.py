@@ -338,16 +338,14 @@ def max_runs_per_call(num_docs: int, dim: int, k: int, memory_bytes: int, num_de
 
 
 def available_bytes(mesh: Mesh | None, memory_bytes: int | None = None) -> int:
-    """Memory one device may use: `memory_bytes` if given, else what the first of this process's
-    devices (in the mesh) has free."""
-    if memory_bytes is not None:
-        return memory_bytes
-    devices = jax.local_devices() if mesh is None else mesh.local_devices
-    return parallel.device_memory_bytes(devices[0])
+    """Memory one device may use: `memory_bytes` if given, else what a device of `mesh`
+    (default: this process's first device) has free, the least over processes
+    (`parallel.free_bytes`)."""
+    return parallel.free_bytes(mesh) if memory_bytes is None else memory_bytes
 
 
-def check_memory(num_runs: int, num_docs: int, dim: int, k: int, mesh: Mesh | None,
-                 memory_bytes: int | None = None, num_queries: int | None = None) -> None:
+def _require_runs_fit(num_runs: int, num_docs: int, dim: int, k: int, mesh: Mesh | None,
+                      memory_bytes: int | None = None, num_queries: int | None = None) -> None:
     """Raises `parallel.DoesNotFit` (a ValueError), before anything is allocated, if
     `num_runs` runs of size (n, d) do not fit in `available_bytes(mesh, memory_bytes)` per
     device, by `run_bytes`: an upper bound of the compiled loop's own figure (XLA's
@@ -360,9 +358,9 @@ def check_memory(num_runs: int, num_docs: int, dim: int, k: int, mesh: Mesh | No
     if need > memory_bytes:
         raise parallel.DoesNotFit(
             f"{num_runs} free-embedding runs at n={num_docs}, d={dim}, k={k} need "
-            f"{need / 2**30:.2f} GiB per device ({devices} device(s): "
+            f"{parallel.gib(need)} per device ({devices} device(s): "
             f"{math.ceil(num_runs / devices)} run(s) of {parallel.gib(per_run)}"
-            f") but {memory_bytes / 2**30:.2f} GiB is available; use fewer runs per call (at "
+            f") but {parallel.gib(memory_bytes)} are available; use fewer runs per call (at "
             f"most {max_runs_per_call(num_docs, dim, k, memory_bytes, devices)}: fewer seeds or "
             f"candidate n per call, a smaller critical_n window) or a smaller n")
 
@@ -428,7 +426,7 @@ def start_runs(seeds: Sequence[int], num_docs: Sequence[int], dim: int, config: 
                              f" pad to {sorted(slots)} (group them with doc_slots)")
     num_doc_slots = slots.pop()
     padded = batch_size(len(seeds), 1 if mesh is None else mesh.size)
-    check_memory(padded, num_doc_slots, dim, config.k, mesh, memory_bytes)
+    _require_runs_fit(padded, num_doc_slots, dim, config.k, mesh, memory_bytes)
     seeds += [seeds[-1]] * (padded - len(seeds))
     num_docs += [num_docs[-1]] * (padded - len(num_docs))
     relevant = jnp.asarray(ground_truth(num_doc_slots, config.k))
@@ -508,7 +506,7 @@ def fit(relevant: np.ndarray, num_docs: int, dim: int, config: SolverConfig,
             f"relevant ids must lie in [0, {num_docs}), got [{relevant.min()}, {relevant.max()}]")
     repeated = np.flatnonzero((np.diff(np.sort(relevant, axis=1), axis=1) == 0).any(axis=1))
     require(len(repeated) == 0, f"queries {repeated[:5].tolist()} repeat a relevant document")
-    check_memory(1, num_docs, dim, config.k, None, num_queries=len(relevant))
+    _require_runs_fit(1, num_docs, dim, config.k, None, num_queries=len(relevant))
     scores, emb = _fit(jax.random.key(seed), jnp.asarray(relevant, jnp.int32),
                        num_docs=num_docs, dim=dim, config=config)
     return RunResult(*(np.asarray(x) for x in scores)), emb

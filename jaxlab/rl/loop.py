@@ -473,10 +473,11 @@ def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopC
         f"train.microbatches={config.train.microbatches}")
     # The widest step the loop can build must fit before the state is placed (the rollouts'
     # memory is checked by `sample`).
-    train.require_step_fits(policy, rows // config.minibatches,
-                            config.max_prompt_tokens + config.max_new_tokens, config.train, mesh,
-                            config.temperature,
-                            shared_prompts(config, config.max_prompt_tokens, shards))
+    train.require_policy_step_fits(
+        policy, rows // config.minibatches, config.max_prompt_tokens + config.max_new_tokens,
+        config.train, mesh, config.temperature,
+        shared_prompts(config, config.max_prompt_tokens, shards),
+        loop=(config.prompts, config.group_size, config.minibatches))
     graphdef, state = scaffold.init_state(policy, config.train.optimizer, key, mesh)  # copies
     dtype = jnp.dtype(policy.config.compute_dtype)
     reference = _cast(nnx.state(policy, nnx.Param), dtype)

@@ -14,7 +14,7 @@ a rerun of the same out_dir resumes and ends with the parameters of a run that n
 bit for bit.
 
 Before anything is allocated, `fit` checks its step against the device's memory
-(`require_step_fits`: a shape estimate of the state, gradients and data, and the compiled
+(`parallel.require_fits`: a shape estimate of the state, gradients and data, and the compiled
 step's own figure only when that estimate passes half of the device's memory), refusing a step
 too large with `parallel.DoesNotFit`, which names more `microbatches`, `remat="full"` or a
 smaller `batch_size` where they fit.
@@ -204,51 +204,47 @@ def lower_step(graphdef: nnx.GraphDef, state: train.TrainState, batch: Mapping[s
                        microbatches=config.microbatches)
 
 
-def require_step_fits(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray],
-                      config: FitConfig, mesh: Mesh, batch_size: int | None,
-                      device_bytes: int | None = None) -> int | None:
+def _require_step_fits(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray],
+                       config: FitConfig, mesh: Mesh, stream: bool, device_bytes: int | None,
+                       where: str, held=None) -> int | None:
     """Refuses, before anything is allocated, `fit`'s step of `model` on `data` (the dataset,
-    batch_size rows drawn per step; or with `batch_size` None one step's batch) on `mesh` that
-    would not fit in `device_bytes` per device (default: the mesh's first device's free memory,
-    `parallel.device_memory_bytes`): `parallel.check_fits` with the per-device estimate
+    batch_size rows drawn per step; or for a `stream`, its first batch) on `mesh` that would not
+    fit in `device_bytes` per device (default: `parallel.free_bytes(mesh, held)`, `held` the
+    train state already placed): `parallel.require_fits` with the per-device estimate
 
       S + G + D
 
     (S the parameters and AdamW moments and G the gradients as placed on `mesh`, D the data,
-    replicated; the loss's activations are left out: a lower estimate), and the compiled
-    step's peak only when that estimate passes half of the memory. The knobs it suggests: more
-    `microbatches`, `remat="full"`, a smaller `batch_size`. Returns the compiled peak when it
-    was compiled, else None."""
-    graphdef, state = train.abstract_train_state(lambda: model, config.optimizer)
-    split_model = parallel.is_split_model(mesh)
-    placed = (parallel.tree_shardings(state, mesh) if split_model
-              else jax.tree.map(lambda _: parallel.replicated(mesh), state))
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         state, placed)
+    replicated: the dataset, or a stream's batch of batch_size rows; all certain, the loss's
+    activations left out), and the compiled step's peak only when that estimate passes half of
+    the memory. The settings it suggests, each named `where` + its FitConfig field: more
+    `microbatches`, `remat="full"`, a smaller `batch_size` (for a stream, whose batches must
+    then have that many rows). Returns the compiled peak when it was compiled, else None."""
+    graphdef, state, parts = train.placed_state(model, config.optimizer, mesh)
     data = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype,
                                     sharding=parallel.replicated(mesh)) for k, v in data.items()}
     shards = parallel.batch_devices(mesh) if parallel.DATA in mesh.axis_names else 1
-    parts = {"parameters and optimizer state": parallel.shard_bytes(state, placed),
-             "gradients": parallel.shard_bytes(state.params, placed.params),
-             "data": sum(x.size * x.dtype.itemsize for x in data.values())}
-    rows = batch_size or next(iter(data.values())).shape[0]
+    rows = config.batch_size
+    row_bytes = sum(x.size * x.dtype.itemsize for x in data.values()) // (rows if stream else 1)
 
     def settings(change: dict) -> FitConfig:
-        return dataclasses.replace(config, **{"batch_size": rows, **change})
+        return dataclasses.replace(config, **change)
+
+    def estimate(change: dict) -> parallel.Parts:
+        return {**parts, "data": row_bytes * (settings(change).batch_size if stream else 1)}
 
     def compiled(change: dict) -> parallel.Parts:
         cfg = settings(change)
         split = NamedSharding(mesh, PartitionSpec(None, *parallel.batch_sharding(mesh).spec)
                               ) if shards > 1 else None
-        step_data = data if batch_size is not None else jax.tree.map(
+        step_data = data if not stream else jax.tree.map(
             lambda x: jax.ShapeDtypeStruct((cfg.batch_size, *x.shape[1:]), x.dtype,
                                            sharding=x.sharding), data)
         loss = loss_fn if cfg.remat == "none" else functools.partial(loss_fn, remat=cfg.remat)
         return parallel.compiled_parts(_step.lower(
             state, step_data, graphdef=graphdef, loss_fn=loss, config=cfg.optimizer,
-            batch_size=None if batch_size is None else cfg.batch_size,
-            microbatches=cfg.microbatches, split=split,
-            mesh=mesh if split_model else None).compile())
+            batch_size=None if stream else cfg.batch_size, microbatches=cfg.microbatches,
+            split=split, mesh=mesh if parallel.is_split_model(mesh) else None).compile())
 
     def divides(size: int, parts: int) -> bool:  # `size` rows in `parts` over the shards
         return size % parts == 0 and (size // parts) % shards == 0
@@ -256,19 +252,20 @@ def require_step_fits(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.
     knobs = [[{"microbatches": m} for m in (2 ** i for i in range(1, rows.bit_length()))
               if m > config.microbatches and divides(rows, m)],
              [{"remat": "full"}] if config.remat != "full" else [],
-             [{"batch_size": rows >> i} for i in range(1, rows.bit_length())
-              if divides(rows >> i, config.microbatches)]]
-    device_bytes = (parallel.device_memory_bytes(mesh.devices.flat[0]) if device_bytes is None
-                    else device_bytes)
-    return parallel.check_fits(
-        f"the training step on {rows} rows with microbatches={config.microbatches}, "
-        f"remat={config.remat!r}", device_bytes, lambda change: parts, compiled,
-        [k for k in knobs if k])
+             [{"batch_size": b} for b in parallel.halvings(rows)
+              if divides(b, config.microbatches)]]
+    return parallel.require_fits(
+        f"the training step with {where}batch_size={rows}, {where}microbatches="
+        f"{config.microbatches}, {where}remat={config.remat!r}",
+        parallel.free_bytes(mesh, held) if device_bytes is None else device_bytes, estimate,
+        compiled, [k for k in knobs if k], certain=(*parts, "data"),
+        name=lambda change: ", ".join(f"{where}{k}={v!r}" for k, v in change.items()))
 
 
 def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray] | Stream,
         config: FitConfig, out_dir: str | pathlib.Path, *, key: jax.Array,
-        mesh: Mesh | None = None, device_bytes: int | None = None) -> nnx.Module:
+        mesh: Mesh | None = None, device_bytes: int | None = None,
+        where: str = "FitConfig.") -> nnx.Module:
     """Trains `model` (float32 parameters) on `loss_fn` over `data` (arrays with a shared
     leading axis N, or a `Stream` of batches); returns the trained model. `out_dir` receives
     metrics.jsonl (step, loss and loss_fn's metrics every `log_every` steps) and checkpoints/;
@@ -283,27 +280,30 @@ def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray] | Str
     process then calls `fit` alike, with the same model and data; process 0 alone writes the
     metrics, every process its shards of the checkpoints (Orbax).
 
-    Before anything is allocated (for a stream: before its first batch is trained on) the step
-    is checked against `device_bytes` per device (default: the free memory of the mesh's first
-    device), `require_step_fits`."""
+    Before anything is allocated (for a stream: before its first batch is trained on, the
+    state already placed counted as free) the step is checked against `device_bytes` per device
+    (default: the free memory of a device of the mesh, the least over processes,
+    `parallel.free_bytes`); a step too large is refused with `parallel.DoesNotFit`. Errors name
+    `config`'s fields after `where` (e.g. "fit." for the `fit` key of an experiment's
+    config)."""
     stream = callable(data)
     if not stream:
         size = {k: np.shape(v)[0] for k, v in data.items()}
         require(len(set(size.values())) == 1, f"data arrays have different lengths: {size}")
         require(config.batch_size <= min(size.values()),
-                f"FitConfig.batch_size={config.batch_size} exceeds the {min(size.values())} "
+                f"{where}batch_size={config.batch_size} exceeds the {min(size.values())} "
                 f"examples")
     mesh = mesh or parallel.make_mesh(parallel.DATA, jax.local_devices()[:1])
     shards = parallel.batch_devices(mesh) if parallel.DATA in mesh.axis_names else 1
     require((config.batch_size // config.microbatches) % shards == 0,
-            f"FitConfig.batch_size={config.batch_size} / microbatches={config.microbatches} "
+            f"{where}batch_size={config.batch_size} / microbatches={config.microbatches} "
             f"must split evenly over the mesh's {shards} data devices (data x fsdp)")
     split = NamedSharding(mesh, PartitionSpec(None, *parallel.batch_sharding(mesh).spec)
                           ) if shards > 1 else None                # [microbatches, rows, ...]
-    check = functools.partial(require_step_fits, model, loss_fn, config=config, mesh=mesh,
-                              device_bytes=device_bytes)
+    check = functools.partial(_require_step_fits, model, loss_fn, config=config, mesh=mesh,
+                              stream=stream, device_bytes=device_bytes, where=where)
     if not stream:
-        check(data, batch_size=config.batch_size)
+        check(data)
     if config.remat != "none":
         loss_fn = functools.partial(loss_fn, remat=config.remat)
     graphdef, state = scaffold.init_state(model, config.optimizer, key, mesh)
@@ -318,7 +318,7 @@ def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray] | Str
                 batches.append(iter(data(s)))
             batch = _stream_batch(next(batches[0], None), s, config.batch_size)
             if first:  # the stream's shapes are known from its first batch
-                check(batch, batch_size=None)
+                check(batch, held=state)
         state, metrics, finite = _step(
             state, on_mesh(batch) if stream else dataset, graphdef=graphdef, loss_fn=loss_fn,
             config=config.optimizer, batch_size=None if stream else config.batch_size,

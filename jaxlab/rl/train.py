@@ -19,13 +19,14 @@ the batch is split over (data, fsdp), and XLA gathers weights and reduce-scatter
 A step whose loss or gradient is not finite leaves the state unchanged and says so in its
 metrics (`finite`).
 
-Memory: `require_step_fits` checks a step's size against the device's memory before anything
-is allocated (the RL loop calls it at its start): a shape estimate (parameters, AdamW moments,
-gradients, the batch, each layer's input and the output head's chunk), and, when that estimate
-passes half of the device's memory, the compiled step's own figure (XLA's `memory_analysis`;
-`parallel.check_fits`). A step too large is refused with `parallel.DoesNotFit`, naming the
-settings that fit: more `microbatches`, a smaller `logprob_chunk`, `remat="full"`, fewer rows.
-Small steps, the many of a test suite, are never compiled twice.
+Memory: `require_policy_step_fits` checks a step's size against the device's memory before
+anything is allocated (the RL loop calls it at its start): a shape estimate (parameters, AdamW
+moments, gradients and the batch, held at once for sure; each layer's kept activations and the
+output head's chunk, approximate), and, when that estimate passes half of the device's memory,
+the compiled step's own figure (XLA's `memory_analysis`; `parallel.require_fits`). A step too
+large is refused with `parallel.DoesNotFit`, naming the settings that fit: more
+`train.microbatches`, a smaller `train.logprob_chunk`, `train.remat="full"`, fewer rows. Small
+steps, the many of a test suite, are never compiled twice.
 
 Exact resume: the state holds the step and the run's root key; whatever a run draws from
 `(key, step)` (`batch_indices`, the reference choice of BRPO) is the same after a restart.
@@ -430,33 +431,45 @@ def train_step(state: TrainState, batch: PolicyBatch, *, graphdef: nnx.GraphDef,
                          out_specs=(PartitionSpec(), PartitionSpec()))(state, batch)
 
 
-def require_step_fits(model: nnx.Module, rows: int, width: int, config: TrainConfig, mesh: Mesh,
-                      temperature: float, shared: SharedPrompts | None = None,
-                      device_bytes: int | None = None) -> int | None:
+def placed_state(model: nnx.Module, optimizer: OptimizerConfig, mesh: Mesh,
+                 ) -> tuple[nnx.GraphDef, TrainState, parallel.Parts]:
+    """The train state of `model` as abstract arrays (nothing allocated) placed as a step holds
+    it on `mesh` (in its `parallel.tree_shardings` on a mesh that splits the model, else
+    replicated), and the bytes one device holds of it: {"parameters and optimizer state",
+    "gradients"}."""
+    graphdef, state = abstract_train_state(lambda: model, optimizer)
+    placed = (parallel.tree_shardings(state, mesh) if parallel.is_split_model(mesh)
+              else jax.tree.map(lambda _: parallel.replicated(mesh), state))
+    parts = {"parameters and optimizer state": parallel.shard_bytes(state, placed),
+             "gradients": parallel.shard_bytes(state.params, placed.params)}
+    return graphdef, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  state, placed), parts
+
+
+def require_policy_step_fits(model: nnx.Module, rows: int, width: int, config: TrainConfig,
+                             mesh: Mesh, temperature: float, shared: SharedPrompts | None = None,
+                             device_bytes: int | None = None, *,
+                             loop: tuple[int, int, int] | None = None) -> int | None:
     """Refuses, before anything is allocated, a `train_step` of `model` (a `Decoder`, its
     parameters float32) on batches of `rows` x `width` tokens on `mesh` that would not fit in
-    `device_bytes` per device (default: the mesh's first device's free memory,
-    `parallel.device_memory_bytes`): `parallel.check_fits` with the per-device estimate
+    `device_bytes` per device (default: `parallel.free_bytes(mesh)`): `parallel.require_fits`
+    with the per-device estimate
 
-      S + G + 4 (5 T + 1) R / s + a T b layers x itemsize + 8 b min(chunk, T) V
+      S + G + 4 (5 T + 1) R / s  (certain)  +  a T b layers x itemsize + 8 b min(chunk, T) V
 
     (S the parameters and AdamW moments and G the gradients as they are placed on `mesh`,
     R = `rows`, T = `width`, s the batch's devices (data x fsdp), b = R / (s microbatches)
-    rows of one micro-batch: the batch's five [R, T] float32/int32 fields, what each layer
+    rows of one micro-batch: the batch's five [R, T] float32/int32 fields; what each layer
     keeps for the backward pass, a = E (its input) with remat="full", else about 6 E + 3 I
-    (its projections' outputs), the head's float32 logits and their gradient per chunk), and
-    the compiled step's peak only when that estimate passes half of the memory. The knobs it
-    suggests: more `microbatches`, a smaller `logprob_chunk`, `remat="full"`, fewer rows (the
-    RL loop's rows per step are prompts x group_size / minibatches). Returns the compiled
-    peak when it was compiled, else None."""
+    (its projections' outputs), and the head's float32 logits and their gradient per chunk,
+    both approximate), and the compiled step's peak only when that estimate passes half of
+    the memory. The settings it suggests, named as in `jaxlab.rl.loop.LoopConfig`: more
+    `train.microbatches`, a smaller `train.logprob_chunk`, `train.remat="full"`, fewer rows
+    (with `loop` = (prompts, group_size, minibatches), the loop's rows per step prompts x
+    group_size / minibatches: fewer prompts or more minibatches). Returns the compiled peak
+    when it was compiled, else None."""
     c, shards = model.config, parallel.batch_devices(mesh)
-    graphdef, state = abstract_train_state(lambda: model, config.optimizer)
-    placed = (parallel.tree_shardings(state, mesh) if parallel.is_split_model(mesh)
-              else jax.tree.map(lambda _: parallel.replicated(mesh), state))
-    held, grads = (parallel.shard_bytes(state, placed),
-                   parallel.shard_bytes(state.params, placed.params))
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         state, placed)
+    graphdef, state, held = placed_state(model, config.optimizer, mesh)
     itemsize = jnp.dtype(c.compute_dtype).itemsize
 
     def settings(change: dict) -> tuple[int, TrainConfig]:
@@ -466,8 +479,7 @@ def require_step_fits(model: nnx.Module, rows: int, width: int, config: TrainCon
     def estimate(change: dict) -> parallel.Parts:
         r, cfg = settings(change)
         b = r // (shards * cfg.microbatches)
-        return {"parameters and optimizer state": held, "gradients": grads,
-                "batch": 4 * (5 * width + 1) * r // shards,
+        return {**held, "batch": 4 * (5 * width + 1) * r // shards,
                 "layer activations": width * b * c.num_layers * itemsize * (
                     c.hidden_size if cfg.remat == "full"
                     else 6 * c.hidden_size + 3 * c.intermediate_size),
@@ -485,17 +497,32 @@ def require_step_fits(model: nnx.Module, rows: int, width: int, config: TrainCon
             state, batch, graphdef=graphdef, config=cfg, mesh=mesh, temperature=temperature,
             shared=fit).compile())
 
+    def rows_text(r: int) -> str:
+        return f"{r} rows" if loop is None else f"prompts x group_size / minibatches = {r} rows"
+
+    def rows_setting(r: int) -> str:  # `r` divides `rows`: more minibatches always give it
+        if loop is None:
+            return f"rows={r}"
+        prompts, group, minibatches = loop
+        fewer = r * minibatches // group if r * minibatches % group == 0 else None
+        return (f"{rows_text(r)}, e.g. " + f"prompts={fewer} or " * (fewer is not None)
+                + f"minibatches={prompts * group // r}")
+
+    def name(change: dict) -> str:
+        return ", ".join(rows_setting(v) if k == "rows" else f"train.{k}={v!r}"
+                         for k, v in change.items())
+
     per_device = rows // shards
     knobs = [[{"microbatches": m} for m in (2 ** i for i in range(1, per_device.bit_length()))
               if m > config.microbatches and per_device % m == 0],
-             [{"logprob_chunk": config.logprob_chunk >> i}
-              for i in range(1, config.logprob_chunk.bit_length())],
+             [{"logprob_chunk": n} for n in parallel.halvings(config.logprob_chunk)],
              [{"remat": "full"}] if config.remat != "full" else [],
-             [{"rows": rows >> i} for i in range(1, rows.bit_length())
-              if (rows >> i) % (shards * config.microbatches) == 0]]
-    device_bytes = (parallel.device_memory_bytes(mesh.devices.flat[0]) if device_bytes is None
-                    else device_bytes)
-    return parallel.check_fits(
-        f"the policy step on {rows} rows x {width} tokens with microbatches="
-        f"{config.microbatches}, logprob_chunk={config.logprob_chunk}, remat={config.remat!r}",
-        device_bytes, estimate, compiled, [k for k in knobs if k])
+             [{"rows": r} for r in parallel.halvings(rows)
+              if rows % r == 0 and r % (shards * config.microbatches) == 0]]
+    return parallel.require_fits(
+        f"the policy step on {rows_text(rows)} x {width} tokens with "
+        f"train.microbatches={config.microbatches}, train.logprob_chunk={config.logprob_chunk}, "
+        f"train.remat={config.remat!r}",
+        parallel.free_bytes(mesh) if device_bytes is None else device_bytes, estimate, compiled,
+        [k for k in knobs if k], certain=("parameters and optimizer state", "gradients", "batch"),
+        name=name)

@@ -9,17 +9,15 @@ compile-only devices of another platform, so a TPU or GPU request can be planned
     need = decode_memory(model.config, prompts=4, max_prompt_tokens=512, config=config)
     require_fits(model.config, 4, 512, config, device_bytes=16 * 2**30)  # or what would fit
 
-`kv_cache_bytes` counts the KV alone from shapes (no compile); `require_fits` turns an answer
-over a device's memory into an error (`parallel.DoesNotFit`) that names the smaller requests
-that fit.
-
-Every `sample` call is checked before it allocates (`check_request`), without compiling twice:
-a shape estimate (`estimate_bytes`: weights, prompt and generated KV, outputs, the slots'
-logits) within `parallel.SCREEN_FRACTION` (half) of the device's memory runs as it is; above
-it, the compiled programs decide (`require_fits`, remembered per request shape). The estimate
-is what the loop holds at once and leaves out only XLA's temporaries, which would have to
-exceed the other half to fail; the compile it saves is the one the hundreds of small requests
-of a test suite or a sweep would otherwise pay twice.
+`kv_cache_bytes` counts the KV alone from shapes (no compile); `require_fits` is the check
+every `sample` call makes before it allocates, by `parallel.require_fits`' rule, without
+compiling twice: a shape estimate (`estimate_parts`: weights, prompt and generated KV, outputs,
+the slots' logits) within `parallel.SCREEN_FRACTION` (half) of the device's memory runs as it
+is; one whose weights, KV and outputs alone (held at once for sure) exceed the memory is refused
+at once; between the two, the compiled programs decide (remembered per request shape). The
+estimate leaves out only XLA's temporaries, which would have to exceed the other half to fail;
+the compile it saves is the one the hundreds of small requests of a test suite or a sweep would
+otherwise pay twice. A refusal (`parallel.DoesNotFit`) names the smaller requests that fit.
 """
 
 from __future__ import annotations
@@ -88,47 +86,6 @@ def estimate_parts(c: DecoderConfig, prompts: int, max_prompt_tokens: int,
         "outputs": nbytes(jax.eval_shape(lambda: sampler.Samples.empty(
             prompts, capacity, config.max_new_tokens))),
         "logits": 4 * c.vocab_size * (prompts + prompts * config.group_size // slot_shards)}
-
-
-def estimate_bytes(c: DecoderConfig, prompts: int, max_prompt_tokens: int,
-                   config: SamplingConfig, weights: int = 0, slot_shards: int = 1) -> int:
-    """The sum of `estimate_parts`: a lower estimate of `decode_memory`'s peak (it leaves out
-    XLA's temporaries)."""
-    return sum(estimate_parts(c, prompts, max_prompt_tokens, config, weights,
-                              slot_shards).values())
-
-
-def check_request(c: DecoderConfig, prompts: int, max_prompt_tokens: int,
-                  config: SamplingConfig, device_bytes: int, weights: int,
-                  mesh: Mesh | None = None,
-                  backend: BackendPolicy | str | None = None) -> DecodeMemory | None:
-    """The check `sample` makes before it allocates, by the shape estimate E (`estimate_parts`
-    with `weights` bytes of parameters per device) against the device's memory M =
-    `device_bytes`:
-
-      E <= M / 2   None: it runs, nothing compiled (`parallel.SCREEN_FRACTION`)
-      E >  M       `parallel.DoesNotFit` at once, nothing compiled (E is a lower estimate),
-                   naming the largest settings whose E is within M / 2
-      otherwise    `require_fits`: the compiled programs' peak decides (compiled once more)
-    """
-    slots = prompts * config.group_size
-    shards = 1 if mesh is None else slots // parallel.batch_sharding(mesh).shard_shape((slots,))[0]
-
-    def estimate(changed: SamplingConfig) -> dict[str, int]:
-        return estimate_parts(c, prompts, max_prompt_tokens, changed, weights, shards)
-
-    parts = estimate(config)
-    total = sum(parts.values())
-    if total <= parallel.SCREEN_FRACTION * device_bytes:
-        return None
-    if total > device_bytes:
-        options = smaller_settings(
-            prompts, config, device_bytes, total, parts["generated KV"],
-            lambda changed: sum(estimate(changed).values())
-            <= parallel.SCREEN_FRACTION * device_bytes)
-        raise refusal(prompts, max_prompt_tokens, config, parts, device_bytes, options,
-                      at_least=True)
-    return require_fits(c, prompts, max_prompt_tokens, config, device_bytes, mesh, backend)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,74 +204,66 @@ def nbytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+# The parts of `estimate_parts` a request holds at once for sure (the logits are approximate).
+CERTAIN = ("weights", "prompt KV", "generated KV", "outputs")
+
+
 def require_fits(c: DecoderConfig, prompts: int, max_prompt_tokens: int, config: SamplingConfig,
                  device_bytes: int, mesh: Mesh | None = None,
-                 backend: BackendPolicy | str | None = None) -> DecodeMemory:
-    """`decode_memory` of the request, or `parallel.DoesNotFit` (a ValueError) saying how much it
-    needs and which smaller requests fit in `device_bytes` (`smaller_settings`), each checked
-    by compiling it (for `mesh`'s devices under `backend`, as `decode_memory`) once its KV and
-    outputs alone (`estimate_bytes`, no compile) fit."""
-    need = decode_memory(c, prompts, max_prompt_tokens, config, mesh, backend)
-    if need.peak <= device_bytes:
-        return need
+                 backend: BackendPolicy | str | None = None,
+                 weights: int | None = None) -> DecodeMemory | None:
+    """Refuses, before anything is allocated, a `sample` request that would not fit in
+    `device_bytes` per device: `parallel.require_fits` with the estimate `estimate_parts`
+    (`weights` bytes of parameters per device, default those of a `Decoder(c)` as `sample`
+    places them on `mesh`; weights, KV and outputs certain) and `decode_memory`'s compiled
+    peak (for `mesh`'s devices under `backend`). Returns that `DecodeMemory` when the request
+    was compiled to decide, None when its estimate is within half of the memory. A refusal,
+    `parallel.DoesNotFit` (a ValueError), says how much it needs and which smaller requests
+    fit: an int8 cache, fewer slots (group_size halved), a shorter `max_new_tokens` (halved), a
+    paged cache of fewer pages (halved)."""
+    slots = prompts * config.group_size
+    shards = 1 if mesh is None else slots // parallel.batch_sharding(mesh).shard_shape((slots,))[0]
+    if weights is None:
+        weights = placed_bytes(nnx.state(nnx.eval_shape(lambda: Decoder(c, nnx.Rngs(0)))), mesh)
 
-    def fits(changed: SamplingConfig) -> bool:
-        return (estimate_bytes(c, prompts, max_prompt_tokens, changed,
-                               slot_shards=1 if mesh is None else mesh.size) <= device_bytes
-                and decode_memory(c, prompts, max_prompt_tokens, changed, mesh,
-                                  backend).peak <= device_bytes)
+    def estimate(change: dict) -> parallel.Parts:
+        return estimate_parts(c, prompts, max_prompt_tokens,
+                              dataclasses.replace(config, **change), weights, shards)
 
-    parts = {"weights": need.weights, "prompt KV": need.prefix, "generated KV": need.generated,
-             "outputs": need.samples, "loop temporaries": need.temporaries}
-    raise refusal(prompts, max_prompt_tokens, config, parts, device_bytes,
-                  smaller_settings(prompts, config, device_bytes, need.peak, need.generated,
-                                   fits), total=need.peak)
+    def compiled(change: dict) -> parallel.Parts:
+        need = decode_memory(c, prompts, max_prompt_tokens, dataclasses.replace(config, **change),
+                             mesh, backend)
+        if need.prefill > need.loop:
+            return {"prefill": need.prefill}
+        return {"loop arguments (weights, KV, outputs)": need.arguments,
+                "loop's new outputs": need.outputs - need.aliased,
+                "loop temporaries": need.temporaries}
 
+    def name(change: dict) -> str:
+        return ", ".join(f"{k}={v}" + (f" (pages of {config.kv_page_slots} tokens)"
+                                       if k == "kv_pages" else "") for k, v in change.items())
 
-def smaller_settings(prompts: int, config: SamplingConfig, device_bytes: int, need: int,
-                     generated: int, fits) -> list[str]:
-    """The smaller requests that `fits(config) -> bool` accepts, as 'name=value': an int8
-    cache, fewer slots (group_size halved until it fits), a shorter `max_new_tokens` (halved),
-    a paged cache of as many pages as the bytes left beside everything else hold (`need` bytes
-    in all, `generated` of them the generated KV, linear in the pages), halved until it fits."""
-    def largest(name):
-        value = getattr(config, name) // 2
-        while value >= 1 and not fits(dataclasses.replace(config, **{name: value})):
-            value //= 2
-        return value
-
-    options = []
-    if not config.int8_cache and fits(dataclasses.replace(config, int8_cache=True)):
-        options.append("int8_cache=True")
-    for name in ("group_size", "max_new_tokens"):
-        value = largest(name)
-        if value >= 1:
-            options.append(f"{name}={value}")
-    per_trace = config.pages_per_trace
-    now = generated_tokens(prompts, config) // config.kv_page_slots + (config.kv_pages is None)
-    pages = min(now - 1, int((device_bytes - need + generated) * now // max(generated, 1)))
-    while pages > per_trace and not fits(dataclasses.replace(config, kv_pages=pages)):
-        pages //= 2
-    if pages > per_trace:
-        options.append(f"kv_pages={pages} (pages of {config.kv_page_slots} tokens)")
-    return options
-
-
-def refusal(prompts: int, max_prompt_tokens: int, config: SamplingConfig,
-            parts: dict[str, int], device_bytes: int, options: list[str],
-            total: int | None = None, at_least: bool = False) -> parallel.DoesNotFit:
-    """The error of a request that needs `total` bytes (default: the sum of `parts`, 'at least'
-    when they are an estimate) where `device_bytes` are available."""
-    gib = parallel.gib
-    total = sum(parts.values()) if total is None else total
-    return parallel.DoesNotFit(
+    halved = parallel.halvings
+    pages = generated_tokens(prompts, config) // config.kv_page_slots - (
+        config.kv_pages is not None)  # one fewer than the pages held now
+    knobs = [[{"int8_cache": True}] if not config.int8_cache else [],
+             [{"group_size": g} for g in halved(config.group_size)],
+             [{"max_new_tokens": t} for t in halved(config.max_new_tokens)],
+             [{"kv_pages": p} for p in (pages, *halved(pages)) if p > config.pages_per_trace]]
+    peak = parallel.require_fits(
         f"sampling {prompts} prompt(s) of {max_prompt_tokens} tokens with group_size="
         f"{config.group_size}, max_new_tokens={config.max_new_tokens}, int8_cache="
-        f"{config.int8_cache}, kv_pages={config.kv_pages} needs "
-        f"{'at least ' if at_least else ''}{gib(total)} ("
-        + ", ".join(f"{name} {gib(n)}" for name, n in parts.items())
-        + f") but {gib(device_bytes)} are available; "
-        + ("would fit: " + ", or ".join(options) if options else "no smaller setting fits"))
+        f"{config.int8_cache}, kv_pages={config.kv_pages}", device_bytes, estimate, compiled,
+        knobs, CERTAIN, name)
+    return None if peak is None else decode_memory(c, prompts, max_prompt_tokens, config, mesh,
+                                                   backend)
+
+
+def placed_bytes(state, mesh: Mesh | None) -> int:
+    """Bytes one device holds of the parameters `state` (arrays or ShapeDtypeStructs) as
+    `sample` places them: whole without a mesh, else in their `parallel.tree_shardings`."""
+    return (nbytes(state) if mesh is None
+            else parallel.shard_bytes(state, parallel.tree_shardings(state, mesh)))
 
 
 def abstract_on(tree, shardings):

@@ -47,7 +47,7 @@ problems in one call and gets what it gets one problem at a time (`deepconf.onli
 
 How much device memory a request needs, asked of the compiled programs without allocating
 it, is `jaxlab.sampling.memory`'s question; `sample` asks it before it allocates anything
-(`memory.check_request`: a shape estimate, and the compiled programs only when that estimate
+(`memory.require_fits`: a shape estimate, and the compiled programs only when that estimate
 passes half of the device's memory) and refuses a request that does not fit with
 `parallel.DoesNotFit`, naming the smaller settings that do.
 
@@ -685,10 +685,10 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
     step holds them: tensor-parallel decode; replicated on a mesh without those axes).
     Bad settings raise ValueError before anything is compiled, and a request over the device's
     memory `parallel.DoesNotFit` (a ValueError naming what it needs and the smaller settings
-    that fit) before anything is allocated: `memory.check_request` against `device_bytes`
-    (default: the first device's free memory, `parallel.device_memory_bytes`, plus the weights
-    already on it), which compiles the programs a second time only for a request whose shape
-    estimate passes half of that memory.
+    that fit) before anything is allocated: `memory.require_fits` against `device_bytes`
+    (default: the free memory of a device of `mesh`, the least over processes, plus the weights
+    already on it: `parallel.free_bytes`), which compiles the programs a second time only for a
+    request whose shape estimate passes half of that memory.
 
     Per prompt, optionally: `key` of shape [P] (a key per prompt, each trace its own stream:
     `draw_keys`; one key [] draws all slots from one stream per step), `stop_thresholds` [P]
@@ -733,7 +733,10 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
     if mesh is not None:
         check_mesh(count, config, mesh)
         shape = mesh_decode_kernel(shape, model.backend, mesh)
-    require_memory(model, state, count, width, config, mesh, device_bytes)
+    from jaxlab.sampling import memory  # it lowers this module's programs
+    memory.require_fits(c, count, width, config, parallel.free_bytes(mesh, held=state)
+                        if device_bytes is None else device_bytes, mesh, model.backend,
+                        weights=memory.placed_bytes(state, mesh))
     cache, out = init_generated(model, count, config), Samples.empty(
         count, shape.capacity, config.max_new_tokens)
     if mesh is not None:
@@ -749,23 +752,6 @@ def sample(model: Decoder, prompts: Sequence[Sequence[int]], key: jax.Array,
                            for p, b in enumerate(budget)]).astype(np.int64)  # [N]
     steps = out.steps
     return jax.tree.map(lambda x: x[keep], out.replace(steps=None)).replace(steps=steps)
-
-
-def require_memory(model: Decoder, state, prompts: int, max_prompt_tokens: int,
-                   config: SamplingConfig, mesh: Mesh | None, device_bytes: int | None) -> None:
-    """`memory.check_request` of a `sample` request with the model's parameters `state` (an
-    nnx.State) as they will be placed (split by `parallel.tree_shardings` on `mesh`), against
-    `device_bytes` or the first device's free memory plus the parameters already on it."""
-    from jaxlab.sampling import memory  # it lowers this module's programs
-
-    device = memory.policy_device(mesh)
-    if device_bytes is None:
-        held = parallel.bytes_per_device(state).get(device, 0)
-        device_bytes = parallel.device_memory_bytes(device) + held
-    weights = (memory.nbytes(state) if mesh is None
-               else parallel.shard_bytes(state, parallel.tree_shardings(state, mesh)))
-    memory.check_request(model.config, prompts, max_prompt_tokens, config, device_bytes, weights,
-                         mesh, model.backend)
 
 
 def prompt_keys(key: jax.Array, prompts: int) -> jax.Array:

@@ -132,7 +132,7 @@ def test_search_narrows_the_window_to_fit_memory():
                        segment_steps=50)
     wide = cn.search(2, start=3, seeds=2, window=4, config=FAST, segment_steps=50)
     assert narrow.critical_n == wide.critical_n < n_max
-    with pytest.raises(ValueError, match="GiB is available"):
+    with pytest.raises(ValueError, match="GiB are available"):
         cn.search(2, start=3, seeds=2, window=4, config=FAST, memory_bytes=fe.run_bytes(3, 2, 2))
 
 

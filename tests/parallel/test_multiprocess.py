@@ -179,6 +179,24 @@ def test_a_run_missing_a_process_stops_at_the_deadline(tmp_path):
         assert code != 0 and "deadline" in log.lower(), log
 
 
+# Each process reads its own first device of a mesh of both processes' devices (the mesh's
+# first device is not addressable on process 1) and is told it has (1 + its index) GiB free.
+FREE_BYTES = """
+from jaxlab import parallel
+parallel.initialize_processes(timeout_s=60)
+import jax
+parallel.device_memory_bytes = lambda device: (1 + jax.process_index()) * 2**30
+print("free", parallel.free_bytes(parallel.make_mesh()), flush=True)
+"""
+
+
+def test_every_process_of_a_run_reads_the_least_free_memory_so_all_decide_alike():
+    runs = _launch_command([sys.executable, "-c", FREE_BYTES], wait_s=120)
+    for code, log in runs:
+        assert code == 0, log
+    assert [log.split("free ")[1].split()[0] for _, log in runs] == [str(2**30)] * 2
+
+
 # A small critical-n sweep (experiments/critical_n.py); a fixed memory budget, so that the calls
 # are sized alike whatever memory the host has free.
 SWEEP = ["d_min=2", "d_max=2", "start_n=3", "seeds=2", "window=2", "segment_steps=100",
