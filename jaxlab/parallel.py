@@ -493,9 +493,10 @@ def init_sharded(init, mesh: Mesh, rules: dict[str, str] = RULES):
 
 
 def bytes_per_device(tree) -> dict[jax.Device, int]:
-    """Bytes of `tree`'s arrays that each device holds (its shards)."""
+    """Bytes of `tree`'s arrays that each device holds (its shards); host (NumPy) arrays are
+    on no device."""
     held: dict[jax.Device, int] = {}
     for leaf in jax.tree.leaves(tree):
-        for shard in leaf.addressable_shards:
+        for shard in getattr(leaf, "addressable_shards", ()):
             held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
     return held

@@ -215,7 +215,7 @@ def test_an_experiment_of_two_processes_writes_once_what_one_process_writes(tmp_
     assert list(folders[1].iterdir()) == []
     multi = folders[0] / "run"
     assert sorted(p.name for p in multi.iterdir()) == [
-        "config.yaml", "curve.png", "fit.json", "log.txt", "results.json"]
+        "config.yaml", "curve.png", "fit.json", "log.txt", "results.json", "run.lock"]
     assert "critical-n sweep d=2..2" in (multi / "log.txt").read_text()
 
     single = tmp_path / "single"

@@ -30,6 +30,8 @@ def test_fsdp_state_is_born_split_eight_ways():
     assert len(held) == 8
     for nbytes in held.values():
         assert abs(nbytes - total / 8) <= 0.05 * total / 8, (nbytes, total / 8)
+    # The same arrays copied to the host are on no device.
+    assert parallel.bytes_per_device(jax.tree.map(np.asarray, state.params)) == {}
     q_proj = state.params["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
     assert q_proj.sharding.spec == jax.sharding.PartitionSpec(parallel.FSDP, None)
     assert q_proj.addressable_shards[0].data.shape == (64 // 8, 64)
