@@ -548,13 +548,15 @@ def load_tokenizer(path: str | pathlib.Path):
 def _check_chat_template(folder: pathlib.Path, tokenizer) -> None:
     """CheckpointError naming the file of the tokenizer's chat template (chat_template.jinja, or
     tokenizer_config.json) and the template's line when it is not valid Jinja."""
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     templates = getattr(tokenizer, "chat_template", None) or {}
     if isinstance(templates, str):
         templates = {"default": templates}
+    if not templates:
+        return
+    import jinja2  # transformers' chat templates need it; only then is it imported
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     # Parsed only (as transformers' environment parses it), not rendered: a template may need
     # arguments that only its caller gives.
     environment = ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols])
