@@ -230,9 +230,13 @@ def require_fits(c: DecoderConfig, prompts: int, max_prompt_tokens: int, config:
         return estimate_parts(c, prompts, max_prompt_tokens,
                               dataclasses.replace(config, **change), weights, shards)
 
+    measured: dict[str, DecodeMemory] = {}   # the request's own figures, once compiled
+
     def compiled(change: dict) -> parallel.Parts:
         need = decode_memory(c, prompts, max_prompt_tokens, dataclasses.replace(config, **change),
                              mesh, backend)
+        if not change:
+            measured["request"] = need
         if need.prefill > need.loop:
             return {"prefill": need.prefill}
         return {"loop arguments (weights, KV, outputs)": need.arguments,
@@ -255,8 +259,7 @@ def require_fits(c: DecoderConfig, prompts: int, max_prompt_tokens: int, config:
         f"{config.group_size}, max_new_tokens={config.max_new_tokens}, int8_cache="
         f"{config.int8_cache}, kv_pages={config.kv_pages}", device_bytes, estimate, compiled,
         knobs, CERTAIN, name)
-    return None if peak is None else decode_memory(c, prompts, max_prompt_tokens, config, mesh,
-                                                   backend)
+    return None if peak is None else measured["request"]
 
 
 def placed_bytes(state, mesh: Mesh | None) -> int:
