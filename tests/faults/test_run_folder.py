@@ -44,15 +44,21 @@ def holding(folder: pathlib.Path) -> subprocess.Popen:
     return other
 
 
+def stops(capsys, main, argv: list[str], status: int) -> str:
+    """What `cli.run(main, argv)` printed on stderr, once it has exited with `status`."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(main, argv)
+    assert stopped.value.code == status
+    return capsys.readouterr().err
+
+
 def test_a_second_run_in_a_folder_is_refused_naming_the_holder(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     other = holding(out)
     try:
         before = snapshot(out)
-        with pytest.raises(SystemExit) as stopped:
-            cli.run(train_arithmetic.main, [f"out_dir={out}", *TINY_TRAINING])
-        assert stopped.value.code == 1
-        err = capsys.readouterr().err
+        err = stops(capsys, train_arithmetic.main, [f"out_dir={out}", *TINY_TRAINING], 1)
         assert f"{out} is in use by another run (process {other.pid} on " in err
         assert "Traceback" not in err
         assert snapshot(out) == before                      # nothing written or changed
@@ -152,20 +158,15 @@ def test_an_error_is_one_message_and_its_traceback_goes_to_the_log(tmp_path, tra
     bad = tmp_path / "problems.jsonl"
     bad.write_text('{"id": "a", "prompt": "1+1=", "answer": "2"}\n{"id": "b", "prompt": 3}\n')
     deepconf_argv = [f"out_dir={out}", f"model={trained[1]}", f"problems={bad}"]
-    with pytest.raises(SystemExit) as stopped:             # before the run's folder exists
-        cli.run(deepconf.main, deepconf_argv)
-    assert stopped.value.code == 1
-    err = capsys.readouterr().err
+    err = stops(capsys, deepconf.main, deepconf_argv, 1)    # before the run's folder exists
     assert err.startswith(f"error: {bad}:2: ") and "--debug prints the traceback" in err
     assert "Traceback" not in err
-    with pytest.raises(SystemExit):
-        cli.run(deepconf.main, [*deepconf_argv, "--debug"])
-    assert "Traceback (most recent call last)" in capsys.readouterr().err
+    err = stops(capsys, deepconf.main, [*deepconf_argv, "--debug"], 1)
+    assert "Traceback (most recent call last)" in err
 
-    with pytest.raises(SystemExit) as stopped:
-        cli.run(train_arithmetic.main, [*argv[1:], f"out_dir={out}", "fit.steps=0"])
-    assert stopped.value.code == 2                          # a bad value: a usage error
-    assert "FitConfig.steps must be an integer >= 1, got 0" in capsys.readouterr().err
+    err = stops(capsys, train_arithmetic.main, [*argv[1:], f"out_dir={out}", "fit.steps=0"],
+                2)                                          # a bad value: a usage error
+    assert "FitConfig.steps must be an integer >= 1, got 0" in err
 
 
 def test_a_full_disk_loses_nothing_and_a_rerun_resumes(tmp_path, monkeypatch, trained, capsys):
@@ -181,10 +182,7 @@ def test_a_full_disk_loses_nothing_and_a_rerun_resumes(tmp_path, monkeypatch, tr
         append(path, record)
 
     monkeypatch.setattr(jsonl, "append_record", full_at_step_5)
-    with pytest.raises(SystemExit) as stopped:
-        cli.run(train_arithmetic.main, [f"out_dir={out}", *TINY_TRAINING])
-    assert stopped.value.code == 1
-    err = capsys.readouterr().err
+    err = stops(capsys, train_arithmetic.main, [f"out_dir={out}", *TINY_TRAINING], 1)
     assert f"error: no space left to write {metrics} (No space left on device)" in err
     assert "Traceback" not in err and "OSError" in (out / "log.txt").read_text()
     every = jsonl.resume_records(whole / "metrics.jsonl")
@@ -208,10 +206,7 @@ def test_no_permission_is_named_with_what_to_do(tmp_path, monkeypatch, capsys):
         return mkdir(self, *args, **kwargs)
 
     monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
-    with pytest.raises(SystemExit) as stopped:
-        cli.run(train_arithmetic.main, [f"out_dir={out}", *TINY_TRAINING])
-    assert stopped.value.code == 1
-    err = capsys.readouterr().err
+    err = stops(capsys, train_arithmetic.main, [f"out_dir={out}", *TINY_TRAINING], 1)
     assert f"error: permission denied for {out} (Permission denied): change its" in err
     assert "Traceback" not in err
 
@@ -230,10 +225,8 @@ def test_sigterm_stops_at_a_step_and_a_rerun_resumes(tmp_path, monkeypatch, trai
 
     monkeypatch.setattr(sft, "_step", terminated_at_step_4)
     handler = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(SystemExit) as stopped:
-        cli.run(train_arithmetic.main, [f"out_dir={out}", *TINY_TRAINING])
-    assert stopped.value.code == 143
-    assert capsys.readouterr().err.splitlines()[-1] == (
+    err = stops(capsys, train_arithmetic.main, [f"out_dir={out}", *TINY_TRAINING], 143)
+    assert err.splitlines()[-1] == (
         "stopped (SIGTERM); a rerun resumes from what was written")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2"]
     assert signal.getsignal(signal.SIGTERM) is handler      # put back
