@@ -36,6 +36,11 @@ def choose(validation: dict[str, float]) -> str:
     return max(validation, key=lambda value: (validation[value], -list(validation).index(value)))
 
 
+def greedy(run: dict, when: str, split: str) -> float:
+    """A run's greedy accuracy on a held-out split, "before" or "after" training."""
+    return run[when][split]["greedy"]
+
+
 def _run(config: str, folder: pathlib.Path, seed: int, overrides: list[str]) -> dict:
     summary = folder / "summary.json"
     if summary.exists() and "after" in (done := read_json(summary)):
@@ -77,18 +82,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     first_seed, other_seeds = args.seeds[0], args.seeds[1:]
     sweep = dict(zip(settings, run_all([(s, first_seed) for s in settings]), strict=True))
-    validation = {s: r["after"]["validation"] for s, r in sweep.items()}
+    validation = {s: greedy(r, "after", "validation") for s, r in sweep.items()}
     chosen = choose(validation)
     runs = [sweep[chosen], *run_all([(chosen, seed) for seed in other_seeds])]
     summary = {
         "config": args.config, "overrides": overrides, "chosen": chosen or None,
-        "sweep": {s: {"validation_before": r["before"]["validation"],
-                      "validation_after": r["after"]["validation"]} for s, r in sweep.items()},
+        "sweep": {s: {"validation_before": greedy(r, "before", "validation"),
+                      "validation_after": greedy(r, "after", "validation")}
+                  for s, r in sweep.items()},
         "seeds": args.seeds,
-        "test_before": spread([r["before"]["test"] for r in runs]),
-        "test_after": spread([r["after"]["test"] for r in runs]),
-        "validation_after": spread([r["after"]["validation"] for r in runs]),
-        "test_error_reduction": spread([r["test_error_reduction"] for r in runs]),
+        "test_before": spread([greedy(r, "before", "test") for r in runs]),
+        "test_after": spread([greedy(r, "after", "test") for r in runs]),
+        "validation_after": spread([greedy(r, "after", "validation") for r in runs]),
+        "test_error_reduction": spread([r["greedy_error_reduction"]["test"] for r in runs]),
         "seconds_per_run": spread([r["seconds_this_run"] for r in runs]),
     }
     results.write_json(out / "summary.json", summary)

@@ -1,16 +1,23 @@
-"""GRPO on the arithmetic model: the RL loop (`jaxlab.rl.loop`) on a task with an exact reward.
+"""GRPO on a task with a checked answer: the RL loop (`jaxlab.rl.loop`) on your checkpoint and
+your problems, or on the built-in arithmetic task.
 
+    python experiments/train_grpo.py --config configs/rl/math_cpu.yaml model=DIR task.path=FILE
     python experiments/train_grpo.py --config configs/rl/arithmetic_cpu.yaml [key=value ...]
 
-Starts from the model of experiments/train_arithmetic.py (trained first, with
-configs/deepconf/train_cpu.yaml, when `model` does not exist), samples G solutions of fresh
-4-term sums per prompt (or of a fixed pool of `problem_pool` problems), rewards an exact boxed
-answer with 1 (+ `format_reward` for any boxed answer), and trains with GRPO. No prompt is ever
-one of the model's held-out problems. Greedy accuracy is measured before and after, in the same
-run, on the model's validation set (`validation.jsonl`: what settings are chosen on) and its test
-set (`problems.jsonl`: what is reported). Writes config.yaml, log.txt, metrics.jsonl (one line
-per step), summary.json, curves.png, checkpoints/ and policy/ (the trained policy as a
-Hugging Face folder with its tokenizer); a rerun resumes.
+`task` (`jaxlab.tasks.TaskConfig`) says what is trained on. kind=math: the problems of a JSON
+Lines, parquet or `datasets` file, through the chat template of `model`'s tokenizer (any Qwen3,
+Qwen2 or Llama folder that `hf.load_pretrained` reads), rewarded by math-verify's verdict on the
+response's answer plus any other weighted reward (`task.rewards`); a share of the file (or a
+second file) is held out. kind=arithmetic: fresh 4-term sums for the model of
+experiments/train_arithmetic.py (trained first, with `model_config`, when `model` does not
+exist), held out: the model's validation and test sets.
+
+Before and after training the held-out problems are evaluated in the same run (`tasks.evaluate`:
+greedy accuracy, and pass@1 and majority@k of `eval_samples` responses at the rollout
+temperature). Writes config.yaml, log.txt, metrics.jsonl (one line per step), summary.json
+({"before": {split: figures}, "after": ...}), curves.png, checkpoints/ and policy/ (the policy
+as a Hugging Face folder with its tokenizer, written at each checkpoint and at the end); a
+rerun resumes.
 """
 
 from __future__ import annotations
@@ -19,12 +26,13 @@ import dataclasses
 import logging
 import pathlib
 import time
+from typing import ClassVar
 
 import jax
 import numpy as np
 from flax import nnx
 
-from jaxlab import cli, jsonl, parallel, results
+from jaxlab import cli, jsonl, parallel, results, tasks
 from jaxlab import config as config_lib
 from jaxlab.deepconf import arithmetic, arithmetic_model
 from jaxlab.deepconf.problems import load_problems
@@ -33,31 +41,42 @@ from jaxlab.rl import loop
 
 log = logging.getLogger("jaxlab")
 
+ARITHMETIC = tasks.TaskConfig(kind="arithmetic", rewards={"accuracy": 1.0, "format": 0.1})
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     out_dir: str = "results/grpo_arithmetic"
-    model: str = "results/arithmetic_model"  # a train_arithmetic.py folder (trained if absent)
-    model_config: str = "configs/deepconf/train_cpu.yaml"  # how to train it when absent
+    model: str = "results/arithmetic_model"  # a Hugging Face folder with its tokenizer (the
+    #                                          arithmetic task: a train_arithmetic.py folder,
+    #                                          trained when absent)
+    model_config: str = "configs/deepconf/train_cpu.yaml"  # arithmetic: how to train it
     compute_dtype: str = "float32"  # activations (master weights are float32)
-    terms: int = 4
-    format_reward: float = 0.1      # added for any boxed answer, right or wrong
-    problem_pool: int = 0           # draw prompts from a fixed set of this many (0: fresh ones)
     seed: int = 0
+    eval_samples: int = 8           # responses per held-out problem for pass@1 and
+    #                                 majority@k at the rollout temperature (0: greedy only)
+    task: tasks.TaskConfig = dataclasses.field(default_factory=lambda: ARITHMETIC)
     # devices (CPU: one per core), with several processes as many from each: mesh.data=8 for
     # data parallelism; mesh.fsdp=8 splits the parameters and optimizer state (large models)
     mesh: parallel.MeshConfig = dataclasses.field(default_factory=parallel.MeshConfig)
     loop: loop.LoopConfig = dataclasses.field(default_factory=loop.LoopConfig)
 
+    RENAMED: ClassVar[dict[str, str]] = {"terms": "task.terms", "problem_pool":
+                                         "task.problem_pool",
+                                         "format_reward": "task.rewards.format"}
+
     def __post_init__(self):
-        config_lib.require_positive_ints(self, "terms")
-        config_lib.require(self.problem_pool >= 0,
-                           f"problem_pool must be >= 0, got {self.problem_pool}")
-        config_lib.require(self.format_reward >= 0,
-                           f"format_reward must be >= 0, got {self.format_reward}")
+        config_lib.dtype_name(self.compute_dtype, "compute_dtype")
+        config_lib.require(self.eval_samples >= 0,
+                           f"eval_samples must be >= 0, got {self.eval_samples}")
+        if self.task.kind == "arithmetic":
+            eos = arithmetic.VOCAB.index(arithmetic.EOS)
+            config_lib.require(self.loop.stop_ids in ((), (eos,)),
+                               f"loop.stop_ids must be [{eos}] (EOS) for the arithmetic task")
 
 
-def prompt_fn(terms: int, pool: int = 0, seed: int = 0, held_out: frozenset[str] = frozenset()):
+def arithmetic_prompts(terms: int, pool: int = 0, seed: int = 0,
+                       held_out: frozenset[str] = frozenset()) -> loop.PromptFn:
     """Problems drawn from the key, a function of (run key, step, round) only: fresh ones,
     or `count` of a fixed pool of `pool` problems (without replacement). A problem whose prompt
     is in `held_out` is never drawn (nor put in the pool)."""
@@ -72,20 +91,93 @@ def prompt_fn(terms: int, pool: int = 0, seed: int = 0, held_out: frozenset[str]
         if problems is None:
             chosen = arithmetic.draw_problems(rng, terms, count, exclude=held_out)
         else:
-            config_lib.require(count <= pool, f"problem_pool={pool} is smaller than "
+            config_lib.require(count <= pool, f"task.problem_pool={pool} is smaller than "
                                               f"loop.prompts={count}")
             chosen = [problems[i] for i in rng.permutation(pool)[:count]]
         return [loop.Prompt(tuple(arithmetic.encode(p.prompt)), p.answer) for p in chosen]
     return draw
 
 
-def reward_fn(format_reward: float) -> loop.RewardFn:
-    """1 for the exact answer, + format_reward for a boxed answer; accuracy logged apart."""
-    def score(prompt: loop.Prompt, response: list[int], truncated: bool) -> dict[str, float]:
-        correct, formatted = arithmetic.grade(arithmetic.decode(response), prompt.data)
-        return {"reward": correct + format_reward * formatted, "accuracy": float(correct),
-                "truncated": float(truncated)}
-    return loop.per_response(score)
+def file_prompts(problems: list[tasks.Problem], ids: list[list[int]]) -> loop.PromptFn:
+    """`count` of the training problems, drawn without replacement from the key (a function of
+    run key, step and round only), each with its reference answer as the reward's data."""
+    def draw(key: jax.Array, count: int) -> list[loop.Prompt]:
+        config_lib.require(count <= len(problems), f"loop.prompts={count} is more than the "
+                                                   f"{len(problems)} training problems")
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
+        return [loop.Prompt(tuple(ids[i]), problems[i].answer)
+                for i in rng.permutation(len(problems))[:count]]
+    return draw
+
+
+@dataclasses.dataclass
+class Task:
+    """What a run trains and evaluates on, read once: the policy, how its text is encoded and
+    decoded, the training prompts, and the held-out splits (each [(prompt ids, reference)])."""
+
+    policy: object
+    prompt_fn: loop.PromptFn
+    decode: object
+    stop_ids: tuple[int, ...]
+    held_out: dict[str, tuple[list[list[int]], list[str]]]
+    inputs: dict[str, pathlib.Path]
+    tokenizer: object
+
+
+def arithmetic_task(cfg: Config) -> Task:
+    model_dir = pathlib.Path(cfg.model)
+    if not (model_dir / "config.json").exists():
+        log.info("no model at %s: training it with %s", model_dir, cfg.model_config)
+        model_cfg = config_lib.load_config(arithmetic_model.Config, cfg.model_config,
+                                           [f"out_dir={model_dir}"])
+        arithmetic_model.train(model_cfg, results.open_run(model_dir, model_cfg))
+        results.open_run(cfg.out_dir, cfg)  # log to this run's folder again
+    missing = [name for name in arithmetic.HELD_OUT_FILES.values()
+               if not (model_dir / name).exists()]
+    config_lib.require(not missing, f"{model_dir} has no {' or '.join(missing)}: the held-out "
+                                    f"sets that experiments/train_arithmetic.py writes (a model "
+                                    f"trained before they were split into validation and test "
+                                    f"must be trained again)")
+    held_out = {split: load_problems(model_dir / name)
+                for split, name in arithmetic.HELD_OUT_FILES.items()}
+    excluded = frozenset(p.prompt for split in held_out.values() for p in split)
+    return Task(
+        policy=hf.load_pretrained(model_dir, param_dtype="float32",
+                                  compute_dtype=cfg.compute_dtype),
+        prompt_fn=arithmetic_prompts(cfg.task.terms, cfg.task.problem_pool, cfg.seed, excluded),
+        decode=arithmetic.decode, stop_ids=(arithmetic.VOCAB.index(arithmetic.EOS),),
+        held_out={split: ([arithmetic.encode(p.prompt) for p in problems],
+                          [p.answer for p in problems]) for split, problems in held_out.items()},
+        inputs={"model": model_dir, **{split: model_dir / name for split, name
+                                       in arithmetic.HELD_OUT_FILES.items()}},
+        tokenizer=arithmetic.char_tokenizer())
+
+
+def math_task(cfg: Config) -> Task:
+    task = cfg.task
+    tokenizer = hf.load_tokenizer(cfg.model)
+    splits = tasks.load_splits(task)
+    width = cfg.loop.max_prompt_tokens
+    train, train_ids = tasks.fit_prompts(splits.train, tasks.encode_prompts(task, tokenizer,
+                                                                            splits.train),
+                                         width, task.long_prompts)
+    held, held_ids = tasks.fit_prompts(splits.held_out, tasks.encode_prompts(
+        task, tokenizer, splits.held_out), width, task.long_prompts)
+    log.info("%d training problems, %d held out, from %s", len(train), len(held),
+             task.eval_path or task.path)
+
+    def decode(ids) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    return Task(
+        policy=hf.load_pretrained(cfg.model, param_dtype="float32",
+                                  compute_dtype=cfg.compute_dtype),
+        prompt_fn=file_prompts(train, train_ids), decode=decode,
+        stop_ids=cfg.loop.stop_ids or tasks.stop_ids(cfg.model, tokenizer),
+        held_out={"held_out": (held_ids, [p.answer for p in held])},
+        inputs={"model": pathlib.Path(cfg.model), "task": pathlib.Path(task.path),
+                **({"eval": pathlib.Path(task.eval_path)} if task.eval_path else {})},
+        tokenizer=tokenizer)
 
 
 def plot(records: list[dict], path: pathlib.Path) -> None:
@@ -93,9 +185,11 @@ def plot(records: list[dict], path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    names = [n for n in ("reward_mean", "accuracy", "format", "response_length")
+             if n in records[0]]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.3 * len(names), 3.5))
     x = [r["step"] for r in records]
-    for ax, name in zip(axes, ("reward_mean", "accuracy", "response_length"), strict=True):
+    for ax, name in zip(axes, names, strict=True):
         ax.plot(x, [r[name] for r in records])
         ax.set_xlabel("step")
         ax.set_title(name)
@@ -109,68 +203,55 @@ def main(argv: list[str] | None = None) -> dict:
     results.join_processes()  # before JAX touches a backend
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     mesh = cfg.mesh.build()  # before any work: an error if the devices are not there
-    eos = arithmetic.VOCAB.index(arithmetic.EOS)
-    config_lib.require(cfg.loop.stop_ids == (eos,), f"loop.stop_ids must be [{eos}] (EOS)")
     out = results.open_run(cfg.out_dir, cfg)
-    model_dir = pathlib.Path(cfg.model)
-    if not (model_dir / "config.json").exists():
-        log.info("no model at %s: training it with %s", model_dir, cfg.model_config)
-        model_cfg = config_lib.load_config(arithmetic_model.Config, cfg.model_config,
-                                           [f"out_dir={model_dir}"])
-        arithmetic_model.train(model_cfg, results.open_run(model_dir, model_cfg))
-        results.open_run(cfg.out_dir, cfg)  # log to this run's folder again
-    policy = hf.load_pretrained(model_dir, param_dtype="float32", compute_dtype=cfg.compute_dtype)
-    missing = [name for name in arithmetic.HELD_OUT_FILES.values()
-               if not (model_dir / name).exists()]
-    config_lib.require(not missing, f"{model_dir} has no {' or '.join(missing)}: the held-out "
-                                    f"sets that experiments/train_arithmetic.py writes (a model "
-                                    f"trained before they were split into validation and test "
-                                    f"must be trained again)")
-    results.check_inputs(out, model=model_dir, **{split: model_dir / name for split, name
-                                                  in arithmetic.HELD_OUT_FILES.items()})
-    held_out = {split: load_problems(model_dir / name)
-                for split, name in arithmetic.HELD_OUT_FILES.items()}
+    task = arithmetic_task(cfg) if cfg.task.kind == "arithmetic" else math_task(cfg)
+    results.check_inputs(out, **task.inputs)
+    loop_config = dataclasses.replace(cfg.loop, stop_ids=task.stop_ids)
+    grader = tasks.GRADERS[cfg.task.kind]
+    key = jax.random.key(cfg.seed)
+
+    def evaluate(model) -> dict[str, dict[str, float]]:
+        return {split: tasks.evaluate(
+            model, ids, references, grader, task.decode, key=jax.random.fold_in(key, 1),
+            stop_ids=task.stop_ids, max_new_tokens=cfg.loop.max_new_tokens,
+            temperature=cfg.loop.temperature, samples=cfg.eval_samples, top_p=cfg.loop.top_p,
+            top_k=cfg.loop.top_k) for split, (ids, references) in task.held_out.items()}
+
     summary = results.read_json(out / "summary.json", {})
     if "before" not in summary:
-        summary = {"held_out": {split: len(p) for split, p in held_out.items()},
-                   "before": accuracies(policy, held_out, cfg.loop.max_new_tokens)}
+        summary = {"held_out": {split: len(ids) for split, (ids, _) in task.held_out.items()},
+                   "before": evaluate(task.policy)}
         results.write_json(out / "summary.json", summary)
-    log.info("greedy accuracy before: %s", summary["before"])
+    log.info("held out, before: %s", summary["before"])
     start = time.perf_counter()
-    excluded = frozenset(p.prompt for split in held_out.values() for p in split)
-    graphdef, state = loop.run(policy, prompt_fn(cfg.terms, cfg.problem_pool, cfg.seed, excluded),
-                               reward_fn(cfg.format_reward),
-                               cfg.loop, out, key=jax.random.key(cfg.seed), mesh=mesh)
+    graphdef, state = loop.run(task.policy, task.prompt_fn,
+                               tasks.task_rewards(cfg.task, task.decode), loop_config, out,
+                               key=key, mesh=mesh)
     seconds = time.perf_counter() - start
     trained = nnx.merge(graphdef, jax.tree.map(parallel.host_array, state.params))
-    hf.save_pretrained(trained, out / "policy", eos_token_id=eos,
-                       pad_token_id=arithmetic.VOCAB.index(arithmetic.PAD))
-    arithmetic.save_tokenizer(out / "policy")
+    hf.save_pretrained(trained, out / "policy", eos_token_id=task.stop_ids[0],
+                       pad_token_id=task.tokenizer.pad_token_id)
+    hf.save_tokenizer(task.tokenizer, out / "policy")
     records = jsonl.resume_records(out / "metrics.jsonl")
     summary.update({
-        "after": accuracies(trained, held_out, cfg.loop.max_new_tokens),
+        "after": evaluate(trained),
         "steps": cfg.loop.steps, "optimizer_steps": int(state.step),
         "seconds_this_run": seconds,
         "rollout_seconds": sum(r["rollout_seconds"] for r in records),
         "train_seconds": sum(r["train_seconds"] for r in records),
     })
-    summary["test_error_reduction"] = error_reduction(summary["before"]["test"],
-                                                      summary["after"]["test"])
+    summary["greedy_error_reduction"] = {
+        split: error_reduction(summary["before"][split]["greedy"],
+                               summary["after"][split]["greedy"]) for split in task.held_out}
     results.write_json(out / "summary.json", summary)
     plot(records, out / "curves.png")
-    log.info("greedy accuracy on test %.3f -> %.3f (error reduced by %.0f%%), on validation "
-             "%.3f -> %.3f, after %d steps; rollout %.0f s, train %.0f s",
-             summary["before"]["test"], summary["after"]["test"],
-             100 * summary["test_error_reduction"], summary["before"]["validation"],
-             summary["after"]["validation"], cfg.loop.steps, summary["rollout_seconds"],
-             summary["train_seconds"])
+    for split in task.held_out:
+        log.info("%s: %s -> %s (greedy error reduced by %.0f%%)", split,
+                 summary["before"][split], summary["after"][split],
+                 100 * summary["greedy_error_reduction"][split])
+    log.info("%d steps; rollout %.0f s, train %.0f s", cfg.loop.steps,
+             summary["rollout_seconds"], summary["train_seconds"])
     return summary
-
-
-def accuracies(model, held_out: dict[str, list], max_new_tokens: int) -> dict[str, float]:
-    """Greedy accuracy of `model` on each held-out split."""
-    return {split: arithmetic.greedy_accuracy(model, problems, max_new_tokens)
-            for split, problems in held_out.items()}
 
 
 def error_reduction(before: float, after: float) -> float:

@@ -54,8 +54,14 @@ def read_jsonl(path: str | pathlib.Path, fields: Sequence[Field]) -> list[tuple]
 def read_records(path: str | pathlib.Path) -> list[dict]:
     """Every line of a JSON Lines file as a JSON object; DataError naming `path:line` for a line
     that is not UTF-8, not JSON or not an object."""
+    return [record for _, record in located_records(path)]
+
+
+def located_records(path: str | pathlib.Path) -> list[tuple[str, dict]]:
+    """("path:line", JSON object) for every line of a JSON Lines file (errors as
+    `read_records`)."""
     path = pathlib.Path(path)
-    return [record for _, record in _records(path, _file_bytes(path).splitlines())]
+    return list(_records(path, _file_bytes(path).splitlines()))
 
 
 def read_json(path: str | pathlib.Path) -> Any:

@@ -31,13 +31,15 @@ def has_chat_template(tokenizer) -> bool:
 
 
 def build_prompts(tokenizer, problems: Sequence[str], chat_template: bool = True,
-                  instruction: str = INSTRUCTION) -> list[list[int]]:
+                  instruction: str = INSTRUCTION, system_prompt: str = "") -> list[list[int]]:
     """Token ids of each problem's prompt.
 
     With `chat_template` and a tokenizer that has one: the ids of
-    `tokenizer.apply_chat_template([{"role": "user", "content": user_message(problem)}],
-    add_generation_prompt=True)`. Otherwise the plain problem text, tokenized without special
-    tokens (a warning is logged once when a template was asked for but the tokenizer has none).
+    `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`, the messages being a
+    system turn holding `system_prompt` (when not empty) and the user turn
+    `user_message(problem, instruction)`. Otherwise the plain problem text, tokenized without
+    special tokens (a warning is logged once when a template was asked for but the tokenizer has
+    none).
     """
     if chat_template and not has_chat_template(tokenizer):
         log.warning("the tokenizer has no chat template: prompts are the plain problem text, "
@@ -46,9 +48,10 @@ def build_prompts(tokenizer, problems: Sequence[str], chat_template: bool = True
     if not chat_template:
         return [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in problems]
     prompts = []
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     for problem in problems:
         ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_message(problem, instruction)}],
+            [*system, {"role": "user", "content": user_message(problem, instruction)}],
             add_generation_prompt=True, tokenize=True)
         if not isinstance(ids, list):  # transformers may answer a BatchEncoding
             ids = ids["input_ids"]

@@ -45,7 +45,7 @@ def job_args(job: str, work: pathlib.Path) -> list[str]:
         subprocess.run([sys.executable, str(ROOT / "experiments" / "train_arithmetic.py"),
                         f"out_dir={model}", *TINY_MODEL], check=True, capture_output=True)
     if job == "train_grpo":
-        return ["train_grpo.py", f"model={model}", "terms=2", "loop.steps=6",
+        return ["train_grpo.py", f"model={model}", "task.terms=2", "loop.steps=6",
                 "loop.prompts=2", "loop.group_size=2", "loop.max_prompt_tokens=12",
                 "loop.max_new_tokens=24", "loop.stop_ids=[1]", "loop.checkpoint_every=1"]
     if job == "deepconf":

@@ -15,9 +15,11 @@ import grpo_seeds
 def _finished(folder: Path, validation: float, test: float) -> None:
     folder.mkdir(parents=True)
     (folder / "summary.json").write_text(json.dumps({
-        "before": {"validation": 0.8, "test": 0.75},
-        "after": {"validation": validation, "test": test},
-        "test_error_reduction": 1 - (1 - test) / 0.25, "seconds_this_run": 10.0}))
+        "before": {"validation": {"greedy": 0.8}, "test": {"greedy": 0.75}},
+        "after": {"validation": {"greedy": validation}, "test": {"greedy": test}},
+        "greedy_error_reduction": {"validation": 1 - (1 - validation) / 0.2,
+                                   "test": 1 - (1 - test) / 0.25},
+        "seconds_this_run": 10.0}))
 
 
 def test_choose_takes_the_best_validation_and_the_first_of_a_tie():

@@ -32,8 +32,8 @@ fit: {steps: 4, batch_size: 4, optimizer: {learning_rate: 1.0e-3, warmup_steps: 
 
 def _args(tmp_path, *overrides):
     return [f"out_dir={tmp_path / 'run'}", f"model={tmp_path / 'model'}",
-            f"model_config={tmp_path / 'model.yaml'}", "terms=2", "loop.steps=2",
-            "loop.prompts=2", "loop.group_size=2", "loop.max_prompt_tokens=12",
+            f"model_config={tmp_path / 'model.yaml'}", "task.terms=2", "eval_samples=2",
+            "loop.steps=2", "loop.prompts=2", "loop.group_size=2", "loop.max_prompt_tokens=12",
             "loop.max_new_tokens=24", "loop.stop_ids=[1]", "loop.checkpoint_every=1",
             *overrides]
 
@@ -53,13 +53,18 @@ def test_grpo_experiment_end_to_end_and_resume(tmp_path):
     assert summary["held_out"] == {"validation": 6, "test": 6}
     for when in ("before", "after"):
         assert set(summary[when]) == {"validation", "test"}
-        assert all(0 <= a <= 1 for a in summary[when].values())
+        for figures in summary[when].values():
+            assert set(figures) == {"greedy", "pass@1", "majority@2"}
+            # 6 problems: greedy and majority are sixths, pass@1 twelfths (2 samples each)
+            assert all(0 <= a <= 1 for a in figures.values())
+            assert 6 * figures["greedy"] == pytest.approx(round(6 * figures["greedy"]))
+            assert 12 * figures["pass@1"] == pytest.approx(round(12 * figures["pass@1"]))
     assert summary["optimizer_steps"] == 2
     assert json.loads((run / "summary.json").read_text()) == summary
     # The policy is a Hugging Face folder that jaxlab reloads to the trained parameters.
     policy = hf.load_pretrained(run / "policy", param_dtype="float32")
     assert arithmetic.greedy_accuracy(policy, load_problems(tmp_path / "model" / "problems.jsonl"),
-                                      24) == summary["after"]["test"]
+                                      24) == summary["after"]["test"]["greedy"]
     # ... and that transformers reads as the same model, with its tokenizer
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -83,25 +88,26 @@ def test_grpo_experiment_end_to_end_and_resume(tmp_path):
         train_grpo.main(_args(tmp_path, f"out_dir={tmp_path / 'other'}"))
 
 
-def test_bad_settings_stop_before_any_work(tmp_path):
+def test_bad_settings_stop_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_grpo.main(_args(tmp_path, "loop.group_size=1"))
     with pytest.raises(SystemExit):
         train_grpo.main(_args(tmp_path, "loop.temperature=0"))
     with pytest.raises(SystemExit):  # a key of an earlier version, refused with its new name
         train_grpo.main(_args(tmp_path, "loop.train.temperature=1"))
-    with pytest.raises(ValueError, match="stop_ids"):
+    with pytest.raises(SystemExit):
         train_grpo.main(_args(tmp_path, "loop.stop_ids=[3]"))
+    assert "loop.stop_ids must be [1] (EOS)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
 def test_prompts_are_fresh_per_key_or_drawn_from_the_pool():
     import jax
 
-    fresh = train_grpo.prompt_fn(4)
+    fresh = train_grpo.arithmetic_prompts(4)
     a, b = fresh(jax.random.key(1), 8), fresh(jax.random.key(2), 8)
     assert a == fresh(jax.random.key(1), 8) and a != b  # a function of the key only
-    pooled = train_grpo.prompt_fn(4, pool=10)
+    pooled = train_grpo.arithmetic_prompts(4, pool=10)
     pool = {p.tokens for key in range(20) for p in pooled(jax.random.key(key), 6)}
     draw = pooled(jax.random.key(0), 6)
     assert len(pool) == 10 and len({p.tokens for p in draw}) == 6
@@ -117,13 +123,13 @@ def test_prompts_never_draw_a_held_out_problem():
     validation = [p.prompt for p in held["validation"]]
     assert len(set(validation)) == 300 and not set(validation) & {p.prompt for p in held["test"]}
     tokens = {tuple(arithmetic.encode(prompt)) for prompt in excluded}
-    for draw in (train_grpo.prompt_fn(2, held_out=excluded),
-                 train_grpo.prompt_fn(2, pool=50, held_out=excluded)):
+    for draw in (train_grpo.arithmetic_prompts(2, held_out=excluded),
+                 train_grpo.arithmetic_prompts(2, pool=50, held_out=excluded)):
         drawn = [p.tokens for key in range(40) for p in draw(jax.random.key(key), 40)]
         assert not tokens & set(drawn)
     # without the exclusion the same draws do hit held-out problems (the check can fail)
-    drawn = [p.tokens for key in range(40) for p in train_grpo.prompt_fn(2)(jax.random.key(key),
-                                                                            40)]
+    draw = train_grpo.arithmetic_prompts(2)
+    drawn = [p.tokens for key in range(40) for p in draw(jax.random.key(key), 40)]
     assert tokens & set(drawn)
 
 
