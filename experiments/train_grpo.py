@@ -155,6 +155,8 @@ def arithmetic_task(cfg: Config) -> Task:
 
 def math_task(cfg: Config) -> Task:
     task = cfg.task
+    config_lib.require(bool(cfg.model), "model is empty: give model=DIR, a Hugging Face folder "
+                                        "with its tokenizer")
     tokenizer = hf.load_tokenizer(cfg.model)
     splits = tasks.load_splits(task)
     width = cfg.loop.max_prompt_tokens

@@ -92,10 +92,8 @@ class TaskConfig:
         bad = {k: w for k, w in self.rewards.items() if not (math.isfinite(w) and w >= 0)}
         require(not bad, f"task.rewards weights must be finite and >= 0, got {bad}")
         require(any(self.rewards.values()), "task.rewards gives every reward weight 0")
-        if self.kind == "math":
-            require(bool(self.path), "task.path is empty: a math task reads its problems from "
-                                     "a file (.jsonl, .parquet or a datasets folder)")
-        else:
+        if self.kind == "arithmetic":  # (a math task's empty path is refused when it is read:
+            #                               a config file may leave it to the command line)
             require(not self.path and not self.eval_path,
                     "task.kind=arithmetic generates its problems: task.path and task.eval_path "
                     "must be empty (kind=math reads a file)")
@@ -196,6 +194,8 @@ def load_splits(task: TaskConfig) -> Splits:
     """A math task's problems split into training and held-out ones (see the module's
     docstring); the held-out ones cut to `eval_limit`."""
     require(task.kind == "math", "load_splits reads a math task's files (kind=math)")
+    require(bool(task.path), "task.path is empty: a math task reads its problems from a file "
+                             "(.jsonl, .parquet or a datasets folder); give task.path=FILE")
     rows = load_problems(task, task.path, task.split)
     if task.eval_path:
         train, held_out = rows, load_problems(task, task.eval_path, task.eval_split)

@@ -84,8 +84,11 @@ def qwen3(size: str, *, param_dtype: str = "float32", compute_dtype: str | None 
 
 
 def create(family: str, path: str | pathlib.Path, *, size: str = "tiny", seed: int = 0,
-           param_dtype: DTypeLike = "float32", **overrides) -> pathlib.Path:
-    """Writes a random-init checkpoint folder (config.json + model.safetensors) and returns it.
+           param_dtype: DTypeLike = "float32", tokenizer: bool = False,
+           **overrides) -> pathlib.Path:
+    """Writes a random-init checkpoint folder (config.json + model.safetensors) and returns it;
+    with `tokenizer`, `chat_tokenizer()` beside them (a chat model's folder, for tests and
+    demos of the chat-template paths).
 
     param_dtype: the stored parameters' dtype, float32, bfloat16 or float16, as a name or a
     NumPy or JAX dtype; another value is a ValueError naming `param_dtype`, raised before
@@ -98,7 +101,39 @@ def create(family: str, path: str | pathlib.Path, *, size: str = "tiny", seed: i
     hf_config(family, size, **overrides).save_pretrained(path)
     model = Decoder(load_decoder_config(path, param_dtype=param_dtype), nnx.Rngs(seed))
     save_pretrained(model, path)
+    if tokenizer:
+        chat_tokenizer().save_pretrained(path)
     return path
+
+
+# Qwen's ChatML chat template, reduced to what a test needs: each message as
+# <|im_start|>role\ncontent<|im_end|>\n, then the assistant turn opened on request.
+CHATML = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content"
+    " + '<|im_end|>' + '\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+CHATML_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def chat_tokenizer():
+    """A transformers fast tokenizer for tests and demos: one token per printable ASCII
+    character after Qwen's three special tokens (ids 0-2; 103 tokens in all, within the tiny
+    size's vocabulary), EOS `<|im_end|>`, padding `<|endoftext|>`, and `CHATML` as its chat
+    template."""
+    import string
+
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate([*CHATML_SPECIAL, *sorted(set(string.printable))])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=CHATML_SPECIAL[0]))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens([AddedToken(t, special=True) for t in CHATML_SPECIAL])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>",
+                                        pad_token=CHATML_SPECIAL[0])
+    tokenizer.chat_template = CHATML
+    return tokenizer
 
 
 def _refuse_dtype(overrides: dict, where: str) -> None:
