@@ -124,3 +124,14 @@ def test_long_prompts_are_refused_naming_the_row_or_dropped_with_a_count(world, 
                                         "loop.steps=1"))
     assert "left out 1 of" in caplog.text
     assert summary["optimizer_steps"] == 1
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_any_supported_family_trains_on_a_file(tmp_path, family):
+    """model=DIR: a Qwen2 or Llama folder with its chat tokenizer runs the same path."""
+    model = zoo.create(family, tmp_path / family, tokenizer=True, max_position_embeddings=512)
+    data = _problems(tmp_path / "problems.jsonl")
+    summary = train_grpo.main(_args(tmp_path, "run", model, data, "loop.steps=1",
+                                    "eval_samples=0"))
+    assert summary["optimizer_steps"] == 1 and set(summary["after"]["held_out"]) == {"greedy"}
+    assert json.loads((tmp_path / "run/policy/config.json").read_text())["model_type"] == family
