@@ -159,6 +159,9 @@ def math_task(cfg: Config) -> Task:
                                         "with its tokenizer")
     tokenizer = hf.load_tokenizer(cfg.model)
     splits = tasks.load_splits(task)
+    config_lib.require(bool(splits.train), f"{task.path}: no training problems are left once "
+                                           f"{len(splits.held_out)} are held out (lower "
+                                           f"task.eval_fraction, or give task.eval_path)")
     width = cfg.loop.max_prompt_tokens
     train, train_ids = tasks.fit_prompts(splits.train, tasks.encode_prompts(task, tokenizer,
                                                                             splits.train),

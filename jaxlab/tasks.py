@@ -42,7 +42,7 @@ import numpy as np
 
 from jaxlab.config import require
 from jaxlab.deepconf import answers, prompts
-from jaxlab.jsonl import DataError, check_unique, located_records
+from jaxlab.jsonl import DataError, located_records
 
 log = logging.getLogger("jaxlab")
 
@@ -170,7 +170,11 @@ def load_problems(task: TaskConfig, path: str, split: str) -> list[Problem]:
         problems.append(Problem(ident, problem, reference_answer(str(answer)), where))
     if not problems:
         raise DataError(f"{path} holds no problems")
-    check_unique([p.id for p in problems], "id", str(path))
+    first: dict[str, str] = {}
+    for p in problems:
+        if p.id in first:
+            raise DataError(f"{p.where}: duplicate id {p.id!r} (first at {first[p.id]})")
+        first[p.id] = p.where
     return problems
 
 
@@ -247,12 +251,15 @@ def fit_prompts(problems: Sequence[Problem], ids: Sequence[list[int]], max_token
 
 # ----------------------------------------------------------------------------- answers, rewards
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+# A number: a minus sign unless it follows a word character ("5-7" is 5 and 7), digits with
+# thousands commas ("1,234"; "1,2,3" is three numbers), a decimal part, a denominator (ASCII).
+_NUMBER = re.compile(r"(?:(?<!\w)-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?",
+                     re.ASCII)
 
 
 def math_answer(text: str) -> str | None:
     """A response's answer: its last boxed answer (`answers.boxed_answer`), else the last number
-    it writes (commas between digits dropped: "1,234" is 1234), else None."""
+    it writes (`_NUMBER`; thousands commas dropped: "1,234" is 1234), else None."""
     boxed = answers.boxed_answer(text)
     if boxed is not None:
         return boxed

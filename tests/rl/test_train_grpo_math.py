@@ -124,6 +124,8 @@ def test_long_prompts_are_refused_naming_the_row_or_dropped_with_a_count(world, 
                                         "loop.steps=1"))
     assert "left out 1 of" in caplog.text
     assert summary["optimizer_steps"] == 1
+    with pytest.raises(ValueError, match="no training problems are left once 10 are held out"):
+        train_grpo.main(_args(root, "all_held_out", model, data, "task.eval_fraction=1.0"))
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
