@@ -17,8 +17,11 @@ judge traces, then GRPO through `jaxlab.rl.loop`.
 Before and after GRPO the judge is evaluated greedily on `eval_pairs` (whose chosen response is
 the right one) in both orders: accuracy in each order and in both, the share of verdicts for
 the first position, the format-failure rate. Writes config.yaml, log.txt, traces.jsonl (when
-written here), sft/ and grpo/ (metrics.jsonl, checkpoints), cold_start/ and genrm/ (Hugging
-Face folders with the tokenizer), summary.json and curves.png; a rerun resumes.
+written here), sft/ and grpo/ (metrics.jsonl, checkpoints), cold_start/ and genrm/ (the
+judge after SFT and after GRPO: Hugging Face folders with the tokenizer and
+generation_config.json, rewritten at each checkpoint of their stage, so that transformers'
+`AutoModelForCausalLM.from_pretrained` loads the latest), summary.json and curves.png; a rerun
+resumes.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from jaxlab import cli, parallel, results
 from jaxlab import config as config_lib
 from jaxlab.jsonl import Field, read_jsonl, read_records
 from jaxlab.models import hf
-from jaxlab.rl import genrm, loop, reward_model, sft
+from jaxlab.rl import genrm, loop, reward_model, scaffold, sft
 from jaxlab.sampling import sampler
 from jaxlab.writing import judging
 from jaxlab.writing import teacher as teacher_lib
@@ -201,22 +204,25 @@ def main(argv: list[str] | None = None) -> dict:
     data = sft.sft_batch(prompts, targets, -(-longest // 16) * 16)   # few padded columns
     model = hf.load_pretrained(cfg.model, param_dtype="float32", compute_dtype=cfg.compute_dtype)
     start = time.perf_counter()
+    ids = {"eos_token_id": codec.eos_id, "pad_token_id": codec.tokenizer.pad_token_id}
     model = sft.fit(model, sft.sft_loss, data, cfg.sft, out / "sft",
-                    key=jax.random.key(cfg.seed), mesh=mesh, where="sft.")
+                    key=jax.random.key(cfg.seed), mesh=mesh, where="sft.",
+                    on_save=scaffold.export_policy(model, out / "cold_start", codec.tokenizer,
+                                                   **ids))
     sft_seconds = time.perf_counter() - start
-    hf.save_pretrained(model, out / "cold_start", eos_token_id=codec.eos_id)
-    hf.save_tokenizer(codec.tokenizer, out / "cold_start")
     summary = {"traces": counts, "sft_seconds": sft_seconds,
                "cold_start": evaluate(model, codec, template, eval_pairs, cfg)}
     log.info("cold start on %d held-out pairs: %s", len(eval_pairs), summary["cold_start"])
     start = time.perf_counter()
-    graphdef, state = loop.run(model, prompt_fn(rl_pairs, codec, template),
-                               genrm.genrm_reward_fn(codec.decode, cfg.reward), cfg.loop,
-                               out / "grpo", key=jax.random.key(cfg.seed), mesh=mesh)
+    graphdef, state = loop.run(
+        model, prompt_fn(rl_pairs, codec, template),
+        genrm.genrm_reward_fn(codec.decode, cfg.reward), cfg.loop, out / "grpo",
+        key=jax.random.key(cfg.seed), mesh=mesh,
+        on_save=scaffold.export_policy(
+            model, out / "genrm", codec.tokenizer, **ids,
+            **hf.generation_fields(cfg.loop.temperature, cfg.loop.top_k, cfg.loop.top_p)))
     trained = nnx.merge(graphdef, jax.tree.map(parallel.host_array, state.params))
     summary["grpo_seconds"] = time.perf_counter() - start
-    hf.save_pretrained(trained, out / "genrm", eos_token_id=codec.eos_id)
-    hf.save_tokenizer(codec.tokenizer, out / "genrm")
     summary["after_grpo"] = evaluate(trained, codec, template, eval_pairs, cfg)
     summary["eval_pairs"] = len(eval_pairs)
     rl_records = read_records(out / "grpo" / "metrics.jsonl")

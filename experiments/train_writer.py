@@ -31,7 +31,10 @@ measures, the scalar RM's reward, the KL from the initial writer (the mean over 
 responses of sum_t log pi(y_t) - log pi_0(y_t)) and the GenRM's win rate against the initial
 writer (a win: preferred in both orders). Writes config.yaml, log.txt, summary.json (the
 table), curves.png, and per method metrics.jsonl, checkpoints/, samples/step_*.json and
-policy/ (the trained writer as a Hugging Face folder with its tokenizer); a rerun resumes.
+policy/ (the writer as a Hugging Face folder with its tokenizer and generation_config.json:
+EOS, padding and the rollouts' sampling; rewritten at every checkpoint, so that transformers'
+`AutoModelForCausalLM.from_pretrained` loads the latest, and the trained writer at the end);
+a rerun resumes.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from jaxlab import cli, parallel, results
 from jaxlab import config as config_lib
 from jaxlab.jsonl import read_records
 from jaxlab.models import hf
-from jaxlab.rl import genrm, loop, reward_model, sft, train
+from jaxlab.rl import genrm, loop, reward_model, scaffold, sft, train
 from jaxlab.sampling import sampler
 from jaxlab.writing import teacher, world
 
@@ -331,10 +334,12 @@ def main(argv: list[str] | None = None) -> dict:
             hf.load_pretrained(cfg.writer, **cfg.load_options), prompt_fn(cfg, codec),
             rewards.for_method(method), cfg.method_loop(method), out / method,
             key=jax.random.key(cfg.seed), mesh=mesh,
-            on_step=write_samples(out / method / "samples", codec, cfg.samples_every))
+            on_step=write_samples(out / method / "samples", codec, cfg.samples_every),
+            on_save=scaffold.export_policy(  # policy/ at every checkpoint (initial's graph)
+                initial, out / method / "policy", codec.tokenizer, eos_token_id=codec.eos_id,
+                pad_token_id=codec.tokenizer.pad_token_id,
+                **hf.generation_fields(cfg.loop.temperature, cfg.loop.top_k, cfg.loop.top_p)))
         trained = nnx.merge(graphdef, jax.tree.map(parallel.host_array, state.params))
-        hf.save_pretrained(trained, out / method / "policy", eos_token_id=codec.eos_id)
-        hf.save_tokenizer(codec.tokenizer, out / method / "policy")
         rows = read_records(out / method / "metrics.jsonl")
         end, _ = evaluate(trained, rewards, eval_prompts, reference, cfg, initial)
         step_seconds = sum(r["rollout_seconds"] + r["train_seconds"] for r in rows)

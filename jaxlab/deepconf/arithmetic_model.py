@@ -10,6 +10,12 @@ the batches it would have read. The stream never draws a held-out problem
 (`arithmetic.held_out_sets`): at the end the test problems are written to `problems.jsonl`, the
 validation problems to `validation.jsonl`, and the greedy accuracy on each to
 `train_metrics.json` (`greedy_accuracy` is the test set's).
+
+The run's folder is the model's Hugging Face folder (config.json, model.safetensors, the
+tokenizer), written once training has finished, so that a folder with a config.json holds a
+trained model (`experiments/train_grpo.py` trains one where there is none). While it trains,
+`policy/` holds the model of the latest checkpoint (`scaffold.export_policy`, with
+generation_config.json), rewritten at each one; at the end it is the finished model too.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from jaxlab.rl import scaffold, sft
 from jaxlab.rl.train import OptimizerConfig
 
 log = logging.getLogger("jaxlab")
+
+POLICY = "policy"  # the model of the latest checkpoint, written while it trains
 
 
 def _fit() -> sft.FitConfig:
@@ -124,11 +132,15 @@ def train(cfg: Config, out: str | pathlib.Path) -> dict:
     """Trains the model into `out` (a folder opened with `results.open_run`; a rerun resumes),
     saves it with its tokenizer and held-out problems, and returns (and writes) the metrics."""
     out = pathlib.Path(out)
-    model = sft.fit(Decoder(decoder_config(cfg), nnx.Rngs(cfg.seed)), sft.sft_loss,
-                    lambda start: batches(cfg, start), cfg.fit, out,
-                    key=jax.random.key(cfg.seed), where="fit.")
-    hf.save_pretrained(model, out, eos_token_id=arithmetic.VOCAB.index(arithmetic.EOS),
-                       pad_token_id=arithmetic.VOCAB.index(arithmetic.PAD))
+    ids = {"eos_token_id": arithmetic.VOCAB.index(arithmetic.EOS),
+           "pad_token_id": arithmetic.VOCAB.index(arithmetic.PAD)}
+    model = Decoder(decoder_config(cfg), nnx.Rngs(cfg.seed))
+    model = sft.fit(model, sft.sft_loss, lambda start: batches(cfg, start), cfg.fit, out,
+                    key=jax.random.key(cfg.seed), where="fit.",
+                    on_save=scaffold.export_policy(model, out / POLICY,
+                                                   arithmetic.char_tokenizer(), **ids))
+    # The finished model: `out` itself (a config.json there means a trained model)
+    hf.save_pretrained(model, out, **ids)
     arithmetic.save_tokenizer(out)
     held_out = arithmetic.held_out_sets(cfg.eval_problems, cfg.terms, cfg.seed)
     for split, name in arithmetic.HELD_OUT_FILES.items():

@@ -12,6 +12,7 @@ models are built abstractly (`nnx.eval_shape`) and every parameter comes from th
 
     model = load_pretrained("path/to/Qwen3-0.6B", param_dtype="bfloat16")   # Qwen3, Qwen2, Llama
     save_pretrained(model, "path/to/out")      # transformers' from_pretrained loads it back
+    save_policy(model, "out/policy", tokenizer, eos_token_id=2)   # + tokenizer, generation
     tokenizer = load_tokenizer("path/to/Qwen3-0.6B")
     encoder = load_sentence_encoder()          # all-MiniLM-L6-v2 from its package (the limit extra)
 """
@@ -23,6 +24,7 @@ import logging
 import os
 import pathlib
 import re
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -39,7 +41,7 @@ from jaxlab.extras import require_extra
 from jaxlab.models.backend import BackendPolicy
 from jaxlab.models.decoder import FAMILIES, Decoder, DecoderConfig
 from jaxlab.models.encoder import Encoder, EncoderConfig, SentenceEncoder
-from jaxlab.results import write_json, write_once
+from jaxlab.results import write_json, write_once, write_text
 
 log = logging.getLogger("jaxlab")
 
@@ -528,6 +530,85 @@ def save_tokenizer(tokenizer, path: str | pathlib.Path) -> None:
     """`tokenizer.save_pretrained(path)` (a transformers tokenizer) on process 0 only; with
     several processes the others return once it is written (`results.write_once`)."""
     write_once(lambda: tokenizer.save_pretrained(pathlib.Path(path)), path)
+
+
+def save_policy(model: Decoder, path: str | pathlib.Path, tokenizer=None, *,
+                eos_token_id: int | None = None, pad_token_id: int | None = None,
+                bos_token_id: int | None = None, **generation) -> None:
+    """Writes `path` as a whole Hugging Face folder of a causal LM, which transformers'
+    `AutoModelForCausalLM.from_pretrained(path)` and `load_pretrained` load: config.json and
+    model.safetensors (`save_pretrained`), the tokenizer when one is given (`save_tokenizer`),
+    and generation_config.json.
+
+    The token ids go into config.json and generation_config.json; `generation` (fields of
+    transformers' `GenerationConfig`: do_sample=True, temperature=0.7, top_p=0.9, ...; see
+    `generation_fields`) into generation_config.json only. A field GenerationConfig does not
+    have, or settings it refuses (a temperature without do_sample=True, say), are a ValueError
+    raised before anything is written (`generation_config`).
+
+    The folder is written beside `path` as `<name>.partial/`, then swapped in with two renames
+    (`path` -> `<name>.old/`, `<name>.partial/` -> `path`) and the old one removed. So a kill
+    at any moment leaves `path` holding either the folder it held before or the new one, whole,
+    never a mix: killed between the two renames `path` is absent, and the next call finishes
+    that swap before it writes. In a multi-process run every process calls it alike (the
+    parameters may span their devices); process 0 alone writes.
+    """
+    path = pathlib.Path(path)
+    ids = {name: value for name, value in (("eos_token_id", eos_token_id),
+                                           ("pad_token_id", pad_token_id),
+                                           ("bos_token_id", bos_token_id)) if value is not None}
+    settings = generation_config(**ids, **generation)
+    partial = path.with_name(f"{path.name}.partial")
+    old = path.with_name(f"{path.name}.old")
+
+    def clear() -> None:  # what an earlier call that was killed left
+        if old.exists() and not path.exists():  # killed between the two renames: the
+            os.replace(partial if partial.exists() else old, path)  # new folder was whole
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
+
+    def swap() -> None:
+        held = path.exists()
+        if held:
+            os.replace(path, old)
+        os.replace(partial, path)
+        if held:
+            shutil.rmtree(old)
+
+    write_once(clear, partial)
+    save_pretrained(model, partial, **ids)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, partial)
+    write_text(partial / "generation_config.json", settings.to_json_string(use_diff=True))
+    write_once(swap, path)
+
+
+def generation_config(**fields):
+    """transformers' `GenerationConfig` of `fields` (token ids, sampling settings), checked:
+    ValueError naming the fields GenerationConfig does not have, or listing the settings it
+    refuses together (a temperature without do_sample=True, say)."""
+    from transformers import GenerationConfig
+
+    defaults = GenerationConfig()
+    unknown = sorted(name for name in fields if not hasattr(defaults, name))
+    if unknown:
+        raise ValueError(f"{unknown} are not fields of transformers' GenerationConfig")
+    settings = GenerationConfig(**fields)
+    settings.validate(strict=True)
+    return settings
+
+
+def generation_fields(temperature: float, top_k: int = 0, top_p: float = 1.0) -> dict:
+    """jaxlab's sampling settings (`SamplingConfig`, the RL loop's rollouts) as fields of
+    transformers' `GenerationConfig`, for `save_policy`: greedy ({"do_sample": False}) for a
+    temperature below `strategies.TEMPERATURE_FLOOR`, else sampling at `temperature` from the
+    `top_k` most likely tokens (0: all, as in transformers) within the `top_p` mass."""
+    from jaxlab.sampling.strategies import TEMPERATURE_FLOOR
+
+    if temperature < TEMPERATURE_FLOOR:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": float(temperature), "top_k": int(top_k),
+            "top_p": float(top_p)}
 
 
 def load_tokenizer(path: str | pathlib.Path):

@@ -442,7 +442,7 @@ StepHook = Callable[[int, Sequence[Prompt], list[list[list[int]]],
 
 def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopConfig,
         out_dir: str | pathlib.Path, *, key: jax.Array, mesh: Mesh | None = None,
-        on_step: StepHook | None = None,
+        on_step: StepHook | None = None, on_save: scaffold.OnSave | None = None,
         ) -> tuple[nnx.GraphDef, train.TrainState]:
     """Trains `policy` (float32 parameters) by RL; returns its graph and final train state.
 
@@ -451,7 +451,9 @@ def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopC
     receives `metrics.jsonl` and `checkpoints/`; a run that finds checkpoints there resumes
     from the latest one (`scaffold.run`; the caller checks that the config is the same, e.g.
     with `results.open_run`). `on_step`, if given, is called after each step's metrics
-    are written.
+    are written; `on_save(state)` after each checkpoint with the state saved, and first, in a
+    resumed run, with the restored one (`scaffold.run`; `scaffold.export_policy` writes the
+    policy as a Hugging Face folder).
 
     `mesh` (default: this process's first device): a `parallel.make_mesh(parallel.DATA)` mesh
     or a `parallel.make_train_mesh`, each minibatch's rows split over its (data, fsdp) devices.
@@ -513,7 +515,7 @@ def run(policy: Decoder, prompt_fn: PromptFn, reward_fn: RewardFn, config: LoopC
         state, step, scaffold.Schedule(config.steps, config.checkpoint_every,
                                        config.keep_checkpoints,
                                        config.ppo_epochs * config.minibatches),
-        out_dir, postfix=_postfix, after=None if on_step is None else after)
+        out_dir, postfix=_postfix, after=None if on_step is None else after, on_save=on_save)
     return graphdef, state
 
 

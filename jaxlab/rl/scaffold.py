@@ -16,7 +16,10 @@ it with their own step function; it owns what they share:
    state unchanged) stops the run with a FloatingPointError naming the step and the last good
    checkpoint, which is kept;
 5. a checkpoint every `checkpoint_every` steps and at the end (Orbax step = `state.step`, the
-   optimizer steps), the latest `keep_checkpoints` kept.
+   optimizer steps), the latest `keep_checkpoints` kept;
+6. `on_save(state)`, if given, after each checkpoint with the state it holds (e.g. the policy
+   written as a Hugging Face folder, `export_policy`), and once at the start of a resumed run
+   with the restored state, so that what a kill cut short after the checkpoint is done again.
 
 With several processes (`results.join_processes`) every process runs the loop alike: process 0
 alone writes the metrics, every process its shards of the checkpoints.
@@ -65,14 +68,20 @@ class Schedule:
 
 # step_fn(state, s) -> (the state after step s, a metrics record or None).
 StepFn = Callable[[train.TrainState, int], tuple[train.TrainState, "dict | None"]]
+# on_save(state): called with each state checkpointed (and the state a run resumes from).
+OnSave = Callable[[train.TrainState], None]
 
 
 def run(state: train.TrainState, step_fn: StepFn, schedule: Schedule,
         out_dir: str | pathlib.Path, *, postfix: Callable[[dict], dict] | None = None,
-        after: Callable[[int], None] | None = None) -> train.TrainState:
+        after: Callable[[int], None] | None = None, on_save: OnSave | None = None,
+        ) -> train.TrainState:
     """Runs `step_fn` from the checkpointed step (or 0) to `schedule.steps`; returns the final
     state. `postfix(record)`: what the progress bar shows of a record (default: its loss);
-    `after(s)`: called once step s's record is written, before its checkpoint."""
+    `after(s)`: called once step s's record is written, before its checkpoint; `on_save(state)`:
+    called after each checkpoint with the state saved (every `checkpoint_every` steps and at the
+    end), and first, in a resumed run, with the restored state. Every process calls them
+    alike."""
     out = pathlib.Path(out_dir)
     metrics = out / METRICS
     postfix = postfix or (lambda r: {"loss": f"{r['loss']:.4f}"} if "loss" in r else {})
@@ -82,6 +91,8 @@ def run(state: train.TrainState, step_fn: StepFn, schedule: Schedule,
             state = checkpointer.restore(state)  # placed as `state` is
             log.info("resuming from step %d (%s)",
                      int(state.step) // schedule.updates_per_step, checkpointer.directory)
+            if on_save is not None:  # a kill may have cut short what followed the checkpoint
+                on_save(state)
         start = int(state.step) // schedule.updates_per_step
         jsonl.truncate_records(metrics, start, "step")
         with tqdm(range(start, schedule.steps), initial=start, total=schedule.steps,
@@ -101,8 +112,24 @@ def run(state: train.TrainState, step_fn: StepFn, schedule: Schedule,
                     after(step)
                 if (step + 1) % schedule.checkpoint_every == 0 or step + 1 == schedule.steps:
                     checkpointer.save(int(state.step), state)
+                    if on_save is not None:
+                        on_save(state)
         checkpointer.wait()
     return state
+
+
+def export_policy(model: nnx.Module, path: str | pathlib.Path, tokenizer=None, **fields
+                  ) -> OnSave:
+    """The `on_save` that writes `model`'s graph with the saved state's parameters to `path` as
+    a Hugging Face folder (`hf.save_policy(model, path, tokenizer, **fields)`: token ids and
+    generation settings), so that `path` holds the latest checkpoint's policy, whole. Fields
+    transformers refuses are a ValueError here, before the run."""
+    from jaxlab.models import hf
+
+    hf.generation_config(**fields)
+    graphdef = nnx.graphdef(model)
+    return lambda state: hf.save_policy(nnx.merge(graphdef, state.params), path, tokenizer,
+                                        **fields)
 
 
 def init_state(model: nnx.Module, config: train.OptimizerConfig, key: jax.Array, mesh: Mesh,

@@ -265,11 +265,13 @@ def _require_step_fits(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np
 def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray] | Stream,
         config: FitConfig, out_dir: str | pathlib.Path, *, key: jax.Array,
         mesh: Mesh | None = None, device_bytes: int | None = None,
-        where: str = "FitConfig.") -> nnx.Module:
+        where: str = "FitConfig.", on_save: scaffold.OnSave | None = None) -> nnx.Module:
     """Trains `model` (float32 parameters) on `loss_fn` over `data` (arrays with a shared
     leading axis N, or a `Stream` of batches); returns the trained model. `out_dir` receives
     metrics.jsonl (step, loss and loss_fn's metrics every `log_every` steps) and checkpoints/;
-    a rerun resumes (`scaffold.run`).
+    a rerun resumes (`scaffold.run`). `on_save(state)` is called after each checkpoint with the
+    state saved, and first, in a resumed run, with the restored one (`scaffold.export_policy`
+    writes the model as a Hugging Face folder).
 
     `mesh` (default: this process's first device): the data are replicated on it and each
     batch's rows split over its (data, fsdp) devices (`parallel.batch_sharding`; batch_size /
@@ -332,7 +334,8 @@ def fit(model: nnx.Module, loss_fn: LossFn, data: Mapping[str, np.ndarray] | Str
         return state, None
 
     state = scaffold.run(state, step, scaffold.Schedule(
-        config.steps, config.checkpoint_every, config.keep_checkpoints), out_dir)
+        config.steps, config.checkpoint_every, config.keep_checkpoints), out_dir,
+        on_save=on_save)
     return nnx.merge(graphdef, state.params)
 
 
