@@ -16,8 +16,8 @@ Before and after training the held-out problems are evaluated in the same run (`
 greedy accuracy, and pass@1 and majority@k of `eval_samples` responses at the rollout
 temperature). Writes config.yaml, log.txt, metrics.jsonl (one line per step), summary.json
 ({"before": {split: figures}, "after": ...}), curves.png, checkpoints/ and policy/ (the policy
-as a Hugging Face folder with its tokenizer, written at each checkpoint and at the end); a
-rerun resumes.
+as a Hugging Face folder with its tokenizer and generation_config.json, written at each
+checkpoint and at the end); a rerun resumes.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from jaxlab import config as config_lib
 from jaxlab.deepconf import arithmetic, arithmetic_model
 from jaxlab.deepconf.problems import load_problems
 from jaxlab.models import hf
-from jaxlab.rl import loop
+from jaxlab.rl import loop, scaffold
 
 log = logging.getLogger("jaxlab")
 
@@ -229,14 +229,16 @@ def main(argv: list[str] | None = None) -> dict:
         results.write_json(out / "summary.json", summary)
     log.info("held out, before: %s", summary["before"])
     start = time.perf_counter()
+    eos = task.stop_ids[0] if len(task.stop_ids) == 1 else list(task.stop_ids)
+    export = scaffold.export_policy(
+        task.policy, out / "policy", task.tokenizer, eos_token_id=eos,
+        pad_token_id=task.tokenizer.pad_token_id,
+        **hf.generation_fields(cfg.loop.temperature, cfg.loop.top_k, cfg.loop.top_p))
     graphdef, state = loop.run(task.policy, task.prompt_fn,
                                tasks.task_rewards(cfg.task, task.decode), loop_config, out,
-                               key=key, mesh=mesh)
+                               key=key, mesh=mesh, on_save=export)
     seconds = time.perf_counter() - start
     trained = nnx.merge(graphdef, jax.tree.map(parallel.host_array, state.params))
-    hf.save_pretrained(trained, out / "policy", eos_token_id=task.stop_ids[0],
-                       pad_token_id=task.tokenizer.pad_token_id)
-    hf.save_tokenizer(task.tokenizer, out / "policy")
     records = jsonl.resume_records(out / "metrics.jsonl")
     summary.update({
         "after": evaluate(trained),

@@ -87,6 +87,10 @@ def test_math_task_end_to_end_resume_and_a_policy_transformers_loads(world, monk
     stopped = root / "stopped"
     assert [json.loads(x)["step"] for x in (stopped / "metrics.jsonl").read_text().splitlines()
             ] == [0]
+    # the policy of the step-1 checkpoint is already a whole folder, with its generation config
+    generation = json.loads((stopped / "policy/generation_config.json").read_text())
+    assert generation["eos_token_id"] == 2 and generation["temperature"] == 1.0
+    assert (stopped / "policy/tokenizer.json").exists()
     resumed = train_grpo.main(_args(root, "stopped", model, data))
     assert "resuming from step 1" in (stopped / "log.txt").read_text()
     assert resumed["before"] == summary["before"] and resumed["after"] == summary["after"]
