@@ -163,8 +163,8 @@ def open_run(out_dir: str | pathlib.Path, config: Any, may_change: Sequence[str]
     The folder is locked for this process (`lock_run`): a second run in it is refused.
 
     Resuming with a different config would mix results of two experiments, so it is an error,
-    except for `out_dir` and the top-level fields named in `may_change` (such as how many items
-    to run, which only extends the results).
+    except for `out_dir` and the fields named in `may_change` (such as how many items to run,
+    which only extends the results; a dotted key names a nested field: "task.eval_limit").
 
     With several processes, every one checks the config, process 0 alone creates the folder and
     logs to it, and the others send only warnings and errors to the console. Orbax's log lines
@@ -174,11 +174,11 @@ def open_run(out_dir: str | pathlib.Path, config: Any, may_change: Sequence[str]
     saved = out / "config.yaml"
     resolved = to_yaml(config)
     if saved.exists():
-        ignored = {"out_dir", *may_change}
-        before, now = ({k: v for k, v in OmegaConf.to_container(tree).items() if k not in ignored}
+        ignored = ("out_dir", *may_change)
+        before, now = ({k: v for k, v in flatten(OmegaConf.to_container(tree)).items()
+                        if not any(k == i or k.startswith(f"{i}.") for i in ignored)}
                        for tree in (read_yaml(saved), OmegaConf.create(resolved)))
         if before != now:
-            before, now = flatten(before), flatten(now)
             changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
             moved = {k: renamed(type(config), k) for k in sorted(before.keys() - now.keys())}
             moved = [f"{k} is now {new}" for k, new in moved.items() if new is not None]
