@@ -1,13 +1,28 @@
-"""DeepConf offline and online on a local Hugging Face checkpoint and a JSONL of problems.
+"""DeepConf offline and online on a local Hugging Face checkpoint and a task's held-out problems.
 
     python experiments/deepconf.py --config configs/deepconf/cpu.yaml [key=value ...]
+    python experiments/deepconf.py --config configs/deepconf/paper_gpu.yaml model=DIR task.path=FILE
+
+`task` is the `task` section of the RL configs (`jaxlab.tasks.TaskConfig`, kind=math), so one
+problem file serves GRPO training and this evaluation: a JSON Lines, parquet or `datasets` file
+whose fields `task.problem_field`, `task.answer_field` (a GSM8K answer ending `#### 72` is read
+as 72) and `task.id_field` say where each problem's text, reference and id are. DeepConf
+evaluates the task's held-out problems (`tasks.load_splits`): a file of test problems with
+`task.eval_fraction: 1.0` (every row), or `task.eval_path`; the first `task.eval_limit` of them
+(0: all). Prompts are the task's (`tasks.encode_prompts`: chat template, system prompt,
+instruction); a prompt longer than `max_prompt_tokens` (when > 0) stops the run naming its row,
+or is left out (`task.long_prompts`). Traces end at the checkpoint's stop tokens
+(`tasks.stop_ids`). A trace's answer is its last `\\boxed{}` (`answers.boxed_answer`, the
+paper's extraction; no last-number fallback as in the task's reward), right when
+`answers.is_correct` (math-verify) finds it equal to the reference; `task.rewards` is not used.
 
 Per problem: `offline_traces` traces decoded to the end, scored by every voting method for each K
 of `ks` (the first K traces); then DeepConf online for each rule, with the same budget. Writes to
-`out_dir`: problems.jsonl (one record per problem, appended as each finishes; a rerun resumes),
-traces/ (the offline traces as zarr arrays, row p for the problem on line p + 1 of `problems`, one
-chunk per problem written before its record; see `trace_specs` and jaxlab/arrays.py),
-summary.json, accuracy_vs_tokens.png, log.txt, config.yaml, and prints a summary table.
+`out_dir`: problems.jsonl (one record per problem, appended as each finishes; a rerun resumes,
+also with a larger `task.eval_limit`), traces/ (the offline traces as zarr arrays, row p for the
+held-out problem p (from 0, before `task.eval_limit`), one chunk per problem written before its
+record; see `trace_specs` and jaxlab/arrays.py), summary.json, accuracy_vs_tokens.png, log.txt,
+config.yaml, inputs.json, and prints a summary table.
 """
 
 from __future__ import annotations
@@ -22,10 +37,10 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxlab import arrays, cli, jsonl, results
+from jaxlab import arrays, cli, jsonl, results, tasks
 from jaxlab import config as config_lib
-from jaxlab.deepconf import answers, online, plots, prompts, voting
-from jaxlab.deepconf.problems import load_problems
+from jaxlab.deepconf import answers, online, plots, voting
+from jaxlab.jsonl import DataError
 from jaxlab.models import hf
 from jaxlab.sampling import sampler
 from jaxlab.sampling.sampler import SamplingConfig
@@ -44,6 +59,13 @@ OFFLINE = (
     ("tail@10", "tail", "tail", 10.0),
 )
 
+# The test problems that experiments/train_arithmetic.py writes beside the arithmetic model
+# ({"id", "prompt", "answer"}; its character tokenizer has no chat template).
+ARITHMETIC_TEST = tasks.TaskConfig(path="results/arithmetic_model/problems.jsonl",
+                                   problem_field="prompt", id_field="id", eval_fraction=1.0,
+                                   chat_template=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     out_dir: str = "results/deepconf"
@@ -51,8 +73,12 @@ class Config:
     param_dtype: str = "float32"                         # weights, and activations computed in
     #                                                      it (bfloat16: a checkpoint's usual
     #                                                      dtype on GPU)
-    problems: str = "results/arithmetic_model/problems.jsonl"
-    limit: int = 0                                       # first N problems (0: all)
+    task: tasks.TaskConfig = dataclasses.field(default_factory=lambda: ARITHMETIC_TEST)
+    #                                                      kind=math; its held-out problems are
+    #                                                      evaluated (task.eval_limit: the first
+    #                                                      N, may grow on a rerun)
+    max_prompt_tokens: int = 0                           # longer prompts: task.long_prompts
+    #                                                      (0: any length)
     seed: int = 0
     max_new_tokens: int = 64
     temperature: float = 0.6
@@ -60,9 +86,6 @@ class Config:
     top_k: int = 0
     window: int = 8                                      # group confidence window (tokens)
     tail: int = 2048                                     # tail confidence: last `tail` tokens
-    chat_template: bool = True                           # prompts through the tokenizer's chat
-    #                                                      template with the paper's instruction
-    #                                                      (plain text if it has none: a warning)
     confidence_k: int = 20
     group_size: int = 16                                 # traces decoded at once per problem
     kv_pages: int | None = None                          # generated KV in a pool of pages
@@ -83,14 +106,23 @@ class Config:
     #                                                      batch's time / problems)
 
     # The keys of earlier versions of this config, refused with their new names.
-    RENAMED: ClassVar[dict[str, str]] = {"dtype": "param_dtype", "slots": "group_size"}
+    RENAMED: ClassVar[dict[str, str]] = {"dtype": "param_dtype", "slots": "group_size",
+                                         "problems": "task.path",
+                                         "chat_template": "task.chat_template",
+                                         "limit": "task.eval_limit"}
 
     def __post_init__(self):
         config_lib.require_positive_ints(self, "max_new_tokens", "window", "tail",
                                          "confidence_k", "group_size", "offline_traces", "warmup",
                                          "batch")
         config_lib.dtype_name(self.param_dtype, "param_dtype")
-        config_lib.require(self.limit >= 0, f"limit must be >= 0, got {self.limit}")
+        config_lib.require(self.task.kind == "math",
+                           f"task.kind={self.task.kind} generates its problems for training; "
+                           f"DeepConf evaluates the held-out problems of a file: task.kind=math "
+                           f"with task.path (the arithmetic model writes its test problems to "
+                           f"its folder's problems.jsonl: configs/deepconf/cpu.yaml)")
+        config_lib.require(self.max_prompt_tokens >= 0,
+                           f"max_prompt_tokens must be >= 0, got {self.max_prompt_tokens}")
         config_lib.require(all(1 <= k <= self.offline_traces for k in self.ks),
                            f"every K in ks={list(self.ks)} must lie in [1, offline_traces="
                            f"{self.offline_traces}]")
@@ -100,12 +132,12 @@ class Config:
             config_lib.require(rule in voting.RULES,
                                f"unknown rule {rule!r}; choose from {sorted(voting.RULES)}")
             self.online(rule)        # the library's own checks, before anything is written
-        self.sampling(eos=0)
+        self.sampling(stop_ids=(0,))
 
-    def sampling(self, eos: int) -> SamplingConfig:
+    def sampling(self, stop_ids: tuple[int, ...]) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                               top_p=self.top_p, top_k=self.top_k, group_size=self.group_size,
-                              stop_ids=(eos,), window=self.window, tail=self.tail,
+                              stop_ids=tuple(stop_ids), window=self.window, tail=self.tail,
                               confidence_k=self.confidence_k, kv_pages=self.kv_pages,
                               decode_kernel=self.decode_kernel, scan_layers=self.scan_layers)
 
@@ -148,7 +180,8 @@ def offline_record(traces: online.Traces, reference: str, cfg: Config) -> dict:
 
 def trace_specs(problems: int, cfg: Config) -> dict[str, tuple[tuple[int, ...], str]]:
     """The offline traces kept under traces/: name -> (shape, dtype), with P = `problems` (every
-    problem in the file), N = offline_traces, T = max_new_tokens; 0 past a trace's length."""
+    held-out problem, before `task.eval_limit`), N = offline_traces, T = max_new_tokens; 0 past
+    a trace's length."""
     p, n, t = problems, cfg.offline_traces, cfg.max_new_tokens
     return {"tokens": ((p, n, t), "int32"),          # sampled token ids
             "confidence": ((p, n, t), "float32"),    # token confidence C_i
@@ -179,19 +212,29 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
 def main(argv: list[str] | None = None) -> dict:
     results.join_processes()  # before JAX touches a backend
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
-    every_problem = load_problems(cfg.problems)
-    problems = every_problem[:cfg.limit or None]
-    model = hf.load_pretrained(cfg.model, param_dtype=cfg.param_dtype)
+    task = cfg.task
+    # Every held-out problem has a row in traces/, so that a rerun with a larger
+    # task.eval_limit reopens them; this run evaluates the first eval_limit.
+    every_problem = tasks.load_splits(dataclasses.replace(task, eval_limit=0)).held_out
+    row = {p.id: index for index, p in enumerate(every_problem)}
+    problems = every_problem[:task.eval_limit or None]
     tokenizer = hf.load_tokenizer(cfg.model)
-    config_lib.require(tokenizer.eos_token_id is not None,
-                       f"the tokenizer in {cfg.model} has no EOS token to end traces with")
-    out = results.open_run(cfg.out_dir, cfg, may_change=("limit", "online_at_once"))
-    results.check_inputs(out, model=cfg.model, problems=cfg.problems)
+    prompt_ids = tasks.encode_prompts(task, tokenizer, problems)
+    if cfg.max_prompt_tokens:
+        problems, prompt_ids = tasks.fit_prompts(problems, prompt_ids, cfg.max_prompt_tokens,
+                                                 task.long_prompts)
+    try:
+        stop_ids = tasks.stop_ids(cfg.model, tokenizer)
+    except DataError:
+        raise DataError(f"{cfg.model}: neither generation_config.json nor the tokenizer names "
+                        f"an EOS token to end traces with") from None
+    model = hf.load_pretrained(cfg.model, param_dtype=cfg.param_dtype)
+    out = results.open_run(cfg.out_dir, cfg, may_change=("task.eval_limit", "online_at_once"))
+    results.check_inputs(out, model=cfg.model, task=task.path, eval=task.eval_path)
     path = out / "problems.jsonl"
     done = {record["id"] for record in jsonl.resume_records(path)}
-    sampling = cfg.sampling(tokenizer.eos_token_id)
+    sampling = cfg.sampling(stop_ids)
     offline_sampling = dataclasses.replace(sampling, budget=cfg.offline_traces)
-    # Rows for every problem in the file, so that a rerun with a larger `limit` reopens them.
     traces_store = arrays.open_store(out / "traces", trace_specs(len(every_problem), cfg),
                                      chunk_rows=1)
     stored = arrays.complete_chunks(traces_store)                            # bool [P]
@@ -204,16 +247,16 @@ def main(argv: list[str] | None = None) -> dict:
     def decode(ids) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
-    log.info("%d problems (%d done before), %s, offline K=%s, online rules %s", len(problems),
-             len(done), cfg.model, list(cfg.ks), list(cfg.rules))
+    log.info("%d problems (%d done before) of %s, %s, offline K=%s, online rules %s",
+             len(problems), len(done), task.eval_path or task.path, cfg.model, list(cfg.ks),
+             list(cfg.rules))
     key = jax.random.key(cfg.seed)
     todo = [p for p in problems if p.id not in done]
-    token_ids = dict(zip([p.id for p in todo], prompts.build_prompts(
-        tokenizer, [p.prompt for p in todo], cfg.chat_template), strict=True))
-    problem_keys = {p.id: jax.random.fold_in(key, index) for index, p in enumerate(problems)}
+    token_ids = {p.id: ids for p, ids in zip(problems, prompt_ids, strict=True)}
+    problem_keys = {p.id: jax.random.fold_in(key, row[p.id]) for p in problems}
     at_once = {}  # rule -> problem id -> (result, seconds)
     if cfg.online_at_once and todo:
-        longest = max(len(ids) for ids in token_ids.values())
+        longest = max(len(token_ids[p.id]) for p in todo)
         for rule in cfg.rules:
             start = time.perf_counter()
             solved = online.solve_many(
@@ -222,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
                 sampling, cfg.online(rule), decode, max_prompt_tokens=longest)
             seconds = (time.perf_counter() - start) / len(todo)
             at_once[rule] = {p.id: (r, seconds) for p, r in zip(todo, solved, strict=True)}
-    for index, problem in enumerate(tqdm(problems, unit="problem", file=sys.stderr)):
+    for problem in tqdm(problems, unit="problem", file=sys.stderr):
         if problem.id in done:
             continue
         prompt = token_ids[problem.id]
@@ -250,9 +293,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "tokens": result.tokens, "threshold": result.threshold,
                 "consensus": result.consensus, "seconds": seconds}
         # The chunk before the record: a problem with a record always has its traces.
-        arrays.write_chunk(traces_store, index, trace_rows(samples))
+        arrays.write_chunk(traces_store, row[problem.id], trace_rows(samples))
         jsonl.append_record(path, record)
-    # The problems of this config only: a rerun with a smaller `limit` finds more in the file.
+    # The problems of this config only: a rerun with a smaller eval_limit finds more in the file.
     by_id = {record["id"]: record for record in jsonl.resume_records(path)}
     summary = summarize([by_id[p.id] for p in problems], cfg)
     results.write_json(out / "summary.json", summary)

@@ -7,7 +7,7 @@ A model trained on a synthetic task moves by many points with its seed (and with
 in the code under it), so one run's table says little. Per seed s this runs, as child processes,
 `experiments/train_arithmetic.py --config <train_config> out_dir=<out_dir>/seed<s>/model seed=s`
 and `experiments/deepconf.py --config <deepconf_config> out_dir=<out_dir>/seed<s>/deepconf
-model=... problems=... seed=s` (each seed has its own held-out problems and sampling key), with
+model=... task.path=... seed=s` (each seed has its own held-out problems and sampling key), with
 the `train` and `deepconf` overrides appended. Both resume, so a rerun finishes what a killed run
 left. The driver is one process; each child joins whatever multi-process run its environment
 describes, as every experiment does. Writes `summary.json` (every number of deepconf's summary
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
             [*cfg.train, f"out_dir={model}", f"seed={seed}"])
         run("deepconf.py", cfg.deepconf_config,
             [*cfg.deepconf, f"out_dir={dc}", f"model={model}",
-             f"problems={model / 'problems.jsonl'}", f"seed={seed}"])
+             f"task.path={model / 'problems.jsonl'}", f"seed={seed}"])
         greedy.append(results.read_json(model / "train_metrics.json")["greedy_accuracy"])
         summaries.append(results.read_json(dc / "summary.json"))
     summary = {"seeds": list(cfg.seeds), "greedy_accuracy": spread(greedy),

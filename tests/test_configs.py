@@ -108,7 +108,7 @@ def test_configs_that_other_configs_run_load_with_the_overrides_they_get(monkeyp
                                        [*cfg.train, "out_dir=x/model", f"seed={seed}"])
                 config_lib.load_config(deepconf.Config, cfg.deepconf_config,
                                        [*cfg.deepconf, "out_dir=x/dc", "model=x/model",
-                                        "problems=x/model/problems.jsonl", f"seed={seed}"])
+                                        "task.path=x/model/problems.jsonl", f"seed={seed}"])
         elif module.__name__ == "train_grpo":
             config_lib.load_config(arithmetic_model.Config, cfg.model_config, ["out_dir=x"])
 

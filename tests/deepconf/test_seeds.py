@@ -14,6 +14,8 @@ import deepconf  # experiments/deepconf.py  # noqa: E402
 import deepconf_seeds as seeds  # noqa: E402
 import train_arithmetic  # noqa: E402
 
+from jaxlab.deepconf import prompts  # noqa: E402
+
 
 def _summary(accuracy: float, saved) -> dict:
     """The shape of experiments/deepconf.py's summary.json, cut down."""
@@ -81,15 +83,15 @@ def test_main_runs_both_experiments_per_seed_and_aggregates(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     train, deepconf = (os.path.join(ROOT, "configs", "deepconf", name)
                        for name in ("train_cpu.yaml", "cpu.yaml"))
-    summary = seeds.main(["seeds=[1,3]", "train=[steps=5]", "deepconf=[limit=2]",
+    summary = seeds.main(["seeds=[1,3]", "train=[steps=5]", "deepconf=[task.eval_limit=2]",
                           "out_dir=runs", f"train_config={train}", f"deepconf_config={deepconf}"])
     model = os.path.join("runs", "seed3", "model")
     assert calls[2:] == [
         ("train_arithmetic.py", train,
          ["steps=5", f"out_dir={model}", "seed=3"]),
         ("deepconf.py", deepconf,
-         ["limit=2", f"out_dir={os.path.join('runs', 'seed3', 'deepconf')}",
-          f"model={model}", f"problems={os.path.join(model, 'problems.jsonl')}", "seed=3"])]
+         ["task.eval_limit=2", f"out_dir={os.path.join('runs', 'seed3', 'deepconf')}",
+          f"model={model}", f"task.path={os.path.join(model, 'problems.jsonl')}", "seed=3"])]
     assert summary["greedy_accuracy"]["values"] == [0.1, 0.3]
     assert summary["offline"]["8"]["pass@1"]["mean"] == pytest.approx(0.5)  # (0.25 + 0.75) / 2
     assert summary["online"]["deepconf-high"]["tokens_saved"]["max"] == pytest.approx(0.3)
@@ -110,9 +112,11 @@ def test_every_deepconf_config_loads(experiment, config, monkeypatch):
     cfg = config_lib.load_config(module.Config, f"configs/deepconf/{config}.yaml")
     if config == "paper_gpu":  # the paper's settings (papers/deepconf.md)
         assert (cfg.window, cfg.tail, cfg.confidence_k, cfg.temperature, cfg.top_p, cfg.top_k,
-                cfg.warmup, cfg.offline_traces, cfg.consensus, cfg.chat_template) == (
-                    2048, 2048, 20, 0.6, 0.95, 20, 16, 512, 0.95, True)
-        assert cfg.sampling(eos=0).stop_ids == (0,) and cfg.online("deepconf-low").budget == 512
+                cfg.warmup, cfg.offline_traces, cfg.consensus, cfg.task.chat_template,
+                cfg.task.instruction) == (
+                    2048, 2048, 20, 0.6, 0.95, 20, 16, 512, 0.95, True, prompts.INSTRUCTION)
+        assert cfg.sampling(stop_ids=(0, 2)).stop_ids == (0, 2)
+        assert cfg.online("deepconf-low").budget == 512
 
 
 def test_problems_longer_than_the_training_length_are_replaced(caplog):

@@ -49,7 +49,7 @@ def job_args(job: str, work: pathlib.Path) -> list[str]:
                 "loop.prompts=2", "loop.group_size=2", "loop.max_prompt_tokens=12",
                 "loop.max_new_tokens=24", "loop.stop_ids=[1]", "loop.checkpoint_every=1"]
     if job == "deepconf":
-        return ["deepconf.py", f"model={model}", f"problems={model / 'problems.jsonl'}",
+        return ["deepconf.py", f"model={model}", f"task.path={model / 'problems.jsonl'}",
                 "max_new_tokens=24", "group_size=4", "offline_traces=8", "ks=[4,8]", "warmup=4",
                 "batch=4", "window=4"]
     if job == "critical_n":

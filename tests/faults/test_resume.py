@@ -49,19 +49,19 @@ def test_train_arithmetic_resumes_exactly_past_a_damaged_checkpoint(            
     assert (cut / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
 
 
-def test_deepconf_partial_line_and_smaller_limit(tmp_path, decoder_folder, caplog):  # 23, 28
+def test_deepconf_partial_line_and_smaller_eval_limit(tmp_path, decoder_folder, caplog):  # 23, 28
     out = tmp_path / "run"
     argv = [f"out_dir={out}", f"model={decoder_folder}",
-            f"problems={decoder_folder / 'problems.jsonl'}", "max_new_tokens=4", "group_size=2",
+            f"task.path={decoder_folder / 'problems.jsonl'}", "max_new_tokens=4", "group_size=2",
             "offline_traces=2", "ks=[2]", "warmup=2", "batch=2", "window=2",
             "rules=[deepconf-low]"]
-    deepconf.main([*argv, "limit=2"])
+    deepconf.main([*argv, "task.eval_limit=2"])
     records = out / "problems.jsonl"
     complete = records.read_bytes()
     with records.open("ab") as f:                         # a kill mid-append of problem 3
         f.write(b'{"id": "sum2-2", "answer": "1')
     with caplog.at_level(logging.WARNING, "jaxlab"):
-        summary = deepconf.main([*argv, "limit=1"])      # fewer problems than the file holds
+        summary = deepconf.main([*argv, "task.eval_limit=1"])  # fewer than the file holds
     assert f"{records}:3: dropping a partial last line" in caplog.text
     assert records.read_bytes() == complete
     first = json.loads(complete.splitlines()[0])
@@ -69,7 +69,7 @@ def test_deepconf_partial_line_and_smaller_limit(tmp_path, decoder_folder, caplo
     assert summary["offline"]["2"]["pass@1"] == first["offline"]["2"]["pass@1"]
     saved = json.loads((out / "summary.json").read_text())
     assert saved["problems"] == 1 and saved["offline"] == summary["offline"]
-    summary = deepconf.main([*argv, "limit=3"])           # the cut problem is redone
+    summary = deepconf.main([*argv, "task.eval_limit=3"])  # the cut problem is redone
     again = jsonl.resume_records(records)
     assert [r["id"] for r in again] == ["sum2-0", "sum2-1", "sum2-2"]
     assert records.read_bytes().startswith(complete) and summary["problems"] == 3

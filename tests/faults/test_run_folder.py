@@ -99,12 +99,12 @@ def model_copy(tmp_path, decoder_folder):
 
 def test_resuming_from_a_changed_model_is_refused_naming_what_changed(tmp_path, model_copy):
     out = tmp_path / "run"
-    argv = [f"out_dir={out}", f"model={model_copy}", f"problems={model_copy / 'problems.jsonl'}",
+    argv = [f"out_dir={out}", f"model={model_copy}", f"task.path={model_copy / 'problems.jsonl'}",
             "max_new_tokens=4", "group_size=2", "offline_traces=2", "ks=[2]", "warmup=2",
-            "batch=2", "window=2", "rules=[deepconf-low]", "limit=1"]
+            "batch=2", "window=2", "rules=[deepconf-low]", "task.eval_limit=1"]
     deepconf.main(argv)
     recorded = json.loads((out / results.INPUTS).read_text())
-    assert sorted(recorded) == ["model", "problems"]
+    assert sorted(recorded) == ["model", "task"]
     width = recorded["model"]["fingerprint"]["config.json:hidden_size"]
     # The base model replaced under the same path by a narrower one.
     zoo.create("qwen3", model_copy, vocab_size=len(arithmetic.VOCAB), hidden_size=width // 2)
@@ -114,7 +114,7 @@ def test_resuming_from_a_changed_model_is_refused_naming_what_changed(tmp_path, 
     message = str(refused.value)
     assert f"{out} was started from other inputs" in message
     assert f"model ({model_copy}): config.json:hidden_size: {width} -> {width // 2}" in message
-    assert "problems" not in message.split("\n", 1)[1]      # the problems did not change
+    assert "task (" not in message                          # the problems did not change
     assert snapshot(out) == before                          # kept as it was
 
 
@@ -157,7 +157,7 @@ def test_an_error_is_one_message_and_its_traceback_goes_to_the_log(tmp_path, tra
     out = tmp_path / "run"
     bad = tmp_path / "problems.jsonl"
     bad.write_text('{"id": "a", "prompt": "1+1=", "answer": "2"}\n{"id": "b", "prompt": 3}\n')
-    deepconf_argv = [f"out_dir={out}", f"model={trained[1]}", f"problems={bad}"]
+    deepconf_argv = [f"out_dir={out}", f"model={trained[1]}", f"task.path={bad}"]
     err = stops(capsys, deepconf.main, deepconf_argv, 1)    # before the run's folder exists
     assert err.startswith(f"error: {bad}:2: ") and "--debug prints the traceback" in err
     assert "Traceback" not in err
