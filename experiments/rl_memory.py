@@ -49,7 +49,6 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import argparse
 import dataclasses
-import inspect
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -61,7 +60,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import train_grpo
 
-from jaxlab import aot, cli, parallel, results, targets, tasks
+from jaxlab import aot, cli, parallel, results, targets
 from jaxlab import config as config_lib
 from jaxlab.config import require
 from jaxlab.models import backend, hf, zoo
@@ -74,8 +73,6 @@ GPU_TARGETS = {"h100": "h100-8", "h200": "h200-1"}  # a jaxlab.targets GPU of th
 # The share of a GPU's memory JAX's allocator takes by default (XLA_PYTHON_CLIENT_MEM_FRACTION).
 JAX_GPU_FRACTION = 0.75
 TARGET_CHOICES = ("auto", *GPU_TARGETS, "cpu")
-# tasks.evaluate samples the held-out problems this many at a time
-EVAL_BATCH = inspect.signature(tasks.evaluate).parameters["batch"].default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +210,7 @@ def measure(cfg: train_grpo.Config, arch: DecoderConfig, devices: Sequence[jax.D
     rollouts = sampling(dataclasses.replace(arch, param_dtype=compute), loop.prompts,
                         loop.max_prompt_tokens, loop.sampling, mesh)
     held_out = None
-    eval_prompts = min(EVAL_BATCH, cfg.task.eval_limit or EVAL_BATCH)  # at most
+    eval_prompts = min(cfg.eval_batch, cfg.task.eval_limit or cfg.eval_batch)  # at most
     if cfg.eval_samples:  # greedy alone (one slot a prompt) needs less than the sampled ones
         held_out = sampling(arch, eval_prompts, loop.max_prompt_tokens, dataclasses.replace(
             loop.sampling, group_size=cfg.eval_samples), parallel.make_mesh(
@@ -230,8 +227,8 @@ def measure(cfg: train_grpo.Config, arch: DecoderConfig, devices: Sequence[jax.D
                         "policy as loaded": loaded, "the step's whole batch": batch},
     }
     if held_out is not None:
-        phases["evaluation after training"] = {
-            "parameters and AdamW state": step["state"], "policy as loaded": loaded,
+        phases["evaluation after training"] = {  # the optimizer state is freed by then
+            "trained parameters": 4 * n, "policy as loaded": loaded,
             "sampler peak": held_out["peak"]}
     for parts in phases.values():
         parts["total"] = sum(parts.values())

@@ -55,6 +55,7 @@ class Config:
     seed: int = 0
     eval_samples: int = 8           # responses per held-out problem for pass@1 and
     #                                 majority@k at the rollout temperature (0: greedy only)
+    eval_batch: int = 64            # held-out problems sampled at once (x eval_samples slots)
     task: tasks.TaskConfig = dataclasses.field(default_factory=lambda: ARITHMETIC)
     # devices (CPU: one per core), with several processes as many from each: mesh.data=8 for
     # data parallelism; mesh.fsdp=8 splits the parameters and optimizer state (large models)
@@ -69,6 +70,7 @@ class Config:
         config_lib.dtype_name(self.compute_dtype, "compute_dtype")
         config_lib.require(self.eval_samples >= 0,
                            f"eval_samples must be >= 0, got {self.eval_samples}")
+        config_lib.require_positive_ints(self, "eval_batch")
         if self.task.kind == "arithmetic":
             eos = arithmetic.VOCAB.index(arithmetic.EOS)
             config_lib.require(self.loop.stop_ids in ((), (eos,)),
@@ -220,7 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
             model, ids, references, grader, task.decode, key=jax.random.fold_in(key, 1),
             stop_ids=task.stop_ids, max_new_tokens=cfg.loop.max_new_tokens,
             temperature=cfg.loop.temperature, samples=cfg.eval_samples, top_p=cfg.loop.top_p,
-            top_k=cfg.loop.top_k) for split, (ids, references) in task.held_out.items()}
+            top_k=cfg.loop.top_k, batch=cfg.eval_batch)
+            for split, (ids, references) in task.held_out.items()}
 
     summary = results.read_json(out / "summary.json", {})
     if "before" not in summary:
@@ -238,11 +241,12 @@ def main(argv: list[str] | None = None) -> dict:
                                tasks.task_rewards(cfg.task, task.decode), loop_config, out,
                                key=key, mesh=mesh, on_save=export)
     seconds = time.perf_counter() - start
-    trained = nnx.merge(graphdef, jax.tree.map(parallel.host_array, state.params))
+    trained, optimizer_steps = nnx.merge(graphdef, state.params), int(state.step)
+    del state  # the optimizer state's memory is free for the evaluation
     records = jsonl.resume_records(out / "metrics.jsonl")
     summary.update({
         "after": evaluate(trained),
-        "steps": cfg.loop.steps, "optimizer_steps": int(state.step),
+        "steps": cfg.loop.steps, "optimizer_steps": optimizer_steps,
         "seconds_this_run": seconds,
         "rollout_seconds": sum(r["rollout_seconds"] for r in records),
         "train_seconds": sum(r["train_seconds"] for r in records),

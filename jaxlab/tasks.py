@@ -410,5 +410,5 @@ def stop_ids(folder: str | pathlib.Path, tokenizer) -> tuple[int, ...]:
         ids.append(tokenizer.eos_token_id)
     if not ids:
         raise DataError(f"{folder}: neither generation_config.json nor the tokenizer names an "
-                        f"EOS token to end responses with; set loop.stop_ids")
+                        f"EOS token to end responses with; name the stop tokens in the config")
     return tuple(dict.fromkeys(int(i) for i in ids))

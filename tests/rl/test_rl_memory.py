@@ -114,8 +114,8 @@ def test_each_phase_adds_what_the_run_holds_at_once(tiny):
         "total": figures["state"] + 6 * n + figures["sampler"]["peak"]}
     assert phases["policy step"]["total"] == (figures["step"]["peak"] + 6 * n
                                               + 16 * (4 * 5 * 32 + 4))
-    assert phases["evaluation after training"]["total"] == (
-        figures["state"] + 4 * n + figures["eval"]["peak"])
+    # after training the optimizer state is freed: the trained and the loaded policy, float32
+    assert phases["evaluation after training"]["total"] == 8 * n + figures["eval"]["peak"]
 
 
 def test_the_command_prints_the_table_and_writes_the_json(tiny, tmp_path, capsys):
