@@ -170,8 +170,8 @@ def math_task(cfg: Config) -> Task:
                                          width, task.long_prompts)
     held, held_ids = tasks.fit_prompts(splits.held_out, tasks.encode_prompts(
         task, tokenizer, splits.held_out), width, task.long_prompts)
-    log.info("%d training problems, %d held out, from %s", len(train), len(held),
-             task.eval_path or task.path)
+    log.info("%d training problems from %s, %d held out (%s)", len(train), task.path, len(held),
+             task.eval_path or f"{task.eval_fraction:.0%} of it")
 
     def decode(ids) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
