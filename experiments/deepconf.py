@@ -40,7 +40,6 @@ from tqdm import tqdm
 from jaxlab import arrays, cli, jsonl, results, tasks
 from jaxlab import config as config_lib
 from jaxlab.deepconf import answers, online, plots, voting
-from jaxlab.jsonl import DataError
 from jaxlab.models import hf
 from jaxlab.sampling import sampler
 from jaxlab.sampling.sampler import SamplingConfig
@@ -223,11 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.max_prompt_tokens:
         problems, prompt_ids = tasks.fit_prompts(problems, prompt_ids, cfg.max_prompt_tokens,
                                                  task.long_prompts)
-    try:
-        stop_ids = tasks.stop_ids(cfg.model, tokenizer)
-    except DataError:
-        raise DataError(f"{cfg.model}: neither generation_config.json nor the tokenizer names "
-                        f"an EOS token to end traces with") from None
+    stop_ids = tasks.stop_ids(cfg.model, tokenizer)
     model = hf.load_pretrained(cfg.model, param_dtype=cfg.param_dtype)
     out = results.open_run(cfg.out_dir, cfg, may_change=("task.eval_limit", "online_at_once"))
     results.check_inputs(out, model=cfg.model, task=task.path, eval=task.eval_path)

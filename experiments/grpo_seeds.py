@@ -44,6 +44,10 @@ def greedy(run: dict, when: str, split: str) -> float:
 def _run(config: str, folder: pathlib.Path, seed: int, overrides: list[str]) -> dict:
     summary = folder / "summary.json"
     if summary.exists() and "after" in (done := read_json(summary)):
+        if not all(isinstance(figures, dict) for figures in done["after"].values()):
+            raise ValueError(f"{summary} was written by an earlier train_grpo.py (one accuracy "
+                             f"per split, not greedy, pass@1 and majority@k): remove {folder} "
+                             f"to run it again, or choose another --out")
         return done
     command = [sys.executable, str(SCRIPT), "--config", config, f"out_dir={folder}",
                f"seed={seed}", *overrides]

@@ -227,9 +227,10 @@ def measure(cfg: train_grpo.Config, arch: DecoderConfig, devices: Sequence[jax.D
                         "policy as loaded": loaded, "the step's whole batch": batch},
     }
     if held_out is not None:
-        phases["evaluation after training"] = {  # the optimizer state is freed by then
-            "trained parameters": 4 * n, "policy as loaded": loaded,
-            "sampler peak": held_out["peak"]}
+        # the optimizer state is freed by then; the trained parameters are the sampler's
+        # weights (in its peak)
+        phases["evaluation after training"] = {"policy as loaded": loaded,
+                                               "sampler peak": held_out["peak"]}
     for parts in phases.values():
         parts["total"] = sum(parts.values())
     return {"step": step, "sampler": rollouts, "eval": held_out, "state": step["state"],

@@ -114,10 +114,10 @@ def file_prompts(problems: list[tasks.Problem], ids: list[list[int]]) -> loop.Pr
 
 @dataclasses.dataclass
 class Task:
-    """What a run trains and evaluates on, read once: the policy, how its text is encoded and
-    decoded, the training prompts, and the held-out splits (each [(prompt ids, reference)])."""
+    """What a run trains and evaluates on, read once: the checkpoint, how its text is decoded,
+    the training prompts, and the held-out splits (each [(prompt ids, reference)])."""
 
-    policy: object
+    model: pathlib.Path
     prompt_fn: loop.PromptFn
     decode: object
     stop_ids: tuple[int, ...]
@@ -144,8 +144,7 @@ def arithmetic_task(cfg: Config) -> Task:
                 for split, name in arithmetic.HELD_OUT_FILES.items()}
     excluded = frozenset(p.prompt for split in held_out.values() for p in split)
     return Task(
-        policy=hf.load_pretrained(model_dir, param_dtype="float32",
-                                  compute_dtype=cfg.compute_dtype),
+        model=model_dir,
         prompt_fn=arithmetic_prompts(cfg.task.terms, cfg.task.problem_pool, cfg.seed, excluded),
         decode=arithmetic.decode, stop_ids=(arithmetic.VOCAB.index(arithmetic.EOS),),
         held_out={split: ([arithmetic.encode(p.prompt) for p in problems],
@@ -156,6 +155,9 @@ def arithmetic_task(cfg: Config) -> Task:
 
 
 def math_task(cfg: Config) -> Task:
+    """The checkpoint's tokenizer and the task's problems, read and checked before the run's
+    folder is opened: a bad file or setting leaves no folder behind to refuse the corrected
+    command."""
     task = cfg.task
     config_lib.require(bool(cfg.model), "model is empty: give model=DIR, a Hugging Face folder "
                                         "with its tokenizer")
@@ -170,6 +172,9 @@ def math_task(cfg: Config) -> Task:
                                          width, task.long_prompts)
     held, held_ids = tasks.fit_prompts(splits.held_out, tasks.encode_prompts(
         task, tokenizer, splits.held_out), width, task.long_prompts)
+    config_lib.require(cfg.loop.prompts <= len(train),
+                       f"loop.prompts={cfg.loop.prompts} is more than the {len(train)} training "
+                       f"problems of {task.path}")
     log.info("%d training problems from %s, %d held out (%s)", len(train), task.path, len(held),
              task.eval_path or f"{task.eval_fraction:.0%} of it")
 
@@ -177,29 +182,39 @@ def math_task(cfg: Config) -> Task:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
     return Task(
-        policy=hf.load_pretrained(cfg.model, param_dtype="float32",
-                                  compute_dtype=cfg.compute_dtype),
+        model=pathlib.Path(cfg.model),
         prompt_fn=file_prompts(train, train_ids), decode=decode,
-        stop_ids=cfg.loop.stop_ids or tasks.stop_ids(cfg.model, tokenizer),
+        stop_ids=cfg.loop.stop_ids or tasks.stop_ids(cfg.model, tokenizer, "loop.stop_ids"),
         held_out={"held_out": (held_ids, [p.answer for p in held])},
         inputs={"model": pathlib.Path(cfg.model), "task": pathlib.Path(task.path),
                 **({"eval": pathlib.Path(task.eval_path)} if task.eval_path else {})},
         tokenizer=tokenizer)
 
 
-def plot(records: list[dict], path: pathlib.Path) -> None:
+def plot(records: list[dict], summary: dict, path: pathlib.Path) -> None:
+    """The training curves (reward, each reward function, response length per step) and the
+    held-out figures before and after, one bar pair per split and figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [n for n in ("reward_mean", "accuracy", "format", "response_length")
              if n in records[0]]
-    fig, axes = plt.subplots(1, len(names), figsize=(4.3 * len(names), 3.5))
+    fig, axes = plt.subplots(1, len(names) + 1, figsize=(4.3 * (len(names) + 1), 3.5))
     x = [r["step"] for r in records]
-    for ax, name in zip(axes, names, strict=True):
+    for ax, name in zip(axes[:-1], names, strict=True):
         ax.plot(x, [r[name] for r in records])
         ax.set_xlabel("step")
         ax.set_title(name)
+    bars = [(f"{split}\n{name}", summary["before"][split][name], figures[name])
+            for split, figures in summary["after"].items() for name in figures]
+    ax, at = axes[-1], np.arange(len(bars))
+    ax.bar(at - 0.2, [b for _, b, _ in bars], 0.4, label="before")
+    ax.bar(at + 0.2, [a for _, _, a in bars], 0.4, label="after")
+    ax.set_xticks(at, [label for label, _, _ in bars], fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_title("held out")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     results.save_figure(fig, path, dpi=120)
     plt.close(fig)
@@ -210,9 +225,20 @@ def main(argv: list[str] | None = None) -> dict:
     results.join_processes()  # before JAX touches a backend
     cfg = config_lib.from_command_line(Config, argv, __doc__.splitlines()[0])
     mesh = cfg.mesh.build()  # before any work: an error if the devices are not there
-    out = results.open_run(cfg.out_dir, cfg)
-    task = arithmetic_task(cfg) if cfg.task.kind == "arithmetic" else math_task(cfg)
+    if cfg.task.kind == "arithmetic":  # (it may train the model, logging to the run's folder)
+        out = results.open_run(cfg.out_dir, cfg)
+        task = arithmetic_task(cfg)
+    else:
+        task = math_task(cfg)
+        out = results.open_run(cfg.out_dir, cfg)
     results.check_inputs(out, **task.inputs)
+    summary = results.read_json(out / "summary.json", {})
+    if "after" in summary:
+        log.info("%s holds a finished run: held out, before %s, after %s", out,
+                 summary["before"], summary["after"])
+        return summary
+    policy = hf.load_pretrained(task.model, param_dtype="float32",
+                                compute_dtype=cfg.compute_dtype)
     loop_config = dataclasses.replace(cfg.loop, stop_ids=task.stop_ids)
     grader = tasks.GRADERS[cfg.task.kind]
     key = jax.random.key(cfg.seed)
@@ -225,24 +251,25 @@ def main(argv: list[str] | None = None) -> dict:
             top_k=cfg.loop.top_k, batch=cfg.eval_batch)
             for split, (ids, references) in task.held_out.items()}
 
-    summary = results.read_json(out / "summary.json", {})
     if "before" not in summary:
         summary = {"held_out": {split: len(ids) for split, (ids, _) in task.held_out.items()},
-                   "before": evaluate(task.policy)}
+                   "before": evaluate(policy)}
         results.write_json(out / "summary.json", summary)
     log.info("held out, before: %s", summary["before"])
     start = time.perf_counter()
     eos = task.stop_ids[0] if len(task.stop_ids) == 1 else list(task.stop_ids)
     export = scaffold.export_policy(
-        task.policy, out / "policy", task.tokenizer, eos_token_id=eos,
+        policy, out / "policy", task.tokenizer, eos_token_id=eos,
         pad_token_id=task.tokenizer.pad_token_id,
         **hf.generation_fields(cfg.loop.temperature, cfg.loop.top_k, cfg.loop.top_p))
-    graphdef, state = loop.run(task.policy, task.prompt_fn,
+    graphdef, state = loop.run(policy, task.prompt_fn,
                                tasks.task_rewards(cfg.task, task.decode), loop_config, out,
                                key=key, mesh=mesh, on_save=export)
     seconds = time.perf_counter() - start
-    trained, optimizer_steps = nnx.merge(graphdef, state.params), int(state.step)
-    del state  # the optimizer state's memory is free for the evaluation
+    params, optimizer_steps = jax.tree.map(parallel.host_array, state.params), int(state.step)
+    del state  # the optimizer state's memory is free for the evaluation, on this process's
+    #            first device (the parameters may have spanned several processes' devices)
+    trained = nnx.merge(graphdef, jax.device_put(params, jax.local_devices()[0]))
     records = jsonl.resume_records(out / "metrics.jsonl")
     summary.update({
         "after": evaluate(trained),
@@ -255,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
         split: error_reduction(summary["before"][split]["greedy"],
                                summary["after"][split]["greedy"]) for split in task.held_out}
     results.write_json(out / "summary.json", summary)
-    plot(records, out / "curves.png")
+    plot(records, summary, out / "curves.png")
     for split in task.held_out:
         log.info("%s: %s -> %s (greedy error reduced by %.0f%%)", split,
                  summary["before"][split], summary["after"][split],

@@ -21,6 +21,8 @@ Writes to out_dir:
                              quality gaps: the GenRM's GRPO
   writer/                    the initial writer: supervised on the response generator's mixed-
                              quality texts (a Hugging Face folder with the world's tokenizer)
+  writer_sft/                its training: metrics.jsonl, checkpoints/, and policy/ (the
+                             writer as a Hugging Face folder at each checkpoint and the end)
   genrm_init/                a random-init decoder of the GenRM's size, same tokenizer
 A rerun resumes the writer's training and rewrites the data identically.
 """
@@ -38,7 +40,7 @@ from jaxlab import cli, results
 from jaxlab import config as config_lib
 from jaxlab.jsonl import read_records
 from jaxlab.models.decoder import Decoder
-from jaxlab.rl import sft
+from jaxlab.rl import scaffold, sft
 from jaxlab.writing import teacher as teacher_lib
 from jaxlab.writing import world
 
@@ -93,7 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
                          cfg.length)
     writer = Decoder(cfg.writer.decoder_config(), nnx.Rngs(cfg.seed))
     writer = sft.fit(writer, sft.sft_loss, data, cfg.fit, out / "writer_sft",
-                     key=jax.random.key(cfg.seed), where="fit.")
+                     key=jax.random.key(cfg.seed), where="fit.",
+                     on_save=scaffold.export_policy(writer, out / "writer_sft" / "policy",
+                                                    world.tokenizer(), eos_token_id=world.EOS_ID,
+                                                    pad_token_id=world.PAD_ID))
     world.save_model(writer, out / "writer")
     world.save_model(Decoder(cfg.genrm.decoder_config(), nnx.Rngs(cfg.seed + 1)),
                      out / "genrm_init")

@@ -36,7 +36,7 @@ import math
 import pathlib
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -68,6 +68,9 @@ class TaskConfig:
     system_prompt: str = ""         # a system turn before each problem ("": none)
     instruction: str = prompts.INSTRUCTION  # after the problem, in the user turn ("": none)
     chat_template: bool = True      # prompts through the tokenizer's chat template
+    chat_template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # passed to
+    #                                 the template: {enable_thinking: false} for Qwen3's
+    #                                 answers without a thinking block
     long_prompts: str = "error"     # a prompt over max_prompt_tokens: "error" names its row;
     #                                 "drop" leaves it out (the count is logged)
     rewards: dict[str, float] = dataclasses.field(
@@ -128,7 +131,11 @@ def read_rows(path: str | pathlib.Path, split: str = "train") -> list[tuple[str,
             raise DataError(f"{path}: not a readable parquet file ({e})") from None
         return [(f"{path} row {i}", row) for i, row in enumerate(rows, 1)]
     if path.suffix in (".jsonl", ".json"):
-        return located_records(path)
+        try:
+            return located_records(path)
+        except DataError as e:
+            raise DataError(f"{e} (a task file is JSON Lines: one JSON object per line)"
+                            ) from None
     raise DataError(f"{path}: a task file must be JSON Lines (.jsonl), parquet (.parquet) or a "
                     f"datasets folder (save_to_disk), not {path.suffix or 'without a suffix'}")
 
@@ -189,6 +196,12 @@ def _field(row: dict, name: str, where: str, setting: str, kinds: tuple[type, ..
     return value
 
 
+def _text_key(problem: str) -> str:
+    """A problem's text with whitespace runs collapsed: problems that differ only there are
+    one problem."""
+    return " ".join(problem.split())
+
+
 class Splits(NamedTuple):
     train: list[Problem]     # what the run trains on
     held_out: list[Problem]  # what it is evaluated on, never trained on
@@ -209,12 +222,12 @@ def load_splits(task: TaskConfig) -> Splits:
         chosen = set(order[:count].tolist())
         held_out = [p for i, p in enumerate(rows) if i in chosen]
         train = [p for i, p in enumerate(rows) if i not in chosen]
-    seen = {p.prompt for p in held_out}
-    overlap = sum(p.prompt in seen for p in train)
+    seen = {_text_key(p.prompt) for p in held_out}
+    overlap = sum(_text_key(p.prompt) in seen for p in train)
     if overlap:
         log.warning("%d training problems of %s are also held out: they are left out of "
                     "training", overlap, task.path)
-        train = [p for p in train if p.prompt not in seen]
+        train = [p for p in train if _text_key(p.prompt) not in seen]
     return Splits(train, held_out[:task.eval_limit or None])
 
 
@@ -223,9 +236,10 @@ def load_splits(task: TaskConfig) -> Splits:
 
 def encode_prompts(task: TaskConfig, tokenizer, problems: Sequence[Problem]) -> list[list[int]]:
     """Token ids of each problem's prompt (`prompts.build_prompts`: the chat template with the
-    task's system prompt and instruction)."""
+    task's system prompt, instruction and template arguments)."""
     return prompts.build_prompts(tokenizer, [p.prompt for p in problems], task.chat_template,
-                                 task.instruction, task.system_prompt)
+                                 task.instruction, task.system_prompt,
+                                 task.chat_template_kwargs)
 
 
 def fit_prompts(problems: Sequence[Problem], ids: Sequence[list[int]], max_tokens: int,
@@ -328,6 +342,9 @@ def weighted_reward(functions: Mapping[str, Callable[[str, str], float]],
 
     missing = sorted(set(weights) - set(functions))
     require(not missing, f"weights for reward functions that are not given: {missing}")
+    reserved = sorted(set(functions) & {"reward", "truncated"})
+    require(not reserved, f"reward functions may not be named {reserved}: the weighted sum and "
+                          f"the truncation are logged under those names")
 
     def score(prompt, response: list[int], truncated: bool) -> dict[str, float]:
         text = decode(response)
@@ -397,10 +414,11 @@ def evaluate(model, prompt_ids: Sequence[Sequence[int]], references: Sequence[st
     return figures
 
 
-def stop_ids(folder: str | pathlib.Path, tokenizer) -> tuple[int, ...]:
+def stop_ids(folder: str | pathlib.Path, tokenizer, setting: str = "") -> tuple[int, ...]:
     """The tokens that end a response of the checkpoint in `folder`: the `eos_token_id` of its
     generation_config.json (an id or a list: Qwen3's chat models stop at `<|im_end|>` and
-    `<|endoftext|>`), then the tokenizer's EOS; DataError when there is none."""
+    `<|endoftext|>`), then the tokenizer's EOS; DataError when there is none (naming `setting`,
+    the caller's key that gives stop tokens, if it has one)."""
     from jaxlab.jsonl import read_json
 
     file = pathlib.Path(folder) / "generation_config.json"
@@ -410,5 +428,7 @@ def stop_ids(folder: str | pathlib.Path, tokenizer) -> tuple[int, ...]:
         ids.append(tokenizer.eos_token_id)
     if not ids:
         raise DataError(f"{folder}: neither generation_config.json nor the tokenizer names an "
-                        f"EOS token to end responses with; name the stop tokens in the config")
+                        f"EOS token to end responses with"
+                        + (f"; give the stop tokens as {setting}" if setting else
+                           "; add eos_token_id to its generation_config.json"))
     return tuple(dict.fromkeys(int(i) for i in ids))

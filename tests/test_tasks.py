@@ -530,5 +530,8 @@ def test_stop_ids_without_any_eos_is_an_error(tmp_path):
     with pytest.raises(DataError, match=rf"^{at(tmp_path)}: neither generation_config.json"):
         tasks.stop_ids(tmp_path, no_eos)
     (tmp_path / "generation_config.json").write_text("{}")
-    with pytest.raises(DataError, match=r"loop\.stop_ids"):
+    with pytest.raises(DataError, match=r"EOS token to end responses with; give the stop "
+                                        r"tokens as loop\.stop_ids$"):
+        tasks.stop_ids(tmp_path, no_eos, "loop.stop_ids")
+    with pytest.raises(DataError, match=r"add eos_token_id to its generation_config\.json$"):
         tasks.stop_ids(tmp_path, no_eos)

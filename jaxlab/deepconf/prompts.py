@@ -14,7 +14,8 @@ logged warning; `chat_template=False` asks for the plain text without a warning.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 log = logging.getLogger("jaxlab")
 
@@ -31,15 +32,17 @@ def has_chat_template(tokenizer) -> bool:
 
 
 def build_prompts(tokenizer, problems: Sequence[str], chat_template: bool = True,
-                  instruction: str = INSTRUCTION, system_prompt: str = "") -> list[list[int]]:
+                  instruction: str = INSTRUCTION, system_prompt: str = "",
+                  template_kwargs: Mapping[str, Any] | None = None) -> list[list[int]]:
     """Token ids of each problem's prompt.
 
     With `chat_template` and a tokenizer that has one: the ids of
     `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`, the messages being a
     system turn holding `system_prompt` (when not empty) and the user turn
-    `user_message(problem, instruction)`. Otherwise the plain problem text, tokenized without
-    special tokens (a warning is logged once when a template was asked for but the tokenizer has
-    none).
+    `user_message(problem, instruction)`, and `template_kwargs` passed on to the template (e.g.
+    `{"enable_thinking": False}`, which Qwen3's template reads). Otherwise the plain problem
+    text, tokenized without special tokens (a warning is logged once when a template was asked
+    for but the tokenizer has none).
     """
     if chat_template and not has_chat_template(tokenizer):
         log.warning("the tokenizer has no chat template: prompts are the plain problem text, "
@@ -52,7 +55,7 @@ def build_prompts(tokenizer, problems: Sequence[str], chat_template: bool = True
     for problem in problems:
         ids = tokenizer.apply_chat_template(
             [*system, {"role": "user", "content": user_message(problem, instruction)}],
-            add_generation_prompt=True, tokenize=True)
+            add_generation_prompt=True, tokenize=True, **(template_kwargs or {}))
         if not isinstance(ids, list):  # transformers may answer a BatchEncoding
             ids = ids["input_ids"]
         prompts.append([int(i) for i in ids])

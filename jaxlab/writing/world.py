@@ -346,8 +346,8 @@ class ModelSize:
 
 
 def save_model(model, path: str | pathlib.Path) -> None:
-    """A world decoder as a Hugging Face folder with the world's tokenizer."""
+    """A world decoder as a Hugging Face folder with the world's tokenizer and its generation
+    config (`hf.save_policy`)."""
     from jaxlab.models import hf
 
-    hf.save_pretrained(model, path, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    save_tokenizer(path)
+    hf.save_policy(model, path, tokenizer(), eos_token_id=EOS_ID, pad_token_id=PAD_ID)

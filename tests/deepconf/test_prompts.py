@@ -71,3 +71,18 @@ def test_a_tokenizer_without_template_falls_back_to_the_plain_prompt_with_a_warn
     assert got == [arithmetic.encode(p) for p in problems]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "no chat template" in warnings[0].getMessage()
+
+
+def test_template_arguments_reach_the_template():
+    """Qwen3's template reads `enable_thinking`; template_kwargs pass it (and any other)."""
+    from jaxlab.models import zoo
+
+    chat_tokenizer = zoo.chat_tokenizer()
+    chat_tokenizer.chat_template = (
+        "{%- for m in messages %}{{ m.content }}{% endfor %}"
+        "{%- if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}")
+    off = prompts.build_prompts(chat_tokenizer, ["1+1"], instruction="",
+                                template_kwargs={"enable_thinking": False})[0]
+    default = prompts.build_prompts(chat_tokenizer, ["1+1"], instruction="")[0]
+    assert chat_tokenizer.decode(off) == "1+1<think></think>"
+    assert chat_tokenizer.decode(default) == "1+1"

@@ -42,3 +42,12 @@ def test_the_report_uses_the_chosen_value_over_seeds_and_never_its_test_figure(t
     assert summary["test_after"]["std"] == pytest.approx(0.0707107, rel=1e-5)  # sqrt(0.005)
     assert summary["test_error_reduction"]["values"] == pytest.approx([0.2, 0.6])
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
+def test_a_run_folder_of_an_earlier_format_is_refused_naming_it(tmp_path):
+    folder = tmp_path / "seed0"
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps({
+        "before": {"validation": 0.8, "test": 0.75}, "after": {"validation": 0.9, "test": 0.8}}))
+    with pytest.raises(ValueError, match=r"seed0/summary\.json was written by an earlier"):
+        grpo_seeds.main(["--config", "unused.yaml", "--out", str(tmp_path), "--seeds", "0"])

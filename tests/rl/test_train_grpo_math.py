@@ -123,6 +123,10 @@ def test_long_prompts_are_refused_naming_the_row_or_dropped_with_a_count(world, 
                                *lines[4:]]) + "\n")
     with pytest.raises(tasks.DataError, match=rf"{long}:5 \(id 5\): \d+ tokens"):
         train_grpo.main(_args(root, "long", model, long))
+    assert not (root / "long").exists()  # refused before the folder: the fixed command runs
+    with pytest.raises(ValueError, match=r"loop\.prompts=9 is more than the 8 training problems"):
+        train_grpo.main(_args(root, "long", model, data, "loop.prompts=9"))
+    assert not (root / "long").exists()
     with caplog.at_level("WARNING", logger="jaxlab"):
         summary = train_grpo.main(_args(root, "dropped", model, long, "task.long_prompts=drop",
                                         "loop.steps=1"))
