@@ -109,26 +109,27 @@ def token_count(problem: Problem) -> int:
 
 def grade(response: str, answer: str) -> tuple[bool, bool]:
     """(correct, formatted) of a response: its last \\boxed{...} holds exactly `answer`, and it
-    has a boxed answer at all (the answers are integers: exact string comparison)."""
-    from jaxlab.deepconf.answers import boxed_answer
+    has a boxed answer at all (the answers are integers: exact string comparison; the task's
+    grader, `tasks.GRADERS["arithmetic"]`)."""
+    from jaxlab import tasks
 
-    boxed = boxed_answer(response)
-    return boxed is not None and boxed.strip() == answer, boxed is not None
+    grader = tasks.GRADERS["arithmetic"]
+    boxed = grader.answer(response)
+    return grader.correct(boxed, answer), boxed is not None
 
 
 def greedy_accuracy(model, problems, max_new_tokens: int) -> float:
     """Fraction of `problems` (with .prompt and .answer) that `model` (a Decoder) solves
-    greedily."""
+    greedily (`tasks.evaluate`'s greedy figure, all problems in one batch)."""
     import jax
 
-    from jaxlab.sampling import sampler
+    from jaxlab import tasks
 
-    config = sampler.SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0,
-                                    stop_ids=(VOCAB.index(EOS),), confidence=False)
-    s = jax.device_get(sampler.sample(model, [encode(p.prompt) for p in problems],
-                                      jax.random.key(0), config))
-    return float(np.mean([grade(decode(s.tokens[i, :s.lengths[i]]), p.answer)[0]
-                          for i, p in enumerate(problems)]))
+    return tasks.evaluate(model, [encode(p.prompt) for p in problems],
+                          [p.answer for p in problems], tasks.GRADERS["arithmetic"], decode,
+                          key=jax.random.key(0), stop_ids=(VOCAB.index(EOS),),
+                          max_new_tokens=max_new_tokens, temperature=1.0, samples=0,
+                          batch=max(1, len(problems)))["greedy"]
 
 
 def char_tokenizer():
