@@ -1,38 +1,19 @@
 """Prompts through the tokenizer's chat template, as transformers applies it."""
 
 import logging
-import string
 
 import pytest
 
 from jaxlab.deepconf import arithmetic, prompts
-from jaxlab.models import hf
-
-# The shape of Qwen's ChatML template (no system turn unless one is given).
-QWEN_STYLE = (
-    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content"
-    " + '<|im_end|>' + '\\n' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+from jaxlab.models import hf, zoo
 
 
 @pytest.fixture(scope="module")
 def chat_tokenizer(tmp_path_factory):
-    """A character tokenizer with ChatML special tokens and a Qwen-style chat template, saved
-    to and loaded from a local folder as a checkpoint's tokenizer is."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(SPECIAL + sorted(set(string.printable)))}
-    core = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL[0]))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    core.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>",
-                                        pad_token=SPECIAL[0])
-    tokenizer.chat_template = QWEN_STYLE
+    """`zoo.chat_tokenizer()` (ChatML special tokens, a Qwen-style chat template) saved to and
+    loaded from a local folder as a checkpoint's tokenizer is."""
     folder = tmp_path_factory.mktemp("tokenizer")
-    tokenizer.save_pretrained(folder)
+    zoo.chat_tokenizer().save_pretrained(folder)
     return hf.load_tokenizer(folder)
 
 
@@ -75,8 +56,6 @@ def test_a_tokenizer_without_template_falls_back_to_the_plain_prompt_with_a_warn
 
 def test_template_arguments_reach_the_template():
     """Qwen3's template reads `enable_thinking`; template_kwargs pass it (and any other)."""
-    from jaxlab.models import zoo
-
     chat_tokenizer = zoo.chat_tokenizer()
     chat_tokenizer.chat_template = (
         "{%- for m in messages %}{{ m.content }}{% endfor %}"
