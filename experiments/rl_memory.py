@@ -20,12 +20,12 @@ arguments + new outputs + temporaries):
            max_new_tokens, weights in the compute dtype (`sampling.memory.decode_memory`: the
            prefill's and the decode loop's compiled figures)
   eval     the held-out evaluation's sampling (`tasks.evaluate`: its batch of prompts x
-           eval_samples slots at max_prompt_tokens, the float32 weights as loaded)
+           eval_samples slots at max_prompt_tokens, float32 weights)
   state    the float32 parameters and AdamW moments as the step holds them on the mesh
 and what a device holds at once in each phase of the run (sums of the above and of what the run
 keeps beside each program: the reference policy in the compute dtype, the float32 policy as
-loaded, which train_grpo keeps through the run, the whole step's batch while it is trained on;
-not the CUDA context, the libraries' workspaces or the allocator's fragmentation).
+loaded, which train_grpo keeps until training ends, the whole step's batch while it is trained
+on; not the CUDA context, the libraries' workspaces or the allocator's fragmentation).
 
 Targets: `h100` / `h200`, one GPU (or `mesh`'s devices) of `jaxlab.targets`, compiled by XLA's
 GPU compiler on this machine (the `gpu-compile` extra; no autotuning, as no GPU is there), each
@@ -140,7 +140,8 @@ def policy_step(arch: DecoderConfig, rows: int, width: int, config: train.TrainC
                 mesh: jax.sharding.Mesh, temperature: float,
                 shared: train.SharedPrompts | None) -> dict[str, int]:
     """The compiled `train_step` of `rows` x `width` tokens on `mesh`, per device:
-    {"arguments", "new outputs", "temporaries", "peak", "state", "gradients"}."""
+    {"arguments", "new outputs", "temporaries", "peak", "state", "gradients", "parameters",
+    "batch" (the step's PolicyBatch, whole)}."""
     graphdef, state, batch = aot.abstract_train_inputs(arch, config, rows, width, mesh)
     with jax.default_device(mesh.devices.flat[0]):
         compiled = train.train_step.lower(state, batch, graphdef=graphdef, config=config,
@@ -151,7 +152,8 @@ def policy_step(arch: DecoderConfig, rows: int, width: int, config: train.TrainC
     return {**parts, "peak": sum(parts.values()),
             "state": parallel.shard_bytes(state, shardings),
             "gradients": parallel.shard_bytes(state.params, shardings.params),
-            "parameters": sum(x.size for x in jax.tree.leaves(state.params))}
+            "parameters": sum(x.size for x in jax.tree.leaves(state.params)),
+            "batch": memory.nbytes(batch)}
 
 
 def sampling(arch: DecoderConfig, prompts: int, max_prompt_tokens: int,
@@ -219,7 +221,7 @@ def measure(cfg: train_grpo.Config, arch: DecoderConfig, devices: Sequence[jax.D
     # the reference policy: the parameters in the compute dtype, placed as the state's
     reference = step["gradients"] * jnp.dtype(compute).itemsize // 4
     loaded = 4 * n  # train_grpo's policy as loaded: float32, on the first device
-    batch = total_rows * (4 * 5 * width + 4)  # the whole step's PolicyBatch, on the first device
+    batch = step["batch"] * (total_rows // rows)  # the whole step's batch, on the first device
     phases = {
         "rollouts": {"parameters and AdamW state": step["state"], "reference policy": reference,
                      "policy as loaded": loaded, "sampler peak": rollouts["peak"]},
@@ -227,10 +229,9 @@ def measure(cfg: train_grpo.Config, arch: DecoderConfig, devices: Sequence[jax.D
                         "policy as loaded": loaded, "the step's whole batch": batch},
     }
     if held_out is not None:
-        # the optimizer state is freed by then; the trained parameters are the sampler's
-        # weights (in its peak)
-        phases["evaluation after training"] = {"policy as loaded": loaded,
-                                               "sampler peak": held_out["peak"]}
+        # the optimizer state and the policy as loaded are freed by then; the trained
+        # parameters are the sampler's weights (in its peak)
+        phases["evaluation after training"] = {"sampler peak": held_out["peak"]}
     for parts in phases.values():
         parts["total"] = sum(parts.values())
     return {"step": step, "sampler": rollouts, "eval": held_out, "state": step["state"],

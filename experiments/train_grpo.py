@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
                                tasks.task_rewards(cfg.task, task.decode), loop_config, out,
                                key=key, mesh=mesh, on_save=export)
     seconds = time.perf_counter() - start
+    del policy  # its memory is free for the evaluation (the export keeps only its graph)
     params, optimizer_steps = jax.tree.map(parallel.host_array, state.params), int(state.step)
     del state  # the optimizer state's memory is free for the evaluation, on this process's
     #            first device (the parameters may have spanned several processes' devices)

@@ -114,9 +114,9 @@ def test_each_phase_adds_what_the_run_holds_at_once(tiny):
         "total": figures["state"] + 6 * n + figures["sampler"]["peak"]}
     assert phases["policy step"]["total"] == (figures["step"]["peak"] + 6 * n
                                               + 16 * (4 * 5 * 32 + 4))
-    # after training the optimizer state is freed: the loaded policy (float32) beside the
-    # sampler, whose peak holds the trained weights it samples from
-    assert phases["evaluation after training"]["total"] == 4 * n + figures["eval"]["peak"]
+    # after training the optimizer state and the loaded policy are freed: the sampler alone,
+    # whose peak holds the trained weights it samples from
+    assert phases["evaluation after training"]["total"] == figures["eval"]["peak"]
     assert figures["eval"]["weights"] == 4 * n
 
 
