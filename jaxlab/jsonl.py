@@ -168,13 +168,16 @@ def truncate_records(path: str | pathlib.Path, count: int, key: str) -> None:
     results.write_text(path, jsonl_text(kept))
 
 
-def check_unique(keys: Sequence[Any], what: str, source: str) -> None:
-    """DataError naming `source:line` of the first repeated key (key i stands on line i + 1)."""
+def check_unique(keys: Sequence[Any], what: str, source: str,
+                 where: Sequence[str] | None = None) -> None:
+    """DataError naming where the first repeated key stands: `where[i]` for key i (e.g.
+    "file row 3"), by default `source:line` (key i on line i + 1)."""
+    where = where or [f"{source}:{i + 1}" for i in range(len(keys))]
     first: dict[Any, int] = {}
     for i, key in enumerate(keys):
         if key in first:
-            raise DataError(f"{source}:{i + 1}: duplicate {what} {key!r} (first at "
-                            f"{source}:{first[key] + 1})")
+            raise DataError(f"{where[i]}: duplicate {what} {key!r} (first at "
+                            f"{where[first[key]]})")
         first[key] = i
 
 

@@ -42,7 +42,7 @@ import numpy as np
 
 from jaxlab.config import require
 from jaxlab.deepconf import answers, prompts
-from jaxlab.jsonl import DataError, located_records
+from jaxlab.jsonl import DataError, check_unique, located_records
 
 log = logging.getLogger("jaxlab")
 
@@ -177,11 +177,7 @@ def load_problems(task: TaskConfig, path: str, split: str) -> list[Problem]:
         problems.append(Problem(ident, problem, reference_answer(str(answer)), where))
     if not problems:
         raise DataError(f"{path} holds no problems")
-    first: dict[str, str] = {}
-    for p in problems:
-        if p.id in first:
-            raise DataError(f"{p.where}: duplicate id {p.id!r} (first at {first[p.id]})")
-        first[p.id] = p.where
+    check_unique([p.id for p in problems], "id", str(path), [p.where for p in problems])
     return problems
 
 
@@ -376,7 +372,8 @@ def evaluate(model, prompt_ids: Sequence[Sequence[int]], references: Sequence[st
     responses at `temperature` that are right, f"majority@{samples}": the share whose majority
     answer among those responses is right (`voting.majority_vote` over the grader's groups;
     a response without an answer does not vote)}; sampled figures only when samples > 0.
-    Problems go `batch` at a time."""
+    Problems go `batch` at a time, every batch padded to the longest prompt of all (one
+    compiled sampler serves every full batch)."""
     import jax
 
     from jaxlab.deepconf import voting
@@ -386,10 +383,10 @@ def evaluate(model, prompt_ids: Sequence[Sequence[int]], references: Sequence[st
     greedy_config = sampler.SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0,
                                            stop_ids=stop_ids, confidence=False)
     greedy, right, majority = [], [], []
+    longest = max((len(x) for x in prompt_ids), default=1)
     for start in range(0, len(prompt_ids), batch):
         ids = [list(x) for x in prompt_ids[start:start + batch]]
         refs = references[start:start + batch]
-        longest = max(len(x) for x in ids)
         out = jax.device_get(sampler.sample(model, ids, jax.random.key(0), greedy_config,
                                             max_prompt_tokens=longest))
         greedy += [grader.correct(grader.answer(decode(out.tokens[i, :out.lengths[i]])), r)

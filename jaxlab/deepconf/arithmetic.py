@@ -134,13 +134,9 @@ def greedy_accuracy(model, problems, max_new_tokens: int) -> float:
 
 def char_tokenizer():
     """A transformers fast tokenizer for `VOCAB`, one token per character."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from jaxlab.models import zoo
 
-    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token=PAD))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=EOS)
+    return zoo.char_tokenizer(VOCAB, unk=PAD, pad=PAD, eos=EOS)
 
 
 def save_tokenizer(path: str | pathlib.Path) -> None:

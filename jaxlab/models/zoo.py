@@ -9,6 +9,7 @@ Llama-3.2-1B) for benchmarks.
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Sequence
 
 from flax import nnx
 from jax.typing import DTypeLike
@@ -115,6 +116,21 @@ CHATML = (
 CHATML_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
+def char_tokenizer(vocab: Sequence[str], *, unk: str, pad: str, eos: str,
+                   special: Sequence[str] = ()):
+    """A transformers fast tokenizer of one token per character: `vocab[i]` has id i, `special`
+    tokens (members of `vocab`) are matched whole before the text is split into characters."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token=unk))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    if special:
+        core.add_special_tokens([AddedToken(t, special=True) for t in special])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=pad, eos_token=eos)
+
+
 def chat_tokenizer():
     """A transformers fast tokenizer for tests and demos: one token per printable ASCII
     character after Qwen's three special tokens (ids 0-2; 103 tokens in all, within the tiny
@@ -122,16 +138,9 @@ def chat_tokenizer():
     template."""
     import string
 
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate([*CHATML_SPECIAL, *sorted(set(string.printable))])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token=CHATML_SPECIAL[0]))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    core.add_special_tokens([AddedToken(t, special=True) for t in CHATML_SPECIAL])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>",
-                                        pad_token=CHATML_SPECIAL[0])
+    tokenizer = char_tokenizer([*CHATML_SPECIAL, *sorted(set(string.printable))],
+                               unk=CHATML_SPECIAL[0], pad=CHATML_SPECIAL[0], eos="<|im_end|>",
+                               special=CHATML_SPECIAL)
     tokenizer.chat_template = CHATML
     return tokenizer
 
