@@ -45,7 +45,16 @@ def _args(root: Path, out: str, model: Path, data: Path, *overrides: str) -> lis
 
 def test_math_task_end_to_end_resume_and_a_policy_transformers_loads(world, monkeypatch):
     root, model, data = world
+    pool = []  # the problems the run draws its training prompts from
+    real = train_grpo.file_prompts
+
+    def recording(problems, ids):
+        pool.extend(p.prompt for p in problems)
+        return real(problems, ids)
+
+    monkeypatch.setattr(train_grpo, "file_prompts", recording)
     summary = train_grpo.main(_args(root, "whole", model, data))
+    monkeypatch.setattr(train_grpo, "file_prompts", real)
     run = root / "whole"
     for name in ("config.yaml", "log.txt", "metrics.jsonl", "summary.json", "curves.png",
                  "inputs.json", "policy/config.json", "policy/model.safetensors",
@@ -56,12 +65,14 @@ def test_math_task_end_to_end_resume_and_a_policy_transformers_loads(world, monk
     for record in records:  # each reward function logged apart, the reward their weighted sum
         assert {"accuracy", "format", "truncated"} <= record.keys()
         assert record["reward_mean"] == pytest.approx(record["accuracy"] + 0.1 * record["format"])
-    # 10 rows, 2 held out (eval_fraction 0.2), the 8 others trained on
+    # 10 rows, 2 held out (eval_fraction 0.2), the 8 others trained on: the training pool and
+    # the held-out problems split the file's questions, none in both
     splits = tasks.load_splits(tasks.TaskConfig(path=str(data), problem_field="question",
                                                 eval_fraction=0.2))
-    assert summary["held_out"] == {"held_out": 2} and len(splits.train) == 8
-    assert {p.answer for p in splits.held_out} <= {str(a + b) for a, b in [
-        (1, 2), (3, 4), (5, 6), (7, 8), (9, 1), (2, 2), (4, 5), (6, 1), (8, 3), (2, 7)]}
+    questions = [json.loads(line)["question"] for line in data.read_text().splitlines()]
+    held = [p.prompt for p in splits.held_out]
+    assert summary["held_out"] == {"held_out": 2} and len(held) == 2 and len(pool) == 8
+    assert not set(pool) & set(held) and sorted(pool + held) == sorted(questions)
     for when in ("before", "after"):
         assert set(summary[when]["held_out"]) == {"greedy", "pass@1", "majority@2"}
 
